@@ -1,0 +1,139 @@
+"""What policer knows of one call: the :class:`Call` an adapter builds from a SIP
+INVITE, and the dialog id that names it everywhere.
+
+Every value here comes from the network and is untrusted: any length, any
+bytes. :func:`text` turns whatever an adapter has (``str``, ``bytes`` or
+``None``) into a bounded ``str`` without raising; :func:`dialog_id` and
+:func:`key_part` turn such values into strings that are safe inside a Redis key
+(no ``{``, ``}``, ``:``, white space or control characters can survive, so no
+value can reach another value's key, another namespace or another slot).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from urllib.parse import quote, unquote
+
+__all__ = [
+    "MAX_KEY_PART",
+    "MAX_VALUE",
+    "Call",
+    "dialog_id",
+    "key_part",
+    "split_dialog_id",
+    "text",
+]
+
+#: Longest SIP value kept (characters); longer values are cut here.
+MAX_VALUE = 4096
+#: Longest encoded value used verbatim inside a key; longer ones end in a digest.
+MAX_KEY_PART = 200
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+def text(value: object, limit: int = MAX_VALUE) -> str:
+    """A bounded ``str`` from whatever a SIP stack hands over; never raises.
+
+    Bytes that are not UTF-8 are kept as surrogate escapes (so two different
+    byte strings stay different), ``None`` becomes ``""``.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray):
+        s = bytes(value[: limit * 4]).decode("utf-8", "surrogateescape")
+    elif isinstance(value, str):
+        s = value
+    else:
+        try:
+            s = str(value)
+        except Exception:
+            return ""
+    return s[:limit]
+
+
+def key_part(value: str) -> str:
+    """Encode an untrusted value for use inside a Redis key or member.
+
+    Percent-encoding leaves only ``[A-Za-z0-9_.~-]`` and ``%``: no braces (hash
+    tags), no ``:`` (our separator), no white space. Long values keep a prefix
+    and end in a SHA-256 digest of the whole value, so they stay distinct.
+    """
+    encoded = quote(value.encode("utf-8", "surrogateescape"), safe="")
+    if len(encoded) <= MAX_KEY_PART:
+        return encoded
+    digest = hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{encoded[:64]}~{digest}"
+
+
+def dialog_id(call_id: object, from_tag: object) -> str:
+    """The dialog id: Call-ID and From-tag, each encoded, joined by ``;``."""
+    return f"{key_part(text(call_id))};{key_part(text(from_tag))}"
+
+
+def split_dialog_id(did: str) -> tuple[str, str]:
+    """Call-ID and From-tag back from a dialog id (digests of long values stay digests)."""
+    call_id, _, from_tag = did.partition(";")
+    return unquote(call_id), unquote(from_tag)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One initial INVITE as the policy sees it.
+
+    ``headers`` maps lower-cased header names to their (first) value; an
+    adapter only needs to fill the headers the policy names
+    (:attr:`policer.policy.Policy.header_names`).
+    """
+
+    call_id: str
+    from_tag: str = ""
+    from_user: str = ""
+    from_domain: str = ""
+    ruri_user: str = ""
+    to_user: str = ""
+    source_ip: str = ""
+    auth_user: str = ""
+    headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    @classmethod
+    def from_raw(
+        cls,
+        call_id: object,
+        from_tag: object = None,
+        *,
+        from_user: object = None,
+        from_domain: object = None,
+        ruri_user: object = None,
+        to_user: object = None,
+        source_ip: object = None,
+        auth_user: object = None,
+        headers: Mapping[str, object] | None = None,
+    ) -> Call:
+        """Build a Call from untrusted values (``str``, ``bytes`` or ``None``); never raises."""
+        hdrs = {text(k, 256).lower(): text(v) for k, v in (headers or {}).items() if v is not None}
+        return cls(
+            call_id=text(call_id),
+            from_tag=text(from_tag),
+            from_user=text(from_user),
+            from_domain=text(from_domain),
+            ruri_user=text(ruri_user),
+            to_user=text(to_user),
+            source_ip=text(source_ip),
+            auth_user=text(auth_user),
+            headers=MappingProxyType(hdrs),
+        )
+
+    @property
+    def dialog_id(self) -> str:
+        return dialog_id(self.call_id, self.from_tag)
+
+    def attribute(self, source: str) -> str:
+        """The value of one attribute source: ``from_user`` … or ``header:<Name>``."""
+        if source.startswith("header:"):
+            return self.headers.get(source[7:].lower(), "")
+        value = getattr(self, source, "")
+        return value if isinstance(value, str) else ""

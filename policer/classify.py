@@ -1,0 +1,84 @@
+"""Classification: a :class:`~policer.call.Call` to its number class and its
+profile memberships. Pure: no I/O, no clock, no SIP parsing.
+
+A :class:`Classifier` is built once per policy (prefix tables, profile plans)
+and then answers each call with a few dictionary look-ups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policer.call import Call
+from policer.policy import Policy
+from policer.store.base import Member
+
+__all__ = ["Classification", "Classifier"]
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """A call's dialled number, its class, and the profiles it joins (in policy order)."""
+
+    number: str
+    number_class: str | None
+    emergency: bool
+    members: tuple[Member, ...]
+
+
+class Classifier:
+    """Maps calls to number classes (exact numbers first, then the longest prefix,
+    then the default class) and to memberships with their limits."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._exact: dict[str, str] = {}
+        self._prefix: dict[str, str] = {}
+        self._default: str | None = None
+        for c in policy.classes:
+            for n in c.numbers:
+                self._exact[n] = c.name
+            for p in c.prefixes:
+                self._prefix[p] = c.name
+            if c.default:
+                self._default = c.name
+        self._lengths = sorted({len(p) for p in self._prefix}, reverse=True)
+        plan = []
+        for p in policy.profiles:
+            limit = policy.limits.get(p.name)
+            if limit is None:
+                template = Member(p.name)
+            else:
+                template = Member(p.name, None, limit.max, limit.reserve_for_emergency,
+                                  policy.shadow or limit.shadow)
+            plan.append((p.value, p.when_classes, template))
+        self._plan = tuple(plan)
+
+    def number_class(self, number: str) -> str | None:
+        """The class of a dialled number, or None when nothing matches and there is no default."""
+        found = self._exact.get(number)
+        if found is not None:
+            return found
+        prefix = self._prefix
+        for n in self._lengths:
+            if len(number) >= n:
+                found = prefix.get(number[:n])
+                if found is not None:
+                    return found
+        return self._default
+
+    def classify(self, call: Call) -> Classification:
+        number = call.attribute(self.policy.number_source)
+        cls = self.number_class(number)
+        members: list[Member] = []
+        for source, when, template in self._plan:
+            if when is not None and cls not in when:
+                continue
+            if source is None:
+                members.append(template)
+                continue
+            value = call.attribute(source)
+            if value:  # calls without a value join no count of that profile
+                members.append(template._replace(value=value))
+        emergency = cls is not None and cls == self.policy.emergency_class
+        return Classification(number, cls, emergency, tuple(members))

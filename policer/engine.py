@@ -1,0 +1,326 @@
+"""The engine: the one API adapters call (Kamailio, the command line, the
+simulation). It classifies a call with the policy, asks the store in one atomic
+operation, and turns the answer into a :class:`Decision`.
+
+The engine never raises at the proxy: when the store fails or is too slow, the
+policy's ``on_store_error`` decides (emergency calls are always admitted) and
+the decision says it came from that fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from policer.call import Call
+from policer.classify import Classification, Classifier
+from policer.log import get_logger
+from policer.policy import Policy, Reject, load_policy
+from policer.store import Store, StoreError, open_store
+from policer.store.base import AdmitRequest, CallRecord, DialogInfo
+
+__all__ = ["Decision", "Engine", "Explanation", "LimitView"]
+
+_OK = Reject(code=200, reason="OK", retry_after=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer to one INVITE."""
+
+    admitted: bool
+    code: int
+    reason: str
+    retry_after: int | None
+    dialog_id: str
+    limit: str | None = None  # the profile whose limit tripped (or was bypassed / shadowed)
+    count: int = 0
+    max: int = -1
+    bypass: bool = False  # an emergency call admitted over a limit
+    shadow: bool = False  # a shadow limit would have rejected this admitted call
+    duplicate: bool = False  # the dialog was decided before; this is that decision
+    fallback: bool = False  # the store failed: on_store_error decided
+    number_class: str | None = None
+    memberships: tuple[str, ...] = ()
+    error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "admitted": self.admitted,
+            "code": self.code,
+            "reason": self.reason,
+            "retry_after": self.retry_after,
+            "limit": self.limit,
+            "count": self.count,
+            "max": self.max,
+            "bypass": self.bypass,
+            "shadow": self.shadow,
+            "duplicate": self.duplicate,
+            "fallback": self.fallback,
+            "dialog_id": self.dialog_id,
+            "class": self.number_class,
+            "memberships": list(self.memberships),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LimitView:
+    """One membership as ``policer explain`` shows it."""
+
+    profile: str
+    value: str | None
+    count: int
+    max: int  # -1 when the profile is only counted
+    effective_max: int  # what an ordinary call may reach (max - reserve), emergency: max
+    live_limit: bool  # max comes from a live limit set at run time
+    shadow: bool
+    would_trip: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    number: str
+    number_class: str | None
+    emergency: bool
+    limits: tuple[LimitView, ...]
+    decision: Decision
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "class": self.number_class,
+            "emergency": self.emergency,
+            "limits": [
+                {
+                    "profile": v.profile,
+                    "value": v.value,
+                    "count": v.count,
+                    "max": v.max if v.max >= 0 else None,
+                    "effective_max": v.effective_max if v.max >= 0 else None,
+                    "live_limit": v.live_limit,
+                    "shadow": v.shadow,
+                    "would_trip": v.would_trip,
+                }
+                for v in self.limits
+            ],
+            "decision": self.decision.as_dict(),
+        }
+
+
+@dataclass(slots=True)
+class _Current:
+    """The policy in force and what is derived from it (swapped whole on reload)."""
+
+    policy: Policy
+    classifier: Classifier
+
+
+class Engine:
+    """Admission decisions for one policy over one store.
+
+    Thread- and fork-safe: the Redis store opens its connection per process.
+    """
+
+    def __init__(self, policy: Policy, store: Store, *, node: str | None = None,
+                 on_decision: Callable[[Decision, float], None] | None = None) -> None:
+        self._current = _Current(policy, Classifier(policy))
+        self.store = store
+        self.node = node or os.environ.get("POLICER_NODE") or socket.gethostname()
+        self.log = get_logger("policer.engine").bind(node=self.node)
+        self._on_decision = on_decision
+
+    # -- construction
+    @classmethod
+    def from_env(cls, policy_path: str | None = None, redis_url: str | None = None) -> Engine:
+        """An engine from ``POLICER_POLICY``, ``POLICER_REDIS_URL`` and ``POLICER_NODE``."""
+        path = policy_path or os.environ.get("POLICER_POLICY") or "policies/example.yaml"
+        policy = load_policy(path)
+        url = redis_url or os.environ.get("POLICER_REDIS_URL") or "redis://127.0.0.1:6379/0"
+        store = open_store(url, policy.namespace, timeout_ms=policy.store_timeout_ms)
+        return cls(policy, store)
+
+    @property
+    def policy(self) -> Policy:
+        return self._current.policy
+
+    def reload(self, policy: Policy) -> None:
+        """Swap in a new, already validated policy; the next INVITE uses it."""
+        if policy.namespace != self.store.namespace:
+            raise ValueError(
+                f"the new policy's namespace {policy.namespace!r} differs from the store's "
+                f"{self.store.namespace!r}; restart to change namespaces"
+            )
+        self._current = _Current(policy, Classifier(policy))
+        self.log.info("policy_reloaded", source=policy.source)
+
+    def classify(self, call: Call) -> Classification:
+        return self._current.classifier.classify(call)
+
+    # -- the hot path
+    def admit(self, call: Call) -> Decision:
+        """Decide one initial INVITE. Never raises."""
+        t0 = time.perf_counter()
+        current = self._current
+        policy = current.policy
+        try:
+            c = current.classifier.classify(call)
+            did = call.dialog_id
+        except Exception as e:  # defensive: a bug here must not drop the INVITE
+            return self._fallback(call, None, f"classify: {e!r}", t0)
+        request = AdmitRequest(
+            dialog_id=did,
+            members=c.members,
+            early_ms=policy.timeouts.early_ms,
+            emergency=c.emergency,
+            emergency_bypass=c.emergency and policy.emergency_bypass,
+            info={
+                "call_id": call.call_id,
+                "from": f"{call.from_user}@{call.from_domain}",
+                "to": c.number,
+                "class": c.number_class or "",
+                "node": self.node,
+                "source_ip": call.source_ip,
+            },
+        )
+        try:
+            r = self.store.admit(request)
+        except StoreError as e:
+            return self._fallback(call, c, str(e), t0)
+        labels = tuple(m.label() for m in c.members)
+        if r.admitted:
+            limit = r.tripped if r.tripped >= 0 else r.shadow
+            d = Decision(
+                admitted=True, code=200, reason="OK", retry_after=None, dialog_id=did,
+                limit=c.members[limit].profile if limit >= 0 else None,
+                count=r.count, max=r.max, bypass=r.bypass, shadow=r.shadow >= 0,
+                duplicate=r.duplicate, number_class=c.number_class, memberships=labels,
+            )
+        else:
+            m = c.members[r.tripped]
+            lim = policy.limits.get(m.profile)
+            rej = lim.reject if lim is not None else policy.reject
+            d = Decision(
+                admitted=False, code=rej.code, reason=rej.reason, retry_after=rej.retry_after,
+                dialog_id=did, limit=m.profile, count=r.count, max=r.max,
+                duplicate=r.duplicate, number_class=c.number_class, memberships=labels,
+            )
+        self._decided(call, d, t0)
+        return d
+
+    def _fallback(self, call: Call, c: Classification | None, error: str, t0: float) -> Decision:
+        policy = self._current.policy
+        emergency = c is not None and c.emergency
+        admit = emergency or policy.on_store_error == "admit"
+        rej = _OK if admit else policy.reject
+        d = Decision(
+            admitted=admit, code=rej.code, reason=rej.reason, retry_after=rej.retry_after,
+            dialog_id=_safe_dialog_id(call), fallback=True,
+            number_class=c.number_class if c else None,
+            memberships=tuple(m.label() for m in c.members) if c else (),
+            error=error,
+        )
+        self.log.error("store_error", call_id=call.call_id, dialog_id=d.dialog_id, error=error,
+                       admitted=admit, on_store_error=policy.on_store_error, emergency=emergency)
+        self._decided(call, d, t0)
+        return d
+
+    def _decided(self, call: Call, d: Decision, t0: float) -> None:
+        elapsed = time.perf_counter() - t0
+        if not d.admitted or d.bypass or d.shadow:
+            self.log.info("decision", call_id=call.call_id, dialog_id=d.dialog_id,
+                          admitted=d.admitted, code=d.code, limit=d.limit, count=d.count,
+                          max=d.max, bypass=d.bypass, shadow=d.shadow, fallback=d.fallback,
+                          number_class=d.number_class, memberships=list(d.memberships),
+                          latency_us=round(elapsed * 1e6))
+        if self._on_decision is not None:
+            self._on_decision(d, elapsed)
+
+    # -- dialog events
+    def confirm(self, dialog_id: str) -> bool:
+        """The call was answered (2xx): it now counts until the dialog timeout."""
+        return self._event("confirm", dialog_id, lambda: self.store.confirm(
+            dialog_id, self._current.policy.timeouts.dialog_ms))
+
+    def refresh(self, dialog_id: str, timeout_s: int | None = None) -> bool:
+        """Push a live dialog's deadline on (default: the policy's dialog timeout)."""
+        ms = timeout_s * 1000 if timeout_s else self._current.policy.timeouts.dialog_ms
+        return self._event("refresh", dialog_id, lambda: self.store.refresh(dialog_id, ms))
+
+    def release(self, dialog_id: str, reason: str = "bye") -> CallRecord | None:
+        """The call ended; idempotent. Returns its call-end record the first time."""
+        try:
+            rec = self.store.release(dialog_id, reason)
+        except StoreError as e:
+            self.log.error("store_error", op="release", dialog_id=dialog_id, error=str(e))
+            return None
+        if rec is not None:
+            self.log.info("call_end", **rec.as_dict())
+        return rec
+
+    def set_var(self, dialog_id: str, name: str, value: str) -> bool:
+        return self._event("set_var", dialog_id,
+                           lambda: self.store.set_var(dialog_id, name, value))
+
+    def get_var(self, dialog_id: str, name: str) -> str | None:
+        try:
+            return self.store.get_var(dialog_id, name)
+        except StoreError as e:
+            self.log.error("store_error", op="get_var", dialog_id=dialog_id, error=str(e))
+            return None
+
+    def _event(self, op: str, dialog_id: str, fn: Callable[[], bool]) -> bool:
+        try:
+            return fn()
+        except StoreError as e:
+            self.log.error("store_error", op=op, dialog_id=dialog_id, error=str(e))
+            return False
+
+    # -- inspection (may raise StoreError: these are for operators, not proxies)
+    def explain(self, call: Call) -> Explanation:
+        """What ``admit`` would decide now, with every count, changing nothing."""
+        policy = self._current.policy
+        c = self.classify(call)
+        views: list[LimitView] = []
+        tripped: LimitView | None = None
+        bypass = c.emergency and policy.emergency_bypass
+        for m in c.members:
+            count = self.store.profile_size(m.profile, m.value)
+            mx, live = m.max, False
+            if m.value is not None:
+                override = self.store.limit_get(m.profile, m.value)
+                if override is not None:
+                    mx, live = override, True
+            effective = mx if c.emergency else mx - m.reserve
+            trips = mx >= 0 and count >= effective
+            v = LimitView(m.profile, m.value, count, mx, effective, live, m.shadow, trips)
+            views.append(v)
+            if trips and not m.shadow and tripped is None:
+                tripped = v
+        did = call.dialog_id
+        labels = tuple(m.label() for m in c.members)
+        if tripped is None or bypass:
+            d = Decision(True, 200, "OK", None, did, bypass=tripped is not None,
+                         limit=tripped.profile if tripped else None,
+                         number_class=c.number_class, memberships=labels)
+        else:
+            lim = policy.limits.get(tripped.profile)
+            rej = lim.reject if lim else policy.reject
+            d = Decision(False, rej.code, rej.reason, rej.retry_after, did, limit=tripped.profile,
+                         count=tripped.count, max=tripped.effective_max,
+                         number_class=c.number_class, memberships=labels)
+        return Explanation(c.number, c.number_class, c.emergency, tuple(views), d)
+
+    def dialog(self, dialog_id: str) -> DialogInfo | None:
+        return self.store.dialog(dialog_id)
+
+
+def _safe_dialog_id(call: Call) -> str:
+    try:
+        return call.dialog_id
+    except Exception:
+        return ""

@@ -1,0 +1,662 @@
+"""Policies: YAML files validated into immutable objects.
+
+:func:`load_policy` reads a file, :func:`parse_policy` a string. Every problem
+of a file is reported at once, each as ``FILE:LINE:COL: key.path: message``
+(:class:`PolicyError` carries them). A valid policy becomes a frozen
+:class:`Policy` tree that the classifier and the engine read and nothing
+changes. The language is described in ``docs/policy.md``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+__all__ = [
+    "ATTRIBUTE_SOURCES",
+    "Limit",
+    "NumberClass",
+    "Policy",
+    "PolicyError",
+    "Profile",
+    "Reject",
+    "Timeouts",
+    "load_policy",
+    "parse_policy",
+]
+
+#: Call attributes a policy can read directly (plus ``header:<Name>``).
+ATTRIBUTE_SOURCES = (
+    "from_user",
+    "from_domain",
+    "ruri_user",
+    "to_user",
+    "source_ip",
+    "auth_user",
+)
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+_DURATION = re.compile(r"^(?:(\d+)(ms|s|m|h|d))+$")
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+class PolicyError(ValueError):
+    """A policy file is not valid. ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """How a rejected INVITE is answered."""
+
+    code: int = 503
+    reason: str = "Call Limit Reached"
+    retry_after: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NumberClass:
+    """A class of dialled numbers (exact ``numbers`` or ``prefixes``)."""
+
+    name: str
+    numbers: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+    default: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A dialog profile: no value (one count) or valued (one count per value)."""
+
+    name: str
+    value: str | None = None  # attribute source, e.g. "from_user" or "header:x-account"
+    when_classes: frozenset[str] | None = None
+
+    @property
+    def valued(self) -> bool:
+        return self.value is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """The cap on one profile (per value for valued profiles)."""
+
+    profile: str
+    max: int
+    reserve_for_emergency: int = 0
+    reject: Reject = field(default_factory=Reject)
+    shadow: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    early_ms: int = 120_000
+    dialog_ms: int = 43_200_000
+
+    @property
+    def early_s(self) -> int:
+        return max(1, self.early_ms // 1000)
+
+    @property
+    def dialog_s(self) -> int:
+        return max(1, self.dialog_ms // 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A validated policy. Build with :func:`load_policy` or :func:`parse_policy`."""
+
+    namespace: str
+    number_source: str = "ruri_user"
+    attributes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    classes: tuple[NumberClass, ...] = ()
+    profiles: tuple[Profile, ...] = ()
+    limits: Mapping[str, Limit] = field(default_factory=lambda: MappingProxyType({}))
+    emergency_class: str | None = None
+    emergency_bypass: bool = True
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    reject: Reject = field(default_factory=Reject)
+    on_store_error: Literal["admit", "reject"] = "admit"
+    store_timeout_ms: int = 50
+    shadow: bool = False
+    near_limit_ratio: float = 0.8
+    source: str = "<string>"
+    version: int = 1
+
+    @property
+    def header_names(self) -> tuple[str, ...]:
+        """Lower-cased names of the SIP headers this policy reads."""
+        names = [s[7:] for s in self.sources() if s.startswith("header:")]
+        return tuple(dict.fromkeys(names))
+
+    def sources(self) -> Iterable[str]:
+        yield self.number_source
+        yield from self.attributes.values()
+        for p in self.profiles:
+            if p.value is not None:
+                yield p.value
+
+    def profile(self, name: str) -> Profile | None:
+        for p in self.profiles:
+            if p.name == name:
+                return p
+        return None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file; raises :class:`PolicyError`."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise PolicyError([f"{p}:1:1: (file): cannot read: {e.strerror or e}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PolicyError([f"{p}:1:1: (file): not UTF-8 (byte {e.start})"]) from None
+    return parse_policy(text, str(p))
+
+
+def parse_policy(text: str, source: str = "<string>") -> Policy:
+    """Validate policy text; raises :class:`PolicyError` listing every problem."""
+    v = _Validator(source)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise PolicyError([f"{source}:{line}:{col}: (syntax): {e.problem or e}"]) from None
+    except yaml.YAMLError as e:
+        raise PolicyError([f"{source}:1:1: (syntax): {e}"]) from None
+    if root is None:
+        raise PolicyError([f"{source}:1:1: (document): the policy is empty"])
+    policy = v.policy(root)
+    if v.errors or policy is None:
+        raise PolicyError(v.sorted_errors())
+    return policy
+
+
+_TOP_KEYS = (
+    "version", "namespace", "call", "classes", "profiles", "limits", "emergency",
+    "timeouts", "reject", "on_store_error", "store_timeout", "shadow", "near_limit",
+)
+
+
+class _Validator:
+    """Walks the YAML node tree, collecting errors with their positions."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.errors: list[tuple[int, int, str]] = []
+        self._constructor = yaml.SafeLoader("")
+        self.profile_names: set[str] = set()
+
+    # -- reporting
+    def error(self, node: Node, path: str, message: str) -> None:
+        mark = node.start_mark
+        self.errors.append(
+            (mark.line + 1, mark.column + 1, f"{self.source}:{mark.line + 1}:{mark.column + 1}: "
+             f"{path}: {message}")
+        )
+
+    def sorted_errors(self) -> list[str]:
+        return [e[2] for e in sorted(self.errors, key=lambda e: (e[0], e[1]))]
+
+    # -- node helpers
+    def mapping(self, node: Node, path: str, known: Iterable[str]) -> dict[str, Node] | None:
+        """Children of a mapping node by key; reports duplicates and unknown keys."""
+        if not isinstance(node, MappingNode):
+            if isinstance(node, ScalarNode) and node.tag.endswith(":null"):
+                return {}
+            self.error(node, path, f"expected a mapping, got {_kind(node)}")
+            return None
+        known_list = list(known)
+        out: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                self.error(key_node, path, "keys must be plain names")
+                continue
+            key = str(key_node.value)
+            sub = _join(path, key)
+            if key in out:
+                self.error(key_node, sub, "duplicate key")
+                continue
+            if known_list and key not in known_list:
+                near = difflib.get_close_matches(key, known_list, n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                self.error(key_node, sub, f"unknown key{hint}")
+                continue
+            out[key] = value_node
+        return out
+
+    def free_mapping(self, node: Node, path: str) -> dict[str, Node] | None:
+        return self.mapping(node, path, ())
+
+    def scalar(self, node: Node) -> Any:
+        return self._constructor.construct_object(node, deep=True)
+
+    def integer(self, node: Node, path: str, lo: int, hi: int) -> int | None:
+        value = self.scalar(node) if isinstance(node, ScalarNode) else None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(node, path, f"expected an integer, got {_kind(node)}")
+            return None
+        if not lo <= value <= hi:
+            self.error(node, path, f"must be between {lo} and {hi}, got {value}")
+            return None
+        return value
+
+    def boolean(self, node: Node, path: str) -> bool | None:
+        value = self.scalar(node) if isinstance(node, ScalarNode) else None
+        if not isinstance(value, bool):
+            self.error(node, path, f"expected true or false, got {_kind(node)}")
+            return None
+        return value
+
+    def string(self, node: Node, path: str, pattern: re.Pattern[str] | None = None,
+               what: str = "") -> str | None:
+        if not isinstance(node, ScalarNode) or node.tag.endswith(":null"):
+            self.error(node, path, f"expected a string, got {_kind(node)}")
+            return None
+        value = str(node.value)
+        if pattern is not None and not pattern.match(value):
+            self.error(node, path, f"{what or 'invalid value'}: {value!r}")
+            return None
+        return value
+
+    def choice(self, node: Node, path: str, choices: tuple[str, ...]) -> str | None:
+        value = self.string(node, path)
+        if value is None:
+            return None
+        if value not in choices:
+            near = difflib.get_close_matches(value, choices, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            self.error(node, path, f"must be one of {', '.join(choices)}, got {value!r}{hint}")
+            return None
+        return value
+
+    def duration_ms(self, node: Node, path: str, lo_ms: int, hi_ms: int) -> int | None:
+        value = self.scalar(node) if isinstance(node, ScalarNode) else None
+        ms: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            ms = value * 1000
+        elif isinstance(value, str) and _DURATION.match(value.strip()):
+            ms = sum(int(n) * _UNIT_MS[u] for n, u in _DURATION_PART.findall(value))
+        if ms is None:
+            self.error(node, path, f"expected a duration such as 30s, 5m, 12h or 250ms, "
+                       f"got {_kind(node)}")
+            return None
+        if not lo_ms <= ms <= hi_ms:
+            self.error(node, path, f"must be between {_fmt_ms(lo_ms)} and {_fmt_ms(hi_ms)}, "
+                       f"got {_fmt_ms(ms)}")
+            return None
+        return ms
+
+    def number_list(self, node: Node, path: str) -> list[str]:
+        """Numbers or prefixes, read as written (``00`` stays ``00`` even unquoted)."""
+        if not isinstance(node, SequenceNode):
+            self.error(node, path, f"expected a list of numbers, got {_kind(node)}")
+            return []
+        out: list[str] = []
+        for i, item in enumerate(node.value):
+            sub = f"{path}[{i}]"
+            if not isinstance(item, ScalarNode) or item.tag.endswith(":null") or item.value == "":
+                self.error(item, sub, f"expected a number, got {_kind(item)}")
+                continue
+            s = str(item.value).strip()
+            if not re.fullmatch(r"[0-9A-Za-z+*#]{1,32}", s):
+                self.error(item, sub, f"not a dialled number or prefix: {s!r}")
+                continue
+            if s in out:
+                self.error(item, sub, f"{s!r} is listed twice")
+                continue
+            out.append(s)
+        return out
+
+    def reject(self, node: Node, path: str, default: Reject) -> Reject | None:
+        m = self.mapping(node, path, ("code", "reason", "retry_after"))
+        if m is None:
+            return None
+        code = default.code
+        reason = default.reason
+        retry_after = default.retry_after
+        if "code" in m:
+            code = self.integer(m["code"], f"{path}.code", 300, 699) or code
+            if "reason" not in m:
+                reason = _REASONS.get(code, reason)
+        if "reason" in m:
+            r = self.string(m["reason"], f"{path}.reason", re.compile(r"^[^\r\n\x00]{1,128}$"),
+                            "a reason phrase is one line of 1 to 128 characters")
+            reason = r if r is not None else reason
+        if "retry_after" in m:
+            if isinstance(m["retry_after"], ScalarNode) and m["retry_after"].tag.endswith(":null"):
+                retry_after = None
+            else:
+                ra = self.integer(m["retry_after"], f"{path}.retry_after", 0, 86400)
+                retry_after = ra if ra is not None else retry_after
+        return Reject(code=code, reason=reason, retry_after=retry_after)
+
+    # -- the document
+    def policy(self, root: Node) -> Policy | None:
+        top = self.mapping(root, "(document)", _TOP_KEYS)
+        if top is None:
+            return None
+        for required in ("version", "namespace"):
+            if required not in top:
+                self.error(root, required, "required key is missing")
+        if "version" in top:
+            version = self.scalar(top["version"]) if isinstance(top["version"], ScalarNode) else None
+            if version != 1 or isinstance(version, bool):
+                self.error(top["version"], "version",
+                           f"unsupported policy version {top['version'].value!r}; this policer "
+                           "reads version 1")
+        namespace = ""
+        if "namespace" in top:
+            namespace = self.string(top["namespace"], "namespace", _NAMESPACE,
+                                    "letters, digits, '_', '.', '-' only (1-64)") or ""
+
+        number_source, attributes = self.call(top.get("call"))
+        classes = self.classes(top.get("classes"))
+        class_names = {c.name for c in classes}
+        profiles = self.profiles(top.get("profiles"), attributes, class_names)
+        default_reject = Reject()
+        if "reject" in top:
+            default_reject = self.reject(top["reject"], "reject", default_reject) or default_reject
+        limits = self.limits(top.get("limits"), self.profile_names, default_reject)
+
+        emergency_class: str | None = None
+        bypass = True
+        if "emergency" in top:
+            m = self.mapping(top["emergency"], "emergency", ("class", "bypass")) or {}
+            if "class" in m:
+                emergency_class = self.string(m["class"], "emergency.class")
+                if emergency_class is not None and emergency_class not in class_names:
+                    self.unknown_ref(m["class"], "emergency.class", "class", emergency_class,
+                                     class_names)
+                    emergency_class = None
+            if "bypass" in m:
+                b = self.boolean(m["bypass"], "emergency.bypass")
+                bypass = b if b is not None else bypass
+        elif "emergency" in class_names:
+            emergency_class = "emergency"
+        for name, lim in limits.items():
+            if lim.reserve_for_emergency and emergency_class is None:
+                node = top["limits"]
+                self.error(node, f"limits.{name}.reserve_for_emergency",
+                           "needs an emergency class (emergency.class)")
+
+        timeouts = Timeouts()
+        if "timeouts" in top:
+            m = self.mapping(top["timeouts"], "timeouts", ("early", "dialog")) or {}
+            early = timeouts.early_ms
+            dialog = timeouts.dialog_ms
+            if "early" in m:
+                early = self.duration_ms(m["early"], "timeouts.early", 1000, 86_400_000) or early
+            if "dialog" in m:
+                dialog = (self.duration_ms(m["dialog"], "timeouts.dialog", 1000, 7 * 86_400_000)
+                          or dialog)
+            timeouts = Timeouts(early_ms=early, dialog_ms=dialog)
+
+        on_store_error: Literal["admit", "reject"] = "admit"
+        if "on_store_error" in top:
+            c = self.choice(top["on_store_error"], "on_store_error", ("admit", "reject"))
+            on_store_error = "reject" if c == "reject" else "admit"
+        store_timeout_ms = 50
+        if "store_timeout" in top:
+            store_timeout_ms = self.duration_ms(top["store_timeout"], "store_timeout", 1,
+                                                10_000) or store_timeout_ms
+        shadow = False
+        if "shadow" in top:
+            shadow = bool(self.boolean(top["shadow"], "shadow"))
+        near = 0.8
+        if "near_limit" in top:
+            n = self.scalar(top["near_limit"]) if isinstance(top["near_limit"], ScalarNode) else None
+            if isinstance(n, int | float) and not isinstance(n, bool) and 0 < n <= 1:
+                near = float(n)
+            else:
+                self.error(top["near_limit"], "near_limit", "expected a ratio above 0 and up to 1")
+
+        if self.errors:
+            return None
+        return Policy(
+            namespace=namespace,
+            number_source=number_source,
+            attributes=MappingProxyType(attributes),
+            classes=tuple(classes),
+            profiles=tuple(profiles),
+            limits=MappingProxyType(limits),
+            emergency_class=emergency_class,
+            emergency_bypass=bypass,
+            timeouts=timeouts,
+            reject=default_reject,
+            on_store_error=on_store_error,
+            store_timeout_ms=store_timeout_ms,
+            shadow=shadow,
+            near_limit_ratio=near,
+            source=self.source,
+        )
+
+    def unknown_ref(self, node: Node, path: str, what: str, name: str,
+                    known: Iterable[str]) -> None:
+        near = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        self.error(node, path, f"unknown {what} {name!r}{hint}")
+
+    def source_ref(self, node: Node, path: str) -> str | None:
+        """An attribute source: a built-in one or ``header:<Name>``."""
+        s = self.string(node, path)
+        if s is None:
+            return None
+        if s.startswith("header:"):
+            name = s[7:]
+            if not _HEADER.match(name):
+                self.error(node, path, f"not a SIP header name: {name!r}")
+                return None
+            return "header:" + name.lower()
+        if s not in ATTRIBUTE_SOURCES:
+            near = difflib.get_close_matches(s, ATTRIBUTE_SOURCES, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            self.error(node, path, f"unknown attribute source {s!r}{hint}; use one of "
+                       f"{', '.join(ATTRIBUTE_SOURCES)} or header:<Name>")
+            return None
+        return s
+
+    def call(self, node: Node | None) -> tuple[str, dict[str, str]]:
+        number = "ruri_user"
+        attributes: dict[str, str] = {}
+        if node is None:
+            return number, attributes
+        m = self.mapping(node, "call", ("number", "attributes")) or {}
+        if "number" in m:
+            number = self.choice(m["number"], "call.number", ("ruri_user", "to_user")) or number
+        if "attributes" in m:
+            attrs = self.free_mapping(m["attributes"], "call.attributes") or {}
+            for name, value_node in attrs.items():
+                path = f"call.attributes.{name}"
+                if not _NAME.match(name):
+                    self.error(value_node, path, "attribute names are letters, digits, '_', '-'")
+                    continue
+                if name in ATTRIBUTE_SOURCES:
+                    self.error(value_node, path, "shadows a built-in attribute of the same name")
+                    continue
+                src = self.source_ref(value_node, path)
+                if src is not None:
+                    attributes[name] = src
+        return number, attributes
+
+    def classes(self, node: Node | None) -> list[NumberClass]:
+        if node is None:
+            return []
+        m = self.free_mapping(node, "classes") or {}
+        out: list[NumberClass] = []
+        seen_numbers: dict[str, str] = {}
+        seen_prefixes: dict[str, str] = {}
+        default_of: str | None = None
+        for name, cnode in m.items():
+            path = f"classes.{name}"
+            if not _NAME.match(name):
+                self.error(cnode, path, "class names are letters, digits, '_', '-'")
+                continue
+            c = self.mapping(cnode, path, ("numbers", "prefixes", "default"))
+            if c is None:
+                continue
+            numbers = self.number_list(c["numbers"], f"{path}.numbers") if "numbers" in c else []
+            prefixes = (self.number_list(c["prefixes"], f"{path}.prefixes")
+                        if "prefixes" in c else [])
+            default = bool(self.boolean(c["default"], f"{path}.default")) if "default" in c else False
+            for kind, items, seen, key in (("number", numbers, seen_numbers, "numbers"),
+                                           ("prefix", prefixes, seen_prefixes, "prefixes")):
+                for i, item in enumerate(items):
+                    if item in seen:
+                        self.error(c[key], f"{path}.{key}[{i}]",
+                                   f"{kind} {item!r} is already in class {seen[item]!r}")
+                    seen[item] = name
+            if default:
+                if default_of is not None:
+                    self.error(c["default"], f"{path}.default",
+                               f"class {default_of!r} is already the default")
+                default_of = name
+            if not (numbers or prefixes or default):
+                self.error(cnode, path, "a class needs numbers, prefixes or default: true")
+            out.append(NumberClass(name, frozenset(numbers), tuple(prefixes), default))
+        return out
+
+    def profiles(self, node: Node | None, attributes: Mapping[str, str],
+                 class_names: set[str]) -> list[Profile]:
+        if node is None:
+            return []
+        m = self.free_mapping(node, "profiles") or {}
+        out: list[Profile] = []
+        for name, pnode in m.items():
+            path = f"profiles.{name}"
+            if not _NAME.match(name):
+                self.error(pnode, path, "profile names are letters, digits, '_', '-'")
+                continue
+            self.profile_names.add(name)
+            p = self.mapping(pnode, path, ("value", "when"))
+            if p is None:
+                continue
+            value: str | None = None
+            if "value" in p:
+                vnode = p["value"]
+                raw = self.string(vnode, f"{path}.value")
+                if raw is None:
+                    continue
+                if raw in attributes:
+                    value = attributes[raw]
+                elif raw in ATTRIBUTE_SOURCES or raw.startswith("header:"):
+                    value = self.source_ref(vnode, f"{path}.value")
+                    if value is None:
+                        continue
+                else:
+                    known = list(attributes) + list(ATTRIBUTE_SOURCES)
+                    self.unknown_ref(vnode, f"{path}.value", "attribute", raw, known)
+                    continue
+            when: frozenset[str] | None = None
+            if "when" in p:
+                w = self.mapping(p["when"], f"{path}.when", ("class",)) or {}
+                if "class" in w:
+                    cnode = w["class"]
+                    names: list[str] = []
+                    if isinstance(cnode, SequenceNode):
+                        for i, item in enumerate(cnode.value):
+                            s = self.string(item, f"{path}.when.class[{i}]")
+                            if s is not None:
+                                names.append(s)
+                    else:
+                        s = self.string(cnode, f"{path}.when.class")
+                        if s is not None:
+                            names.append(s)
+                    for n in names:
+                        if n not in class_names:
+                            self.unknown_ref(cnode, f"{path}.when.class", "class", n, class_names)
+                    when = frozenset(names)
+            out.append(Profile(name=name, value=value, when_classes=when))
+        return out
+
+    def limits(self, node: Node | None, profile_names: set[str],
+               default_reject: Reject) -> dict[str, Limit]:
+        if node is None:
+            return {}
+        m = self.free_mapping(node, "limits") or {}
+        out: dict[str, Limit] = {}
+        for name, lnode in m.items():
+            path = f"limits.{name}"
+            if name not in profile_names:
+                self.unknown_ref(lnode, path, "profile", name, profile_names)
+                continue
+            lm = self.mapping(lnode, path, ("max", "reserve_for_emergency", "reject", "shadow"))
+            if lm is None:
+                continue
+            if "max" not in lm:
+                self.error(lnode, f"{path}.max", "required key is missing")
+                continue
+            mx = self.integer(lm["max"], f"{path}.max", 0, 10_000_000)
+            reserve = 0
+            if "reserve_for_emergency" in lm:
+                r = self.integer(lm["reserve_for_emergency"], f"{path}.reserve_for_emergency", 0,
+                                 10_000_000)
+                if r is not None and mx is not None and r > mx:
+                    self.error(lm["reserve_for_emergency"], f"{path}.reserve_for_emergency",
+                               f"cannot exceed max ({mx})")
+                reserve = r or 0
+            rej = default_reject
+            if "reject" in lm:
+                rej = self.reject(lm["reject"], f"{path}.reject", default_reject) or rej
+            shadow = False
+            if "shadow" in lm:
+                shadow = bool(self.boolean(lm["shadow"], f"{path}.shadow"))
+            if mx is None:
+                continue
+            out[name] = Limit(profile=name, max=mx, reserve_for_emergency=reserve, reject=rej,
+                              shadow=shadow)
+        return out
+
+
+_REASONS = {
+    403: "Forbidden",
+    480: "Temporarily Unavailable",
+    486: "Busy Here",
+    503: "Service Unavailable",
+    600: "Busy Everywhere",
+    603: "Decline",
+}
+
+
+def _join(path: str, key: str) -> str:
+    return key if path == "(document)" else f"{path}.{key}"
+
+
+def _kind(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if isinstance(node, ScalarNode):
+        tag = node.tag.rsplit(":", 1)[-1]
+        if tag == "null":
+            return "nothing"
+        return f"{tag} {node.value!r}"
+    return "something else"
+
+
+def _fmt_ms(ms: int) -> str:
+    for unit in ("d", "h", "m", "s"):
+        if ms % _UNIT_MS[unit] == 0:
+            return f"{ms // _UNIT_MS[unit]}{unit}"
+    return f"{ms}ms"

@@ -1,0 +1,199 @@
+"""The store contract: what every store (Redis, in-process) does, and the
+values that cross it.
+
+A store keeps dialog profiles: for every profile (and value) the set of live
+dialogs, each with a deadline after which it stops counting. All operations
+are atomic; time is the store's own clock (Redis ``TIME`` for the Redis store).
+The store knows nothing of SIP or YAML: the engine hands it memberships with
+their limits already resolved from the policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, runtime_checkable
+
+__all__ = [
+    "END_REASONS",
+    "STATS_FIELDS",
+    "AdmitRequest",
+    "AdmitResult",
+    "CallRecord",
+    "DialogInfo",
+    "Member",
+    "Store",
+    "StoreError",
+]
+
+#: Why a dialog ended (``release(reason=…)``; ``expired`` is the store's own).
+END_REASONS = ("bye", "cancel", "failed", "timeout", "expired", "released_by_operator")
+
+#: Keys of :meth:`Store.stats`.
+STATS_FIELDS = ("active", "early", "confirmed", "processed", "expired", "failed", "rejected",
+                "ended", "bypassed", "shadow_rejected")
+
+
+class StoreError(RuntimeError):
+    """The store could not answer (connection lost, timeout, script error)."""
+
+
+class Member(NamedTuple):
+    """A profile (and value) a dialog joins, with the limit that applies to it.
+
+    ``max`` is -1 when the profile is only counted. ``reserve`` slots of ``max``
+    are kept for emergency calls. A ``shadow`` limit is evaluated and reported
+    but never rejects.
+    """
+
+    profile: str
+    value: str | None = None
+    max: int = -1
+    reserve: int = 0
+    shadow: bool = False
+
+    def label(self) -> str:
+        return self.profile if self.value is None else f"{self.profile}={self.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitRequest:
+    dialog_id: str
+    members: Sequence[Member]
+    early_ms: int
+    emergency: bool = False  # may use the slots reserved for emergency calls
+    emergency_bypass: bool = False  # admitted over every limit (still counted)
+    #: Strings recorded with the dialog (call_id, from, to, class, node, …).
+    info: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitResult:
+    """What the store decided. Indexes point into ``AdmitRequest.members``."""
+
+    admitted: bool
+    tripped: int = -1  # the member whose limit rejected (or was bypassed), -1 for none
+    count: int = 0  # its count at decision time
+    max: int = -1  # its effective max (live limit applied)
+    bypass: bool = False  # emergency call admitted over a limit
+    duplicate: bool = False  # the dialog was decided before: this is that decision
+    shadow: int = -1  # the first shadow limit that would have rejected, -1 for none
+
+
+@dataclass(frozen=True, slots=True)
+class DialogInfo:
+    """One dialog as the store keeps it (``policer profile list``, ``dialog show``)."""
+
+    dialog_id: str
+    state: str  # early | confirmed | ended | rejected
+    init_ms: int
+    start_ms: int  # 0 until confirmed
+    end_ms: int  # 0 until ended
+    deadline_ms: int
+    profiles: tuple[str, ...]
+    info: Mapping[str, str]
+    variables: Mapping[str, str]
+    end_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """A call-end record, written once per dialog when it ends."""
+
+    dialog_id: str
+    call_id: str
+    from_uri: str
+    to_uri: str
+    setup_ms: int
+    answer_ms: int
+    end_ms: int
+    reason: str
+    node: str
+    profiles: tuple[str, ...]
+    variables: Mapping[str, str]
+    record_id: str = ""
+
+    @property
+    def bill_sec(self) -> int:
+        if not self.answer_ms:
+            return 0
+        return max(0, (self.end_ms - self.answer_ms + 500) // 1000)
+
+    def as_dict(self) -> dict[str, object]:
+        """The record with the field names of Kamailio's call-end example."""
+        return {
+            "CallID": self.call_id,
+            "From": self.from_uri,
+            "To": self.to_uri,
+            "SetupTime": self.setup_ms / 1000,
+            "AnswerTime": self.answer_ms / 1000 if self.answer_ms else None,
+            "EndTime": self.end_ms / 1000,
+            "BillSec": self.bill_sec,
+            "Reason": self.reason,
+            "Node": self.node,
+            "DialogID": self.dialog_id,
+            "Profiles": list(self.profiles),
+            "Variables": dict(self.variables),
+        }
+
+
+@runtime_checkable
+class Store(Protocol):
+    """The operations every store implements with the same meaning.
+
+    Every method may raise :class:`StoreError`; nothing else escapes.
+    """
+
+    namespace: str
+
+    def admit(self, request: AdmitRequest) -> AdmitResult:
+        """Drop expired members, check every limit, join all profiles or none."""
+
+    def confirm(self, dialog_id: str, dialog_ms: int) -> bool:
+        """The dialog was answered: its deadline becomes now + ``dialog_ms``."""
+
+    def refresh(self, dialog_id: str, timeout_ms: int) -> bool:
+        """Push a live dialog's deadline to now + ``timeout_ms``."""
+
+    def release(self, dialog_id: str, reason: str) -> CallRecord | None:
+        """End a dialog; the call-end record, or None when it was not live (idempotent)."""
+
+    def set_var(self, dialog_id: str, name: str, value: str) -> bool:
+        """Keep a string with a live dialog (like ``$dlg_var``); False when unknown."""
+
+    def get_var(self, dialog_id: str, name: str) -> str | None: ...
+
+    def dialog(self, dialog_id: str) -> DialogInfo | None: ...
+
+    def profile_size(self, profile: str, value: str | None = None) -> int:
+        """Live dialogs in a profile (for one value of a valued profile)."""
+
+    def profile_values(self, profile: str) -> dict[str, int]:
+        """Live dialogs per value of a valued profile."""
+
+    def profile_list(self, profile: str, value: str | None = None) -> list[DialogInfo]: ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters, keys as :data:`STATS_FIELDS`."""
+
+    def decisions(self) -> dict[tuple[str, str], int]:
+        """Decisions counted per ``(result, profile)``."""
+
+    def ended(self) -> dict[str, int]:
+        """Ended dialogs per reason."""
+
+    def limit_get(self, profile: str, value: str) -> int | None: ...
+
+    def limit_set(self, profile: str, value: str, maximum: int) -> int | None:
+        """Set a live per-value limit; returns the previous one."""
+
+    def limit_unset(self, profile: str, value: str) -> int | None: ...
+
+    def limits(self, profile: str) -> dict[str, int]: ...
+
+    def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
+        """Call-end records, oldest first, after record id ``after``."""
+
+    def ping(self) -> bool: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,77 @@
+"""The Redis key layout of one namespace. Every key carries the hash tag
+``{NAMESPACE}``, so all keys of a namespace sit in one Redis Cluster slot and
+one script may touch any of them.
+
+=====================================  =========  ==========================================
+key                                    type       holds
+=====================================  =========  ==========================================
+``policer:{ns}:d:<dialog id>``         hash       one dialog: state, times, keys, info, vars
+``policer:{ns}:p:<profile>``           zset       no-value profile: dialog id -> deadline ms
+``policer:{ns}:p:<profile>:<value>``   zset       valued profile, one per value
+``policer:{ns}:l:<profile>``           hash       live limits: value -> max
+``policer:{ns}:early``                 zset       unanswered dialogs -> deadline ms
+``policer:{ns}:confirmed``             zset       answered dialogs -> deadline ms
+``policer:{ns}:stats``                 hash       cluster-wide counters
+``policer:{ns}:decisions``             hash       ``result|profile`` -> decisions
+``policer:{ns}:cdr``                   stream     call-end records (capped)
+=====================================  =========  ==========================================
+
+Values from SIP are encoded with :func:`policer.call.key_part` before they
+become part of a key or a hash field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policer.call import key_part
+
+__all__ = ["Keys"]
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    namespace: str
+
+    @property
+    def prefix(self) -> str:
+        return f"policer:{{{self.namespace}}}:"
+
+    def dialog(self, dialog_id: str) -> str:
+        return f"{self.prefix}d:{dialog_id}"
+
+    def profile(self, profile: str, value: str | None = None) -> str:
+        if value is None:
+            return f"{self.prefix}p:{profile}"
+        return f"{self.prefix}p:{profile}:{key_part(value)}"
+
+    def profile_pattern(self, profile: str) -> str:
+        """SCAN pattern of every value key of a valued profile."""
+        return f"policer:{{{_glob_escape(self.namespace)}}}:p:{_glob_escape(profile)}:*"
+
+    def limits(self, profile: str) -> str:
+        return f"{self.prefix}l:{profile}"
+
+    @property
+    def early(self) -> str:
+        return f"{self.prefix}early"
+
+    @property
+    def confirmed(self) -> str:
+        return f"{self.prefix}confirmed"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}stats"
+
+    @property
+    def decisions(self) -> str:
+        return f"{self.prefix}decisions"
+
+    @property
+    def cdr(self) -> str:
+        return f"{self.prefix}cdr"
+
+
+def _glob_escape(s: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)

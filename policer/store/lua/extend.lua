@@ -1,0 +1,37 @@
+-- policer: confirm (answered) or refresh a live dialog: push its deadline on.
+--
+-- KEYS[1] dialog hash   KEYS[2] early zset   KEYS[3] confirmed zset
+-- ARGV[1] dialog id  ARGV[2] 'confirm' | 'refresh'  ARGV[3] timeout ms
+-- ARGV[4] clock offset ms
+-- Returns 1 when the dialog is live, 0 when it is unknown, ended or rejected.
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[4])
+local dkey = KEYS[1]
+local state = redis.call('HGET', dkey, 'state')
+if state ~= 'early' and state ~= 'confirmed' then return 0 end
+
+local timeout = tonumber(ARGV[3])
+local deadline = now + timeout
+local keys = redis.call('HGET', dkey, 'keys') or ''
+for zkey in string.gmatch(keys, '[^\n]+') do
+  -- re-added even when the early deadline had passed: the call is live again
+  redis.call('ZADD', zkey, deadline, ARGV[1])
+  if redis.call('PTTL', zkey) < timeout + 60000 then
+    redis.call('PEXPIRE', zkey, timeout + 60000)
+  end
+end
+if ARGV[2] == 'confirm' and state == 'early' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('HSET', dkey, 'state', 'confirmed', 'start_ms', now, 'deadline', deadline)
+  redis.call('ZADD', KEYS[3], deadline, ARGV[1])
+else
+  redis.call('HSET', dkey, 'deadline', deadline)
+  if state == 'early' then
+    redis.call('ZADD', KEYS[2], deadline, ARGV[1])
+  else
+    redis.call('ZADD', KEYS[3], deadline, ARGV[1])
+  end
+end
+redis.call('PEXPIRE', dkey, timeout + 60000)
+return 1
