@@ -44,14 +44,14 @@ class Classifier:
                 self._default = c.name
         self._lengths = sorted({len(p) for p in self._prefix}, reverse=True)
         plan = []
-        for p in policy.profiles:
-            limit = policy.limits.get(p.name)
+        for prof in policy.profiles:
+            limit = policy.limits.get(prof.name)
             if limit is None:
-                template = Member(p.name)
+                template = Member(prof.name)
             else:
-                template = Member(p.name, None, limit.max, limit.reserve_for_emergency,
+                template = Member(prof.name, None, limit.max, limit.reserve_for_emergency,
                                   policy.shadow or limit.shadow)
-            plan.append((p.value, p.when_classes, template))
+            plan.append((prof.value, prof.when_classes, template))
         self._plan = tuple(plan)
 
     def number_class(self, number: str) -> str | None:

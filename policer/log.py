@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -28,7 +29,8 @@ def redact(value: str) -> str:
     return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}***@", value)
 
 
-def _redact_processor(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact_processor(_: Any, __: str, event: MutableMapping[str, Any]
+                      ) -> MutableMapping[str, Any]:
     for k, v in event.items():
         if isinstance(v, str) and "@" in v and "://" in v:
             event[k] = redact(v)

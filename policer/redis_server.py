@@ -60,7 +60,8 @@ class RedisServer:
     ) -> None:
         self.binary = binary or find_redis_server()
         if self.binary is None:
-            raise RedisServerError("redis-server is not installed (Debian: apt-get install redis-server)")
+            raise RedisServerError(
+                "redis-server is not installed (Debian: apt-get install redis-server)")
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.extra_args = list(extra_args)

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Callable
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import unquote
 
 import redis
@@ -32,8 +32,6 @@ from policer.store.base import (
 from policer.store.keys import Keys
 
 __all__ = ["RedisStore", "load_lua"]
-
-T = TypeVar("T")
 
 #: Expired members removed per key by one admit (bounds the script's run time).
 SWEEP_BATCH = 100
@@ -117,7 +115,7 @@ class RedisStore:
             self._scripts[name] = s
         return s
 
-    def _run(self, fn: Callable[[], T]) -> T:
+    def _run(self, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
         except (redis.RedisError, OSError) as e:
@@ -217,8 +215,10 @@ class RedisStore:
 
     def dialog(self, dialog_id: str) -> DialogInfo | None:
         client = self.client
-        h = self._run(lambda: client.hgetall(self._p_dialog + dialog_id))
-        return _dialog_info(dialog_id, h) if h else None
+        h: dict[str, str] = self._run(lambda: client.hgetall(self._p_dialog + dialog_id))
+        if not h or h.get("state") == "rejected":
+            return None
+        return _dialog_info(dialog_id, h)
 
     def profile_size(self, profile: str, value: str | None = None) -> int:
         return self._sizes([self.keys.profile(profile, value)])[0]
@@ -237,7 +237,7 @@ class RedisStore:
         key = self.keys.profile(profile, value)
         now = self.now_ms()
         client = self.client
-        ids = self._run(lambda: client.zrangebyscore(key, f"({now}", "+inf"))
+        ids: list[str] = self._run(lambda: client.zrangebyscore(key, f"({now}", "+inf"))
         if not ids:
             return []
 
@@ -252,7 +252,7 @@ class RedisStore:
 
     def stats(self) -> dict[str, int]:
         client = self.client
-        raw = self._run(lambda: client.hgetall(self.keys.stats))
+        raw: dict[str, str] = self._run(lambda: client.hgetall(self.keys.stats))
         live = self._sizes([self.keys.early, self.keys.confirmed])
         out = {k: 0 for k in STATS_FIELDS}
         for k, v in raw.items():
@@ -264,12 +264,12 @@ class RedisStore:
 
     def ended(self) -> dict[str, int]:
         client = self.client
-        raw = self._run(lambda: client.hgetall(self.keys.stats))
+        raw: dict[str, str] = self._run(lambda: client.hgetall(self.keys.stats))
         return {k[6:]: int(v) for k, v in raw.items() if k.startswith("ended:")}
 
     def decisions(self) -> dict[tuple[str, str], int]:
         client = self.client
-        raw = self._run(lambda: client.hgetall(self.keys.decisions))
+        raw: dict[str, str] = self._run(lambda: client.hgetall(self.keys.decisions))
         out: dict[tuple[str, str], int] = {}
         for k, v in raw.items():
             result, _, profile = k.partition("|")
@@ -310,14 +310,15 @@ class RedisStore:
 
     def limits(self, profile: str) -> dict[str, int]:
         client = self.client
-        raw = self._run(lambda: client.hgetall(self.keys.limits(profile)))
+        raw: dict[str, str] = self._run(lambda: client.hgetall(self.keys.limits(profile)))
         return {unquote(k): int(v) for k, v in raw.items()}
 
     # -- call records
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
         client = self.client
         start = f"({after}" if after else "-"
-        rows = self._run(lambda: client.xrange(self.keys.cdr, min=start, count=count))
+        rows: list[tuple[str, dict[str, str]]] = self._run(
+            lambda: client.xrange(self.keys.cdr, min=start, count=count))
         return [_record(rid, fields) for rid, fields in rows]
 
     def ping(self) -> bool:

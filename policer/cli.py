@@ -1,0 +1,558 @@
+"""The ``policer`` command line.
+
+Every command reads ``--redis URL`` (or ``POLICER_REDIS_URL``) and
+``--policy FILE`` (or ``POLICER_POLICY``); ``--json`` gives machine output.
+Exit status: 0 success (for ``admit``: admitted), 1 rejected / not found,
+2 usage or policy error, 3 the store could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from policer.call import Call, dialog_id
+from policer.engine import Engine
+from policer.log import configure, redact
+from policer.policy import Policy, PolicyError, load_policy
+from policer.store import Store, StoreError, open_store
+from policer.store.base import DialogInfo
+
+__all__ = ["main"]
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+DEFAULT_POLICY = "policies/example.yaml"
+
+EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
+
+
+class CliError(Exception):
+    def __init__(self, message: str, status: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("--policy", default=None, metavar="FILE",
+                   help="policy file (env POLICER_POLICY, default policies/example.yaml)")
+    if store:
+        g.add_argument("--redis", default=None, metavar="URL",
+                       help="store URL: redis://, rediss://, unix:// or memory:// "
+                            "(env POLICER_REDIS_URL, default redis://127.0.0.1:6379/0)")
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+    g.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    g.add_argument("--log-format", default=None, choices=("json", "console"))
+
+
+def _call_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("call")
+    g.add_argument("--call-id", default=None, help="Call-ID (default: random)")
+    g.add_argument("--from-tag", default=None, help="From-tag (default: random)")
+    g.add_argument("--from", dest="from_user", default="", metavar="USER", help="From user")
+    g.add_argument("--from-domain", default="", metavar="DOMAIN")
+    g.add_argument("--to", default="", metavar="NUMBER", help="the dialled number")
+    g.add_argument("--source-ip", default="")
+    g.add_argument("--auth-user", default="")
+    g.add_argument("--header", action="append", default=[], metavar="'Name: value'",
+                   help="a SIP header the policy reads (repeatable)")
+
+
+def _dialog_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--call-id", required=True)
+    p.add_argument("--from-tag", required=True)
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    path = args.policy or os.environ.get("POLICER_POLICY") or DEFAULT_POLICY
+    return load_policy(path)
+
+
+def _url(args: argparse.Namespace) -> str:
+    return str(getattr(args, "redis", None) or os.environ.get("POLICER_REDIS_URL")
+               or DEFAULT_REDIS)
+
+
+def _store(args: argparse.Namespace, policy: Policy) -> Store:
+    try:
+        return open_store(_url(args), policy.namespace, timeout_ms=max(policy.store_timeout_ms,
+                                                                       2000))
+    except ValueError as e:
+        raise CliError(f"--redis: {e}") from None
+
+
+def _engine(args: argparse.Namespace) -> Engine:
+    policy = _policy(args)
+    return Engine(policy, _store(args, policy))
+
+
+def _call(args: argparse.Namespace) -> Call:
+    headers: dict[str, str] = {}
+    for h in args.header:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            raise CliError(f"--header {h!r}: expected 'Name: value'")
+        headers[name.strip()] = value.strip()
+    return Call.from_raw(
+        args.call_id or uuid.uuid4().hex,
+        args.from_tag or uuid.uuid4().hex[:10],
+        from_user=args.from_user,
+        from_domain=args.from_domain,
+        ruri_user=args.to,
+        to_user=args.to,
+        source_ip=args.source_ip,
+        auth_user=args.auth_user,
+        headers=headers,
+    )
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=None, sort_keys=False, default=str))
+
+
+def _ts(ms: int) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _dialog_dict(d: DialogInfo) -> dict[str, Any]:
+    return {
+        "id": d.dialog_id,
+        "call_id": d.info.get("call_id", ""),
+        "from": d.info.get("from", ""),
+        "to": d.info.get("to", ""),
+        "class": d.info.get("class", ""),
+        "node": d.info.get("node", ""),
+        "state": d.state,
+        "init_ts": d.init_ms / 1000 if d.init_ms else None,
+        "start_ts": d.start_ms / 1000 if d.start_ms else None,
+        "end_ts": d.end_ms / 1000 if d.end_ms else None,
+        "deadline_ts": d.deadline_ms / 1000 if d.deadline_ms else None,
+        "end_reason": d.end_reason or None,
+        "profiles": list(d.profiles),
+        "variables": dict(d.variables),
+    }
+
+
+def _print_dialog(d: DialogInfo) -> None:
+    dd = _dialog_dict(d)
+    print(f"dialog {dd['id']}")
+    for k in ("call_id", "from", "to", "class", "node", "state"):
+        print(f"  {k:<10} {dd[k]}")
+    print(f"  {'init':<10} {_ts(d.init_ms)}")
+    print(f"  {'start':<10} {_ts(d.start_ms)}")
+    if d.end_ms:
+        print(f"  {'end':<10} {_ts(d.end_ms)} ({d.end_reason})")
+    print(f"  {'deadline':<10} {_ts(d.deadline_ms)}")
+    print(f"  {'profiles':<10} {', '.join(d.profiles) or '-'}")
+    for k, v in d.variables.items():
+        print(f"  var {k} = {v}")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    failed = False
+    results = []
+    for path in args.files:
+        try:
+            p = load_policy(path)
+            results.append({"file": path, "valid": True, "errors": []})
+            if not args.json:
+                print(f"{path}: ok (namespace {p.namespace}, {len(p.profiles)} profiles, "
+                      f"{len(p.limits)} limits)")
+        except PolicyError as e:
+            failed = True
+            results.append({"file": path, "valid": False, "errors": e.errors})
+            if not args.json:
+                for line in e.errors:
+                    print(line, file=sys.stderr)
+    if args.json:
+        _print_json(results)
+    return EXIT_USAGE if failed else EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    x = engine.explain(_call(args))
+    if args.json:
+        _print_json(x.as_dict())
+        return EXIT_OK
+    print(f"number      {x.number or '(none)'}")
+    print(f"class       {x.number_class or '(none)'}{'  [emergency]' if x.emergency else ''}")
+    print("memberships")
+    for v in x.limits:
+        name = v.profile if v.value is None else f"{v.profile}={v.value}"
+        if v.max < 0:
+            print(f"  {name:<28} {v.count:>6}  (counted, no limit)")
+            continue
+        flags = []
+        if v.live_limit:
+            flags.append("live limit")
+        if v.effective_max != v.max:
+            flags.append(f"effective {v.effective_max}")
+        if v.shadow:
+            flags.append("shadow")
+        if v.would_trip:
+            flags.append("FULL")
+        extra = f"  ({', '.join(flags)})" if flags else ""
+        print(f"  {name:<28} {v.count:>6} / {v.max:<6}{extra}")
+    d = x.decision
+    if d.admitted:
+        print("decision    admit" + ("  (emergency bypass over " + str(d.limit) + ")"
+                                     if d.bypass else ""))
+    else:
+        ra = f", Retry-After {d.retry_after}" if d.retry_after is not None else ""
+        print(f"decision    reject {d.code} {d.reason} (limit {d.limit}{ra})")
+    return EXIT_OK
+
+
+def cmd_admit(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    d = engine.admit(_call(args))
+    if d.fallback:
+        # an operator's command must not pretend: the store was not reached
+        raise CliError(f"store error: {d.error}", EXIT_STORE)
+    if args.json:
+        _print_json(d.as_dict())
+    elif d.admitted:
+        extra = " (emergency bypass)" if d.bypass else ""
+        print(f"admitted {d.dialog_id}{extra}")
+    else:
+        ra = f" Retry-After: {d.retry_after}" if d.retry_after is not None else ""
+        print(f"rejected {d.code} {d.reason} (limit {d.limit}: {d.count}/{d.max}){ra}")
+    return EXIT_OK if d.admitted else EXIT_REJECTED
+
+
+def _dialog_event(args: argparse.Namespace, fn: Callable[[Store, str], object]) -> int:
+    policy = _policy(args)
+    store = _store(args, policy)
+    did = dialog_id(args.call_id, args.from_tag)
+    result = fn(store, did)
+    ok = bool(result)
+    if args.json:
+        out: dict[str, Any] = {"dialog_id": did, "ok": ok}
+        if hasattr(result, "as_dict"):
+            out["record"] = result.as_dict()
+        _print_json(out)
+    else:
+        print(f"{args.command} {did}: {'ok' if ok else 'not a live dialog'}")
+    return EXIT_OK if ok else EXIT_REJECTED
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    policy = _policy(args)
+    return _dialog_event(args, lambda s, d: s.confirm(d, policy.timeouts.dialog_ms))
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    return _dialog_event(args, lambda s, d: s.release(d, args.reason))
+
+
+def _check_profile(policy: Policy, name: str) -> bool:
+    p = policy.profile(name)
+    if p is None:
+        known = ", ".join(x.name for x in policy.profiles)
+        raise CliError(f"unknown profile {name!r} (known: {known})")
+    return p.valued
+
+
+def cmd_profile_size(args: argparse.Namespace) -> int:
+    policy = _policy(args)
+    valued = _check_profile(policy, args.profile)
+    store = _store(args, policy)
+    if valued and args.value is None:
+        n = sum(store.profile_values(args.profile).values())
+    else:
+        n = store.profile_size(args.profile, args.value if valued else None)
+    if args.json:
+        _print_json({"profile": args.profile, "value": args.value, "size": n})
+    else:
+        print(n)
+    return EXIT_OK
+
+
+def cmd_profile_list(args: argparse.Namespace) -> int:
+    policy = _policy(args)
+    valued = _check_profile(policy, args.profile)
+    store = _store(args, policy)
+    if valued and args.value is None:
+        values = store.profile_values(args.profile)
+        if args.json:
+            _print_json({"profile": args.profile, "values": values})
+        else:
+            for v, n in sorted(values.items(), key=lambda kv: (-kv[1], kv[0])):
+                print(f"{v}\t{n}")
+        return EXIT_OK
+    dialogs = store.profile_list(args.profile, args.value if valued else None)
+    if args.json:
+        _print_json([_dialog_dict(d) for d in dialogs])
+    else:
+        for d in dialogs:
+            _print_dialog(d)
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    policy = _policy(args)
+    stats = _store(args, policy).stats()
+    if args.json:
+        _print_json(stats)
+    else:
+        for k, v in stats.items():
+            print(f"{k:<16} {v}")
+    return EXIT_OK
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    policy = _policy(args)
+    if not _check_profile(policy, args.profile):
+        raise CliError(f"profile {args.profile!r} has no value: live limits are per value "
+                       "(change its limit in the policy)")
+    store = _store(args, policy)
+    default = policy.limits.get(args.profile)
+    default_max = default.max if default else None
+    if args.action == "get":
+        if args.value is None:
+            table = store.limits(args.profile)
+            if args.json:
+                _print_json({"profile": args.profile, "default": default_max, "limits": table})
+            else:
+                print(f"default\t{default_max if default_max is not None else '-'}")
+                for v, n in sorted(table.items()):
+                    print(f"{v}\t{n}")
+            return EXIT_OK
+        live = store.limit_get(args.profile, args.value)
+        effective = live if live is not None else default_max
+        if args.json:
+            _print_json({"profile": args.profile, "value": args.value, "live": live,
+                         "default": default_max, "effective": effective})
+        else:
+            src = "live" if live is not None else "policy default"
+            print(f"{effective if effective is not None else 'unlimited'} ({src})")
+        return EXIT_OK
+    if args.value is None:
+        raise CliError(f"limits {args.action}: VALUE is required")
+    log = _audit_logger()
+    if args.action == "set":
+        if args.max is None or args.max < 0:
+            raise CliError("limits set: MAX (>= 0) is required")
+        old = store.limit_set(args.profile, args.value, args.max)
+        new: int | None = args.max
+    else:
+        old = store.limit_unset(args.profile, args.value)
+        new = None
+    log.info("live_limit_changed", namespace=policy.namespace, profile=args.profile,
+             value=args.value, old=old, new=new, policy_default=default_max,
+             user=os.environ.get("SUDO_USER") or os.environ.get("USER", ""))
+    if args.json:
+        _print_json({"profile": args.profile, "value": args.value, "old": old, "new": new,
+                     "default": default_max})
+    else:
+        print(f"{args.profile} {args.value}: {old if old is not None else '-'} -> "
+              f"{new if new is not None else f'policy default ({default_max})'}")
+    return EXIT_OK
+
+
+def _audit_logger() -> Any:
+    from policer.log import get_logger
+
+    return get_logger("policer.audit")
+
+
+def cmd_dialog(args: argparse.Namespace) -> int:
+    policy = _policy(args)
+    store = _store(args, policy)
+    did = args.id
+    if args.action == "show":
+        d = store.dialog(did)
+        if d is None:
+            if args.json:
+                _print_json(None)
+            else:
+                print(f"no dialog {did}", file=sys.stderr)
+            return EXIT_REJECTED
+        if args.json:
+            _print_json(_dialog_dict(d))
+        else:
+            _print_dialog(d)
+        return EXIT_OK
+    rec = store.release(did, "released_by_operator")
+    _audit_logger().info("dialog_ended_by_operator", dialog_id=did, found=rec is not None)
+    if args.json:
+        _print_json({"dialog_id": did, "ended": rec is not None,
+                     "record": rec.as_dict() if rec else None})
+    else:
+        print(f"{did}: {'ended' if rec else 'not a live dialog'}")
+    return EXIT_OK if rec else EXIT_REJECTED
+
+
+def cmd_cdr(args: argparse.Namespace) -> int:
+    import time
+
+    policy = _policy(args)
+    store = _store(args, policy)
+    records = store.call_records(count=1_000_000)
+    records = records[-args.count:] if args.count else records
+    last = records[-1].record_id if records else ""
+    while True:
+        for r in records:
+            if args.json:
+                _print_json(r.as_dict())
+            else:
+                d = r.as_dict()
+                print(f"{_ts(r.end_ms)} {r.reason:<9} billsec={d['BillSec']:<5} "
+                      f"{r.from_uri} -> {r.to_uri} call-id={r.call_id} node={r.node}")
+        sys.stdout.flush()
+        if not args.follow:
+            return EXIT_OK
+        time.sleep(args.interval)
+        records = store.call_records(count=10_000, after=last)
+        if records:
+            last = records[-1].record_id
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from policer.simulate import run
+
+    return run(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from policer import bench
+
+    return bench.run(args)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policer",
+        description="Call admission control for SIP proxies: dialog profiles shared in Redis.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="validate policy files")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check, log_level=None, log_format=None)
+
+    p = sub.add_parser("explain", help="what admit would decide now, changing nothing")
+    _call_options(p)
+    _common(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("admit", help="admit a call (exit 0 admitted, 1 rejected)")
+    _call_options(p)
+    _common(p)
+    p.set_defaults(func=cmd_admit)
+
+    p = sub.add_parser("confirm", help="mark a dialog answered")
+    _dialog_options(p)
+    _common(p)
+    p.set_defaults(func=cmd_confirm)
+
+    p = sub.add_parser("release", help="end a dialog (idempotent)")
+    _dialog_options(p)
+    p.add_argument("--reason", default="bye",
+                   choices=("bye", "cancel", "failed", "timeout", "released_by_operator"))
+    _common(p)
+    p.set_defaults(func=cmd_release)
+
+    p = sub.add_parser("profile", help="profile sizes and members (kamcmd dlg.profile_*)")
+    psub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, func, text in (("size", cmd_profile_size, "live dialogs in a profile"),
+                               ("list", cmd_profile_list, "the dialogs in a profile")):
+        q = psub.add_parser(action, help=text)
+        q.add_argument("profile", metavar="PROFILE")
+        q.add_argument("value", nargs="?", default=None, metavar="VALUE")
+        _common(q)
+        q.set_defaults(func=func)
+
+    p = sub.add_parser("stats", help="cluster-wide dialog statistics")
+    _common(p)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("limits", help="live per-value limits (override the policy default)")
+    p.add_argument("action", choices=("set", "get", "unset"))
+    p.add_argument("profile", metavar="PROFILE")
+    p.add_argument("value", nargs="?", default=None, metavar="VALUE")
+    p.add_argument("max", nargs="?", type=int, default=None, metavar="MAX")
+    _common(p)
+    p.set_defaults(func=cmd_limits)
+
+    p = sub.add_parser("dialog", help="show or end one dialog")
+    p.add_argument("action", choices=("show", "end"))
+    p.add_argument("id", metavar="DIALOG_ID")
+    _common(p)
+    p.set_defaults(func=cmd_dialog)
+
+    p = sub.add_parser("cdr", help="call-end records")
+    p.add_argument("action", choices=("tail",))
+    p.add_argument("-n", "--count", type=int, default=20, help="records to show (0: all)")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    _common(p)
+    p.set_defaults(func=cmd_cdr)
+
+    p = sub.add_parser("simulate", help="a live simulation: worker processes place calls "
+                                        "through a real Redis")
+    p.add_argument("--seconds", type=float, default=8.0, help="how long callers place calls")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--rate", type=float, default=30.0, help="calls per second per worker")
+    p.add_argument("--hold", type=float, default=1.5, help="mean call duration, seconds")
+    _common(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("bench", help="measure decisions/s and latency")
+    _bench_arguments(p)
+    p.set_defaults(func=cmd_bench, log_level=None, log_format=None)
+    return parser
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    try:
+        from policer import bench
+    except ImportError:  # pragma: no cover - bench is part of the package
+        return
+    bench.add_arguments(p)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure(getattr(args, "log_level", None), getattr(args, "log_format", None))
+    try:
+        status: int = args.func(args)
+        return status
+    except PolicyError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return EXIT_USAGE
+    except StoreError as e:
+        print(f"policer: store error at {redact(_url(args))}: {redact(str(e))}", file=sys.stderr)
+        return EXIT_STORE
+    except CliError as e:
+        print(f"policer: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
