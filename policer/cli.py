@@ -423,6 +423,29 @@ def cmd_cdr(args: argparse.Namespace) -> int:
             last = records[-1].record_id
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    from policer.exporter import parse_values, serve
+
+    try:
+        listed = parse_values(args.values)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    engine = _engine(args)
+    try:
+        serve(engine, args.listen, top=args.top, listed=listed)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    except OSError as e:
+        raise CliError(f"--listen {args.listen}: {e.strerror or e}") from None
+    return EXIT_OK
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from policer.top import run_top
+
+    return run_top(_engine(args), once=args.once, interval=args.interval, top=args.top)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from policer.simulate import run
 
@@ -507,6 +530,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     _common(p)
     p.set_defaults(func=cmd_cdr)
+
+    p = sub.add_parser("exporter", help="serve Prometheus metrics (cluster-wide, from the store)")
+    p.add_argument("--listen", default="127.0.0.1:9477", metavar="HOST:PORT")
+    p.add_argument("--top", type=int, default=10,
+                   help="series for the N busiest values of each valued profile")
+    p.add_argument("--values", action="append", default=[], metavar="PROFILE=V1,V2",
+                   help="values that always get a series (repeatable)")
+    _common(p)
+    p.set_defaults(func=cmd_exporter)
+
+    p = sub.add_parser("top", help="live table of profiles, like top")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    p.add_argument("--top", type=int, default=3, help="busiest values shown per valued profile")
+    _common(p)
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("simulate", help="a live simulation: worker processes place calls "
                                         "through a real Redis")

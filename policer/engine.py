@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from policer.call import Call
 from policer.classify import Classification, Classifier
@@ -23,7 +23,7 @@ from policer.policy import Policy, Reject, load_policy
 from policer.store import Store, StoreError, open_store
 from policer.store.base import AdmitRequest, CallRecord, DialogInfo
 
-__all__ = ["Decision", "Engine", "Explanation", "LimitView"]
+__all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "LimitView"]
 
 _OK = Reject(code=200, reason="OK", retry_after=None)
 
@@ -112,6 +112,14 @@ class Explanation:
         }
 
 
+class EngineMetrics(Protocol):
+    """What the engine reports to (``policer.metrics.WorkerMetrics`` implements it)."""
+
+    def decision(self, d: Decision, seconds: float) -> None: ...
+
+    def store_error(self, op: str) -> None: ...
+
+
 @dataclass(slots=True)
 class _Current:
     """The policy in force and what is derived from it (swapped whole on reload)."""
@@ -127,12 +135,12 @@ class Engine:
     """
 
     def __init__(self, policy: Policy, store: Store, *, node: str | None = None,
-                 on_decision: Callable[[Decision, float], None] | None = None) -> None:
+                 metrics: EngineMetrics | None = None) -> None:
         self._current = _Current(policy, Classifier(policy))
         self.store = store
         self.node = node or os.environ.get("POLICER_NODE") or socket.gethostname()
         self.log = get_logger("policer.engine").bind(node=self.node)
-        self._on_decision = on_decision
+        self.metrics = metrics
 
     # -- construction
     @classmethod
@@ -142,7 +150,9 @@ class Engine:
         policy = load_policy(path)
         url = redis_url or os.environ.get("POLICER_REDIS_URL") or "redis://127.0.0.1:6379/0"
         store = open_store(url, policy.namespace, timeout_ms=policy.store_timeout_ms)
-        return cls(policy, store)
+        from policer.metrics import worker_metrics
+
+        return cls(policy, store, metrics=worker_metrics())
 
     @property
     def policy(self) -> Policy:
@@ -224,6 +234,8 @@ class Engine:
             memberships=tuple(m.label() for m in c.members) if c else (),
             error=error,
         )
+        if self.metrics is not None:
+            self.metrics.store_error("admit")
         self.log.error("store_error", call_id=call.call_id, dialog_id=d.dialog_id, error=error,
                        admitted=admit, on_store_error=policy.on_store_error, emergency=emergency)
         self._decided(call, d, t0)
@@ -237,8 +249,8 @@ class Engine:
                           max=d.max, bypass=d.bypass, shadow=d.shadow, fallback=d.fallback,
                           number_class=d.number_class, memberships=list(d.memberships),
                           latency_us=round(elapsed * 1e6))
-        if self._on_decision is not None:
-            self._on_decision(d, elapsed)
+        if self.metrics is not None:
+            self.metrics.decision(d, elapsed)
 
     # -- dialog events
     def confirm(self, dialog_id: str) -> bool:
@@ -256,7 +268,7 @@ class Engine:
         try:
             rec = self.store.release(dialog_id, reason)
         except StoreError as e:
-            self.log.error("store_error", op="release", dialog_id=dialog_id, error=str(e))
+            self._store_error("release", dialog_id, e)
             return None
         if rec is not None:
             self.log.info("call_end", **rec.as_dict())
@@ -270,15 +282,20 @@ class Engine:
         try:
             return self.store.get_var(dialog_id, name)
         except StoreError as e:
-            self.log.error("store_error", op="get_var", dialog_id=dialog_id, error=str(e))
+            self._store_error("get_var", dialog_id, e)
             return None
 
     def _event(self, op: str, dialog_id: str, fn: Callable[[], bool]) -> bool:
         try:
             return fn()
         except StoreError as e:
-            self.log.error("store_error", op=op, dialog_id=dialog_id, error=str(e))
+            self._store_error(op, dialog_id, e)
             return False
+
+    def _store_error(self, op: str, dialog_id: str, e: StoreError) -> None:
+        if self.metrics is not None:
+            self.metrics.store_error(op)
+        self.log.error("store_error", op=op, dialog_id=dialog_id, error=str(e))
 
     # -- inspection (may raise StoreError: these are for operators, not proxies)
     def explain(self, call: Call) -> Explanation:

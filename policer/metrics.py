@@ -1,0 +1,211 @@
+"""Prometheus metrics.
+
+Two kinds:
+
+- **Worker metrics** (:class:`WorkerMetrics`), kept inside each process that
+  decides calls (every Kamailio worker): decision latency, store errors,
+  fallback decisions, policy reloads, the pending-operation queue. Kamailio
+  runs many worker processes, so these use prometheus-client's multiprocess
+  mode: set ``PROMETHEUS_MULTIPROC_DIR`` to a directory shared by the workers
+  and the exporter (``deploy/kamailio/run`` does) *before* the process starts.
+- **Cluster metrics** (:class:`ClusterCollector`), read from the store at
+  scrape time, so one exporter serves the state of every proxy: profile
+  counts, limits, utilisation, dialogs by state, decisions and ended dialogs
+  counted inside the admission scripts.
+
+Label cardinality is bounded: valued profiles get a series per value only for
+the ``top`` busiest values and for values an operator lists.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from policer.log import get_logger
+from policer.snapshot import take_snapshot
+from policer.store import StoreError
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from policer.engine import Decision, Engine
+
+__all__ = [
+    "DECISION_RESULTS",
+    "ClusterCollector",
+    "WorkerMetrics",
+    "worker_metrics",
+    "worker_registry",
+]
+
+#: Values of the ``result`` label of ``policer_decisions_total``.
+DECISION_RESULTS = ("admitted", "rejected", "bypassed", "shadow_rejected", "store_error")
+#: Values of the ``reason`` label of ``policer_dialogs_ended_total``.
+END_REASONS = ("bye", "cancel", "failed", "timeout", "expired", "released_by_operator",
+               "node_lost", "reconciled")
+
+_LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                    0.1, 0.25, 1.0)
+
+
+class WorkerMetrics:
+    """Metrics a deciding process keeps (multiprocess-safe)."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        r = registry
+        self.decision_seconds = Histogram(
+            "policer_decision_seconds", "Time to decide one INVITE, store round trip included.",
+            ["result"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.store_errors = Counter(
+            "policer_store_errors", "Store calls that failed or passed their bound.", ["op"],
+            registry=r)
+        self.fallback = Counter(
+            "policer_fallback_decisions", "Decisions taken by on_store_error.", ["admitted"],
+            registry=r)
+        self.reloads = Counter(
+            "policer_policy_reloads", "Policy reloads by outcome.", ["result"], registry=r)
+        self.pending = Gauge(
+            "policer_pending_operations", "Store operations queued while the store is down.",
+            multiprocess_mode="livesum", registry=r)
+        self.pending_dropped = Counter(
+            "policer_pending_dropped", "Queued operations dropped because the queue was full.",
+            registry=r)
+        self.breaker_open = Gauge(
+            "policer_circuit_open", "1 while the circuit breaker short-cuts to the fallback.",
+            multiprocess_mode="livemax", registry=r)
+
+    def decision(self, d: Decision, seconds: float) -> None:
+        if d.fallback:
+            result = "store_error"
+            self.fallback.labels("true" if d.admitted else "false").inc()
+        elif not d.admitted:
+            result = "rejected"
+        elif d.bypass:
+            result = "bypassed"
+        elif d.shadow:
+            result = "shadow_rejected"
+        else:
+            result = "admitted"
+        self.decision_seconds.labels(result).observe(seconds)
+
+    def store_error(self, op: str) -> None:
+        self.store_errors.labels(op).inc()
+
+
+_worker: WorkerMetrics | None = None
+
+
+def worker_metrics() -> WorkerMetrics:
+    """This process's worker metrics (created once, in the default registry)."""
+    global _worker
+    if _worker is None:
+        _worker = WorkerMetrics()
+    return _worker
+
+
+def worker_registry() -> CollectorRegistry:
+    """A registry that reads every worker's metrics from ``PROMETHEUS_MULTIPROC_DIR``."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
+class ClusterCollector(Collector):
+    """Cluster-wide state read from the store at every scrape."""
+
+    def __init__(self, engine: Engine, top: int = 10,
+                 listed: Mapping[str, Iterable[str]] | None = None) -> None:
+        self.engine = engine
+        self.top = top
+        self.listed = {k: list(v) for k, v in (listed or {}).items()}
+        self.log = get_logger("policer.exporter")
+        self._near: set[tuple[str, str]] = set()
+
+    def collect(self) -> Iterator[Metric]:
+        policy = self.engine.policy
+        up = GaugeMetricFamily("policer_store_up", "1 when the store answered this scrape.")
+        t0 = time.perf_counter()
+        try:
+            snap = take_snapshot(policy, self.engine.store, self.top, self.listed)
+        except StoreError as e:
+            self.log.error("scrape_failed", error=str(e))
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        labels = ["profile", "value"]
+        dialogs = GaugeMetricFamily("policer_profile_dialogs",
+                                    "Live dialogs per profile (valued: per listed/top value, "
+                                    "value=\"\" is the sum over all values).", labels=labels)
+        limit = GaugeMetricFamily("policer_profile_limit",
+                                  "The max of a profile (valued: of that value, live limits "
+                                  "applied).", labels=labels)
+        util = GaugeMetricFamily("policer_profile_utilization",
+                                 "Live dialogs / limit.", labels=labels)
+        near = GaugeMetricFamily("policer_profile_near_limit",
+                                 f"1 when utilisation >= near_limit ({policy.near_limit_ratio}).",
+                                 labels=labels)
+        for row in (*snap.rows, *snap.values):
+            key = [row.profile, row.value or ""]
+            dialogs.add_metric(key, row.count)
+            u = row.utilization
+            if row.limit is None or u is None:
+                continue
+            limit.add_metric(key, row.limit)
+            util.add_metric(key, u)
+            is_near = u >= policy.near_limit_ratio
+            near.add_metric(key, 1 if is_near else 0)
+            tag = (row.profile, row.value or "")
+            if is_near and tag not in self._near:
+                self._near.add(tag)
+                self.log.warning("near_limit", profile=row.profile, value=row.value,
+                                 count=row.count, limit=row.limit, utilization=round(u, 3))
+            elif not is_near and tag in self._near:
+                self._near.discard(tag)
+                self.log.info("below_near_limit", profile=row.profile, value=row.value,
+                              count=row.count, limit=row.limit)
+        yield from (dialogs, limit, util, near)
+
+        states = GaugeMetricFamily("policer_dialogs", "Live dialogs by state.", labels=["state"])
+        states.add_metric(["early"], snap.stats.get("early", 0))
+        states.add_metric(["confirmed"], snap.stats.get("confirmed", 0))
+        yield states
+
+        decisions = CounterMetricFamily("policer_decisions", "Admission decisions, counted inside "
+                                        "the admission scripts (cluster-wide).",
+                                        labels=["result", "profile"])
+        seen = set()
+        for (result, profile), n in sorted(snap.decisions.items()):
+            decisions.add_metric([result, profile], n)
+            seen.add((result, profile))
+        for p in policy.profiles:
+            for result in DECISION_RESULTS:
+                if (result, p.name) not in seen:
+                    decisions.add_metric([result, p.name], 0)
+        yield decisions
+
+        ended = CounterMetricFamily("policer_dialogs_ended", "Dialogs ended, by reason.",
+                                    labels=["reason"])
+        for reason in sorted(set(END_REASONS) | set(snap.ended)):
+            ended.add_metric([reason], snap.ended.get(reason, 0))
+        yield ended
+
+        for name in ("processed", "rejected", "failed", "expired"):
+            c = CounterMetricFamily(f"policer_dialogs_{name}", f"Dialogs {name} (kamcmd "
+                                    f"{name}_dialogs).")
+            c.add_metric([], snap.stats.get(name, 0))
+            yield c
+        took = GaugeMetricFamily("policer_scrape_seconds", "Time to read the store.")
+        took.add_metric([], time.perf_counter() - t0)
+        yield took

@@ -1,0 +1,90 @@
+"""``policer top``: like ``top``, for call limits. A table of profiles (count,
+limit, utilisation bar, admitted and rejected per second) refreshed every
+second; plain text, fine over SSH. ``--once`` prints one frame.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from datetime import UTC, datetime
+from typing import TextIO
+
+from policer.engine import Engine
+from policer.snapshot import ProfileRow, Snapshot, take_snapshot
+
+__all__ = ["render", "run_top"]
+
+
+def _bar(u: float | None, width: int) -> str:
+    if u is None:
+        return " " * (width + 2)
+    filled = min(width, round(u * width))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _rate(now: Snapshot, before: Snapshot | None, result: str, profile: str,
+          seconds: float) -> str:
+    if before is None or seconds <= 0:
+        return "-"
+    delta = now.decided(result, profile) - before.decided(result, profile)
+    if result == "admitted":
+        delta += now.decided("bypassed", profile) - before.decided("bypassed", profile)
+    return f"{delta / seconds:.1f}"
+
+
+def render(engine: Engine, now: Snapshot, before: Snapshot | None = None,
+           seconds: float = 0.0, width: int = 100) -> str:
+    """One frame as text."""
+    policy = engine.policy
+    s = now.stats
+    stamp = datetime.now(UTC).strftime("%H:%M:%S")
+    lines = [
+        f"policer top - {stamp}  namespace {policy.namespace}  policy {policy.source}",
+        f"dialogs: {s.get('active', 0)} active ({s.get('early', 0)} early, "
+        f"{s.get('confirmed', 0)} confirmed)  processed {s.get('processed', 0)}  "
+        f"rejected {s.get('rejected', 0)}  failed {s.get('failed', 0)}  "
+        f"expired {s.get('expired', 0)}",
+        "",
+    ]
+    bar_w = max(10, min(30, width - 70))
+    lines.append(f"{'PROFILE':<24}{'COUNT':>7}{'LIMIT':>7}  {'UTIL':<{bar_w + 2}}{'%':>5}"
+                 f"{'ADM/s':>8}{'REJ/s':>8}")
+
+    def row_line(r: ProfileRow, name: str) -> str:
+        u = r.utilization
+        pct = f"{u * 100:.0f}" if u is not None else "-"
+        lim = str(r.limit) if r.limit is not None else "-"
+        adm = _rate(now, before, "admitted", r.profile, seconds) if r.value is None else ""
+        rej = _rate(now, before, "rejected", r.profile, seconds) if r.value is None else ""
+        flag = " shadow" if r.shadow and r.limit is not None else ""
+        return (f"{name[:24]:<24}{r.count:>7}{lim:>7}  {_bar(u, bar_w)}{pct:>5}"
+                f"{adm:>8}{rej:>8}{flag}")
+
+    by_profile: dict[str, list[ProfileRow]] = {}
+    for v in now.values:
+        by_profile.setdefault(v.profile, []).append(v)
+    for r in now.rows:
+        lines.append(row_line(r, r.profile))
+        for v in by_profile.get(r.profile, []):
+            lines.append(row_line(v, f"  {r.profile}={v.value}"))
+    return "\n".join(lines)
+
+
+def run_top(engine: Engine, once: bool = False, interval: float = 1.0, top: int = 5,
+            out: TextIO = sys.stdout) -> int:
+    before = take_snapshot(engine.policy, engine.store, top)
+    t_before = time.monotonic()
+    clear = out.isatty() and not once
+    while True:
+        time.sleep(interval)
+        now = take_snapshot(engine.policy, engine.store, top)
+        t_now = time.monotonic()
+        width = shutil.get_terminal_size((100, 24)).columns
+        frame = render(engine, now, before, t_now - t_before, width)
+        out.write(("\x1b[H\x1b[2J" if clear else "") + frame + "\n")
+        out.flush()
+        if once:
+            return 0
+        before, t_before = now, t_now
