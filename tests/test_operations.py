@@ -157,7 +157,8 @@ def test_dashboard_queries_name_metrics_the_exporter_serves(
 def test_near_limit_shows_in_a_metric_and_logs_once(
         tmp_path: Path, redis_url: str, namespace: str) -> None:
     policy = policy_copy(tmp_path, namespace, replace={
-        "total: {max: 100, reserve_for_emergency: 10}": "total: {max: 10, reserve_for_emergency: 1}"})
+        "total: {max: 100, reserve_for_emergency: 10}":
+            "total: {max: 10, reserve_for_emergency: 1}"})
     env = {"POLICER_REDIS_URL": redis_url, "POLICER_POLICY": str(policy)}
     for i in range(8):
         run_cli("admit", "--from", f"u{i}", "--to", "5551234", env=env, check=True)
@@ -252,11 +253,11 @@ def test_rejection_log_line_names_call_and_limit(tmp_path: Path, redis_url: str,
                                                  namespace: str) -> None:
     env = {"POLICER_REDIS_URL": redis_url,
            "POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
-    for i in range(3):
+    for _i in range(3):
         run_cli("admit", "--from", "frank", "--to", "5551234", env=env, check=True)
     proc = run_cli("admit", "--from", "frank", "--to", "5551234", "--call-id", "rej-1", env=env)
     assert proc.returncode == 1
-    ev = [e for e in log_events(proc.stderr) if e.get("event") == "decision"][0]
+    ev = next(e for e in log_events(proc.stderr) if e.get("event") == "decision")
     assert (ev["call_id"], ev["admitted"], ev["limit"], ev["count"], ev["max"]) == (
         "rej-1", False, "user", 3, 3)
     assert ev["dialog_id"].startswith("rej-1;") and ev["level"] == "info"
