@@ -46,7 +46,7 @@ def text(value: object, limit: int = MAX_VALUE) -> str:
     if isinstance(value, bytes | bytearray):
         s = bytes(value[: limit * 4]).decode("utf-8", "surrogateescape")
     elif isinstance(value, str):
-        s = value
+        s = value if value.isascii() else _wellformed(value[:limit])
     else:
         try:
             s = str(value)
@@ -55,17 +55,38 @@ def text(value: object, limit: int = MAX_VALUE) -> str:
     return s[:limit]
 
 
+def _utf8(value: str) -> bytes:
+    """The bytes of a str, surrogate escapes back to their bytes; never raises."""
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no byte string decodes to
+        return value.encode("utf-8", "surrogatepass")
+
+
+def _wellformed(value: str) -> str:
+    """A str whose every character encodes (lone surrogates become surrogate escapes
+    of their bytes), so that nothing downstream raises on it."""
+    try:
+        value.encode("utf-8", "surrogateescape")
+        return value
+    except UnicodeEncodeError:
+        return _utf8(value).decode("utf-8", "surrogateescape")
+
+
 def key_part(value: str) -> str:
     """Encode an untrusted value for use inside a Redis key or member.
 
-    Percent-encoding leaves only ``[A-Za-z0-9_.~-]`` and ``%``: no braces (hash
+    Percent-encoding leaves only ``[A-Za-z0-9_.-]`` and ``%``: no braces (hash
     tags), no ``:`` (our separator), no white space. Long values keep a prefix
-    and end in a SHA-256 digest of the whole value, so they stay distinct.
+    and end in ``~`` and a SHA-256 digest of the whole value, so they stay
+    distinct; ``~`` itself is encoded, so no short value can spell a long one's
+    key.
     """
-    encoded = quote(value.encode("utf-8", "surrogateescape"), safe="")
+    raw = _utf8(value)
+    encoded = quote(raw, safe="").replace("~", "%7E")
     if len(encoded) <= MAX_KEY_PART:
         return encoded
-    digest = hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
+    digest = hashlib.sha256(raw).hexdigest()
     return f"{encoded[:64]}~{digest}"
 
 

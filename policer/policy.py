@@ -169,7 +169,10 @@ def load_policy(path: str | Path) -> Policy:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PolicyError([f"{p}:1:1: (file): not UTF-8 (byte {e.start})"]) from None
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise PolicyError([f"{p}:{line}:{col}: (file): not UTF-8 text "
+                           f"(byte 0x{raw[e.start]:02x})"]) from None
     return parse_policy(text, str(p))
 
 
@@ -181,7 +184,12 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise PolicyError([f"{source}:{line}:{col}: (syntax): {e.problem or e}"]) from None
+        message = e.problem or str(e)
+        cm = e.context_mark
+        if e.context and cm is not None and (cm.line, cm.column) != (mark.line, mark.column):
+            # where the unfinished construct began: usually where the mistake is
+            message += f" ({e.context} at line {cm.line + 1}, column {cm.column + 1})"
+        raise PolicyError([f"{source}:{line}:{col}: (syntax): {message}"]) from None
     except yaml.YAMLError as e:
         raise PolicyError([f"{source}:1:1: (syntax): {e}"]) from None
     if root is None:
@@ -206,6 +214,7 @@ class _Validator:
         self.errors: list[tuple[int, int, str]] = []
         self._constructor = yaml.SafeLoader("")
         self.profile_names: set[str] = set()
+        self.reserve_nodes: dict[str, Node] = {}
 
     # -- reporting
     def error(self, node: Node, path: str, message: str) -> None:
@@ -339,6 +348,9 @@ class _Validator:
             code = self.integer(m["code"], f"{path}.code", 300, 699) or code
             if "reason" not in m:
                 reason = _REASONS.get(code, reason)
+            # another code is another answer: the default's Retry-After (meant for a 503
+            # overload) is not carried over to, say, a 403 or a 486
+            retry_after = None
         if "reason" in m:
             r = self.string(m["reason"], f"{path}.reason", re.compile(r"^[^\r\n\x00]{1,128}$"),
                             "a reason phrase is one line of 1 to 128 characters")
@@ -396,7 +408,7 @@ class _Validator:
             emergency_class = "emergency"
         for name, lim in limits.items():
             if lim.reserve_for_emergency and emergency_class is None:
-                node = top["limits"]
+                node = self.reserve_nodes.get(name, top["limits"])
                 self.error(node, f"limits.{name}.reserve_for_emergency",
                            "needs an emergency class (emergency.class)")
 
@@ -565,7 +577,11 @@ class _Validator:
                         continue
                 else:
                     known = list(attributes) + list(ATTRIBUTE_SOURCES)
-                    self.unknown_ref(vnode, f"{path}.value", "attribute", raw, known)
+                    near = difflib.get_close_matches(raw, known, n=1)
+                    hint = (f" (did you mean '{near[0]}'?)" if near else
+                            f"; use one of {', '.join(known)}, or header:<Name> "
+                            "(define others under call.attributes)")
+                    self.error(vnode, f"{path}.value", f"unknown attribute {raw!r}{hint}")
                     continue
             when: frozenset[str] | None = None
             if "when" in p:
@@ -611,6 +627,7 @@ class _Validator:
             if "reserve_for_emergency" in lm:
                 r = self.integer(lm["reserve_for_emergency"], f"{path}.reserve_for_emergency", 0,
                                  10_000_000)
+                self.reserve_nodes[name] = lm["reserve_for_emergency"]
                 if r is not None and mx is not None and r > mx:
                     self.error(lm["reserve_for_emergency"], f"{path}.reserve_for_emergency",
                                f"cannot exceed max ({mx})")
@@ -656,6 +673,8 @@ def _kind(node: Node) -> str:
 
 
 def _fmt_ms(ms: int) -> str:
+    if ms == 0:
+        return "0ms"
     for unit in ("d", "h", "m", "s"):
         if ms % _UNIT_MS[unit] == 0:
             return f"{ms // _UNIT_MS[unit]}{unit}"

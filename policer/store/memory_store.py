@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from policer.call import key_part
+from policer.call import _utf8, key_part
 from policer.store.base import (
     STATS_FIELDS,
     AdmitRequest,
@@ -28,6 +28,11 @@ __all__ = ["MemoryStore"]
 _GRACE_MS = 60_000
 _DECIDED_MS = 32_000
 _SWEEP_BATCH = 100
+
+
+def _clean(value: str) -> str:
+    """As the Redis store keeps strings: valid UTF-8, bytes that were not replaced."""
+    return _utf8(value).decode("utf-8", "replace")
 
 
 @dataclass(slots=True)
@@ -147,7 +152,8 @@ class MemoryStore:
             self._early[did] = deadline
             self._dialogs[did] = _Dialog(
                 result, "early", now, deadline=deadline, expires=deadline + _GRACE_MS,
-                keys=tuple(keys), labels=tuple(labels), info=dict(request.info),
+                keys=tuple(keys), labels=tuple(labels),
+                info={k: _clean(v) for k, v in request.info.items()},
             )
             self._incr("processed")
             if bypass:
@@ -160,8 +166,8 @@ class MemoryStore:
         with self._lock:
             now = self.now_ms()
             d = self._record(did, now)
-            if d is None or d.state not in ("early", "confirmed"):
-                return False
+            if d is None or d.state not in ("early", "confirmed") or d.deadline <= now:
+                return False  # past its deadline: gone for good (its slot may be taken)
             deadline = now + timeout_ms
             for key in d.keys:
                 self._profiles.setdefault(key, {})[did] = deadline
@@ -223,13 +229,13 @@ class MemoryStore:
             d = self._record(dialog_id, self.now_ms())
             if d is None or d.state not in ("early", "confirmed"):
                 return False
-            d.variables[name] = value
+            d.variables[_clean(name)] = _clean(value)
             return True
 
     def get_var(self, dialog_id: str, name: str) -> str | None:
         with self._lock:
             d = self._record(dialog_id, self.now_ms())
-            return None if d is None else d.variables.get(name)
+            return None if d is None else d.variables.get(_clean(name))
 
     # -- inspection
     def _info(self, did: str, d: _Dialog) -> DialogInfo:

@@ -20,12 +20,17 @@ local did = ARGV[1]
 local dkey = KEYS[1]
 
 -- The same dialog again (retransmission, INVITE re-sent with credentials): same answer.
-local prev = redis.call('HGET', dkey, 'decision')
-if prev then
-  local r = {}
-  for v in string.gmatch(prev, '[^,]+') do r[#r + 1] = tonumber(v) end
-  r[6] = 1
-  return r
+-- 'expires' is when the record ends in script time (the key's TTL in real time): they
+-- differ only when a test moves the clock with ARGV[5].
+local prev = redis.call('HMGET', dkey, 'decision', 'expires')
+if prev[1] then
+  if not prev[2] or tonumber(prev[2]) > now then  -- (no field: written by an older policer)
+    local r = {}
+    for v in string.gmatch(prev[1], '[^,]+') do r[#r + 1] = tonumber(v) end
+    r[6] = 1
+    return r
+  end
+  redis.call('DEL', dkey)
 end
 
 local batch = tonumber(ARGV[6])
@@ -87,7 +92,8 @@ local info_at = base + n * 6 + 1
 
 if admitted == 0 then
   -- remember the rejection for the life of an INVITE transaction (64*T1)
-  redis.call('HSET', dkey, 'decision', decision, 'state', 'rejected', 'init_ms', now)
+  redis.call('HSET', dkey, 'decision', decision, 'state', 'rejected', 'init_ms', now,
+             'expires', now + 32000)
   redis.call('PEXPIRE', dkey, 32000)
   redis.call('HINCRBY', KEYS[2], 'rejected', 1)
   redis.call('HINCRBY', KEYS[5], 'rejected|' .. ARGV[base + (tripped - 1) * 6 + 1], 1)
@@ -111,6 +117,7 @@ end
 redis.call('ZADD', KEYS[3], deadline, did)
 
 local fields = {'decision', decision, 'state', 'early', 'init_ms', now, 'deadline', deadline,
+                'expires', deadline + 60000,
                 'keys', table.concat(keys, '\n'), 'profiles', table.concat(labels, '\n')}
 for j = info_at, #ARGV, 2 do
   fields[#fields + 1] = 'i:' .. ARGV[j]

@@ -3,19 +3,22 @@
 -- KEYS[1] dialog hash   KEYS[2] early zset   KEYS[3] confirmed zset
 -- ARGV[1] dialog id  ARGV[2] 'confirm' | 'refresh'  ARGV[3] timeout ms
 -- ARGV[4] clock offset ms
--- Returns 1 when the dialog is live, 0 when it is unknown, ended or rejected.
+-- Returns 1 when the dialog is live, 0 when it is unknown, ended, rejected or past its
+-- deadline.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[4])
 local dkey = KEYS[1]
-local state = redis.call('HGET', dkey, 'state')
+local h = redis.call('HMGET', dkey, 'state', 'deadline')
+local state = h[1]
 if state ~= 'early' and state ~= 'confirmed' then return 0 end
+-- past its deadline the dialog stopped counting and its slot may be taken: never revive it
+if tonumber(h[2] or 0) <= now then return 0 end
 
 local timeout = tonumber(ARGV[3])
 local deadline = now + timeout
 local keys = redis.call('HGET', dkey, 'keys') or ''
 for zkey in string.gmatch(keys, '[^\n]+') do
-  -- re-added even when the early deadline had passed: the call is live again
   redis.call('ZADD', zkey, deadline, ARGV[1])
   if redis.call('PTTL', zkey) < timeout + 60000 then
     redis.call('PEXPIRE', zkey, timeout + 60000)
@@ -33,5 +36,6 @@ else
     redis.call('ZADD', KEYS[3], deadline, ARGV[1])
   end
 end
+redis.call('HSET', dkey, 'expires', deadline + 60000)
 redis.call('PEXPIRE', dkey, timeout + 60000)
 return 1

@@ -1,0 +1,186 @@
+"""The engine as a proxy uses it: one call is one call even when its INVITE
+comes twice, what each dialog records, and answers that keep coming when the
+store fails or forgets its scripts."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from conftest import STORE_TIMEOUT_MS, EngineFactory, call, policy_text
+
+from policer.engine import Engine
+from policer.redis_server import RedisServer, free_port
+from policer.store import RedisStore, Store
+
+POLICY = """
+version: 1
+namespace: eng
+call:
+  attributes:
+    account: header:X-Account
+classes:
+  emergency: {numbers: ["112"]}
+  international: {prefixes: ["00"]}
+  local: {default: true}
+profiles:
+  total: {}
+  international: {when: {class: international}}
+  user: {value: from_user}
+  account: {value: account}
+limits:
+  total: {max: 2}
+  international: {max: 1, reject: {code: 403, reason: "International Limit"}}
+reject: {code: 503, reason: "Call Limit Reached", retry_after: 30}
+on_store_error: %s
+"""
+
+
+def test_an_invite_resent_with_credentials_is_one_call(
+        engine_for: EngineFactory, store: Store) -> None:
+    e = engine_for(POLICY % "admit")
+    first = call("5551234", "alice", call_id="auth@x", from_tag="ft1")
+    d1 = e.admit(first)
+    d2 = e.admit(call("5551234", "alice", call_id="auth@x", from_tag="ft1"))  # after a 407
+    assert d1.admitted and not d1.duplicate
+    assert d2.admitted and d2.duplicate and d2.dialog_id == d1.dialog_id
+    assert store.profile_size("total") == 1
+    assert store.stats()["processed"] == 1
+    # another From-tag is another dialog (a forked or new call)
+    assert not e.admit(call("5551234", "alice", call_id="auth@x", from_tag="ft2")).duplicate
+    assert store.profile_size("total") == 2
+
+
+def test_a_rejected_invite_resent_stays_rejected(engine_for: EngineFactory) -> None:
+    e = engine_for(POLICY % "admit")
+    assert e.admit(call("0049301", "a")).admitted
+    d = e.admit(call("0049302", "b", call_id="intl2@x"))
+    assert (d.admitted, d.code, d.reason, d.retry_after) == (False, 403, "International Limit",
+                                                             None)
+    again = e.admit(call("0049302", "b", call_id="intl2@x"))
+    assert (again.admitted, again.code, again.duplicate, again.limit) == (
+        False, 403, True, "international")
+
+
+def test_a_dialog_records_the_call_and_the_node(engine_for: EngineFactory) -> None:
+    e = engine_for(POLICY % "admit")
+    c = call("0049301", "alice", call_id="rec@x", headers={"X-Account": "acme"},
+             source_ip="192.0.2.7")
+    d = e.admit(c)
+    assert d.memberships == ("total", "international", "user=alice", "account=acme")
+    assert d.number_class == "international"
+    info = e.dialog(d.dialog_id)
+    assert info is not None and info.state == "early"
+    assert info.info["node"] == "test-node"
+    assert info.info["call_id"] == "rec@x"
+    assert info.info["from"] == "alice@example.net"
+    assert info.info["to"] == "0049301"
+    assert info.info["class"] == "international"
+    assert info.info["source_ip"] == "192.0.2.7"
+    assert e.set_var(d.dialog_id, "billing", "gold")
+    assert e.confirm(d.dialog_id)
+    assert e.refresh(d.dialog_id, 60)
+    rec = e.release(d.dialog_id, "bye")
+    assert rec is not None and rec.node == "test-node" and rec.variables == {"billing": "gold"}
+    assert rec.as_dict()["Profiles"] == ["total", "international", "user=alice",
+                                         "account=acme"]
+    assert e.release(d.dialog_id, "bye") is None
+
+
+def test_the_node_defaults_to_policer_node(monkeypatch: pytest.MonkeyPatch,
+                                           store: Store) -> None:
+    monkeypatch.setenv("POLICER_NODE", "proxy-7")
+    e = Engine(policy_text(POLICY % "admit", store.namespace), store)
+    d = e.admit(call("5551234"))
+    info = e.dialog(d.dialog_id)
+    assert info is not None and info.info["node"] == "proxy-7"
+
+
+def test_explain_changes_nothing_and_predicts_admit(engine_for: EngineFactory,
+                                                    store: Store) -> None:
+    e = engine_for(POLICY % "admit")
+    assert e.admit(call("5551234", "a")).admitted
+    before = store.stats()
+    x = e.explain(call("0049301", "b", call_id="x@x"))
+    assert store.stats() == before
+    assert [(v.profile, v.count, v.max) for v in x.limits] == [
+        ("total", 1, 2), ("international", 0, 1), ("user", 0, -1)]
+    assert x.decision.admitted
+    assert e.admit(call("5551234", "c")).admitted
+    x = e.explain(call("5551234", "d", call_id="y@x"))
+    assert not x.decision.admitted and x.decision.limit == "total"
+    assert not e.admit(call("5551234", "d", call_id="y@x")).admitted
+
+
+def test_reload_applies_a_new_limit_on_the_next_invite(engine_for: EngineFactory) -> None:
+    e = engine_for(POLICY % "admit")
+    for i in range(2):
+        assert e.admit(call("5551234", f"u{i}")).admitted
+    assert not e.admit(call("5551234", "late")).admitted
+    e.reload(policy_text((POLICY % "admit").replace("total: {max: 2}", "total: {max: 3}"),
+                         e.store.namespace))
+    assert e.admit(call("5551234", "later")).admitted
+    with pytest.raises(ValueError, match="namespace"):
+        e.reload(policy_text(POLICY % "admit", "another"))
+
+
+# ----------------------------------------------------------------------------- store failures
+
+
+@pytest.fixture
+def dead_store() -> RedisStore:
+    """A Redis store whose server is not there (nothing listens on the port)."""
+    return RedisStore(f"redis://127.0.0.1:{free_port()}/0", "dead", timeout_ms=200)
+
+
+@pytest.mark.parametrize("mode", ["admit", "reject"])
+def test_a_store_failure_is_answered_by_on_store_error(dead_store: RedisStore,
+                                                       mode: str) -> None:
+    e = Engine(policy_text(POLICY % mode, "dead"), dead_store, node="n")
+    d = e.admit(call("5551234", "alice"))
+    assert d.fallback and d.error
+    if mode == "admit":
+        assert (d.admitted, d.code) == (True, 200)
+    else:
+        assert (d.admitted, d.code, d.reason, d.retry_after) == (
+            False, 503, "Call Limit Reached", 30)
+    sos = e.admit(call("112", "alice"))
+    assert sos.admitted and sos.fallback  # emergency calls are always admitted
+    # dialog events never raise at the proxy either
+    assert e.confirm(d.dialog_id) is False
+    assert e.refresh(d.dialog_id) is False
+    assert e.set_var(d.dialog_id, "x", "1") is False
+    assert e.get_var(d.dialog_id, "x") is None
+    assert e.release(d.dialog_id) is None
+
+
+def test_scripts_flushed_from_redis_are_loaded_again(redis_store: RedisStore,
+                                                     redis_url: str) -> None:
+    store = redis_store
+    e = Engine(policy_text(POLICY % "reject", store.namespace), store, node="n")
+    d = e.admit(call("5551234", "a"))
+    assert d.admitted
+    client = redis.Redis.from_url(redis_url)
+    client.script_flush()
+    client.close()
+    d2 = e.admit(call("5551234", "b"))
+    assert d2.admitted and not d2.fallback
+    assert e.confirm(d2.dialog_id) and e.release(d.dialog_id) is not None
+    d3 = e.admit(call("5551234", "c"))
+    assert d3.admitted and not d3.fallback
+    assert store.profile_size("total") == 2
+
+
+def test_a_restarted_redis_is_used_again() -> None:
+    with RedisServer() as server:
+        store = RedisStore(server.url, "restart", timeout_ms=STORE_TIMEOUT_MS)
+        e = Engine(policy_text(POLICY % "reject", "restart"), store, node="n")
+        assert not e.admit(call("5551234", "a")).fallback
+        server.restart()  # empty, scripts gone, connections broken
+        decisions = [e.admit(call("5551234", f"u{i}")) for i in range(3)]
+        # at most the first one may fail over (its connection was cut); then normal again
+        assert all(not d.fallback for d in decisions[1:])
+        assert decisions[-1].admitted is (sum(d.admitted and not d.fallback
+                                              for d in decisions) <= 2)
+        assert store.profile_size("total") == sum(d.admitted and not d.fallback
+                                                  for d in decisions)
+        store.close()
