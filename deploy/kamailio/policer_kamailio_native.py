@@ -1,0 +1,41 @@
+"""app_python3 script for the native flavour (deploy/kamailio/policer.cfg).
+
+Loaded with ``modparam("app_python3", "load", ".../policer_kamailio_native.py")``.
+app_python3 imports this file as a module named after it (so it must not be
+called like a package it imports) before Kamailio forks, calls ``mod_init()``
+once and then the methods of the object it returns for every
+``python_exec("method"[, "arg"])``.
+
+Debian's app_python3 embeds /usr/bin/python3: policer and its dependencies come
+from POLICER_PYTHON_PATH (``:``-separated, set by deploy/kamailio/run), else
+from the repository this file sits in and its ``.venv``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import site
+import sys
+
+
+def _add_paths() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(here))
+    paths = [p for p in os.environ.get("POLICER_PYTHON_PATH", "").split(":") if p]
+    if not paths:
+        paths = [repo, *glob.glob(os.path.join(repo, ".venv", "lib", "python3*", "site-packages"))]
+    for path in paths:
+        if path.endswith("site-packages"):
+            site.addsitedir(path)
+        elif path not in sys.path:
+            sys.path.insert(0, path)
+
+
+_add_paths()
+
+from policer.adapters.kamailio import NativeHandler  # noqa: E402
+
+
+def mod_init() -> NativeHandler:
+    return NativeHandler()

@@ -1,0 +1,182 @@
+"""KEMI routing script for policer (kemi.cfg: ``cfgengine "python"``).
+
+The same stateful proxy as kamailio.cfg + policer.cfg, routed in Python:
+
+* initial INVITE: policer admits (relay to POLICER_SIP_UPSTREAM with dialog
+  tracking) or rejects (reply with the decision's code, reason, Retry-After);
+* in-dialog requests follow the Record-Route set;
+* 401/407 from the upstream: answered once with uac_auth() when
+  POLICER_UPSTREAM_AUTH_USER is set (same dialog, counted once);
+* dialog events (``event_callback``) confirm and release.
+
+app_python3 imports this file as a module named after it (do not name it like a
+package it imports), calls ``mod_init()`` once before Kamailio forks, then the
+``ksr_*`` methods of the object it returned. Every callback KEMI may call is
+defined here: a missing one breaks later calls. An exception never escapes a
+callback: it is logged with the Call-ID and the request is still answered.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import site
+import sys
+import traceback
+
+
+def _add_paths() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(os.path.dirname(here))
+    paths = [p for p in os.environ.get("POLICER_PYTHON_PATH", "").split(":") if p]
+    if not paths:
+        paths = [repo, *glob.glob(os.path.join(repo, ".venv", "lib", "python3*", "site-packages"))]
+    for path in paths:
+        if path.endswith("site-packages"):
+            site.addsitedir(path)
+        elif path not in sys.path:
+            sys.path.insert(0, path)
+
+
+_add_paths()
+
+import KSR  # type: ignore[import-not-found]  # noqa: E402  (provided by app_python3)
+
+from policer.adapters import kamailio as policer_kamailio  # noqa: E402
+
+OK = 1
+
+
+class PolicerKemi:
+    def __init__(self) -> None:
+        self.upstream = os.environ.get("POLICER_SIP_UPSTREAM", "sip:127.0.0.1:5070")
+        self.auth_user = os.environ.get("POLICER_UPSTREAM_AUTH_USER", "")
+        self.auth_password = os.environ.get("POLICER_UPSTREAM_AUTH_PASSWORD", "")
+        self.auth_realm = os.environ.get("POLICER_UPSTREAM_AUTH_REALM", "")
+
+    def child_init(self, rank: int) -> int:
+        return 0
+
+    # ------------------------------------------------------------------ requests
+
+    def ksr_request_route(self, msg: object) -> int:
+        try:
+            self.route_request()
+        except Exception:
+            self.on_exception("request_route")
+            if not KSR.is_ACK():
+                try:
+                    KSR.sl.send_reply(500, "Server Error")
+                except Exception:
+                    self.on_exception("request_route reply")
+        return OK
+
+    def route_request(self) -> None:
+        if KSR.maxfwd.process_maxfwd(10) < 0:
+            KSR.sl.send_reply(483, "Too Many Hops")
+            return
+        if KSR.sanity.sanity_check(17895, 7) < 0:
+            KSR.warn(f"malformed SIP request from {KSR.pv.get('$si')}\n")
+            return
+
+        if KSR.is_CANCEL():
+            if KSR.tm.t_check_trans() > 0:
+                self.relay()
+            return
+
+        # retransmissions of requests being processed
+        if not KSR.is_ACK():
+            if KSR.tmx.t_precheck_trans() > 0:
+                KSR.tm.t_check_trans()
+                return
+            if KSR.tm.t_check_trans() == 0:
+                return
+
+        if KSR.siputils.has_totag() > 0:
+            self.route_within_dialog()
+            return
+
+        # initial requests
+        KSR.hdr.remove("Route")
+        if KSR.is_method_in("IS"):  # INVITE, SUBSCRIBE
+            KSR.rr.record_route()
+
+        if KSR.is_INVITE():
+            verdict = policer_kamailio.admit_current()
+            if not verdict.admitted:
+                policer_kamailio.reject_current(verdict)
+                return
+            KSR.dialog.dlg_manage()
+
+        KSR.setdsturi(self.upstream)
+        self.relay()
+
+    def route_within_dialog(self) -> None:
+        if KSR.rr.loose_route() > 0:
+            self.relay()
+            return
+        if KSR.is_ACK():
+            if KSR.tm.t_check_trans() > 0:
+                KSR.tm.t_relay()
+            return
+        KSR.sl.send_reply(404, "Not here")
+
+    def relay(self) -> None:
+        initial_invite = KSR.is_INVITE() and KSR.siputils.has_totag() < 0
+        if initial_invite:
+            KSR.tm.t_on_failure("ksr_failure_upstream")
+        if KSR.tm.t_relay() < 0:
+            if initial_invite:
+                policer_kamailio.release_current("failed")
+            KSR.sl.sl_reply_error()
+
+    # ------------------------------------------------------------------ tm
+
+    def ksr_failure_upstream(self, msg: object) -> int:
+        try:
+            if KSR.tm.t_is_canceled() > 0:
+                return OK
+            if self.auth_user and KSR.tm.t_check_status("401|407") > 0:
+                # Trunk authentication: answer the upstream's challenge once. Same
+                # Call-ID and From-tag, CSeq + 1: still one dialog, one admission.
+                KSR.pv.sets("$avp(policer_auth_user)", self.auth_user)
+                KSR.pv.sets("$avp(policer_auth_password)", self.auth_password)
+                KSR.pv.sets("$avp(policer_auth_realm)", self.auth_realm)
+                if KSR.uac.uac_auth() > 0:
+                    KSR.tm.t_relay()
+        except Exception:
+            self.on_exception("failure_route")
+        return OK
+
+    def ksr_reply_route(self, msg: object) -> int:
+        return OK
+
+    def ksr_onsend_route(self, msg: object) -> int:
+        return OK
+
+    def ksr_branch_route(self, msg: object) -> int:
+        return OK
+
+    def ksr_onreply_route(self, msg: object) -> int:
+        return OK
+
+    # ------------------------------------------------------------------ dialog
+
+    def ksr_dialog_event(self, msg: object, event: str = "") -> int:
+        return policer_kamailio.dialog_event(event)
+
+    # ------------------------------------------------------------------ helpers
+
+    def on_exception(self, where: str) -> None:
+        try:
+            call_id = KSR.pv.get("$ci")
+        except Exception:
+            call_id = None
+        detail = " | ".join(traceback.format_exc().strip().splitlines()[-3:])
+        policer_kamailio.log(
+            "err", f"policer kemi: {where} failed for Call-ID {call_id!r}: {detail}"
+        )
+
+
+def mod_init() -> PolicerKemi:
+    return PolicerKemi()

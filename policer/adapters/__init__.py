@@ -1,0 +1,1 @@
+"""Adapters: the ways SIP proxies and tools talk to the engine."""
