@@ -1,17 +1,20 @@
 """The Redis store: dialog profiles shared by every proxy worker.
 
 Each operation is one Lua script (``policer/store/lua/*.lua``) run with
-``EVALSHA``; redis-py's :class:`~redis.commands.core.Script` reloads a script
-transparently when Redis answers ``NOSCRIPT`` (restart, failover). Connections
-are opened lazily and per process id, so a store created before a fork (as in
+``EVALSHA`` on a connection of the store's own (see :meth:`RedisStore._eval`);
+a ``NOSCRIPT`` answer (restart, failover) loads the script again, transparently.
+Connections are opened lazily and per process id, so a store created before a fork (as in
 Kamailio, which imports the script before forking its workers) never shares a
 socket between processes. Every Redis failure becomes a :class:`StoreError`.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
+import threading
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
@@ -19,6 +22,7 @@ from urllib.parse import unquote
 
 import redis
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from policer.call import key_part
 from policer.store.base import (
@@ -27,26 +31,66 @@ from policer.store.base import (
     AdmitResult,
     CallRecord,
     DialogInfo,
+    Member,
     StoreError,
 )
+from policer.store.connect import connect
 from policer.store.keys import Keys
 
 __all__ = ["RedisStore", "load_lua"]
 
+
+def _hiredis_packer() -> Any:
+    try:
+        from hiredis import pack_command
+    except ImportError:  # pragma: no cover - hiredis is a dependency
+        return None
+    return pack_command
+
+
+_hiredis_pack: Any = _hiredis_packer()
+
 #: Expired members removed per key by one admit (bounds the script's run time).
 SWEEP_BATCH = 100
+#: Memberships whose admit.lua arguments are remembered (per store; then start over).
+MEMBER_CACHE = 4096
 #: Call-end records kept in the stream (approximately; ``XADD MAXLEN ~``).
 CDR_MAXLEN = 100_000
 
 
+def _pack(conn: Any, command: tuple[Any, ...]) -> Any:
+    """A command in RESP, ready for ``send_packed_command``."""
+    if _hiredis_pack is not None:
+        return [_hiredis_pack(command)]
+    return conn.pack_command(*command)  # pragma: no cover
+
+
+#: SHA1 of each script's text (what Redis names it by), computed once.
+_SHAS: dict[str, str] = {}
+
+
+#: Scripts that use the shared functions of ``lua/lib.lua`` (put in front of them).
+_USES_LIB = frozenset({"admit", "release", "renew", "extend"})
+
+
+@functools.cache
 def load_lua(name: str) -> str:
-    """The text of one of policer's Lua scripts."""
-    return (resources.files("policer.store") / "lua" / f"{name}.lua").read_text()
+    """The text of one of policer's Lua scripts, as sent to Redis."""
+    lua = resources.files("policer.store") / "lua"
+    text = (lua / f"{name}.lua").read_text()
+    return (lua / "lib.lua").read_text() + text if name in _USES_LIB else text
 
 
 def _clean(value: str) -> str:
     """Any str (including surrogate escapes from non-UTF-8 bytes) as valid UTF-8 text."""
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class _ScriptConnection(threading.local):
+    """Per thread: the connection ``_eval`` uses and the process that opened it."""
+
+    conn: Any = None
+    pid: int = -1
 
 
 class RedisStore:
@@ -78,6 +122,10 @@ class RedisStore:
         self._pid = -1
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
+        self._local = _ScriptConnection()
+        self._member_args: dict[Member, tuple[tuple[str, str], tuple[Any, ...]]] = {}
+        # a Cluster client routes scripts itself (MOVED, ASK): _eval uses redis-py's Script
+        self._cluster = url.split(":", 1)[0].lower() == "redis+cluster"
         prefix = self.keys.prefix
         self._p_dialog = prefix + "d:"
         self._p_profile = prefix + "p:"
@@ -98,15 +146,10 @@ class RedisStore:
     def _connect(self) -> redis.Redis:
         if self._factory is not None:
             return self._factory()
-        timeout = self.timeout_ms / 1000
-        return redis.Redis.from_url(
-            self.url,
-            socket_timeout=timeout,
-            socket_connect_timeout=max(timeout, 0.05),
-            decode_responses=True,
-            health_check_interval=0,
-            retry_on_timeout=False,
-        )
+        try:  # every URL form of policer.store.connect; a Cluster client connects at once
+            return connect(self.url, self.timeout_ms / 1000)
+        except (redis.RedisError, OSError) as e:
+            raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
 
     def script(self, name: str) -> Script:
         s = self._scripts.get(name)
@@ -122,9 +165,52 @@ class RedisStore:
             raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
 
     def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        script = self.script(name)
-        client = self.client
-        return self._run(lambda: script(keys=keys, args=args, client=client))
+        """Run one of policer's scripts: ``EVALSHA`` on this thread's own connection.
+
+        The hot path skips redis-py's pool and command machinery (taking a pooled
+        connection polls the socket, and command packing checks every argument):
+        that is more than a third of a call's client CPU. One connection per
+        process and thread; a ``NOSCRIPT`` answer loads the script and runs it
+        again. A connection that broke while idle (Redis restarted, failed over)
+        is reopened and the script sent once more: every script is idempotent
+        (a dialog id gets the same decision again), and a timeout is never
+        retried, so the policy's ``store_timeout`` still bounds the call.
+        """
+        if self._cluster:  # redis-py's Script: routed to the slot's node, NOSCRIPT reloads
+            script, client = self.script(name), self.client
+            return self._run(lambda: script(keys=keys, args=args, client=client))
+        local = self._local
+        conn = local.conn if local.pid == self._pid_now() else self._new_connection()
+        sha = _SHAS.get(name)
+        if sha is None:
+            sha = _SHAS[name] = hashlib.sha1(load_lua(name).encode()).hexdigest()
+        packed = _pack(conn, ("EVALSHA", sha, len(keys), *keys, *args))
+        try:
+            try:
+                reused = conn._sock is not None
+                conn.send_packed_command(packed, check_health=False)
+                return conn.read_response()
+            except NoScriptError:
+                conn.send_packed_command(_pack(conn, ("SCRIPT", "LOAD", load_lua(name))),
+                                         check_health=False)
+                conn.read_response()
+            except redis.ConnectionError:
+                if not reused:
+                    raise
+                conn.disconnect()
+            conn.send_packed_command(packed, check_health=False)
+            return conn.read_response()
+        except (redis.RedisError, OSError) as e:
+            raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
+
+    _pid_now = staticmethod(os.getpid)
+
+    def _new_connection(self) -> Any:
+        """This process's and thread's connection for scripts (opened on first use)."""
+        conn = self.client.connection_pool.make_connection()
+        self._local.conn = conn
+        self._local.pid = os.getpid()
+        return conn
 
     # -- admission
     def admit_arguments(self, request: AdmitRequest) -> tuple[list[str], list[Any]]:
@@ -134,31 +220,38 @@ class RedisStore:
         args: list[Any] = [
             did,
             request.early_ms,
-            0,
+            2 if request.emergency_bypass else 1 if request.emergency else 0,
             len(request.members),
             self.clock_offset_ms,
             SWEEP_BATCH,
         ]
-        bypass = request.emergency_bypass
-        pp, pl = self._p_profile, self._p_limits
+        cache = self._member_args
         for m in request.members:
-            if m.value is None:
-                keys.append(pp + m.profile)
-                keys.append(pl + m.profile)
-                args += (m.profile, m.profile, "", m.max, m.reserve, 1 if m.shadow else 0)
-            else:
-                enc = key_part(m.value)
-                keys.append(f"{pp}{m.profile}:{enc}")
-                keys.append(pl + m.profile)
-                args += (m.profile, f"{m.profile}={enc}", enc, m.max, m.reserve,
-                         1 if m.shadow else 0)
+            known = cache.get(m)
+            if known is None:
+                known = self._member_arguments(m)
+            keys += known[0]
+            args += known[1]
         for k, v in request.info.items():
-            args += (k, _clean(v))
-        if bypass:
-            args[2] = 2
-        elif request.emergency:
-            args[2] = 1
+            args.append(k)
+            args.append(v if v.isascii() else _clean(v))  # ASCII needs no cleaning
         return keys, args
+
+    def _member_arguments(self, m: Member) -> tuple[tuple[str, str], tuple[Any, ...]]:
+        """One membership's KEYS and ARGV (remembered: members repeat call after call)."""
+        pp, pl = self._p_profile, self._p_limits
+        shadow = 1 if m.shadow else 0
+        if m.value is None:
+            known = ((pp + m.profile, pl + m.profile),
+                     (m.profile, m.profile, "", m.max, m.reserve, shadow))
+        else:
+            enc = key_part(m.value)
+            known = ((f"{pp}{m.profile}:{enc}", pl + m.profile),
+                     (m.profile, f"{m.profile}={enc}", enc, m.max, m.reserve, shadow))
+        if len(self._member_args) >= MEMBER_CACHE:
+            self._member_args.clear()
+        self._member_args[m] = known
+        return known
 
     def admit(self, request: AdmitRequest) -> AdmitResult:
         keys, args = self.admit_arguments(request)
@@ -185,10 +278,9 @@ class RedisStore:
         return bool(r == 1)
 
     def release(self, dialog_id: str, reason: str) -> CallRecord | None:
-        keys = [self._p_dialog + dialog_id, self.keys.stats, self.keys.early,
-                self.keys.confirmed, self.keys.cdr]
-        r = self._eval("release", keys, [dialog_id, reason, self.clock_offset_ms,
-                                         self.cdr_maxlen])
+        r = self._eval("release", [self._p_dialog + dialog_id],
+                       [dialog_id, reason, self.clock_offset_ms, self.cdr_maxlen,
+                        self.keys.prefix])
         if not r:
             return None
         fields = dict(zip(r[1::2], r[2::2], strict=False))
@@ -329,6 +421,10 @@ class RedisStore:
             return False
 
     def close(self) -> None:
+        if self._local.conn is not None:
+            if self._local.pid == os.getpid():
+                self._local.conn.disconnect()
+            self._local.conn = None
         if self._client is not None:
             self._client.close()
             self._client = None

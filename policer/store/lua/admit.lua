@@ -14,8 +14,7 @@
 -- Returns {admitted, tripped, count, max, bypass, duplicate, shadow}; indexes are 1-based
 -- (0 = none).
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[5])
+local now = now_ms(ARGV[5])
 local did = ARGV[1]
 local dkey = KEYS[1]
 

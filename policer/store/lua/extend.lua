@@ -6,8 +6,7 @@
 -- Returns 1 when the dialog is live, 0 when it is unknown, ended, rejected or past its
 -- deadline.
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[4])
+local now = now_ms(ARGV[4])
 local dkey = KEYS[1]
 local h = redis.call('HMGET', dkey, 'state', 'deadline')
 local state = h[1]
@@ -17,8 +16,10 @@ if tonumber(h[2] or 0) <= now then return 0 end
 
 local timeout = tonumber(ARGV[3])
 local deadline = now + timeout
-local keys = redis.call('HGET', dkey, 'keys') or ''
-for zkey in string.gmatch(keys, '[^\n]+') do
+local more = redis.call('HMGET', dkey, 'keys', 'nkey')
+local zkeys = more[1] or ''
+if more[2] then zkeys = zkeys .. '\n' .. more[2] end  -- the node's set of its dialogs
+for zkey in string.gmatch(zkeys, '[^\n]+') do
   redis.call('ZADD', zkey, deadline, ARGV[1])
   if redis.call('PTTL', zkey) < timeout + 60000 then
     redis.call('PEXPIRE', zkey, timeout + 60000)
