@@ -1,7 +1,9 @@
 """Stores of dialog profiles: Redis (shared by every proxy) and in-process.
 
 :func:`open_store` picks one from a URL: ``redis://``, ``rediss://``,
-``unix://`` (Redis) or ``memory://`` (this process only).
+``unix://``, ``redis+sentinel://``, ``redis+cluster://`` (Redis, see
+:mod:`policer.store.connect` and ``docs/redis.md``) or ``memory://`` (this
+process only).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from policer.store.base import (
     Store,
     StoreError,
 )
+from policer.store.connect import SCHEMES, parse_store_url
 from policer.store.memory_store import MemoryStore
 from policer.store.redis_store import RedisStore
 
@@ -33,9 +36,17 @@ __all__ = [
 
 
 def open_store(url: str, namespace: str, timeout_ms: int = 50) -> Store:
-    """The store a URL names. Connections are opened lazily, per process."""
+    """The store a URL names. Connections are opened lazily, per process.
+
+    A malformed URL raises ValueError (its password redacted); a Redis that
+    cannot be reached shows later, as StoreError from the store's calls.
+    """
     if url.startswith("memory:"):
         return MemoryStore(namespace)
-    if url.split(":", 1)[0] in ("redis", "rediss", "unix"):
+    scheme = url.split(":", 1)[0].lower()
+    if scheme in ("redis+sentinel", "redis+cluster"):
+        parse_store_url(url)  # fail now on a malformed URL, not at the first call
+    if scheme in SCHEMES:
         return RedisStore(url, namespace, timeout_ms)
-    raise ValueError("unsupported store URL scheme (use redis://, rediss://, unix:// or memory://)")
+    raise ValueError("unsupported store URL scheme (use redis://, rediss://, unix://, "
+                     "redis+sentinel://, redis+cluster:// or memory://)")
