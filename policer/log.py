@@ -22,17 +22,21 @@ __all__ = ["configure", "get_logger", "redact"]
 
 _configured = False
 _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://)([^@/\s:]*:)?[^@/\s]*@", re.I)
+# a password in a URL's query: ?sentinel_password=secret, &password=secret
+_QUERY_PASSWORD = re.compile(r"([?&][a-z0-9_]*password=)[^&#\s]*", re.I)
 
 
 def redact(value: str) -> str:
-    """``redis://user:secret@host`` -> ``redis://user:***@host``."""
-    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}***@", value)
+    """``redis://user:secret@host`` -> ``redis://user:***@host``; also
+    ``?sentinel_password=secret`` -> ``?sentinel_password=***``."""
+    value = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}***@", value)
+    return _QUERY_PASSWORD.sub(r"\1***", value)
 
 
 def _redact_processor(_: Any, __: str, event: MutableMapping[str, Any]
                       ) -> MutableMapping[str, Any]:
     for k, v in event.items():
-        if isinstance(v, str) and "@" in v and "://" in v:
+        if isinstance(v, str) and "://" in v:
             event[k] = redact(v)
     return event
 
