@@ -23,6 +23,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 __all__ = [
     "ATTRIBUTE_SOURCES",
     "Limit",
+    "Nodes",
     "NumberClass",
     "Policy",
     "PolicyError",
@@ -102,6 +103,15 @@ class Limit:
 
 
 @dataclass(frozen=True, slots=True)
+class Nodes:
+    """Per-node leases: a proxy that stops renewing loses its dialogs' counts."""
+
+    lease_ms: int = 30_000
+    renew_ms: int = 5_000
+    on_node_loss: Literal["release", "keep"] = "release"
+
+
+@dataclass(frozen=True, slots=True)
 class Timeouts:
     early_ms: int = 120_000
     dialog_ms: int = 43_200_000
@@ -133,6 +143,8 @@ class Policy:
     store_timeout_ms: int = 50
     shadow: bool = False
     near_limit_ratio: float = 0.8
+    nodes: Nodes = field(default_factory=lambda: Nodes())
+    pending_queue: int = 10_000
     source: str = "<string>"
     version: int = 1
 
@@ -186,7 +198,8 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         message = e.problem or str(e)
         cm = e.context_mark
-        if e.context and cm is not None and (cm.line, cm.column) != (mark.line, mark.column):
+        if (e.context and cm is not None and mark is not None
+                and (cm.line, cm.column) != (mark.line, mark.column)):
             # where the unfinished construct began: usually where the mistake is
             message += f" ({e.context} at line {cm.line + 1}, column {cm.column + 1})"
         raise PolicyError([f"{source}:{line}:{col}: (syntax): {message}"]) from None
@@ -202,7 +215,8 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 
 _TOP_KEYS = (
     "version", "namespace", "call", "classes", "profiles", "limits", "emergency",
-    "timeouts", "reject", "on_store_error", "store_timeout", "shadow", "near_limit",
+    "timeouts", "reject", "on_store_error", "store_timeout", "shadow", "near_limit", "nodes",
+    "pending_queue",
 )
 
 
@@ -372,7 +386,8 @@ class _Validator:
             if required not in top:
                 self.error(root, required, "required key is missing")
         if "version" in top:
-            version = self.scalar(top["version"]) if isinstance(top["version"], ScalarNode) else None
+            vnode = top["version"]
+            version = self.scalar(vnode) if isinstance(vnode, ScalarNode) else None
             if version != 1 or isinstance(version, bool):
                 self.error(top["version"], "version",
                            f"unsupported policy version {top['version'].value!r}; this policer "
@@ -437,11 +452,34 @@ class _Validator:
             shadow = bool(self.boolean(top["shadow"], "shadow"))
         near = 0.8
         if "near_limit" in top:
-            n = self.scalar(top["near_limit"]) if isinstance(top["near_limit"], ScalarNode) else None
+            nnode = top["near_limit"]
+            n = self.scalar(nnode) if isinstance(nnode, ScalarNode) else None
             if isinstance(n, int | float) and not isinstance(n, bool) and 0 < n <= 1:
                 near = float(n)
             else:
                 self.error(top["near_limit"], "near_limit", "expected a ratio above 0 and up to 1")
+
+        nodes = Nodes()
+        if "nodes" in top:
+            m = self.mapping(top["nodes"], "nodes", ("lease", "renew", "on_node_loss")) or {}
+            lease, renew = nodes.lease_ms, nodes.renew_ms
+            if "lease" in m:
+                lease = self.duration_ms(m["lease"], "nodes.lease", 1000, 86_400_000) or lease
+            if "renew" in m:
+                renew = self.duration_ms(m["renew"], "nodes.renew", 100, 3_600_000) or renew
+            loss: Literal["release", "keep"] = nodes.on_node_loss
+            if "on_node_loss" in m:
+                c = self.choice(m["on_node_loss"], "nodes.on_node_loss", ("release", "keep"))
+                loss = "keep" if c == "keep" else "release"
+            if renew * 2 > lease:
+                self.error(m.get("renew", top["nodes"]), "nodes.renew",
+                           f"renew ({_fmt_ms(renew)}) must be at most half the lease "
+                           f"({_fmt_ms(lease)}), or one late renewal loses every call")
+            nodes = Nodes(lease_ms=lease, renew_ms=renew, on_node_loss=loss)
+        pending = 10_000
+        if "pending_queue" in top:
+            pq = self.integer(top["pending_queue"], "pending_queue", 0, 10_000_000)
+            pending = pq if pq is not None else pending
 
         if self.errors:
             return None
@@ -460,6 +498,8 @@ class _Validator:
             store_timeout_ms=store_timeout_ms,
             shadow=shadow,
             near_limit_ratio=near,
+            nodes=nodes,
+            pending_queue=pending,
             source=self.source,
         )
 
@@ -530,7 +570,8 @@ class _Validator:
             numbers = self.number_list(c["numbers"], f"{path}.numbers") if "numbers" in c else []
             prefixes = (self.number_list(c["prefixes"], f"{path}.prefixes")
                         if "prefixes" in c else [])
-            default = bool(self.boolean(c["default"], f"{path}.default")) if "default" in c else False
+            default = ("default" in c
+                       and bool(self.boolean(c["default"], f"{path}.default")))
             for kind, items, seen, key in (("number", numbers, seen_numbers, "numbers"),
                                            ("prefix", prefixes, seen_prefixes, "prefixes")):
                 for i, item in enumerate(items):

@@ -26,8 +26,10 @@ __all__ = [
     "StoreError",
 ]
 
-#: Why a dialog ended (``release(reason=…)``; ``expired`` is the store's own).
-END_REASONS = ("bye", "cancel", "failed", "timeout", "expired", "released_by_operator")
+#: Why a dialog ended (``release(reason=…)``; ``expired``, ``node_lost`` and
+#: ``node_restarted`` are the store's own).
+END_REASONS = ("bye", "cancel", "failed", "timeout", "expired", "released_by_operator",
+               "node_lost", "node_restarted", "reconciled")
 
 #: Keys of :meth:`Store.stats`.
 STATS_FIELDS = ("active", "early", "confirmed", "processed", "expired", "failed", "rejected",
@@ -63,6 +65,15 @@ class AdmitRequest:
     early_ms: int
     emergency: bool = False  # may use the slots reserved for emergency calls
     emergency_bypass: bool = False  # admitted over every limit (still counted)
+    #: the node (proxy) admitting the call; its dialogs end when its lease lapses
+    node: str = ""
+    #: renew the node's lease by this much with the admit (0: the node holds no lease)
+    lease_ms: int = 0
+    #: end (a bounded number of) the dialogs of nodes whose lease lapsed, first
+    sweep_nodes: bool = False
+    #: record a call the fallback admitted while the store was down: join every profile
+    #: without checking limits (counted as ``store_error`` decisions)
+    record: bool = False
     #: Strings recorded with the dialog (call_id, from, to, class, node, …).
     info: Mapping[str, str] = field(default_factory=dict)
 
@@ -85,7 +96,7 @@ class DialogInfo:
     """One dialog as the store keeps it (``policer profile list``, ``dialog show``)."""
 
     dialog_id: str
-    state: str  # early | confirmed | ended | rejected
+    state: str  # early | confirmed | ended (rejected dialogs are not shown)
     init_ms: int
     start_ms: int  # 0 until confirmed
     end_ms: int  # 0 until ended
@@ -193,6 +204,19 @@ class Store(Protocol):
 
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
         """Call-end records, oldest first, after record id ``after``."""
+
+    def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
+              ) -> tuple[int, int]:
+        """Renew a node's lease (register it) and, with ``sweep``, end a bounded number
+        of dialogs of nodes whose lease lapsed. ``start``: the node starts afresh, so
+        a bounded number of its own earlier dialogs end (reason ``node_restarted``).
+        Returns (dialogs of lost nodes ended, own earlier dialogs still to end)."""
+
+    def nodes(self) -> dict[str, int]:
+        """Registered nodes and the end of their lease (ms, the store's clock)."""
+
+    def node_dialogs(self, node: str) -> list[str]:
+        """Dialog ids a node admitted that are still recorded."""
 
     def ping(self) -> bool: ...
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from policer.call import _utf8, key_part
 from policer.store.base import (
@@ -46,6 +47,7 @@ class _Dialog:
     end_ms: int = 0
     end_reason: str = ""
     keys: tuple[tuple[str, str], ...] = ()  # (profile, encoded value or "")
+    node: str = ""  # encoded node name, "" when the admitting node holds no lease
     labels: tuple[str, ...] = ()
     info: dict[str, str] = field(default_factory=dict)
     variables: dict[str, str] = field(default_factory=dict)
@@ -68,6 +70,9 @@ class MemoryStore:
         self._limits: dict[str, dict[str, int]] = {}
         self._cdr: deque[CallRecord] = deque(maxlen=cdr_maxlen)
         self._seq = itertools.count(1)
+        self._nodes: dict[str, int] = {}  # encoded node -> end of its lease
+        self._node_dialogs: dict[str, dict[str, int]] = {}  # node -> dialog id -> deadline
+        self._admits = 0
 
     def now_ms(self) -> int:
         return int(time.time() * 1000) + self.clock_offset_ms
@@ -94,15 +99,55 @@ class MemoryStore:
     def _live(zset: dict[str, int], now: int) -> int:
         return sum(1 for d in zset.values() if d > now)
 
+    def _prune(self, now: int) -> None:
+        """Forget records and members past their time (the Redis store's key TTLs)."""
+        for did in [did for did, d in self._dialogs.items() if d.expires <= now]:
+            del self._dialogs[did]
+        tables: tuple[dict[Any, dict[str, int]], ...] = (self._profiles, self._node_dialogs)
+        for table in tables:
+            for key in list(table):
+                zset = table[key]
+                for did in [did for did, deadline in zset.items() if deadline <= now]:
+                    del zset[did]
+                if not zset:
+                    del table[key]
+
+    def _sweep_lost_nodes(self, now: int, batch: int) -> int:
+        done = 0
+        for node in [n for n, until in sorted(self._nodes.items(), key=lambda kv: kv[1])
+                     if until <= now][:4]:
+            if done >= batch:
+                break
+            mine = self._node_dialogs.get(node, {})
+            for did in sorted(mine, key=lambda x: (mine[x], x))[:batch - done]:
+                d = self._record(did, now)
+                if d is not None and self._end(did, d, "node_lost", now) is not None:
+                    done += 1
+                else:
+                    mine.pop(did, None)
+            if not mine:
+                self._node_dialogs.pop(node, None)
+                del self._nodes[node]
+                self._incr("nodes_lost")
+        return done
+
     # -- admission
     def admit(self, request: AdmitRequest) -> AdmitResult:
         with self._lock:
             now = self.now_ms()
             did = request.dialog_id
+            self._admits += 1
+            if self._admits % 1000 == 0:
+                self._prune(now)
             prev = self._record(did, now)
             if prev is not None:
                 p = prev.decision
                 return AdmitResult(p.admitted, p.tripped, p.count, p.max, p.bypass, True, p.shadow)
+            node = key_part(request.node) if request.node else ""
+            if node and request.lease_ms > 0:
+                self._nodes[node] = now + request.lease_ms
+            if request.sweep_nodes:
+                self._sweep_lost_nodes(now, _SWEEP_BATCH)
             self._sweep(self._early, now)
             self._sweep(self._confirmed, now)
             emergency = request.emergency or request.emergency_bypass
@@ -117,7 +162,7 @@ class MemoryStore:
                     live_limit = self._limits.get(m.profile, {}).get(enc)
                     if live_limit is not None:
                         mx = live_limit
-                if mx < 0:
+                if mx < 0 or request.record:
                     continue
                 count = self._live(zset, now)
                 effective = mx if emergency else mx - m.reserve
@@ -147,15 +192,20 @@ class MemoryStore:
             for i, (m, key) in enumerate(zip(request.members, keys, strict=True)):
                 self._profiles.setdefault(key, {})[did] = deadline
                 labels.append(m.profile if m.value is None else f"{m.profile}={key[1]}")
-                res = "bypassed" if i == tripped else "shadow_rejected" if i == shadow else "admitted"
+                res = ("store_error" if request.record else "bypassed" if i == tripped
+                       else "shadow_rejected" if i == shadow else "admitted")
                 self._decisions[(res, m.profile)] = self._decisions.get((res, m.profile), 0) + 1
             self._early[did] = deadline
+            if node:
+                self._node_dialogs.setdefault(node, {})[did] = deadline
             self._dialogs[did] = _Dialog(
                 result, "early", now, deadline=deadline, expires=deadline + _GRACE_MS,
-                keys=tuple(keys), labels=tuple(labels),
+                keys=tuple(keys), labels=tuple(labels), node=node,
                 info={k: _clean(v) for k, v in request.info.items()},
             )
             self._incr("processed")
+            if request.record:
+                self._incr("recorded")
             if bypass:
                 self._incr("bypassed")
             if shadow >= 0:
@@ -171,6 +221,8 @@ class MemoryStore:
             deadline = now + timeout_ms
             for key in d.keys:
                 self._profiles.setdefault(key, {})[did] = deadline
+            if d.node:
+                self._node_dialogs.setdefault(d.node, {})[did] = deadline
             if confirm and d.state == "early":
                 self._early.pop(did, None)
                 d.state = "confirmed"
@@ -190,38 +242,44 @@ class MemoryStore:
         with self._lock:
             now = self.now_ms()
             d = self._record(dialog_id, now)
-            if d is None or d.state not in ("early", "confirmed"):
-                return None
-            for key in d.keys:
-                zset = self._profiles.get(key)
-                if zset is not None:
-                    zset.pop(dialog_id, None)
-                    if not zset:
-                        del self._profiles[key]
-            self._early.pop(dialog_id, None)
-            self._confirmed.pop(dialog_id, None)
-            d.state, d.end_ms, d.end_reason = "ended", now, reason
-            d.expires = now + _DECIDED_MS
-            self._incr("ended")
-            self._incr("ended:" + reason)
-            if reason in ("failed", "cancel"):
-                self._incr("failed")
-            rec = CallRecord(
-                dialog_id=dialog_id,
-                call_id=d.info.get("call_id", ""),
-                from_uri=d.info.get("from", ""),
-                to_uri=d.info.get("to", ""),
-                setup_ms=d.init_ms,
-                answer_ms=d.start_ms,
-                end_ms=now,
-                reason=reason,
-                node=d.info.get("node", ""),
-                profiles=d.labels,
-                variables=dict(d.variables),
-                record_id=f"{now}-{next(self._seq)}",
-            )
-            self._cdr.append(rec)
-            return rec
+            return None if d is None else self._end(dialog_id, d, reason, now)
+
+    def _end(self, dialog_id: str, d: _Dialog, reason: str, now: int) -> CallRecord | None:
+        """End a live dialog (the Lua ``end_dialog``); None when it was not live."""
+        if d.state not in ("early", "confirmed"):
+            return None
+        for key in d.keys:
+            zset = self._profiles.get(key)
+            if zset is not None:
+                zset.pop(dialog_id, None)
+                if not zset:
+                    del self._profiles[key]
+        if d.node:
+            self._node_dialogs.get(d.node, {}).pop(dialog_id, None)
+        self._early.pop(dialog_id, None)
+        self._confirmed.pop(dialog_id, None)
+        d.state, d.end_ms, d.end_reason = "ended", now, reason
+        d.expires = now + _DECIDED_MS
+        self._incr("ended")
+        self._incr("ended:" + reason)
+        if reason in ("failed", "cancel"):
+            self._incr("failed")
+        rec = CallRecord(
+            dialog_id=dialog_id,
+            call_id=d.info.get("call_id", ""),
+            from_uri=d.info.get("from", ""),
+            to_uri=d.info.get("to", ""),
+            setup_ms=d.init_ms,
+            answer_ms=d.start_ms,
+            end_ms=now,
+            reason=reason,
+            node=d.info.get("node", ""),
+            profiles=d.labels,
+            variables=dict(d.variables),
+            record_id=f"{now}-{next(self._seq)}",
+        )
+        self._cdr.append(rec)
+        return rec
 
     # -- variables
     def set_var(self, dialog_id: str, name: str, value: str) -> bool:
@@ -323,6 +381,36 @@ class MemoryStore:
             ids = [r.record_id for r in records]
             records = records[ids.index(after) + 1:] if after in ids else records
         return records[:count]
+
+    # -- nodes
+    def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
+              ) -> tuple[int, int]:
+        with self._lock:
+            now = self.now_ms()
+            enc = key_part(node)
+            self._nodes[enc] = now + lease_ms
+            mine = self._node_dialogs.get(enc, {})
+            for did in [x for x, deadline in mine.items() if deadline <= now][:_SWEEP_BATCH]:
+                del mine[did]
+            left = 0
+            if start:
+                for did in sorted(mine, key=lambda x: (mine[x], x))[:_SWEEP_BATCH]:
+                    d = self._record(did, now)
+                    if d is None or self._end(did, d, "node_restarted", now) is None:
+                        mine.pop(did, None)
+                left = len(mine)
+            swept = self._sweep_lost_nodes(now, _SWEEP_BATCH) if sweep else 0
+            return swept, left
+
+    def nodes(self) -> dict[str, int]:
+        from urllib.parse import unquote
+
+        with self._lock:
+            return {unquote(n): until for n, until in self._nodes.items()}
+
+    def node_dialogs(self, node: str) -> list[str]:
+        with self._lock:
+            return sorted(self._node_dialogs.get(key_part(node), {}))
 
     def ping(self) -> bool:
         return True

@@ -124,6 +124,7 @@ class RedisStore:
         self._scripts: dict[str, Script] = {}
         self._local = _ScriptConnection()
         self._member_args: dict[Member, tuple[tuple[str, str], tuple[Any, ...]]] = {}
+        self._node_keys: dict[str, str] = {}
         # a Cluster client routes scripts itself (MOVED, ASK): _eval uses redis-py's Script
         self._cluster = url.split(":", 1)[0].lower() == "redis+cluster"
         prefix = self.keys.prefix
@@ -217,13 +218,22 @@ class RedisStore:
         """KEYS and ARGV of ``admit.lua`` for a request (also used by the benchmark)."""
         did = request.dialog_id
         keys = [self._p_dialog + did, *self._fixed]
+        node = request.node
+        if node:
+            node = self._node_keys.get(node) or self._node_key(node)
         args: list[Any] = [
             did,
             request.early_ms,
-            2 if request.emergency_bypass else 1 if request.emergency else 0,
+            3 if request.record else 2 if request.emergency_bypass else 1 if request.emergency
+            else 0,
             len(request.members),
             self.clock_offset_ms,
             SWEEP_BATCH,
+            self.keys.prefix,
+            node,
+            request.lease_ms,
+            1 if request.sweep_nodes else 0,
+            self.cdr_maxlen,
         ]
         cache = self._member_args
         for m in request.members:
@@ -236,6 +246,10 @@ class RedisStore:
             args.append(k)
             args.append(v if v.isascii() else _clean(v))  # ASCII needs no cleaning
         return keys, args
+
+    def _node_key(self, node: str) -> str:
+        enc = self._node_keys[node] = key_part(node)
+        return enc
 
     def _member_arguments(self, m: Member) -> tuple[tuple[str, str], tuple[Any, ...]]:
         """One membership's KEYS and ARGV (remembered: members repeat call after call)."""
@@ -412,6 +426,25 @@ class RedisStore:
         rows: list[tuple[str, dict[str, str]]] = self._run(
             lambda: client.xrange(self.keys.cdr, min=start, count=count))
         return [_record(rid, fields) for rid, fields in rows]
+
+    # -- nodes
+    def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
+              ) -> tuple[int, int]:
+        r = self._eval("renew", [self.keys.prefix + "nodes"], [
+            self.keys.prefix, key_part(node), lease_ms, self.clock_offset_ms, 1000,
+            1 if sweep else 0, self.cdr_maxlen, "start" if start else "renew"])
+        return int(r[0]), int(r[1])
+
+    def nodes(self) -> dict[str, int]:
+        client = self.client
+        rows = self._run(lambda: client.zrange(self.keys.prefix + "nodes", 0, -1,
+                                               withscores=True))
+        return {unquote(n): int(score) for n, score in rows}
+
+    def node_dialogs(self, node: str) -> list[str]:
+        client = self.client
+        key = f"{self.keys.prefix}n:{key_part(node)}"
+        return list(self._run(lambda: client.zrange(key, 0, -1)))
 
     def ping(self) -> bool:
         client = self.client

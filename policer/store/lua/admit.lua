@@ -4,9 +4,13 @@
 -- KEYS[5] decisions hash
 -- KEYS[4+2i] profile zset of member i   KEYS[5+2i] live-limit hash of member i's profile
 -- ARGV[1] dialog id  ARGV[2] early timeout ms
--- ARGV[3] 0 ordinary call, 1 emergency call (may use the reserve), 2 emergency with bypass
+-- ARGV[3] 0 ordinary call, 1 emergency call (may use the reserve), 2 emergency with bypass,
+--         3 record a call the fallback admitted while Redis was down (no limit checked)
 -- ARGV[4] n members  ARGV[5] clock offset ms (tests; 0 in production)
 -- ARGV[6] sweep batch (expired members removed per key and call)
+-- ARGV[7] P (namespace prefix)  ARGV[8] node (encoded; '' = none)
+-- ARGV[9] lease ms to renew the node's lease by (0 = the node holds no lease)
+-- ARGV[10] end dialogs of lost nodes first (1|0)  ARGV[11] call-record MAXLEN
 -- then per member i (6 values): profile, label, live-limit field ('' = none),
 --   max (-1 = none), reserve for emergency, shadow (0|1)
 -- then info pairs (field, value) recorded with the dialog.
@@ -37,6 +41,14 @@ local n = tonumber(ARGV[4])
 local early_ms = tonumber(ARGV[2])
 local emergency = ARGV[3] ~= '0'
 local bypass_allowed = ARGV[3] == '2'
+local record = ARGV[3] == '3'
+local P = ARGV[7]
+local node = ARGV[8]
+if node ~= '' and ARGV[9] ~= '0' then
+  redis.call('ZADD', P .. 'nodes', now + tonumber(ARGV[9]), node)
+end
+-- dialogs of proxies that stopped renewing their lease stop counting (bounded per call)
+if ARGV[10] == '1' then sweep_lost_nodes(P, now, batch, ARGV[11]) end
 
 -- Bounded clean-up of dialogs whose deadline passed: at most `batch` per zset and call.
 local function sweep_dialogs(zkey)
@@ -51,7 +63,7 @@ sweep_dialogs(KEYS[3])
 sweep_dialogs(KEYS[4])
 
 local tripped, tcount, tmax, bypass, shadow = 0, 0, -1, 0, 0
-local base = 6
+local base = 11
 for i = 1, n do
   local a = base + (i - 1) * 6
   local zkey = KEYS[4 + 2 * i]
@@ -66,7 +78,7 @@ for i = 1, n do
     local live = redis.call('HGET', KEYS[5 + 2 * i], field)
     if live then max = tonumber(live) end
   end
-  if max >= 0 then
+  if max >= 0 and not record then
     local count = redis.call('ZCOUNT', zkey, '(' .. now, '+inf')
     local effective = max
     if not emergency then effective = max - tonumber(ARGV[a + 5]) end
@@ -110,10 +122,24 @@ for i = 1, n do
   keys[i] = zkey
   labels[i] = ARGV[base + (i - 1) * 6 + 2]
   local result = 'admitted'
-  if i == tripped then result = 'bypassed' elseif i == shadow then result = 'shadow_rejected' end
+  if record then
+    result = 'store_error'
+  elseif i == tripped then
+    result = 'bypassed'
+  elseif i == shadow then
+    result = 'shadow_rejected'
+  end
   redis.call('HINCRBY', KEYS[5], result .. '|' .. ARGV[base + (i - 1) * 6 + 1], 1)
 end
 redis.call('ZADD', KEYS[3], deadline, did)
+local nkey = false
+if node ~= '' then
+  nkey = P .. 'n:' .. node
+  redis.call('ZADD', nkey, deadline, did)
+  if redis.call('PTTL', nkey) < early_ms + 60000 then
+    redis.call('PEXPIRE', nkey, early_ms + 60000)
+  end
+end
 
 local fields = {'decision', decision, 'state', 'early', 'init_ms', now, 'deadline', deadline,
                 'expires', deadline + 60000,
@@ -122,9 +148,14 @@ for j = info_at, #ARGV, 2 do
   fields[#fields + 1] = 'i:' .. ARGV[j]
   fields[#fields + 1] = ARGV[j + 1]
 end
+if nkey then
+  fields[#fields + 1] = 'nkey'
+  fields[#fields + 1] = nkey
+end
 redis.call('HSET', dkey, unpack(fields))
 redis.call('PEXPIRE', dkey, early_ms + 60000)
 redis.call('HINCRBY', KEYS[2], 'processed', 1)
+if record then redis.call('HINCRBY', KEYS[2], 'recorded', 1) end
 if bypass == 1 then redis.call('HINCRBY', KEYS[2], 'bypassed', 1) end
 if shadow > 0 then redis.call('HINCRBY', KEYS[2], 'shadow_rejected', 1) end
 return {1, tripped, tcount, tmax, bypass, 0, shadow}
