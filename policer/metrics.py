@@ -71,7 +71,8 @@ class WorkerMetrics:
             registry=r)
         self.reloads = Counter(
             "policer_policy_reloads", "Policy reloads by outcome.", ["result"], registry=r)
-        self.pending = Gauge(
+        self._dropped_seen = 0
+        self.pending_ops = Gauge(
             "policer_pending_operations", "Store operations queued while the store is down.",
             multiprocess_mode="livesum", registry=r)
         self.pending_dropped = Counter(
@@ -97,6 +98,19 @@ class WorkerMetrics:
 
     def store_error(self, op: str) -> None:
         self.store_errors.labels(op).inc()
+
+    def pending(self, queued: int, dropped: int) -> None:
+        self.pending_ops.set(queued)
+        grown = dropped - self._dropped_seen
+        if grown > 0:
+            self.pending_dropped.inc(grown)
+            self._dropped_seen = dropped
+
+    def breaker(self, is_open: bool) -> None:
+        self.breaker_open.set(1 if is_open else 0)
+
+    def reload(self, result: str) -> None:
+        self.reloads.labels(result).inc()
 
 
 _worker: WorkerMetrics | None = None

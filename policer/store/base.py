@@ -33,7 +33,7 @@ END_REASONS = ("bye", "cancel", "failed", "timeout", "expired", "released_by_ope
 
 #: Keys of :meth:`Store.stats`.
 STATS_FIELDS = ("active", "early", "confirmed", "processed", "expired", "failed", "rejected",
-                "ended", "bypassed", "shadow_rejected")
+                "ended", "bypassed", "shadow_rejected", "recorded", "nodes_lost")
 
 
 class StoreError(RuntimeError):

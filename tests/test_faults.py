@@ -1,0 +1,234 @@
+"""Faults injected into real processes: a Redis that is killed, paused or
+restarted empty; a proxy node that stops renewing its lease; policy files
+replaced while calls are decided. The proxy must never see an exception, and
+no state may be lost."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from clihelp import policy_copy
+from conftest import call
+
+from policer.engine import Engine
+from policer.policy import load_policy, parse_policy
+from policer.redis_server import RedisServer
+from policer.store import RedisStore
+
+POLICY = """
+version: 1
+namespace: {ns}
+call: {{attributes: {{account: header:X-Account}}}}
+classes:
+  emergency: {{numbers: ["112"]}}
+  other: {{default: true}}
+profiles:
+  total: {{}}
+  account: {{value: account}}
+limits:
+  total: {{max: 5}}
+  account: {{max: 2}}
+on_store_error: {on_error}
+store_timeout: 100ms
+pending_queue: {queue}
+nodes: {{lease: 30s, renew: 5s, on_node_loss: {loss}}}
+"""
+
+
+def make_policy(ns: str, on_error: str = "admit", queue: int = 1000, loss: str = "release"):
+    return parse_policy(POLICY.format(ns=ns, on_error=on_error, queue=queue, loss=loss))
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis this test may kill, pause and restart."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def engine_on(server: RedisServer, ns: str, node: str = "proxy-a", lease: bool = False,
+              **kw: str | int) -> Engine:
+    policy = make_policy(ns, **kw)  # type: ignore[arg-type]
+    return Engine(policy, RedisStore(server.url, ns, timeout_ms=policy.store_timeout_ms),
+                  node=node, lease=lease)
+
+
+def until(predicate, limit: float = 15.0, step: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+    """Poll a condition (liveness bound, not a timing assertion)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def test_redis_down_fail_open_then_counts_are_right_when_it_returns(
+        own_redis: RedisServer, namespace: str) -> None:
+    e = engine_on(own_redis, namespace)
+    held = [e.admit(call("5551234", headers={"X-Account": "acme"})) for _ in range(2)]
+    assert all(d.admitted and not d.fallback for d in held)
+    own_redis.kill()
+    # fail-open: admitted, flagged, no exception; the breaker opens after a few failures
+    during = [e.admit(call("5551234", f"u{i}")) for i in range(6)]
+    assert all(d.admitted and d.fallback for d in during)
+    assert e.breaker.open
+    assert "circuit open" in during[-1].error
+    # a call that ended while Redis was down: its release waits in the queue
+    e.release(held[0].dialog_id, "bye")
+    e.release(during[0].dialog_id, "bye")
+    assert len(e.pending) >= 2
+    own_redis.start()  # same port, empty: scripts are loaded again transparently
+
+    def recovered() -> bool:
+        e.tick()  # the breaker lets a probe through every 250 ms
+        return not e.breaker.open
+
+    assert until(recovered)
+    assert len(e.pending) == 0
+    store = e.store
+    # live now: the 6 fail-open calls were recorded, and during[0]'s release applied
+    # after its record; held[1] was in Redis before the restart and went with it (an
+    # emptied Redis is rebuilt from the proxies by `policer reconcile`)
+    assert store.profile_size("total") == 5
+    assert store.stats()["recorded"] == 6
+    assert store.decisions()[("store_error", "total")] == 6
+    # and the limit holds on those counts: total max 5 is full
+    after = e.admit(call("5551234", "after"))
+    assert (after.fallback, after.admitted, after.limit) == (False, False, "total")
+
+
+def test_fail_closed_rejects_but_emergency_always_goes_through(
+        own_redis: RedisServer, namespace: str) -> None:
+    e = engine_on(own_redis, namespace, on_error="reject")
+    own_redis.kill()
+    d = e.admit(call("5551234"))
+    assert (d.admitted, d.fallback, d.code) == (False, True, 503)
+    sos = e.admit(call("112"))
+    assert sos.admitted and sos.fallback
+
+
+def test_paused_redis_is_bounded_by_store_timeout_and_recovers(
+        own_redis: RedisServer, namespace: str) -> None:
+    e = engine_on(own_redis, namespace)
+    assert not e.admit(call("5551234", "warm")).fallback
+    own_redis.signal(signal.SIGSTOP)
+    try:
+        decided = [e.admit(call("5551234", f"p{i}")) for i in range(10)]
+        assert all(d.admitted and d.fallback for d in decided)
+        assert e.breaker.open
+        # once open, calls are decided without touching the store
+        assert sum("circuit open" in d.error for d in decided) >= 6
+    finally:
+        own_redis.signal(signal.SIGCONT)
+    assert until(lambda: not e.admit(call("5551234", "after")).fallback)
+
+
+def test_queue_full_drops_oldest_and_deadlines_still_clean_up(
+        own_redis: RedisServer, namespace: str) -> None:
+    e = engine_on(own_redis, namespace, queue=3)
+    ds = [e.admit(call("5551234", f"q{i}")) for i in range(5)]
+    own_redis.signal(signal.SIGSTOP)
+    try:
+        for d in ds:
+            e.release(d.dialog_id, "bye")
+    finally:
+        own_redis.signal(signal.SIGCONT)
+    assert len(e.pending) == 3 and e.pending.dropped == 2
+    assert until(lambda: (e.tick(), not e.breaker.open)[1])
+    store = e.store
+    assert isinstance(store, RedisStore)
+    # 2 releases were dropped: those calls still count, until their deadline
+    assert store.profile_size("total") == 2
+    store.clock_offset_ms += 121_000  # past the early deadline
+    assert store.profile_size("total") == 0
+
+
+def test_lost_node_dialogs_stop_counting_after_the_lease(redis_url: str, namespace: str) -> None:
+    policy = make_policy(namespace)
+    a = Engine(policy, RedisStore(redis_url, namespace, timeout_ms=2000), node="proxy-a",
+               lease=True)
+    b_store = RedisStore(redis_url, namespace, timeout_ms=2000)
+    b = Engine(policy, b_store, node="proxy-b", lease=True)
+    a.start()
+    b.start()
+    for i in range(4):
+        assert a.admit(call("5551234", f"a{i}")).admitted
+    assert b.admit(call("5551234", "b0")).admitted
+    assert b_store.profile_size("total") == 5
+    # proxy-a is killed: it renews no more. 31 s later (store clock), proxy-b's next
+    # call or tick ends proxy-a's dialogs
+    b_store.clock_offset_ms += 31_000
+    b._next_renew = 0  # the tick is due
+    b.tick()
+    assert b_store.profile_size("total") == 1
+    assert b_store.ended().get("node_lost") == 4
+    assert "proxy-a" not in b_store.nodes()
+    records = b_store.call_records()
+    assert sum(r.reason == "node_lost" for r in records) == 4
+
+
+def test_on_node_loss_keep_leaves_dialogs_until_their_deadline(redis_url: str,
+                                                               namespace: str) -> None:
+    policy = make_policy(namespace, loss="keep")
+    a = Engine(policy, RedisStore(redis_url, namespace, timeout_ms=2000), node="proxy-a",
+               lease=True)
+    b_store = RedisStore(redis_url, namespace, timeout_ms=2000)
+    b = Engine(policy, b_store, node="proxy-b", lease=True)
+    a.admit(call("5551234", "k0"))
+    b_store.clock_offset_ms += 31_000
+    b.tick()
+    b.admit(call("5551234", "k1"))
+    assert b_store.profile_size("total") == 2
+
+
+def test_a_restarted_node_ends_what_it_left_behind(redis_url: str, namespace: str) -> None:
+    policy = make_policy(namespace)
+    store = RedisStore(redis_url, namespace, timeout_ms=2000)
+    first = Engine(policy, store, node="proxy-a", lease=True)
+    for i in range(3):
+        first.admit(call("5551234", f"r{i}"))
+    assert store.profile_size("total") == 3
+    again = Engine(policy, RedisStore(redis_url, namespace, timeout_ms=2000), node="proxy-a",
+                   lease=True)
+    again.start()
+    assert store.profile_size("total") == 0
+    assert store.ended().get("node_restarted") == 3
+
+
+def test_policy_reload_swaps_a_valid_file_and_keeps_the_old_on_error(
+        tmp_path: Path, redis_url: str, namespace: str) -> None:
+    path = policy_copy(tmp_path, namespace)
+    e = Engine(load_policy(path), RedisStore(redis_url, namespace, timeout_ms=2000),
+               node="n", watch=path, watch_interval=0)  # checks the file at every call
+    for i in range(3):
+        assert e.admit(call("5551234", "gina", call_id=f"g{i}")).admitted
+    assert not e.admit(call("5551234", "gina")).admitted  # user max 3
+    # a broken file: rejected, the old policy keeps serving
+    text = path.read_text()
+    path.write_text(text.replace("user: {max: 3}", "user: {max: lots}"))
+    d = e.admit(call("5551234", "hank"))
+    assert d.admitted and e.policy.limits["user"].max == 3
+    assert e._watcher.errors == 1  # type: ignore[union-attr]
+    # a valid change takes effect on the next INVITE
+    path.write_text(text.replace("user: {max: 3}", "user: {max: 5}"))
+    assert e.admit(call("5551234", "gina")).admitted
+    assert e.policy.limits["user"].max == 5
+    # removing a profile leaves no orphaned memberships
+    acct = e.admit(call("5551234", "ivy", headers={"X-Account": "acme"}))
+    assert "account=acme" in acct.memberships
+    path.write_text(text.replace("  account: {value: account}", "")
+                    .replace("  account: {max: 10, reject: {code: 486, reason: "
+                             "\"Account Call Limit\"}}  # per value\n", ""))
+    assert e.admit(call("5551234", "jon")).admitted
+    assert e.policy.profile("account") is None
+    e.release(acct.dialog_id, "bye")
+    assert e.store.profile_size("account", "acme") == 0
+    rec = e.store.call_records()[-1]
+    assert json.loads(json.dumps(rec.as_dict()))["Profiles"][-1] == "account=acme"
