@@ -25,6 +25,8 @@ __all__ = [
     "key_part",
     "split_dialog_id",
     "text",
+    "utf8_text",
+    "value_from_key",
 ]
 
 #: Longest SIP value kept (characters); longer values are cut here.
@@ -61,6 +63,19 @@ def _utf8(value: str) -> bytes:
         return value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a lone surrogate that no byte string decodes to
         return value.encode("utf-8", "surrogatepass")
+
+
+def utf8_text(value: str) -> str:
+    """A str as the stores keep text: valid UTF-8, undecodable bytes as U+FFFD."""
+    return _utf8(value).decode("utf-8", "replace")
+
+
+def value_from_key(part: str) -> str:
+    """The value a :func:`key_part` came from (digests of long values stay digests).
+
+    Bytes that are not UTF-8 come back as surrogate escapes, so two values that
+    differ only there stay two values."""
+    return unquote(part, errors="surrogateescape")
 
 
 def _wellformed(value: str) -> str:

@@ -571,6 +571,12 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # SIP values may hold bytes that are not UTF-8 (kept as surrogate escapes): print
+    # them escaped rather than fail
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     configure(getattr(args, "log_level", None), getattr(args, "log_format", None))

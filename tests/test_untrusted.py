@@ -225,10 +225,6 @@ def test_lone_surrogates_and_their_bytes_do_not_raise(engine_for, store) -> None
         assert e.release(d.dialog_id) is not None or d.duplicate
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "RedisStore.profile_values/limits and MemoryStore.profile_values/limits unquote "
-    "encoded values with errors='replace': two values that differ only in bytes that are "
-    "not UTF-8 are shown as one value (one count hides the other)"))
 def test_profile_values_keeps_non_utf8_values_apart(store) -> None:  # type: ignore[no-untyped-def]
     from policer.store import AdmitRequest, Member
 
@@ -238,11 +234,6 @@ def test_profile_values_keeps_non_utf8_values_apart(store) -> None:  # type: ign
     assert len(store.profile_values("user")) == 2
 
 
-@pytest.mark.xfail(strict=False, raises=UnicodeEncodeError, reason=(
-    "RedisStore._clean (redis_store.py) encodes with 'surrogateescape', which raises on a "
-    "lone surrogate outside U+DC80-U+DCFF; a Call built directly (not with Call.from_raw) "
-    "or a dialog variable carrying one makes Engine.admit/set_var raise instead of "
-    "answering"))
 def test_engine_never_raises_on_a_directly_built_call(redis_store: RedisStore) -> None:
     e = Engine(policy_text(POLICY, redis_store.namespace), redis_store, node="n")
     d = e.admit(Call("c1", "t", from_user="\ud800", ruri_user="5551234"))

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from policer.call import _utf8, key_part
+from policer.call import key_part, utf8_text, value_from_key
 from policer.store.base import (
     STATS_FIELDS,
     AdmitRequest,
@@ -30,10 +30,6 @@ _GRACE_MS = 60_000
 _DECIDED_MS = 32_000
 _SWEEP_BATCH = 100
 
-
-def _clean(value: str) -> str:
-    """As the Redis store keeps strings: valid UTF-8, bytes that were not replaced."""
-    return _utf8(value).decode("utf-8", "replace")
 
 
 @dataclass(slots=True)
@@ -201,7 +197,7 @@ class MemoryStore:
             self._dialogs[did] = _Dialog(
                 result, "early", now, deadline=deadline, expires=deadline + _GRACE_MS,
                 keys=tuple(keys), labels=tuple(labels), node=node,
-                info={k: _clean(v) for k, v in request.info.items()},
+                info={k: utf8_text(v) for k, v in request.info.items()},
             )
             self._incr("processed")
             if request.record:
@@ -287,13 +283,13 @@ class MemoryStore:
             d = self._record(dialog_id, self.now_ms())
             if d is None or d.state not in ("early", "confirmed"):
                 return False
-            d.variables[_clean(name)] = _clean(value)
+            d.variables[utf8_text(name)] = utf8_text(value)
             return True
 
     def get_var(self, dialog_id: str, name: str) -> str | None:
         with self._lock:
             d = self._record(dialog_id, self.now_ms())
-            return None if d is None else d.variables.get(_clean(name))
+            return None if d is None else d.variables.get(utf8_text(name))
 
     # -- inspection
     def _info(self, did: str, d: _Dialog) -> DialogInfo:
@@ -311,8 +307,6 @@ class MemoryStore:
             return self._live(self._profiles.get(key, {}), self.now_ms())
 
     def profile_values(self, profile: str) -> dict[str, int]:
-        from urllib.parse import unquote
-
         with self._lock:
             now = self.now_ms()
             out = {}
@@ -320,7 +314,7 @@ class MemoryStore:
                 if p == profile and enc:
                     n = self._live(zset, now)
                     if n:
-                        out[unquote(enc)] = n
+                        out[value_from_key(enc)] = n
             return out
 
     def profile_list(self, profile: str, value: str | None = None) -> list[DialogInfo]:
@@ -369,10 +363,8 @@ class MemoryStore:
             return self._limits.get(profile, {}).pop(key_part(value), None)
 
     def limits(self, profile: str) -> dict[str, int]:
-        from urllib.parse import unquote
-
         with self._lock:
-            return {unquote(k): v for k, v in self._limits.get(profile, {}).items()}
+            return {value_from_key(k): v for k, v in self._limits.get(profile, {}).items()}
 
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
         with self._lock:
@@ -403,10 +395,8 @@ class MemoryStore:
             return swept, left
 
     def nodes(self) -> dict[str, int]:
-        from urllib.parse import unquote
-
         with self._lock:
-            return {unquote(n): until for n, until in self._nodes.items()}
+            return {value_from_key(n): until for n, until in self._nodes.items()}
 
     def node_dialogs(self, node: str) -> list[str]:
         with self._lock:

@@ -18,13 +18,12 @@ import threading
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
-from urllib.parse import unquote
 
 import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
-from policer.call import key_part
+from policer.call import key_part, utf8_text, value_from_key
 from policer.store.base import (
     STATS_FIELDS,
     AdmitRequest,
@@ -80,10 +79,6 @@ def load_lua(name: str) -> str:
     text = (lua / f"{name}.lua").read_text()
     return (lua / "lib.lua").read_text() + text if name in _USES_LIB else text
 
-
-def _clean(value: str) -> str:
-    """Any str (including surrogate escapes from non-UTF-8 bytes) as valid UTF-8 text."""
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 class _ScriptConnection(threading.local):
@@ -244,7 +239,7 @@ class RedisStore:
             args += known[1]
         for k, v in request.info.items():
             args.append(k)
-            args.append(v if v.isascii() else _clean(v))  # ASCII needs no cleaning
+            args.append(v if v.isascii() else utf8_text(v))  # ASCII needs no cleaning
         return keys, args
 
     def _node_key(self, node: str) -> str:
@@ -302,13 +297,14 @@ class RedisStore:
 
     # -- dialog variables
     def set_var(self, dialog_id: str, name: str, value: str) -> bool:
-        r = self._eval("setvar", [self._p_dialog + dialog_id], ["v:" + _clean(name), _clean(value)])
+        r = self._eval("setvar", [self._p_dialog + dialog_id],
+                       ["v:" + utf8_text(name), utf8_text(value)])
         return bool(r == 1)
 
     def get_var(self, dialog_id: str, name: str) -> str | None:
         client = self.client
         key = self._p_dialog + dialog_id
-        v = self._run(lambda: client.hget(key, "v:" + _clean(name)))
+        v = self._run(lambda: client.hget(key, "v:" + utf8_text(name)))
         return None if v is None else str(v)
 
     # -- inspection
@@ -337,7 +333,7 @@ class RedisStore:
             return {}
         sizes = self._sizes(keys)
         plen = len(self.keys.profile(profile)) + 1
-        return {unquote(k[plen:]): n for k, n in zip(keys, sizes, strict=True) if n > 0}
+        return {value_from_key(k[plen:]): n for k, n in zip(keys, sizes, strict=True) if n > 0}
 
     def profile_list(self, profile: str, value: str | None = None) -> list[DialogInfo]:
         key = self.keys.profile(profile, value)
@@ -417,7 +413,7 @@ class RedisStore:
     def limits(self, profile: str) -> dict[str, int]:
         client = self.client
         raw: dict[str, str] = self._run(lambda: client.hgetall(self.keys.limits(profile)))
-        return {unquote(k): int(v) for k, v in raw.items()}
+        return {value_from_key(k): int(v) for k, v in raw.items()}
 
     # -- call records
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
@@ -439,7 +435,7 @@ class RedisStore:
         client = self.client
         rows = self._run(lambda: client.zrange(self.keys.prefix + "nodes", 0, -1,
                                                withscores=True))
-        return {unquote(n): int(score) for n, score in rows}
+        return {value_from_key(n): int(score) for n, score in rows}
 
     def node_dialogs(self, node: str) -> list[str]:
         client = self.client
