@@ -12,6 +12,7 @@ value can reach another value's key, another namespace or another slot).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -166,6 +167,31 @@ class Call:
     @property
     def dialog_id(self) -> str:
         return dialog_id(self.call_id, self.from_tag)
+
+    def to_json(self) -> str:
+        """The call as compact JSON, for keeping with the proxy's own dialog (the
+        adapter stores it in ``$dlg_var(policer_call)``) so that ``policer
+        reconcile`` can count the call again after Redis lost it."""
+        d = {k: v for k, v in (
+            ("f", self.from_user), ("fd", self.from_domain), ("r", self.ruri_user),
+            ("t", self.to_user), ("s", self.source_ip), ("a", self.auth_user)) if v}
+        if self.headers:
+            d["h"] = dict(self.headers)  # type: ignore[assignment]
+        return json.dumps(d, separators=(",", ":"), ensure_ascii=True)
+
+    @classmethod
+    def from_json(cls, call_id: object, from_tag: object, data: str) -> Call:
+        """The call :meth:`to_json` kept; never raises (bad JSON gives a bare call)."""
+        try:
+            d = json.loads(data)
+            if not isinstance(d, dict):
+                d = {}
+        except (ValueError, TypeError):
+            d = {}
+        h = d.get("h")
+        return cls.from_raw(call_id, from_tag, from_user=d.get("f"), from_domain=d.get("fd"),
+                            ruri_user=d.get("r"), to_user=d.get("t"), source_ip=d.get("s"),
+                            auth_user=d.get("a"), headers=h if isinstance(h, dict) else None)
 
     def attribute(self, source: str) -> str:
         """The value of one attribute source: ``from_user`` … or ``header:<Name>``."""

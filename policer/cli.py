@@ -446,6 +446,55 @@ def cmd_top(args: argparse.Namespace) -> int:
     return run_top(_engine(args), once=args.once, interval=args.interval, top=args.top)
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from policer.reconcile import fetch_dialogs, reconcile
+
+    engine = _engine(args)
+    reports = []
+    failed = False
+    for spec in args.proxy:
+        node, sep, address = spec.partition("=")
+        if not sep or not node or not address:
+            raise CliError(f"--proxy {spec!r}: expected NODE=ADDRESS")
+        try:
+            dialogs = fetch_dialogs(address, timeout=args.timeout)
+        except (OSError, ValueError) as e:
+            failed = True
+            print(f"policer: {node}: cannot list dialogs at {address}: {e}", file=sys.stderr)
+            continue
+        reports.append(reconcile(engine, node, dialogs, dry_run=args.dry_run))
+    if args.json:
+        _print_json([r.as_dict() for r in reports])
+    else:
+        verb = "would " if args.dry_run else ""
+        for r in reports:
+            print(f"{r.node}: {r.proxy_dialogs} dialogs on the proxy, {r.kept} already "
+                  f"counted, {verb}add {len(r.added)}, {verb}remove {len(r.removed)}"
+                  + (f" ({len(r.partial)} without policer's call attributes)"
+                     if r.partial else ""))
+            for did in r.added:
+                print(f"  + {did}")
+            for did in r.removed:
+                print(f"  - {did}")
+    return EXIT_STORE if failed else EXIT_OK
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    policy = _policy(args)
+    store = _store(args, policy)
+    now = store.now_ms()
+    rows: list[dict[str, Any]] = [
+        {"node": n, "lease_left_s": round((until - now) / 1000, 1),
+         "dialogs": len(store.node_dialogs(n))} for n, until in sorted(store.nodes().items())]
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            state = "LOST" if r["lease_left_s"] <= 0 else f"{r['lease_left_s']}s left"
+            print(f"{r['node']:<32} lease {state:<12} {r['dialogs']} dialogs")
+    return EXIT_OK
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from policer.simulate import run
 
@@ -546,6 +595,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="busiest values shown per valued profile")
     _common(p)
     p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("reconcile", help="make the store agree with the proxies' own dialogs")
+    p.add_argument("--proxy", action="append", default=[], required=True,
+                   metavar="NODE=ADDRESS",
+                   help="a proxy's node name and JSON-RPC datagram socket, e.g. "
+                        "proxy-a=unix:/run/policer/proxy-a/kamailio_rpc.sock (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="report, change nothing")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a proxy")
+    _common(p)
+    p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser("nodes", help="proxy nodes, their leases and dialogs")
+    _common(p)
+    p.set_defaults(func=cmd_nodes)
 
     p = sub.add_parser("simulate", help="a live simulation: worker processes place calls "
                                         "through a real Redis")

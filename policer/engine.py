@@ -212,24 +212,7 @@ class Engine:
             did = call.dialog_id
         except Exception as e:  # defensive: a bug here must not drop the INVITE
             return self._fallback(call, None, f"classify: {e!r}", t0)
-        request = AdmitRequest(
-            dialog_id=did,
-            members=c.members,
-            early_ms=policy.timeouts.early_ms,
-            emergency=c.emergency,
-            emergency_bypass=c.emergency and policy.emergency_bypass,
-            info={
-                "call_id": call.call_id,
-                "from": f"{call.from_user}@{call.from_domain}",
-                "to": c.number,
-                "class": c.number_class or "",
-                "node": self.node,
-                "source_ip": call.source_ip,
-            },
-            node=self.node,
-            lease_ms=policy.nodes.lease_ms if self.lease else 0,
-            sweep_nodes=self.lease and policy.nodes.on_node_loss == "release",
-        )
+        request = self._request(call, did, c, policy, self.node)
         if not self.breaker.allow():
             return self._fallback(call, c, "circuit open: the store failed repeatedly", t0,
                                   request)
@@ -262,6 +245,39 @@ class Engine:
             )
         self._decided(call, d, t0)
         return d
+
+    def _request(self, call: Call, did: str, c: Classification, policy: Policy, node: str,
+                 record: bool = False) -> AdmitRequest:
+        return AdmitRequest(
+            dialog_id=did,
+            members=c.members,
+            early_ms=policy.timeouts.early_ms,
+            emergency=c.emergency,
+            emergency_bypass=c.emergency and policy.emergency_bypass,
+            info={
+                "call_id": call.call_id,
+                "from": f"{call.from_user}@{call.from_domain}",
+                "to": c.number,
+                "class": c.number_class or "",
+                "node": node,
+                "source_ip": call.source_ip,
+            },
+            node=node,
+            lease_ms=policy.nodes.lease_ms if self.lease and node == self.node else 0,
+            sweep_nodes=self.lease and policy.nodes.on_node_loss == "release",
+            record=record,
+        )
+
+    def restore(self, call: Call, node: str, confirmed: bool) -> bool:
+        """Count a call a proxy still carries but the store lost (``policer
+        reconcile``): it joins its profiles without a limit check, as admitted by
+        ``node``. Returns False when the store already had it. Raises StoreError."""
+        policy = self._current.policy
+        c = self._current.classifier.classify(call)
+        r = self.store.admit(self._request(call, call.dialog_id, c, policy, node, record=True))
+        if confirmed:
+            self.store.confirm(call.dialog_id, policy.timeouts.dialog_ms)
+        return not r.duplicate
 
     def _fallback(self, call: Call, c: Classification | None, error: str, t0: float,
                   request: AdmitRequest | None = None) -> Decision:

@@ -218,6 +218,9 @@ class Store(Protocol):
     def node_dialogs(self, node: str) -> list[str]:
         """Dialog ids a node admitted that are still recorded."""
 
+    def now_ms(self) -> int:
+        """The store's clock (Redis ``TIME``), in ms."""
+
     def ping(self) -> bool: ...
 
     def close(self) -> None: ...

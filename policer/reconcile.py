@@ -1,0 +1,160 @@
+"""``policer reconcile``: make the shared store agree with what the proxies
+really carry.
+
+After Redis restarted empty, failed over to a replica that had not yet
+received the last writes, or after a proxy lost its lease while it was only
+cut off, the store and the proxies disagree. Each Kamailio proxy knows its own
+dialogs (JSON-RPC ``dlg.list``). For every proxy (node):
+
+- a dialog the proxy carries but the store does not count is **added**: it
+  joins its profiles again without a limit check (it is up already), as
+  admitted by that node, confirmed if the proxy has it confirmed. Its call
+  attributes come from ``$dlg_var(policer_call)``, which the adapter sets on
+  admission; without it, From user and To user are taken from the URIs, and
+  header-valued profiles cannot be rebuilt (reported as ``partial``);
+- a dialog the store counts for that node but the proxy does not know is
+  **removed** (reason ``reconciled``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from policer.call import Call
+from policer.engine import Engine
+
+__all__ = ["CALL_VAR", "ProxyDialog", "Report", "fetch_dialogs", "parse_dialogs", "reconcile"]
+
+#: The Kamailio dialog variable in which the adapter keeps the call's attributes.
+CALL_VAR = "policer_call"
+#: dlg.list states: 1 unconfirmed, 2 early, 3 confirmed, 4 confirmed (ACKed), 5 deleted.
+_LIVE_STATES = (1, 2, 3, 4)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyDialog:
+    """One dialog as a proxy's ``dlg.list`` shows it."""
+
+    call: Call
+    confirmed: bool
+    complete: bool  # the call's attributes were kept by the adapter
+
+    @property
+    def dialog_id(self) -> str:
+        return self.call.dialog_id
+
+
+@dataclass(slots=True)
+class Report:
+    node: str
+    proxy_dialogs: int = 0
+    kept: int = 0
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    partial: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "proxy_dialogs": self.proxy_dialogs, "kept": self.kept,
+                "added": self.added, "removed": self.removed, "partial": self.partial}
+
+
+def _user(uri: object) -> str:
+    """The user part of ``sip:user@host``; ``""`` when there is none."""
+    if not isinstance(uri, str):
+        return ""
+    rest = uri.split(":", 1)[1] if ":" in uri else uri
+    return rest.split("@", 1)[0] if "@" in rest else ""
+
+
+def _variables(raw: object) -> dict[str, str]:
+    """Kamailio lists dialog variables as ``[{name: value}, ...]`` (or a mapping)."""
+    out: dict[str, str] = {}
+    items: Iterable[Any] = raw if isinstance(raw, list) else [raw]
+    for item in items:
+        if isinstance(item, Mapping):
+            for k, v in item.items():
+                out[str(k)] = str(v)
+    return out
+
+
+def parse_dialogs(result: object) -> list[ProxyDialog]:
+    """The live dialogs of a ``dlg.list`` result; malformed entries are skipped."""
+    out: list[ProxyDialog] = []
+    for d in result if isinstance(result, list) else []:
+        if not isinstance(d, Mapping) or d.get("state") not in _LIVE_STATES:
+            continue
+        caller = d.get("caller") if isinstance(d.get("caller"), Mapping) else {}
+        call_id, tag = d.get("call-id"), caller.get("tag") if caller else None
+        if not call_id or not tag:
+            continue
+        kept = _variables(d.get("variables")).get(CALL_VAR)
+        if kept is not None:
+            call = Call.from_json(call_id, tag, kept)
+        else:
+            to_user = _user(d.get("to_uri"))
+            call = Call.from_raw(call_id, tag, from_user=_user(d.get("from_uri")),
+                                 ruri_user=to_user, to_user=to_user)
+        out.append(ProxyDialog(call, d.get("state") in (3, 4), kept is not None))
+    return out
+
+
+def fetch_dialogs(address: str, timeout: float = 5.0) -> list[ProxyDialog]:
+    """Ask a Kamailio proxy for its dialogs over its JSON-RPC datagram socket
+    (``jsonrpcs`` ``dgram_socket``, e.g. ``unix:/run/policer/proxy-a/kamailio_rpc.sock``).
+    Raises OSError or ValueError with a clear message."""
+    path = address[5:] if address.startswith("unix:") else address
+    reply_path = os.path.join(tempfile.gettempdir(), f"policer-rpc-{uuid.uuid4().hex}.sock")
+    request = {"jsonrpc": "2.0", "method": "dlg.list", "id": 1}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(reply_path)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+            s.settimeout(timeout)
+            s.sendto(json.dumps(request).encode(), path)
+            data = s.recv(16 << 20)
+        finally:
+            os.unlink(reply_path)
+    try:
+        reply = json.loads(data)
+    except ValueError as e:
+        raise ValueError(f"{address}: not a JSON-RPC reply ({e})") from None
+    if "error" in reply:
+        raise ValueError(f"{address}: dlg.list failed: {reply['error']}")
+    return parse_dialogs(reply.get("result"))
+
+
+def reconcile(engine: Engine, node: str, dialogs: Iterable[ProxyDialog],
+              dry_run: bool = False) -> Report:
+    """Bring the store in line with one node's dialogs (see the module doc)."""
+    report = Report(node)
+    theirs = {d.dialog_id: d for d in dialogs}
+    report.proxy_dialogs = len(theirs)
+    ours = set(engine.store.node_dialogs(node))
+    for did, d in theirs.items():
+        info = engine.store.dialog(did)
+        if info is not None and info.state in ("early", "confirmed"):
+            report.kept += 1
+            continue
+        report.added.append(did)
+        if not d.complete:
+            report.partial.append(did)
+        if not dry_run:
+            engine.restore(d.call, node, d.confirmed)
+    for did in sorted(ours - set(theirs)):
+        info = engine.store.dialog(did)
+        if info is None or info.state not in ("early", "confirmed"):
+            continue
+        report.removed.append(did)
+        if not dry_run:
+            engine.store.release(did, "reconciled")
+    engine.log.info("reconciled", reconcile_node=node, proxy_dialogs=report.proxy_dialogs,
+                    kept=report.kept, added=len(report.added), removed=len(report.removed),
+                    partial=len(report.partial), dry_run=dry_run)
+    return report
