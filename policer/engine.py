@@ -31,6 +31,8 @@ _OK = Reject(code=200, reason="OK", retry_after=None)
 #: Queued operations applied before an admit (the rest wait for later calls or tick()).
 _DRAIN_BEFORE_ADMIT = 200
 _DRAIN_PER_TICK = 5_000
+#: The most dialogs a store's renew ends in one call (the Redis store's RENEW_BATCH).
+_RENEW_BATCH = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,15 +453,19 @@ class Engine:
             if self.lease and now >= self._next_renew:
                 nodes = self._current.policy.nodes
                 self._next_renew = now + nodes.renew_ms / 1000
+                swept = 0
                 try:
-                    swept, _ = self.store.renew(self.node, nodes.lease_ms,
+                    for _ in range(50):  # each script ends a bounded batch
+                        n, _ = self.store.renew(self.node, nodes.lease_ms,
                                                 nodes.on_node_loss == "release")
+                        swept += n
+                        if n < _RENEW_BATCH:
+                            break
                 except StoreError as e:
                     self._failed()
                     self._store_error("renew", "", e)
-                else:
-                    if swept:
-                        self.log.warning("lost_node_dialogs_ended", count=swept)
+                if swept:
+                    self.log.warning("lost_node_dialogs_ended", count=swept)
         except Exception as e:  # a periodic duty must never take the timer process down
             self.log.error("tick_failed", error=repr(e))
 

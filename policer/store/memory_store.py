@@ -29,6 +29,7 @@ __all__ = ["MemoryStore"]
 _GRACE_MS = 60_000
 _DECIDED_MS = 32_000
 _SWEEP_BATCH = 100
+_RENEW_BATCH = 200
 
 
 
@@ -143,7 +144,7 @@ class MemoryStore:
             if node and request.lease_ms > 0:
                 self._nodes[node] = now + request.lease_ms
             if request.sweep_nodes:
-                self._sweep_lost_nodes(now, _SWEEP_BATCH)
+                self._sweep_lost_nodes(now, 10)
             self._sweep(self._early, now)
             self._sweep(self._confirmed, now)
             emergency = request.emergency or request.emergency_bypass
@@ -386,12 +387,12 @@ class MemoryStore:
                 del mine[did]
             left = 0
             if start:
-                for did in sorted(mine, key=lambda x: (mine[x], x))[:_SWEEP_BATCH]:
+                for did in sorted(mine, key=lambda x: (mine[x], x))[:_RENEW_BATCH]:
                     d = self._record(did, now)
                     if d is None or self._end(did, d, "node_restarted", now) is None:
                         mine.pop(did, None)
                 left = len(mine)
-            swept = self._sweep_lost_nodes(now, _SWEEP_BATCH) if sweep else 0
+            swept = self._sweep_lost_nodes(now, _RENEW_BATCH) if sweep else 0
             return swept, left
 
     def nodes(self) -> dict[str, int]:

@@ -53,6 +53,8 @@ _hiredis_pack: Any = _hiredis_packer()
 SWEEP_BATCH = 100
 #: Memberships whose admit.lua arguments are remembered (per store; then start over).
 MEMBER_CACHE = 4096
+#: Dialogs one renew script ends at most (lost nodes, or a restarted node's own).
+RENEW_BATCH = 200
 #: Call-end records kept in the stream (approximately; ``XADD MAXLEN ~``).
 CDR_MAXLEN = 100_000
 
@@ -427,7 +429,7 @@ class RedisStore:
     def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
               ) -> tuple[int, int]:
         r = self._eval("renew", [self.keys.prefix + "nodes"], [
-            self.keys.prefix, key_part(node), lease_ms, self.clock_offset_ms, 1000,
+            self.keys.prefix, key_part(node), lease_ms, self.clock_offset_ms, RENEW_BATCH,
             1 if sweep else 0, self.cdr_maxlen, "start" if start else "renew"])
         return int(r[0]), int(r[1])
 

@@ -7,7 +7,7 @@
 -- ARGV[3] 0 ordinary call, 1 emergency call (may use the reserve), 2 emergency with bypass,
 --         3 record a call the fallback admitted while Redis was down (no limit checked)
 -- ARGV[4] n members  ARGV[5] clock offset ms (tests; 0 in production)
--- ARGV[6] sweep batch (expired members removed per key and call)
+-- ARGV[6] sweep budget: expired entries removed per call (bounds the script's run time)
 -- ARGV[7] P (namespace prefix)  ARGV[8] node (encoded; '' = none)
 -- ARGV[9] lease ms to renew the node's lease by (0 = the node holds no lease)
 -- ARGV[10] end dialogs of lost nodes first (1|0)  ARGV[11] call-record MAXLEN
@@ -48,9 +48,10 @@ if node ~= '' and ARGV[9] ~= '0' then
   redis.call('ZADD', P .. 'nodes', now + tonumber(ARGV[9]), node)
 end
 -- dialogs of proxies that stopped renewing their lease stop counting (bounded per call)
-if ARGV[10] == '1' then sweep_lost_nodes(P, now, batch, ARGV[11]) end
+-- (a few per call: the nodes' tick() does the bulk, in scripts of its own)
+if ARGV[10] == '1' then sweep_lost_nodes(P, now, 10, ARGV[11]) end
 
--- Bounded clean-up of dialogs whose deadline passed: at most `batch` per zset and call.
+-- Bounded clean-up of dialogs whose deadline passed: at most `batch` per set and call.
 local function sweep_dialogs(zkey)
   local gone = redis.call('ZRANGEBYSCORE', zkey, '-inf', now, 'LIMIT', 0, batch)
   if #gone > 0 then
@@ -63,6 +64,8 @@ sweep_dialogs(KEYS[3])
 sweep_dialogs(KEYS[4])
 
 local tripped, tcount, tmax, bypass, shadow = 0, 0, -1, 0, 0
+-- expired members never count (ZCOUNT from now on); removing them shares one budget
+local budget = batch
 local base = 11
 for i = 1, n do
   local a = base + (i - 1) * 6
@@ -70,7 +73,11 @@ for i = 1, n do
   -- expired members never count (O(log n)); remove a bounded number of them
   local expired = redis.call('ZCOUNT', zkey, '-inf', now)
   if expired > 0 then
-    redis.call('ZREMRANGEBYRANK', zkey, 0, math.min(expired, batch) - 1)
+    local take = math.min(expired, budget)
+    if take > 0 then
+      redis.call('ZREMRANGEBYRANK', zkey, 0, take - 1)
+      budget = budget - take
+    end
   end
   local max = tonumber(ARGV[a + 4])
   local field = ARGV[a + 3]
