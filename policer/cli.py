@@ -456,13 +456,15 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         node, sep, address = spec.partition("=")
         if not sep or not node or not address:
             raise CliError(f"--proxy {spec!r}: expected NODE=ADDRESS")
+        listed_at = engine.store.now_ms()
         try:
             dialogs = fetch_dialogs(address, timeout=args.timeout)
         except (OSError, ValueError) as e:
             failed = True
             print(f"policer: {node}: cannot list dialogs at {address}: {e}", file=sys.stderr)
             continue
-        reports.append(reconcile(engine, node, dialogs, dry_run=args.dry_run))
+        reports.append(reconcile(engine, node, dialogs, dry_run=args.dry_run,
+                                 listed_at_ms=listed_at))
     if args.json:
         _print_json([r.as_dict() for r in reports])
     else:

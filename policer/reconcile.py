@@ -131,8 +131,12 @@ def fetch_dialogs(address: str, timeout: float = 5.0) -> list[ProxyDialog]:
 
 
 def reconcile(engine: Engine, node: str, dialogs: Iterable[ProxyDialog],
-              dry_run: bool = False) -> Report:
-    """Bring the store in line with one node's dialogs (see the module doc)."""
+              dry_run: bool = False, listed_at_ms: int | None = None) -> Report:
+    """Bring the store in line with one node's dialogs (see the module doc).
+
+    ``listed_at_ms`` (the store's clock, taken just before the proxy was asked)
+    protects calls that moved on while the list was taken: a dialog admitted
+    after it is not removed, and one that ended meanwhile is not added again."""
     report = Report(node)
     theirs = {d.dialog_id: d for d in dialogs}
     report.proxy_dialogs = len(theirs)
@@ -142,6 +146,8 @@ def reconcile(engine: Engine, node: str, dialogs: Iterable[ProxyDialog],
         if info is not None and info.state in ("early", "confirmed"):
             report.kept += 1
             continue
+        if info is not None and info.state == "ended":
+            continue  # it ended after the proxy listed it
         report.added.append(did)
         if not d.complete:
             report.partial.append(did)
@@ -151,6 +157,8 @@ def reconcile(engine: Engine, node: str, dialogs: Iterable[ProxyDialog],
         info = engine.store.dialog(did)
         if info is None or info.state not in ("early", "confirmed"):
             continue
+        if listed_at_ms is not None and info.init_ms >= listed_at_ms:
+            continue  # admitted after the proxy listed its dialogs
         report.removed.append(did)
         if not dry_run:
             engine.store.release(did, "reconciled")

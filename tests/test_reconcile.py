@@ -137,3 +137,20 @@ def test_cli_reconcile_reports_and_applies(setup: tuple[Engine, RedisStore, Path
     missing = run_cli("reconcile", "--proxy", "proxy-b=unix:/nonexistent/rpc.sock", env=env)
     assert missing.returncode == 3 and "cannot list dialogs" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_calls_that_moved_on_while_the_list_was_taken_are_left_alone(
+        setup: tuple[Engine, RedisStore, Path]) -> None:
+    engine, store, _ = setup
+    listed = [call("5551234", "hal"), call("5551234", "ida")]
+    for c in listed:
+        engine.admit(c)
+    snapshot = [kamailio_dialog(c) for c in listed]
+    listed_at = store.now_ms()
+    newer = engine.admit(call("5551234", "jan"))  # admitted after the proxy listed
+    engine.release(listed[1].dialog_id, "bye")  # ended after the proxy listed it
+    store.clock_offset_ms += 5  # (the store's clock moves on)
+    report = reconcile(engine, "proxy-a", parse_dialogs(snapshot), listed_at_ms=listed_at)
+    assert report.removed == [] and report.added == []
+    assert store.dialog(newer.dialog_id).state == "early"  # type: ignore[union-attr]
+    assert store.profile_size("total") == 2

@@ -130,10 +130,11 @@ class Soak:
             path = self.state / f"{node}.dialogs.json"
             if not path.exists() or self.workers[node].poll() is not None:
                 continue
+            listed_at = self.store.now_ms() - 1500  # the file is at most a second old
             d = json.loads(path.read_text())
             dialogs = [ProxyDialog(Call.from_json(x["call_id"], x["from_tag"], x["call"]),
                                    x["confirmed"], True) for x in d["dialogs"]]
-            r = reconcile(self.engine, node, dialogs)
+            r = reconcile(self.engine, node, dialogs, listed_at_ms=listed_at)
             added += len(r.added)
             removed += len(r.removed)
         return {"reconcile_added": added, "reconcile_removed": removed}
