@@ -232,3 +232,14 @@ def test_policy_reload_swaps_a_valid_file_and_keeps_the_old_on_error(
     assert e.store.profile_size("account", "acme") == 0
     rec = e.store.call_records()[-1]
     assert json.loads(json.dumps(rec.as_dict()))["Profiles"][-1] == "account=acme"
+
+
+def test_first_call_after_a_restart_is_decided_normally(own_redis: RedisServer,
+                                                        namespace: str) -> None:
+    """The connection broke while idle and the new Redis has no scripts: both are
+    mended inside the same call (reconnect, then SCRIPT LOAD), no fallback."""
+    e = engine_on(own_redis, namespace)
+    assert not e.admit(call("5551234", "before")).fallback
+    own_redis.restart()
+    d = e.admit(call("5551234", "after"))
+    assert d.admitted and not d.fallback, d.error

@@ -183,21 +183,25 @@ class RedisStore:
         if sha is None:
             sha = _SHAS[name] = hashlib.sha1(load_lua(name).encode()).hexdigest()
         packed = _pack(conn, ("EVALSHA", sha, len(keys), *keys, *args))
+        loaded = reconnected = False
         try:
-            try:
+            while True:
                 reused = conn._sock is not None
-                conn.send_packed_command(packed, check_health=False)
-                return conn.read_response()
-            except NoScriptError:
-                conn.send_packed_command(_pack(conn, ("SCRIPT", "LOAD", load_lua(name))),
-                                         check_health=False)
-                conn.read_response()
-            except redis.ConnectionError:
-                if not reused:
-                    raise
-                conn.disconnect()
-            conn.send_packed_command(packed, check_health=False)
-            return conn.read_response()
+                try:
+                    conn.send_packed_command(packed, check_health=False)
+                    return conn.read_response()
+                except NoScriptError:  # Redis restarted or failed over: load, run again
+                    if loaded:
+                        raise
+                    loaded = True
+                    conn.send_packed_command(_pack(conn, ("SCRIPT", "LOAD", load_lua(name))),
+                                             check_health=False)
+                    conn.read_response()
+                except redis.ConnectionError:  # broke while idle: reopen once
+                    if not reused or reconnected:
+                        raise
+                    reconnected = True
+                    conn.disconnect()
         except (redis.RedisError, OSError) as e:
             raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
 
@@ -445,10 +449,9 @@ class RedisStore:
         return list(self._run(lambda: client.zrange(key, 0, -1)))
 
     def ping(self) -> bool:
-        client = self.client
         try:
-            return bool(client.ping())
-        except (redis.RedisError, OSError):
+            return bool(self.client.ping())
+        except (redis.RedisError, OSError, StoreError):
             return False
 
     def close(self) -> None:
