@@ -47,8 +47,9 @@ def _common(p: argparse.ArgumentParser, store: bool = True) -> None:
                    help="policy file (env POLICER_POLICY, default policies/example.yaml)")
     if store:
         g.add_argument("--redis", default=None, metavar="URL",
-                       help="store URL: redis://, rediss://, unix:// or memory:// "
-                            "(env POLICER_REDIS_URL, default redis://127.0.0.1:6379/0)")
+                       help="store URL: redis://, rediss://, unix://, redis+sentinel://, "
+                            "redis+cluster:// or memory:// (env POLICER_REDIS_URL, default "
+                            "redis://127.0.0.1:6379/0; see docs/redis.md)")
     g.add_argument("--json", action="store_true", help="machine-readable output")
     g.add_argument("--log-level", default=None, help="debug, info, warning, error")
     g.add_argument("--log-format", default=None, choices=("json", "console"))
