@@ -1,0 +1,112 @@
+"""Redis Cluster: all keys of a namespace in one slot, namespaces spread over
+the primaries, and the engine unchanged on a cluster URL."""
+
+from __future__ import annotations
+
+import itertools
+
+from policer.call import Call
+from policer.engine import Engine
+from policer.policy import parse_policy
+from policer.store import open_store
+from policer.store.keys import Keys
+
+from .conftest import Cluster
+
+POLICY = """
+version: 1
+namespace: {ns}
+classes:
+  international: {{prefixes: ["00"]}}
+  local: {{default: true}}
+profiles:
+  total: {{}}
+  international: {{when: {{class: international}}}}
+  user: {{value: from_user}}
+limits:
+  total: {{max: 5}}
+  user: {{max: 2}}
+"""
+
+
+def _slot_owner(cluster: Cluster) -> dict[int, int]:
+    """slot -> port of the primary that serves it."""
+    c = cluster.node_client(cluster.nodes[0].port)
+    owner: dict[int, int] = {}
+    for start, end, primary, *_ in c.execute_command("CLUSTER", "SLOTS"):
+        for slot in range(int(start), int(end) + 1):
+            owner[slot] = int(primary[1])
+    c.close()
+    return owner
+
+
+def _keys_by_node(cluster: Cluster, ns: str) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for n in cluster.nodes:
+        c = cluster.node_client(n.port)
+        keys = sorted(c.scan_iter(match=Keys(ns).prefix.replace("{", "\\{")
+                                  .replace("}", "\\}") + "*"))
+        c.close()
+        if keys:
+            out[n.port] = keys
+    return out
+
+
+def _call(i: int, user: str, number: str) -> Call:
+    return Call.from_raw(f"c{i}@cluster", "ft", from_user=user, from_domain="example.net",
+                         ruri_user=number)
+
+
+def test_all_keys_of_a_namespace_are_in_one_slot(redis_cluster: Cluster, namespace: str) -> None:
+    store = open_store(redis_cluster.url, namespace, timeout_ms=5000)
+    engine = Engine(parse_policy(POLICY.format(ns=namespace), "<test>"), store, node="n1")
+    ids = []
+    for i, (user, number) in enumerate([("alice", "0049301"), ("bob", "5551"), ("bob", "5552"),
+                                        ("bob", "5553"), ("carol", "5554")]):
+        d = engine.admit(_call(i, user, number))
+        assert not d.fallback, d.error
+        ids.append((d.dialog_id, d.admitted))
+    assert [a for _, a in ids] == [True, True, True, False, True]
+    engine.confirm(ids[0][0])
+    engine.set_var(ids[0][0], "billing", "x")
+    store.limit_set("user", "carol", 7)
+    assert engine.release(ids[1][0], "bye") is not None
+    assert store.profile_size("total") == 3
+    assert store.profile_values("user") == {"alice": 1, "bob": 1, "carol": 1}
+
+    by_node = _keys_by_node(redis_cluster, namespace)
+    assert len(by_node) == 1, by_node  # one primary holds the whole namespace
+    (port, keys), = by_node.items()
+    kinds = {k.split(":")[2] for k in keys}
+    assert {"d", "p", "l", "early", "confirmed", "stats", "decisions", "cdr"} <= kinds
+    c = redis_cluster.node_client(port)
+    slots = {c.execute_command("CLUSTER", "KEYSLOT", k) for k in keys}
+    c.close()
+    assert len(slots) == 1, slots
+    assert _slot_owner(redis_cluster)[int(slots.pop())] == port
+    store.close()
+
+
+def test_two_namespaces_can_live_on_different_primaries(redis_cluster: Cluster) -> None:
+    owner = _slot_owner(redis_cluster)
+    c = redis_cluster.node_client(redis_cluster.nodes[0].port)
+    chosen: dict[int, str] = {}  # port -> namespace
+    for i in itertools.count():
+        ns = f"tenant{i}"
+        port = owner[int(c.execute_command("CLUSTER", "KEYSLOT", Keys(ns).stats))]
+        chosen.setdefault(port, ns)
+        if len(chosen) == 2:
+            break
+    c.close()
+    stores = {port: open_store(redis_cluster.url, ns, timeout_ms=5000)
+              for port, ns in chosen.items()}
+    for port, s in stores.items():
+        engine = Engine(parse_policy(POLICY.format(ns=s.namespace), "<test>"), s, node="n1")
+        for i in range(3):
+            d = engine.admit(_call(i, f"u{i}", "5551"))
+            assert d.admitted and not d.fallback, d.error
+        assert s.profile_size("total") == 3
+        assert list(_keys_by_node(redis_cluster, s.namespace)) == [port]
+        s.limit_set("user", "u0", 1)
+        s.close()
+    assert len(set(stores)) == 2

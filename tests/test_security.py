@@ -1,0 +1,345 @@
+"""Redis AUTH (requirepass), an ACL user with minimal rights, and TLS
+(``rediss://`` with a private CA and client certificates): the engine admits
+and releases through each, and a wrong password is a clean store error (a
+fallback decision for a proxy, exit status 3 for the command line) whose
+message, log lines and ``--json`` output never contain a password.
+
+Every Redis here is a private ``redis-server`` on a free loopback port; the
+certificates are made with ``openssl`` in the test's temporary directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import redis
+from clihelp import EXAMPLE, policy_copy, run_cli
+
+from policer.call import Call
+from policer.engine import Engine
+from policer.policy import parse_policy
+from policer.redis_server import RedisServer, free_port
+from policer.store import RedisStore, StoreError, open_store
+
+#: Passwords chosen to be unmistakable in any output (and to need URL quoting).
+ADMIN_PW = "Adm1n-s3cret-XQZ"
+POLICER_PW = "p0licer/pw:XQZ@7"
+WRONG_PW = "wr0ng-guess-XQZ"
+SECRETS = (ADMIN_PW, POLICER_PW, WRONG_PW, quote(POLICER_PW, safe=""))
+
+#: The policer ACL user: its own keys, data and script commands, nothing dangerous.
+ACL_RULES = ("on", "resetkeys", "~policer:*", "resetchannels", "-@all", "+@read", "+@write",
+             "+@scripting", "+@connection", "+@transaction", "+time", "-@dangerous",
+             "-script|flush", "-script|kill", "-function")
+
+POLICY = """
+version: 1
+namespace: {ns}
+classes:
+  international: {{prefixes: ["00"]}}
+  local: {{default: true}}
+profiles:
+  total: {{}}
+  user: {{value: from_user}}
+limits:
+  total: {{max: 2}}
+on_store_error: {on_error}
+store_timeout: 2s
+"""
+
+
+def _clean(text: str) -> None:
+    for secret in SECRETS:
+        assert secret not in text, f"a password leaked: {text[:500]}"
+
+
+def _call(n: int, user: str = "alice") -> Call:
+    return Call.from_raw(f"sec-{n}@test", "ft", from_user=user, from_domain="example.net",
+                         ruri_user="5551234")
+
+
+def _engine(url: str, namespace: str, on_error: str = "admit") -> Engine:
+    policy = parse_policy(POLICY.format(ns=namespace, on_error=on_error), "<test>")
+    return Engine(policy, open_store(url, namespace, timeout_ms=policy.store_timeout_ms),
+                  node="sec")
+
+
+def _admit_and_release(url: str, namespace: str) -> None:
+    """Admit to the limit, reject, confirm, keep a variable, release: all real decisions."""
+    engine = _engine(url, namespace)
+    d1, d2, d3 = (engine.admit(_call(i)) for i in range(3))
+    for d in (d1, d2, d3):
+        assert not d.fallback, d.error
+    assert d1.admitted and d2.admitted and not d3.admitted and d3.limit == "total"
+    assert engine.confirm(d1.dialog_id)
+    assert engine.set_var(d1.dialog_id, "billing", "acct-7")
+    assert engine.get_var(d1.dialog_id, "billing") == "acct-7"
+    store = engine.store
+    assert store.profile_size("total") == 2
+    assert store.profile_values("user") == {"alice": 2}
+    assert store.limit_set("user", "alice", 5) is None
+    assert engine.release(d1.dialog_id, "bye") is not None
+    assert engine.release(d2.dialog_id, "cancel") is not None
+    assert store.profile_size("total") == 0
+    assert store.stats()["ended"] == 2
+    assert [r.reason for r in store.call_records()] == ["bye", "cancel"]
+    assert store.ping()
+    store.close()
+
+
+def _wrong_password_is_clean(url: str, namespace: str, tmp_path: Path,
+                             extra_env: dict[str, str] | None = None) -> None:
+    """A proxy gets a fallback decision; the CLI a clear error; no password anywhere."""
+    for on_error, admitted in (("admit", True), ("reject", False)):
+        engine = _engine(url, namespace, on_error)
+        d = engine.admit(_call(99))
+        assert d.fallback and d.admitted is admitted
+        assert d.error
+        _clean(d.error)
+        _clean(repr(d.as_dict()))
+        with pytest.raises(StoreError) as e:
+            engine.store.stats()
+        _clean(str(e.value))
+        assert engine.store.ping() is False
+    env = {"POLICER_POLICY": str(policy_copy(tmp_path, namespace)), **(extra_env or {})}
+    for args in (("admit", "--from", "alice", "--to", "5551234", "--json"),
+                 ("admit", "--from", "alice", "--to", "112"),
+                 ("stats", "--json"),
+                 ("profile", "size", "total")):
+        proc = run_cli(*args, "--redis", url, env=env)
+        assert proc.returncode == 3, (args, proc.stdout, proc.stderr)
+        assert "store error" in proc.stderr and "Traceback" not in proc.stderr
+        _clean(proc.stdout + proc.stderr)
+    # the same through POLICER_REDIS_URL
+    proc = run_cli("stats", "--json", env={**env, "POLICER_REDIS_URL": url})
+    assert proc.returncode == 3
+    _clean(proc.stdout + proc.stderr)
+
+
+# ----------------------------------------------------------------------------- AUTH + ACL
+
+
+@pytest.fixture(scope="module")
+def auth_redis() -> Iterator[RedisServer]:
+    """A Redis whose default user needs ADMIN_PW, with an ACL user ``policer``."""
+    server = RedisServer().start()  # PING answers before the password is set
+    try:
+        c = redis.Redis(host=server.host, port=server.port, decode_responses=True)
+        c.execute_command("ACL", "SETUSER", "policer", *ACL_RULES, f">{POLICER_PW}")
+        c.config_set("requirepass", ADMIN_PW)
+        c.close()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_requirepass(auth_redis: RedisServer, namespace: str) -> None:
+    url = f"redis://:{quote(ADMIN_PW, safe='')}@127.0.0.1:{auth_redis.port}/0"
+    _admit_and_release(url, namespace)
+    # and no password: refused
+    d = _engine(f"redis://127.0.0.1:{auth_redis.port}/0", namespace).admit(_call(5))
+    assert d.fallback and "auth" in d.error.lower()
+
+
+def test_requirepass_wrong_password(auth_redis: RedisServer, namespace: str,
+                                    tmp_path: Path) -> None:
+    _wrong_password_is_clean(f"redis://:{WRONG_PW}@127.0.0.1:{auth_redis.port}/0",
+                             namespace, tmp_path)
+
+
+def test_acl_user(auth_redis: RedisServer, namespace: str, tmp_path: Path) -> None:
+    url = f"redis://policer:{quote(POLICER_PW, safe='')}@127.0.0.1:{auth_redis.port}/0"
+    _admit_and_release(url, namespace)
+    # the command line through the ACL user
+    env = {"POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
+    proc = run_cli("admit", "--from", "bob", "--to", "5551234", "--call-id", "cli-1",
+                   "--json", "--redis", url, env=env)
+    assert proc.returncode == 0, proc.stderr
+    _clean(proc.stdout + proc.stderr)
+    proc = run_cli("stats", "--json", "--redis", url, env=env)
+    assert proc.returncode == 0 and '"active": 1' in proc.stdout
+    _clean(proc.stdout + proc.stderr)
+    # the user's rights end at its own keys and harmless commands
+    c = redis.Redis(host="127.0.0.1", port=auth_redis.port, username="policer",
+                    password=POLICER_PW, decode_responses=True)
+    assert c.ping()
+    for forbidden in (lambda: c.get("other:key"), lambda: c.set("session:1", "x"),
+                      c.flushall, lambda: c.config_get("*"), lambda: c.keys("*"),
+                      c.script_flush, c.acl_list, lambda: c.execute_command("FUNCTION", "LIST")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            forbidden()
+    c.close()
+
+
+def test_acl_user_wrong_password(auth_redis: RedisServer, namespace: str,
+                                 tmp_path: Path) -> None:
+    _wrong_password_is_clean(f"redis://policer:{WRONG_PW}@127.0.0.1:{auth_redis.port}/0",
+                             namespace, tmp_path)
+
+
+def test_a_disabled_acl_user_is_a_store_error(auth_redis: RedisServer, namespace: str) -> None:
+    admin = redis.Redis(host="127.0.0.1", port=auth_redis.port, password=ADMIN_PW)
+    admin.execute_command("ACL", "SETUSER", "policer-off", "off", f">{POLICER_PW}")
+    admin.close()
+    url = f"redis://policer-off:{quote(POLICER_PW, safe='')}@127.0.0.1:{auth_redis.port}/0"
+    d = _engine(url, namespace, "reject").admit(_call(1))
+    assert d.fallback and not d.admitted
+    _clean(d.error)
+
+
+# ----------------------------------------------------------------------------- TLS
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_certificates(d: Path) -> dict[str, Path]:
+    """A private CA, a server certificate for 127.0.0.1/localhost and a client one."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl is needed for the TLS tests")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+             "-subj", "/CN=policer test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+    for name, usage, alt in (("server", "serverAuth", "IP:127.0.0.1,DNS:localhost"),
+                             ("client", "clientAuth", "DNS:policer-client")):
+        (d / f"{name}.ext").write_text(
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyAgreement\n"
+            f"extendedKeyUsage={usage}\n"
+            f"subjectAltName={alt}\n"
+            "authorityKeyIdentifier=keyid\n"
+            "subjectKeyIdentifier=hash\n")
+        _openssl("req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN=policer {name}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "2",
+                 "-extfile", f"{name}.ext", cwd=d)
+    return {n: d / n for n in ("ca.crt", "server.crt", "server.key", "client.crt",
+                               "client.key")}
+
+
+class TLSRedisServer(RedisServer):
+    """A redis-server that listens on a TLS port only (``--port 0``) and asks
+    clients for a certificate signed by the CA (``tls-auth-clients yes``)."""
+
+    def __init__(self, certs: dict[str, Path], extra_args: tuple[str, ...] = ()) -> None:
+        super().__init__(extra_args=[
+            "--port", "0",
+            "--tls-port", "0",  # replaced below
+            "--tls-cert-file", str(certs["server.crt"]),
+            "--tls-key-file", str(certs["server.key"]),
+            "--tls-ca-cert-file", str(certs["ca.crt"]),
+            "--tls-auth-clients", "yes",
+            *extra_args,
+        ])
+        self.extra_args[3] = str(self.port)
+        self.certs = certs
+
+    def client_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.certs["ca.crt"]))
+        ctx.load_cert_chain(str(self.certs["client.crt"]), str(self.certs["client.key"]))
+        return ctx
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as raw, \
+                    self.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRedisServer]:
+    certs = make_certificates(tmp_path_factory.mktemp("certs"))
+    server = TLSRedisServer(certs, extra_args=("--requirepass", ADMIN_PW))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def _tls_url(server: TLSRedisServer, password: str, **extra: str) -> str:
+    c = server.certs
+    args = {"ssl_ca_certs": str(c["ca.crt"]), "ssl_certfile": str(c["client.crt"]),
+            "ssl_keyfile": str(c["client.key"]), "ssl_cert_reqs": "required", **extra}
+    query = "&".join(f"{k}={v}" for k, v in args.items() if v)
+    return f"rediss://:{quote(password, safe='')}@127.0.0.1:{server.port}/0?{query}"
+
+
+def test_tls(tls_redis: TLSRedisServer, namespace: str, tmp_path: Path) -> None:
+    url = _tls_url(tls_redis, ADMIN_PW)
+    _admit_and_release(url, namespace)
+    store = open_store(url, namespace)
+    assert isinstance(store, RedisStore)
+    conn = store.client.connection_pool.get_connection()
+    assert isinstance(conn._sock, ssl.SSLSocket)  # really TLS
+    store.client.connection_pool.release(conn)
+    store.close()
+    env = {"POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
+    proc = run_cli("admit", "--from", "carol", "--to", "0049301", "--json", "--redis", url,
+                   env=env)
+    assert proc.returncode == 0, proc.stderr
+    _clean(proc.stdout + proc.stderr)
+    # plain TCP to a TLS port is no store
+    d = _engine(f"redis://:{ADMIN_PW}@127.0.0.1:{tls_redis.port}/0", namespace).admit(_call(7))
+    assert d.fallback
+    _clean(d.error)
+
+
+def test_tls_wrong_password(tls_redis: TLSRedisServer, namespace: str, tmp_path: Path) -> None:
+    _wrong_password_is_clean(_tls_url(tls_redis, WRONG_PW), namespace, tmp_path)
+
+
+@pytest.mark.parametrize("change", [
+    {"ssl_certfile": "", "ssl_keyfile": ""},  # no client certificate
+    {"ssl_ca_certs": ""},                     # the server's CA not trusted
+])
+def test_tls_refused(tls_redis: TLSRedisServer, namespace: str, change: dict[str, str]) -> None:
+    url = _tls_url(tls_redis, ADMIN_PW, **change)
+    d = _engine(url, namespace, "reject").admit(_call(8))
+    assert d.fallback and not d.admitted
+    _clean(d.error)
+
+
+# ----------------------------------------------------------------------------- URL forms
+
+
+@pytest.mark.parametrize("url", [
+    "redis+sentinel://policer:{pw}@127.0.0.1:{port},127.0.0.1:{port2}/policer/0"
+    "?sentinel_password={pw2}",
+    "redis+cluster://policer:{pw}@127.0.0.1:{port}",
+    "rediss://policer:{pw}@127.0.0.1:{port}/0?ssl_cert_reqs=none",
+    "redis://policer:{pw}@127.0.0.1:{port}/0?password={pw2}",
+])
+def test_nothing_listening_no_url_form_shows_a_password(url: str, namespace: str,
+                                                        tmp_path: Path) -> None:
+    url = url.format(pw=quote(POLICER_PW, safe=""), pw2=ADMIN_PW, port=free_port(),
+                     port2=free_port())
+    engine = _engine(url, namespace)
+    d = engine.admit(_call(1))
+    assert d.fallback
+    _clean(d.error)
+    env = {"POLICER_POLICY": str(policy_copy(tmp_path, namespace, EXAMPLE))}
+    for args in (("stats", "--json"), ("admit", "--to", "123", "--json")):
+        t0 = time.monotonic()
+        proc = run_cli(*args, "--redis", url, env=env)
+        assert proc.returncode == 3, (args, proc.stderr)
+        assert time.monotonic() - t0 < 30
+        _clean(proc.stdout + proc.stderr)
+    with contextlib.suppress(StoreError):
+        engine.store.close()
