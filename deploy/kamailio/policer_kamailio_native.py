@@ -3,7 +3,8 @@
 Loaded with ``modparam("app_python3", "load", ".../policer_kamailio_native.py")``.
 app_python3 imports this file as a module named after it (so it must not be
 called like a package it imports) before Kamailio forks, calls ``mod_init()``
-once and then the methods of the object it returns for every
+once (it starts policer's node: ``policer.adapters.kamailio.start``) and then
+the methods of the object it returns for every
 ``python_exec("method"[, "arg"])``.
 
 Debian's app_python3 embeds /usr/bin/python3: policer and its dependencies come
@@ -34,8 +35,11 @@ def _add_paths() -> None:
 
 _add_paths()
 
-from policer.adapters.kamailio import NativeHandler  # noqa: E402
+from policer.adapters.kamailio import NativeHandler, start  # noqa: E402
 
 
 def mod_init() -> NativeHandler:
+    # Once per Kamailio start, before the workers fork: end this node's dialogs left
+    # from an earlier run and take its lease (never raises).
+    start()
     return NativeHandler()

@@ -7,7 +7,9 @@ The same stateful proxy as kamailio.cfg + policer.cfg, routed in Python:
 * in-dialog requests follow the Record-Route set;
 * 401/407 from the upstream: answered once with uac_auth() when
   POLICER_UPSTREAM_AUTH_USER is set (same dialog, counted once);
-* dialog events (``event_callback``) confirm and release.
+* dialog events (``event_callback``) confirm and release;
+* ``ksr_policer_tick`` (rtimer, every second): lease, lost nodes, queued
+  operations, policy file changes; ``mod_init`` starts the node.
 
 app_python3 imports this file as a module named after it (do not name it like a
 package it imports), calls ``mod_init()`` once before Kamailio forks, then the
@@ -53,6 +55,8 @@ class PolicerKemi:
         self.auth_user = os.environ.get("POLICER_UPSTREAM_AUTH_USER", "")
         self.auth_password = os.environ.get("POLICER_UPSTREAM_AUTH_PASSWORD", "")
         self.auth_realm = os.environ.get("POLICER_UPSTREAM_AUTH_REALM", "")
+        rr = os.environ.get("POLICER_RECORD_ROUTE", "").removeprefix("sip:")
+        self.record_route = rr
 
     def child_init(self, rank: int) -> int:
         return 0
@@ -99,7 +103,10 @@ class PolicerKemi:
         # initial requests
         KSR.hdr.remove("Route")
         if KSR.is_method_in("IS"):  # INVITE, SUBSCRIBE
-            KSR.rr.record_route()
+            if self.record_route:  # a load balancer's shared address (POLICER_RECORD_ROUTE)
+                KSR.rr.record_route_advertised_address(self.record_route)
+            else:
+                KSR.rr.record_route()
 
         if KSR.is_INVITE():
             verdict = policer_kamailio.admit_current()
@@ -112,6 +119,9 @@ class PolicerKemi:
         self.relay()
 
     def route_within_dialog(self) -> None:
+        # a BYE for a dialog another (perhaps dead) proxy set up: still release it
+        if KSR.is_BYE() and KSR.dialog.is_known_dlg() < 0:
+            policer_kamailio.release_unknown()
         if KSR.rr.loose_route() > 0:
             self.relay()
             return
@@ -160,6 +170,12 @@ class PolicerKemi:
     def ksr_onreply_route(self, msg: object) -> int:
         return OK
 
+    # ------------------------------------------------------------------ timer
+
+    def ksr_policer_tick(self, msg: object, evname: str = "") -> int:
+        """rtimer, once a second: lease, lost nodes, queued operations, policy file."""
+        return policer_kamailio.tick()
+
     # ------------------------------------------------------------------ dialog
 
     def ksr_dialog_event(self, msg: object, event: str = "") -> int:
@@ -179,4 +195,7 @@ class PolicerKemi:
 
 
 def mod_init() -> PolicerKemi:
+    # Once per Kamailio start, before the workers fork: end this node's dialogs left
+    # from an earlier run and take its lease (never raises).
+    policer_kamailio.start()
     return PolicerKemi()

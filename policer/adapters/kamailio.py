@@ -10,9 +10,11 @@ Everything that touches Kamailio goes through the few ``_ksr_*`` functions below
 which import the ``KSR`` module (only present inside Kamailio) when first called,
 so this module imports and type-checks anywhere.
 
-The engine is built lazily, once per process id: the script is imported before
-Kamailio forks its workers, and every worker (and the timer process that runs
-dialog timeouts) must use its own Redis connections.
+One engine per Kamailio instance: :func:`start` builds it in ``mod_init``, before
+Kamailio forks its workers; the store opens Redis connections per process id, so
+every worker (and the timer process that runs dialog timeouts) gets its own.
+:func:`tick` runs about once a second in an rtimer process (lease, lost nodes,
+queued operations, policy file changes).
 
 No function here raises: every entry point catches, logs with the Call-ID and
 answers. Rejections and store errors are the engine's business (the policy's
@@ -21,14 +23,16 @@ answers. Rejections and store errors are the engine's business (the policy's
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from policer.call import Call, dialog_id
+from policer.engine import Decision, Engine
 
 __all__ = [
     "DIALOG_EVENTS",
@@ -42,7 +46,10 @@ __all__ = [
     "log",
     "reject_current",
     "release_current",
+    "release_unknown",
     "set_engine_factory",
+    "start",
+    "tick",
 ]
 
 #: The dialog module's event names, as event routes and ``event_callback`` see them.
@@ -56,69 +63,57 @@ FALSE = -1
 # --------------------------------------------------------------------------- engine
 
 
-class _Policy(Protocol):
-    @property
-    def header_names(self) -> tuple[str, ...]: ...
+def _default_factory() -> Engine:
+    return Engine.from_env()
 
 
-class _Decision(Protocol):
-    @property
-    def admitted(self) -> bool: ...
-    @property
-    def code(self) -> int: ...
-    @property
-    def reason(self) -> str: ...
-    @property
-    def retry_after(self) -> int | None: ...
+_factory: Callable[[], Engine] = _default_factory
+_engine: Engine | None = None
 
 
-class EngineLike(Protocol):
-    """What this adapter needs of :class:`policer.engine.Engine`."""
-
-    @property
-    def policy(self) -> _Policy: ...
-
-    def admit(self, call: Call) -> _Decision: ...
-
-    def confirm(self, dialog_id: str) -> Any: ...
-
-    def release(self, dialog_id: str, reason: str = ...) -> Any: ...
-
-
-def _default_factory() -> EngineLike:
-    """``Engine.from_env()``; ``POLICER_ENGINE_FACTORY=module:callable`` overrides (tests)."""
-    spec = os.environ.get("POLICER_ENGINE_FACTORY", "")
-    if spec:
-        module_name, _, attr = spec.partition(":")
-        factory: Callable[[], EngineLike] = getattr(importlib.import_module(module_name), attr)
-        return factory()
-    from policer.engine import Engine
-
-    built: EngineLike = Engine.from_env()
-    return built
-
-
-_factory: Callable[[], EngineLike] = _default_factory
-_engine: EngineLike | None = None
-_engine_pid = 0
-
-
-def set_engine_factory(factory: Callable[[], EngineLike]) -> None:
-    """Use ``factory`` to build the engine (once per process); mainly for tests."""
-    global _factory, _engine, _engine_pid
-    _factory = factory
+def set_engine_factory(factory: Callable[[], Engine] | None = None) -> None:
+    """Build the engine with ``factory`` from now on (``None``: ``Engine.from_env()``);
+    forgets the current one. For tests and embedders."""
+    global _factory, _engine
+    _factory = factory or _default_factory
     _engine = None
-    _engine_pid = 0
 
 
-def engine() -> EngineLike:
-    """This process's engine, built on first use after fork."""
-    global _engine, _engine_pid
-    pid = os.getpid()
-    if _engine is None or _engine_pid != pid:
+def engine() -> Engine:
+    """This proxy's engine, built on first use.
+
+    One engine serves the main process and every worker forked from it: the
+    store opens its Redis connections per process id, so building it before
+    Kamailio forks (in :func:`start`) is fine and saves each worker the policy load.
+    """
+    global _engine
+    if _engine is None:
         _engine = _factory()
-        _engine_pid = pid
     return _engine
+
+
+def start() -> int:
+    """Once per Kamailio start, before the workers fork (``mod_init``): build the
+    engine, end the dialogs this node (``POLICER_NODE``) left behind in an
+    earlier run and take its lease. Never raises; a failure is logged and the
+    engine is built again on first use."""
+    global _engine
+    try:
+        engine().start()
+    except Exception:
+        _engine = None
+        _log_exception("start", "")
+    return OK
+
+
+def tick() -> int:
+    """About once a second from a timer process (rtimer): renew the lease, end
+    dialogs of lost nodes, apply queued operations, reload a changed policy."""
+    try:
+        engine().tick()
+    except Exception:
+        _log_exception("tick", "")
+    return OK
 
 
 # --------------------------------------------------------------------------- KSR access
@@ -196,7 +191,7 @@ class Verdict:
     dialog_id: str = ""
 
     @classmethod
-    def from_decision(cls, decision: _Decision, did: str) -> Verdict:
+    def from_decision(cls, decision: Decision, did: str) -> Verdict:
         admitted = bool(decision.admitted)
         code = 200 if admitted else int(decision.code)
         if not admitted and not 300 <= code <= 699:
@@ -240,14 +235,13 @@ def build_call(headers: Mapping[str, str] | None = None) -> Call:
 
 def admit_current() -> Verdict:
     """Ask the engine about the current initial INVITE; never raises."""
-    call_id = _pv("$ci")
-    did = dialog_id(call_id, _pv("$ft"))
     try:
-        call = build_call()
-        return Verdict.from_decision(engine().admit(call), call.dialog_id)
+        decision = engine().admit(build_call())
+        return Verdict.from_decision(decision, decision.dialog_id)
     except Exception:
+        call_id = _pv("$ci")
         _log_exception("admit", call_id)
-        return _error_verdict(did)
+        return _error_verdict(_dialog_id(call_id, _pv("$ft")))
 
 
 def reject_current(verdict: Verdict) -> None:
@@ -258,11 +252,17 @@ def reject_current(verdict: Verdict) -> None:
     ksr.sl.send_reply(verdict.code, verdict.reason)
 
 
+@functools.lru_cache(maxsize=1024)
+def _dialog_id(call_id: str, from_tag: str) -> str:
+    # a dialog's events (start, end) arrive in the same worker more often than not
+    return dialog_id(call_id, from_tag)
+
+
 def current_dialog_id() -> str:
     """The dialog id of the dialog in context (``$dlg``), else of the current message."""
     call_id = _pv("$dlg(callid)") or _pv("$ci")
     from_tag = _pv("$dlg(from_tag)") or _pv("$ft")
-    return dialog_id(call_id, from_tag)
+    return _dialog_id(call_id, from_tag)
 
 
 def _end_reason(event: str) -> str:
@@ -277,9 +277,10 @@ def _end_reason(event: str) -> str:
 
 def dialog_event(event: str) -> int:
     """Tell the engine about a dialog module event; never raises."""
-    call_id = _pv("$dlg(callid)") or _pv("$ci")
+    call_id = ""
     try:
-        did = current_dialog_id()
+        call_id = _pv("$dlg(callid)") or _pv("$ci")
+        did = _dialog_id(call_id, _pv("$dlg(from_tag)") or _pv("$ft"))
         if event == "dialog:start":
             engine().confirm(did)
         elif event in ("dialog:end", "dialog:failed"):
@@ -295,9 +296,25 @@ def release_current(reason: str = "failed") -> int:
     """Release the dialog of the current request (admitted, then not relayed)."""
     call_id = _pv("$ci")
     try:
-        engine().release(dialog_id(call_id, _pv("$ft")), reason=reason)
+        engine().release(_dialog_id(call_id, _pv("$ft")), reason=reason)
     except Exception:
         _log_exception("release", call_id)
+    return OK
+
+
+def release_unknown() -> int:
+    """A BYE for a dialog this proxy does not track (another proxy set it up):
+    release it. The caller's From-tag is the From-tag of a caller's BYE and the
+    To-tag of a callee's; ``release`` is idempotent and a miss costs one lookup."""
+    call_id = _pv("$ci")
+    try:
+        eng = engine()
+        if eng.release(_dialog_id(call_id, _pv("$ft")), reason="bye") is None:
+            to_tag = _pv("$tt")
+            if to_tag:
+                eng.release(_dialog_id(call_id, to_tag), reason="bye")
+    except Exception:
+        _log_exception("release (BYE of an unknown dialog)", call_id)
     return OK
 
 
@@ -315,6 +332,10 @@ class NativeHandler:
 
     def child_init(self, rank: int) -> int:
         return 0
+
+    def tick(self, msg: object, args: str | None = None) -> int:
+        """``python_exec("tick")`` from the rtimer route, about once a second."""
+        return tick()
 
     def admit(self, msg: object, args: str | None = None) -> int:
         verdict = admit_current()
@@ -334,3 +355,6 @@ class NativeHandler:
 
     def release(self, msg: object, reason: str = "failed") -> int:
         return release_current(reason or "failed")
+
+    def release_unknown(self, msg: object, args: str | None = None) -> int:
+        return release_unknown()

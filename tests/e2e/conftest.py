@@ -146,6 +146,25 @@ class Proxy:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def processes(self) -> list[int]:
+        """Pids of every live process of this Kamailio (its process group)."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            fields = text[text.rfind(")") + 2 :].split()
+            if int(fields[2]) == self.process.pid and fields[0] != "Z":
+                pids.append(int(stat.parent.name))
+        return pids
+
+    def kill9(self) -> None:
+        """Crash: SIGKILL to every process of the group at once (main, workers, timers)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
     def stop(self) -> None:
         _stop_group(self.process)
 
@@ -425,6 +444,7 @@ class Lab:
         rate: int = 200,
         concurrent: int | None = None,
         timeout: float = 40,
+        extra: Sequence[str] = (),
     ) -> Uac:
         """Place ``count`` calls (default one per CSV line) through ``proxy``."""
         self._seq += 1
@@ -463,6 +483,7 @@ class Lab:
             "-timeout_error",
             "-recv_timeout",
             "30000",
+            *extra,
         ]
         with screen.open("wb") as fh:
             proc = subprocess.Popen(

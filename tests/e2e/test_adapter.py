@@ -1,7 +1,9 @@
-"""The Kamailio adapter without Kamailio: a fake ``KSR`` module and a fake engine.
+"""The Kamailio adapter without Kamailio: a real engine over the in-process store,
+and a fake ``KSR`` module (KSR only exists inside Kamailio).
 
-Fast (no processes): it covers what the e2e tests cannot provoke on purpose,
-the adapter's own error paths. Not marked e2e.
+Fast (no processes): what a caller sees when the adapter decides (the reply
+code, reason and Retry-After sent, or the relay) and how calls end, including
+the failures the end-to-end tests cannot provoke on purpose. Not marked e2e.
 """
 
 from __future__ import annotations
@@ -9,222 +11,160 @@ from __future__ import annotations
 import sys
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from policer.adapters import kamailio as adapter
-from policer.call import Call, dialog_id
+from policer.engine import Engine
+from policer.policy import parse_policy
+from policer.store import MemoryStore
+
+POLICY = """
+version: 1
+namespace: adapter
+call:
+  attributes: {account: "header:X-Account"}
+profiles:
+  total: {}
+  account: {value: account}
+limits:
+  total: {max: 10}
+  account: {max: 1, reject: {code: 486, reason: "Account Call Limit", retry_after: 30}}
+reject: {code: 503, reason: "Call Limit Reached", retry_after: 7}
+"""
 
 
-class FakePV:
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.values = values
-        self.set: dict[str, Any] = {}
+class FakeKSR(types.ModuleType):
+    """The few KSR functions the adapter uses, recording what it sends."""
 
-    def get(self, name: str) -> Any:
-        return self.values.get(name)
-
-    def sets(self, name: str, value: str) -> None:
-        self.set[name] = value
-
-    def seti(self, name: str, value: int) -> None:
-        self.set[name] = value
-
-
-class FakeHdr:
-    def __init__(self, headers: dict[str, str]) -> None:
-        self.headers = {k.lower(): v for k, v in headers.items()}
-        self.appended: list[str] = []
-
-    def get(self, name: str) -> str | None:
-        return self.headers.get(name.lower())
-
-    def append_to_reply(self, text: str) -> None:
-        self.appended.append(text)
-
-
-class FakeSL:
     def __init__(self) -> None:
-        self.replies: list[tuple[int, str]] = []
+        super().__init__("KSR")
+        self.values: dict[str, Any] = {}
+        self.headers: dict[str, str] = {}
+        self.vars: dict[str, Any] = {}
+        self.replies: list[tuple[int, str, list[str]]] = []
+        self.logged: list[tuple[str, str]] = []
+        self._appended: list[str] = []
+        self.pv = types.SimpleNamespace(get=self.values.get, sets=self.vars.__setitem__,
+                                        seti=self.vars.__setitem__)
+        self.hdr = types.SimpleNamespace(get=lambda n: self.headers.get(n.lower()),
+                                         append_to_reply=self._appended.append)
+        self.sl = types.SimpleNamespace(send_reply=self._reply)
+        for level in ("err", "warn", "notice", "info", "dbg"):
+            setattr(self, level, lambda msg, _l=level: self.logged.append((_l, msg)))
 
-    def send_reply(self, code: int, reason: str) -> None:
-        self.replies.append((code, reason))
+    def _reply(self, code: int, reason: str) -> None:
+        self.replies.append((code, reason, list(self._appended)))
+        self._appended.clear()
+
+    def invite(self, call_id: str, user: str = "alice", account: str = "acme") -> None:
+        self.values.clear()
+        self.values.update({"$ci": call_id, "$ft": f"tag-{call_id}", "$fU": user,
+                            "$fd": "example.net", "$rU": "5551234", "$tU": "5551234",
+                            "$si": "127.0.0.1", "$rm": "INVITE"})
+        self.headers = {"x-account": account} if account else {}
+        self.vars.clear()
+
+    def in_dialog(self, call_id: str, method: str, status: str | None = None) -> None:
+        """A dialog event: $dlg names the dialog; the message may come from the callee."""
+        self.values.clear()
+        self.values.update({"$ci": call_id, "$ft": "callee-tag", "$rm": method, "$rs": status,
+                            "$dlg(callid)": call_id, "$dlg(from_tag)": f"tag-{call_id}"})
 
 
 @pytest.fixture
-def ksr() -> Iterator[types.SimpleNamespace]:
-    values = {
-        "$ci": "abc@host",
-        "$ft": "tag1",
-        "$fU": "alice",
-        "$fd": "example.net",
-        "$rU": "0044123",
-        "$tU": "0044123",
-        "$si": "127.0.0.1",
-        "$au": None,
-        "$rm": "INVITE",
-    }
-    fake = types.SimpleNamespace(
-        pv=FakePV(values),
-        hdr=FakeHdr({"X-Account": "acme"}),
-        sl=FakeSL(),
-        logged=[],
-    )
-    for level in ("err", "warn", "notice", "info", "dbg"):
-        setattr(fake, level, lambda msg, _l=level: fake.logged.append((_l, msg)))
-    module = types.ModuleType("KSR")
-    module.__dict__.update(fake.__dict__)
-    sys.modules["KSR"] = module
+def ksr() -> Iterator[FakeKSR]:
+    fake = FakeKSR()
+    sys.modules["KSR"] = fake
     adapter._ksr_module = None
     try:
         yield fake
     finally:
         sys.modules.pop("KSR", None)
         adapter._ksr_module = None
-        adapter.set_engine_factory(adapter._default_factory)
+        adapter.set_engine_factory(None)
 
 
-@dataclass(frozen=True)
-class FakeDecision:
-    admitted: bool
-    code: int = 200
-    reason: str = "OK"
-    retry_after: int | None = None
+@pytest.fixture
+def engine(ksr: FakeKSR) -> Engine:
+    policy = parse_policy(POLICY)
+    real = Engine(policy, MemoryStore(policy.namespace), node="test-node")
+    adapter.set_engine_factory(lambda: real)
+    return real
 
 
-@dataclass
-class FakePolicy:
-    header_names: tuple[str, ...] = ("x-account",)
+def test_admitted_invite_is_relayed_and_counted(ksr: FakeKSR, engine: Engine) -> None:
+    ksr.invite("c1")
+    assert adapter.NativeHandler().admit(object()) == adapter.OK
+    assert ksr.vars == {"$var(policer_code)": 200, "$var(policer_reason)": "OK",
+                        "$var(policer_retry_after)": -1}
+    assert ksr.replies == []
+    assert engine.store.profile_size("account", "acme") == 1
+    assert engine.store.profile_size("total") == 1
 
 
-@dataclass
-class FakeEngine:
-    decision: FakeDecision = field(default_factory=lambda: FakeDecision(True))
-    fail: bool = False
-    policy: FakePolicy = field(default_factory=FakePolicy)
-    calls: list[Call] = field(default_factory=list)
-    events: list[tuple[str, str, str]] = field(default_factory=list)
-
-    def admit(self, call: Call) -> FakeDecision:
-        if self.fail:
-            raise RuntimeError("boom")
-        self.calls.append(call)
-        return self.decision
-
-    def confirm(self, dialog_id: str) -> bool:
-        if self.fail:
-            raise RuntimeError("boom")
-        self.events.append(("confirm", dialog_id, ""))
-        return True
-
-    def release(self, dialog_id: str, reason: str = "bye") -> None:
-        if self.fail:
-            raise RuntimeError("boom")
-        self.events.append(("release", dialog_id, reason))
-
-
-def use(engine: FakeEngine) -> FakeEngine:
-    adapter.set_engine_factory(lambda: engine)
-    return engine
-
-
-def test_call_is_built_from_pseudo_variables(ksr: types.SimpleNamespace) -> None:
-    engine = use(FakeEngine())
-    verdict = adapter.admit_current()
-    assert verdict.admitted and verdict.code == 200
-    (call,) = engine.calls
-    assert (call.call_id, call.from_tag, call.from_user, call.from_domain) == (
-        "abc@host",
-        "tag1",
-        "alice",
-        "example.net",
-    )
-    assert (call.ruri_user, call.source_ip, call.auth_user) == ("0044123", "127.0.0.1", "")
-    assert dict(call.headers) == {"x-account": "acme"}
-    assert verdict.dialog_id == dialog_id("abc@host", "tag1")
-
-
-def test_native_rejection_sets_vars(ksr: types.SimpleNamespace) -> None:
-    use(FakeEngine(FakeDecision(False, 486, "Account\r\nLimit", 30)))
+def test_rejection_reply_native_and_kemi(ksr: FakeKSR, engine: Engine) -> None:
+    ksr.invite("c1")
+    assert adapter.admit_current().admitted
+    # native: the cfg replies from $var(...)
+    ksr.invite("c2")
     assert adapter.NativeHandler().admit(object()) == adapter.FALSE
-    assert ksr.pv.set == {
-        "$var(policer_code)": 486,
-        "$var(policer_reason)": "AccountLimit",
-        "$var(policer_retry_after)": 30,
-    }
-
-
-def test_kemi_rejection_replies_with_retry_after(ksr: types.SimpleNamespace) -> None:
-    use(FakeEngine(FakeDecision(False, 503, "Call Limit Reached", 7)))
+    assert ksr.vars == {"$var(policer_code)": 486, "$var(policer_reason)": "Account Call Limit",
+                        "$var(policer_retry_after)": 30}
+    # KEMI: the adapter replies itself, with Retry-After
+    ksr.invite("c3", account="")
+    for i in range(9):
+        ksr.invite(f"f{i}", user=f"u{i}", account="")
+        assert adapter.admit_current().admitted
+    ksr.invite("c4", account="")
     adapter.reject_current(adapter.admit_current())
-    assert ksr.hdr.appended == ["Retry-After: 7\r\n"]
-    assert ksr.sl.replies == [(503, "Call Limit Reached")]
-
-
-def test_engine_failure_answers_500_and_logs_call_id(ksr: types.SimpleNamespace) -> None:
-    use(FakeEngine(fail=True))
-    handler = adapter.NativeHandler()
-    assert handler.admit(object()) == adapter.FALSE
-    assert ksr.pv.set["$var(policer_code)"] == 500
-    assert any(level == "err" and "abc@host" in msg for level, msg in ksr.logged)
-    # dialog events never raise either, and never return 0 (which stops the cfg)
-    assert handler.dialog_event(object(), "dialog:end") == adapter.OK
-
-
-def test_engine_construction_failure_is_caught(ksr: types.SimpleNamespace) -> None:
-    def broken() -> adapter.EngineLike:
-        raise OSError("no policy")
-
-    adapter.set_engine_factory(broken)
-    assert adapter.admit_current().code == 500
+    assert ksr.replies == [(503, "Call Limit Reached", ["Retry-After: 7\r\n"])]
 
 
 @pytest.mark.parametrize(
-    ("event", "method", "status", "expected"),
+    ("event", "method", "status", "reason"),
     [
-        ("dialog:start", "INVITE", "200", ("confirm", "")),
-        ("dialog:end", "BYE", None, ("release", "bye")),
-        ("dialog:end", "OPTIONS", None, ("release", "timeout")),  # faked message
-        ("dialog:failed", "INVITE", "486", ("release", "failed")),
-        ("dialog:failed", "INVITE", "487", ("release", "cancel")),
-        ("dialog:failed", "CANCEL", None, ("release", "cancel")),
+        ("dialog:end", "BYE", None, "bye"),
+        ("dialog:end", "OPTIONS", None, "timeout"),  # Kamailio's timeout: a faked message
+        ("dialog:failed", "INVITE", "486", "failed"),
+        ("dialog:failed", "INVITE", "487", "cancel"),
+        ("dialog:failed", "CANCEL", None, "cancel"),
     ],
 )
-def test_dialog_events(
-    ksr: types.SimpleNamespace,
-    event: str,
-    method: str,
-    status: str | None,
-    expected: tuple[str, str],
+def test_dialog_events_release_with_reason(
+    ksr: FakeKSR, engine: Engine, event: str, method: str, status: str | None, reason: str
 ) -> None:
-    engine = use(FakeEngine())
-    # a BYE from the callee: $ft is the callee's tag, $dlg(from_tag) the caller's
-    ksr.pv.values.update(
-        {
-            "$rm": method,
-            "$rs": status,
-            "$ft": "callee-tag",
-            "$dlg(callid)": "abc@host",
-            "$dlg(from_tag)": "tag1",
-        }
-    )
+    ksr.invite("c1")
+    assert adapter.admit_current().admitted
+    if event == "dialog:end":
+        ksr.in_dialog("c1", "INVITE", "200")
+        assert adapter.dialog_event("dialog:start") == adapter.OK
+        assert engine.store.stats()["confirmed"] == 1
+    ksr.in_dialog("c1", method, status)  # e.g. a BYE from the callee: tags reversed
     assert adapter.dialog_event(event) == adapter.OK
-    assert engine.events == [(expected[0], dialog_id("abc@host", "tag1"), expected[1])]
+    assert engine.store.profile_size("total") == 0
+    (record,) = engine.store.call_records()
+    assert (record.call_id, record.reason) == ("c1", reason)
 
 
-def test_engine_is_built_once_per_process(
-    ksr: types.SimpleNamespace, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    built: list[FakeEngine] = []
+def test_failures_answer_500_and_never_raise(ksr: FakeKSR, engine: Engine) -> None:
+    def broken() -> Engine:
+        raise OSError("no policy file")
 
-    def factory() -> FakeEngine:
-        built.append(FakeEngine())
-        return built[-1]
+    adapter.set_engine_factory(broken)
+    ksr.invite("c1")
+    handler = adapter.NativeHandler()
+    assert handler.admit(object()) == adapter.FALSE
+    assert ksr.vars["$var(policer_code)"] == 500
+    assert any(level == "err" and "'c1'" in msg for level, msg in ksr.logged)
+    # dialog events, start and tick never raise, and never return 0 (that stops the cfg)
+    ksr.in_dialog("c1", "BYE")
+    assert handler.dialog_event(object(), "dialog:end") == adapter.OK
+    assert adapter.start() == adapter.OK and handler.tick(object()) == adapter.OK
 
-    adapter.set_engine_factory(factory)
-    assert adapter.engine() is adapter.engine()
-    monkeypatch.setattr("os.getpid", lambda: -1)  # "after fork"
-    adapter.engine()
-    assert len(built) == 2
+
+def test_start_and_tick_hold_the_node_lease(ksr: FakeKSR, engine: Engine) -> None:
+    assert adapter.start() == adapter.OK
+    assert "test-node" in engine.store.nodes()
+    assert adapter.NativeHandler().tick(object()) == adapter.OK
