@@ -114,6 +114,8 @@ class PolicerKemi:
                 policer_kamailio.reject_current(verdict)
                 return
             KSR.dialog.dlg_manage()
+            # the call's attributes, for `policer reconcile` if Redis ever loses the call
+            KSR.pv.sets("$dlg_var(policer_call)", verdict.call_json)
 
         KSR.setdsturi(self.upstream)
         self.relay()

@@ -189,9 +189,12 @@ class Verdict:
     reason: str
     retry_after: int | None = None
     dialog_id: str = ""
+    #: the admitted call's attributes, kept in ``$dlg_var(policer_call)`` so that
+    #: ``policer reconcile`` can count the call again if Redis loses it
+    call_json: str = ""
 
     @classmethod
-    def from_decision(cls, decision: Decision, did: str) -> Verdict:
+    def from_decision(cls, decision: Decision, did: str, call_json: str = "") -> Verdict:
         admitted = bool(decision.admitted)
         code = 200 if admitted else int(decision.code)
         if not admitted and not 300 <= code <= 699:
@@ -203,6 +206,7 @@ class Verdict:
             reason=_sanitize_reason(str(decision.reason or "")) if not admitted else "OK",
             retry_after=int(retry) if retry is not None and not admitted else None,
             dialog_id=did,
+            call_json=call_json if admitted else "",
         )
 
 
@@ -236,8 +240,10 @@ def build_call(headers: Mapping[str, str] | None = None) -> Call:
 def admit_current() -> Verdict:
     """Ask the engine about the current initial INVITE; never raises."""
     try:
-        decision = engine().admit(build_call())
-        return Verdict.from_decision(decision, decision.dialog_id)
+        call = build_call()
+        decision = engine().admit(call)
+        kept = call.to_json() if decision.admitted else ""
+        return Verdict.from_decision(decision, decision.dialog_id, kept)
     except Exception:
         call_id = _pv("$ci")
         _log_exception("admit", call_id)
@@ -345,6 +351,7 @@ class NativeHandler:
             _set_var(
                 "policer_retry_after", -1 if verdict.retry_after is None else verdict.retry_after
             )
+            _set_var("policer_call", verdict.call_json)
         except Exception:
             _log_exception("admit (setting $var)", _pv("$ci"))
             return FALSE

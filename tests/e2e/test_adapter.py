@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from policer.adapters import kamailio as adapter
+from policer.call import Call
 from policer.engine import Engine
 from policer.policy import parse_policy
 from policer.store import MemoryStore
@@ -97,8 +98,11 @@ def engine(ksr: FakeKSR) -> Engine:
 def test_admitted_invite_is_relayed_and_counted(ksr: FakeKSR, engine: Engine) -> None:
     ksr.invite("c1")
     assert adapter.NativeHandler().admit(object()) == adapter.OK
+    kept = ksr.vars.pop("$var(policer_call)")
     assert ksr.vars == {"$var(policer_code)": 200, "$var(policer_reason)": "OK",
                         "$var(policer_retry_after)": -1}
+    # the call's attributes, kept with Kamailio's dialog for `policer reconcile`
+    assert Call.from_json("c1", "x", kept).headers == {"x-account": "acme"}
     assert ksr.replies == []
     assert engine.store.profile_size("account", "acme") == 1
     assert engine.store.profile_size("total") == 1
@@ -111,7 +115,7 @@ def test_rejection_reply_native_and_kemi(ksr: FakeKSR, engine: Engine) -> None:
     ksr.invite("c2")
     assert adapter.NativeHandler().admit(object()) == adapter.FALSE
     assert ksr.vars == {"$var(policer_code)": 486, "$var(policer_reason)": "Account Call Limit",
-                        "$var(policer_retry_after)": 30}
+                        "$var(policer_retry_after)": 30, "$var(policer_call)": ""}
     # KEMI: the adapter replies itself, with Retry-After
     ksr.invite("c3", account="")
     for i in range(9):

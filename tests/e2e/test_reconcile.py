@@ -1,0 +1,36 @@
+"""``policer reconcile`` against real Kamailio proxies: Redis loses its state
+while calls are up (restarted empty); the proxies' own dialog lists, read over
+their JSON-RPC socket, bring every count back, header-valued profiles
+included (the adapter keeps the call's attributes in $dlg_var(policer_call))."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from policer.redis_server import RedisServer
+
+from .conftest import Lab
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+
+def test_reconcile_rebuilds_counts_after_redis_restarted_empty(lab: Lab) -> None:
+    lab.use_policy("classes")
+    with RedisServer() as private:
+        lab.redis_url = private.url
+        uas = lab.start_uas("uas.xml")
+        proxy = lab.start_proxy(upstream_port=uas.port)
+        lab.start_uac(proxy, [("alice", "acme", "5551"), ("bob", "acme", "0301234")],
+                            hold_ms=20_000)
+        assert lab.wait_size("total", 2, timeout=10) == 2
+        private.restart()  # empty: every count is gone, the calls are still up
+        assert lab.size("total") == 0
+        out = json.loads(lab.policer(
+            "reconcile", "--proxy", f"{proxy.node}=unix:{proxy.runtime_dir}/kamailio_rpc.sock",
+            "--json"))
+        assert len(out[0]["added"]) == 2 and out[0]["partial"] == []
+        assert lab.size("total") == 2
+        assert lab.size("account", "acme") == 2
+        assert lab.size("user", "alice") == 1
