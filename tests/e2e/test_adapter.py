@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from policer.adapters import kamailio as adapter
 from policer.call import Call
@@ -172,3 +174,39 @@ def test_start_and_tick_hold_the_node_lease(ksr: FakeKSR, engine: Engine) -> Non
     assert adapter.start() == adapter.OK
     assert "test-node" in engine.store.nodes()
     assert adapter.NativeHandler().tick(object()) == adapter.OK
+
+
+# hostile SIP values through the adapter (issue 5) -----------------------------------
+
+_NASTY = st.one_of(
+    st.none(),
+    st.integers(-(2**63), 2**63),
+    st.text(alphabet=st.sampled_from("{}:; \r\n\x00\t%~*@<>\"'\\aé€\ud800"), max_size=40),
+    st.binary(max_size=40),
+    st.just("x" * 65536),
+    st.just("{" * 4096 + ":" + "}" * 4096),
+)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.fixed_dictionaries({k: _NASTY for k in ("$ci", "$ft", "$fU", "$fd", "$rU",
+                                                           "$tU", "$si", "$au")}),
+       account=_NASTY)
+def test_hostile_sip_values_never_raise_and_get_a_sip_answer(
+        ksr: FakeKSR, engine: Engine, values: dict[str, Any], account: Any) -> None:
+    ksr.values.clear()
+    ksr.values.update(values)
+    ksr.headers = {"x-account": account} if account is not None else {}
+    ksr.vars.clear()
+    result = adapter.NativeHandler().admit(object())
+    assert result in (adapter.OK, adapter.FALSE)
+    code = ksr.vars["$var(policer_code)"]
+    assert code == 200 or 300 <= code <= 699
+    reason = ksr.vars["$var(policer_reason)"]
+    assert isinstance(reason, str) and "\r" not in reason and "\n" not in reason
+    # whatever was admitted can be ended again through the dialog events
+    ksr.values.update({"$dlg(callid)": values["$ci"], "$dlg(from_tag)": values["$ft"],
+                       "$rm": "BYE"})
+    adapter.dialog_event("dialog:end")
+    assert engine.store.stats()["active"] == 0
