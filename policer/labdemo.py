@@ -22,7 +22,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import TextIO
 
 from policer.engine import Engine
-from policer.redis_server import RedisServer, RedisServerError
+from policer.redis_server import RedisServer, RedisServerError, free_udp_port
 from policer.snapshot import Snapshot, take_snapshot
 from policer.top import render
 
@@ -51,20 +50,6 @@ NUMBERS: tuple[tuple[float, tuple[str, ...]], ...] = (
     (0.20, ("00442071234567", "+33142685300", "0014155550100")),  # international
     (0.05, ("112", "911")),  # emergency: admitted even when limits are reached
 )
-
-
-def _free_udp_port() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = int(u.getsockname()[1])
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            try:
-                t.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free UDP port")
 
 
 def callers_csv(path: Path, users: int, rows: int, seed: int) -> None:
@@ -105,7 +90,7 @@ class Lab:
         return p
 
     def start_proxy(self, node: str, policy: Path, redis_url: str, upstream: int) -> int:
-        port = _free_udp_port()
+        port = free_udp_port()
         runtime = Path(tempfile.mkdtemp(prefix="pd-"))  # short: unix socket paths
         env = {
             **os.environ,
@@ -193,10 +178,10 @@ def run(seconds: float = 30.0, rate: int = 40, hold_ms: int = 4000, users: int =
     try:
         lab.redis = RedisServer().start()
         url = lab.redis.url
-        uas_port = _free_udp_port()
+        uas_port = free_udp_port()
         lab.spawn("sipp-upstream", [SIPP, "-sf", str(DEPLOY / "sipp" / "uas.xml"), "-i",
                                     "127.0.0.1", "-p", str(uas_port), "-mp",
-                                    str(_free_udp_port()), "-nostdin"])
+                                    str(free_udp_port()), "-nostdin"])
         ports = [lab.start_proxy(node, policy, url, uas_port) for node in ("demo-a", "demo-b")]
         engine = Engine.from_env(str(policy), url, lease=False)
         out.write(f"demo: redis {url}, proxies demo-a 127.0.0.1:{ports[0]} and demo-b "
@@ -209,8 +194,8 @@ def run(seconds: float = 30.0, rate: int = 40, hold_ms: int = 4000, users: int =
             callers_csv(csv, users, 2000, seed=i)
             lab.spawn(f"sipp-callers-{i}", [
                 SIPP, f"127.0.0.1:{port}", "-sf", str(DEPLOY / "sipp" / "uac.xml"),
-                "-inf", str(csv), "-i", "127.0.0.1", "-p", str(_free_udp_port()),
-                "-mp", str(_free_udp_port()), "-r", str(rate), "-m", str(calls),
+                "-inf", str(csv), "-i", "127.0.0.1", "-p", str(free_udp_port()),
+                "-mp", str(free_udp_port()), "-r", str(rate), "-m", str(calls),
                 "-d", str(hold_ms), "-nostdin", "-timeout", f"{int(seconds + 60)}s",
                 "-recv_timeout", "10000",
             ])

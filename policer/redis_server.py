@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["RedisServer", "RedisServerError", "find_redis_server", "free_port"]
+__all__ = ["RedisServer", "RedisServerError", "find_redis_server", "free_port", "free_udp_port"]
 
 
 class RedisServerError(RuntimeError):
@@ -42,6 +42,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A port on ``host`` free for UDP and for TCP right now (SIP listens on both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind((host, 0))
+            port = int(u.getsockname()[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            try:
+                t.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free UDP port")
 
 
 class RedisServer:

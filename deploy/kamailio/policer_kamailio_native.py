@@ -14,26 +14,14 @@ from the repository this file sits in and its ``.venv``.
 
 from __future__ import annotations
 
-import glob
 import os
-import site
 import sys
 
+# this script's directory, for the shared path set-up (app_python3 loads us by path)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import policer_paths
 
-def _add_paths() -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    repo = os.path.dirname(os.path.dirname(here))
-    paths = [p for p in os.environ.get("POLICER_PYTHON_PATH", "").split(":") if p]
-    if not paths:
-        paths = [repo, *glob.glob(os.path.join(repo, ".venv", "lib", "python3*", "site-packages"))]
-    for path in paths:
-        if path.endswith("site-packages"):
-            site.addsitedir(path)
-        elif path not in sys.path:
-            sys.path.insert(0, path)
-
-
-_add_paths()
+policer_paths.add_paths()
 
 from policer.adapters.kamailio import NativeHandler, start  # noqa: E402
 

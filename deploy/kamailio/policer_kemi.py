@@ -20,27 +20,15 @@ callback: it is logged with the Call-ID and the request is still answered.
 
 from __future__ import annotations
 
-import glob
 import os
-import site
 import sys
 import traceback
 
+# this script's directory, for the shared path set-up (app_python3 loads us by path)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import policer_paths
 
-def _add_paths() -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    repo = os.path.dirname(os.path.dirname(here))
-    paths = [p for p in os.environ.get("POLICER_PYTHON_PATH", "").split(":") if p]
-    if not paths:
-        paths = [repo, *glob.glob(os.path.join(repo, ".venv", "lib", "python3*", "site-packages"))]
-    for path in paths:
-        if path.endswith("site-packages"):
-            site.addsitedir(path)
-        elif path not in sys.path:
-            sys.path.insert(0, path)
-
-
-_add_paths()
+policer_paths.add_paths()
 
 import KSR  # type: ignore[import-not-found]  # noqa: E402  (provided by app_python3)
 

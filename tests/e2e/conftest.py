@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from policer.redis_server import RedisServer, find_redis_server
+from policer.redis_server import RedisServer, find_redis_server, free_udp_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kamailio"
@@ -54,21 +53,6 @@ def _missing_tools() -> list[str]:
     if not APP_PYTHON3.exists() and not list(modules):
         missing.append("kamailio-python3-modules")
     return missing
-
-
-def free_udp_port() -> int:
-    """A UDP port on 127.0.0.1 that nothing uses right now (and TCP free too)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = int(u.getsockname()[1])
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            try:
-                t.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
