@@ -624,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure decisions/s and latency")
     _bench_arguments(p)
-    p.set_defaults(func=cmd_bench, log_level=None, log_format=None)
+    p.set_defaults(func=cmd_bench, log_format=None)
     return parser
 
 

@@ -130,3 +130,19 @@ def test_store_down_is_a_clear_error_without_the_password(tmp_path: Path) -> Non
         assert "store error" in proc.stderr
         assert "s3cret-pass" not in proc.stderr + proc.stdout
         assert "Traceback" not in proc.stderr
+
+
+def test_bench_runs_from_the_command_line_and_prints_the_documented_keys() -> None:
+    """A tiny run (figures come from the full run in docs/benchmarks.md)."""
+    import json
+
+    proc = run_cli("bench", "--seconds", "0.2", "--warmup", "0", "--processes", "1,2",
+                   "--expiry-members", "0", "--no-ceiling", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for key in ("ratio_p50", "bare_8_per_s", "ceiling_per_s", "over_admissions", "processes"):
+        assert key in out
+    assert out["over_admissions"] == 0
+    assert set(out["processes"]) == {"1", "2"}
+    for figures in out["processes"].values():
+        assert {"decisions_per_s", "p50_us", "p99_us", "p999_us"} <= set(figures)
