@@ -1,0 +1,58 @@
+"""Metrics through real Kamailio and SIPp (issue 4): the exporter serves the
+cluster-wide decision counters from Redis and the Kamailio workers' own
+latency histograms from the proxy's PROMETHEUS_MULTIPROC_DIR, as one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from policer.redis_server import free_port
+
+from .conftest import ROOT, Lab
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
+
+
+def test_exporter_serves_kamailio_workers_and_cluster_counters(lab: Lab) -> None:
+    lab.use_policy("basic")  # total max 3
+    uas = lab.start_uas("uas.xml")
+    proxy = lab.start_proxy(upstream_port=uas.port)
+    res = lab.run_uac(proxy, [(f"m{i}", "", f"2000{i}") for i in range(5)], hold_ms=1500)
+    assert len(res.answered) == 3 and res.codes() == [503, 503]
+    assert lab.wait_size("total", 0) == 0
+
+    port = free_port()
+    env = {**os.environ, "POLICER_POLICY": str(lab.policy_path),
+           "POLICER_REDIS_URL": lab.redis_url,
+           "PROMETHEUS_MULTIPROC_DIR": str(proxy.runtime_dir / "metrics")}
+    exporter = subprocess.Popen([sys.executable, "-m", "policer", "exporter", "--listen",
+                                 f"127.0.0.1:{port}"], env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body = ""
+        for _ in range(100):
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                              timeout=2).read().decode()
+                break
+            except OSError:
+                time.sleep(0.1)
+    finally:
+        exporter.terminate()
+        exporter.wait(timeout=10)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(body) for s in f.samples}
+    # decided inside Kamailio's workers: 3 admitted, 2 rejected by total
+    counts = {dict(k).get("result"): v for (n, k), v in samples.items()
+              if n == "policer_decision_seconds_count"}
+    assert counts.get("admitted") == 3 and counts.get("rejected") == 2
+    assert samples[("policer_decisions_total", (("profile", "total"),
+                                                ("result", "rejected")))] == 2
+    assert samples[("policer_dialogs_ended_total", (("reason", "bye"),))] == 3
