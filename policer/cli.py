@@ -602,8 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconcile", help="make the store agree with the proxies' own dialogs")
     p.add_argument("--proxy", action="append", default=[], required=True,
                    metavar="NODE=ADDRESS",
-                   help="a proxy's node name and JSON-RPC datagram socket, e.g. "
-                        "proxy-a=unix:/run/policer/proxy-a/kamailio_rpc.sock (repeatable)")
+                   help="a proxy's node name and JSON-RPC address: its FIFO, e.g. "
+                        "proxy-a=fifo:/run/policer/proxy-a/kamailio_rpc.fifo, or its "
+                        "datagram socket unix:/path (replies up to 64 KB) (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="report, change nothing")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a proxy")
     _common(p)

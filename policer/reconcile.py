@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -106,28 +108,86 @@ def parse_dialogs(result: object) -> list[ProxyDialog]:
 
 
 def fetch_dialogs(address: str, timeout: float = 5.0) -> list[ProxyDialog]:
-    """Ask a Kamailio proxy for its dialogs over its JSON-RPC datagram socket
-    (``jsonrpcs`` ``dgram_socket``, e.g. ``unix:/run/policer/proxy-a/kamailio_rpc.sock``).
-    Raises OSError or ValueError with a clear message."""
-    path = address[5:] if address.startswith("unix:") else address
-    reply_path = os.path.join(tempfile.gettempdir(), f"policer-rpc-{uuid.uuid4().hex}.sock")
+    """Ask a Kamailio proxy for its dialogs (``dlg.list``) over JSON-RPC.
+
+    ``address`` is ``fifo:/path/kamailio_rpc.fifo`` (``jsonrpcs`` ``fifo_name``;
+    replies of any size, the form to use for busy proxies) or
+    ``unix:/path/kamailio_rpc.sock`` (``dgram_socket``; a reply must fit in one
+    datagram, about 64 KB: some 80 dialogs). Raises OSError or ValueError with a
+    clear message."""
     request = {"jsonrpc": "2.0", "method": "dlg.list", "id": 1}
+    if address.startswith("fifo:"):
+        data = _fifo_call(address[5:], request, timeout)
+    else:
+        data = _dgram_call(address[5:] if address.startswith("unix:") else address,
+                           request, timeout)
+    try:
+        reply = json.loads(data)
+    except ValueError as e:
+        raise ValueError(f"{address}: not a JSON-RPC reply ({e})") from None
+    if not isinstance(reply, dict):
+        raise ValueError(f"{address}: not a JSON-RPC reply")
+    if "error" in reply:
+        raise ValueError(f"{address}: dlg.list failed: {reply['error']}")
+    return parse_dialogs(reply.get("result"))
+
+
+def _dgram_call(path: str, request: dict[str, Any], timeout: float) -> bytes:
+    reply_path = os.path.join(tempfile.gettempdir(), f"policer-rpc-{uuid.uuid4().hex}.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind(reply_path)
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
             s.settimeout(timeout)
             s.sendto(json.dumps(request).encode(), path)
-            data = s.recv(16 << 20)
+            return s.recv(16 << 20)
         finally:
             os.unlink(reply_path)
+
+
+def _fifo_call(path: str, request: dict[str, Any], timeout: float) -> bytes:
+    """jsonrpcs' FIFO transport: the reply is written to a FIFO named in the
+    request, which Kamailio opens in its ``fifo_reply_dir`` (the directory of
+    the proxy's FIFO, as deploy/kamailio/run sets it)."""
+    name = f"policer-reply-{uuid.uuid4().hex}"
+    reply_path = os.path.join(os.path.dirname(path), name)
+    os.mkfifo(reply_path, 0o600)
     try:
-        reply = json.loads(data)
-    except ValueError as e:
-        raise ValueError(f"{address}: not a JSON-RPC reply ({e})") from None
-    if "error" in reply:
-        raise ValueError(f"{address}: dlg.list failed: {reply['error']}")
-    return parse_dialogs(reply.get("result"))
+        # open our end first: Kamailio's open for writing fails while nobody reads
+        rfd = os.open(reply_path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: no Kamailio reads
+            try:
+                os.write(fd, (json.dumps({**request, "reply_name": name}) + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            os.close(rfd)
+            raise
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        writer_seen = False
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no reply on {reply_path} within {timeout}s")
+                ready, _, _ = select.select([rfd], [], [], left)
+                if not ready:
+                    continue
+                chunk = os.read(rfd, 1 << 20)
+                if chunk:
+                    chunks.append(chunk)
+                    writer_seen = True
+                elif writer_seen:
+                    break  # Kamailio wrote the reply and closed its end
+                else:
+                    time.sleep(0.01)  # not opened for writing yet
+        finally:
+            os.close(rfd)
+        return b"".join(chunks)
+    finally:
+        os.unlink(reply_path)
 
 
 def reconcile(engine: Engine, node: str, dialogs: Iterable[ProxyDialog],

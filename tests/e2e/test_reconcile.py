@@ -28,9 +28,27 @@ def test_reconcile_rebuilds_counts_after_redis_restarted_empty(lab: Lab) -> None
         private.restart()  # empty: every count is gone, the calls are still up
         assert lab.size("total") == 0
         out = json.loads(lab.policer(
-            "reconcile", "--proxy", f"{proxy.node}=unix:{proxy.runtime_dir}/kamailio_rpc.sock",
+            "reconcile", "--proxy", f"{proxy.node}=fifo:{proxy.runtime_dir}/kamailio_rpc.fifo",
             "--json"))
         assert len(out[0]["added"]) == 2 and out[0]["partial"] == []
         assert lab.size("total") == 2
         assert lab.size("account", "acme") == 2
         assert lab.size("user", "alice") == 1
+
+
+def test_reconcile_reads_a_busy_proxy_over_the_fifo(lab: Lab) -> None:
+    """100 dialogs: far more than one JSON-RPC datagram (64 KB) can carry."""
+    lab.use_policy("classes")  # total max 100
+    with RedisServer() as private:
+        lab.redis_url = private.url
+        uas = lab.start_uas("uas.xml")
+        proxy = lab.start_proxy(upstream_port=uas.port)
+        lab.start_uac(proxy, [(f"busy{i}", "", f"55{i:03d}") for i in range(100)],
+                      hold_ms=25_000, rate=200)
+        assert lab.wait_size("total", 100, timeout=20) == 100
+        private.restart()
+        out = json.loads(lab.policer(
+            "reconcile", "--proxy", f"{proxy.node}=fifo:{proxy.runtime_dir}/kamailio_rpc.fifo",
+            "--json"))
+        assert out[0]["proxy_dialogs"] == 100 and len(out[0]["added"]) == 100
+        assert lab.size("total") == 100
