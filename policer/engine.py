@@ -224,6 +224,8 @@ class Engine:
             r = self.store.admit(request)
         except StoreError as e:
             self._failed()
+            if self.metrics is not None:
+                self.metrics.store_error("admit")
             return self._fallback(call, c, str(e), t0, request)
         if self.breaker.open:
             self._recovered()
@@ -297,8 +299,6 @@ class Engine:
         if admit and request is not None:
             # counted as soon as the store answers again, so counts are right afterwards
             self._queue("record", request.dialog_id, replace(request, record=True))
-        if self.metrics is not None:
-            self.metrics.store_error("admit")
         self.log.error("store_error", call_id=call.call_id, dialog_id=d.dialog_id, error=error,
                        admitted=admit, on_store_error=policy.on_store_error, emergency=emergency)
         self._decided(call, d, t0)
