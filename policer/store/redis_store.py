@@ -49,7 +49,7 @@ def _hiredis_packer() -> Any:
 
 _hiredis_pack: Any = _hiredis_packer()
 
-#: Expired members removed per key by one admit (bounds the script's run time).
+#: Expired entries one admit removes at most (bounds the script's run time).
 SWEEP_BATCH = 100
 #: Memberships whose admit.lua arguments are remembered (per store; then start over).
 MEMBER_CACHE = 4096
@@ -66,10 +66,6 @@ def _pack(conn: Any, command: tuple[Any, ...]) -> Any:
     return conn.pack_command(*command)  # pragma: no cover
 
 
-#: SHA1 of each script's text (what Redis names it by), computed once.
-_SHAS: dict[str, str] = {}
-
-
 #: Scripts that use the shared functions of ``lua/lib.lua`` (put in front of them).
 _USES_LIB = frozenset({"admit", "release", "renew", "extend"})
 
@@ -81,6 +77,11 @@ def load_lua(name: str) -> str:
     text = (lua / f"{name}.lua").read_text()
     return (lua / "lib.lua").read_text() + text if name in _USES_LIB else text
 
+
+@functools.cache
+def _script_sha(name: str) -> str:
+    """What Redis names a script by (``EVALSHA``)."""
+    return hashlib.sha1(load_lua(name).encode()).hexdigest()
 
 
 class _ScriptConnection(threading.local):
@@ -179,10 +180,7 @@ class RedisStore:
             return self._run(lambda: script(keys=keys, args=args, client=client))
         local = self._local
         conn = local.conn if local.pid == self._pid_now() else self._new_connection()
-        sha = _SHAS.get(name)
-        if sha is None:
-            sha = _SHAS[name] = hashlib.sha1(load_lua(name).encode()).hexdigest()
-        packed = _pack(conn, ("EVALSHA", sha, len(keys), *keys, *args))
+        packed = _pack(conn, ("EVALSHA", _script_sha(name), len(keys), *keys, *args))
         loaded = reconnected = False
         try:
             while True:
@@ -220,8 +218,8 @@ class RedisStore:
         did = request.dialog_id
         keys = [self._p_dialog + did, *self._fixed]
         node = request.node
-        if node:
-            node = self._node_keys.get(node) or self._node_key(node)
+        if node:  # encoded once: a store serves one node, call after call
+            node = self._node_keys.get(node) or self._node_keys.setdefault(node, key_part(node))
         args: list[Any] = [
             did,
             request.early_ms,
@@ -247,10 +245,6 @@ class RedisStore:
             args.append(k)
             args.append(v if v.isascii() else utf8_text(v))  # ASCII needs no cleaning
         return keys, args
-
-    def _node_key(self, node: str) -> str:
-        enc = self._node_keys[node] = key_part(node)
-        return enc
 
     def _member_arguments(self, m: Member) -> tuple[tuple[str, str], tuple[Any, ...]]:
         """One membership's KEYS and ARGV (remembered: members repeat call after call)."""

@@ -27,7 +27,7 @@ local dkey = KEYS[1]
 -- differ only when a test moves the clock with ARGV[5].
 local prev = redis.call('HMGET', dkey, 'decision', 'expires')
 if prev[1] then
-  if not prev[2] or tonumber(prev[2]) > now then  -- (no field: written by an older policer)
+  if tonumber(prev[2]) > now then
     local r = {}
     for v in string.gmatch(prev[1], '[^,]+') do r[#r + 1] = tonumber(v) end
     r[6] = 1
@@ -47,8 +47,8 @@ local node = ARGV[8]
 if node ~= '' and ARGV[9] ~= '0' then
   redis.call('ZADD', P .. 'nodes', now + tonumber(ARGV[9]), node)
 end
--- dialogs of proxies that stopped renewing their lease stop counting (bounded per call)
--- (a few per call: the nodes' tick() does the bulk, in scripts of its own)
+-- dialogs of proxies that stopped renewing their lease stop counting: a few per call
+-- here, the bulk in the nodes' tick() (renew.lua)
 if ARGV[10] == '1' then sweep_lost_nodes(P, now, 10, ARGV[11]) end
 
 -- Bounded clean-up of dialogs whose deadline passed: at most `batch` per set and call.
@@ -64,13 +64,12 @@ sweep_dialogs(KEYS[3])
 sweep_dialogs(KEYS[4])
 
 local tripped, tcount, tmax, bypass, shadow = 0, 0, -1, 0, 0
--- expired members never count (ZCOUNT from now on); removing them shares one budget
-local budget = batch
+local budget = batch  -- expired members removed by this call, over all its keys
 local base = 11
 for i = 1, n do
   local a = base + (i - 1) * 6
   local zkey = KEYS[4 + 2 * i]
-  -- expired members never count (O(log n)); remove a bounded number of them
+  -- expired members never count (ZCOUNT from now on, O(log n)); remove some of them
   local expired = redis.call('ZCOUNT', zkey, '-inf', now)
   if expired > 0 then
     local take = math.min(expired, budget)

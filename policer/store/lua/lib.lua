@@ -18,7 +18,7 @@ local function end_dialog(P, did, reason, now, cdr_maxlen)
   local h = redis.call('HMGET', dkey, 'state', 'expires', 'keys', 'nkey')
   if h[1] ~= 'early' and h[1] ~= 'confirmed' then return nil end
   -- the record outlived its end in script time (only when a test moves the clock)
-  if h[2] and tonumber(h[2]) <= now then return nil end
+  if tonumber(h[2]) <= now then return nil end
   for zkey in string.gmatch(h[3] or '', '[^\n]+') do
     redis.call('ZREM', zkey, did)
   end
