@@ -29,6 +29,7 @@ from policer.call import Call
 from policer.engine import Engine
 from policer.policy import Policy, load_policy
 from policer.redis_server import RedisServer, RedisServerError, find_redis_server
+from policer.snapshot import take_snapshot
 from policer.store import MemoryStore, Store, open_store
 
 __all__ = ["run"]
@@ -101,32 +102,26 @@ def _process_worker(policy_path: str, url: str, wid: int, seconds: float, rate: 
 
 def _view(policy: Policy, store: Store, started: float, phase: str) -> tuple[str, int]:
     """One frame of the live view and the total of all counts."""
-    decisions = store.decisions()
-    lines = [f"--- t={time.monotonic() - started:5.1f}s  {phase}"]
-    lines.append(f"{'profile':<16}{'count':>7}{'limit':>8}  {'busiest value':<22}"
-                 f"{'admitted':>9}{'rejected':>9}{'bypassed':>9}")
-    total = 0
-    for p in policy.profiles:
-        limit = policy.limits.get(p.name)
+    snap = take_snapshot(policy, store, top=1)
+    busiest = {r.profile: r for r in snap.values}
+    valued = {p.name for p in policy.profiles if p.valued}
+    lines = [f"--- t={time.monotonic() - started:5.1f}s  {phase}",
+             f"{'profile':<16}{'count':>7}{'limit':>8}  {'busiest value':<22}"
+             f"{'admitted':>9}{'rejected':>9}{'bypassed':>9}"]
+    for row in snap.rows:
+        limit = policy.limits.get(row.profile)
         lim = "-" if limit is None else str(limit.max)
-        busiest = ""
-        if p.valued:
-            values = store.profile_values(p.name)
-            count = sum(values.values())
-            if values:
-                v, n = max(values.items(), key=lambda kv: kv[1])
-                busiest = f"{v} {n}/{lim}"
-            lim = f"{lim}/val" if limit else "-"
-        else:
-            count = store.profile_size(p.name)
-        total += count
-        lines.append(
-            f"{p.name:<16}{count:>7}{lim:>8}  {busiest:<22}"
-            f"{decisions.get(('admitted', p.name), 0) + decisions.get(('bypassed', p.name), 0):>9}"
-            f"{decisions.get(('rejected', p.name), 0):>9}"
-            f"{decisions.get(('bypassed', p.name), 0):>9}"
-        )
-    return "\n".join(lines), total
+        top = ""
+        if row.profile in busiest:
+            b = busiest[row.profile]
+            top = f"{b.value} {b.count}/{b.limit if b.limit is not None else '-'}"
+        if row.profile in valued and limit:
+            lim += "/val"
+        bypassed = snap.decided("bypassed", row.profile)
+        lines.append(f"{row.profile:<16}{row.count:>7}{lim:>8}  {top:<22}"
+                     f"{snap.decided('admitted', row.profile) + bypassed:>9}"
+                     f"{snap.decided('rejected', row.profile):>9}{bypassed:>9}")
+    return "\n".join(lines), sum(r.count for r in snap.rows)
 
 
 def run(args: argparse.Namespace) -> int:
