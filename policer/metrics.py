@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from policer.log import get_logger
 from policer.snapshot import take_snapshot
 from policer.store import StoreError
+from policer.store.base import END_REASONS
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -47,9 +48,6 @@ __all__ = [
 
 #: Values of the ``result`` label of ``policer_decisions_total``.
 DECISION_RESULTS = ("admitted", "rejected", "bypassed", "shadow_rejected", "store_error")
-#: Values of the ``reason`` label of ``policer_dialogs_ended_total``.
-END_REASONS = ("bye", "cancel", "failed", "timeout", "expired", "released_by_operator",
-               "node_lost", "reconciled")
 
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                     0.1, 0.25, 1.0)
