@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from policer.call import Call, dialog_id
+from policer.call import Call, dialog_id, split_dialog_id
 from policer.engine import Decision, Engine
 
 __all__ = [
@@ -283,10 +283,9 @@ def _end_reason(event: str) -> str:
 
 def dialog_event(event: str) -> int:
     """Tell the engine about a dialog module event; never raises."""
-    call_id = ""
+    did = ""
     try:
-        call_id = _pv("$dlg(callid)") or _pv("$ci")
-        did = _dialog_id(call_id, _pv("$dlg(from_tag)") or _pv("$ft"))
+        did = current_dialog_id()
         if event == "dialog:start":
             engine().confirm(did)
         elif event in ("dialog:end", "dialog:failed"):
@@ -294,7 +293,7 @@ def dialog_event(event: str) -> int:
         else:
             log("dbg", f"policer: ignoring dialog event {event!r}")
     except Exception:
-        _log_exception(event, call_id)
+        _log_exception(event, split_dialog_id(did)[0])
     return OK
 
 
