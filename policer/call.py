@@ -94,15 +94,17 @@ def key_part(value: str) -> str:
 
     Percent-encoding leaves only ``[A-Za-z0-9_.-]`` and ``%``: no braces (hash
     tags), no ``:`` (our separator), no white space. Long values keep a prefix
-    and end in ``~`` and a SHA-256 digest of the whole value, so they stay
+    and end in ``~`` and a SHA-1 digest of the whole value, so they stay
     distinct; ``~`` itself is encoded, so no short value can spell a long one's
-    key.
+    key. The decision function (``policer/store/lua/library.lua``, ``key_part``)
+    encodes exactly so: this copy serves reads (``profile size VALUE``, live
+    limits); a property test holds the two to the same keys.
     """
-    raw = _utf8(value)
+    raw = _utf8(value)[: MAX_VALUE * 4]
     encoded = quote(raw, safe="").replace("~", "%7E")
     if len(encoded) <= MAX_KEY_PART:
         return encoded
-    digest = hashlib.sha256(raw).hexdigest()
+    digest = hashlib.sha1(raw).hexdigest()
     return f"{encoded[:64]}~{digest}"
 
 

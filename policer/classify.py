@@ -8,12 +8,30 @@ and then answers each call with a few dictionary look-ups.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from policer.call import Call
 from policer.policy import Policy
-from policer.store.base import Member
 
-__all__ = ["Classification", "Classifier"]
+__all__ = ["Classification", "Classifier", "Member"]
+
+
+class Member(NamedTuple):
+    """A profile (and value) a dialog joins, with the limit that applies to it.
+
+    ``max`` is -1 when the profile is only counted. ``reserve`` slots of ``max``
+    are kept for emergency calls. A ``shadow`` limit is evaluated and reported
+    but never rejects.
+    """
+
+    profile: str
+    value: str | None = None
+    max: int = -1
+    reserve: int = 0
+    shadow: bool = False
+
+    def label(self) -> str:
+        return self.profile if self.value is None else f"{self.profile}={self.value}"
 
 
 @dataclass(frozen=True, slots=True)

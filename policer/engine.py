@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +23,7 @@ from policer.policy import Policy, Reject, load_policy
 from policer.reload import PolicyWatcher
 from policer.resilience import CircuitBreaker, Pending, PendingQueue
 from policer.store import Store, StoreError, open_store
-from policer.store.base import AdmitRequest, CallRecord, DialogInfo
+from policer.store.base import CallRecord, CallResult, DialogInfo, Op
 
 __all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "LimitView"]
 
@@ -31,8 +31,10 @@ _OK = Reject(code=200, reason="OK", retry_after=None)
 #: Queued operations applied before an admit (the rest wait for later calls or tick()).
 _DRAIN_BEFORE_ADMIT = 200
 _DRAIN_PER_TICK = 5_000
-#: The most dialogs a store's renew ends in one call (the Redis store's RENEW_BATCH).
+#: The most dialogs a store's tick ends in one call (the Redis store's RENEW_BATCH).
 _RENEW_BATCH = 200
+#: Queued operations per store call.
+_BATCH = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +156,7 @@ class Engine:
         :meth:`tick`); ``watch``: reload the policy when this file changes."""
         self._current = _Current(policy, Classifier(policy))
         self.store = store
+        store.use(policy)  # compiled here; loaded into Redis on first need or by start()
         self.node = node or os.environ.get("POLICER_NODE") or socket.gethostname()
         self.log = get_logger("policer.engine").bind(node=self.node)
         self.metrics = metrics
@@ -164,6 +167,7 @@ class Engine:
                                        on_result=self._reload_result)
                          if watch is not None else None)
         self._next_renew = 0.0
+        self._loaded = False  # this engine made sure Redis decides by its policy
 
     # -- construction
     @classmethod
@@ -192,7 +196,13 @@ class Engine:
             )
         self._current = _Current(policy, Classifier(policy))
         self.pending.maxlen = policy.pending_queue
-        self.log.info("policy_reloaded", source=policy.source)
+        try:  # every proxy decides by the new policy from this instant on
+            policy_hash = self.store.load(policy)
+        except StoreError as e:  # loaded when the store answers again (tick, first call)
+            self._store_error("load", "", e)
+            policy_hash = ""
+        self._loaded = bool(policy_hash)
+        self.log.info("policy_reloaded", source=policy.source, policy_hash=policy_hash)
 
     def _reload_result(self, result: str) -> None:
         if self.metrics is not None:
@@ -203,89 +213,47 @@ class Engine:
 
     # -- the hot path
     def admit(self, call: Call) -> Decision:
-        """Decide one initial INVITE. Never raises."""
+        """Decide one initial INVITE: one call of the store's decision function. Never
+        raises."""
         t0 = time.perf_counter()
         if self._watcher is not None:
             self._watcher.poll()
-        current = self._current
-        policy = current.policy
-        try:
-            c = current.classifier.classify(call)
-            did = call.dialog_id
-        except Exception as e:  # defensive: a bug here must not drop the INVITE
-            return self._fallback(call, None, f"classify: {e!r}", t0)
-        request = self._request(call, did, c, policy, self.node)
         if not self.breaker.allow():
-            return self._fallback(call, c, "circuit open: the store failed repeatedly", t0,
-                                  request)
+            return self._fallback(call, "circuit open: the store failed repeatedly", t0)
         if self.pending:  # what happened while the store was down goes first
             self._drain(_DRAIN_BEFORE_ADMIT)
         try:
-            r = self.store.admit(request)
+            r = self.store.admit_call(call, self.node)
         except StoreError as e:
             self._failed()
             if self.metrics is not None:
                 self.metrics.store_error("admit")
-            return self._fallback(call, c, str(e), t0, request)
+            return self._fallback(call, str(e), t0)
+        except Exception as e:  # defensive: a bug here must not drop the INVITE
+            return self._fallback(call, f"admit: {e!r}", t0)
         if self.breaker.open:
             self._recovered()
-        labels = tuple(m.label() for m in c.members)
-        if r.admitted:
-            limit = r.tripped if r.tripped >= 0 else r.shadow
-            d = Decision(
-                admitted=True, code=200, reason="OK", retry_after=None, dialog_id=did,
-                limit=c.members[limit].profile if limit >= 0 else None,
-                count=r.count, max=r.max, bypass=r.bypass, shadow=r.shadow >= 0,
-                duplicate=r.duplicate, number_class=c.number_class, memberships=labels,
-            )
-        else:
-            m = c.members[r.tripped]
-            lim = policy.limits.get(m.profile)
-            rej = lim.reject if lim is not None else policy.reject
-            d = Decision(
-                admitted=False, code=rej.code, reason=rej.reason, retry_after=rej.retry_after,
-                dialog_id=did, limit=m.profile, count=r.count, max=r.max,
-                duplicate=r.duplicate, number_class=c.number_class, memberships=labels,
-            )
+        d = _decision(r)
         self._decided(call, d, t0)
         return d
-
-    def _request(self, call: Call, did: str, c: Classification, policy: Policy, node: str,
-                 record: bool = False) -> AdmitRequest:
-        return AdmitRequest(
-            dialog_id=did,
-            members=c.members,
-            early_ms=policy.timeouts.early_ms,
-            emergency=c.emergency,
-            emergency_bypass=c.emergency and policy.emergency_bypass,
-            info={
-                "call_id": call.call_id,
-                "from": f"{call.from_user}@{call.from_domain}",
-                "to": c.number,
-                "class": c.number_class or "",
-                "node": node,
-                "source_ip": call.source_ip,
-            },
-            node=node,
-            lease_ms=policy.nodes.lease_ms if self.lease and node == self.node else 0,
-            sweep_nodes=self.lease and policy.nodes.on_node_loss == "release",
-            record=record,
-        )
 
     def restore(self, call: Call, node: str, confirmed: bool) -> bool:
         """Count a call a proxy still carries but the store lost (``policer
         reconcile``): it joins its profiles without a limit check, as admitted by
         ``node``. Returns False when the store already had it. Raises StoreError."""
-        policy = self._current.policy
-        c = self._current.classifier.classify(call)
-        r = self.store.admit(self._request(call, call.dialog_id, c, policy, node, record=True))
+        ops = [Op("record", call.dialog_id, call=call, node=node)]
         if confirmed:
-            self.store.confirm(call.dialog_id, policy.timeouts.dialog_ms)
-        return not r.duplicate
+            ops.append(Op("confirm", call.dialog_id, self._current.policy.timeouts.dialog_ms))
+        return bool(self.store.apply(ops)[0])
 
-    def _fallback(self, call: Call, c: Classification | None, error: str, t0: float,
-                  request: AdmitRequest | None = None) -> Decision:
+    def _fallback(self, call: Call, error: str, t0: float) -> Decision:
+        """The policy's ``on_store_error`` decides; emergency calls are always admitted."""
         policy = self._current.policy
+        c: Classification | None
+        try:
+            c = self._current.classifier.classify(call)
+        except Exception:  # defensive: never let the fallback raise
+            c = None
         emergency = c is not None and c.emergency
         admit = emergency or policy.on_store_error == "admit"
         rej = _OK if admit else policy.reject
@@ -296,9 +264,9 @@ class Engine:
             memberships=tuple(m.label() for m in c.members) if c else (),
             error=error,
         )
-        if admit and request is not None:
+        if admit and d.dialog_id:
             # counted as soon as the store answers again, so counts are right afterwards
-            self._queue("record", request.dialog_id, replace(request, record=True))
+            self._queue(Op("record", d.dialog_id, call=call, node=self.node))
         self.log.error("store_error", call_id=call.call_id, dialog_id=d.dialog_id, error=error,
                        admitted=admit, on_store_error=policy.on_store_error, emergency=emergency)
         self._decided(call, d, t0)
@@ -322,21 +290,22 @@ class Engine:
     # -- dialog events
     def confirm(self, dialog_id: str) -> bool:
         """The call was answered (2xx): it now counts until the dialog timeout."""
-        return bool(self._event("confirm", dialog_id, self._current.policy.timeouts.dialog_ms))
+        return bool(self._event(Op("confirm", dialog_id,
+                                   self._current.policy.timeouts.dialog_ms)))
 
     def refresh(self, dialog_id: str, timeout_s: int | None = None) -> bool:
         """Push a live dialog's deadline on (default: the policy's dialog timeout)."""
         ms = timeout_s * 1000 if timeout_s else self._current.policy.timeouts.dialog_ms
-        return bool(self._event("refresh", dialog_id, ms))
+        return bool(self._event(Op("refresh", dialog_id, ms)))
 
     def release(self, dialog_id: str, reason: str = "bye") -> CallRecord | None:
         """The call ended; idempotent. Returns its call-end record the first time
         (None when it was not live, or when the store is down: then it is queued)."""
-        rec = self._event("release", dialog_id, reason)
+        rec = self._event(Op("release", dialog_id, reason))
         return rec if isinstance(rec, CallRecord) else None
 
     def set_var(self, dialog_id: str, name: str, value: str) -> bool:
-        return bool(self._event("set_var", dialog_id, name, value))
+        return bool(self._event(Op("set_var", dialog_id, name, value)))
 
     def get_var(self, dialog_id: str, name: str) -> str | None:
         try:
@@ -345,43 +314,59 @@ class Engine:
             self._store_error("get_var", dialog_id, e)
             return None
 
-    def _event(self, op: str, dialog_id: str, *args: Any) -> object:
+    def apply_packed(self, packed: bytes) -> bool:
+        """Apply dialog events a proxy queued, packed in the decision function's
+        format (Kamailio's timer process). When the store fails they wait, in order,
+        and go first once it answers: never dropped while the queue has room."""
+        if not packed:
+            return True
+        return self._event(packed) is not None
+
+    def _event(self, item: Pending) -> object:
         """Apply a dialog event, or queue it (in order) while the store is down."""
         if self.pending:
             self._drain(_DRAIN_BEFORE_ADMIT)
         if self.pending or not self.breaker.allow():
-            self._queue(op, dialog_id, *args)
+            self._queue(item)
             return None
         try:
-            result = self._apply(Pending(op, dialog_id, args, 0.0))
+            result = self._apply([item])[0]
         except StoreError as e:
             self._failed()
-            self._store_error(op, dialog_id, e)
-            self._queue(op, dialog_id, *args)
+            self._store_error(_kind(item), _did(item), e)
+            self._queue(item)
             return None
         if self.breaker.open:
             self._recovered()
         return result
 
-    def _apply(self, item: Pending) -> object:
-        """Run one store operation (raises StoreError)."""
-        store, did, args = self.store, item.dialog_id, item.args
-        if item.op == "record":
-            return store.admit(args[0])
-        if item.op == "confirm":
-            return store.confirm(did, args[0])
-        if item.op == "refresh":
-            return store.refresh(did, args[0])
-        if item.op == "set_var":
-            return store.set_var(did, args[0], args[1])
-        rec = store.release(did, args[0])
-        if rec is not None:
-            self.log.info("call_end", **rec.as_dict())
-        return rec
+    def _apply(self, items: list[Pending]) -> list[object]:
+        """Apply operations in order, ops in one store call per run (raises StoreError)."""
+        out: list[object] = []
+        ops: list[Op] = []
 
-    def _queue(self, op: str, dialog_id: str, *args: Any) -> None:
-        if not self.pending.push(op, dialog_id, *args):
-            self.log.warning("pending_dropped", op=op, dialog_id=dialog_id,
+        def flush() -> None:
+            if ops:
+                for r in self.store.apply(ops, records=True):
+                    if isinstance(r, CallRecord):
+                        self.log.info("call_end", **r.as_dict())
+                    out.append(r)
+                ops.clear()
+
+        for item in items:
+            if isinstance(item, bytes):
+                flush()
+                out.append(self.store.apply_packed(item))
+            else:
+                ops.append(item)
+                if len(ops) >= _BATCH:
+                    flush()
+        flush()
+        return out
+
+    def _queue(self, item: Pending) -> None:
+        if not self.pending.push(item):
+            self.log.warning("pending_dropped", op=_kind(item), dialog_id=_did(item),
                              maxlen=self.pending.maxlen, dropped=self.pending.dropped)
         if self.metrics is not None:
             self.metrics.pending(len(self.pending), self.pending.dropped)
@@ -389,7 +374,7 @@ class Engine:
     def _drain(self, limit: int) -> int:
         """Apply queued operations in order; stops at the first store error."""
         try:
-            done = self.pending.drain(self._apply, limit)
+            done = self.pending.drain(self._apply, limit, _BATCH)
         except StoreError as e:
             self._failed()
             self._store_error("drain", "", e)
@@ -429,6 +414,8 @@ class Engine:
         lease. Call once per proxy start, before its workers take calls. Never raises."""
         nodes = self._current.policy.nodes
         try:
+            self.store.load(self._current.policy)
+            self._loaded = True
             for _ in range(100_000):  # each round ends a bounded batch
                 _, left = self.store.renew(self.node, nodes.lease_ms,
                                            nodes.on_node_loss == "release", start=True)
@@ -455,11 +442,14 @@ class Engine:
                 self._next_renew = now + nodes.renew_ms / 1000
                 swept = 0
                 try:
-                    for _ in range(50):  # each script ends a bounded batch
-                        n, _ = self.store.renew(self.node, nodes.lease_ms,
-                                                nodes.on_node_loss == "release")
+                    if not self._loaded:
+                        self.store.load(self._current.policy)
+                        self._loaded = True
+                    for _ in range(50):  # each call ends a bounded batch
+                        n, _, expired = self.store.tick(self.node, nodes.lease_ms,
+                                                        nodes.on_node_loss == "release")
                         swept += n
-                        if n < _RENEW_BATCH:
+                        if n < _RENEW_BATCH and expired < _RENEW_BATCH:
                             break
                 except StoreError as e:
                     self._failed()
@@ -471,41 +461,32 @@ class Engine:
 
     # -- inspection (may raise StoreError: these are for operators, not proxies)
     def explain(self, call: Call) -> Explanation:
-        """What ``admit`` would decide now, with every count, changing nothing."""
-        policy = self._current.policy
-        c = self.classify(call)
-        views: list[LimitView] = []
-        tripped: LimitView | None = None
-        bypass = c.emergency and policy.emergency_bypass
-        for m in c.members:
-            count = self.store.profile_size(m.profile, m.value)
-            mx, live = m.max, False
-            if m.value is not None:
-                override = self.store.limit_get(m.profile, m.value)
-                if override is not None:
-                    mx, live = override, True
-            effective = mx if c.emergency else mx - m.reserve
-            trips = mx >= 0 and count >= effective
-            v = LimitView(m.profile, m.value, count, mx, effective, live, m.shadow, trips)
-            views.append(v)
-            if trips and not m.shadow and tripped is None:
-                tripped = v
-        did = call.dialog_id
-        labels = tuple(m.label() for m in c.members)
-        if tripped is None or bypass:
-            d = Decision(True, 200, "OK", None, did, bypass=tripped is not None,
-                         limit=tripped.profile if tripped else None,
-                         number_class=c.number_class, memberships=labels)
-        else:
-            lim = policy.limits.get(tripped.profile)
-            rej = lim.reject if lim else policy.reject
-            d = Decision(False, rej.code, rej.reason, rej.retry_after, did, limit=tripped.profile,
-                         count=tripped.count, max=tripped.effective_max,
-                         number_class=c.number_class, memberships=labels)
-        return Explanation(c.number, c.number_class, c.emergency, tuple(views), d)
+        """What ``admit`` would decide now, with every count, changing nothing: a dry
+        run of the store's decision function (one atomic call)."""
+        r = self.store.explain_call(call)
+        views = tuple(LimitView(v.profile, v.value, v.count, v.max, v.effective_max,
+                                v.live_limit, v.shadow, v.would_trip) for v in r.rows)
+        number = call.attribute(self._current.policy.number_source)
+        return Explanation(number, r.number_class, r.emergency, views, _decision(r))
 
     def dialog(self, dialog_id: str) -> DialogInfo | None:
         return self.store.dialog(dialog_id)
+
+
+def _decision(r: CallResult) -> Decision:
+    return Decision(
+        admitted=r.admitted, code=r.code, reason=r.reason, retry_after=r.retry_after,
+        dialog_id=r.dialog_id, limit=r.limit, count=r.count, max=r.max, bypass=r.bypass,
+        shadow=r.shadow, duplicate=r.duplicate, number_class=r.number_class,
+        memberships=r.memberships)
+
+
+def _kind(item: Pending) -> str:
+    return "batch" if isinstance(item, bytes) else item.kind
+
+
+def _did(item: Pending) -> str:
+    return "" if isinstance(item, bytes) else item.dialog_id
 
 
 def _safe_dialog_id(call: Call) -> str:

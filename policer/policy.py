@@ -145,6 +145,8 @@ class Policy:
     near_limit_ratio: float = 0.8
     nodes: Nodes = field(default_factory=lambda: Nodes())
     pending_queue: int = 10_000
+    #: call-end records kept in Redis (a capped stream); 0 writes none
+    call_records_keep: int = 100_000
     source: str = "<string>"
     version: int = 1
 
@@ -216,7 +218,7 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 _TOP_KEYS = (
     "version", "namespace", "call", "classes", "profiles", "limits", "emergency",
     "timeouts", "reject", "on_store_error", "store_timeout", "shadow", "near_limit", "nodes",
-    "pending_queue",
+    "pending_queue", "call_records",
 )
 
 
@@ -480,6 +482,12 @@ class _Validator:
         if "pending_queue" in top:
             pq = self.integer(top["pending_queue"], "pending_queue", 0, 10_000_000)
             pending = pq if pq is not None else pending
+        cdr_keep = 100_000
+        if "call_records" in top:
+            cr = self.mapping(top["call_records"], "call_records", ("keep",)) or {}
+            if "keep" in cr:
+                keep = self.integer(cr["keep"], "call_records.keep", 0, 100_000_000)
+                cdr_keep = keep if keep is not None else cdr_keep
 
         if self.errors:
             return None
@@ -500,6 +508,7 @@ class _Validator:
             near_limit_ratio=near,
             nodes=nodes,
             pending_queue=pending,
+            call_records_keep=cdr_keep,
             source=self.source,
         )
 

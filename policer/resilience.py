@@ -13,12 +13,13 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+
+from policer.store.base import Op
 
 __all__ = ["CircuitBreaker", "Pending", "PendingQueue"]
 
@@ -72,18 +73,13 @@ class CircuitBreaker:
             return False
 
 
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """One store operation waiting for the store: ``op`` and its arguments."""
-
-    op: str  # record | confirm | refresh | release | set_var
-    dialog_id: str
-    args: tuple[Any, ...]
-    queued_at: float
+#: One store operation waiting for the store: a dialog event, or a batch a proxy
+#: packed in the decision function's format.
+Pending = Op | bytes
 
 
 class PendingQueue:
-    """A bounded FIFO of :class:`Pending` operations (thread-safe)."""
+    """A bounded FIFO of :data:`Pending` operations (thread-safe)."""
 
     def __init__(self, maxlen: int = 10_000) -> None:
         self.maxlen = maxlen
@@ -94,7 +90,7 @@ class PendingQueue:
     def __len__(self) -> int:
         return len(self._q)
 
-    def push(self, op: str, dialog_id: str, *args: Any) -> bool:
+    def push(self, item: Pending) -> bool:
         """Queue an operation; False when the oldest had to be dropped for it."""
         with self._lock:
             dropped = False
@@ -102,21 +98,24 @@ class PendingQueue:
                 self._q.popleft()
                 self.dropped += 1
                 dropped = True
-            self._q.append(Pending(op, dialog_id, args, time.monotonic()))
+            self._q.append(item)
             return not dropped
 
-    def drain(self, apply: Callable[[Pending], object], limit: int) -> int:
-        """Apply up to ``limit`` operations in order. ``apply`` raising stops the
-        drain and keeps that operation at the head. Returns how many were applied."""
+    def drain(self, apply: Callable[[list[Pending]], object], limit: int,
+              batch: int = 200) -> int:
+        """Apply up to ``limit`` operations in order, ``batch`` at a time. ``apply``
+        raising stops the drain and keeps that batch at the head. Returns how many
+        were applied."""
         done = 0
         while done < limit:
             with self._lock:
-                if not self._q:
-                    break
-                item = self._q[0]
-            apply(item)
+                items = list(itertools.islice(self._q, min(batch, limit - done)))
+            if not items:
+                break
+            apply(items)
             with self._lock:
-                if self._q and self._q[0] is item:
-                    self._q.popleft()
-            done += 1
+                for item in items:
+                    if self._q and self._q[0] is item:
+                        self._q.popleft()
+            done += len(items)
         return done

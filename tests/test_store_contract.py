@@ -218,6 +218,8 @@ def test_an_unanswered_dialog_stops_counting_at_its_early_deadline(store: Store)
     assert store.profile_size("total") == 0
     assert store.stats()["active"] == 0
     assert store.admit(req("d3", one)).admitted  # the slot is free again
+    assert store.stats()["expired"] == 0  # not ended yet: a node's tick ends it
+    assert store.tick("proxy-1", 0, False) == (0, 0, 1)
     assert store.stats()["expired"] == 1
     assert store.ended().get("expired") == 1
 
@@ -504,9 +506,14 @@ def test_expired_dialogs_are_counted_as_expired(store: Store) -> None:
         assert store.admit(req(f"d{i}", TOTAL3 if i < 3 else Member("x"))).admitted
     store.release("d3", "bye")
     jump(store, EARLY + 1)
-    assert store.admit(req("d9", TOTAL3)).admitted  # an admit sweeps the expired ones
+    assert store.admit(req("d9", TOTAL3)).admitted  # expired ones never count
+    assert store.stats()["expired"] == 0
+    # a node's tick ends them (never an INVITE's decision), each with a call record
+    assert store.tick("proxy-1", 0, False)[2] == 3
     assert store.stats()["expired"] == 3
     assert store.ended() == {"bye": 1, "expired": 3}
+    assert [r.reason for r in store.call_records()] == ["bye", "expired", "expired", "expired"]
+    assert store.tick("proxy-1", 0, False)[2] == 0  # each ends once
 
 
 # ----------------------------------------------------------------------------- call records

@@ -12,7 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+
+from policer.classify import Member
+
+if TYPE_CHECKING:
+    from policer.call import Call
+    from policer.policy import Policy
 
 __all__ = [
     "END_REASONS",
@@ -20,8 +26,11 @@ __all__ = [
     "AdmitRequest",
     "AdmitResult",
     "CallRecord",
+    "CallResult",
     "DialogInfo",
+    "ExplainRow",
     "Member",
+    "Op",
     "Store",
     "StoreError",
 ]
@@ -40,22 +49,20 @@ class StoreError(RuntimeError):
     """The store could not answer (connection lost, timeout, script error)."""
 
 
-class Member(NamedTuple):
-    """A profile (and value) a dialog joins, with the limit that applies to it.
+class Op(NamedTuple):
+    """A dialog event for :meth:`Store.apply` (applied in order, in one call).
 
-    ``max`` is -1 when the profile is only counted. ``reserve`` slots of ``max``
-    are kept for emergency calls. A ``shadow`` limit is evaluated and reported
-    but never rejects.
+    ``kind``: ``confirm`` / ``refresh`` (``arg``: timeout ms, 0 = the policy's dialog
+    timeout), ``release`` (``arg``: reason), ``set_var`` (``arg``: name, ``value``),
+    ``record`` (``call`` admitted by the fallback at ``node``: count it now).
     """
 
-    profile: str
-    value: str | None = None
-    max: int = -1
-    reserve: int = 0
-    shadow: bool = False
-
-    def label(self) -> str:
-        return self.profile if self.value is None else f"{self.profile}={self.value}"
+    kind: str
+    dialog_id: str
+    arg: str | int = ""
+    value: str = ""
+    call: Call | None = None
+    node: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +74,6 @@ class AdmitRequest:
     emergency_bypass: bool = False  # admitted over every limit (still counted)
     #: the node (proxy) admitting the call; its dialogs end when its lease lapses
     node: str = ""
-    #: renew the node's lease by this much with the admit (0: the node holds no lease)
-    lease_ms: int = 0
-    #: end (a bounded number of) the dialogs of nodes whose lease lapsed, first
-    sweep_nodes: bool = False
     #: record a call the fallback admitted while the store was down: join every profile
     #: without checking limits (counted as ``store_error`` decisions)
     record: bool = False
@@ -89,6 +92,41 @@ class AdmitResult:
     bypass: bool = False  # emergency call admitted over a limit
     duplicate: bool = False  # the dialog was decided before: this is that decision
     shadow: int = -1  # the first shadow limit that would have rejected, -1 for none
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainRow:
+    """One membership as the decision function's dry run sees it."""
+
+    profile: str
+    value: str | None
+    count: int
+    max: int  # -1 when the profile is only counted
+    effective_max: int
+    live_limit: bool
+    shadow: bool
+    would_trip: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """What the decision function answered for one call (admit, record or explain)."""
+
+    admitted: bool
+    code: int
+    reason: str
+    retry_after: int | None
+    limit: str | None  # the profile whose limit tripped (or was bypassed, or shadowed)
+    count: int
+    max: int
+    bypass: bool
+    duplicate: bool
+    shadow: bool
+    number_class: str | None
+    memberships: tuple[str, ...]
+    dialog_id: str
+    emergency: bool
+    rows: tuple[ExplainRow, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +195,31 @@ class Store(Protocol):
 
     namespace: str
 
+    def use(self, policy: Policy | None) -> None:
+        """Decide by ``policy`` from now on (Redis: compiled here, loaded into Redis when
+        it has none for this namespace, or by :meth:`load`)."""
+
+    def load(self, policy: Policy | None) -> str:
+        """Make ``policy`` the one every caller decides by (Redis: compile it and
+        ``FUNCTION LOAD REPLACE``); returns its hash."""
+
+    def loaded_hash(self) -> str | None:
+        """The hash of the policy the store decides by now (None: none loaded)."""
+
+    def admit_call(self, call: Call, node: str, record: bool = False) -> CallResult:
+        """Decide one call from its raw attributes by the loaded policy: classify,
+        check every limit, join all profiles or none (``record``: join without checking,
+        a call the fallback admitted)."""
+
+    def explain_call(self, call: Call) -> CallResult:
+        """The decision ``admit_call`` would make now, with every membership's count
+        (``rows``); changes nothing."""
+
+    def apply(self, ops: Sequence[Op], records: bool = False) -> list[object]:
+        """Apply dialog events in order, in one atomic call. Per op: True/False (confirm,
+        refresh, set_var; record: newly counted), for release the call-end record
+        (``records``) or True, False when the dialog was not live."""
+
     def admit(self, request: AdmitRequest) -> AdmitResult:
         """Drop expired members, check every limit, join all profiles or none."""
 
@@ -204,6 +267,15 @@ class Store(Protocol):
 
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
         """Call-end records, oldest first, after record id ``after``."""
+
+    def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False
+             ) -> tuple[int, int, int]:
+        """:meth:`renew`, and end a bounded number of dialogs past their deadline
+        (reason ``expired``). Returns (lost-node dialogs ended, own left, expired ended)."""
+
+    def apply_packed(self, packed: bytes) -> int:
+        """Apply dialog events packed in the decision function's batch format (a
+        proxy's queue); returns how many were read."""
 
     def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
               ) -> tuple[int, int]:

@@ -188,6 +188,8 @@ class _PrimarySSLConnection(_PrimaryConnection, SSLConnection):
 def _common(timeout_s: float) -> dict[str, Any]:
     return {
         "decode_responses": True,
+        # values from SIP are kept as the proxy sent them: never fail on reading one back
+        "encoding_errors": "replace",
         "socket_timeout": timeout_s,
         "socket_connect_timeout": max(timeout_s, 0.05),
         # no retries at all: the engine's fallback decides, fast

@@ -12,25 +12,31 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from policer.call import key_part, utf8_text, value_from_key
+from policer.call import Call, dialog_id, key_part, utf8_text, value_from_key
+from policer.classify import Classifier
+from policer.compile import DECIDED_MS, GRACE_MS, attribute_sources, compile_policy, unpack_fields
+from policer.policy import Policy, Reject
 from policer.store.base import (
     STATS_FIELDS,
     AdmitRequest,
     AdmitResult,
     CallRecord,
+    CallResult,
     DialogInfo,
+    ExplainRow,
+    Member,
+    Op,
 )
 
 __all__ = ["MemoryStore"]
 
-_GRACE_MS = 60_000
-_DECIDED_MS = 32_000
-_SWEEP_BATCH = 100
+_GRACE_MS = GRACE_MS
+_DECIDED_MS = DECIDED_MS
 _RENEW_BATCH = 200
-
 
 
 @dataclass(slots=True)
@@ -54,13 +60,14 @@ class MemoryStore:
     """Dialog profiles in this process's memory (thread-safe)."""
 
     def __init__(self, namespace: str, *, clock_offset_ms: int = 0,
-                 cdr_maxlen: int = 100_000) -> None:
+                 cdr_maxlen: int = 100_000, policy: Policy | None = None) -> None:
         self.namespace = namespace
+        self._policy: Policy | None = None
+        self._classifier: Classifier | None = None
         self.clock_offset_ms = clock_offset_ms
         self._lock = threading.Lock()
         self._dialogs: dict[str, _Dialog] = {}
         self._profiles: dict[tuple[str, str], dict[str, int]] = {}
-        self._early: dict[str, int] = {}
         self._confirmed: dict[str, int] = {}
         self._stats: dict[str, int] = {}
         self._decisions: dict[tuple[str, str], int] = {}
@@ -70,6 +77,119 @@ class MemoryStore:
         self._nodes: dict[str, int] = {}  # encoded node -> end of its lease
         self._node_dialogs: dict[str, dict[str, int]] = {}  # node -> dialog id -> deadline
         self._admits = 0
+        if policy is not None:
+            self.load(policy)
+
+    # -- the policy (the model of the compiled library)
+    def load(self, policy: Policy | None) -> str:
+        with self._lock:
+            self._policy = policy
+            self._classifier = Classifier(policy) if policy is not None else None
+            if policy is not None:
+                self._cdr = deque(self._cdr, maxlen=max(1, policy.call_records_keep))
+            return self.loaded_hash() or ""
+
+    def use(self, policy: Policy | None) -> None:
+        self.load(policy)
+
+    def loaded_hash(self) -> str | None:
+        p = self._policy
+        return compile_policy(p, self.namespace).policy_hash if p is not None else None
+
+    def _decide_call(self, call: Call, node: str, record: bool, dry: bool) -> CallResult:
+        policy, classifier = self._policy, self._classifier
+        if policy is None or classifier is None:
+            raise RuntimeError("no policy loaded in this store")
+        c = classifier.classify(call)
+        did = call.dialog_id
+        labels = tuple(m.label() if m.value is None else
+                       f"{m.profile}={value_from_key(key_part(m.value))}" for m in c.members)
+        if dry:
+            return self._explain(c.members, c.emergency, c.number_class, labels, did, policy)
+        frm = call.from_user + ("@" + call.from_domain if call.from_domain else "")
+        req = AdmitRequest(
+            dialog_id=did, members=c.members, early_ms=policy.timeouts.early_ms,
+            emergency=c.emergency, emergency_bypass=c.emergency and policy.emergency_bypass,
+            node=node, record=record,
+            info={"call_id": call.call_id, "from": frm, "to": c.number,
+                  "class": c.number_class or "", "node": key_part(node) if node else "",
+                  "source_ip": call.source_ip})
+        r = self.admit(req)
+        limit_i = r.tripped if r.tripped >= 0 else r.shadow
+        limit = c.members[limit_i].profile if limit_i >= 0 else None
+        rej = _reject(policy, limit) if not r.admitted else None
+        return CallResult(
+            admitted=r.admitted, code=rej.code if rej else 200, reason=rej.reason if rej else "OK",
+            retry_after=rej.retry_after if rej else None, limit=limit, count=r.count, max=r.max,
+            bypass=r.bypass, duplicate=r.duplicate, shadow=r.shadow >= 0,
+            number_class=c.number_class, memberships=labels, dialog_id=did,
+            emergency=c.emergency)
+
+    def _explain(self, members: tuple[Member, ...], emergency: bool, cls: str | None,
+                 labels: tuple[str, ...], did: str, policy: Policy) -> CallResult:
+        with self._lock:
+            now = self.now_ms()
+            rows: list[ExplainRow] = []
+            tripped: ExplainRow | None = None
+            shadow: ExplainRow | None = None
+            bypass = emergency and policy.emergency_bypass
+            for m in members:
+                enc = "" if m.value is None else key_part(m.value)
+                mx, live = m.max, False
+                if enc and enc in self._limits.get(m.profile, {}):
+                    mx, live = self._limits[m.profile][enc], True
+                count = self._live(self._profiles.get((m.profile, enc), {}), now)
+                eff = mx if emergency else mx - m.reserve
+                trips = mx >= 0 and count >= eff
+                row = ExplainRow(m.profile, value_from_key(enc) if enc else None, count, mx, eff,
+                                 live, m.shadow, trips)
+                rows.append(row)
+                if trips and m.shadow and shadow is None:
+                    shadow = row
+                elif trips and not m.shadow and tripped is None:
+                    tripped = row
+        admitted = tripped is None or bypass
+        shown = tripped or shadow
+        rej = _reject(policy, tripped.profile) if not admitted and tripped else None
+        count = shown.count if shown else 0
+        mx = (tripped.max if bypass else tripped.effective_max) if tripped else (
+            shadow.effective_max if shadow else -1)
+        return CallResult(
+            admitted=admitted, code=rej.code if rej else 200, reason=rej.reason if rej else "OK",
+            retry_after=rej.retry_after if rej else None, limit=shown.profile if shown else None,
+            count=count, max=mx, bypass=bypass and tripped is not None, duplicate=False,
+            shadow=shadow is not None, number_class=cls, memberships=labels, dialog_id=did,
+            emergency=emergency, rows=tuple(rows))
+
+    def admit_call(self, call: Call, node: str, record: bool = False) -> CallResult:
+        return self._decide_call(call, node, record, dry=False)
+
+    def explain_call(self, call: Call) -> CallResult:
+        return self._decide_call(call, "", False, dry=True)
+
+    def apply(self, ops: Sequence[Op], records: bool = False) -> list[object]:
+        out: list[object] = []
+        policy = self._policy
+        dialog_ms = policy.timeouts.dialog_ms if policy else 43_200_000
+        for op in ops:
+            k = op.kind
+            if k == "confirm":
+                out.append(self.confirm(op.dialog_id, int(op.arg or 0) or dialog_ms))
+            elif k == "refresh":
+                out.append(self.refresh(op.dialog_id, int(op.arg or 0) or dialog_ms))
+            elif k == "release":
+                rec = self.release(op.dialog_id, str(op.arg))
+                out.append(rec if records and rec is not None else rec is not None)
+            elif k == "set_var":
+                out.append(self.set_var(op.dialog_id, str(op.arg), op.value))
+            elif k == "record" and op.call is not None:
+                out.append(not self.admit_call(op.call, op.node, record=True).duplicate)
+            else:
+                raise ValueError(f"unknown dialog event {k!r}")
+        return out
+
+    def apply_packed(self, packed: bytes) -> int:
+        return len(self.apply(unpack_ops(packed, attribute_sources(self._policy))))
 
     def now_ms(self) -> int:
         return int(time.time() * 1000) + self.clock_offset_ms
@@ -83,14 +203,6 @@ class MemoryStore:
 
     def _incr(self, key: str, n: int = 1) -> None:
         self._stats[key] = self._stats.get(key, 0) + n
-
-    def _sweep(self, zset: dict[str, int], now: int) -> None:
-        gone = sorted((d, did) for did, d in zset.items() if d <= now)[:_SWEEP_BATCH]
-        for _, did in gone:
-            del zset[did]
-        if gone:
-            self._incr("expired", len(gone))
-            self._incr("ended:expired", len(gone))
 
     @staticmethod
     def _live(zset: dict[str, int], now: int) -> int:
@@ -141,12 +253,6 @@ class MemoryStore:
                 p = prev.decision
                 return AdmitResult(p.admitted, p.tripped, p.count, p.max, p.bypass, True, p.shadow)
             node = key_part(request.node) if request.node else ""
-            if node and request.lease_ms > 0:
-                self._nodes[node] = now + request.lease_ms
-            if request.sweep_nodes:
-                self._sweep_lost_nodes(now, 10)
-            self._sweep(self._early, now)
-            self._sweep(self._confirmed, now)
             emergency = request.emergency or request.emergency_bypass
             tripped, tcount, tmax, bypass, shadow = -1, 0, -1, False, -1
             keys: list[tuple[str, str]] = []
@@ -192,9 +298,7 @@ class MemoryStore:
                 res = ("store_error" if request.record else "bypassed" if i == tripped
                        else "shadow_rejected" if i == shadow else "admitted")
                 self._decisions[(res, m.profile)] = self._decisions.get((res, m.profile), 0) + 1
-            self._early[did] = deadline
-            if node:
-                self._node_dialogs.setdefault(node, {})[did] = deadline
+            self._node_dialogs.setdefault(node, {})[did] = deadline
             self._dialogs[did] = _Dialog(
                 result, "early", now, deadline=deadline, expires=deadline + _GRACE_MS,
                 keys=tuple(keys), labels=tuple(labels), node=node,
@@ -218,13 +322,12 @@ class MemoryStore:
             deadline = now + timeout_ms
             for key in d.keys:
                 self._profiles.setdefault(key, {})[did] = deadline
-            if d.node:
-                self._node_dialogs.setdefault(d.node, {})[did] = deadline
+            self._node_dialogs.setdefault(d.node, {})[did] = deadline
             if confirm and d.state == "early":
-                self._early.pop(did, None)
                 d.state = "confirmed"
                 d.start_ms = now
-            (self._early if d.state == "early" else self._confirmed)[did] = deadline
+            if d.state == "confirmed":
+                self._confirmed[did] = deadline
             d.deadline = deadline
             d.expires = deadline + _GRACE_MS
             return True
@@ -251,9 +354,7 @@ class MemoryStore:
                 zset.pop(dialog_id, None)
                 if not zset:
                     del self._profiles[key]
-        if d.node:
-            self._node_dialogs.get(d.node, {}).pop(dialog_id, None)
-        self._early.pop(dialog_id, None)
+        self._node_dialogs.get(d.node, {}).pop(dialog_id, None)
         self._confirmed.pop(dialog_id, None)
         d.state, d.end_ms, d.end_reason = "ended", now, reason
         d.expires = now + _DECIDED_MS
@@ -261,6 +362,8 @@ class MemoryStore:
         self._incr("ended:" + reason)
         if reason in ("failed", "cancel"):
             self._incr("failed")
+        if reason == "expired":
+            self._incr("expired")
         rec = CallRecord(
             dialog_id=dialog_id,
             call_id=d.info.get("call_id", ""),
@@ -334,9 +437,9 @@ class MemoryStore:
         with self._lock:
             now = self.now_ms()
             out = {k: self._stats.get(k, 0) for k in STATS_FIELDS}
-            out["early"] = self._live(self._early, now)
             out["confirmed"] = self._live(self._confirmed, now)
-            out["active"] = out["early"] + out["confirmed"]
+            out["active"] = sum(self._live(z, now) for z in self._node_dialogs.values())
+            out["early"] = max(0, out["active"] - out["confirmed"])
             return out
 
     def ended(self) -> dict[str, int]:
@@ -378,22 +481,44 @@ class MemoryStore:
     # -- nodes
     def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
               ) -> tuple[int, int]:
+        swept, left, _ = self.tick(node, lease_ms, sweep, start)
+        return swept, left
+
+    def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False
+             ) -> tuple[int, int, int]:
         with self._lock:
             now = self.now_ms()
-            enc = key_part(node)
-            self._nodes[enc] = now + lease_ms
-            mine = self._node_dialogs.get(enc, {})
-            for did in [x for x, deadline in mine.items() if deadline <= now][:_SWEEP_BATCH]:
-                del mine[did]
+            enc = key_part(node) if node else ""
+            if lease_ms > 0:
+                self._nodes[enc] = now + lease_ms
+                self._node_dialogs.setdefault(enc, {})
             left = 0
             if start:
+                mine = self._node_dialogs.get(enc, {})
                 for did in sorted(mine, key=lambda x: (mine[x], x))[:_RENEW_BATCH]:
                     d = self._record(did, now)
                     if d is None or self._end(did, d, "node_restarted", now) is None:
                         mine.pop(did, None)
                 left = len(mine)
             swept = self._sweep_lost_nodes(now, _RENEW_BATCH) if sweep else 0
-            return swept, left
+            expired = self._sweep_expired(now, _RENEW_BATCH)
+            return swept, left, expired
+
+    def _sweep_expired(self, now: int, batch: int) -> int:
+        done = 0
+        for node in sorted(self._node_dialogs):
+            if done >= batch:
+                break
+            mine = self._node_dialogs[node]
+            for did in sorted((x for x in mine if mine[x] <= now),
+                              key=lambda x: (mine[x], x))[:batch - done]:
+                d = self._record(did, now)
+                if d is not None and self._end(did, d, "expired", now) is not None:
+                    done += 1
+                mine.pop(did, None)
+            if not mine and node not in self._nodes:
+                del self._node_dialogs[node]
+        return done
 
     def nodes(self) -> dict[str, int]:
         with self._lock:
@@ -408,3 +533,70 @@ class MemoryStore:
 
     def close(self) -> None:
         return None
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+#: op letter -> (fields, kind)
+_OPS = {b"c": (3, "confirm"), b"f": (3, "refresh"), b"r": (3, "release"), b"u": (3, "bye"),
+        b"v": (4, "set_var"), b"a": (4, "record"), b"C": (2, "confirm"), b"F": (2, "refresh"),
+        b"R": (2, "release"), b"V": (3, "set_var")}
+
+
+def unpack_ops(data: bytes, attributes: Sequence[str] = ()) -> list[Op]:
+    """Dialog events packed in the batch function's format (a proxy's queue), as
+    :class:`~policer.store.base.Op` s: what ``policer_batch_S`` reads, for the
+    in-process store. Stops at the first malformed op, as the function does."""
+    ops: list[Op] = []
+    pos = 0
+    while pos < len(data):
+        letter = data[pos:pos + 1]
+        spec = _OPS.get(letter)
+        if spec is None:
+            break
+        got = unpack_fields(data, pos + 1, spec[0])
+        if got is None:
+            break
+        f, pos = got
+        kind = spec[1]
+        if letter.isupper():
+            did, rest = _text(f[0]), f[1:]
+        elif kind == "record":
+            call = _call_from_fields(f[1], f[2], f[3], attributes)
+            ops.append(Op("record", call.dialog_id, call=call, node=_text(f[0])))
+            continue
+        else:
+            did, rest = dialog_id(_text(f[0]), _text(f[1])), f[2:]
+        if kind == "bye":  # either tag may name the dialog: try the first
+            ops.append(Op("release", did, "bye"))
+            if rest[0]:
+                ops.append(Op("release", dialog_id(_text(f[0]), _text(rest[0])), "bye"))
+        elif kind == "set_var":
+            ops.append(Op(kind, did, _text(rest[0]), _text(rest[1])))
+        elif kind in ("confirm", "refresh"):
+            ops.append(Op(kind, did, int(rest[0]) if rest[0].isdigit() else 0))
+        else:
+            ops.append(Op(kind, did, _text(rest[0])))
+    return ops
+
+
+def _call_from_fields(call_id: bytes, from_tag: bytes, attrs: bytes,
+                      attributes: Sequence[str]) -> Call:
+    values: dict[str, str] = {}
+    pos = 0
+    for source in attributes:
+        got = unpack_fields(attrs, pos, 1)
+        if got is None:
+            break
+        values[source] = _text(got[0][0])
+        pos = got[1]
+    headers = {k[7:]: v for k, v in values.items() if k.startswith("header:")}
+    plain = {k: v for k, v in values.items() if not k.startswith("header:")}
+    return Call.from_raw(call_id, from_tag, headers=headers, **plain)
+
+
+def _reject(policy: Policy, profile: str | None) -> Reject:
+    lim = policy.limits.get(profile) if profile else None
+    return lim.reject if lim is not None else policy.reject

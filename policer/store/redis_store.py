@@ -1,8 +1,11 @@
 """The Redis store: dialog profiles shared by every proxy worker.
 
-Each operation is one Lua script (``policer/store/lua/*.lua``) run with
-``EVALSHA`` on a connection of the store's own (see :meth:`RedisStore._eval`);
-a ``NOSCRIPT`` answer (restart, failover) loads the script again, transparently.
+Every decision and every dialog event is one ``FCALL`` of the policy's function
+library (``policer/store/lua/library.lua`` with the constants
+:func:`policer.compile.compile_policy` writes in front of it), sent on a connection
+of the store's own (see :meth:`RedisStore._fcall`). A Redis that lost the library
+(restarted empty, a new replica promoted before it replicated) answers "Function
+not found": the store loads the library and calls again, transparently.
 Connections are opened lazily and per process id, so a store created before a fork (as in
 Kamailio, which imports the script before forking its workers) never shares a
 socket between processes. Every Redis failure becomes a :class:`StoreError`.
@@ -10,94 +13,60 @@ socket between processes. Every Redis failure becomes a :class:`StoreError`.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import re
 import threading
-from collections.abc import Callable
-from importlib import resources
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
-from redis.commands.core import Script
-from redis.exceptions import NoScriptError
+from hiredis import pack_command
 
-from policer.call import key_part, utf8_text, value_from_key
+from policer.call import Call, key_part, utf8_text, value_from_key
+from policer.compile import Library, compile_policy, pack_fields
+from policer.policy import Policy
 from policer.store.base import (
     STATS_FIELDS,
     AdmitRequest,
     AdmitResult,
     CallRecord,
+    CallResult,
     DialogInfo,
-    Member,
+    ExplainRow,
+    Op,
     StoreError,
 )
 from policer.store.connect import connect
 from policer.store.keys import Keys
 
-__all__ = ["RedisStore", "load_lua"]
+__all__ = ["RENEW_BATCH", "RedisStore"]
 
-
-def _hiredis_packer() -> Any:
-    try:
-        from hiredis import pack_command
-    except ImportError:  # pragma: no cover - hiredis is a dependency
-        return None
-    return pack_command
-
-
-_hiredis_pack: Any = _hiredis_packer()
-
-#: Expired entries one admit removes at most (bounds the script's run time).
-SWEEP_BATCH = 100
-#: Memberships whose admit.lua arguments are remembered (per store; then start over).
-MEMBER_CACHE = 4096
-#: Dialogs one renew script ends at most (lost nodes, or a restarted node's own).
+#: Dialogs one tick call ends at most (per kind: lost nodes, own earlier, expired).
 RENEW_BATCH = 200
-#: Call-end records kept in the stream (approximately; ``XADD MAXLEN ~``).
-CDR_MAXLEN = 100_000
-
-
-def _pack(conn: Any, command: tuple[Any, ...]) -> Any:
-    """A command in RESP, ready for ``send_packed_command``."""
-    if _hiredis_pack is not None:
-        return [_hiredis_pack(command)]
-    return conn.pack_command(*command)  # pragma: no cover
-
-
-#: Scripts that use the shared functions of ``lua/lib.lua`` (put in front of them).
-_USES_LIB = frozenset({"admit", "release", "renew", "extend"})
-
-
-@functools.cache
-def load_lua(name: str) -> str:
-    """The text of one of policer's Lua scripts, as sent to Redis."""
-    lua = resources.files("policer.store") / "lua"
-    text = (lua / f"{name}.lua").read_text()
-    return (lua / "lib.lua").read_text() + text if name in _USES_LIB else text
-
-
-@functools.cache
-def _script_sha(name: str) -> str:
-    """What Redis names a script by (``EVALSHA``)."""
-    return hashlib.sha1(load_lua(name).encode()).hexdigest()
+#: Memberships whose admitm arguments are remembered (per store; then start over).
+MEMBER_CACHE = 4096
 
 
 class _ScriptConnection(threading.local):
-    """Per thread: the connection ``_eval`` uses and the process that opened it."""
+    """Per thread: the connection ``_fcall`` uses and the process that opened it."""
 
     conn: Any = None
     pid: int = -1
 
 
-class RedisStore:
-    """Dialog profiles in Redis.
+def _is_missing_function(e: redis.ResponseError) -> bool:
+    return "function not found" in str(e).lower()
 
-    ``url`` is any redis-py URL (``redis://``, ``rediss://``, ``unix://``);
-    ``timeout_ms`` bounds every call (connect and reply). ``clock_offset_ms``
-    shifts the store's clock: a testing aid that lets a test jump time forward
-    on a real Redis; leave it 0.
+
+class RedisStore:
+    """Dialog profiles in Redis, decided by the policy's function library.
+
+    ``url`` is any store URL (``redis://``, ``rediss://``, ``unix://``,
+    ``redis+sentinel://``, ``redis+cluster://``); ``timeout_ms`` bounds every call
+    (connect and reply). ``policy``: the policy the library is compiled from (None: a
+    library for explicit memberships only, :meth:`admit`). ``clock_offset_ms``
+    shifts the store's clock: a testing aid that lets a test jump time forward on a
+    real Redis; leave it 0.
     """
 
     def __init__(
@@ -106,8 +75,8 @@ class RedisStore:
         namespace: str,
         timeout_ms: int = 50,
         *,
+        policy: Policy | None = None,
         clock_offset_ms: int = 0,
-        cdr_maxlen: int = CDR_MAXLEN,
         client_factory: Callable[[], redis.Redis] | None = None,
     ) -> None:
         self.url = url
@@ -115,21 +84,21 @@ class RedisStore:
         self.keys = Keys(namespace)
         self.timeout_ms = timeout_ms
         self.clock_offset_ms = clock_offset_ms
-        self.cdr_maxlen = cdr_maxlen
         self._factory = client_factory
         self._pid = -1
         self._client: redis.Redis | None = None
-        self._scripts: dict[str, Script] = {}
         self._local = _ScriptConnection()
-        self._member_args: dict[Member, tuple[tuple[str, str], tuple[Any, ...]]] = {}
-        self._node_keys: dict[str, str] = {}
-        # a Cluster client routes scripts itself (MOVED, ASK): _eval uses redis-py's Script
+        self._member_args: dict[Any, tuple[Any, ...]] = {}
+        self._set_library(compile_policy(policy, namespace))
+        # a Cluster client routes by key itself (MOVED, ASK): _fcall uses its execute_command
         self._cluster = url.split(":", 1)[0].lower() == "redis+cluster"
         prefix = self.keys.prefix
         self._p_dialog = prefix + "d:"
-        self._p_profile = prefix + "p:"
-        self._p_limits = prefix + "l:"
-        self._fixed = (self.keys.stats, self.keys.early, self.keys.confirmed, self.keys.decisions)
+
+    def _set_library(self, library: Library) -> None:
+        self.library = library
+        self._fn = {op: library.function(op) for op in ("admit", "admitm", "batch", "tick",
+                                                        "read")}
 
     # -- connection
     @property
@@ -139,7 +108,6 @@ class RedisStore:
         if self._client is None or self._pid != pid:
             self._client = self._connect()
             self._pid = pid
-            self._scripts = {}
         return self._client
 
     def _connect(self) -> redis.Redis:
@@ -150,37 +118,72 @@ class RedisStore:
         except (redis.RedisError, OSError) as e:
             raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
 
-    def script(self, name: str) -> Script:
-        s = self._scripts.get(name)
-        if s is None:
-            s = self.client.register_script(load_lua(name))
-            self._scripts[name] = s
-        return s
-
     def _run(self, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
         except (redis.RedisError, OSError) as e:
             raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
 
-    def _eval(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run one of policer's scripts: ``EVALSHA`` on this thread's own connection.
+    # -- the library
+    def use(self, policy: Policy | None) -> None:
+        """Decide by ``policy`` from now on, without contacting Redis: its library is
+        loaded when Redis says it has none (or by :meth:`load`)."""
+        self._set_library(compile_policy(policy, self.namespace))
+
+    def load(self, policy: Policy | None) -> str:
+        """Compile ``policy`` and make it the library every caller of this namespace
+        decides by (``FUNCTION LOAD REPLACE``; on every primary of a Cluster)."""
+        library = compile_policy(policy, self.namespace)
+        self._load_library(library)
+        self._set_library(library)
+        return library.policy_hash
+
+    def _load_library(self, library: Library) -> None:
+        client: Any = self.client
+        if self._cluster:
+            self._run(lambda: client.execute_command(
+                "FUNCTION", "LOAD", "REPLACE", library.text, target_nodes="primaries"))
+        else:
+            self._run(lambda: client.execute_command("FUNCTION", "LOAD", "REPLACE",
+                                                     library.text))
+
+    def loaded_hash(self) -> str | None:
+        """The hash of the policy library Redis holds for this namespace (None: none)."""
+        try:
+            r = self._fcall("read", ["info"], load=False)
+        except StoreError as e:
+            if "function not found" in str(e).lower():
+                return None
+            raise
+        return str(r[0])
+
+    def _fcall(self, op: str, args: Sequence[Any], *, load: bool = True) -> Any:
+        """Call one of the library's functions: ``FCALL`` on this thread's own connection.
 
         The hot path skips redis-py's pool and command machinery (taking a pooled
         connection polls the socket, and command packing checks every argument):
         that is more than a third of a call's client CPU. One connection per
-        process and thread; a ``NOSCRIPT`` answer loads the script and runs it
-        again. A connection that broke while idle (Redis restarted, failed over)
-        is reopened and the script sent once more: every script is idempotent
-        (a dialog id gets the same decision again), and a timeout is never
-        retried, so the policy's ``store_timeout`` still bounds the call.
+        process and thread; "Function not found" (Redis restarted empty or failed over
+        to a replica without it) loads the library and calls again. A connection that
+        broke while idle (Redis restarted, failed over) is reopened and the call sent
+        once more: every function is idempotent (a dialog id gets the same decision
+        again), and a timeout is never retried, so the policy's ``store_timeout`` still
+        bounds the call.
         """
-        if self._cluster:  # redis-py's Script: routed to the slot's node, NOSCRIPT reloads
-            script, client = self.script(name), self.client
-            return self._run(lambda: script(keys=keys, args=args, client=client))
+        name = self._fn[op]
+        command = ("FCALL_RO" if op == "read" else "FCALL", name, 1, self.library.prefix, *args)
+        if self._cluster:  # routed by KEYS[1]'s slot
+            client: Any = self.client
+            try:
+                return self._run(lambda: client.execute_command(*command))
+            except StoreError as e:
+                if not load or "function not found" not in str(e).lower():
+                    raise
+                self._load_library(self.library)
+                return self._run(lambda: client.execute_command(*command))
         local = self._local
-        conn = local.conn if local.pid == self._pid_now() else self._new_connection()
-        packed = _pack(conn, ("EVALSHA", _script_sha(name), len(keys), *keys, *args))
+        conn = local.conn if local.pid == os.getpid() else self._new_connection()
+        packed = [pack_command(command)]
         loaded = reconnected = False
         try:
             while True:
@@ -188,12 +191,13 @@ class RedisStore:
                 try:
                     conn.send_packed_command(packed, check_health=False)
                     return conn.read_response()
-                except NoScriptError:  # Redis restarted or failed over: load, run again
-                    if loaded:
+                except redis.ResponseError as e:  # the library is gone: load it, call again
+                    if loaded or not load or not _is_missing_function(e):
                         raise
                     loaded = True
-                    conn.send_packed_command(_pack(conn, ("SCRIPT", "LOAD", load_lua(name))),
-                                             check_health=False)
+                    conn.send_packed_command(
+                        [pack_command(_load_command(self.library))],
+                        check_health=False)
                     conn.read_response()
                 except redis.ConnectionError:  # broke while idle: reopen once
                     if not reused or reconnected:
@@ -203,103 +207,124 @@ class RedisStore:
         except (redis.RedisError, OSError) as e:
             raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
 
-    _pid_now = staticmethod(os.getpid)
-
     def _new_connection(self) -> Any:
-        """This process's and thread's connection for scripts (opened on first use)."""
+        """This process's and thread's connection for functions (opened on first use)."""
         conn = self.client.connection_pool.make_connection()
         self._local.conn = conn
         self._local.pid = os.getpid()
         return conn
 
     # -- admission
-    def admit_arguments(self, request: AdmitRequest) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of ``admit.lua`` for a request (also used by the benchmark)."""
-        did = request.dialog_id
-        keys = [self._p_dialog + did, *self._fixed]
-        node = request.node
-        if node:  # encoded once: a store serves one node, call after call
-            node = self._node_keys.get(node) or self._node_keys.setdefault(node, key_part(node))
+    def call_arguments(self, call: Call, node: str, mode: str = "a") -> list[Any]:
+        """ARGV of ``policer_admit_S`` for a call (what a proxy's cfg sends, too)."""
+        attrs = pack_fields(call.attribute(s) for s in self.library.attributes)
+        return [key_part(node) if node else "", _raw(call.call_id), _raw(call.from_tag),
+                attrs, mode, self.clock_offset_ms]
+
+    def admit_call(self, call: Call, node: str, record: bool = False) -> CallResult:
+        r = self._fcall("admit", self.call_arguments(call, node, "r" if record else "a"))
+        return _call_result(r)
+
+    def explain_call(self, call: Call) -> CallResult:
+        return _call_result(self._fcall("admit", self.call_arguments(call, "", "e")))
+
+    def admit_arguments(self, request: AdmitRequest) -> list[Any]:
+        """ARGV of ``policer_admitm_S`` for a request over explicit memberships."""
+        node = key_part(request.node) if request.node else ""
         args: list[Any] = [
-            did,
+            request.dialog_id,
             request.early_ms,
             3 if request.record else 2 if request.emergency_bypass else 1 if request.emergency
             else 0,
             len(request.members),
             self.clock_offset_ms,
-            SWEEP_BATCH,
-            self.keys.prefix,
             node,
-            request.lease_ms,
-            1 if request.sweep_nodes else 0,
-            self.cdr_maxlen,
         ]
         cache = self._member_args
         for m in request.members:
             known = cache.get(m)
             if known is None:
-                known = self._member_arguments(m)
-            keys += known[0]
-            args += known[1]
+                known = (m.profile, 0, "", m.max, m.reserve, int(m.shadow)) \
+                    if m.value is None else \
+                    (m.profile, 1, key_part(m.value), m.max, m.reserve, int(m.shadow))
+                if len(cache) >= MEMBER_CACHE:
+                    cache.clear()
+                cache[m] = known
+            args += known
         for k, v in request.info.items():
             args.append(k)
-            args.append(v if v.isascii() else utf8_text(v))  # ASCII needs no cleaning
-        return keys, args
-
-    def _member_arguments(self, m: Member) -> tuple[tuple[str, str], tuple[Any, ...]]:
-        """One membership's KEYS and ARGV (remembered: members repeat call after call)."""
-        pp, pl = self._p_profile, self._p_limits
-        shadow = 1 if m.shadow else 0
-        if m.value is None:
-            known = ((pp + m.profile, pl + m.profile),
-                     (m.profile, m.profile, "", m.max, m.reserve, shadow))
-        else:
-            enc = key_part(m.value)
-            known = ((f"{pp}{m.profile}:{enc}", pl + m.profile),
-                     (m.profile, f"{m.profile}={enc}", enc, m.max, m.reserve, shadow))
-        if len(self._member_args) >= MEMBER_CACHE:
-            self._member_args.clear()
-        self._member_args[m] = known
-        return known
+            args.append(v if v.isascii() else utf8_text(v))
+        return args
 
     def admit(self, request: AdmitRequest) -> AdmitResult:
-        keys, args = self.admit_arguments(request)
-        r = self._eval("admit", keys, args)
+        r = self._fcall("admitm", self.admit_arguments(request))
         return AdmitResult(
             admitted=r[0] == 1,
-            tripped=int(r[1]) - 1,
-            count=int(r[2]),
-            max=int(r[3]),
-            bypass=r[4] == 1,
-            duplicate=r[5] == 1,
-            shadow=int(r[6]) - 1,
+            tripped=int(r[10]) - 1,
+            count=int(r[5]),
+            max=int(r[6]),
+            bypass=r[7] == 1,
+            duplicate=r[8] == 1,
+            shadow=int(r[9]) - 1,
         )
 
+    # -- dialog events
+    def apply(self, ops: Sequence[Op], records: bool = False) -> list[object]:
+        if not ops:
+            return []
+        r = self._fcall("batch", [self.pack_ops(ops), 1 if records else 0,
+                                  self.clock_offset_ms])
+        out: list[object] = []
+        for op, x in zip(ops, r, strict=False):
+            if isinstance(x, list):
+                out.append(_record(str(x[0]), dict(zip(x[1::2], x[2::2], strict=False))))
+            elif op.kind == "release":
+                out.append(bool(x))
+            else:
+                out.append(x == 1)
+        out += [False] * (len(ops) - len(out))
+        return out
+
+    def apply_packed(self, packed: bytes) -> int:
+        """Apply ops already packed in the function's format (a proxy's queue);
+        returns how many were read."""
+        return len(self._fcall("batch", [packed, 0, self.clock_offset_ms]))
+
+    def pack_ops(self, ops: Sequence[Op]) -> bytes:
+        out = bytearray()
+        for op in ops:
+            k = op.kind
+            if k == "confirm":
+                out += b"C" + pack_fields((op.dialog_id, str(op.arg or "")))
+            elif k == "refresh":
+                out += b"F" + pack_fields((op.dialog_id, str(op.arg or "")))
+            elif k == "release":
+                out += b"R" + pack_fields((op.dialog_id, str(op.arg)))
+            elif k == "set_var":
+                out += b"V" + pack_fields((op.dialog_id, utf8_text(str(op.arg)),
+                                           utf8_text(op.value)))
+            elif k == "record" and op.call is not None:
+                c = op.call
+                attrs = pack_fields(c.attribute(s) for s in self.library.attributes)
+                out += b"a" + pack_fields((op.node, _raw(c.call_id), _raw(c.from_tag))) \
+                    + pack_fields((attrs,))
+            else:
+                raise ValueError(f"unknown dialog event {k!r}")
+        return bytes(out)
+
     def confirm(self, dialog_id: str, dialog_ms: int) -> bool:
-        return self._extend(dialog_id, "confirm", dialog_ms)
+        return bool(self.apply([Op("confirm", dialog_id, dialog_ms)])[0])
 
     def refresh(self, dialog_id: str, timeout_ms: int) -> bool:
-        return self._extend(dialog_id, "refresh", timeout_ms)
-
-    def _extend(self, dialog_id: str, mode: str, timeout_ms: int) -> bool:
-        keys = [self._p_dialog + dialog_id, self.keys.early, self.keys.confirmed]
-        r = self._eval("extend", keys, [dialog_id, mode, timeout_ms, self.clock_offset_ms])
-        return bool(r == 1)
+        return bool(self.apply([Op("refresh", dialog_id, timeout_ms)])[0])
 
     def release(self, dialog_id: str, reason: str) -> CallRecord | None:
-        r = self._eval("release", [self._p_dialog + dialog_id],
-                       [dialog_id, reason, self.clock_offset_ms, self.cdr_maxlen,
-                        self.keys.prefix])
-        if not r:
-            return None
-        fields = dict(zip(r[1::2], r[2::2], strict=False))
-        return _record(str(r[0]), fields)
+        r = self.apply([Op("release", dialog_id, reason)], records=True)[0]
+        return r if isinstance(r, CallRecord) else None
 
     # -- dialog variables
     def set_var(self, dialog_id: str, name: str, value: str) -> bool:
-        r = self._eval("setvar", [self._p_dialog + dialog_id],
-                       ["v:" + utf8_text(name), utf8_text(value)])
-        return bool(r == 1)
+        return bool(self.apply([Op("set_var", dialog_id, name, value)])[0])
 
     def get_var(self, dialog_id: str, name: str) -> str | None:
         client = self.client
@@ -309,10 +334,12 @@ class RedisStore:
 
     # -- inspection
     def now_ms(self) -> int:
-        return int(self._eval("size", [], [self.clock_offset_ms])[-1])
+        return int(self._fcall("read", ["size", self.clock_offset_ms])[-1])
 
-    def _sizes(self, keys: list[str]) -> list[int]:
-        r = self._eval("size", keys, [self.clock_offset_ms])
+    def sizes(self, keys: Sequence[str]) -> list[int]:
+        """Live members of each of these zset keys (full keys of this namespace)."""
+        plen = len(self.keys.prefix)
+        r = self._fcall("read", ["size", self.clock_offset_ms, *(k[plen:] for k in keys)])
         return [int(x) for x in r[:-1]]
 
     def dialog(self, dialog_id: str) -> DialogInfo | None:
@@ -323,7 +350,7 @@ class RedisStore:
         return _dialog_info(dialog_id, h)
 
     def profile_size(self, profile: str, value: str | None = None) -> int:
-        return self._sizes([self.keys.profile(profile, value)])[0]
+        return self.sizes([self.keys.profile(profile, value)])[0]
 
     def profile_values(self, profile: str) -> dict[str, int]:
         client = self.client
@@ -331,7 +358,7 @@ class RedisStore:
         keys = self._run(lambda: sorted(client.scan_iter(match=pattern, count=1000)))
         if not keys:
             return {}
-        sizes = self._sizes(keys)
+        sizes = self.sizes(keys)
         plen = len(self.keys.profile(profile)) + 1
         return {value_from_key(k[plen:]): n for k, n in zip(keys, sizes, strict=True) if n > 0}
 
@@ -354,14 +381,22 @@ class RedisStore:
 
     def stats(self) -> dict[str, int]:
         client = self.client
-        raw: dict[str, str] = self._run(lambda: client.hgetall(self.keys.stats))
-        live = self._sizes([self.keys.early, self.keys.confirmed])
+
+        def read() -> Any:
+            pipe = client.pipeline(transaction=False)
+            pipe.hgetall(self.keys.stats)
+            pipe.hgetall(self.keys.decisions)
+            pipe.smembers(self.keys.prefix + "nidx")
+            return pipe.execute()
+
+        raw, decisions, nodes = self._run(read)
         out = {k: 0 for k in STATS_FIELDS}
-        for k, v in raw.items():
-            if k in out:
-                out[k] = int(v)
-        out["early"], out["confirmed"] = live
-        out["active"] = live[0] + live[1]
+        out.update(stats_from(raw, decisions))
+        live = self.sizes([self.keys.prefix + "n:" + n for n in sorted(nodes)]
+                          + [self.keys.confirmed])
+        out["confirmed"] = live[-1]
+        out["active"] = sum(live[:-1])
+        out["early"] = max(0, out["active"] - out["confirmed"])
         return out
 
     def ended(self) -> dict[str, int]:
@@ -372,11 +407,7 @@ class RedisStore:
     def decisions(self) -> dict[tuple[str, str], int]:
         client = self.client
         raw: dict[str, str] = self._run(lambda: client.hgetall(self.keys.decisions))
-        out: dict[tuple[str, str], int] = {}
-        for k, v in raw.items():
-            result, _, profile = k.partition("|")
-            out[(result, profile)] = int(v)
-        return out
+        return decisions_from(raw)
 
     # -- live limits
     def limit_get(self, profile: str, value: str) -> int | None:
@@ -426,10 +457,19 @@ class RedisStore:
     # -- nodes
     def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
               ) -> tuple[int, int]:
-        r = self._eval("renew", [self.keys.prefix + "nodes"], [
-            self.keys.prefix, key_part(node), lease_ms, self.clock_offset_ms, RENEW_BATCH,
-            1 if sweep else 0, self.cdr_maxlen, "start" if start else "renew"])
-        return int(r[0]), int(r[1])
+        swept, left, _ = self.tick(node, lease_ms, sweep, start)
+        return swept, left
+
+    def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False
+             ) -> tuple[int, int, int]:
+        """A node's periodic duties in one call: renew its lease (``lease_ms`` > 0),
+        with ``start`` end its earlier dialogs, with ``sweep`` end dialogs of lost nodes,
+        and end dialogs past their deadline (each a bounded batch). Returns (lost-node
+        dialogs ended, own earlier dialogs left, expired dialogs ended)."""
+        r = self._fcall("tick", [key_part(node) if node else "", lease_ms,
+                                 "start" if start else "renew", 1 if sweep else 0,
+                                 RENEW_BATCH, self.clock_offset_ms])
+        return int(r[0]), int(r[1]), int(r[2])
 
     def nodes(self) -> dict[str, int]:
         client = self.client
@@ -456,6 +496,84 @@ class RedisStore:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _load_command(library: Library) -> tuple[Any, ...]:
+    return ("FUNCTION", "LOAD", "REPLACE", library.text)
+
+
+def _raw(value: str) -> bytes:
+    """A SIP value as the bytes the proxy saw (surrogate escapes back to their bytes)."""
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate no byte string decodes to
+        return value.encode("utf-8", "surrogatepass")
+
+
+def _label(label: str) -> str:
+    profile, eq, enc = label.partition("=")
+    return f"{profile}={value_from_key(enc)}" if eq else profile
+
+
+def _call_result(r: list[Any]) -> CallResult:
+    rows: list[ExplainRow] = []
+    for i in range(15, len(r) - 7, 8):
+        enc = str(r[i + 1])
+        rows.append(ExplainRow(
+            profile=str(r[i]), value=value_from_key(enc) if enc else None, count=int(r[i + 2]),
+            max=int(r[i + 3]), effective_max=int(r[i + 4]), live_limit=r[i + 5] == 1,
+            shadow=r[i + 6] == 1, would_trip=r[i + 7] == 1))
+    retry = int(r[3])
+    return CallResult(
+        admitted=r[0] == 1, code=int(r[1]), reason=str(r[2]),
+        retry_after=None if retry < 0 else retry, limit=str(r[4]) or None,
+        count=int(r[5]), max=int(r[6]), bypass=r[7] == 1, duplicate=r[8] == 1,
+        shadow=int(r[9]) > 0, number_class=str(r[11]) or None,
+        memberships=tuple(_label(x) for x in str(r[12]).split("\n") if x),
+        dialog_id=str(r[13]), emergency=r[14] == 1, rows=tuple(rows))
+
+
+def decisions_from(raw: dict[str, str]) -> dict[tuple[str, str], int]:
+    """Decisions per (result, profile) from the decisions hash
+    (``<kind>;<result>|<profile>,...`` -> count)."""
+    out: dict[tuple[str, str], int] = {}
+    for k, v in raw.items():
+        _, _, parts = k.partition(";")
+        for part in parts.split(","):
+            if part:
+                result, _, profile = part.partition("|")
+                out[(result, profile)] = out.get((result, profile), 0) + int(v)
+    return out
+
+
+def stats_from(stats: dict[str, str], decisions: dict[str, str]) -> dict[str, int]:
+    """The counters of :data:`STATS_FIELDS` (but the live ones) from the stats and
+    decisions hashes."""
+    out = {"processed": 0, "rejected": 0, "bypassed": 0, "shadow_rejected": 0,
+           "recorded": 0, "ended": 0, "expired": 0, "failed": 0,
+           "nodes_lost": int(stats.get("nodes_lost", 0))}
+    for k, v in decisions.items():
+        n = int(v)
+        kind, _, parts = k.partition(";")
+        if kind == "rejected":
+            out["rejected"] += n
+            continue
+        out["processed"] += n
+        if kind == "recorded":
+            out["recorded"] += n
+        if "bypassed|" in parts:
+            out["bypassed"] += n
+        if "shadow_rejected|" in parts:
+            out["shadow_rejected"] += n
+    for k, v in stats.items():
+        if k.startswith("ended:"):
+            reason, n = k[6:], int(v)
+            out["ended"] += n
+            if reason == "expired":
+                out["expired"] += n
+            if reason in ("failed", "cancel"):
+                out["failed"] += n
+    return out
 
 
 def _safe(message: str) -> str:

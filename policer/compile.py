@@ -1,0 +1,245 @@
+"""Compiling a validated policy into its Redis Function library.
+
+The library (``policer/store/lua/library.lua``) holds the whole admission rule:
+classification, encoding of SIP values into keys, every limit, all-or-none. What
+differs from one policy to the next is a block of Lua constants that this module
+writes in front of it (classification tables, profiles and their limits, reject
+answers, timeouts). Redis builds those tables once, when it loads the library
+(``FUNCTION LOAD REPLACE``), so a call pays for none of it.
+
+While Redis 7.0 loads a library only the ``redis`` global exists: the constants are
+plain table constructors, nothing else.
+
+:func:`compile_policy` returns a :class:`Library`: its name, its text, its hash (the
+policy hash ``policer stats`` shows) and the names of its functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+from policer.call import MAX_KEY_PART, MAX_VALUE
+from policer.policy import Policy, Reject
+
+__all__ = [
+    "CDR_KEEP_DEFAULT",
+    "DECIDED_MS",
+    "GRACE_MS",
+    "LIBRARY_FORMAT",
+    "Library",
+    "attribute_sources",
+    "compile_policy",
+    "function_suffix",
+    "pack_fields",
+    "unpack_fields",
+]
+
+#: The calling convention's version (``policer_read_S info``); bump on a change.
+LIBRARY_FORMAT = 2
+#: A decided (rejected or ended) dialog is remembered this long: late retransmissions of
+#: its INVITE get the same answer (an INVITE transaction lives 64*T1 = 32 s).
+DECIDED_MS = 32_000
+#: A dialog's record outlives its deadline by this much (the tick ends it meanwhile).
+GRACE_MS = 60_000
+#: Call-end records kept when the policy does not say.
+CDR_KEEP_DEFAULT = 100_000
+#: Attributes every admit carries besides those the policy reads (for call records).
+_RECORD_SOURCES = ("from_user", "from_domain", "source_ip")
+
+
+@dataclass(frozen=True, slots=True)
+class Library:
+    """A policy compiled for Redis Functions."""
+
+    namespace: str
+    name: str  # the library name (FUNCTION LOAD)
+    text: str  # what FUNCTION LOAD REPLACE receives
+    policy_hash: str  # sha1 of the text, as policer_read_S 'info' reports it
+    attributes: tuple[str, ...]  # what ARGV[4] of policer_admit_S carries, in order
+
+    @property
+    def suffix(self) -> str:
+        return function_suffix(self.namespace)
+
+    def function(self, op: str) -> str:
+        """The name of one of the library's functions (admit, admitm, batch, tick, read)."""
+        return f"policer_{op}_{self.suffix}"
+
+    @property
+    def prefix(self) -> str:
+        """The namespace key every call declares (KEYS[1])."""
+        return f"policer:{{{self.namespace}}}:"
+
+
+def function_suffix(namespace: str) -> str:
+    """The namespace as a Redis function-name part (letters, digits, ``_`` only):
+    ``_`` becomes ``__``, ``.`` ``_d`` and ``-`` ``_h``, so two namespaces never share it."""
+    out = []
+    for ch in namespace:
+        if ch.isascii() and ch.isalnum():
+            out.append(ch)
+        elif ch == "_":
+            out.append("__")
+        elif ch == ".":
+            out.append("_d")
+        elif ch == "-":
+            out.append("_h")
+        else:
+            out.append(f"_x{ord(ch):02x}")
+    return "".join(out)
+
+
+def attribute_sources(policy: Policy | None) -> tuple[str, ...]:
+    """The call attributes the compiled function reads, in the order callers send them:
+    the dialled number's source first, then From user and domain and the source IP
+    (for call records), then what the profiles read."""
+    sources: list[str] = []
+    if policy is not None:
+        sources.append(policy.number_source)
+    sources += _RECORD_SOURCES
+    if policy is not None:
+        sources += [p.value for p in policy.profiles if p.value is not None]
+    return tuple(dict.fromkeys(sources))
+
+
+def pack_fields(values: Iterable[str | bytes]) -> bytes:
+    """Fields as the library reads them: each ``<byte length>:<bytes>``, concatenated."""
+    out = bytearray()
+    for v in values:
+        b = v if isinstance(v, bytes) else v.encode("utf-8", "surrogateescape")
+        out += str(len(b)).encode() + b":" + b
+    return bytes(out)
+
+
+def unpack_fields(data: bytes, pos: int, n: int) -> tuple[list[bytes], int] | None:
+    """``n`` fields packed by :func:`pack_fields` from ``pos``; None when malformed."""
+    out: list[bytes] = []
+    for _ in range(n):
+        colon = data.find(b":", pos, pos + 10)
+        if colon < 0 or not data[pos:colon].isdigit():
+            return None
+        end = colon + 1 + int(data[pos:colon])
+        if end > len(data):
+            return None
+        out.append(data[colon + 1:end])
+        pos = end
+    return out, pos
+
+
+def _lua_str(s: str) -> str:
+    """A Lua string literal (every byte outside printable ASCII escaped as \\ddd)."""
+    out = ['"']
+    for b in s.encode("utf-8", "surrogateescape"):
+        c = chr(b)
+        if c in '"\\':
+            out.append("\\" + c)
+        elif 32 <= b < 127:
+            out.append(c)
+        else:
+            out.append(f"\\{b:03d}")
+    out.append('"')
+    return "".join(out)
+
+
+def _lua(value: object) -> str:
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return _lua_str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"[{_lua(k)}] = {_lua(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "{" + ", ".join(_lua(v) for v in value) + "}"
+    raise TypeError(f"no Lua constant for {type(value).__name__}")
+
+
+def _reject(r: Reject) -> list[object]:
+    return [r.code, r.reason, -1 if r.retry_after is None else r.retry_after]
+
+
+@cache
+def _library_code() -> str:
+    return (resources.files("policer.store") / "lua" / "library.lua").read_text()
+
+
+def compile_policy(policy: Policy | None, namespace: str | None = None) -> Library:
+    """The function library of a policy (``None``: a library with no classification
+    and no profiles, for stores used through explicit memberships only)."""
+    ns = namespace if namespace is not None else (policy.namespace if policy else "")
+    if not ns:
+        raise ValueError("a library needs a namespace")
+    attrs = attribute_sources(policy)
+    index = {s: i + 1 for i, s in enumerate(attrs)}
+    exact: dict[str, str] = {}
+    prefix: dict[str, str] = {}
+    default: str | None = None
+    plan: list[str] = []
+    rejects: dict[str, list[object]] = {}
+    if policy is not None:
+        for c in policy.classes:
+            for n in sorted(c.numbers):
+                exact[n] = c.name
+            for p in c.prefixes:
+                prefix[p] = c.name
+            if c.default:
+                default = c.name
+        for prof in policy.profiles:
+            limit = policy.limits.get(prof.name)
+            when = ({name: True for name in sorted(prof.when_classes)}
+                    if prof.when_classes is not None else None)
+            entry = {
+                "name": prof.name,
+                "attr": index[prof.value] if prof.value is not None else 0,
+                "when": when,
+                "max": limit.max if limit else -1,
+                "reserve": limit.reserve_for_emergency if limit else 0,
+                "shadow": bool(limit) and (policy.shadow or bool(limit and limit.shadow)),
+            }
+            plan.append("{" + ", ".join(f"{k} = {_lua(v)}" for k, v in entry.items()) + "}")
+            if limit is not None:
+                rejects[prof.name] = _reject(limit.reject)
+    lengths = sorted({len(p) for p in prefix}, reverse=True)
+    consts: Sequence[tuple[str, object]] = (
+        ("SUFFIX", function_suffix(ns)),
+        ("NS_PREFIX", f"policer:{{{ns}}}:"),
+        ("MAX_VALUE_BYTES", MAX_VALUE * 4),
+        ("MAX_KEY_PART", MAX_KEY_PART),
+        ("EXACT", exact),
+        ("PREFIX", prefix),
+        ("LENGTHS", lengths),
+        ("DEFAULT_CLASS", default),
+        ("EMERGENCY_CLASS", policy.emergency_class if policy else None),
+        ("EMERGENCY_BYPASS", policy.emergency_bypass if policy else False),
+        ("ATTRS", list(attrs)),
+        ("NUMBER_ATTR", 1 if policy is not None else 0),
+        ("FROM_USER_ATTR", index["from_user"]),
+        ("FROM_DOMAIN_ATTR", index["from_domain"]),
+        ("SOURCE_IP_ATTR", index["source_ip"]),
+        ("REJECT_BY_PROFILE", rejects),
+        ("DEFAULT_REJECT", _reject(policy.reject if policy else Reject())),
+        ("EARLY_MS", policy.timeouts.early_ms if policy else 120_000),
+        ("DIALOG_MS", policy.timeouts.dialog_ms if policy else 43_200_000),
+        ("GRACE_MS", GRACE_MS),
+        ("DECIDED_MS", DECIDED_MS),
+        ("CDR_KEEP", policy.call_records_keep if policy else CDR_KEEP_DEFAULT),
+        ("POLICY_SOURCE", policy.source if policy else ""),
+        ("POLICY_VERSION", policy.version if policy else 0),
+        ("LIBRARY_FORMAT", LIBRARY_FORMAT),
+    )
+    lines = [f"local {name} = {_lua(value)}" for name, value in consts]
+    lines.append("local PLAN = {" + ",\n  ".join(plan) + "}")
+    body = "\n".join(lines) + "\n" + _library_code()
+    policy_hash = hashlib.sha1(body.encode("utf-8", "surrogateescape")).hexdigest()
+    name = f"policer_{function_suffix(ns)}"
+    origin = (policy.source if policy else "-").encode("ascii", "backslashreplace").decode()
+    text = (f"#!lua name={name}\n-- compiled by policer from {origin!r}\n"
+            f"local POLICY_HASH = {_lua(policy_hash)}\n" + body)
+    return Library(ns, name, text, policy_hash, attrs)

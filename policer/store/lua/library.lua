@@ -1,0 +1,642 @@
+-- policer: the decision library, one per policy namespace, loaded with
+-- FUNCTION LOAD REPLACE. policer.compile puts a shebang line and the policy's constants
+-- (the block "compiled constants" below lists them) in front of this file.
+--
+-- Functions (S = the namespace as a function-name suffix). KEYS[1] is always P, the
+-- namespace prefix 'policer:{ns}:', declared so that Redis Cluster routes the call;
+-- the functions use the compiled NS_PREFIX (the same string), so no caller can reach
+-- another namespace. Every key a function touches starts with P: it sits in P's slot.
+--
+-- policer_admit_S   one initial INVITE, from its raw SIP attributes (the hot path)
+--   ARGV[1] node (encoded; '' = none)  ARGV[2] Call-ID  ARGV[3] From-tag (raw bytes)
+--   ARGV[4] the attributes the policy reads, in ATTRS order, each '<byte length>:<bytes>'
+--   ARGV[5] mode: 'a' admit (default) | 'r' record a call the fallback admitted while
+--           Redis was down (joins without a limit check) | 'e' explain (dry run, writes
+--           nothing)
+--   ARGV[6] clock offset ms (tests; default 0)
+--   Reply (the cfg reads the first four):
+--     1 admitted (1|0)  2 SIP code  3 reason  4 Retry-After (-1 none)
+--     5 profile of the tripped (or bypassed, or shadow) limit ('' none)  6 its count
+--     7 its max  8 bypass (1|0)  9 duplicate (1|0)  10 shadow member (0 none)
+--     11 tripped member (0 none)  12 number class ('' none)  13 memberships, '\n'-joined
+--     14 dialog id  15 emergency (1|0)
+--     explain adds per member: profile, encoded value, count, max, effective max,
+--     live limit (1|0), shadow (1|0), would trip (1|0)
+--
+-- policer_admitm_S  the same decision over explicit memberships (the store contract,
+--   the test oracle's calling convention)
+--   ARGV[1] dialog id (encoded)  ARGV[2] early timeout ms  ARGV[3] 0 ordinary, 1 emergency
+--   (may use the reserve), 2 emergency with bypass, 3 record (no limit checked)
+--   ARGV[4] n members  ARGV[5] clock offset ms  ARGV[6] node (encoded)
+--   then per member (6 values): profile, valued (1|0), encoded value, max (-1 none),
+--   reserve, shadow (1|0); then info pairs (field, value). Reply as policer_admit_S.
+--
+-- policer_batch_S   answers, ends and other dialog events, many in one call
+--   ARGV[1] ops, concatenated; each op is one letter and its fields, each field
+--   '<byte length>:<bytes>':
+--     c Call-ID From-tag ms      confirm (answered; ms '' = the policy's dialog timeout)
+--     f Call-ID From-tag ms      refresh (push the deadline to now + ms)
+--     r Call-ID From-tag reason  release (idempotent)
+--     u Call-ID tag1 tag2        release 'bye' by the first tag that names a live dialog
+--                                (a BYE of a dialog another proxy set up)
+--     v Call-ID From-tag name value   set a dialog variable
+--     a node Call-ID From-tag attrs   record a call the fallback admitted
+--     C F R V: like c f r v with one field, the encoded dialog id, for the first two
+--   ARGV[2] 1: reply with call-end records  ARGV[3] clock offset ms
+--   Reply: one entry per op: 1|0 (c f v, a: 1 when newly counted), for r u R the
+--   call-end record {record id, field, value, ...} (with ARGV[2] = 1) or 1, or 0 when
+--   the dialog was not live.
+--
+-- policer_tick_S    a node's periodic duties (never per INVITE)
+--   ARGV[1] node (encoded; '' = none)  ARGV[2] lease ms (0 = the node holds no lease)
+--   ARGV[3] 'renew' | 'start' (the node starts afresh: its earlier dialogs end, reason
+--   node_restarted, `batch` at a time)  ARGV[4] end dialogs of lost nodes (1|0)
+--   ARGV[5] batch (dialogs ended at most per kind)  ARGV[6] clock offset ms
+--   Reply: {dialogs of lost nodes ended, own dialogs still to end, expired dialogs ended}
+--
+-- policer_read_S    read-only (no-writes: also on replicas)
+--   ARGV[1] 'size': ARGV[2] clock offset, ARGV[3..] key suffixes (after P) of zsets;
+--           reply: live members of each, then now (ms)
+--   ARGV[1] 'info': reply {policy hash, policy source, policy version, library format}
+--
+-- Data (P = 'policer:{ns}:'):
+--   P d:<dialog id>  hash: decision, state, init_ms, start_ms, end_ms, deadline,
+--                    expires, keys, profiles, nkey, end_reason, vn (variable fields),
+--                    i:call_id i:from i:to i:class i:node i:source_ip, v:<name>
+--   P p:<profile>[:<value>]  zset dialog id -> deadline ms (counted: deadline ahead)
+--   P l:<profile>    hash live limits, encoded value -> max
+--   P n:<node>       zset every recorded dialog a node admitted -> deadline
+--   P nidx           set of node names that have an n:<node> index
+--   P nodes          zset node -> end of its lease (nodes holding a lease)
+--   P confirmed      zset answered dialogs -> deadline
+--   P stats          hash ended:<reason>, nodes_lost
+--   P decisions      hash '<kind>;<result>|<profile>,...' -> decisions (one HINCRBY each)
+--   P cdr            stream of call-end records (MAXLEN ~ CDR_KEEP)
+
+-- ------------------------------------------------------------------ helpers
+
+local function now_ms(offset)
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(offset) or 0)
+end
+
+local function pct(c)
+  return string.format('%%%02X', string.byte(c))
+end
+
+-- An untrusted value as part of a key: percent-encoded, so only [A-Za-z0-9_.-%] remain
+-- (no brace, separator, white space or newline); values longer than MAX_KEY_PART encoded
+-- characters keep a prefix and end in '~' and the SHA-1 of the whole value ('~' itself is
+-- always encoded, so no short value spells a long one's key). policer.call.key_part is
+-- the same function, for reading.
+local function key_part(v)
+  if #v > MAX_VALUE_BYTES then v = string.sub(v, 1, MAX_VALUE_BYTES) end
+  local e = string.gsub(v, '[^%w_%.%-]', pct)
+  if #e <= MAX_KEY_PART then return e end
+  return string.sub(e, 1, 64) .. '~' .. redis.sha1hex(v)
+end
+
+local function dialog_id(call_id, from_tag)
+  return key_part(call_id) .. ';' .. key_part(from_tag)
+end
+
+-- '<len>:<bytes>' fields from position pos of s: returns the field and the next position
+-- (nil when s ends or is malformed).
+local function field_at(s, pos)
+  local colon = string.find(s, ':', pos, true)
+  if not colon or colon - pos > 9 then return nil, nil end
+  local n = tonumber(string.sub(s, pos, colon - 1))
+  if not n or n < 0 or colon + n > #s then return nil, nil end
+  return string.sub(s, colon + 1, colon + n), colon + n + 1
+end
+
+-- a text value safe to keep and show: cut to MAX_VALUE_BYTES
+local function bounded(v)
+  if #v > MAX_VALUE_BYTES then return string.sub(v, 1, MAX_VALUE_BYTES) end
+  return v
+end
+
+-- ------------------------------------------------------------------ classification
+
+local function number_class(num)
+  local c = EXACT[num]
+  if c then return c end
+  for i = 1, #LENGTHS do
+    local n = LENGTHS[i]
+    if #num >= n then
+      c = PREFIX[string.sub(num, 1, n)]
+      if c then return c end
+    end
+  end
+  return DEFAULT_CLASS
+end
+
+-- The call's memberships in policy order: {prof, valued, enc, max, reserve, shadow, plan}
+local function classify(attrs)
+  local values = {}
+  local pos = 1
+  for i = 1, #ATTRS do
+    local v, nxt = field_at(attrs, pos)
+    if v == nil then break end
+    values[i] = v
+    pos = nxt
+  end
+  local number = values[NUMBER_ATTR] or ''
+  local cls = number_class(number)
+  local members = {}
+  for i = 1, #PLAN do
+    local p = PLAN[i]
+    if p.when == nil or (cls and p.when[cls]) then
+      if p.attr == 0 then
+        members[#members + 1] = {p.name, false, '', p.max, p.reserve, p.shadow, p}
+      else
+        local v = values[p.attr]
+        if v and v ~= '' then  -- calls without a value join no count of that profile
+          members[#members + 1] = {p.name, true, key_part(v), p.max, p.reserve, p.shadow, p}
+        end
+      end
+    end
+  end
+  return cls, number, values, members
+end
+
+local function member_key(P, m)
+  if m[2] then return P .. 'p:' .. m[1] .. ':' .. m[3] end
+  return P .. 'p:' .. m[1]
+end
+
+local function member_label(m)
+  if m[2] then return m[1] .. '=' .. m[3] end
+  return m[1]
+end
+
+local function labels_of(members)
+  local out = {}
+  for i = 1, #members do out[i] = member_label(members[i]) end
+  return table.concat(out, '\n')
+end
+
+-- The reject answer of a profile's limit: {code, reason, retry_after}
+local function reject_of(profile)
+  local r = REJECT_BY_PROFILE[profile]
+  if r then return r end
+  return DEFAULT_REJECT
+end
+
+-- ------------------------------------------------------------------ ending a dialog
+
+-- End one live dialog: leave every profile, its node's index and the answered set,
+-- count it, and (CDR_KEEP > 0) write its call-end record. Returns the record as a flat
+-- list {record id, field, value, ...} (or {} when records are off), nil when the dialog
+-- was not live.
+local function end_dialog(P, did, reason, now)
+  local dkey = P .. 'd:' .. did
+  local h = redis.call('HMGET', dkey, 'state', 'expires', 'keys', 'nkey', 'init_ms',
+                       'start_ms', 'profiles', 'i:call_id', 'i:from', 'i:to', 'i:node', 'vn')
+  local state = h[1]
+  if state ~= 'early' and state ~= 'confirmed' then return nil end
+  -- the record outlived its end in script time (only when a test moves the clock)
+  if tonumber(h[2]) <= now then return nil end
+  for zkey in string.gmatch(h[3] or '', '[^\n]+') do
+    redis.call('ZREM', zkey, did)
+  end
+  if h[4] then redis.call('ZREM', h[4], did) end
+  if state == 'confirmed' then redis.call('ZREM', P .. 'confirmed', did) end
+  -- kept briefly so that late retransmissions see the dialog as decided, not as new
+  redis.call('HSET', dkey, 'state', 'ended', 'end_ms', now, 'end_reason', reason,
+             'expires', now + DECIDED_MS)
+  redis.call('PEXPIRE', dkey, DECIDED_MS)
+  redis.call('HINCRBY', P .. 'stats', 'ended:' .. reason, 1)
+  if CDR_KEEP <= 0 then return {} end
+  local rec = {'dialog_id', did, 'reason', reason, 'end_ms', now, 'init_ms', h[5] or '0',
+               'start_ms', h[6] or '0', 'profiles', h[7] or '', 'i:call_id', h[8] or '',
+               'i:from', h[9] or '', 'i:to', h[10] or '', 'i:node', h[11] or ''}
+  if h[12] and h[12] ~= '' then
+    local names = {}
+    for f in string.gmatch(h[12], '[^\n]+') do names[#names + 1] = f end
+    local vals = redis.call('HMGET', dkey, unpack(names))
+    for i = 1, #names do
+      if vals[i] then
+        rec[#rec + 1] = names[i]
+        rec[#rec + 1] = vals[i]
+      end
+    end
+  end
+  local id = redis.call('XADD', P .. 'cdr', 'MAXLEN', '~', CDR_KEEP, '*', unpack(rec))
+  table.insert(rec, 1, id)
+  return rec
+end
+
+-- ------------------------------------------------------------------ the decision
+
+local FLAG_EMERGENCY, FLAG_BYPASS, FLAG_RECORD = 1, 2, 4
+
+-- Decide one dialog over its memberships and, unless dry, record it: all or none.
+-- mode flags: FLAG_EMERGENCY may use reserves, FLAG_BYPASS admitted over every limit,
+-- FLAG_RECORD joins without checking (a call the fallback admitted).
+local function decide(P, did, members, flags, early_ms, node, info, now, cls, dry)
+  local dkey = P .. 'd:' .. did
+  local emergency = flags % 2 == 1
+  local bypass_allowed = math.floor(flags / 2) % 2 == 1
+  local record = flags >= FLAG_RECORD
+  local emergency_out = 0
+  if emergency then emergency_out = 1 end
+
+  if not dry then
+    -- The same dialog again (retransmission, INVITE re-sent with credentials): same
+    -- answer. 'expires' is when the record ends in script time (the key's TTL in real
+    -- time): they differ only when a test moves the clock.
+    local prev = redis.call('HMGET', dkey, 'decision', 'expires', 'i:class', 'profiles', 'tp')
+    if prev[1] then
+      if tonumber(prev[2]) > now then
+        local r = {}
+        for v in string.gmatch(prev[1], '[^,]+') do r[#r + 1] = tonumber(v) end
+        -- r: admitted, tripped, count, max, bypass, shadow, emergency
+        local code, reason, retry, limit = 200, 'OK', -1, prev[5] or ''
+        if r[1] == 0 then
+          local rej = reject_of(limit)
+          code, reason, retry = rej[1], rej[2], rej[3]
+        end
+        return {r[1], code, reason, retry, limit, r[3], r[4], r[5], 1, r[6], r[2],
+                prev[3] or '', prev[4] or '', did, r[7] or 0}
+      end
+      redis.call('DEL', dkey)
+    end
+  end
+
+  local n = #members
+  local tripped, tcount, tmax, bypass, shadow = 0, 0, -1, 0, 0
+  local rows = {}
+  local keys = {}
+  for i = 1, n do
+    local m = members[i]
+    local zkey = member_key(P, m)
+    keys[i] = zkey
+    local max = m[4]
+    local live = 0
+    if m[2] then
+      local lv = redis.call('HGET', P .. 'l:' .. m[1], m[3])
+      if lv then max = tonumber(lv); live = 1 end
+    end
+    if (max >= 0 and not record) or dry then
+      local count = redis.call('ZCOUNT', zkey, '(' .. now, '+inf')
+      local effective = max
+      if not emergency then effective = max - m[5] end
+      local trips = max >= 0 and count >= effective
+      if dry then
+        local sh, tr, val = 0, 0, ''
+        if m[6] then sh = 1 end
+        if trips then tr = 1 end
+        if m[2] then val = m[3] end
+        rows[#rows + 1] = {m[1], val, count, max, effective, live, sh, tr}
+      end
+      if trips and not record then
+        if m[6] then
+          if shadow == 0 then
+            shadow = i
+            if tripped == 0 then tcount, tmax = count, effective end
+          end
+        elseif bypass_allowed then
+          if tripped == 0 then tripped, tcount, tmax = i, count, max end
+          bypass = 1
+        elseif tripped == 0 then
+          tripped, tcount, tmax = i, count, effective
+          if not dry then break end
+        end
+      end
+    end
+  end
+
+  local admitted = 1
+  if tripped > 0 and bypass == 0 then admitted = 0 end
+  local limit = ''
+  if tripped > 0 then limit = members[tripped][1]
+  elseif shadow > 0 then limit = members[shadow][1] end
+  local labels = labels_of(members)
+  local code, reason, retry = 200, 'OK', -1
+  if admitted == 0 then
+    local rej = reject_of(limit)
+    code, reason, retry = rej[1], rej[2], rej[3]
+  end
+  local reply = {admitted, code, reason, retry, limit, tcount, tmax, bypass, 0, shadow,
+                 tripped, cls or '', labels, did, emergency_out}
+  if dry then
+    for i = 1, #rows do
+      for j = 1, 8 do reply[#reply + 1] = rows[i][j] end
+    end
+    return reply
+  end
+  local decision = table.concat({admitted, tripped, tcount, tmax, bypass, shadow,
+                                 emergency_out}, ',')
+
+  if admitted == 0 then
+    -- remembered for the life of an INVITE transaction (64*T1)
+    redis.call('HSET', dkey, 'decision', decision, 'state', 'rejected', 'init_ms', now,
+               'expires', now + DECIDED_MS, 'tp', limit, 'i:class', cls or '',
+               'profiles', labels)
+    redis.call('PEXPIRE', dkey, DECIDED_MS)
+    redis.call('HINCRBY', P .. 'decisions', 'rejected;rejected|' .. limit, 1)
+    return reply
+  end
+
+  local deadline = now + early_ms
+  local results = {}
+  for i = 1, n do
+    redis.call('ZADD', keys[i], deadline, did)
+    local result = 'admitted'
+    if record then
+      result = 'store_error'
+    elseif i == tripped then
+      result = 'bypassed'
+    elseif i == shadow then
+      result = 'shadow_rejected'
+    end
+    results[i] = result .. '|' .. members[i][1]
+  end
+  local nkey = P .. 'n:' .. node
+  redis.call('ZADD', nkey, deadline, did)
+  redis.call('SADD', P .. 'nidx', node)
+  local fields = {'decision', decision, 'state', 'early', 'init_ms', now,
+                  'deadline', deadline, 'expires', deadline + GRACE_MS,
+                  'keys', table.concat(keys, '\n'), 'profiles', labels, 'nkey', nkey,
+                  'tp', limit}
+  for j = 1, #info, 2 do
+    fields[#fields + 1] = 'i:' .. info[j]
+    fields[#fields + 1] = info[j + 1]
+  end
+  redis.call('HSET', dkey, unpack(fields))
+  redis.call('PEXPIRE', dkey, early_ms + GRACE_MS)
+  local kind = 'admitted'
+  if record then kind = 'recorded' end
+  redis.call('HINCRBY', P .. 'decisions', kind .. ';' .. table.concat(results, ','), 1)
+  return reply
+end
+
+-- ------------------------------------------------------------------ admit (raw call)
+
+local function admit_call(P, node, call_id, from_tag, attrs, mode, now)
+  local cls, number, values, members = classify(attrs)
+  local flags = 0
+  if cls ~= nil and cls == EMERGENCY_CLASS then
+    flags = FLAG_EMERGENCY
+    if EMERGENCY_BYPASS then flags = flags + FLAG_BYPASS end
+  end
+  if mode == 'r' then flags = flags + FLAG_RECORD end
+  local did = dialog_id(call_id, from_tag)
+  local info = {}
+  if mode ~= 'e' then
+    local fu, fd = values[FROM_USER_ATTR] or '', values[FROM_DOMAIN_ATTR] or ''
+    local from = fu
+    if fd ~= '' then from = fu .. '@' .. fd end
+    info = {'call_id', bounded(call_id), 'from', bounded(from), 'to', bounded(number),
+            'class', cls or '', 'node', node, 'source_ip', bounded(values[SOURCE_IP_ATTR] or '')}
+  end
+  return decide(P, did, members, flags, EARLY_MS, node, info, now, cls, mode == 'e')
+end
+
+local function fn_admit(keys, args)
+  local now = now_ms(args[6])
+  return admit_call(NS_PREFIX, args[1] or '', args[2] or '', args[3] or '', args[4] or '',
+                    args[5] or 'a', now)
+end
+
+local function fn_admitm(keys, args)
+  local P = NS_PREFIX
+  local now = now_ms(args[5])
+  local n = tonumber(args[4])
+  local members = {}
+  local at = 7
+  for i = 1, n do
+    local valued = args[at + 1] == '1'
+    local shadow = args[at + 5] == '1'
+    members[i] = {args[at], valued, args[at + 2], tonumber(args[at + 3]),
+                  tonumber(args[at + 4]), shadow}
+    at = at + 6
+  end
+  local info = {}
+  for j = at, #args, 2 do
+    info[#info + 1] = args[j]
+    info[#info + 1] = args[j + 1]
+  end
+  local flags = tonumber(args[3])
+  if flags == 3 then flags = FLAG_RECORD
+  elseif flags == 2 then flags = FLAG_EMERGENCY + FLAG_BYPASS end
+  return decide(P, args[1], members, flags, tonumber(args[2]), args[6] or '', info, now,
+                nil, false)
+end
+
+-- ------------------------------------------------------------------ dialog events
+
+-- confirm (answered) or refresh a live dialog: push its deadline on. 1 when live.
+local function extend(P, did, confirm, timeout, now)
+  local dkey = P .. 'd:' .. did
+  local h = redis.call('HMGET', dkey, 'state', 'deadline', 'keys', 'nkey')
+  local state = h[1]
+  if state ~= 'early' and state ~= 'confirmed' then return 0 end
+  -- past its deadline the dialog stopped counting and its slot may be taken: never revive
+  if tonumber(h[2] or 0) <= now then return 0 end
+  local deadline = now + timeout
+  for zkey in string.gmatch(h[3] or '', '[^\n]+') do
+    redis.call('ZADD', zkey, deadline, did)
+  end
+  if h[4] then redis.call('ZADD', h[4], deadline, did) end
+  if confirm and state == 'early' then
+    redis.call('HSET', dkey, 'state', 'confirmed', 'start_ms', now, 'deadline', deadline,
+               'expires', deadline + GRACE_MS)
+  else
+    redis.call('HSET', dkey, 'deadline', deadline, 'expires', deadline + GRACE_MS)
+  end
+  if confirm or state == 'confirmed' then
+    redis.call('ZADD', P .. 'confirmed', deadline, did)
+  end
+  redis.call('PEXPIRE', dkey, timeout + GRACE_MS)
+  return 1
+end
+
+local function set_var(P, did, name, value)
+  local dkey = P .. 'd:' .. did
+  local h = redis.call('HMGET', dkey, 'state', 'vn')
+  if h[1] ~= 'early' and h[1] ~= 'confirmed' then return 0 end
+  local f = 'v:' .. name
+  local vn = h[2] or ''
+  local known = false
+  for x in string.gmatch(vn, '[^\n]+') do
+    if x == f then known = true; break end
+  end
+  if not known then
+    if vn == '' then vn = f else vn = vn .. '\n' .. f end
+    redis.call('HSET', dkey, f, value, 'vn', vn)
+  else
+    redis.call('HSET', dkey, f, value)
+  end
+  return 1
+end
+
+local function released(rec, with_records)
+  if rec == nil then return 0 end
+  if with_records then return rec end
+  return 1
+end
+
+local function fn_batch(keys, args)
+  local P = NS_PREFIX
+  local ops = args[1] or ''
+  local with_records = args[2] == '1'
+  local now = now_ms(args[3])
+  local out = {}
+  local pos = 1
+  local len = #ops
+  while pos <= len do
+    local op = string.sub(ops, pos, pos)
+    pos = pos + 1
+    local a, b, c, d
+    local r = 0
+    if op == 'c' or op == 'f' or op == 'r' or op == 'u' then
+      a, pos = field_at(ops, pos); if a == nil then break end
+      b, pos = field_at(ops, pos); if b == nil then break end
+      c, pos = field_at(ops, pos); if c == nil then break end
+      local did = dialog_id(a, b)
+      if op == 'c' then
+        r = extend(P, did, true, tonumber(c) or DIALOG_MS, now)
+      elseif op == 'f' then
+        r = extend(P, did, false, tonumber(c) or DIALOG_MS, now)
+      elseif op == 'r' then
+        r = released(end_dialog(P, did, c, now), with_records)
+      else
+        local rec = end_dialog(P, did, 'bye', now)
+        if rec == nil and c ~= '' then rec = end_dialog(P, dialog_id(a, c), 'bye', now) end
+        r = released(rec, with_records)
+      end
+    elseif op == 'C' or op == 'F' or op == 'R' then
+      a, pos = field_at(ops, pos); if a == nil then break end
+      b, pos = field_at(ops, pos); if b == nil then break end
+      if op == 'C' then
+        r = extend(P, a, true, tonumber(b) or DIALOG_MS, now)
+      elseif op == 'F' then
+        r = extend(P, a, false, tonumber(b) or DIALOG_MS, now)
+      else
+        r = released(end_dialog(P, a, b, now), with_records)
+      end
+    elseif op == 'v' or op == 'V' then
+      local did
+      if op == 'v' then
+        a, pos = field_at(ops, pos); if a == nil then break end
+        b, pos = field_at(ops, pos); if b == nil then break end
+        did = dialog_id(a, b)
+      else
+        a, pos = field_at(ops, pos); if a == nil then break end
+        did = a
+      end
+      c, pos = field_at(ops, pos); if c == nil then break end
+      d, pos = field_at(ops, pos); if d == nil then break end
+      r = set_var(P, did, bounded(c), bounded(d))
+    elseif op == 'a' then
+      a, pos = field_at(ops, pos); if a == nil then break end
+      b, pos = field_at(ops, pos); if b == nil then break end
+      c, pos = field_at(ops, pos); if c == nil then break end
+      d, pos = field_at(ops, pos); if d == nil then break end
+      local reply = admit_call(P, key_part(a), b, c, d, 'r', now)
+      if reply[9] == 1 then r = 0 else r = 1 end
+    else
+      break  -- malformed: the rest of the batch cannot be read
+    end
+    out[#out + 1] = r
+  end
+  return out
+end
+
+-- ------------------------------------------------------------------ the tick
+
+local function sweep_lost_nodes(P, now, batch)
+  local done = 0
+  local nodes = P .. 'nodes'
+  local lost = redis.call('ZRANGEBYSCORE', nodes, '-inf', now, 'LIMIT', 0, 4)
+  for _, node in ipairs(lost) do
+    if done >= batch then break end
+    local nkey = P .. 'n:' .. node
+    local ids = redis.call('ZRANGE', nkey, 0, batch - done - 1)
+    for _, did in ipairs(ids) do
+      if end_dialog(P, did, 'node_lost', now) then
+        done = done + 1
+      else
+        redis.call('ZREM', nkey, did)  -- ended or expired already
+      end
+    end
+    if redis.call('ZCARD', nkey) == 0 then
+      redis.call('ZREM', nodes, node)
+      redis.call('SREM', P .. 'nidx', node)
+      redis.call('HINCRBY', P .. 'stats', 'nodes_lost', 1)
+    end
+  end
+  return done
+end
+
+-- Dialogs whose deadline passed (nobody ended them): end up to `batch` (reason
+-- expired). Counting never sees them anyway; this frees their memberships.
+local function sweep_expired(P, now, batch)
+  local done = 0
+  local leased = P .. 'nodes'
+  for _, node in ipairs(redis.call('SMEMBERS', P .. 'nidx')) do
+    if done >= batch then break end
+    local nkey = P .. 'n:' .. node
+    local ids = redis.call('ZRANGEBYSCORE', nkey, '-inf', now, 'LIMIT', 0, batch - done)
+    for _, did in ipairs(ids) do
+      if end_dialog(P, did, 'expired', now) then done = done + 1 end
+      redis.call('ZREM', nkey, did)
+    end
+    if redis.call('EXISTS', nkey) == 0 and not redis.call('ZSCORE', leased, node) then
+      redis.call('SREM', P .. 'nidx', node)
+    end
+  end
+  return done
+end
+
+local function fn_tick(keys, args)
+  local P = NS_PREFIX
+  local node = args[1] or ''
+  local lease = tonumber(args[2]) or 0
+  local batch = tonumber(args[5]) or 200
+  local now = now_ms(args[6])
+  if lease > 0 then
+    redis.call('ZADD', P .. 'nodes', now + lease, node)
+    redis.call('SADD', P .. 'nidx', node)
+  end
+  local left = 0
+  if args[3] == 'start' then
+    local nkey = P .. 'n:' .. node
+    local ids = redis.call('ZRANGE', nkey, 0, batch - 1)
+    for _, did in ipairs(ids) do
+      if not end_dialog(P, did, 'node_restarted', now) then
+        redis.call('ZREM', nkey, did)
+      end
+    end
+    left = redis.call('ZCARD', nkey)
+  end
+  local swept = 0
+  if args[4] == '1' then swept = sweep_lost_nodes(P, now, batch) end
+  local expired = sweep_expired(P, now, batch)
+  return {swept, left, expired}
+end
+
+-- ------------------------------------------------------------------ reads
+
+local function fn_read(keys, args)
+  local P = NS_PREFIX
+  if args[1] == 'info' then
+    return {POLICY_HASH, POLICY_SOURCE, POLICY_VERSION, LIBRARY_FORMAT}
+  end
+  local now = now_ms(args[2])
+  local out = {}
+  for i = 3, #args do
+    out[#out + 1] = redis.call('ZCOUNT', P .. args[i], '(' .. now, '+inf')
+  end
+  out[#out + 1] = now
+  return out
+end
+
+redis.register_function('policer_admit_' .. SUFFIX, fn_admit)
+redis.register_function('policer_admitm_' .. SUFFIX, fn_admitm)
+redis.register_function('policer_batch_' .. SUFFIX, fn_batch)
+redis.register_function('policer_tick_' .. SUFFIX, fn_tick)
+redis.register_function{function_name = 'policer_read_' .. SUFFIX, callback = fn_read,
+                        flags = {'no-writes'}}
