@@ -35,6 +35,7 @@ __all__ = [
     "compile_policy",
     "function_suffix",
     "pack_fields",
+    "raw_bytes",
     "unpack_fields",
 ]
 
@@ -110,9 +111,18 @@ def pack_fields(values: Iterable[str | bytes]) -> bytes:
     """Fields as the library reads them: each ``<byte length>:<bytes>``, concatenated."""
     out = bytearray()
     for v in values:
-        b = v if isinstance(v, bytes) else v.encode("utf-8", "surrogateescape")
+        b = v if isinstance(v, bytes) else raw_bytes(v)
         out += str(len(b)).encode() + b":" + b
     return bytes(out)
+
+
+def raw_bytes(value: str) -> bytes:
+    """A SIP value as the bytes the proxy saw (surrogate escapes back to their bytes);
+    never raises."""
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no byte string decodes to
+        return value.encode("utf-8", "surrogatepass")
 
 
 def unpack_fields(data: bytes, pos: int, n: int) -> tuple[list[bytes], int] | None:

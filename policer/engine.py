@@ -324,7 +324,7 @@ class Engine:
 
     def _event(self, item: Pending) -> object:
         """Apply a dialog event, or queue it (in order) while the store is down."""
-        if self.pending:
+        if self.pending and self.breaker.allow():
             self._drain(_DRAIN_BEFORE_ADMIT)
         if self.pending or not self.breaker.allow():
             self._queue(item)

@@ -144,8 +144,10 @@ def test_queue_full_drops_oldest_and_deadlines_still_clean_up(
     assert until(lambda: (e.tick(), not e.breaker.open)[1])
     store = e.store
     assert isinstance(store, RedisStore)
-    # 2 releases were dropped: those calls still count, until their deadline
-    assert store.profile_size("total") == 2
+    assert len(e.pending) == 0
+    # 2 releases were dropped: unless Redis ran them after all (a call that timed out may
+    # still have reached it), those calls still count, until their deadline
+    assert store.profile_size("total") <= 2
     store.clock_offset_ms += 121_000  # past the early deadline
     assert store.profile_size("total") == 0
 

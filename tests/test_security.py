@@ -39,7 +39,7 @@ SECRETS = (ADMIN_PW, POLICER_PW, WRONG_PW, quote(POLICER_PW, safe=""))
 #: The policer ACL user: its own keys, data and script commands, nothing dangerous.
 ACL_RULES = ("on", "resetkeys", "~policer:*", "resetchannels", "-@all", "+@read", "+@write",
              "+@scripting", "+@connection", "+@transaction", "+time", "-@dangerous",
-             "-script|flush", "-script|kill", "-function")
+             "-script|flush", "-script|kill", "-function", "+function|load")
 
 POLICY = """
 version: 1

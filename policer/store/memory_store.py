@@ -117,12 +117,21 @@ class MemoryStore:
         r = self.admit(req)
         limit_i = r.tripped if r.tripped >= 0 else r.shadow
         limit = c.members[limit_i].profile if limit_i >= 0 else None
+        cls = c.number_class
+        if r.duplicate:  # the answer given to the dialog before, as it was given
+            with self._lock:
+                d = self._dialogs.get(did)
+            if d is not None:
+                labels = tuple(_decoded(x) for x in d.labels)
+                cls = d.info.get("class") or None
+                limit = labels[limit_i].partition("=")[0] if 0 <= limit_i < len(labels) \
+                    else None
         rej = _reject(policy, limit) if not r.admitted else None
         return CallResult(
             admitted=r.admitted, code=rej.code if rej else 200, reason=rej.reason if rej else "OK",
             retry_after=rej.retry_after if rej else None, limit=limit, count=r.count, max=r.max,
             bypass=r.bypass, duplicate=r.duplicate, shadow=r.shadow >= 0,
-            number_class=c.number_class, memberships=labels, dialog_id=did,
+            number_class=cls, memberships=labels, dialog_id=did,
             emergency=c.emergency)
 
     def _explain(self, members: tuple[Member, ...], emergency: bool, cls: str | None,
@@ -284,7 +293,11 @@ class MemoryStore:
                         break
             if tripped >= 0 and not bypass:
                 result = AdmitResult(False, tripped, tcount, tmax, False, False, shadow)
-                self._dialogs[did] = _Dialog(result, "rejected", now, expires=now + _DECIDED_MS)
+                self._dialogs[did] = _Dialog(
+                    result, "rejected", now, expires=now + _DECIDED_MS,
+                    labels=tuple(m.profile if m.value is None else
+                                 f"{m.profile}={key_part(m.value)}" for m in request.members),
+                    info={"class": utf8_text(request.info.get("class", ""))})
                 self._incr("rejected")
                 prof = request.members[tripped].profile
                 self._decisions[("rejected", prof)] = self._decisions.get(("rejected", prof), 0) + 1
@@ -595,6 +608,11 @@ def _call_from_fields(call_id: bytes, from_tag: bytes, attrs: bytes,
     headers = {k[7:]: v for k, v in values.items() if k.startswith("header:")}
     plain = {k: v for k, v in values.items() if not k.startswith("header:")}
     return Call.from_raw(call_id, from_tag, headers=headers, **plain)
+
+
+def _decoded(label: str) -> str:
+    profile, eq, enc = label.partition("=")
+    return f"{profile}={value_from_key(enc)}" if eq else profile
 
 
 def _reject(policy: Policy, profile: str | None) -> Reject:

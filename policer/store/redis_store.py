@@ -23,7 +23,7 @@ import redis
 from hiredis import pack_command
 
 from policer.call import Call, key_part, utf8_text, value_from_key
-from policer.compile import Library, compile_policy, pack_fields
+from policer.compile import Library, compile_policy, pack_fields, raw_bytes
 from policer.policy import Policy
 from policer.store.base import (
     STATS_FIELDS,
@@ -218,7 +218,7 @@ class RedisStore:
     def call_arguments(self, call: Call, node: str, mode: str = "a") -> list[Any]:
         """ARGV of ``policer_admit_S`` for a call (what a proxy's cfg sends, too)."""
         attrs = pack_fields(call.attribute(s) for s in self.library.attributes)
-        return [key_part(node) if node else "", _raw(call.call_id), _raw(call.from_tag),
+        return [key_part(node) if node else "", raw_bytes(call.call_id), raw_bytes(call.from_tag),
                 attrs, mode, self.clock_offset_ms]
 
     def admit_call(self, call: Call, node: str, record: bool = False) -> CallResult:
@@ -306,7 +306,7 @@ class RedisStore:
             elif k == "record" and op.call is not None:
                 c = op.call
                 attrs = pack_fields(c.attribute(s) for s in self.library.attributes)
-                out += b"a" + pack_fields((op.node, _raw(c.call_id), _raw(c.from_tag))) \
+                out += b"a" + pack_fields((op.node, raw_bytes(c.call_id), raw_bytes(c.from_tag))) \
                     + pack_fields((attrs,))
             else:
                 raise ValueError(f"unknown dialog event {k!r}")
@@ -500,14 +500,6 @@ class RedisStore:
 
 def _load_command(library: Library) -> tuple[Any, ...]:
     return ("FUNCTION", "LOAD", "REPLACE", library.text)
-
-
-def _raw(value: str) -> bytes:
-    """A SIP value as the bytes the proxy saw (surrogate escapes back to their bytes)."""
-    try:
-        return value.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate no byte string decodes to
-        return value.encode("utf-8", "surrogatepass")
 
 
 def _label(label: str) -> str:
