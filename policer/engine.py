@@ -434,6 +434,8 @@ class Engine:
         try:
             if self._watcher is not None:
                 self._watcher.poll()
+            if self.lease and self.breaker.allow():
+                self._ensure_loaded()
             if self.pending and self.breaker.allow():
                 self._drain(_DRAIN_PER_TICK)
             now = time.monotonic()
@@ -458,6 +460,20 @@ class Engine:
                     self.log.warning("lost_node_dialogs_ended", count=swept)
         except Exception as e:  # a periodic duty must never take the timer process down
             self.log.error("tick_failed", error=repr(e))
+
+    def _ensure_loaded(self) -> None:
+        """A Redis that lost the library (restarted empty, failed over to a replica
+        without it) gets it back within a tick. A library another node loaded is the
+        policy in force: it is never replaced here (``policer load`` and a changed
+        policy file do that)."""
+        try:
+            if self.store.loaded_hash() is None:
+                policy_hash = self.store.load(self._current.policy)
+                self.log.warning("policy_library_loaded", policy_hash=policy_hash,
+                                 why="the store had none")
+        except StoreError as e:
+            self._failed()
+            self._store_error("load", "", e)
 
     # -- inspection (may raise StoreError: these are for operators, not proxies)
     def explain(self, call: Call) -> Explanation:
