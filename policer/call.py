@@ -92,8 +92,9 @@ def _wellformed(value: str) -> str:
 def key_part(value: str) -> str:
     """Encode an untrusted value for use inside a Redis key or member.
 
-    Percent-encoding leaves only ``[A-Za-z0-9_.-]`` and ``%``: no braces (hash
-    tags), no ``:`` (our separator), no white space. Long values keep a prefix
+    Percent-encoding leaves only ``[A-Za-z0-9_.@-]`` and ``%``: no braces (hash
+    tags), no ``:`` (our separator), no white space (``@`` stays: Call-IDs are
+    ``word@host`` and most then need no encoding at all). Long values keep a prefix
     and end in ``~`` and a SHA-1 digest of the whole value, so they stay
     distinct; ``~`` itself is encoded, so no short value can spell a long one's
     key. The decision function (``policer/store/lua/library.lua``, ``key_part``)
@@ -101,7 +102,7 @@ def key_part(value: str) -> str:
     limits); a property test holds the two to the same keys.
     """
     raw = _utf8(value)[: MAX_VALUE * 4]
-    encoded = quote(raw, safe="").replace("~", "%7E")
+    encoded = quote(raw, safe="@").replace("~", "%7E")
     if len(encoded) <= MAX_KEY_PART:
         return encoded
     digest = hashlib.sha1(raw).hexdigest()

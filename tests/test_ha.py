@@ -526,7 +526,7 @@ def test_the_sentinel_example_of_deploy_redis(namespace: str) -> None:
             time.sleep(0.1)
         # the replica, now primary, still counts the call admitted before the kill
         assert not admitted(4)
-        engine.release("dep-1%40t;ft")
+        engine.release("dep-1@t;ft")
         assert admitted(5)
         engine.store.close()
     finally:

@@ -112,7 +112,7 @@ class MemoryStore:
             emergency=c.emergency, emergency_bypass=c.emergency and policy.emergency_bypass,
             node=node, record=record,
             info={"call_id": call.call_id, "from": frm, "to": c.number,
-                  "class": c.number_class or "", "node": key_part(node) if node else "",
+                  "class": c.number_class or "", "node": node,
                   "source_ip": call.source_ip})
         r = self.admit(req)
         limit_i = r.tripped if r.tripped >= 0 else r.shadow
@@ -315,7 +315,7 @@ class MemoryStore:
             self._dialogs[did] = _Dialog(
                 result, "early", now, deadline=deadline, expires=deadline + _GRACE_MS,
                 keys=tuple(keys), labels=tuple(labels), node=node,
-                info={k: utf8_text(v) for k, v in request.info.items()},
+                info={k: utf8_text(v) for k, v in request.info.items() if v},
             )
             self._incr("processed")
             if request.record:

@@ -21,9 +21,10 @@ from typing import Any
 
 import redis
 from hiredis import pack_command
+from redis.client import NEVER_DECODE
 
 from policer.call import Call, key_part, utf8_text, value_from_key
-from policer.compile import Library, compile_policy, pack_fields, raw_bytes
+from policer.compile import Library, compile_policy, pack_fields, raw_bytes, unpack_fields
 from policer.policy import Policy
 from policer.store.base import (
     STATS_FIELDS,
@@ -157,7 +158,8 @@ class RedisStore:
             raise
         return str(r[0])
 
-    def _fcall(self, op: str, args: Sequence[Any], *, load: bool = True) -> Any:
+    def _fcall(self, op: str, args: Sequence[Any], *, load: bool = True,
+               raw: bool = False) -> Any:
         """Call one of the library's functions: ``FCALL`` on this thread's own connection.
 
         The hot path skips redis-py's pool and command machinery (taking a pooled
@@ -168,19 +170,20 @@ class RedisStore:
         broke while idle (Redis restarted, failed over) is reopened and the call sent
         once more: every function is idempotent (a dialog id gets the same decision
         again), and a timeout is never retried, so the policy's ``store_timeout`` still
-        bounds the call.
+        bounds the call. ``raw``: bulk strings come back as bytes (SIP values as sent).
         """
         name = self._fn[op]
         command = ("FCALL_RO" if op == "read" else "FCALL", name, 1, self.library.prefix, *args)
         if self._cluster:  # routed by KEYS[1]'s slot
             client: Any = self.client
+            opts = {NEVER_DECODE: True} if raw else {}
             try:
-                return self._run(lambda: client.execute_command(*command))
+                return self._run(lambda: client.execute_command(*command, **opts))
             except StoreError as e:
                 if not load or "function not found" not in str(e).lower():
                     raise
                 self._load_library(self.library)
-                return self._run(lambda: client.execute_command(*command))
+                return self._run(lambda: client.execute_command(*command, **opts))
         local = self._local
         conn = local.conn if local.pid == os.getpid() else self._new_connection()
         packed = [pack_command(command)]
@@ -190,7 +193,7 @@ class RedisStore:
                 reused = conn._sock is not None
                 try:
                     conn.send_packed_command(packed, check_health=False)
-                    return conn.read_response()
+                    return conn.read_response(disable_decoding=raw)
                 except redis.ResponseError as e:  # the library is gone: load it, call again
                     if loaded or not load or not _is_missing_function(e):
                         raise
@@ -273,11 +276,11 @@ class RedisStore:
         if not ops:
             return []
         r = self._fcall("batch", [self.pack_ops(ops), 1 if records else 0,
-                                  self.clock_offset_ms])
+                                  self.clock_offset_ms], raw=records)
         out: list[object] = []
         for op, x in zip(ops, r, strict=False):
             if isinstance(x, list):
-                out.append(_record(str(x[0]), dict(zip(x[1::2], x[2::2], strict=False))))
+                out.append(_record(x[0], dict(zip(x[1::2], x[2::2], strict=False))))
             elif op.kind == "release":
                 out.append(bool(x))
             else:
@@ -343,9 +346,10 @@ class RedisStore:
         return [int(x) for x in r[:-1]]
 
     def dialog(self, dialog_id: str) -> DialogInfo | None:
-        client = self.client
-        h: dict[str, str] = self._run(lambda: client.hgetall(self._p_dialog + dialog_id))
-        if not h or h.get("state") == "rejected":
+        client: Any = self.client
+        h: dict[bytes, bytes] = self._run(lambda: client.execute_command(
+            "HGETALL", self._p_dialog + dialog_id, NEVER_DECODE=True))
+        if not h or h.get(b"state") == b"rejected":
             return None
         return _dialog_info(dialog_id, h)
 
@@ -371,10 +375,10 @@ class RedisStore:
             return []
 
         def fetch() -> list[Any]:
-            pipe = client.pipeline(transaction=False)
+            pipe: Any = client.pipeline(transaction=False)
             for did in ids:
-                pipe.hgetall(self._p_dialog + did)
-            return pipe.execute()
+                pipe.execute_command("HGETALL", self._p_dialog + did, NEVER_DECODE=True)
+            return list(pipe.execute())
 
         hashes = self._run(fetch)
         return [_dialog_info(did, h) for did, h in zip(ids, hashes, strict=True) if h]
@@ -448,10 +452,11 @@ class RedisStore:
 
     # -- call records
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
-        client = self.client
+        client: Any = self.client
         start = f"({after}" if after else "-"
-        rows: list[tuple[str, dict[str, str]]] = self._run(
-            lambda: client.xrange(self.keys.cdr, min=start, count=count))
+        rows: list[tuple[bytes, dict[bytes, bytes]]] = self._run(
+            lambda: client.execute_command("XRANGE", self.keys.cdr, start, "+", "COUNT", count,
+                                           NEVER_DECODE=True))
         return [_record(rid, fields) for rid, fields in rows]
 
     # -- nodes
@@ -573,7 +578,32 @@ def _safe(message: str) -> str:
     return re.sub(r"(\w+://)[^@/\s]*@", r"\1***@", message)
 
 
-def _dialog_info(dialog_id: str, h: dict[str, str]) -> DialogInfo:
+#: The info fields the decision function packs into a dialog's ``i``, in order.
+INFO_FIELDS = ("call_id", "from", "to", "class", "node", "source_ip")
+
+
+def _info(packed: bytes) -> dict[str, str]:
+    """A dialog's info from its packed ``i`` field (empty values left out)."""
+    got = unpack_fields(packed, 0, len(INFO_FIELDS))
+    values = got[0] if got is not None else []
+    out = {}
+    for name, v in zip(INFO_FIELDS, values, strict=False):
+        text = v.decode("utf-8", "replace")
+        if text:
+            out[name] = value_from_key(text) if name == "node" else text
+    return out
+
+
+def _text_fields(h: dict[bytes, bytes]) -> dict[str, str]:
+    return {_str(k): _str(v) for k, v in h.items() if k != b"i"}
+
+
+def _str(v: object) -> str:
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+def _dialog_info(dialog_id: str, raw: dict[bytes, bytes]) -> DialogInfo:
+    h = _text_fields(raw)
     return DialogInfo(
         dialog_id=dialog_id,
         state=h.get("state", ""),
@@ -582,24 +612,26 @@ def _dialog_info(dialog_id: str, h: dict[str, str]) -> DialogInfo:
         end_ms=int(h.get("end_ms", 0)),
         deadline_ms=int(h.get("deadline", 0)),
         profiles=tuple(p for p in h.get("profiles", "").split("\n") if p),
-        info={k[2:]: v for k, v in h.items() if k.startswith("i:")},
+        info=_info(raw.get(b"i", b"")),
         variables={k[2:]: v for k, v in h.items() if k.startswith("v:")},
         end_reason=h.get("end_reason", ""),
     )
 
 
-def _record(record_id: str, f: dict[str, str]) -> CallRecord:
+def _record(record_id: bytes | str, raw: dict[bytes, bytes]) -> CallRecord:
+    f = _text_fields(raw)
+    info = _info(raw.get(b"i", b""))
     return CallRecord(
         dialog_id=f.get("dialog_id", ""),
-        call_id=f.get("i:call_id", ""),
-        from_uri=f.get("i:from", ""),
-        to_uri=f.get("i:to", ""),
+        call_id=info.get("call_id", ""),
+        from_uri=info.get("from", ""),
+        to_uri=info.get("to", ""),
         setup_ms=int(f.get("init_ms", 0)),
         answer_ms=int(f.get("start_ms", 0)),
         end_ms=int(f.get("end_ms", 0)),
         reason=f.get("reason", ""),
-        node=f.get("i:node", ""),
+        node=info.get("node", ""),
         profiles=tuple(p for p in f.get("profiles", "").split("\n") if p),
         variables={k[2:]: v for k, v in f.items() if k.startswith("v:")},
-        record_id=record_id,
+        record_id=record_id.decode() if isinstance(record_id, bytes) else record_id,
     )

@@ -10,9 +10,10 @@
 -- policer_admit_S   one initial INVITE, from its raw SIP attributes (the hot path)
 --   ARGV[1] node (encoded; '' = none)  ARGV[2] Call-ID  ARGV[3] From-tag (raw bytes)
 --   ARGV[4] the attributes the policy reads, in ATTRS order, each '<byte length>:<bytes>'
---   ARGV[5] mode: 'a' admit (default) | 'r' record a call the fallback admitted while
---           Redis was down (joins without a limit check) | 'e' explain (dry run, writes
---           nothing)
+--   ARGV[5] mode: 'a' admit (default) | 'A' admit for a node holding a lease (its tick
+--           registers it; the reply is only its first four entries: what a proxy's cfg
+--           reads) | 'r' record a call the fallback admitted while Redis was down (joins
+--           without a limit check) | 'e' explain (dry run, writes nothing)
 --   ARGV[6] clock offset ms (tests; default 0)
 --   Reply (the cfg reads the first four):
 --     1 admitted (1|0)  2 SIP code  3 reason  4 Retry-After (-1 none)
@@ -61,8 +62,10 @@
 --
 -- Data (P = 'policer:{ns}:'):
 --   P d:<dialog id>  hash: decision, state, init_ms, start_ms, end_ms, deadline,
---                    expires, keys, profiles, nkey, end_reason, vn (variable fields),
---                    i:call_id i:from i:to i:class i:node i:source_ip, v:<name>
+--                    expires, keys (its profile zsets), profiles (labels), n (node),
+--                    i (Call-ID, From, To, class, node, source IP as '<len>:<bytes>'
+--                    fields), tp (the tripped limit's profile), end_reason,
+--                    vn (its variables' fields), v:<name>
 --   P p:<profile>[:<value>]  zset dialog id -> deadline ms (counted: deadline ahead)
 --   P l:<profile>    hash live limits, encoded value -> max
 --   P n:<node>       zset every recorded dialog a node admitted -> deadline
@@ -75,23 +78,45 @@
 
 -- ------------------------------------------------------------------ helpers
 
+-- Numbers handed to redis.call are formatted with printf each time, which costs more
+-- than most commands do: every number a call passes is made a string once (NOW_S, the
+-- *_S constants below) and reused.
+local NOW_S = ''
+local ONE = '1'
+local GRACE_S = '' .. GRACE_MS
+local DECIDED_S = '' .. DECIDED_MS
+local EARLY_TTL_S = '' .. (EARLY_MS + GRACE_MS)
+local DIALOG_TTL_S = '' .. (DIALOG_MS + GRACE_MS)
+local CDR_KEEP_S = '' .. CDR_KEEP
+local PLAIN_ADMIT = '1,0,0,-1,0,0,0'
+
+-- Redis's clock in ms, shifted by a test offset (0 in production); sets NOW_S.
 local function now_ms(offset)
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(offset) or 0)
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(offset) or 0)
+  NOW_S = tostring(ms)
+  return ms
 end
 
-local function pct(c)
-  return string.format('%%%02X', string.byte(c))
+-- byte -> its percent-encoding, built on first use (string.* is not there at load time)
+local PCT = nil
+
+local function pct_table()
+  local t = {}
+  for b = 0, 255 do t[string.char(b)] = string.format('%%%02X', b) end
+  return t
 end
 
--- An untrusted value as part of a key: percent-encoded, so only [A-Za-z0-9_.-%] remain
+-- An untrusted value as part of a key: percent-encoded, so only [A-Za-z0-9_.@-%] remain
 -- (no brace, separator, white space or newline); values longer than MAX_KEY_PART encoded
 -- characters keep a prefix and end in '~' and the SHA-1 of the whole value ('~' itself is
 -- always encoded, so no short value spells a long one's key). policer.call.key_part is
 -- the same function, for reading.
 local function key_part(v)
   if #v > MAX_VALUE_BYTES then v = string.sub(v, 1, MAX_VALUE_BYTES) end
-  local e = string.gsub(v, '[^%w_%.%-]', pct)
+  if #v <= MAX_KEY_PART and not string.find(v, '[^%w_%.@%-]') then return v end
+  if PCT == nil then PCT = pct_table() end
+  local e = string.gsub(v, '[^%w_%.@%-]', PCT)
   if #e <= MAX_KEY_PART then return e end
   return string.sub(e, 1, 64) .. '~' .. redis.sha1hex(v)
 end
@@ -114,6 +139,16 @@ end
 local function bounded(v)
   if #v > MAX_VALUE_BYTES then return string.sub(v, 1, MAX_VALUE_BYTES) end
   return v
+end
+
+-- values as '<len>:<bytes>' fields, concatenated (what field_at reads)
+local function pack(values)
+  local out = {}
+  for i = 1, #values do
+    local v = values[i]
+    out[i] = #v .. ':' .. v
+  end
+  return table.concat(out)
 end
 
 -- ------------------------------------------------------------------ classification
@@ -189,10 +224,10 @@ end
 -- count it, and (CDR_KEEP > 0) write its call-end record. Returns the record as a flat
 -- list {record id, field, value, ...} (or {} when records are off), nil when the dialog
 -- was not live.
-local function end_dialog(P, did, reason, now)
+local function end_dialog(P, did, reason, now, answered_at)
   local dkey = P .. 'd:' .. did
-  local h = redis.call('HMGET', dkey, 'state', 'expires', 'keys', 'nkey', 'init_ms',
-                       'start_ms', 'profiles', 'i:call_id', 'i:from', 'i:to', 'i:node', 'vn')
+  local h = redis.call('HMGET', dkey, 'state', 'expires', 'keys', 'n', 'init_ms',
+                       'start_ms', 'profiles', 'i', 'vn')
   local state = h[1]
   if state ~= 'early' and state ~= 'confirmed' then return nil end
   -- the record outlived its end in script time (only when a test moves the clock)
@@ -200,20 +235,27 @@ local function end_dialog(P, did, reason, now)
   for zkey in string.gmatch(h[3] or '', '[^\n]+') do
     redis.call('ZREM', zkey, did)
   end
-  if h[4] then redis.call('ZREM', h[4], did) end
+  if h[4] then redis.call('ZREM', P .. 'n:' .. h[4], did) end
   if state == 'confirmed' then redis.call('ZREM', P .. 'confirmed', did) end
+  local start = h[6] or '0'
   -- kept briefly so that late retransmissions see the dialog as decided, not as new
-  redis.call('HSET', dkey, 'state', 'ended', 'end_ms', now, 'end_reason', reason,
-             'expires', now + DECIDED_MS)
-  redis.call('PEXPIRE', dkey, DECIDED_MS)
-  redis.call('HINCRBY', P .. 'stats', 'ended:' .. reason, 1)
+  local expires = tostring(now + DECIDED_MS)
+  if answered_at and state == 'early' then
+    start = answered_at
+    redis.call('HSET', dkey, 'state', 'ended', 'end_ms', NOW_S, 'end_reason', reason,
+               'expires', expires, 'start_ms', start)
+  else
+    redis.call('HSET', dkey, 'state', 'ended', 'end_ms', NOW_S, 'end_reason', reason,
+               'expires', expires)
+  end
+  redis.call('PEXPIRE', dkey, DECIDED_S)
+  redis.call('HINCRBY', P .. 'stats', 'ended:' .. reason, ONE)
   if CDR_KEEP <= 0 then return {} end
-  local rec = {'dialog_id', did, 'reason', reason, 'end_ms', now, 'init_ms', h[5] or '0',
-               'start_ms', h[6] or '0', 'profiles', h[7] or '', 'i:call_id', h[8] or '',
-               'i:from', h[9] or '', 'i:to', h[10] or '', 'i:node', h[11] or ''}
-  if h[12] and h[12] ~= '' then
+  local rec = {'dialog_id', did, 'reason', reason, 'end_ms', NOW_S, 'init_ms', h[5] or '0',
+               'start_ms', start, 'profiles', h[7] or '', 'i', h[8] or ''}
+  if h[9] and h[9] ~= '' then
     local names = {}
-    for f in string.gmatch(h[12], '[^\n]+') do names[#names + 1] = f end
+    for f in string.gmatch(h[9], '[^\n]+') do names[#names + 1] = f end
     local vals = redis.call('HMGET', dkey, unpack(names))
     for i = 1, #names do
       if vals[i] then
@@ -222,14 +264,14 @@ local function end_dialog(P, did, reason, now)
       end
     end
   end
-  local id = redis.call('XADD', P .. 'cdr', 'MAXLEN', '~', CDR_KEEP, '*', unpack(rec))
+  local id = redis.call('XADD', P .. 'cdr', 'MAXLEN', '~', CDR_KEEP_S, '*', unpack(rec))
   table.insert(rec, 1, id)
   return rec
 end
 
 -- ------------------------------------------------------------------ the decision
 
-local FLAG_EMERGENCY, FLAG_BYPASS, FLAG_RECORD = 1, 2, 4
+local FLAG_EMERGENCY, FLAG_BYPASS, FLAG_RECORD, FLAG_REGISTER = 1, 2, 4, 8
 
 -- Decide one dialog over its memberships and, unless dry, record it: all or none.
 -- mode flags: FLAG_EMERGENCY may use reserves, FLAG_BYPASS admitted over every limit,
@@ -238,7 +280,8 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
   local dkey = P .. 'd:' .. did
   local emergency = flags % 2 == 1
   local bypass_allowed = math.floor(flags / 2) % 2 == 1
-  local record = flags >= FLAG_RECORD
+  local record = math.floor(flags / FLAG_RECORD) % 2 == 1
+  local register = flags >= FLAG_REGISTER
   local emergency_out = 0
   if emergency then emergency_out = 1 end
 
@@ -246,19 +289,28 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
     -- The same dialog again (retransmission, INVITE re-sent with credentials): same
     -- answer. 'expires' is when the record ends in script time (the key's TTL in real
     -- time): they differ only when a test moves the clock.
-    local prev = redis.call('HMGET', dkey, 'decision', 'expires', 'i:class', 'profiles', 'tp')
+    local prev = redis.call('HMGET', dkey, 'decision', 'expires')
     if prev[1] then
       if tonumber(prev[2]) > now then
+        local more = redis.call('HMGET', dkey, 'i', 'profiles', 'tp')
+        local cls_was = ''
+        local pos = 1
+        for _ = 1, 4 do  -- the class is the fourth info field
+          local v
+          v, pos = field_at(more[1] or '', pos)
+          if v == nil then break end
+          cls_was = v
+        end
         local r = {}
         for v in string.gmatch(prev[1], '[^,]+') do r[#r + 1] = tonumber(v) end
         -- r: admitted, tripped, count, max, bypass, shadow, emergency
-        local code, reason, retry, limit = 200, 'OK', -1, prev[5] or ''
+        local code, reason, retry, limit = 200, 'OK', -1, more[3] or ''
         if r[1] == 0 then
           local rej = reject_of(limit)
           code, reason, retry = rej[1], rej[2], rej[3]
         end
         return {r[1], code, reason, retry, limit, r[3], r[4], r[5], 1, r[6], r[2],
-                prev[3] or '', prev[4] or '', did, r[7] or 0}
+                cls_was, more[2] or '', did, r[7] or 0}
       end
       redis.call('DEL', dkey)
     end
@@ -279,7 +331,7 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
       if lv then max = tonumber(lv); live = 1 end
     end
     if (max >= 0 and not record) or dry then
-      local count = redis.call('ZCOUNT', zkey, '(' .. now, '+inf')
+      local count = redis.call('ZCOUNT', zkey, '(' .. NOW_S, '+inf')
       local effective = max
       if not emergency then effective = max - m[5] end
       local trips = max >= 0 and count >= effective
@@ -326,23 +378,27 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
     end
     return reply
   end
-  local decision = table.concat({admitted, tripped, tcount, tmax, bypass, shadow,
-                                 emergency_out}, ',')
+  local decision = PLAIN_ADMIT
+  if tripped > 0 or shadow > 0 or emergency_out > 0 or tmax ~= -1 then
+    decision = table.concat({admitted, tripped, tcount, tmax, bypass, shadow, emergency_out},
+                            ',')
+  end
 
   if admitted == 0 then
     -- remembered for the life of an INVITE transaction (64*T1)
-    redis.call('HSET', dkey, 'decision', decision, 'state', 'rejected', 'init_ms', now,
-               'expires', now + DECIDED_MS, 'tp', limit, 'i:class', cls or '',
+    redis.call('HSET', dkey, 'decision', decision, 'state', 'rejected', 'init_ms', NOW_S,
+               'expires', tostring(now + DECIDED_MS), 'tp', limit, 'i', pack(info),
                'profiles', labels)
-    redis.call('PEXPIRE', dkey, DECIDED_MS)
-    redis.call('HINCRBY', P .. 'decisions', 'rejected;rejected|' .. limit, 1)
+    redis.call('PEXPIRE', dkey, DECIDED_S)
+    redis.call('HINCRBY', P .. 'decisions', 'rejected;rejected|' .. limit, ONE)
     return reply
   end
 
   local deadline = now + early_ms
+  local dl = tostring(deadline)
   local results = {}
   for i = 1, n do
-    redis.call('ZADD', keys[i], deadline, did)
+    redis.call('ZADD', keys[i], dl, did)
     local result = 'admitted'
     if record then
       result = 'store_error'
@@ -353,22 +409,21 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
     end
     results[i] = result .. '|' .. members[i][1]
   end
-  local nkey = P .. 'n:' .. node
-  redis.call('ZADD', nkey, deadline, did)
-  redis.call('SADD', P .. 'nidx', node)
-  local fields = {'decision', decision, 'state', 'early', 'init_ms', now,
-                  'deadline', deadline, 'expires', deadline + GRACE_MS,
-                  'keys', table.concat(keys, '\n'), 'profiles', labels, 'nkey', nkey,
-                  'tp', limit}
-  for j = 1, #info, 2 do
-    fields[#fields + 1] = 'i:' .. info[j]
-    fields[#fields + 1] = info[j + 1]
+  -- the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
+  redis.call('ZADD', P .. 'n:' .. node, dl, did)
+  if register then redis.call('SADD', P .. 'nidx', node) end
+  redis.call('HSET', dkey, 'decision', decision, 'state', 'early', 'init_ms', NOW_S,
+             'deadline', dl, 'expires', tostring(deadline + GRACE_MS),
+             'keys', table.concat(keys, '\n'), 'profiles', labels, 'n', node,
+             'tp', limit, 'i', pack(info))
+  if early_ms == EARLY_MS then
+    redis.call('PEXPIRE', dkey, EARLY_TTL_S)
+  else
+    redis.call('PEXPIRE', dkey, tostring(early_ms + GRACE_MS))
   end
-  redis.call('HSET', dkey, unpack(fields))
-  redis.call('PEXPIRE', dkey, early_ms + GRACE_MS)
   local kind = 'admitted'
   if record then kind = 'recorded' end
-  redis.call('HINCRBY', P .. 'decisions', kind .. ';' .. table.concat(results, ','), 1)
+  redis.call('HINCRBY', P .. 'decisions', kind .. ';' .. table.concat(results, ','), ONE)
   return reply
 end
 
@@ -382,22 +437,26 @@ local function admit_call(P, node, call_id, from_tag, attrs, mode, now)
     if EMERGENCY_BYPASS then flags = flags + FLAG_BYPASS end
   end
   if mode == 'r' then flags = flags + FLAG_RECORD end
+  if mode ~= 'A' then flags = flags + FLAG_REGISTER end
   local did = dialog_id(call_id, from_tag)
   local info = {}
   if mode ~= 'e' then
     local fu, fd = values[FROM_USER_ATTR] or '', values[FROM_DOMAIN_ATTR] or ''
     local from = fu
     if fd ~= '' then from = fu .. '@' .. fd end
-    info = {'call_id', bounded(call_id), 'from', bounded(from), 'to', bounded(number),
-            'class', cls or '', 'node', node, 'source_ip', bounded(values[SOURCE_IP_ATTR] or '')}
+    info = {bounded(call_id), bounded(from), bounded(number), cls or '', node,
+            bounded(values[SOURCE_IP_ATTR] or '')}
   end
   return decide(P, did, members, flags, EARLY_MS, node, info, now, cls, mode == 'e')
 end
 
 local function fn_admit(keys, args)
   local now = now_ms(args[6])
-  return admit_call(NS_PREFIX, args[1] or '', args[2] or '', args[3] or '', args[4] or '',
-                    args[5] or 'a', now)
+  local mode = args[5] or 'a'
+  local r = admit_call(NS_PREFIX, args[1] or '', args[2] or '', args[3] or '', args[4] or '',
+                       mode, now)
+  if mode == 'A' then return {r[1], r[2], r[3], r[4]} end
+  return r
 end
 
 local function fn_admitm(keys, args)
@@ -413,14 +472,15 @@ local function fn_admitm(keys, args)
                   tonumber(args[at + 4]), shadow}
     at = at + 6
   end
-  local info = {}
-  for j = at, #args, 2 do
-    info[#info + 1] = args[j]
-    info[#info + 1] = args[j + 1]
-  end
+  -- info: (field, value) pairs -> the packed info fields, in their order
+  local given = {}
+  for j = at, #args, 2 do given[args[j]] = args[j + 1] end
+  local info = {given['call_id'] or '', given['from'] or '', given['to'] or '',
+                given['class'] or '', given['node'] or '', given['source_ip'] or ''}
   local flags = tonumber(args[3])
   if flags == 3 then flags = FLAG_RECORD
   elseif flags == 2 then flags = FLAG_EMERGENCY + FLAG_BYPASS end
+  flags = flags + FLAG_REGISTER
   return decide(P, args[1], members, flags, tonumber(args[2]), args[6] or '', info, now,
                 nil, false)
 end
@@ -430,26 +490,32 @@ end
 -- confirm (answered) or refresh a live dialog: push its deadline on. 1 when live.
 local function extend(P, did, confirm, timeout, now)
   local dkey = P .. 'd:' .. did
-  local h = redis.call('HMGET', dkey, 'state', 'deadline', 'keys', 'nkey')
+  local h = redis.call('HMGET', dkey, 'state', 'deadline', 'keys', 'n')
   local state = h[1]
   if state ~= 'early' and state ~= 'confirmed' then return 0 end
   -- past its deadline the dialog stopped counting and its slot may be taken: never revive
   if tonumber(h[2] or 0) <= now then return 0 end
   local deadline = now + timeout
+  local dl = tostring(deadline)
   for zkey in string.gmatch(h[3] or '', '[^\n]+') do
-    redis.call('ZADD', zkey, deadline, did)
+    redis.call('ZADD', zkey, dl, did)
   end
-  if h[4] then redis.call('ZADD', h[4], deadline, did) end
+  if h[4] then redis.call('ZADD', P .. 'n:' .. h[4], dl, did) end
+  local expires = tostring(deadline + GRACE_MS)
   if confirm and state == 'early' then
-    redis.call('HSET', dkey, 'state', 'confirmed', 'start_ms', now, 'deadline', deadline,
-               'expires', deadline + GRACE_MS)
+    redis.call('HSET', dkey, 'state', 'confirmed', 'start_ms', NOW_S, 'deadline', dl,
+               'expires', expires)
   else
-    redis.call('HSET', dkey, 'deadline', deadline, 'expires', deadline + GRACE_MS)
+    redis.call('HSET', dkey, 'deadline', dl, 'expires', expires)
   end
   if confirm or state == 'confirmed' then
-    redis.call('ZADD', P .. 'confirmed', deadline, did)
+    redis.call('ZADD', P .. 'confirmed', dl, did)
   end
-  redis.call('PEXPIRE', dkey, timeout + GRACE_MS)
+  if timeout == DIALOG_MS then
+    redis.call('PEXPIRE', dkey, DIALOG_TTL_S)
+  else
+    redis.call('PEXPIRE', dkey, tostring(timeout + GRACE_MS))
+  end
   return 1
 end
 
@@ -478,67 +544,97 @@ local function released(rec, with_records)
   return 1
 end
 
+-- One op of a batch, read from position pos: {letter, dialog id, arg1, arg2, raw Call-ID}
+-- and the next position; nil when the batch is malformed from here on.
+local function read_op(ops, pos)
+  local op = string.sub(ops, pos, pos)
+  pos = pos + 1
+  local a, b, c, d
+  if op == 'c' or op == 'f' or op == 'r' or op == 'u' then
+    a, pos = field_at(ops, pos); if a == nil then return nil end
+    b, pos = field_at(ops, pos); if b == nil then return nil end
+    c, pos = field_at(ops, pos); if c == nil then return nil end
+    return {op, dialog_id(a, b), c, nil, a}, pos
+  elseif op == 'C' or op == 'F' or op == 'R' then
+    a, pos = field_at(ops, pos); if a == nil then return nil end
+    b, pos = field_at(ops, pos); if b == nil then return nil end
+    return {op, a, b}, pos
+  elseif op == 'v' then
+    a, pos = field_at(ops, pos); if a == nil then return nil end
+    b, pos = field_at(ops, pos); if b == nil then return nil end
+    c, pos = field_at(ops, pos); if c == nil then return nil end
+    d, pos = field_at(ops, pos); if d == nil then return nil end
+    return {op, dialog_id(a, b), c, d}, pos
+  elseif op == 'V' then
+    a, pos = field_at(ops, pos); if a == nil then return nil end
+    c, pos = field_at(ops, pos); if c == nil then return nil end
+    d, pos = field_at(ops, pos); if d == nil then return nil end
+    return {op, a, c, d}, pos
+  elseif op == 'a' then
+    a, pos = field_at(ops, pos); if a == nil then return nil end
+    b, pos = field_at(ops, pos); if b == nil then return nil end
+    c, pos = field_at(ops, pos); if c == nil then return nil end
+    d, pos = field_at(ops, pos); if d == nil then return nil end
+    return {op, a, b, c, d}, pos
+  end
+  return nil  -- malformed: the rest of the batch cannot be read
+end
+
 local function fn_batch(keys, args)
   local P = NS_PREFIX
   local ops = args[1] or ''
   local with_records = args[2] == '1'
   local now = now_ms(args[3])
-  local out = {}
-  local pos = 1
-  local len = #ops
+  local list = {}
+  local pos, len = 1, #ops
   while pos <= len do
-    local op = string.sub(ops, pos, pos)
-    pos = pos + 1
-    local a, b, c, d
+    local op
+    op, pos = read_op(ops, pos)
+    if op == nil then break end
+    list[#list + 1] = op
+  end
+  -- A call answered and ended within one batch (a short call): its answer needs no
+  -- write of its own, the end records when it was answered.
+  local ends = {}
+  for i = 1, #list do
+    local l = list[i][1]
+    if l == 'r' or l == 'R' or l == 'u' then ends[list[i][2]] = i end
+  end
+  local answered = {}  -- dialog id -> when answered (its confirm's index in at[did])
+  local at = {}
+  local out = {}
+  for i = 1, #list do
+    local op = list[i]
+    local l, did = op[1], op[2]
     local r = 0
-    if op == 'c' or op == 'f' or op == 'r' or op == 'u' then
-      a, pos = field_at(ops, pos); if a == nil then break end
-      b, pos = field_at(ops, pos); if b == nil then break end
-      c, pos = field_at(ops, pos); if c == nil then break end
-      local did = dialog_id(a, b)
-      if op == 'c' then
-        r = extend(P, did, true, tonumber(c) or DIALOG_MS, now)
-      elseif op == 'f' then
-        r = extend(P, did, false, tonumber(c) or DIALOG_MS, now)
-      elseif op == 'r' then
-        r = released(end_dialog(P, did, c, now), with_records)
+    if l == 'c' or l == 'C' then
+      local e = ends[did]
+      if e and e > i then
+        answered[did] = NOW_S
+        at[did] = i
+        r = 1
       else
-        local rec = end_dialog(P, did, 'bye', now)
-        if rec == nil and c ~= '' then rec = end_dialog(P, dialog_id(a, c), 'bye', now) end
-        r = released(rec, with_records)
+        r = extend(P, did, true, tonumber(op[3]) or DIALOG_MS, now)
       end
-    elseif op == 'C' or op == 'F' or op == 'R' then
-      a, pos = field_at(ops, pos); if a == nil then break end
-      b, pos = field_at(ops, pos); if b == nil then break end
-      if op == 'C' then
-        r = extend(P, a, true, tonumber(b) or DIALOG_MS, now)
-      elseif op == 'F' then
-        r = extend(P, a, false, tonumber(b) or DIALOG_MS, now)
+    elseif l == 'f' or l == 'F' then
+      r = extend(P, did, false, tonumber(op[3]) or DIALOG_MS, now)
+    elseif l == 'r' or l == 'R' or l == 'u' then
+      local rec
+      if l == 'u' then  -- a BYE of a dialog another proxy set up: either tag may name it
+        rec = end_dialog(P, did, 'bye', now, answered[did])
+        if rec == nil and op[3] ~= '' then
+          rec = end_dialog(P, dialog_id(op[5], op[3]), 'bye', now)
+        end
       else
-        r = released(end_dialog(P, a, b, now), with_records)
+        rec = end_dialog(P, did, op[3], now, answered[did])
       end
-    elseif op == 'v' or op == 'V' then
-      local did
-      if op == 'v' then
-        a, pos = field_at(ops, pos); if a == nil then break end
-        b, pos = field_at(ops, pos); if b == nil then break end
-        did = dialog_id(a, b)
-      else
-        a, pos = field_at(ops, pos); if a == nil then break end
-        did = a
-      end
-      c, pos = field_at(ops, pos); if c == nil then break end
-      d, pos = field_at(ops, pos); if d == nil then break end
-      r = set_var(P, did, bounded(c), bounded(d))
-    elseif op == 'a' then
-      a, pos = field_at(ops, pos); if a == nil then break end
-      b, pos = field_at(ops, pos); if b == nil then break end
-      c, pos = field_at(ops, pos); if c == nil then break end
-      d, pos = field_at(ops, pos); if d == nil then break end
-      local reply = admit_call(P, key_part(a), b, c, d, 'r', now)
+      if rec == nil and at[did] then out[at[did]] = 0 end  -- its answer found nothing live
+      r = released(rec, with_records)
+    elseif l == 'v' or l == 'V' then
+      r = set_var(P, did, bounded(op[3]), bounded(op[4]))
+    elseif l == 'a' then
+      local reply = admit_call(P, key_part(op[2]), op[3], op[4], op[5], 'r', now)
       if reply[9] == 1 then r = 0 else r = 1 end
-    else
-      break  -- malformed: the rest of the batch cannot be read
     end
     out[#out + 1] = r
   end
@@ -581,8 +677,14 @@ local function sweep_expired(P, now, batch)
     local nkey = P .. 'n:' .. node
     local ids = redis.call('ZRANGEBYSCORE', nkey, '-inf', now, 'LIMIT', 0, batch - done)
     for _, did in ipairs(ids) do
-      if end_dialog(P, did, 'expired', now) then done = done + 1 end
-      redis.call('ZREM', nkey, did)
+      local h = redis.call('HMGET', P .. 'd:' .. did, 'state', 'deadline')
+      local live = h[1] == 'early' or h[1] == 'confirmed'
+      if live and tonumber(h[2]) > now then
+        redis.call('ZADD', nkey, h[2], did)  -- answered or refreshed since: due later
+      else
+        if live and end_dialog(P, did, 'expired', now) then done = done + 1 end
+        redis.call('ZREM', nkey, did)
+      end
     end
     if redis.call('EXISTS', nkey) == 0 and not redis.call('ZSCORE', leased, node) then
       redis.call('SREM', P .. 'nidx', node)
@@ -628,7 +730,7 @@ local function fn_read(keys, args)
   local now = now_ms(args[2])
   local out = {}
   for i = 3, #args do
-    out[#out + 1] = redis.call('ZCOUNT', P .. args[i], '(' .. now, '+inf')
+    out[#out + 1] = redis.call('ZCOUNT', P .. args[i], '(' .. NOW_S, '+inf')
   end
   out[#out + 1] = now
   return out
