@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from policer.call import Call, dialog_id
+from policer.compile import compile_policy
 from policer.engine import Engine
 from policer.log import configure, redact
 from policer.policy import Policy, PolicyError, load_policy
@@ -305,9 +306,46 @@ def cmd_profile_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_load(args: argparse.Namespace) -> int:
+    """Compile the policy into its function library and make it the one every proxy of
+    the namespace decides by (FUNCTION LOAD REPLACE; every primary of a Cluster)."""
+    policy = _policy(args)
+    library = compile_policy(policy)
+    if args.print:
+        sys.stdout.write(library.text)
+        return EXIT_OK
+    store = _store(args, policy)
+    before = store.loaded_hash()
+    policy_hash = store.load(policy)
+    out = {
+        "namespace": policy.namespace,
+        "library": library.name,
+        "policy_hash": policy_hash,
+        "previous_hash": before,
+        "changed": before != policy_hash,
+        "functions": [library.function(op) for op in ("admit", "batch", "tick", "read",
+                                                       "admitm")],
+        "attributes": list(library.attributes),
+    }
+    _audit_logger().info("policy_loaded", namespace=policy.namespace, source=policy.source,
+                         policy_hash=policy_hash, previous_hash=before)
+    if args.json:
+        _print_json(out)
+    else:
+        state = "loaded" if out["changed"] else "already loaded"
+        print(f"{state}: {library.name} ({policy.source}) policy_hash {policy_hash}")
+        print(f"  admit: FCALL {library.function('admit')} 1 {library.prefix} NODE CALL-ID "
+              f"FROM-TAG ATTRS  (ATTRS: {', '.join(library.attributes)})")
+    return EXIT_OK
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     policy = _policy(args)
-    stats = _store(args, policy).stats()
+    store = _store(args, policy)
+    stats: dict[str, Any] = dict(store.stats())
+    loaded = store.loaded_hash()
+    stats["policy_hash"] = loaded
+    stats["policy_file_hash"] = compile_policy(policy).policy_hash
     if args.json:
         _print_json(stats)
     else:
@@ -556,6 +594,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("value", nargs="?", default=None, metavar="VALUE")
         _common(q)
         q.set_defaults(func=func)
+
+    p = sub.add_parser("load", help="compile the policy into its Redis function library and "
+                                    "load it: every proxy decides by it from now on")
+    p.add_argument("--print", action="store_true",
+                   help="print the library (Lua) instead of loading it")
+    _common(p)
+    p.set_defaults(func=cmd_load)
 
     p = sub.add_parser("stats", help="cluster-wide dialog statistics")
     _common(p)

@@ -218,6 +218,12 @@ class ClusterCollector(Collector):
                                     f"{name}_dialogs).")
             c.add_metric([], snap.stats.get(name, 0))
             yield c
+        info = GaugeMetricFamily("policer_policy_info", "The policy the store decides by "
+                                 "(hash of its function library; hash=\"\" when the store "
+                                 "has none loaded) and the one this exporter read from its file.",
+                                 labels=["namespace", "hash", "file_hash"])
+        info.add_metric([policy.namespace, snap.policy_hash or "", snap.policy_file_hash], 1)
+        yield info
         took = GaugeMetricFamily("policer_scrape_seconds", "Time to read the store.")
         took.add_metric([], time.perf_counter() - t0)
         yield took

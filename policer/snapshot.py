@@ -8,8 +8,9 @@ numbers.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from policer.compile import compile_policy
 from policer.policy import Policy
 from policer.store import Store
 
@@ -42,7 +43,9 @@ class Snapshot:
     stats: Mapping[str, int]
     decisions: Mapping[tuple[str, str], int]
     ended: Mapping[str, int]
-    extra: Mapping[str, object] = field(default_factory=dict)
+    #: the policy the store decides by (None: none loaded) and that of the policy file
+    policy_hash: str | None = None
+    policy_file_hash: str = ""
 
     def decided(self, result: str, profile: str) -> int:
         return self.decisions.get((result, profile), 0)
@@ -76,4 +79,5 @@ def take_snapshot(policy: Policy, store: Store, top: int = 5,
             n = counts[v] if v in counts else store.profile_size(p.name, v)
             mx = live_limits.get(v, default_max)
             values.append(ProfileRow(p.name, v, n, mx, shadow))
-    return Snapshot(tuple(rows), tuple(values), store.stats(), store.decisions(), store.ended())
+    return Snapshot(tuple(rows), tuple(values), store.stats(), store.decisions(), store.ended(),
+                    store.loaded_hash(), compile_policy(policy).policy_hash)
