@@ -240,14 +240,15 @@ def compile_policy(policy: Policy | None, namespace: str | None = None) -> Libra
         ("GRACE_MS", GRACE_MS),
         ("DECIDED_MS", DECIDED_MS),
         ("CDR_KEEP", policy.call_records_keep if policy else CDR_KEEP_DEFAULT),
-        ("POLICY_SOURCE", policy.source if policy else ""),
         ("POLICY_VERSION", policy.version if policy else 0),
         ("LIBRARY_FORMAT", LIBRARY_FORMAT),
     )
     lines = [f"local {name} = {_lua(value)}" for name, value in consts]
     lines.append("local PLAN = {" + ",\n  ".join(plan) + "}")
     body = "\n".join(lines) + "\n" + _library_code()
+    # the hash names what the library decides, not where its file was read from
     policy_hash = hashlib.sha1(body.encode("utf-8", "surrogateescape")).hexdigest()
+    body = f"local POLICY_SOURCE = {_lua(policy.source if policy else '')}\n" + body
     name = f"policer_{function_suffix(ns)}"
     origin = (policy.source if policy else "-").encode("ascii", "backslashreplace").decode()
     text = (f"#!lua name={name}\n-- compiled by policer from {origin!r}\n"
