@@ -1,6 +1,7 @@
-"""The Redis key layout of one namespace. Every key carries the hash tag
-``{NAMESPACE}``, so all keys of a namespace sit in one Redis Cluster slot and
-one script may touch any of them.
+"""The Redis key layout of one namespace, as the decision function
+(``policer/store/lua/library.lua``) writes it; Python reads with it. Every key carries
+the hash tag ``{NAMESPACE}``, so all keys of a namespace sit in one Redis Cluster slot
+and one function call may touch any of them.
 
 =====================================  =========  ==========================================
 key                                    type       holds
@@ -9,15 +10,17 @@ key                                    type       holds
 ``policer:{ns}:p:<profile>``           zset       no-value profile: dialog id -> deadline ms
 ``policer:{ns}:p:<profile>:<value>``   zset       valued profile, one per value
 ``policer:{ns}:l:<profile>``           hash       live limits: value -> max
-``policer:{ns}:early``                 zset       unanswered dialogs -> deadline ms
+``policer:{ns}:n:<node>``              zset       a node's dialogs -> deadline ms
+``policer:{ns}:nidx``                  set        nodes that have an ``n:<node>`` index
+``policer:{ns}:nodes``                 zset       nodes holding a lease -> its end (ms)
 ``policer:{ns}:confirmed``             zset       answered dialogs -> deadline ms
-``policer:{ns}:stats``                 hash       cluster-wide counters
-``policer:{ns}:decisions``             hash       ``result|profile`` -> decisions
+``policer:{ns}:stats``                 hash       ``ended:<reason>``, ``nodes_lost``
+``policer:{ns}:decisions``             hash       ``kind;result|profile,...`` -> decisions
 ``policer:{ns}:cdr``                   stream     call-end records (capped)
 =====================================  =========  ==========================================
 
-Values from SIP are encoded with :func:`policer.call.key_part` before they
-become part of a key or a hash field.
+Values from SIP are encoded with :func:`policer.call.key_part` (the function's
+``key_part`` in Lua) before they become part of a key or a hash field.
 """
 
 from __future__ import annotations
@@ -51,10 +54,6 @@ class Keys:
 
     def limits(self, profile: str) -> str:
         return f"{self.prefix}l:{profile}"
-
-    @property
-    def early(self) -> str:
-        return f"{self.prefix}early"
 
     @property
     def confirmed(self) -> str:
