@@ -30,6 +30,7 @@ __all__ = [
     "DECIDED_MS",
     "GRACE_MS",
     "LIBRARY_FORMAT",
+    "TICK_BATCH",
     "Library",
     "attribute_sources",
     "compile_policy",
@@ -46,6 +47,9 @@ LIBRARY_FORMAT = 2
 DECIDED_MS = 32_000
 #: A dialog's record outlives its deadline by this much (the tick ends it meanwhile).
 GRACE_MS = 60_000
+#: Dialogs one tick call ends at most per kind (lost nodes, own earlier, expired): each
+#: call stays near a millisecond of Redis time, so decisions never wait long behind it.
+TICK_BATCH = 40
 #: Call-end records kept when the policy does not say.
 CDR_KEEP_DEFAULT = 100_000
 #: Attributes every admit carries besides those the policy reads (for call records).

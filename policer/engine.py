@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from policer.call import Call
 from policer.classify import Classification, Classifier
+from policer.compile import TICK_BATCH
 from policer.log import get_logger
 from policer.policy import Policy, Reject, load_policy
 from policer.reload import PolicyWatcher
@@ -31,8 +32,8 @@ _OK = Reject(code=200, reason="OK", retry_after=None)
 #: Queued operations applied before an admit (the rest wait for later calls or tick()).
 _DRAIN_BEFORE_ADMIT = 200
 _DRAIN_PER_TICK = 5_000
-#: The most dialogs a store's tick ends in one call (the Redis store's RENEW_BATCH).
-_RENEW_BATCH = 200
+#: The most dialogs a store's tick ends in one call.
+_RENEW_BATCH = TICK_BATCH
 #: Queued operations per store call.
 _BATCH = 200
 
@@ -447,7 +448,7 @@ class Engine:
                     if not self._loaded:
                         self.store.load(self._current.policy)
                         self._loaded = True
-                    for _ in range(50):  # each call ends a bounded batch
+                    for _ in range(100):  # each call ends a bounded batch
                         n, _, expired = self.store.tick(self.node, nodes.lease_ms,
                                                         nodes.on_node_loss == "release")
                         swept += n

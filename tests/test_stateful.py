@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from conftest import STORE_TIMEOUT_MS, new_namespace
+from conftest import STORE_TIMEOUT_MS, new_namespace, policy_text
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -29,7 +29,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from policer.store import AdmitRequest, Member, MemoryStore, RedisStore
+from policer.call import Call
+from policer.store import AdmitRequest, Member, MemoryStore, Op, RedisStore
 
 EARLY = 25_000
 DIALOG = 65_000
@@ -42,6 +43,29 @@ EMERG = Member("emergency")
 USERS = ("alice", "bob")
 DIDS = [f"call-{i};tag" for i in range(12)]
 REASONS = ("bye", "cancel", "failed", "timeout")
+
+
+#: The same profiles as policy: what the decision function classifies raw calls into.
+POLICY = """
+version: 1
+namespace: stateful
+classes:
+  emergency: {numbers: ["112"]}
+  international: {prefixes: ["00"]}
+  local: {default: true}
+profiles:
+  total: {}
+  international: {when: {class: international}}
+  emergency: {when: {class: emergency}}
+  user: {value: from_user}
+limits:
+  total: {max: 4, reserve_for_emergency: 1}
+  international: {max: 2}
+  user: {max: 2}
+emergency: {class: emergency, bypass: true}
+timeouts: {early: 25s, dialog: 65s}
+"""
+NUMBERS = {"local": "5551234", "international": "0044123", "sos-bypass": "112"}
 
 
 def user(v: str) -> Member:
@@ -64,8 +88,9 @@ class StoreComparison(RuleBasedStateMachine):
     @initialize()
     def setup(self) -> None:
         ns = new_namespace()
-        self.redis = RedisStore(self.redis_url, ns, timeout_ms=STORE_TIMEOUT_MS)
-        self.memory = MemoryStore(ns)
+        policy = policy_text(POLICY, ns)
+        self.redis = RedisStore(self.redis_url, ns, timeout_ms=STORE_TIMEOUT_MS, policy=policy)
+        self.memory = MemoryStore(ns, policy=policy)
         self.offset = 0
         self.dialogs: dict[str, Live] = {}  # every dialog ever admitted, by id
 
@@ -111,6 +136,47 @@ class StoreComparison(RuleBasedStateMachine):
         r = self._both("admit", request)
         if r.admitted and not r.duplicate:
             self.dialogs[did] = Live(members, self.offset + EARLY, "early", r.bypass, emergency)
+
+    @rule(i=st.integers(0, len(DIDS) - 1), who=st.sampled_from(USERS),
+          kind=st.sampled_from(["local", "local", "international", "sos-bypass"]))
+    def admit_call(self, i: int, who: str, kind: str) -> None:
+        """A raw call, classified by the decision function (the model: the Python
+        classifier over the same policy)."""
+        call = Call.from_raw(f"call-{i}", "tag", from_user=who, from_domain="example.net",
+                             ruri_user=NUMBERS[kind])
+        r = self._both("admit_call", call, "n1")
+        members = {"local": (TOTAL, user(who)), "international": (TOTAL, INTL, user(who)),
+                   "sos-bypass": (TOTAL, EMERG, user(who))}[kind]
+        if r.admitted and not r.duplicate:  # type: ignore[attr-defined]
+            self.dialogs[call.dialog_id] = Live(members, self.offset + EARLY, "early",
+                                                r.bypass,  # type: ignore[attr-defined]
+                                                kind == "sos-bypass")
+
+    @rule(did=st.sampled_from(DIDS), answered=st.booleans())
+    def answer_and_end_in_one_batch(self, did: str, answered: bool) -> None:
+        """A short call: its answer and its end reach the store in one batch."""
+        ops = [Op("confirm", did, DIALOG)] if answered else []
+        ops.append(Op("release", did, "bye"))
+        live = did in self._live()
+        got = self._both("apply", ops)
+        if answered:
+            assert got[0] == live
+        if live:
+            assert got[-1] is True
+        if got[-1]:
+            d = self.dialogs[did]
+            d.state, d.ended_at = "ended", self.offset
+
+    @rule()
+    def tick(self) -> None:
+        """A node's tick ends what passed its deadline (counted as expired)."""
+        swept, left, expired = self._both("tick", "n1", 0, False)  # type: ignore[misc]
+        gone = [d for d, x in self.dialogs.items()
+                if x.state in ("early", "confirmed") and x.deadline <= self.offset
+                and x.deadline + 60_000 > self.offset]
+        assert expired <= len(gone)
+        for did in gone:
+            self.dialogs[did].state = "ended"
 
     @rule(did=st.sampled_from(DIDS))
     def confirm(self, did: str) -> None:

@@ -24,7 +24,14 @@ from hiredis import pack_command
 from redis.client import NEVER_DECODE
 
 from policer.call import Call, key_part, utf8_text, value_from_key
-from policer.compile import Library, compile_policy, pack_fields, raw_bytes, unpack_fields
+from policer.compile import (
+    TICK_BATCH,
+    Library,
+    compile_policy,
+    pack_fields,
+    raw_bytes,
+    unpack_fields,
+)
 from policer.policy import Policy
 from policer.store.base import (
     STATS_FIELDS,
@@ -43,7 +50,7 @@ from policer.store.keys import Keys
 __all__ = ["RENEW_BATCH", "RedisStore"]
 
 #: Dialogs one tick call ends at most (per kind: lost nodes, own earlier, expired).
-RENEW_BATCH = 200
+RENEW_BATCH = TICK_BATCH
 #: Memberships whose admitm arguments are remembered (per store; then start over).
 MEMBER_CACHE = 4096
 

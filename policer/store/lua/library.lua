@@ -223,11 +223,12 @@ end
 -- End one live dialog: leave every profile, its node's index and the answered set,
 -- count it, and (CDR_KEEP > 0) write its call-end record. Returns the record as a flat
 -- list {record id, field, value, ...} (or {} when records are off), nil when the dialog
--- was not live.
+-- was not live; and whether its deadline was still ahead. answered_at: it was answered
+-- then (in the same batch), which only its record shows.
 local function end_dialog(P, did, reason, now, answered_at)
   local dkey = P .. 'd:' .. did
   local h = redis.call('HMGET', dkey, 'state', 'expires', 'keys', 'n', 'init_ms',
-                       'start_ms', 'profiles', 'i', 'vn')
+                       'start_ms', 'profiles', 'i', 'vn', 'deadline')
   local state = h[1]
   if state ~= 'early' and state ~= 'confirmed' then return nil end
   -- the record outlived its end in script time (only when a test moves the clock)
@@ -238,9 +239,10 @@ local function end_dialog(P, did, reason, now, answered_at)
   if h[4] then redis.call('ZREM', P .. 'n:' .. h[4], did) end
   if state == 'confirmed' then redis.call('ZREM', P .. 'confirmed', did) end
   local start = h[6] or '0'
+  local ahead = tonumber(h[10] or 0) > now
   -- kept briefly so that late retransmissions see the dialog as decided, not as new
   local expires = tostring(now + DECIDED_MS)
-  if answered_at and state == 'early' then
+  if answered_at and state == 'early' and ahead then
     start = answered_at
     redis.call('HSET', dkey, 'state', 'ended', 'end_ms', NOW_S, 'end_reason', reason,
                'expires', expires, 'start_ms', start)
@@ -250,7 +252,7 @@ local function end_dialog(P, did, reason, now, answered_at)
   end
   redis.call('PEXPIRE', dkey, DECIDED_S)
   redis.call('HINCRBY', P .. 'stats', 'ended:' .. reason, ONE)
-  if CDR_KEEP <= 0 then return {} end
+  if CDR_KEEP <= 0 then return {}, ahead end
   local rec = {'dialog_id', did, 'reason', reason, 'end_ms', NOW_S, 'init_ms', h[5] or '0',
                'start_ms', start, 'profiles', h[7] or '', 'i', h[8] or ''}
   if h[9] and h[9] ~= '' then
@@ -266,7 +268,7 @@ local function end_dialog(P, did, reason, now, answered_at)
   end
   local id = redis.call('XADD', P .. 'cdr', 'MAXLEN', '~', CDR_KEEP_S, '*', unpack(rec))
   table.insert(rec, 1, id)
-  return rec
+  return rec, ahead
 end
 
 -- ------------------------------------------------------------------ the decision
@@ -312,6 +314,12 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
         return {r[1], code, reason, retry, limit, r[3], r[4], r[5], 1, r[6], r[2],
                 cls_was, more[2] or '', did, r[7] or 0}
       end
+      -- the record outlived its end in script time (only when a test moves the clock):
+      -- forget it and whatever memberships it still held
+      local old = redis.call('HMGET', dkey, 'keys', 'n')
+      for zkey in string.gmatch(old[1] or '', '[^\n]+') do redis.call('ZREM', zkey, did) end
+      if old[2] then redis.call('ZREM', P .. 'n:' .. old[2], did) end
+      redis.call('ZREM', P .. 'confirmed', did)
       redis.call('DEL', dkey)
     end
   end
@@ -619,16 +627,17 @@ local function fn_batch(keys, args)
     elseif l == 'f' or l == 'F' then
       r = extend(P, did, false, tonumber(op[3]) or DIALOG_MS, now)
     elseif l == 'r' or l == 'R' or l == 'u' then
-      local rec
+      local rec, ahead
       if l == 'u' then  -- a BYE of a dialog another proxy set up: either tag may name it
-        rec = end_dialog(P, did, 'bye', now, answered[did])
+        rec, ahead = end_dialog(P, did, 'bye', now, answered[did])
         if rec == nil and op[3] ~= '' then
           rec = end_dialog(P, dialog_id(op[5], op[3]), 'bye', now)
         end
       else
-        rec = end_dialog(P, did, op[3], now, answered[did])
+        rec, ahead = end_dialog(P, did, op[3], now, answered[did])
       end
-      if rec == nil and at[did] then out[at[did]] = 0 end  -- its answer found nothing live
+      -- the answer of this batch found the dialog live (as a confirm of its own would)?
+      if at[did] and not (rec and ahead) then out[at[did]] = 0 end
       r = released(rec, with_records)
     elseif l == 'v' or l == 'V' then
       r = set_var(P, did, bounded(op[3]), bounded(op[4]))
@@ -677,8 +686,9 @@ local function sweep_expired(P, now, batch)
     local nkey = P .. 'n:' .. node
     local ids = redis.call('ZRANGEBYSCORE', nkey, '-inf', now, 'LIMIT', 0, batch - done)
     for _, did in ipairs(ids) do
-      local h = redis.call('HMGET', P .. 'd:' .. did, 'state', 'deadline')
-      local live = h[1] == 'early' or h[1] == 'confirmed'
+      local h = redis.call('HMGET', P .. 'd:' .. did, 'state', 'deadline', 'n')
+      -- (a dialog id admitted again since, by another node, is that node's now)
+      local live = (h[1] == 'early' or h[1] == 'confirmed') and h[3] == node
       if live and tonumber(h[2]) > now then
         redis.call('ZADD', nkey, h[2], did)  -- answered or refreshed since: due later
       else
