@@ -113,11 +113,11 @@ def attribute_sources(policy: Policy | None) -> tuple[str, ...]:
 
 def pack_fields(values: Iterable[str | bytes]) -> bytes:
     """Fields as the library reads them: each ``<byte length>:<bytes>``, concatenated."""
-    out = bytearray()
+    parts = []
     for v in values:
-        b = v if isinstance(v, bytes) else raw_bytes(v)
-        out += str(len(b)).encode() + b":" + b
-    return bytes(out)
+        b = v if isinstance(v, bytes) else v.encode() if v.isascii() else raw_bytes(v)
+        parts.append(b"%d:%s" % (len(b), b))
+    return b"".join(parts)
 
 
 def raw_bytes(value: str) -> bytes:

@@ -97,6 +97,7 @@ class RedisStore:
         self._client: redis.Redis | None = None
         self._local = _ScriptConnection()
         self._member_args: dict[Any, tuple[Any, ...]] = {}
+        self._nodes: dict[str, str] = {}
         self._set_library(compile_policy(policy, namespace))
         # a Cluster client routes by key itself (MOVED, ASK): _fcall uses its execute_command
         self._cluster = url.split(":", 1)[0].lower() == "redis+cluster"
@@ -227,9 +228,12 @@ class RedisStore:
     # -- admission
     def call_arguments(self, call: Call, node: str, mode: str = "a") -> list[Any]:
         """ARGV of ``policer_admit_S`` for a call (what a proxy's cfg sends, too)."""
-        attrs = pack_fields(call.attribute(s) for s in self.library.attributes)
-        return [key_part(node) if node else "", raw_bytes(call.call_id), raw_bytes(call.from_tag),
-                attrs, mode, self.clock_offset_ms]
+        attrs = pack_fields([call.attribute(s) for s in self.library.attributes])
+        enc = self._nodes.get(node)
+        if enc is None:  # a store serves one node, call after call
+            enc = self._nodes[node] = key_part(node) if node else ""
+        return [enc, raw_bytes(call.call_id), raw_bytes(call.from_tag), attrs, mode,
+                self.clock_offset_ms]
 
     def admit_call(self, call: Call, node: str, record: bool = False) -> CallResult:
         r = self._fcall("admit", self.call_arguments(call, node, "r" if record else "a"))
@@ -533,7 +537,7 @@ def _call_result(r: list[Any]) -> CallResult:
         retry_after=None if retry < 0 else retry, limit=str(r[4]) or None,
         count=int(r[5]), max=int(r[6]), bypass=r[7] == 1, duplicate=r[8] == 1,
         shadow=int(r[9]) > 0, number_class=str(r[11]) or None,
-        memberships=tuple(_label(x) for x in str(r[12]).split("\n") if x),
+        memberships=tuple(_label(x) if "%" in x else x for x in str(r[12]).split("\n") if x),
         dialog_id=str(r[13]), emergency=r[14] == 1, rows=tuple(rows))
 
 
