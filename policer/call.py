@@ -11,6 +11,8 @@ value can reach another value's key, another namespace or another slot).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 from collections.abc import Mapping
@@ -19,6 +21,7 @@ from types import MappingProxyType
 from urllib.parse import quote, unquote
 
 __all__ = [
+    "KEPT_ATTRIBUTES_PREFIX",
     "MAX_KEY_PART",
     "MAX_VALUE",
     "Call",
@@ -36,6 +39,10 @@ MAX_VALUE = 4096
 MAX_KEY_PART = 200
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+#: How a call's attributes kept by the native Kamailio cfg start (``$dlg_var(policer_call)``):
+#: ``policer-attrs;<source>,<source>...;<base64 of the packed attributes>``.
+KEPT_ATTRIBUTES_PREFIX = "policer-attrs;"
+_FIELDS = ("from_user", "from_domain", "ruri_user", "to_user", "source_ip", "auth_user")
 
 
 def text(value: object, limit: int = MAX_VALUE) -> str:
@@ -184,7 +191,10 @@ class Call:
 
     @classmethod
     def from_json(cls, call_id: object, from_tag: object, data: str) -> Call:
-        """The call :meth:`to_json` kept; never raises (bad JSON gives a bare call)."""
+        """The call :meth:`to_json` kept, or the attributes the native Kamailio cfg kept
+        (:data:`KEPT_ATTRIBUTES_PREFIX`); never raises (bad data gives a bare call)."""
+        if isinstance(data, str) and data.startswith(KEPT_ATTRIBUTES_PREFIX):
+            return cls.from_attributes(call_id, from_tag, _kept_attributes(data))
         try:
             d = json.loads(data)
             if not isinstance(d, dict):
@@ -196,9 +206,41 @@ class Call:
                             ruri_user=d.get("r"), to_user=d.get("t"), source_ip=d.get("s"),
                             auth_user=d.get("a"), headers=h if isinstance(h, dict) else None)
 
+    @classmethod
+    def from_attributes(cls, call_id: object, from_tag: object,
+                        values: Mapping[str, object]) -> Call:
+        """A call from attribute sources and their values (``from_user`` …,
+        ``header:<name>``); unknown sources are ignored. Never raises."""
+        fields = {k: values.get(k) for k in _FIELDS}
+        headers = {k[7:]: v for k, v in values.items() if k.startswith("header:")}
+        return cls.from_raw(call_id, from_tag, headers=headers, **fields)
+
     def attribute(self, source: str) -> str:
         """The value of one attribute source: ``from_user`` … or ``header:<Name>``."""
         if source.startswith("header:"):
             return self.headers.get(source[7:].lower(), "")
         value = getattr(self, source, "")
         return value if isinstance(value, str) else ""
+
+
+def _kept_attributes(data: str) -> dict[str, str]:
+    """Sources and values from the native cfg's kept form; {} when malformed."""
+    sources_text, sep, b64 = data[len(KEPT_ATTRIBUTES_PREFIX):].partition(";")
+    if not sep:
+        return {}
+    try:
+        packed = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        return {}
+    out: dict[str, str] = {}
+    pos = 0
+    for source in (s for s in sources_text.split(",") if s):
+        colon = packed.find(b":", pos, pos + 10)
+        if colon < 0 or not packed[pos:colon].isdigit():
+            break
+        end = colon + 1 + int(packed[pos:colon])
+        if end > len(packed):
+            break
+        out[source] = packed[colon + 1:end].decode("utf-8", "surrogateescape")
+        pos = end
+    return out
