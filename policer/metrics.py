@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DECISION_RESULTS",
+    "LATENCY_BUCKETS",
     "ClusterCollector",
     "WorkerMetrics",
     "worker_metrics",
@@ -49,8 +50,10 @@ __all__ = [
 #: Values of the ``result`` label of ``policer_decisions_total``.
 DECISION_RESULTS = ("admitted", "rejected", "bypassed", "shadow_rejected", "store_error")
 
-_LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                    0.1, 0.25, 1.0)
+#: Upper bounds (s) of the ``policer_decision_seconds`` buckets (the native cfg counts
+#: its decisions' latencies in the same buckets, see policer.adapters.kamailio_cfg).
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                   0.1, 0.25, 1.0)
 
 
 class WorkerMetrics:
@@ -60,7 +63,7 @@ class WorkerMetrics:
         r = registry
         self.decision_seconds = Histogram(
             "policer_decision_seconds", "Time to decide one INVITE, store round trip included.",
-            ["result"], buckets=_LATENCY_BUCKETS, registry=r)
+            ["result"], buckets=LATENCY_BUCKETS, registry=r)
         self.store_errors = Counter(
             "policer_store_errors", "Store calls that failed or passed their bound.", ["op"],
             registry=r)
@@ -79,6 +82,10 @@ class WorkerMetrics:
         self.breaker_open = Gauge(
             "policer_circuit_open", "1 while the circuit breaker short-cuts to the fallback.",
             multiprocess_mode="livemax", registry=r)
+        self.probe_seconds = Histogram(
+            "policer_probe_seconds", "A dry run of the decision function (explain), timed "
+            "once a tick by a proxy's timer process: store round trip and the function's "
+            "work, no SIP worker involved.", buckets=LATENCY_BUCKETS, registry=r)
 
     def decision(self, d: Decision, seconds: float) -> None:
         if d.fallback:
@@ -94,8 +101,28 @@ class WorkerMetrics:
             result = "admitted"
         self.decision_seconds.labels(result).observe(seconds)
 
-    def store_error(self, op: str) -> None:
-        self.store_errors.labels(op).inc()
+    def observed(self, result: str, buckets: list[int], seconds: float) -> None:
+        """Decisions another process measured (the native cfg's SIP workers count them
+        per bucket of :data:`LATENCY_BUCKETS`, the last entry being +Inf): add them to
+        ``policer_decision_seconds`` as if observed here, with their latency sum."""
+        child = self.decision_seconds.labels(result)  # its values: buckets (last +Inf), sum
+        for value, n in zip(child._buckets, buckets, strict=False):
+            if n > 0:
+                value.inc(n)
+        if seconds > 0:
+            child._sum.inc(seconds)
+
+    def probe(self, seconds: float) -> None:
+        self.probe_seconds.observe(seconds)
+
+    def fallbacks(self, admitted: bool, n: int = 1) -> None:
+        """Decisions another process took by on_store_error (the native cfg)."""
+        if n > 0:
+            self.fallback.labels("true" if admitted else "false").inc(n)
+
+    def store_error(self, op: str, n: int = 1) -> None:
+        if n > 0:
+            self.store_errors.labels(op).inc(n)
 
     def pending(self, queued: int, dropped: int) -> None:
         self.pending_ops.set(queued)
