@@ -2,10 +2,10 @@
 
 Loaded with ``modparam("app_python3", "load", ".../policer_kamailio_native.py")``.
 app_python3 imports this file as a module named after it (so it must not be
-called like a package it imports) before Kamailio forks, calls ``mod_init()``
-once (it starts policer's node: ``policer.adapters.kamailio.start``) and then
-the methods of the object it returns for every
-``python_exec("method"[, "arg"])``.
+called like a package it imports) before Kamailio forks and calls ``mod_init()``
+once: it starts policer's node and fills the htables the cfg's fallback reads
+(``policer.adapters.kamailio.start_native``). The only ``python_exec`` is the
+timer's ``python_exec("tick")``, once a second: SIP workers run no Python.
 
 Debian's app_python3 embeds /usr/bin/python3: policer and its dependencies come
 from POLICER_PYTHON_PATH (``:``-separated, set by deploy/kamailio/run), else
@@ -23,11 +23,11 @@ import policer_paths
 
 policer_paths.add_paths()
 
-from policer.adapters.kamailio import NativeHandler, start  # noqa: E402
+from policer.adapters.kamailio import NativeHandler, start_native  # noqa: E402
 
 
 def mod_init() -> NativeHandler:
     # Once per Kamailio start, before the workers fork: end this node's dialogs left
-    # from an earlier run and take its lease (never raises).
-    start()
+    # from an earlier run, take its lease, fill the fallback's htables (never raises).
+    start_native()
     return NativeHandler()

@@ -7,9 +7,12 @@ The same stateful proxy as kamailio.cfg + policer.cfg, routed in Python:
 * in-dialog requests follow the Record-Route set;
 * 401/407 from the upstream: answered once with uac_auth() when
   POLICER_UPSTREAM_AUTH_USER is set (same dialog, counted once);
-* dialog events (``event_callback``) confirm and release;
-* ``ksr_policer_tick`` (rtimer, every second): lease, lost nodes, queued
-  operations, policy file changes; ``mod_init`` starts the node.
+* dialog events (``event_callback``) are queued (Kamailio's ``mqueue``), never
+  applied in a SIP worker: confirm on an answer, release on an end;
+* ``ksr_policer_timer`` (rtimer, every 100 ms, a process of its own): the queued
+  events in batches (one store call each), and once a second the engine's tick
+  (lease, lost nodes, library reload, operations the store refused, policy file
+  changes); ``mod_init`` starts the node.
 
 app_python3 imports this file as a module named after it (do not name it like a
 package it imports), calls ``mod_init()`` once before Kamailio forks, then the
@@ -162,9 +165,10 @@ class PolicerKemi:
 
     # ------------------------------------------------------------------ timer
 
-    def ksr_policer_tick(self, msg: object, evname: str = "") -> int:
-        """rtimer, once a second: lease, lost nodes, queued operations, policy file."""
-        return policer_kamailio.tick()
+    def ksr_policer_timer(self, msg: object, evname: str = "") -> int:
+        """rtimer, every 100 ms: queued dialog events in batches; once a second the
+        engine's tick (lease, lost nodes, library, refused operations, policy file)."""
+        return policer_kamailio.timer()
 
     # ------------------------------------------------------------------ dialog
 

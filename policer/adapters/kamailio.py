@@ -1,10 +1,18 @@
 """Kamailio glue shared by both flavours of the Kamailio integration.
 
-* native: ``deploy/kamailio/policer.cfg`` calls ``python_exec("admit")`` and
-  ``python_exec("dialog_event", "dialog:end")`` …; app_python3 calls the methods of
-  :class:`NativeHandler` (returned by ``mod_init()`` of the loaded script).
-* KEMI: ``deploy/kamailio/policer_kemi.py`` routes in Python and calls
-  :func:`admit_current`, :func:`reject_current` and :func:`dialog_event`.
+* native (``deploy/kamailio/policer.cfg``): the cfg decides every INVITE itself, one
+  ``FCALL`` of the policy's admit function through ``ndb_redis``, and queues dialog
+  events in Kamailio's ``mqueue``, applied by a cfg ``rtimer`` route in batches (see
+  :mod:`policer.adapters.kamailio_cfg`). No SIP worker runs Python. Python lives in
+  Kamailio's timer process only: :func:`start` in ``mod_init`` (before the fork) and
+  :class:`NativeHandler` ``tick`` once a second (:class:`NativeTimer`: the engine's
+  tick, the policy file, the htables the cfg's fallback reads, metrics).
+* KEMI (``deploy/kamailio/policer_kemi.py``): routing in Python. An INVITE is one
+  engine round trip (:func:`admit_current`, :func:`reject_current`); dialog events
+  (:func:`dialog_event`, :func:`release_current`, :func:`release_unknown`) are queued
+  in the same ``mqueue`` and applied by :func:`timer` (an rtimer callback every
+  100 ms, which also runs the engine's tick once a second) in batches; a batch the
+  store did not take is kept by that process and sent again first.
 
 Everything that touches Kamailio goes through the few ``_ksr_*`` functions below,
 which import the ``KSR`` module (only present inside Kamailio) when first called,
@@ -12,9 +20,7 @@ so this module imports and type-checks anywhere.
 
 One engine per Kamailio instance: :func:`start` builds it in ``mod_init``, before
 Kamailio forks its workers; the store opens Redis connections per process id, so
-every worker (and the timer process that runs dialog timeouts) gets its own.
-:func:`tick` runs about once a second in an rtimer process (lease, lost nodes,
-queued operations, policy file changes).
+every process that uses it gets its own.
 
 No function here raises: every entry point catches, logs with the Call-ID and
 answers. Rejections and store errors are the engine's business (the policy's
@@ -26,30 +32,46 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from policer.call import Call, dialog_id, split_dialog_id
+from policer.compile import compile_policy, pack_fields
 from policer.engine import Decision, Engine
+from policer.policy import Policy, load_policy
+from policer.reload import PolicyWatcher
+from policer.store import StoreError, open_store
+
+if TYPE_CHECKING:
+    from policer.metrics import WorkerMetrics
 
 __all__ = [
+    "BATCH_BYTES",
+    "BATCH_OPS",
     "DIALOG_EVENTS",
+    "QUEUE",
     "NativeHandler",
+    "NativeTimer",
     "Verdict",
     "admit_current",
     "build_call",
     "current_dialog_id",
     "dialog_event",
     "engine",
+    "fallback_tables",
+    "flush",
     "log",
+    "probe",
     "reject_current",
     "release_current",
     "release_unknown",
     "set_engine_factory",
     "start",
     "tick",
+    "timer",
 ]
 
 #: The dialog module's event names, as event routes and ``event_callback`` see them.
@@ -59,12 +81,33 @@ DIALOG_EVENTS = ("dialog:start", "dialog:end", "dialog:failed")
 OK = 1
 FALSE = -1
 
+#: The mqueue dialog events wait in (both flavours; policer.cfg / kemi.cfg define it).
+QUEUE = "policer"
+#: A batch: at most this many events, and (about) this many bytes.
+BATCH_OPS = 200
+BATCH_BYTES = 32768
+#: Batches one flush applies at most (the rest waits for the next run, 100 ms later).
+FLUSH_BATCHES = 50
+
 
 # --------------------------------------------------------------------------- engine
 
 
 def _default_factory() -> Engine:
     return Engine.from_env()
+
+
+def native_engine() -> Engine:
+    """The native flavour's engine: like :meth:`Engine.from_env`, but the policy file is
+    watched by :class:`NativeTimer` (a reload must keep the attributes the generated
+    cfg packs)."""
+    path = os.environ.get("POLICER_POLICY") or "policies/example.yaml"
+    policy = load_policy(path)
+    url = os.environ.get("POLICER_REDIS_URL") or "redis://127.0.0.1:6379/0"
+    store = open_store(url, policy.namespace, timeout_ms=policy.store_timeout_ms)
+    from policer.metrics import worker_metrics
+
+    return Engine(policy, store, metrics=worker_metrics(), lease=True)
 
 
 _factory: Callable[[], Engine] = _default_factory
@@ -238,10 +281,14 @@ def build_call(headers: Mapping[str, str] | None = None) -> Call:
 
 
 def admit_current() -> Verdict:
-    """Ask the engine about the current initial INVITE; never raises."""
+    """Ask the engine about the current initial INVITE (one store round trip); never
+    raises."""
     try:
         call = build_call()
-        decision = engine().admit(call)
+        eng = engine()
+        decision = eng.admit(call)
+        if decision.fallback and eng.pending:
+            _hand_off(eng)
         kept = call.to_json() if decision.admitted else ""
         return Verdict.from_decision(decision, decision.dialog_id, kept)
     except Exception:
@@ -281,15 +328,40 @@ def _end_reason(event: str) -> str:
     return "failed"
 
 
+# --------------------------------------------------------------------------- queued events
+
+
+def _confirm_op(did: str) -> bytes:
+    # '' = the policy's dialog timeout (the function's DIALOG_MS)
+    return b"C" + pack_fields((did, ""))
+
+
+def _release_op(did: str, reason: str) -> bytes:
+    return b"R" + pack_fields((did, reason))
+
+
+def _queue(op: bytes, did: str) -> None:
+    """Queue one dialog event (ops by dialog id: ASCII) for :func:`flush`. Should the
+    queue refuse it, the event is applied at once rather than lost."""
+    try:
+        queued = _ksr().mqueue.mq_add(QUEUE, "o", op.decode("latin-1"))
+    except Exception:
+        queued = None
+        _log_exception("queueing a dialog event", split_dialog_id(did)[0])
+    if not isinstance(queued, int) or queued < 0:
+        engine().apply_packed(op)
+
+
 def dialog_event(event: str) -> int:
-    """Tell the engine about a dialog module event; never raises."""
+    """Queue a dialog module event (answered: confirm; ended or failed: release with
+    its reason); never raises, never waits for Redis."""
     did = ""
     try:
         did = current_dialog_id()
         if event == "dialog:start":
-            engine().confirm(did)
+            _queue(_confirm_op(did), did)
         elif event in ("dialog:end", "dialog:failed"):
-            engine().release(did, reason=_end_reason(event))
+            _queue(_release_op(did, _end_reason(event)), did)
         else:
             log("dbg", f"policer: ignoring dialog event {event!r}")
     except Exception:
@@ -298,10 +370,11 @@ def dialog_event(event: str) -> int:
 
 
 def release_current(reason: str = "failed") -> int:
-    """Release the dialog of the current request (admitted, then not relayed)."""
+    """Queue the release of the current request's dialog (admitted, then not relayed)."""
     call_id = _pv("$ci")
     try:
-        engine().release(_dialog_id(call_id, _pv("$ft")), reason=reason)
+        did = _dialog_id(call_id, _pv("$ft"))
+        _queue(_release_op(did, reason), did)
     except Exception:
         _log_exception("release", call_id)
     return OK
@@ -309,58 +382,365 @@ def release_current(reason: str = "failed") -> int:
 
 def release_unknown() -> int:
     """A BYE for a dialog this proxy does not track (another proxy set it up):
-    release it. The caller's From-tag is the From-tag of a caller's BYE and the
-    To-tag of a callee's; ``release`` is idempotent and a miss costs one lookup."""
+    queue its release. The caller's From-tag is the From-tag of a caller's BYE and
+    the To-tag of a callee's: both are released (one names the call, the other no
+    live dialog; a release is idempotent)."""
     call_id = _pv("$ci")
     try:
-        eng = engine()
-        if eng.release(_dialog_id(call_id, _pv("$ft")), reason="bye") is None:
-            to_tag = _pv("$tt")
-            if to_tag:
-                eng.release(_dialog_id(call_id, to_tag), reason="bye")
+        did = _dialog_id(call_id, _pv("$ft"))
+        _queue(_release_op(did, "bye"), did)
+        to_tag = _pv("$tt")
+        if to_tag:
+            did = _dialog_id(call_id, to_tag)
+            _queue(_release_op(did, "bye"), did)
     except Exception:
         _log_exception("release (BYE of an unknown dialog)", call_id)
+    return OK
+
+
+def _hand_off(eng: Engine) -> None:
+    """What this SIP worker's engine keeps for the store (a call the fallback admitted,
+    to be recorded): into the timer's queue, so that it is applied as soon as the store
+    answers, not at this worker's next call. Ops travel as latin-1 text (any byte but
+    NUL); what cannot travel stays with the engine."""
+    pack = getattr(eng.store, "pack_ops", None)
+    if pack is None:
+        return
+    mq = _ksr().mqueue
+
+    def move(items: list[Any]) -> None:
+        for item in items:
+            op = item if isinstance(item, bytes) else pack([item])
+            if mq.mq_add(QUEUE, "o", op.decode("latin-1")) < 0:
+                raise RuntimeError("the queue refused an operation")
+
+    try:
+        eng.pending.drain(move, len(eng.pending), 1)
+    except Exception:
+        _log_exception("handing queued operations to the timer", "")
+    if eng.metrics is not None:
+        eng.metrics.pending(len(eng.pending), eng.pending.dropped)
+
+
+def _mq_value(ksr: Any) -> str:
+    mq = ksr.mqueue
+    getter = getattr(mq, "mqv_get", None)
+    value = getter(QUEUE) if getter is not None else ksr.pv.get(f"$mqv({QUEUE})")
+    return value if isinstance(value, str) else ""
+
+
+class _Held:
+    """The KEMI timer's batch the store did not take (this process's own): sent again
+    before anything else, while new events wait in the queue."""
+
+    batch: bytes = b""
+    ops: int = 0
+    failing: bool = False
+
+
+_held = _Held()
+
+
+def flush(max_ops: int = BATCH_OPS, max_bytes: int = BATCH_BYTES,
+          max_batches: int = FLUSH_BATCHES) -> int:
+    """Apply queued dialog events in batches (one ``FCALL`` each); returns how many.
+
+    A batch the store did not take is kept and sent again on the next run (100 ms
+    later) before anything else; meanwhile new events wait in the queue (bounded: past
+    its size the oldest is dropped). Never raises."""
+    applied = 0
+    held = _held
+    try:
+        eng = engine()
+        ksr = _ksr()
+        for _ in range(max_batches):
+            if not held.ops:
+                ops: list[str] = []
+                size = 0
+                while (len(ops) < max_ops and size < max_bytes
+                       and ksr.mqueue.mq_fetch(QUEUE) > 0):
+                    op = _mq_value(ksr)
+                    if op:
+                        ops.append(op)
+                        size += len(op)
+                if not ops:
+                    break
+                held.batch = "".join(ops).encode("latin-1")
+                held.ops = len(ops)
+            try:
+                eng.store.apply_packed(held.batch)
+            except StoreError as e:
+                if eng.metrics is not None:
+                    eng.metrics.store_error("batch")
+                if not held.failing:
+                    log("err", f"policer: store_error: a batch of {held.ops} dialog events "
+                               f"was not applied ({e}); kept and sent again every 100 ms")
+                held.failing = True
+                break
+            if held.failing:
+                log("notice", "policer: dialog events applied again")
+                held.failing = False
+            applied += held.ops
+            held.batch, held.ops = b"", 0
+    except Exception:
+        _log_exception("flush", "")
+    return applied
+
+
+_PROBE_CALL = Call.from_raw("policer-probe", "probe")
+
+
+def probe(eng: Engine) -> None:
+    """One dry-run decision (explain: writes nothing), timed in a timer process: what a
+    decision costs from this proxy right now, with or without traffic
+    (``policer_probe_seconds``). Never raises."""
+    from policer.metrics import WorkerMetrics
+
+    m = eng.metrics
+    if not isinstance(m, WorkerMetrics) or eng.breaker.open:
+        return
+    t0 = time.perf_counter()
+    try:
+        eng.store.explain_call(_PROBE_CALL)
+    except StoreError:
+        m.store_error("probe")
+        return
+    except Exception:
+        _log_exception("probe", "")
+        return
+    m.probe(time.perf_counter() - t0)
+
+
+_next_tick = 0.0
+
+
+def timer() -> int:
+    """The KEMI flavour's rtimer callback, every 100 ms: :func:`flush`, and the
+    engine's :func:`tick` once a second."""
+    global _next_tick
+    flush()
+    now = time.monotonic()
+    if now >= _next_tick:
+        _next_tick = now + 1.0
+        tick()
+        eng = _engine
+        if eng is not None:
+            probe(eng)
+        if eng is not None and eng.metrics is not None:
+            try:
+                queued = int(_ksr().mqueue.mq_size(QUEUE))
+            except Exception:
+                queued = 0
+            eng.metrics.pending(queued + _held.ops + len(eng.pending), eng.pending.dropped)
     return OK
 
 
 # --------------------------------------------------------------------------- native flavour
 
 
-class NativeHandler:
-    """The object app_python3's ``mod_init()`` returns for ``python_exec``.
+#: htables the native cfg's fallback reads (defined in policer.cfg)
+_SETTINGS = "policer"
+_CLASSES = "policer_class"
+#: values in policer_class: the number (exact n:, prefix p:) or default is of the
+#: emergency class (1) or of another class (2); absent: no class
+_EMERGENCY, _OTHER = 1, 2
 
-    ``python_exec("admit")`` sets ``$var(policer_code)`` (200 when admitted),
-    ``$var(policer_reason)`` and ``$var(policer_retry_after)`` (-1 for none); the
-    cfg (route ``POLICER``) replies or relays. Return values follow cfg truth:
-    positive is true, negative false, never 0 (which would stop the script).
+
+def fallback_tables(policy: Policy) -> dict[str, dict[str, int | str]]:
+    """What the native cfg needs to decide without Redis, as htable contents: the
+    policy's ``on_store_error`` and reject answer, and its classification (exact
+    numbers, prefixes and default class, each marked emergency or not) so that the
+    cfg admits emergency numbers with the same rule as the function (exact number,
+    else longest prefix, else the default class)."""
+    settings: dict[str, int | str] = {
+        "ready": 1,
+        "admit_on_error": 1 if policy.on_store_error == "admit" else 0,
+        "reject_code": policy.reject.code,
+        "reject_reason": policy.reject.reason,
+        "reject_retry": -1 if policy.reject.retry_after is None else policy.reject.retry_after,
+    }
+    classes: dict[str, int | str] = {}
+    emergency = policy.emergency_class
+    if emergency is not None:
+        classes["enabled"] = 1
+        maxlen = 0
+        for c in policy.classes:
+            mark = _EMERGENCY if c.name == emergency else _OTHER
+            for n in c.numbers:
+                classes[f"n:{n}"] = mark
+            for p in c.prefixes:
+                classes[f"p:{p}"] = mark
+                maxlen = max(maxlen, len(p))
+            if c.default:
+                classes["default"] = mark
+        classes["maxlen"] = maxlen
+    return {_SETTINGS: settings, _CLASSES: classes}
+
+
+class NativeTimer:
+    """The native flavour's Python side, in Kamailio's timer process (once a second)
+    and in ``mod_init``: never on a SIP worker's path.
+
+    * the engine: :meth:`Engine.start` before the fork, :meth:`Engine.tick` (lease,
+      lost-node and expiry sweeps, the library back within a second when Redis lost it);
+    * the policy file: a changed, valid policy is swapped in (the library is loaded
+      again) unless it changes the call attributes the generated cfg packs, which
+      needs a restart (refused and logged, the old policy keeps deciding);
+    * the htables the cfg's fallback reads (:func:`fallback_tables`);
+    * metrics: the decisions the cfg counted (latency buckets measured by the SIP
+      workers around their ``FCALL``, results, store errors, fallbacks, the event
+      queue) into the ``policer_*`` metrics, and a probe: one dry-run decision timed
+      here, ``policer_probe_seconds``.
     """
+
+    def __init__(self, eng: Engine, policy_path: str | None = None) -> None:
+        from policer.metrics import WorkerMetrics
+
+        self.engine = eng
+        self.metrics: WorkerMetrics | None = (
+            eng.metrics if isinstance(eng.metrics, WorkerMetrics) else None)
+        self.attributes = compile_policy(eng.policy).attributes
+        path = policy_path or os.environ.get("POLICER_POLICY")
+        self.watcher = (PolicyWatcher(path, self._reload, 1.0, on_result=self._reload_result)
+                        if path else None)
+        self._tables: dict[str, set[str]] = {}
+        self._seen: dict[str, int] = {}
+        self._failing = False
+
+    # -- start and reload
+    def start(self) -> None:
+        self.engine.start()
+        self.fill_tables(self.engine.policy)
+
+    def _reload(self, policy: Policy) -> None:
+        attributes = compile_policy(policy).attributes
+        if attributes != self.attributes:
+            raise ValueError(
+                f"the new policy reads the call attributes {', '.join(attributes)} where the "
+                f"running cfg packs {', '.join(self.attributes)}: restart Kamailio "
+                "(deploy/kamailio/run generates the cfg again)")
+        old = self.engine.policy
+        self.engine.reload(policy)
+        self.fill_tables(policy)
+        if (policy.store_timeout_ms, policy.pending_queue) != (old.store_timeout_ms,
+                                                                old.pending_queue):
+            log("warn", "policer: store_timeout and pending_queue of the new policy apply "
+                        "to the native cfg after a restart")
+
+    def _reload_result(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.reload(result)
+
+    def fill_tables(self, policy: Policy) -> None:
+        """Write :func:`fallback_tables` into the cfg's htables (new values first, then
+        the keys the old policy had and the new one has not are removed)."""
+        ht = _ksr().htable
+        for table, values in fallback_tables(policy).items():
+            for key, value in values.items():
+                if isinstance(value, int):
+                    ht.sht_seti(table, key, value)
+                else:
+                    ht.sht_sets(table, key, value)
+            for key in self._tables.get(table, set()) - set(values):
+                ht.sht_rm(table, key)
+            self._tables[table] = set(values)
+
+    # -- once a second
+    def tick(self) -> None:
+        if self.watcher is not None:
+            self.watcher.poll()
+        self.engine.tick()
+        self._publish()
+        probe(self.engine)
+
+    def _counter(self, name: str) -> int:
+        """How much a cfg counter grew since the last look (0 when unreadable)."""
+        try:
+            value = int(_ksr().pv.get(f"$stat({name})") or 0)
+        except (TypeError, ValueError):
+            return 0
+        grown = value - self._seen.get(name, 0)
+        self._seen[name] = value
+        return max(0, grown)
+
+    def _publish(self) -> None:
+        from policer.adapters.kamailio_cfg import bucket_counter, sum_counter
+        from policer.metrics import DECISION_RESULTS, LATENCY_BUCKETS
+
+        m = self.metrics
+        decided = 0
+        for result in DECISION_RESULTS:
+            buckets = [self._counter(bucket_counter(result, i))
+                       for i in range(len(LATENCY_BUCKETS) + 1)]
+            us = self._counter(sum_counter(result))
+            if result != "store_error":
+                decided += sum(buckets)
+            if m is not None and (any(buckets) or us):
+                m.observed(result, buckets, us / 1e6)
+        admit_errors = self._counter("policer_store_error_admit")
+        batch_errors = self._counter("policer_store_error_batch")
+        applied = self._counter("policer_batches")
+        admitted = self._counter("policer_fallback_admitted")
+        rejected = self._counter("policer_fallback_rejected")
+        self._counter("policer_ops")
+        if admit_errors or batch_errors:
+            self._failing = decided + applied == 0
+        elif decided or applied:
+            self._failing = False
+        if m is None:
+            return
+        m.fallbacks(True, admitted)
+        m.fallbacks(False, rejected)
+        m.store_error("admit", admit_errors)
+        m.store_error("batch", batch_errors)
+        ksr = _ksr()
+        try:
+            queued = int(ksr.pv.get(f"$mq_size({QUEUE})") or 0)
+            held = int(ksr.pv.get(f"$sht({_SETTINGS}=>held)") or 0)
+            dropped = int(ksr.pv.get(f"$sht({_SETTINGS}=>dropped)") or 0)
+        except (TypeError, ValueError):
+            queued = held = dropped = 0
+        m.pending(queued + held + len(self.engine.pending), dropped)
+        m.breaker(self._failing or self.engine.breaker.open)
+
+_native: NativeTimer | None = None
+
+
+def native_timer() -> NativeTimer:
+    global _native
+    if _native is None:
+        _native = NativeTimer(engine())
+    return _native
+
+
+def start_native() -> int:
+    """``mod_init`` of the native flavour (before the fork): build the engine (its
+    policy file watched by :class:`NativeTimer`), start the node, fill the htables.
+    Never raises."""
+    global _engine, _native
+    try:
+        if _factory is _default_factory:
+            set_engine_factory(native_engine)
+        native_timer().start()
+    except Exception:
+        _engine = None
+        _native = None
+        _log_exception("start", "")
+    return OK
+
+
+class NativeHandler:
+    """The object app_python3's ``mod_init()`` returns for ``python_exec``: only the
+    timer's ``python_exec("tick")`` (``route[POLICER_TICK]``, once a second). The SIP
+    workers call no Python: the cfg decides and queues by itself."""
 
     def child_init(self, rank: int) -> int:
         return 0
 
     def tick(self, msg: object, args: str | None = None) -> int:
         """``python_exec("tick")`` from the rtimer route, about once a second."""
-        return tick()
-
-    def admit(self, msg: object, args: str | None = None) -> int:
-        verdict = admit_current()
         try:
-            _set_var("policer_code", verdict.code)
-            _set_var("policer_reason", verdict.reason)
-            _set_var(
-                "policer_retry_after", -1 if verdict.retry_after is None else verdict.retry_after
-            )
-            _set_var("policer_call", verdict.call_json)
+            native_timer().tick()
         except Exception:
-            _log_exception("admit (setting $var)", _pv("$ci"))
-            return FALSE
-        return OK if verdict.admitted else FALSE
-
-    def dialog_event(self, msg: object, event: str = "") -> int:
-        return dialog_event(event)
-
-    def release(self, msg: object, reason: str = "failed") -> int:
-        return release_current(reason or "failed")
-
-    def release_unknown(self, msg: object, args: str | None = None) -> int:
-        return release_unknown()
+            _log_exception("tick", "")
+        return OK
