@@ -1,40 +1,52 @@
 """The Kamailio adapter without Kamailio: a real engine over the in-process store,
-and a fake ``KSR`` module (KSR only exists inside Kamailio).
+and a fake ``KSR`` module (KSR only exists inside Kamailio) with the mqueue and
+htables the adapter uses.
 
 Fast (no processes): what a caller sees when the adapter decides (the reply
-code, reason and Retry-After sent, or the relay) and how calls end, including
-the failures the end-to-end tests cannot provoke on purpose. Not marked e2e.
+code, reason and Retry-After sent, or the relay), how dialog events are queued
+and applied in batches, what the native flavour's timer process writes for the
+cfg (fallback htables, metrics from the cfg's counters), including the failures
+the end-to-end tests cannot provoke on purpose. Not marked e2e.
 """
 
 from __future__ import annotations
 
 import sys
 import types
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from policer.adapters import kamailio as adapter
+from policer.adapters.kamailio_cfg import bucket_counter, sum_counter
 from policer.call import Call
 from policer.engine import Engine
+from policer.metrics import WorkerMetrics
 from policer.policy import parse_policy
-from policer.store import MemoryStore
+from policer.store import MemoryStore, StoreError
 
 POLICY = """
 version: 1
 namespace: adapter
 call:
   attributes: {account: "header:X-Account"}
+classes:
+  emergency: {numbers: ["112"], prefixes: ["99"]}
+  local: {prefixes: ["991"], default: true}
 profiles:
   total: {}
   account: {value: account}
 limits:
   total: {max: 10}
   account: {max: 1, reject: {code: 486, reason: "Account Call Limit", retry_after: 30}}
+emergency: {class: emergency, bypass: true}
 reject: {code: 503, reason: "Call Limit Reached", retry_after: 7}
+on_store_error: reject
 """
 
 
@@ -48,23 +60,57 @@ class FakeKSR(types.ModuleType):
         self.vars: dict[str, Any] = {}
         self.replies: list[tuple[int, str, list[str]]] = []
         self.logged: list[tuple[str, str]] = []
+        self.queue: deque[str] = deque()
+        self.fetched: str | None = None
+        self.tables: dict[str, dict[str, int | str]] = {}
         self._appended: list[str] = []
-        self.pv = types.SimpleNamespace(get=self.values.get, sets=self.vars.__setitem__,
+        self.pv = types.SimpleNamespace(get=self._pv_get, sets=self.vars.__setitem__,
                                         seti=self.vars.__setitem__)
         self.hdr = types.SimpleNamespace(get=lambda n: self.headers.get(n.lower()),
                                          append_to_reply=self._appended.append)
         self.sl = types.SimpleNamespace(send_reply=self._reply)
+        self.mqueue = types.SimpleNamespace(mq_add=self._mq_add, mq_fetch=self._mq_fetch,
+                                            mqv_get=lambda q: self.fetched,
+                                            mq_size=lambda q: len(self.queue))
+        self.htable = types.SimpleNamespace(
+            sht_seti=self._sht_set, sht_sets=self._sht_set,
+            sht_rm=lambda t, k: self.tables.get(t, {}).pop(k, None))
         for level in ("err", "warn", "notice", "info", "dbg"):
             setattr(self, level, lambda msg, _l=level: self.logged.append((_l, msg)))
+
+    def _pv_get(self, name: str) -> Any:
+        if name.startswith("$mq_size("):
+            return len(self.queue)
+        if name.startswith("$sht(") and "=>" in name:
+            table, key = name[5:-1].split("=>", 1)
+            return self.tables.get(table, {}).get(key)
+        return self.values.get(name)
+
+    def _sht_set(self, table: str, key: str, value: int | str) -> int:
+        self.tables.setdefault(table, {})[key] = value
+        return 1
+
+    def _mq_add(self, queue: str, key: str, value: str) -> int:
+        assert queue == adapter.QUEUE and isinstance(value, str)
+        self.queue.append(value)
+        return 1
+
+    def _mq_fetch(self, queue: str) -> int:
+        if not self.queue:
+            self.fetched = None
+            return -2
+        self.fetched = self.queue.popleft()
+        return 1
 
     def _reply(self, code: int, reason: str) -> None:
         self.replies.append((code, reason, list(self._appended)))
         self._appended.clear()
 
-    def invite(self, call_id: str, user: str = "alice", account: str = "acme") -> None:
+    def invite(self, call_id: str, user: str = "alice", account: str = "acme",
+               number: str = "5551234") -> None:
         self.values.clear()
         self.values.update({"$ci": call_id, "$ft": f"tag-{call_id}", "$fU": user,
-                            "$fd": "example.net", "$rU": "5551234", "$tU": "5551234",
+                            "$fd": "example.net", "$rU": number, "$tU": number,
                             "$si": "127.0.0.1", "$rm": "INVITE"})
         self.headers = {"x-account": account} if account else {}
         self.vars.clear()
@@ -81,11 +127,13 @@ def ksr() -> Iterator[FakeKSR]:
     fake = FakeKSR()
     sys.modules["KSR"] = fake
     adapter._ksr_module = None
+    adapter._held.batch, adapter._held.ops, adapter._held.failing = b"", 0, False
     try:
         yield fake
     finally:
         sys.modules.pop("KSR", None)
         adapter._ksr_module = None
+        adapter._native = None
         adapter.set_engine_factory(None)
 
 
@@ -99,27 +147,23 @@ def engine(ksr: FakeKSR) -> Engine:
 
 def test_admitted_invite_is_relayed_and_counted(ksr: FakeKSR, engine: Engine) -> None:
     ksr.invite("c1")
-    assert adapter.NativeHandler().admit(object()) == adapter.OK
-    kept = ksr.vars.pop("$var(policer_call)")
-    assert ksr.vars == {"$var(policer_code)": 200, "$var(policer_reason)": "OK",
-                        "$var(policer_retry_after)": -1}
+    verdict = adapter.admit_current()
+    assert (verdict.admitted, verdict.code) == (True, 200)
     # the call's attributes, kept with Kamailio's dialog for `policer reconcile`
-    assert Call.from_json("c1", "x", kept).headers == {"x-account": "acme"}
+    assert Call.from_json("c1", "x", verdict.call_json).headers == {"x-account": "acme"}
     assert ksr.replies == []
     assert engine.store.profile_size("account", "acme") == 1
     assert engine.store.profile_size("total") == 1
 
 
-def test_rejection_reply_native_and_kemi(ksr: FakeKSR, engine: Engine) -> None:
+def test_rejection_reply_with_retry_after(ksr: FakeKSR, engine: Engine) -> None:
     ksr.invite("c1")
     assert adapter.admit_current().admitted
-    # native: the cfg replies from $var(...)
     ksr.invite("c2")
-    assert adapter.NativeHandler().admit(object()) == adapter.FALSE
-    assert ksr.vars == {"$var(policer_code)": 486, "$var(policer_reason)": "Account Call Limit",
-                        "$var(policer_retry_after)": 30, "$var(policer_call)": ""}
-    # KEMI: the adapter replies itself, with Retry-After
-    ksr.invite("c3", account="")
+    verdict = adapter.admit_current()
+    assert (verdict.admitted, verdict.code, verdict.reason, verdict.retry_after) == (
+        False, 486, "Account Call Limit", 30)
+    assert verdict.call_json == ""
     for i in range(9):
         ksr.invite(f"f{i}", user=f"u{i}", account="")
         assert adapter.admit_current().admitted
@@ -138,7 +182,7 @@ def test_rejection_reply_native_and_kemi(ksr: FakeKSR, engine: Engine) -> None:
         ("dialog:failed", "CANCEL", None, "cancel"),
     ],
 )
-def test_dialog_events_release_with_reason(
+def test_dialog_events_are_queued_then_applied_with_their_reason(
     ksr: FakeKSR, engine: Engine, event: str, method: str, status: str | None, reason: str
 ) -> None:
     ksr.invite("c1")
@@ -146,12 +190,61 @@ def test_dialog_events_release_with_reason(
     if event == "dialog:end":
         ksr.in_dialog("c1", "INVITE", "200")
         assert adapter.dialog_event("dialog:start") == adapter.OK
+        assert engine.store.stats()["confirmed"] == 0  # queued, not applied by the worker
+        assert adapter.flush() == 1
         assert engine.store.stats()["confirmed"] == 1
     ksr.in_dialog("c1", method, status)  # e.g. a BYE from the callee: tags reversed
     assert adapter.dialog_event(event) == adapter.OK
-    assert engine.store.profile_size("total") == 0
+    assert engine.store.profile_size("total") == 1 and len(ksr.queue) == 1
+    assert adapter.timer() == adapter.OK  # the 100 ms timer: flush (and the tick)
+    assert engine.store.profile_size("total") == 0 and not ksr.queue
     (record,) = engine.store.call_records()
     assert (record.call_id, record.reason) == ("c1", reason)
+
+
+def test_events_go_in_batches_and_a_refused_batch_is_kept(
+        ksr: FakeKSR, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(5):
+        ksr.invite(f"b{i}", user=f"u{i}", account="")
+        assert adapter.admit_current().admitted
+    for i in range(5):
+        ksr.in_dialog(f"b{i}", "BYE")
+        adapter.dialog_event("dialog:end")
+    calls: list[bytes] = []
+    real = engine.store.apply_packed
+
+    def down(packed: bytes) -> int:
+        calls.append(packed)
+        raise StoreError("ConnectionError: down")
+
+    monkeypatch.setattr(engine.store, "apply_packed", down)
+    assert adapter.flush(max_ops=2) == 0
+    assert len(calls) == 1 and len(ksr.queue) == 3  # kept; the rest waits in the queue
+    assert adapter.flush(max_ops=2) == 0
+    assert calls[1] == calls[0]  # the same batch again, first
+    assert sum("store_error" in m for _, m in ksr.logged) == 1  # once per failure streak
+    monkeypatch.setattr(engine.store, "apply_packed", real)
+    assert adapter.flush(max_ops=2) == 5  # three batches: 2 + 2 + 1
+    assert engine.store.profile_size("total") == 0 and not ksr.queue
+
+
+def test_fallback_admissions_reach_the_timer_queue(
+        ksr: FakeKSR, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call the fallback admitted (an emergency number while Redis is down) is
+    counted once the store answers, by the timer: not at this worker's next call."""
+
+    def down(call: Call, node: str, record: bool = False) -> Any:
+        raise StoreError("ConnectionError: down")
+
+    monkeypatch.setattr(engine.store, "admit_call", down)
+    monkeypatch.setattr(engine.store, "pack_ops", lambda ops: b"a" + b"x" * len(ops),
+                        raising=False)
+    ksr.invite("e1", number="112")
+    verdict = adapter.admit_current()
+    assert verdict.admitted and verdict.code == 200
+    ksr.invite("n1", number="5550")
+    assert not adapter.admit_current().admitted  # on_store_error: reject
+    assert list(ksr.queue) == ["ax"] and not engine.pending
 
 
 def test_failures_answer_500_and_never_raise(ksr: FakeKSR, engine: Engine) -> None:
@@ -160,20 +253,90 @@ def test_failures_answer_500_and_never_raise(ksr: FakeKSR, engine: Engine) -> No
 
     adapter.set_engine_factory(broken)
     ksr.invite("c1")
-    handler = adapter.NativeHandler()
-    assert handler.admit(object()) == adapter.FALSE
-    assert ksr.vars["$var(policer_code)"] == 500
+    verdict = adapter.admit_current()
+    assert (verdict.admitted, verdict.code) == (False, 500)
     assert any(level == "err" and "'c1'" in msg for level, msg in ksr.logged)
-    # dialog events, start and tick never raise, and never return 0 (that stops the cfg)
+    # dialog events, flush, start and the ticks never raise, never return 0 (that stops
+    # the cfg)
     ksr.in_dialog("c1", "BYE")
-    assert handler.dialog_event(object(), "dialog:end") == adapter.OK
-    assert adapter.start() == adapter.OK and handler.tick(object()) == adapter.OK
+    assert adapter.dialog_event("dialog:end") == adapter.OK
+    assert adapter.flush() == 0
+    assert adapter.start() == adapter.OK and adapter.timer() == adapter.OK
+    assert adapter.start_native() == adapter.OK
+    assert adapter.NativeHandler().tick(object()) == adapter.OK
 
 
 def test_start_and_tick_hold_the_node_lease(ksr: FakeKSR, engine: Engine) -> None:
     assert adapter.start() == adapter.OK
     assert "test-node" in engine.store.nodes()
-    assert adapter.NativeHandler().tick(object()) == adapter.OK
+    assert adapter.timer() == adapter.OK
+
+
+# native flavour: the timer process --------------------------------------------------
+
+
+def test_fallback_tables_follow_the_classification(ksr: FakeKSR, engine: Engine) -> None:
+    tables = adapter.fallback_tables(engine.policy)
+    assert tables["policer"] == {"ready": 1, "admit_on_error": 0, "reject_code": 503,
+                                 "reject_reason": "Call Limit Reached", "reject_retry": 7}
+    # exact numbers, prefixes (longest wins: 991 is local under the emergency 99), default
+    assert tables["policer_class"] == {"enabled": 1, "n:112": 1, "p:99": 1, "p:991": 2,
+                                       "default": 2, "maxlen": 3}
+    no_emergency = parse_policy(POLICY.replace("emergency: {class: emergency, bypass: true}",
+                                               "emergency: {class: local}"))
+    assert adapter.fallback_tables(no_emergency)["policer_class"]["n:112"] == 2
+
+
+def test_native_timer_fills_tables_and_refuses_an_attribute_change(
+        ksr: FakeKSR, engine: Engine, tmp_path: Any) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    timer = adapter.NativeTimer(engine, str(path))
+    timer.start()
+    assert ksr.tables["policer_class"]["n:112"] == 1
+    assert "test-node" in engine.store.nodes()
+    # a reload that keeps the attributes: swapped in, tables follow (stale keys removed)
+    timer._reload(parse_policy(POLICY.replace('numbers: ["112"]', 'numbers: ["911"]')))
+    assert "n:112" not in ksr.tables["policer_class"]
+    assert ksr.tables["policer_class"]["n:911"] == 1
+    # one that reads another attribute needs a restart (the cfg packs the old ones)
+    changed = POLICY.replace("  account: {value: account}", "  account: {value: account}\n"
+                             "  callee: {value: to_user}")
+    with pytest.raises(ValueError, match="restart"):
+        timer._reload(parse_policy(changed))
+
+
+def test_native_timer_publishes_the_cfg_counters(ksr: FakeKSR, engine: Engine) -> None:
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    engine.metrics = metrics
+    timer = adapter.NativeTimer(engine, None)
+    ksr.values.update({f"$stat({bucket_counter('admitted', 2)})": 3,
+                       f"$stat({sum_counter('admitted')})": 600,
+                       f"$stat({bucket_counter('rejected', 13)})": 1,
+                       f"$stat({sum_counter('rejected')})": 2_000_000,
+                       "$stat(policer_store_error_admit)": 2,
+                       "$stat(policer_fallback_admitted)": 2})
+    ksr.tables["policer"] = {"held": 4, "dropped": 1}
+    ksr.queue.extend(["x", "y"])
+    timer.tick()
+    timer.tick()  # counters unchanged: nothing counted twice
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("policer_decision_seconds_count", result="admitted") == 3
+    bucket = "policer_decision_seconds_bucket"
+    assert value(bucket, result="admitted", le="0.0001") == 0
+    assert value(bucket, result="admitted", le="0.00025") == 3
+    assert value("policer_decision_seconds_sum", result="admitted") == \
+        pytest.approx(0.0006)
+    assert value("policer_decision_seconds_count", result="rejected") == 1
+    assert value("policer_store_errors_total", op="admit") == 2
+    assert value("policer_fallback_decisions_total", admitted="true") == 2
+    assert value("policer_pending_operations") == 6
+    assert value("policer_pending_dropped_total") == 1
+    assert value("policer_probe_seconds_count") == 2
 
 
 # hostile SIP values through the adapter (issue 5) -----------------------------------
@@ -198,15 +361,16 @@ def test_hostile_sip_values_never_raise_and_get_a_sip_answer(
     ksr.values.clear()
     ksr.values.update(values)
     ksr.headers = {"x-account": account} if account is not None else {}
-    ksr.vars.clear()
-    result = adapter.NativeHandler().admit(object())
-    assert result in (adapter.OK, adapter.FALSE)
-    code = ksr.vars["$var(policer_code)"]
-    assert code == 200 or 300 <= code <= 699
-    reason = ksr.vars["$var(policer_reason)"]
-    assert isinstance(reason, str) and "\r" not in reason and "\n" not in reason
-    # whatever was admitted can be ended again through the dialog events
+    ksr.replies.clear()
+    verdict = adapter.admit_current()
+    assert verdict.code == 200 or 300 <= verdict.code <= 699
+    assert "\r" not in verdict.reason and "\n" not in verdict.reason
+    if not verdict.admitted:
+        adapter.reject_current(verdict)
+        assert len(ksr.replies) == 1
+    # whatever was admitted can be ended again through the (queued) dialog events
     ksr.values.update({"$dlg(callid)": values["$ci"], "$dlg(from_tag)": values["$ft"],
                        "$rm": "BYE"})
     adapter.dialog_event("dialog:end")
+    adapter.flush()
     assert engine.store.stats()["active"] == 0

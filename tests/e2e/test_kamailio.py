@@ -12,6 +12,7 @@ import re
 from collections import Counter
 
 import pytest
+import redis
 
 from policer.redis_server import RedisServer
 
@@ -301,3 +302,36 @@ def test_store_error_answers_by_policy_and_logs_call_id(lab: Lab) -> None:
         assert re.search(
             rf"store_error.*{re.escape(call_id)}|{re.escape(call_id)}.*store_error", log
         )
+
+
+# Hostile values -------------------------------------------------------------------------
+
+
+def test_hostile_header_values_count_under_their_own_value(lab: Lab) -> None:
+    """X-Account values full of hash-tag braces, separators, '%', '$' (a cfg variable's
+    marker) and the text a null cfg variable prints: each is counted under its own
+    value, never another's, never as a missing header, and no key leaves the namespace."""
+    lab.use_policy("classes")  # account max 2 (486)
+    uas = lab.start_uas("uas.xml")
+    proxy = lab.start_proxy(upstream_port=uas.port)
+    nasty = "{a}:b%41$var(x)"
+    calls = [
+        (f"h{i}", nasty, f"55{i}") for i in range(3)
+    ] + [("h3", "{a}:b", "553"), ("h4", "<null>", "554"), ("h5", "0:", "555"), ("h6", "", "556")]
+    uac = lab.start_uac(proxy, calls, hold_ms=HOLD_MS)
+    assert lab.wait_size("total", 6, timeout=5) == 6
+    assert lab.size("account", nasty) == 2
+    assert lab.size("account", "{a}:b") == 1
+    assert lab.size("account", "<null>") == 1
+    assert lab.size("account", "0:") == 1
+    res = uac.result()
+    _ok(res)
+    assert len(res.answered) == 6
+    assert [(c[1], code) for c, code, _ in res.rejected_calls()] == [(nasty, 486)]
+    client = redis.Redis.from_url(lab.redis_url, decode_responses=True)
+    prefix = f"policer:{{{lab.namespace}}}:"
+    keys = list(client.scan_iter(match=prefix + "*"))
+    assert keys and all("{" not in k[len(prefix):] and "}" not in k[len(prefix):]
+                        for k in keys)
+    client.close()
+    assert lab.wait_size("total", 0) == 0

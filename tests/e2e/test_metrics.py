@@ -1,6 +1,9 @@
 """Metrics through real Kamailio and SIPp (issue 4): the exporter serves the
-cluster-wide decision counters from Redis and the Kamailio workers' own
-latency histograms from the proxy's PROMETHEUS_MULTIPROC_DIR, as one."""
+cluster-wide decision counters from Redis and the proxy's own metrics from its
+PROMETHEUS_MULTIPROC_DIR, as one: decision latency per result (KEMI: measured by
+the Python workers; native: measured by the cfg's SIP workers around their FCALL
+and published by the timer process), and a probe (a dry-run decision the timer
+process times once a second)."""
 
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ def test_exporter_serves_kamailio_workers_and_cluster_counters(lab: Lab) -> None
     res = lab.run_uac(proxy, [(f"m{i}", "", f"2000{i}") for i in range(5)], hold_ms=1500)
     assert len(res.answered) == 3 and res.codes() == [503, 503]
     assert lab.wait_size("total", 0) == 0
+    time.sleep(1.2)  # the timer process publishes (native) and probes once a second
 
     port = free_port()
     env = {**os.environ, "POLICER_POLICY": str(lab.policy_path),
@@ -56,3 +60,9 @@ def test_exporter_serves_kamailio_workers_and_cluster_counters(lab: Lab) -> None
     assert samples[("policer_decisions_total", (("profile", "total"),
                                                 ("result", "rejected")))] == 2
     assert samples[("policer_dialogs_ended_total", (("reason", "bye"),))] == 3
+    # latencies were measured: a sum, and every decision in a finite bucket
+    assert samples[("policer_decision_seconds_sum", (("result", "admitted"),))] > 0
+    assert samples[("policer_decision_seconds_bucket", (("le", "1.0"), ("result", "admitted")))
+                   ] == 3
+    assert samples[("policer_probe_seconds_count", ())] >= 1
+    assert samples[("policer_store_up", ())] == 1

@@ -12,6 +12,7 @@ import pytest
 from policer.redis_server import RedisServer
 
 from .conftest import Lab
+from .test_queue import wait_library
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -26,6 +27,9 @@ def test_reconcile_rebuilds_counts_after_redis_restarted_empty(lab: Lab) -> None
                             hold_ms=20_000)
         assert lab.wait_size("total", 2, timeout=10) == 2
         private.restart()  # empty: every count is gone, the calls are still up
+        # the proxy's timer loads the policy's library again within a second (before
+        # any CLI call: `policer profile size` would load a library without the policy)
+        assert wait_library(lab, 2)
         assert lab.size("total") == 0
         out = json.loads(lab.policer(
             "reconcile", "--proxy", f"{proxy.node}=fifo:{proxy.runtime_dir}/kamailio_rpc.fifo",
@@ -47,6 +51,7 @@ def test_reconcile_reads_a_busy_proxy_over_the_fifo(lab: Lab) -> None:
                       hold_ms=25_000, rate=200)
         assert lab.wait_size("total", 100, timeout=20) == 100
         private.restart()
+        assert wait_library(lab, 2)
         out = json.loads(lab.policer(
             "reconcile", "--proxy", f"{proxy.node}=fifo:{proxy.runtime_dir}/kamailio_rpc.fifo",
             "--json"))
