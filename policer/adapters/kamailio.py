@@ -573,7 +573,8 @@ def fallback_tables(policy: Policy) -> dict[str, dict[str, int | str]]:
                 maxlen = max(maxlen, len(p))
             if c.default:
                 classes["default"] = mark
-        classes["maxlen"] = maxlen
+        # the cfg tries prefix lengths in a while loop: within the core's max_while_loops
+        classes["maxlen"] = min(maxlen, 100)
     return {_SETTINGS: settings, _CLASSES: classes}
 
 
