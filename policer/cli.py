@@ -86,8 +86,8 @@ def _url(args: argparse.Namespace) -> str:
 
 def _store(args: argparse.Namespace, policy: Policy) -> Store:
     try:
-        return open_store(_url(args), policy.namespace, timeout_ms=max(policy.store_timeout_ms,
-                                                                       2000))
+        return open_store(_url(args), policy.namespace,
+                          timeout_ms=max(policy.store_timeout_ms, 2000), policy=policy)
     except ValueError as e:
         raise CliError(f"--redis: {e}") from None
 

@@ -88,7 +88,8 @@ def worker(engine_factory: Callable[[], Engine], wid: int, seconds: float, rate:
 
 def _engine_factory(policy_path: str, url: str, node: str) -> Engine:
     policy = load_policy(policy_path)
-    return Engine(policy, open_store(url, policy.namespace, timeout_ms=1000), node=node)
+    store = open_store(url, policy.namespace, timeout_ms=1000, policy=policy)
+    return Engine(policy, store, node=node)
 
 
 def _process_worker(policy_path: str, url: str, wid: int, seconds: float, rate: float,
@@ -153,7 +154,7 @@ def _run(args: argparse.Namespace, policy: Policy, policy_path: str, url: str | 
     if url is None or url.startswith("memory:"):
         shared = MemoryStore(policy.namespace)
     else:
-        shared = open_store(url, policy.namespace, timeout_ms=2000)
+        shared = open_store(url, policy.namespace, timeout_ms=2000, policy=policy)
     print(f"policy: {policy_path} (namespace {policy.namespace}); {args.workers} workers x "
           f"{args.rate:g} calls/s, mean hold {args.hold:g}s, for {args.seconds:g}s")
     started = time.monotonic()

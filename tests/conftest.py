@@ -65,7 +65,9 @@ def namespace() -> str:
 def make_store(kind: str, namespace: str, redis_url: str | None) -> RedisStore | MemoryStore:
     if kind == "redis":
         assert redis_url is not None
-        return RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
+        s = RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
+        s.load(None)  # a library for explicit memberships (no policy): the contract's calls
+        return s
     return MemoryStore(namespace)
 
 
@@ -81,6 +83,7 @@ def store(request: pytest.FixtureRequest, namespace: str) -> Iterator[RedisStore
 @pytest.fixture
 def redis_store(redis_url: str, namespace: str) -> Iterator[RedisStore]:
     s = RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
+    s.load(None)
     yield s
     s.close()
 
@@ -121,7 +124,9 @@ def engine_for(store: Store) -> EngineFactory:
         if isinstance(policy, str):
             policy = policy_text(policy)
         policy = _with_namespace(policy, store.namespace)
-        return Engine(policy, store, node="test-node")
+        engine = Engine(policy, store, node="test-node")
+        store.load(policy)  # this test's policy is the one the store decides by
+        return engine
 
     return make
 

@@ -10,7 +10,7 @@ from conftest import STORE_TIMEOUT_MS, EngineFactory, call, policy_text
 
 from policer.engine import Engine
 from policer.redis_server import RedisServer, free_port
-from policer.store import RedisStore, Store
+from policer.store import RedisStore, Store, StoreError
 
 POLICY = """
 version: 1
@@ -153,14 +153,13 @@ def test_a_store_failure_is_answered_by_on_store_error(dead_store: RedisStore,
     assert e.release(d.dialog_id) is None
 
 
-def test_scripts_flushed_from_redis_are_loaded_again(redis_store: RedisStore,
-                                                     redis_url: str) -> None:
-    store = redis_store
-    e = Engine(policy_text(POLICY % "reject", store.namespace), store, node="n")
+def test_a_library_deleted_from_redis_is_loaded_again(redis_url: str, namespace: str) -> None:
+    store = RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
+    e = Engine(policy_text(POLICY % "reject", namespace), store, node="n")
     d = e.admit(call("5551234", "a"))
     assert d.admitted
     client = redis.Redis.from_url(redis_url)
-    client.script_flush()
+    client.execute_command("FUNCTION", "DELETE", store.library.name)
     client.close()
     d2 = e.admit(call("5551234", "b"))
     assert d2.admitted and not d2.fallback
@@ -168,6 +167,21 @@ def test_scripts_flushed_from_redis_are_loaded_again(redis_store: RedisStore,
     d3 = e.admit(call("5551234", "c"))
     assert d3.admitted and not d3.fallback
     assert store.profile_size("total") == 2
+    assert store.loaded_hash() == store.library.policy_hash
+
+
+def test_a_store_without_the_policy_never_loads_a_library_of_its_own(
+        redis_url: str, namespace: str) -> None:
+    """A tool that reads counts (no policy) must not load a policy-less library into a
+    namespace proxies use: their calls would then be decided with no profile at all."""
+    reader = RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
+    with pytest.raises(StoreError, match="policer load"):
+        reader.profile_size("total")
+    assert reader.loaded_hash() is None
+    e = Engine(policy_text(POLICY % "reject", namespace),
+               RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS), node="n")
+    assert e.admit(call("5551234", "a")).admitted  # the engine loads its policy's library
+    assert reader.profile_size("total") == 1
 
 
 def test_a_restarted_redis_is_used_again() -> None:

@@ -170,7 +170,7 @@ class StoreComparison(RuleBasedStateMachine):
     @rule()
     def tick(self) -> None:
         """A node's tick ends what passed its deadline (counted as expired)."""
-        swept, left, expired = self._both("tick", "n1", 0, False)  # type: ignore[misc]
+        _, _, expired = self._both("tick", "n1", 0, False)  # type: ignore[misc]
         gone = [d for d, x in self.dialogs.items()
                 if x.state in ("early", "confirmed") and x.deadline <= self.offset
                 and x.deadline + 60_000 > self.offset]

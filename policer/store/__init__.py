@@ -8,6 +8,7 @@ process only).
 
 from __future__ import annotations
 
+from policer.policy import Policy
 from policer.store.base import (
     AdmitRequest,
     AdmitResult,
@@ -39,18 +40,20 @@ __all__ = [
 ]
 
 
-def open_store(url: str, namespace: str, timeout_ms: int = 50) -> Store:
+def open_store(url: str, namespace: str, timeout_ms: int = 50,
+               policy: Policy | None = None) -> Store:
     """The store a URL names. Connections are opened lazily, per process.
 
     A malformed URL raises ValueError (its password redacted); a Redis that
-    cannot be reached shows later, as StoreError from the store's calls.
+    cannot be reached shows later, as StoreError from the store's calls. ``policy``:
+    the policy whose function library the store calls (and loads when Redis has none).
     """
     if url.startswith("memory:"):
-        return MemoryStore(namespace)
+        return MemoryStore(namespace, policy=policy)
     scheme = url.split(":", 1)[0].lower()
     if scheme in ("redis+sentinel", "redis+cluster"):
         parse_store_url(url)  # fail now on a malformed URL, not at the first call
     if scheme in SCHEMES:
-        return RedisStore(url, namespace, timeout_ms)
+        return RedisStore(url, namespace, timeout_ms, policy=policy)
     raise ValueError("unsupported store URL scheme (use redis://, rediss://, unix://, "
                      "redis+sentinel://, redis+cluster:// or memory://)")

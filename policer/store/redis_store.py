@@ -98,14 +98,18 @@ class RedisStore:
         self._local = _ScriptConnection()
         self._member_args: dict[Any, tuple[Any, ...]] = {}
         self._nodes: dict[str, str] = {}
-        self._set_library(compile_policy(policy, namespace))
+        self._set_library(compile_policy(policy, namespace), policy)
         # a Cluster client routes by key itself (MOVED, ASK): _fcall uses its execute_command
         self._cluster = url.split(":", 1)[0].lower() == "redis+cluster"
         prefix = self.keys.prefix
         self._p_dialog = prefix + "d:"
 
-    def _set_library(self, library: Library) -> None:
+    def _set_library(self, library: Library, policy: Policy | None) -> None:
         self.library = library
+        # Only a store that knows the policy may load its library on its own when Redis
+        # has none: a policy-less library loaded into a namespace the proxies use would
+        # decide their calls with no profile at all.
+        self._autoload = policy is not None
         self._fn = {op: library.function(op) for op in ("admit", "admitm", "batch", "tick",
                                                         "read")}
 
@@ -137,14 +141,15 @@ class RedisStore:
     def use(self, policy: Policy | None) -> None:
         """Decide by ``policy`` from now on, without contacting Redis: its library is
         loaded when Redis says it has none (or by :meth:`load`)."""
-        self._set_library(compile_policy(policy, self.namespace))
+        self._set_library(compile_policy(policy, self.namespace), policy)
 
     def load(self, policy: Policy | None) -> str:
         """Compile ``policy`` and make it the library every caller of this namespace
         decides by (``FUNCTION LOAD REPLACE``; on every primary of a Cluster)."""
         library = compile_policy(policy, self.namespace)
         self._load_library(library)
-        self._set_library(library)
+        self._set_library(library, policy)
+        self._autoload = True  # loaded on purpose: loading it again when Redis lost it is too
         return library.policy_hash
 
     def _load_library(self, library: Library) -> None:
@@ -181,6 +186,7 @@ class RedisStore:
         bounds the call. ``raw``: bulk strings come back as bytes (SIP values as sent).
         """
         name = self._fn[op]
+        load = load and self._autoload
         command = ("FCALL_RO" if op == "read" else "FCALL", name, 1, self.library.prefix, *args)
         if self._cluster:  # routed by KEYS[1]'s slot
             client: Any = self.client
@@ -188,8 +194,10 @@ class RedisStore:
             try:
                 return self._run(lambda: client.execute_command(*command, **opts))
             except StoreError as e:
-                if not load or "function not found" not in str(e).lower():
+                if "function not found" not in str(e).lower():
                     raise
+                if not load:
+                    raise _not_loaded(self.namespace) from e
                 self._load_library(self.library)
                 return self._run(lambda: client.execute_command(*command, **opts))
         local = self._local
@@ -203,8 +211,10 @@ class RedisStore:
                     conn.send_packed_command(packed, check_health=False)
                     return conn.read_response(disable_decoding=raw)
                 except redis.ResponseError as e:  # the library is gone: load it, call again
-                    if loaded or not load or not _is_missing_function(e):
+                    if loaded or not _is_missing_function(e):
                         raise
+                    if not load:
+                        raise _not_loaded(self.namespace) from e
                     loaded = True
                     conn.send_packed_command(
                         [pack_command(_load_command(self.library))],
@@ -512,6 +522,11 @@ class RedisStore:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _not_loaded(namespace: str) -> StoreError:
+    return StoreError(f"Function not found: Redis has no policy library for namespace "
+                      f"{namespace!r} (run `policer load`, or start a proxy of that policy)")
 
 
 def _load_command(library: Library) -> tuple[Any, ...]:

@@ -101,5 +101,6 @@ def redis_url(redis_cluster: Cluster) -> str:
 def store(redis_url: str, namespace: str) -> Iterator[RedisStore]:
     """A store on the cluster, empty (a namespace nobody else uses)."""
     s = RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
+    s.load(None)
     yield s
     s.close()
