@@ -104,7 +104,8 @@ def native_engine() -> Engine:
     path = os.environ.get("POLICER_POLICY") or "policies/example.yaml"
     policy = load_policy(path)
     url = os.environ.get("POLICER_REDIS_URL") or "redis://127.0.0.1:6379/0"
-    store = open_store(url, policy.namespace, timeout_ms=policy.store_timeout_ms)
+    store = open_store(url, policy.namespace, timeout_ms=policy.store_timeout_ms,
+                       policy=policy)
     from policer.metrics import worker_metrics
 
     return Engine(policy, store, metrics=worker_metrics(), lease=True)
