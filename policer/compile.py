@@ -33,6 +33,7 @@ __all__ = [
     "TICK_BATCH",
     "Library",
     "attribute_sources",
+    "attributes_sig",
     "compile_policy",
     "function_suffix",
     "pack_fields",
@@ -65,6 +66,12 @@ class Library:
     text: str  # what FUNCTION LOAD REPLACE receives
     policy_hash: str  # sha1 of the text, as policer_read_S 'info' reports it
     attributes: tuple[str, ...]  # what ARGV[4] of policer_admit_S carries, in order
+
+    @property
+    def attributes_sig(self) -> str:
+        """A short name of the attribute list (``ATTRS_SIG``): what a caller that packs
+        attributes by its own copy of the list sends, to be refused on a mismatch."""
+        return attributes_sig(self.attributes)
 
     @property
     def suffix(self) -> str:
@@ -109,6 +116,11 @@ def attribute_sources(policy: Policy | None) -> tuple[str, ...]:
     if policy is not None:
         sources += [p.value for p in policy.profiles if p.value is not None]
     return tuple(dict.fromkeys(sources))
+
+
+def attributes_sig(attributes: Sequence[str]) -> str:
+    """The first 12 hex digits of the SHA-1 of the attribute sources, in order."""
+    return hashlib.sha1("\n".join(attributes).encode()).hexdigest()[:12]
 
 
 def pack_fields(values: Iterable[str | bytes]) -> bytes:
@@ -233,6 +245,7 @@ def compile_policy(policy: Policy | None, namespace: str | None = None) -> Libra
         ("EMERGENCY_CLASS", policy.emergency_class if policy else None),
         ("EMERGENCY_BYPASS", policy.emergency_bypass if policy else False),
         ("ATTRS", list(attrs)),
+        ("ATTRS_SIG", attributes_sig(attrs)),
         ("NUMBER_ATTR", 1 if policy is not None else 0),
         ("FROM_USER_ATTR", index["from_user"]),
         ("FROM_DOMAIN_ATTR", index["from_domain"]),

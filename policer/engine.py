@@ -435,9 +435,13 @@ class Engine:
         try:
             if self._watcher is not None:
                 self._watcher.poll()
-            if self.lease and self.breaker.allow():
-                self._ensure_loaded()
-            if self.pending and self.breaker.allow():
+            # one probe for the whole tick while the breaker is open; every success
+            # below closes it, so a process that only ticks recovers too
+            if not self.breaker.allow():
+                return
+            if self.lease and not self._ensure_loaded():
+                return
+            if self.pending:
                 self._drain(_DRAIN_PER_TICK)
             now = time.monotonic()
             if self.lease and now >= self._next_renew:
@@ -457,16 +461,19 @@ class Engine:
                 except StoreError as e:
                     self._failed()
                     self._store_error("renew", "", e)
+                else:
+                    if self.breaker.open:
+                        self._recovered()
                 if swept:
                     self.log.warning("lost_node_dialogs_ended", count=swept)
         except Exception as e:  # a periodic duty must never take the timer process down
             self.log.error("tick_failed", error=repr(e))
 
-    def _ensure_loaded(self) -> None:
+    def _ensure_loaded(self) -> bool:
         """A Redis that lost the library (restarted empty, failed over to a replica
         without it) gets it back within a tick. A library another node loaded is the
         policy in force: it is never replaced here (``policer load`` and a changed
-        policy file do that)."""
+        policy file do that). False when the store did not answer."""
         try:
             if self.store.loaded_hash() is None:
                 policy_hash = self.store.load(self._current.policy)
@@ -475,6 +482,10 @@ class Engine:
         except StoreError as e:
             self._failed()
             self._store_error("load", "", e)
+            return False
+        if self.breaker.open:
+            self._recovered()
+        return True
 
     # -- inspection (may raise StoreError: these are for operators, not proxies)
     def explain(self, call: Call) -> Explanation:

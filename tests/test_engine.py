@@ -89,7 +89,9 @@ def test_a_dialog_records_the_call_and_the_node(engine_for: EngineFactory) -> No
 def test_the_node_defaults_to_policer_node(monkeypatch: pytest.MonkeyPatch,
                                            store: Store) -> None:
     monkeypatch.setenv("POLICER_NODE", "proxy-7")
-    e = Engine(policy_text(POLICY % "admit", store.namespace), store)
+    policy = policy_text(POLICY % "admit", store.namespace)
+    e = Engine(policy, store)
+    store.load(policy)
     d = e.admit(call("5551234"))
     info = e.dialog(d.dialog_id)
     assert info is not None and info.info["node"] == "proxy-7"

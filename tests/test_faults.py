@@ -245,3 +245,45 @@ def test_first_call_after_a_restart_is_decided_normally(own_redis: RedisServer,
     own_redis.restart()
     d = e.admit(call("5551234", "after"))
     assert d.admitted and not d.fallback, d.error
+
+
+def test_a_timer_process_that_only_ticks_recovers_and_applies_its_queue(
+        own_redis: RedisServer, namespace: str) -> None:
+    """Kamailio's timer process decides nothing: its ticks alone must close the breaker
+    and apply what waited while Redis was down (answers and ends of calls)."""
+    proxy = engine_on(own_redis, namespace, lease=True)
+    proxy.start()
+    d = proxy.admit(call("5551234", headers={"X-Account": "acme"}))
+    assert d.admitted and not d.fallback
+    timer = engine_on(own_redis, namespace, lease=True)
+    own_redis.signal(signal.SIGSTOP)
+    try:
+        timer.confirm(d.dialog_id)
+        timer.release(d.dialog_id, "bye")
+        for _ in range(3):
+            timer.tick()
+            time.sleep(0.3)  # past the breaker's probe interval
+        assert timer.breaker.open and len(timer.pending) == 2
+    finally:
+        own_redis.signal(signal.SIGCONT)
+    assert until(lambda: (timer.tick(), not timer.breaker.open and not timer.pending)[1])
+    store = timer.store
+    assert store.profile_size("total") == 0
+    assert store.ended() == {"bye": 1}
+
+
+def test_a_caller_packing_another_policys_attributes_is_refused_not_misread(
+        redis_url: str, namespace: str) -> None:
+    """A proxy generated for one policy while another (reading other attributes) is
+    loaded must fall back, not have its attributes read as the other policy's."""
+    loaded = make_policy(namespace)
+    other = parse_policy(POLICY.format(ns=namespace, on_error="reject", queue=10, loss="keep")
+                         .replace("header:X-Account", "from_user"))
+    proxy = Engine(loaded, RedisStore(redis_url, namespace, timeout_ms=2000), node="a")
+    proxy.start()
+    stale = Engine(other, RedisStore(redis_url, namespace, timeout_ms=2000), node="b")
+    d = stale.admit(call("5551234", "alice", headers={"X-Account": "acme"}))
+    assert d.fallback and not d.admitted
+    assert "another policy" in d.error and "policer load" in d.error
+    assert proxy.store.profile_size("total") == 0
+    assert proxy.admit(call("5551234", headers={"X-Account": "acme"})).admitted

@@ -67,6 +67,14 @@ def _call(n: int, user: str = "alice") -> Call:
                          ruri_user="5551234")
 
 
+def _policy_file(tmp_path: Path, namespace: str, on_error: str = "admit") -> Path:
+    """The policy ``_engine`` decides by, as a file for the command line: the CLI calls the
+    library the engine loaded, and packs the attributes that policy reads."""
+    path = tmp_path / f"{namespace}.yaml"
+    path.write_text(POLICY.format(ns=namespace, on_error=on_error))
+    return path
+
+
 def _engine(url: str, namespace: str, on_error: str = "admit") -> Engine:
     policy = parse_policy(POLICY.format(ns=namespace, on_error=on_error), "<test>")
     return Engine(policy, open_store(url, namespace, timeout_ms=policy.store_timeout_ms),
@@ -160,7 +168,7 @@ def test_acl_user(auth_redis: RedisServer, namespace: str, tmp_path: Path) -> No
     url = f"redis://policer:{quote(POLICER_PW, safe='')}@127.0.0.1:{auth_redis.port}/0"
     _admit_and_release(url, namespace)
     # the command line through the ACL user
-    env = {"POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
+    env = {"POLICER_POLICY": str(_policy_file(tmp_path, namespace))}
     proc = run_cli("admit", "--from", "bob", "--to", "5551234", "--call-id", "cli-1",
                    "--json", "--redis", url, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -290,7 +298,7 @@ def test_tls(tls_redis: TLSRedisServer, namespace: str, tmp_path: Path) -> None:
     assert isinstance(conn._sock, ssl.SSLSocket)  # really TLS
     store.client.connection_pool.release(conn)
     store.close()
-    env = {"POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
+    env = {"POLICER_POLICY": str(_policy_file(tmp_path, namespace))}
     proc = run_cli("admit", "--from", "carol", "--to", "0049301", "--json", "--redis", url,
                    env=env)
     assert proc.returncode == 0, proc.stderr

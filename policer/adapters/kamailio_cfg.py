@@ -275,9 +275,11 @@ def generate(policy: Policy, node: str, redis_url: str, *,
         # hiredis formats the command: a literal '%' (an encoded node) is written '%%'
         "POLICER_ADMIT_CMD": _cfg_str(
             f"FCALL {library.function('admit')} 1 {library.prefix} "
-            f"{node_key.replace('%', '%%')} %s %s %s"),
+            f"{node_key.replace('%', '%%')} %s %s %s A 0 {library.attributes_sig}"),
+        # mode A: the node holds a lease (its tick registers it), the reply is what the
+        # cfg reads; the signature: a library of another policy refuses, the cfg falls back
         "POLICER_BATCH_CMD": _cfg_str(f"FCALL {library.function('batch')} 1 "
-                                      f"{library.prefix} %s"),
+                                      f"{library.prefix} %s 0 0 {library.attributes_sig}"),
         # the node as the batch function's 'a' op carries it (raw: the function encodes it)
         "POLICER_NODE_FIELD": _cfg_str(pack_fields([node]).decode("utf-8", "surrogateescape")),
         "POLICER_QUEUE_SIZE": str(max(1, policy.pending_queue)),

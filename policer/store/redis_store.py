@@ -243,7 +243,7 @@ class RedisStore:
         if enc is None:  # a store serves one node, call after call
             enc = self._nodes[node] = key_part(node) if node else ""
         return [enc, raw_bytes(call.call_id), raw_bytes(call.from_tag), attrs, mode,
-                self.clock_offset_ms]
+                self.clock_offset_ms, self.library.attributes_sig]
 
     def admit_call(self, call: Call, node: str, record: bool = False) -> CallResult:
         r = self._fcall("admit", self.call_arguments(call, node, "r" if record else "a"))
@@ -297,7 +297,8 @@ class RedisStore:
         if not ops:
             return []
         r = self._fcall("batch", [self.pack_ops(ops), 1 if records else 0,
-                                  self.clock_offset_ms], raw=records)
+                                  self.clock_offset_ms, self.library.attributes_sig],
+                        raw=records)
         out: list[object] = []
         for op, x in zip(ops, r, strict=False):
             if isinstance(x, list):
@@ -312,7 +313,8 @@ class RedisStore:
     def apply_packed(self, packed: bytes) -> int:
         """Apply ops already packed in the function's format (a proxy's queue);
         returns how many were read."""
-        return len(self._fcall("batch", [packed, 0, self.clock_offset_ms]))
+        return len(self._fcall("batch", [packed, 0, self.clock_offset_ms,
+                                         self.library.attributes_sig]))
 
     def pack_ops(self, ops: Sequence[Op]) -> bytes:
         out = bytearray()

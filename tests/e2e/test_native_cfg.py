@@ -42,10 +42,13 @@ def test_attributes_are_packed_in_the_library_order_nulls_as_empty() -> None:
     assert at == sorted(at)
     assert route.count('+ "0:";') == len(pvs)
     assert '$(hdr(x-account){s.len}) + ":" + $hdr(x-account);' in route
+    # mode A (a node holding a lease), no clock offset, the attribute list's signature
     assert gen.defines["POLICER_ADMIT_CMD"] == (
-        f'"FCALL {library.function("admit")} 1 {library.prefix} proxy-a %s %s %s"')
+        f'"FCALL {library.function("admit")} 1 {library.prefix} proxy-a %s %s %s A 0 '
+        f'{library.attributes_sig}"')
     assert gen.defines["POLICER_BATCH_CMD"] == (
-        f'"FCALL {library.function("batch")} 1 {library.prefix} %s"')
+        f'"FCALL {library.function("batch")} 1 {library.prefix} %s 0 0 '
+        f'{library.attributes_sig}"')
     assert gen.defines["POLICER_NODE_FIELD"] == '"7:proxy-a"'
 
 
@@ -53,7 +56,7 @@ def test_an_encoded_node_is_written_for_hiredis() -> None:
     policy = load_policy(ROOT / "tests" / "e2e" / "policies" / "basic.yaml")
     gen = generate(policy, "edge 1/a", "redis://127.0.0.1:6379/0")
     # key_part('edge 1/a') = 'edge%201%2Fa'; hiredis reads '%%' as one '%'
-    assert " edge%%201%%2Fa %s %s %s" in gen.defines["POLICER_ADMIT_CMD"]
+    assert " edge%%201%%2Fa %s %s %s A 0 " in gen.defines["POLICER_ADMIT_CMD"]
     assert gen.defines["POLICER_NODE_FIELD"] == '"8:edge 1/a"'  # the function encodes it
     with pytest.raises(ValueError):
         generate(policy, 'a"b\nc', "redis://127.0.0.1:6379/0")

@@ -11,10 +11,14 @@
 --   ARGV[1] node (encoded; '' = none)  ARGV[2] Call-ID  ARGV[3] From-tag (raw bytes)
 --   ARGV[4] the attributes the policy reads, in ATTRS order, each '<byte length>:<bytes>'
 --   ARGV[5] mode: 'a' admit (default) | 'A' admit for a node holding a lease (its tick
---           registers it; the reply is only its first four entries: what a proxy's cfg
+--           registers it; the reply is only its first ten entries: what a proxy's cfg
 --           reads) | 'r' record a call the fallback admitted while Redis was down (joins
 --           without a limit check) | 'e' explain (dry run, writes nothing)
 --   ARGV[6] clock offset ms (tests; default 0)
+--   ARGV[7] the caller's ATTRS_SIG (optional): a caller that packs the attributes of
+--           another policy (a proxy's cfg generated before another policy was loaded)
+--           gets an error reply, and decides by its fallback, instead of a decision
+--           over misread attributes
 --   Reply (the cfg reads the first four):
 --     1 admitted (1|0)  2 SIP code  3 reason  4 Retry-After (-1 none)
 --     5 profile of the tripped (or bypassed, or shadow) limit ('' none)  6 its count
@@ -44,6 +48,8 @@
 --     a node Call-ID From-tag attrs   record a call the fallback admitted
 --     C F R V: like c f r v with one field, the encoded dialog id, for the first two
 --   ARGV[2] 1: reply with call-end records  ARGV[3] clock offset ms
+--   ARGV[4] the caller's ATTRS_SIG (optional): on a mismatch the 'a' ops (whose
+--   attributes it packed) are not applied (reply 0), the others are
 --   Reply: one entry per op: 1|0 (c f v, a: 1 when newly counted), for r u R the
 --   call-end record {record id, field, value, ...} (with ARGV[2] = 1) or 1, or 0 when
 --   the dialog was not live.
@@ -459,11 +465,18 @@ local function admit_call(P, node, call_id, from_tag, attrs, mode, now)
 end
 
 local function fn_admit(keys, args)
+  if args[7] and args[7] ~= ATTRS_SIG then
+    return redis.error_reply('POLICER the call\'s attributes were packed for another ' ..
+                             'policy (' .. args[7] .. ') than the one loaded (' .. ATTRS_SIG ..
+                             ', ' .. POLICY_SOURCE .. '): load that policy with policer ' ..
+                             'load, or give this caller the loaded one (a native proxy: ' ..
+                             'regenerate its cfg, restart it)')
+  end
   local now = now_ms(args[6])
   local mode = args[5] or 'a'
   local r = admit_call(NS_PREFIX, args[1] or '', args[2] or '', args[3] or '', args[4] or '',
                        mode, now)
-  if mode == 'A' then return {r[1], r[2], r[3], r[4]} end
+  if mode == 'A' then return {r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10]} end
   return r
 end
 
@@ -593,6 +606,7 @@ local function fn_batch(keys, args)
   local ops = args[1] or ''
   local with_records = args[2] == '1'
   local now = now_ms(args[3])
+  local records_ok = args[4] == nil or args[4] == '' or args[4] == ATTRS_SIG
   local list = {}
   local pos, len = 1, #ops
   while pos <= len do
@@ -641,7 +655,7 @@ local function fn_batch(keys, args)
       r = released(rec, with_records)
     elseif l == 'v' or l == 'V' then
       r = set_var(P, did, bounded(op[3]), bounded(op[4]))
-    elseif l == 'a' then
+    elseif l == 'a' and records_ok then
       local reply = admit_call(P, key_part(op[2]), op[3], op[4], op[5], 'r', now)
       if reply[9] == 1 then r = 0 else r = 1 end
     end
