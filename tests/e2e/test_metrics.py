@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 def test_exporter_serves_kamailio_workers_and_cluster_counters(lab: Lab) -> None:
     lab.use_policy("basic")  # total max 3
     uas = lab.start_uas("uas.xml")
-    proxy = lab.start_proxy(upstream_port=uas.port)
+    # the native workers time each decision only when asked (the probe is always there)
+    proxy = lab.start_proxy(upstream_port=uas.port, env={"POLICER_WORKER_LATENCY": "1"})
     res = lab.run_uac(proxy, [(f"m{i}", "", f"2000{i}") for i in range(5)], hold_ms=1500)
     assert len(res.answered) == 3 and res.codes() == [503, 503]
     assert lab.wait_size("total", 0) == 0
