@@ -329,7 +329,8 @@ def generate(policy: Policy, node: str, redis_url: str, *,
     for source, pv in zip(sources, pvs, strict=True):
         if pv in _NEVER_NULL:  # one action fewer per call
             out += [f"\t# {source}",
-                    f'\t$var(policer_attrs) = $var(policer_attrs) + $({pv[1:]}{{s.len}}) + ":" + {pv};']
+                    f"\t$var(policer_attrs) = $var(policer_attrs)"
+                    f' + $({pv[1:]}{{s.len}}) + ":" + {pv};']
             continue
         out += [
             f"\t# {source}",
