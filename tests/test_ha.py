@@ -389,7 +389,7 @@ def test_a_sentinel_url_naming_no_known_service_is_a_store_error(
     assert d.fallback and d.admitted and "MasterNotFound" in d.error
     with pytest.raises(StoreError):
         store.profile_size("total")
-    good = open_store(sentinel_set.url(), namespace, timeout_ms=2000)
+    good = open_store(sentinel_set.url(), namespace, timeout_ms=2000, policy=policy)
     assert good.ping() and good.profile_size("total") == 0
     good.close()
 
