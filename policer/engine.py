@@ -479,6 +479,9 @@ class Engine:
                 policy_hash = self.store.load(self._current.policy)
                 self.log.warning("policy_library_loaded", policy_hash=policy_hash,
                                  why="the store had none")
+                # a Redis that lost the library lost the node's lease and registration
+                # too: renew them in this tick, not a renew interval later
+                self._next_renew = 0.0
         except StoreError as e:
             self._failed()
             self._store_error("load", "", e)

@@ -287,3 +287,16 @@ def test_a_caller_packing_another_policys_attributes_is_refused_not_misread(
     assert "another policy" in d.error and "policer load" in d.error
     assert proxy.store.profile_size("total") == 0
     assert proxy.admit(call("5551234", headers={"X-Account": "acme"})).admitted
+
+
+def test_after_redis_restarted_empty_a_tick_loads_the_library_and_renews_the_lease(
+        own_redis: RedisServer, namespace: str) -> None:
+    proxy = engine_on(own_redis, namespace, lease=True)
+    proxy.start()
+    store = proxy.store
+    assert store.nodes() != {}
+    own_redis.restart()  # empty: no library, no lease, no registration
+    proxy.tick()
+    assert until(lambda: (proxy.tick(), store.loaded_hash() is not None)[1])
+    # the lease is back at once, not a renew interval (5 s) later
+    assert "proxy-a" in store.nodes()
