@@ -15,7 +15,7 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import quote, unquote
@@ -27,8 +27,12 @@ __all__ = [
     "Call",
     "dialog_id",
     "key_part",
+    "pack_fields",
+    "raw_bytes",
     "split_dialog_id",
     "text",
+    "unpack_fields",
+    "unpack_values",
     "utf8_text",
     "value_from_key",
 ]
@@ -65,12 +69,56 @@ def text(value: object, limit: int = MAX_VALUE) -> str:
     return s[:limit]
 
 
-def _utf8(value: str) -> bytes:
-    """The bytes of a str, surrogate escapes back to their bytes; never raises."""
+def raw_bytes(value: str) -> bytes:
+    """The bytes of a str as the proxy saw them (surrogate escapes back to their
+    bytes); never raises."""
     try:
         return value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # a lone surrogate that no byte string decodes to
         return value.encode("utf-8", "surrogatepass")
+
+
+_utf8 = raw_bytes
+
+
+def pack_fields(values: Iterable[str | bytes]) -> bytes:
+    """Values as the decision function reads them (call attributes, queued dialog
+    events): each ``<byte length>:<bytes>``, concatenated."""
+    parts = []
+    for v in values:
+        b = v if isinstance(v, bytes) else v.encode() if v.isascii() else raw_bytes(v)
+        parts.append(b"%d:%s" % (len(b), b))
+    return b"".join(parts)
+
+
+def unpack_fields(data: bytes, pos: int, n: int) -> tuple[list[bytes], int] | None:
+    """``n`` fields packed by :func:`pack_fields` from ``pos`` and the position after
+    them; None when malformed."""
+    out: list[bytes] = []
+    for _ in range(n):
+        colon = data.find(b":", pos, pos + 10)
+        if colon < 0 or not data[pos:colon].isdigit():
+            return None
+        end = colon + 1 + int(data[pos:colon])
+        if end > len(data):
+            return None
+        out.append(data[colon + 1:end])
+        pos = end
+    return out, pos
+
+
+def unpack_values(data: bytes, sources: Iterable[str]) -> dict[str, str]:
+    """Attribute sources and their packed values, up to the first malformed field (as
+    the decision function reads them)."""
+    out: dict[str, str] = {}
+    pos = 0
+    for source in sources:
+        got = unpack_fields(data, pos, 1)
+        if got is None:
+            break
+        out[source] = got[0][0].decode("utf-8", "surrogateescape")
+        pos = got[1]
+    return out
 
 
 def utf8_text(value: str) -> str:
@@ -232,15 +280,4 @@ def _kept_attributes(data: str) -> dict[str, str]:
         packed = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         return {}
-    out: dict[str, str] = {}
-    pos = 0
-    for source in (s for s in sources_text.split(",") if s):
-        colon = packed.find(b":", pos, pos + 10)
-        if colon < 0 or not packed[pos:colon].isdigit():
-            break
-        end = colon + 1 + int(packed[pos:colon])
-        if end > len(packed):
-            break
-        out[source] = packed[colon + 1:end].decode("utf-8", "surrogateescape")
-        pos = end
-    return out
+    return unpack_values(packed, (s for s in sources_text.split(",") if s))

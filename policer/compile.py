@@ -17,7 +17,7 @@ policy hash ``policer stats`` shows) and the names of its functions.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -36,9 +36,6 @@ __all__ = [
     "attributes_sig",
     "compile_policy",
     "function_suffix",
-    "pack_fields",
-    "raw_bytes",
-    "unpack_fields",
 ]
 
 #: The calling convention's version (``policer_read_S info``); bump on a change.
@@ -121,39 +118,6 @@ def attribute_sources(policy: Policy | None) -> tuple[str, ...]:
 def attributes_sig(attributes: Sequence[str]) -> str:
     """The first 12 hex digits of the SHA-1 of the attribute sources, in order."""
     return hashlib.sha1("\n".join(attributes).encode()).hexdigest()[:12]
-
-
-def pack_fields(values: Iterable[str | bytes]) -> bytes:
-    """Fields as the library reads them: each ``<byte length>:<bytes>``, concatenated."""
-    parts = []
-    for v in values:
-        b = v if isinstance(v, bytes) else v.encode() if v.isascii() else raw_bytes(v)
-        parts.append(b"%d:%s" % (len(b), b))
-    return b"".join(parts)
-
-
-def raw_bytes(value: str) -> bytes:
-    """A SIP value as the bytes the proxy saw (surrogate escapes back to their bytes);
-    never raises."""
-    try:
-        return value.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate that no byte string decodes to
-        return value.encode("utf-8", "surrogatepass")
-
-
-def unpack_fields(data: bytes, pos: int, n: int) -> tuple[list[bytes], int] | None:
-    """``n`` fields packed by :func:`pack_fields` from ``pos``; None when malformed."""
-    out: list[bytes] = []
-    for _ in range(n):
-        colon = data.find(b":", pos, pos + 10)
-        if colon < 0 or not data[pos:colon].isdigit():
-            return None
-        end = colon + 1 + int(data[pos:colon])
-        if end > len(data):
-            return None
-        out.append(data[colon + 1:end])
-        pos = end
-    return out, pos
 
 
 def _lua_str(s: str) -> str:

@@ -38,8 +38,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from policer.call import Call, dialog_id, split_dialog_id
-from policer.compile import compile_policy, pack_fields
+from policer.call import Call, dialog_id, pack_fields, split_dialog_id
+from policer.compile import compile_policy
 from policer.engine import Decision, Engine
 from policer.policy import Policy, load_policy
 from policer.reload import PolicyWatcher

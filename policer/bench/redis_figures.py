@@ -308,8 +308,7 @@ def ceiling(bench: Any, bare_8_per_s: float) -> dict[str, Any]:
     no-value limits (total, per class) press; admitted calls drop out of the counts
     after an early timeout set so that about --hold calls are live at once (the
     function is compiled with it in a namespace of its own)."""
-    from policer.call import Call
-    from policer.compile import pack_fields
+    from policer.call import Call, pack_fields
     from policer.engine import Engine
     from policer.store.redis_store import RedisStore
 

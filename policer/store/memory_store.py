@@ -16,7 +16,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from policer.call import Call, dialog_id, key_part, utf8_text, value_from_key
+from policer.call import (
+    Call,
+    dialog_id,
+    key_part,
+    unpack_fields,
+    unpack_values,
+    utf8_text,
+    value_from_key,
+)
 from policer.classify import Classifier
 from policer.compile import (
     DECIDED_MS,
@@ -24,7 +32,6 @@ from policer.compile import (
     TICK_BATCH,
     attribute_sources,
     compile_policy,
-    unpack_fields,
 )
 from policer.policy import Policy, Reject
 from policer.store.base import (
@@ -616,17 +623,7 @@ def unpack_ops(data: bytes, attributes: Sequence[str] = ()) -> list[Op]:
 
 def _call_from_fields(call_id: bytes, from_tag: bytes, attrs: bytes,
                       attributes: Sequence[str]) -> Call:
-    values: dict[str, str] = {}
-    pos = 0
-    for source in attributes:
-        got = unpack_fields(attrs, pos, 1)
-        if got is None:
-            break
-        values[source] = _text(got[0][0])
-        pos = got[1]
-    headers = {k[7:]: v for k, v in values.items() if k.startswith("header:")}
-    plain = {k: v for k, v in values.items() if not k.startswith("header:")}
-    return Call.from_raw(call_id, from_tag, headers=headers, **plain)
+    return Call.from_attributes(call_id, from_tag, unpack_values(attrs, attributes))
 
 
 def _decoded(label: str) -> str:

@@ -23,14 +23,19 @@ import redis
 from hiredis import pack_command
 from redis.client import NEVER_DECODE
 
-from policer.call import Call, key_part, utf8_text, value_from_key
+from policer.call import (
+    Call,
+    key_part,
+    pack_fields,
+    raw_bytes,
+    unpack_fields,
+    utf8_text,
+    value_from_key,
+)
 from policer.compile import (
     TICK_BATCH,
     Library,
     compile_policy,
-    pack_fields,
-    raw_bytes,
-    unpack_fields,
 )
 from policer.policy import Policy
 from policer.store.base import (

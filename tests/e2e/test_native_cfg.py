@@ -19,8 +19,8 @@ from policer.adapters.kamailio_cfg import (
     ndb_server,
     ndb_timeouts,
 )
-from policer.call import Call
-from policer.compile import compile_policy, pack_fields
+from policer.call import Call, pack_fields
+from policer.compile import compile_policy
 from policer.policy import load_policy, parse_policy
 
 ROOT = Path(__file__).resolve().parents[2]
