@@ -38,12 +38,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from policer.call import Call, dialog_id, pack_fields, split_dialog_id
+from policer.call import Call, dialog_id, split_dialog_id
 from policer.compile import compile_policy
 from policer.engine import Decision, Engine
 from policer.policy import Policy, load_policy
 from policer.reload import PolicyWatcher
-from policer.store import StoreError, open_store
+from policer.store import Op, StoreError, open_store
 
 if TYPE_CHECKING:
     from policer.metrics import WorkerMetrics
@@ -333,12 +333,12 @@ def _end_reason(event: str) -> str:
 
 
 def _confirm_op(did: str) -> bytes:
-    # '' = the policy's dialog timeout (the function's DIALOG_MS)
-    return b"C" + pack_fields((did, ""))
+    # no timeout: the policy's dialog timeout (the function's DIALOG_MS)
+    return engine().store.pack_ops([Op("confirm", did)])
 
 
 def _release_op(did: str, reason: str) -> bytes:
-    return b"R" + pack_fields((did, reason))
+    return engine().store.pack_ops([Op("release", did, reason)])
 
 
 def _queue(op: bytes, did: str) -> None:
@@ -404,9 +404,7 @@ def _hand_off(eng: Engine) -> None:
     to be recorded): into the timer's queue, so that it is applied as soon as the store
     answers, not at this worker's next call. Ops travel as latin-1 text (any byte but
     NUL); what cannot travel stays with the engine."""
-    pack = getattr(eng.store, "pack_ops", None)
-    if pack is None:
-        return
+    pack = eng.store.pack_ops
     mq = _ksr().mqueue
 
     def move(items: list[Any]) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
+from policer.call import pack_fields, raw_bytes, utf8_text
 from policer.classify import Member
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ __all__ = [
     "Op",
     "Store",
     "StoreError",
+    "pack_ops",
 ]
 
 #: Why a dialog ended (``release(reason=…)``; ``expired``, ``node_lost`` and
@@ -215,6 +217,10 @@ class Store(Protocol):
         """The decision ``admit_call`` would make now, with every membership's count
         (``rows``); changes nothing."""
 
+    def pack_ops(self, ops: Sequence[Op]) -> bytes:
+        """Dialog events in the batch function's format (what a proxy queues for
+        :meth:`apply_packed`)."""
+
     def apply(self, ops: Sequence[Op], records: bool = False) -> list[object]:
         """Apply dialog events in order, in one atomic call. Per op: True/False (confirm,
         refresh, set_var; record: newly counted), for release the call-end record
@@ -296,3 +302,28 @@ class Store(Protocol):
     def ping(self) -> bool: ...
 
     def close(self) -> None: ...
+
+
+def pack_ops(ops: Sequence[Op], attributes: Sequence[str]) -> bytes:
+    """Dialog events as the batch function reads them (``attributes``: the call
+    attributes a ``record`` op packs, in the library's order)."""
+    out = bytearray()
+    for op in ops:
+        k = op.kind
+        if k == "confirm":
+            out += b"C" + pack_fields((op.dialog_id, str(op.arg or "")))
+        elif k == "refresh":
+            out += b"F" + pack_fields((op.dialog_id, str(op.arg or "")))
+        elif k == "release":
+            out += b"R" + pack_fields((op.dialog_id, str(op.arg)))
+        elif k == "set_var":
+            out += b"V" + pack_fields((op.dialog_id, utf8_text(str(op.arg)),
+                                       utf8_text(op.value)))
+        elif k == "record" and op.call is not None:
+            c = op.call
+            attrs = pack_fields([c.attribute(s) for s in attributes])
+            out += b"a" + pack_fields((op.node, raw_bytes(c.call_id), raw_bytes(c.from_tag),
+                                       attrs))
+        else:
+            raise ValueError(f"unknown dialog event {k!r}")
+    return bytes(out)

@@ -44,6 +44,7 @@ from policer.store.base import (
     ExplainRow,
     Member,
     Op,
+    pack_ops,
 )
 
 __all__ = ["MemoryStore"]
@@ -213,6 +214,9 @@ class MemoryStore:
             else:
                 raise ValueError(f"unknown dialog event {k!r}")
         return out
+
+    def pack_ops(self, ops: Sequence[Op]) -> bytes:
+        return pack_ops(ops, attribute_sources(self._policy))
 
     def apply_packed(self, packed: bytes) -> int:
         return len(self.apply(unpack_ops(packed, attribute_sources(self._policy))))

@@ -48,6 +48,7 @@ from policer.store.base import (
     ExplainRow,
     Op,
     StoreError,
+    pack_ops,
 )
 from policer.store.connect import connect
 from policer.store.keys import Keys
@@ -322,26 +323,7 @@ class RedisStore:
                                          self.library.attributes_sig]))
 
     def pack_ops(self, ops: Sequence[Op]) -> bytes:
-        out = bytearray()
-        for op in ops:
-            k = op.kind
-            if k == "confirm":
-                out += b"C" + pack_fields((op.dialog_id, str(op.arg or "")))
-            elif k == "refresh":
-                out += b"F" + pack_fields((op.dialog_id, str(op.arg or "")))
-            elif k == "release":
-                out += b"R" + pack_fields((op.dialog_id, str(op.arg)))
-            elif k == "set_var":
-                out += b"V" + pack_fields((op.dialog_id, utf8_text(str(op.arg)),
-                                           utf8_text(op.value)))
-            elif k == "record" and op.call is not None:
-                c = op.call
-                attrs = pack_fields(c.attribute(s) for s in self.library.attributes)
-                out += b"a" + pack_fields((op.node, raw_bytes(c.call_id), raw_bytes(c.from_tag))) \
-                    + pack_fields((attrs,))
-            else:
-                raise ValueError(f"unknown dialog event {k!r}")
-        return bytes(out)
+        return pack_ops(ops, self.library.attributes)
 
     def confirm(self, dialog_id: str, dialog_ms: int) -> bool:
         return bool(self.apply([Op("confirm", dialog_id, dialog_ms)])[0])
