@@ -32,8 +32,6 @@ _OK = Reject(code=200, reason="OK", retry_after=None)
 #: Queued operations applied before an admit (the rest wait for later calls or tick()).
 _DRAIN_BEFORE_ADMIT = 200
 _DRAIN_PER_TICK = 5_000
-#: The most dialogs a store's tick ends in one call.
-_RENEW_BATCH = TICK_BATCH
 #: Queued operations per store call.
 _BATCH = 200
 
@@ -449,14 +447,11 @@ class Engine:
                 self._next_renew = now + nodes.renew_ms / 1000
                 swept = 0
                 try:
-                    if not self._loaded:
-                        self.store.load(self._current.policy)
-                        self._loaded = True
                     for _ in range(100):  # each call ends a bounded batch
                         n, _, expired = self.store.tick(self.node, nodes.lease_ms,
                                                         nodes.on_node_loss == "release")
                         swept += n
-                        if n < _RENEW_BATCH and expired < _RENEW_BATCH:
+                        if n < TICK_BATCH and expired < TICK_BATCH:
                             break
                 except StoreError as e:
                     self._failed()
@@ -471,14 +466,17 @@ class Engine:
 
     def _ensure_loaded(self) -> bool:
         """A Redis that lost the library (restarted empty, failed over to a replica
-        without it) gets it back within a tick. A library another node loaded is the
-        policy in force: it is never replaced here (``policer load`` and a changed
-        policy file do that). False when the store did not answer."""
+        without it) gets it back within a tick, and so does a node whose start() could
+        not load it. Else a library another node loaded is the policy in force: it is
+        never replaced here (``policer load`` and a changed policy file do that).
+        False when the store did not answer."""
         try:
-            if self.store.loaded_hash() is None:
+            # not yet loaded by this node (its start() could not), or lost by Redis
+            if not self._loaded or self.store.loaded_hash() is None:
+                why = "the store had none" if self._loaded else "not loaded at start"
                 policy_hash = self.store.load(self._current.policy)
-                self.log.warning("policy_library_loaded", policy_hash=policy_hash,
-                                 why="the store had none")
+                self._loaded = True
+                self.log.warning("policy_library_loaded", policy_hash=policy_hash, why=why)
                 # a Redis that lost the library lost the node's lease and registration
                 # too: renew them in this tick, not a renew interval later
                 self._next_renew = 0.0

@@ -200,7 +200,8 @@ class RedisStore:
             try:
                 return self._run(lambda: client.execute_command(*command, **opts))
             except StoreError as e:
-                if "function not found" not in str(e).lower():
+                if not isinstance(e.__cause__, redis.ResponseError) \
+                        or not _is_missing_function(e.__cause__):
                     raise
                 if not load:
                     raise _not_loaded(self.namespace) from e

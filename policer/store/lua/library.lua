@@ -89,7 +89,6 @@
 -- *_S constants below) and reused.
 local NOW_S = ''
 local ONE = '1'
-local GRACE_S = '' .. GRACE_MS
 local DECIDED_S = '' .. DECIDED_MS
 local EARLY_TTL_S = '' .. (EARLY_MS + GRACE_MS)
 local DIALOG_TTL_S = '' .. (DIALOG_MS + GRACE_MS)
