@@ -27,6 +27,7 @@ __all__ = [
     "Call",
     "dialog_id",
     "key_part",
+    "label_from_key",
     "pack_fields",
     "raw_bytes",
     "split_dialog_id",
@@ -132,6 +133,13 @@ def value_from_key(part: str) -> str:
     Bytes that are not UTF-8 come back as surrogate escapes, so two values that
     differ only there stay two values."""
     return unquote(part, errors="surrogateescape")
+
+
+def label_from_key(label: str) -> str:
+    """A membership label as shown (``profile=value``) from its stored form, whose
+    value is a :func:`key_part`."""
+    profile, eq, enc = label.partition("=")
+    return f"{profile}={value_from_key(enc)}" if eq and "%" in enc else label
 
 
 def _wellformed(value: str) -> str:

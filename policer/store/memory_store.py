@@ -20,6 +20,7 @@ from policer.call import (
     Call,
     dialog_id,
     key_part,
+    label_from_key,
     unpack_fields,
     unpack_values,
     utf8_text,
@@ -139,7 +140,7 @@ class MemoryStore:
             with self._lock:
                 d = self._dialogs.get(did)
             if d is not None:
-                labels = tuple(_decoded(x) for x in d.labels)
+                labels = tuple(label_from_key(x) for x in d.labels)
                 cls = d.info.get("class") or None
                 emergency = d.emergency
                 limit = labels[limit_i].partition("=")[0] if 0 <= limit_i < len(labels) \
@@ -628,11 +629,6 @@ def unpack_ops(data: bytes, attributes: Sequence[str] = ()) -> list[Op]:
 def _call_from_fields(call_id: bytes, from_tag: bytes, attrs: bytes,
                       attributes: Sequence[str]) -> Call:
     return Call.from_attributes(call_id, from_tag, unpack_values(attrs, attributes))
-
-
-def _decoded(label: str) -> str:
-    profile, eq, enc = label.partition("=")
-    return f"{profile}={value_from_key(enc)}" if eq else profile
 
 
 def _reject(policy: Policy, profile: str | None) -> Reject:

@@ -26,6 +26,7 @@ from redis.client import NEVER_DECODE
 from policer.call import (
     Call,
     key_part,
+    label_from_key,
     pack_fields,
     raw_bytes,
     unpack_fields,
@@ -523,11 +524,6 @@ def _load_command(library: Library) -> tuple[Any, ...]:
     return ("FUNCTION", "LOAD", "REPLACE", library.text)
 
 
-def _label(label: str) -> str:
-    profile, eq, enc = label.partition("=")
-    return f"{profile}={value_from_key(enc)}" if eq else profile
-
-
 def _call_result(r: list[Any]) -> CallResult:
     rows: list[ExplainRow] = []
     for i in range(15, len(r) - 7, 8):
@@ -542,7 +538,7 @@ def _call_result(r: list[Any]) -> CallResult:
         retry_after=None if retry < 0 else retry, limit=str(r[4]) or None,
         count=int(r[5]), max=int(r[6]), bypass=r[7] == 1, duplicate=r[8] == 1,
         shadow=int(r[9]) > 0, number_class=str(r[11]) or None,
-        memberships=tuple(_label(x) if "%" in x else x for x in str(r[12]).split("\n") if x),
+        memberships=tuple(label_from_key(x) for x in str(r[12]).split("\n") if x),
         dialog_id=str(r[13]), emergency=r[14] == 1, rows=tuple(rows))
 
 
