@@ -80,6 +80,7 @@ class MemoryStore:
                  cdr_maxlen: int = 100_000, policy: Policy | None = None) -> None:
         self.namespace = namespace
         self._policy: Policy | None = None
+        self._hash: str | None = None
         self._classifier: Classifier | None = None
         self.clock_offset_ms = clock_offset_ms
         self._lock = threading.Lock()
@@ -102,16 +103,17 @@ class MemoryStore:
         with self._lock:
             self._policy = policy
             self._classifier = Classifier(policy) if policy is not None else None
+            self._hash = (compile_policy(policy, self.namespace).policy_hash
+                          if policy is not None else None)
             if policy is not None:
                 self._cdr = deque(self._cdr, maxlen=max(1, policy.call_records_keep))
-            return self.loaded_hash() or ""
+            return self._hash or ""
 
     def use(self, policy: Policy | None) -> None:
         self.load(policy)
 
     def loaded_hash(self) -> str | None:
-        p = self._policy
-        return compile_policy(p, self.namespace).policy_hash if p is not None else None
+        return self._hash
 
     def _decide_call(self, call: Call, node: str, record: bool, dry: bool) -> CallResult:
         policy, classifier = self._policy, self._classifier
