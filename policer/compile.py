@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
+from policer.calendar import transitions
 from policer.call import MAX_KEY_PART, MAX_VALUE
-from policer.policy import Policy, Reject
+from policer.policy import Limit, Policy, Reject
 
 __all__ = [
     "CDR_KEEP_DEFAULT",
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 #: The calling convention's version (``policer_read_S info``); bump on a change.
-LIBRARY_FORMAT = 2
+LIBRARY_FORMAT = 3
 #: A decided (rejected or ended) dialog is remembered this long: late retransmissions of
 #: its INVITE get the same answer (an INVITE transaction lives 64*T1 = 32 s).
 DECIDED_MS = 32_000
@@ -155,6 +156,27 @@ def _reject(r: Reject) -> list[object]:
     return [r.code, r.reason, -1 if r.retry_after is None else r.retry_after]
 
 
+def _entry(lim: Limit, idx: int, policy_shadow: bool, sched_index: dict[str, int]) -> str:
+    """One entry of a profile's limit as a Lua table: concurrent max, reserve, shadow,
+    schedule (index into SCHED), rate (T and tau in microseconds), calendar windows
+    ({per, max}), max duration (ms, -1 none), reject answers (rrej: rate rejections)."""
+    fields: dict[str, object] = {
+        "idx": idx,
+        "max": lim.max,
+        "reserve": lim.reserve_for_emergency,
+        "shadow": policy_shadow or lim.shadow,
+        "sched": sched_index[lim.schedule] if lim.schedule is not None else None,
+        "dur": lim.max_duration_ms if lim.max_duration_ms is not None else -1,
+        "rej": _reject(lim.reject),
+        "rrej": _reject(lim.rate_answer),
+    }
+    if lim.rate is not None:
+        fields.update(T=lim.rate.interval_us, tau=lim.rate.tolerance_us, burst=lim.rate.burst)
+    if lim.calls:
+        fields["win"] = [[w.per, w.max] for w in lim.calls]
+    return "{" + ", ".join(f"{k} = {_lua(v)}" for k, v in fields.items() if v is not None) + "}"
+
+
 @cache
 def _library_code() -> str:
     return (resources.files("policer.store") / "lua" / "library.lua").read_text()
@@ -181,22 +203,28 @@ def compile_policy(policy: Policy | None, namespace: str | None = None) -> Libra
                 prefix[p] = c.name
             if c.default:
                 default = c.name
+        sched_index = {name: i + 1 for i, name in enumerate(policy.schedules)}
         for prof in policy.profiles:
-            limit = policy.limits.get(prof.name)
             when = ({name: True for name in sorted(prof.when_classes)}
                     if prof.when_classes is not None else None)
+            entries = policy.entries(prof.name)
+            lua_entries = [_entry(lim, i + 1, policy.shadow, sched_index)
+                           for i, lim in enumerate(entries)]
             entry = {
                 "name": prof.name,
                 "attr": index[prof.value] if prof.value is not None else 0,
                 "when": when,
-                "max": limit.max if limit else -1,
-                "reserve": limit.reserve_for_emergency if limit else 0,
-                "shadow": bool(limit) and (policy.shadow or bool(limit and limit.shadow)),
+                # reads its state (rates, windows) from its l: hash
+                "state": any(lim.rate is not None or lim.calls for lim in entries),
+                "sched": any(lim.schedule is not None for lim in entries),
             }
-            plan.append("{" + ", ".join(f"{k} = {_lua(v)}" for k, v in entry.items()) + "}")
-            if limit is not None:
-                rejects[prof.name] = _reject(limit.reject)
+            plan.append("{" + ", ".join(f"{k} = {_lua(v)}" for k, v in entry.items())
+                        + ", entries = {" + ", ".join(lua_entries) + "}}")
+            if entries:
+                rejects[prof.name] = _reject(entries[0].reject)
     lengths = sorted({len(p) for p in prefix}, reverse=True)
+    timed = policy is not None and policy.timed
+    tz_at, tz_off = transitions(policy.timezone) if timed and policy else ((), (0,))
     consts: Sequence[tuple[str, object]] = (
         ("SUFFIX", function_suffix(ns)),
         ("NS_PREFIX", f"policer:{{{ns}}}:"),
@@ -216,6 +244,16 @@ def compile_policy(policy: Policy | None, namespace: str | None = None) -> Libra
         ("SOURCE_IP_ATTR", index["source_ip"]),
         ("REJECT_BY_PROFILE", rejects),
         ("DEFAULT_REJECT", _reject(policy.reject if policy else Reject())),
+        ("TZ_AT", list(tz_at)),
+        ("TZ_OFF", list(tz_off)),
+        ("SCHED", [[x for interval in sch.intervals() for x in interval]
+                   for sch in (policy.schedules.values() if policy else ())]),
+        ("SCHEDULED", policy is not None and any(
+            lim.schedule is not None for es in policy.limit_entries.values() for lim in es)),
+        ("MD_DEFAULT", -1 if policy is None or policy.timeouts.max_duration_ms is None
+         else policy.timeouts.max_duration_ms),
+        ("VALUED", [p.name for p in policy.profiles if p.value is not None] if policy else []),
+        ("MD_CLASS", dict(policy.timeouts.max_duration_by_class) if policy else {}),
         ("EARLY_MS", policy.timeouts.early_ms if policy else 120_000),
         ("DIALOG_MS", policy.timeouts.dialog_ms if policy else 43_200_000),
         ("GRACE_MS", GRACE_MS),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import zoneinfo
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +23,19 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 __all__ = [
     "ATTRIBUTE_SOURCES",
+    "DAYS",
+    "WINDOWS",
     "Limit",
     "Nodes",
     "NumberClass",
     "Policy",
     "PolicyError",
     "Profile",
+    "Rate",
     "Reject",
+    "Schedule",
     "Timeouts",
+    "Window",
     "load_policy",
     "parse_policy",
 ]
@@ -49,6 +55,14 @@ _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
 _DURATION = re.compile(r"^(?:(\d+)(ms|s|m|h|d))+$")
 _DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+#: Calendar windows of ``calls`` limits: their length in ms (``1mo``: a calendar month).
+WINDOWS: Mapping[str, int] = MappingProxyType({
+    "1m": 60_000, "1h": 3_600_000, "1d": 86_400_000, "7d": 7 * 86_400_000,
+    "1mo": 31 * 86_400_000})
+#: Day names of ``schedules``, Monday first (index = ISO weekday - 1).
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_HOURS = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+_WEEK_MIN = 7 * 1440
 
 
 class PolicyError(ValueError):
@@ -92,14 +106,90 @@ class Profile:
 
 
 @dataclass(frozen=True, slots=True)
+class Rate:
+    """A generic cell rate (GCRA): ``max`` new calls per ``per_ms``, up to ``burst`` at
+    once. A call passes when at most ``burst - 1`` emission intervals are owed."""
+
+    max: int
+    per_ms: int
+    burst: int
+
+    @property
+    def interval_us(self) -> int:
+        """The emission interval T: one call's worth of time, in microseconds."""
+        return max(1, self.per_ms * 1000 // self.max)
+
+    @property
+    def tolerance_us(self) -> int:
+        """How far ahead of now the owed time may run and a call still pass (tau)."""
+        return self.interval_us * (self.burst - 1)
+
+    def text(self) -> str:
+        return f"{self.max}/{_fmt_ms(self.per_ms)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A calendar cap: at most ``max`` new calls per calendar ``per`` (in the policy's
+    timezone; one of :data:`WINDOWS`), reset at its boundary."""
+
+    max: int
+    per: str
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """Named hours of the week: ``days`` (0 = Monday) from ``start_min`` to ``end_min``
+    minutes after local midnight; an end at or before the start wraps past midnight
+    (the window belongs to the day it starts on)."""
+
+    name: str
+    days: frozenset[int]
+    start_min: int
+    end_min: int
+
+    def intervals(self) -> tuple[tuple[int, int], ...]:
+        """Minutes of the week ``[a, b)`` the schedule covers (Monday 00:00 = 0), split
+        where they wrap past Sunday midnight."""
+        out: list[tuple[int, int]] = []
+        length = (self.end_min - self.start_min) % 1440 or 1440
+        for d in sorted(self.days):
+            a = d * 1440 + self.start_min
+            b = a + length
+            if b <= _WEEK_MIN:
+                out.append((a, b))
+            else:
+                out += [(a, _WEEK_MIN), (0, b - _WEEK_MIN)]
+        return tuple(sorted(out))
+
+    def minutes(self) -> frozenset[int]:
+        return frozenset(m for a, b in self.intervals() for m in range(a, b))
+
+    def matches(self, minute_of_week: int) -> bool:
+        return any(a <= minute_of_week < b for a, b in self.intervals())
+
+
+@dataclass(frozen=True, slots=True)
 class Limit:
-    """The cap on one profile (per value for valued profiles)."""
+    """The caps on one profile (per value for valued profiles): concurrent calls
+    (``max``, -1 none), a call rate, calendar windows and a call duration cap. In a
+    list of limits, ``schedule`` names when this entry applies (None: always)."""
 
     profile: str
-    max: int
+    max: int = -1
     reserve_for_emergency: int = 0
     reject: Reject = field(default_factory=Reject)
     shadow: bool = False
+    rate: Rate | None = None
+    calls: tuple[Window, ...] = ()
+    max_duration_ms: int | None = None
+    #: how a rate rejection is answered (the limit's ``reject`` when not given)
+    rate_reject: Reject | None = None
+    schedule: str | None = None
+
+    @property
+    def rate_answer(self) -> Reject:
+        return self.rate_reject if self.rate_reject is not None else self.reject
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +205,10 @@ class Nodes:
 class Timeouts:
     early_ms: int = 120_000
     dialog_ms: int = 43_200_000
+    #: answered calls end after this (None: no cap); per number class below
+    max_duration_ms: int | None = None
+    max_duration_by_class: Mapping[str, int] = field(
+        default_factory=lambda: MappingProxyType({}))
 
     @property
     def early_s(self) -> int:
@@ -147,6 +241,13 @@ class Policy:
     pending_queue: int = 10_000
     #: call-end records kept in Redis (a capped stream); 0 writes none
     call_records_keep: int = 100_000
+    #: IANA time zone of calendar windows and schedules
+    timezone: str = "UTC"
+    schedules: Mapping[str, Schedule] = field(default_factory=lambda: MappingProxyType({}))
+    #: every entry of every profile's limit, in order (a scheduled list has several;
+    #: the first whose schedule matches applies). ``limits`` holds each first entry.
+    limit_entries: Mapping[str, tuple[Limit, ...]] = field(
+        default_factory=lambda: MappingProxyType({}))
     source: str = "<string>"
     version: int = 1
 
@@ -168,6 +269,27 @@ class Policy:
             if p.name == name:
                 return p
         return None
+
+    def entries(self, profile: str) -> tuple[Limit, ...]:
+        """Every entry of a profile's limit (none: the profile is only counted)."""
+        found = self.limit_entries.get(profile)
+        if found is not None:
+            return found
+        lim = self.limits.get(profile)
+        return (lim,) if lim is not None else ()
+
+    def limit_at(self, profile: str, minute_of_week: int) -> Limit | None:
+        """The entry that applies at a local minute of the week (Monday 00:00 = 0)."""
+        for lim in self.entries(profile):
+            if lim.schedule is None or self.schedules[lim.schedule].matches(minute_of_week):
+                return lim
+        return None
+
+    @property
+    def timed(self) -> bool:
+        """Some limit has a rate, a calendar window or a schedule."""
+        return any(lim.rate is not None or lim.calls or lim.schedule is not None
+                   for entries in self.limit_entries.values() for lim in entries)
 
 
 # --------------------------------------------------------------------------- loading
@@ -218,8 +340,11 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 _TOP_KEYS = (
     "version", "namespace", "call", "classes", "profiles", "limits", "emergency",
     "timeouts", "reject", "on_store_error", "store_timeout", "shadow", "near_limit", "nodes",
-    "pending_queue", "call_records",
+    "pending_queue", "call_records", "timezone", "schedules",
 )
+#: Keys of one limit (or of one entry of a scheduled list).
+_LIMIT_KEYS = ("max", "reserve_for_emergency", "reject", "shadow", "rate", "calls",
+               "max_duration", "rate_reject", "schedule")
 
 
 class _Validator:
@@ -390,10 +515,10 @@ class _Validator:
         if "version" in top:
             vnode = top["version"]
             version = self.scalar(vnode) if isinstance(vnode, ScalarNode) else None
-            if version != 1 or isinstance(version, bool):
+            if version not in (1, 2) or isinstance(version, bool):
                 self.error(top["version"], "version",
                            f"unsupported policy version {top['version'].value!r}; this policer "
-                           "reads version 1")
+                           "reads versions 1 and 2")
         namespace = ""
         if "namespace" in top:
             namespace = self.string(top["namespace"], "namespace", _NAMESPACE,
@@ -406,7 +531,13 @@ class _Validator:
         default_reject = Reject()
         if "reject" in top:
             default_reject = self.reject(top["reject"], "reject", default_reject) or default_reject
-        limits = self.limits(top.get("limits"), self.profile_names, default_reject)
+        timezone = "UTC"
+        if "timezone" in top:
+            timezone = self.timezone(top["timezone"]) or timezone
+        schedules = self.schedules(top.get("schedules"))
+        limit_entries = self.limits(top.get("limits"), self.profile_names, default_reject,
+                                    schedules)
+        limits = {name: entries[0] for name, entries in limit_entries.items()}
 
         emergency_class: str | None = None
         bypass = True
@@ -431,7 +562,7 @@ class _Validator:
 
         timeouts = Timeouts()
         if "timeouts" in top:
-            m = self.mapping(top["timeouts"], "timeouts", ("early", "dialog")) or {}
+            m = self.mapping(top["timeouts"], "timeouts", ("early", "dialog", "max_duration")) or {}
             early = timeouts.early_ms
             dialog = timeouts.dialog_ms
             if "early" in m:
@@ -439,7 +570,12 @@ class _Validator:
             if "dialog" in m:
                 dialog = (self.duration_ms(m["dialog"], "timeouts.dialog", 1000, 7 * 86_400_000)
                           or dialog)
-            timeouts = Timeouts(early_ms=early, dialog_ms=dialog)
+            md_default: int | None = None
+            md_by_class: dict[str, int] = {}
+            if "max_duration" in m:
+                md_default, md_by_class = self.max_durations(m["max_duration"], class_names)
+            timeouts = Timeouts(early_ms=early, dialog_ms=dialog, max_duration_ms=md_default,
+                                max_duration_by_class=MappingProxyType(md_by_class))
 
         on_store_error: Literal["admit", "reject"] = "admit"
         if "on_store_error" in top:
@@ -509,7 +645,11 @@ class _Validator:
             nodes=nodes,
             pending_queue=pending,
             call_records_keep=cdr_keep,
+            timezone=timezone,
+            schedules=MappingProxyType(schedules),
+            limit_entries=MappingProxyType(limit_entries),
             source=self.source,
+            version=int(self.scalar(top["version"])),
         )
 
     def unknown_ref(self, node: Node, path: str, what: str, name: str,
@@ -655,44 +795,277 @@ class _Validator:
             out.append(Profile(name=name, value=value, when_classes=when))
         return out
 
-    def limits(self, node: Node | None, profile_names: set[str],
-               default_reject: Reject) -> dict[str, Limit]:
+    def timezone(self, node: Node) -> str | None:
+        name = self.string(node, "timezone")
+        if name is None:
+            return None
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            known = sorted(zoneinfo.available_timezones())
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else " (an IANA name such as " \
+                "Europe/Berlin)"
+            self.error(node, "timezone", f"unknown time zone {name!r}{hint}")
+            return None
+        return name
+
+    def schedules(self, node: Node | None) -> dict[str, Schedule]:
+        if node is None:
+            return {}
+        m = self.free_mapping(node, "schedules") or {}
+        out: dict[str, Schedule] = {}
+        for name, snode in m.items():
+            path = f"schedules.{name}"
+            if not _NAME.match(name):
+                self.error(snode, path, "schedule names are letters, digits, '_', '-'")
+                continue
+            sm = self.mapping(snode, path, ("days", "hours"))
+            if sm is None:
+                continue
+            days: set[int] = set(range(7))
+            ok = True
+            if "days" in sm:
+                dnode = sm["days"]
+                items = dnode.value if isinstance(dnode, SequenceNode) else [dnode]
+                days = set()
+                for i, item in enumerate(items):
+                    sub = f"{path}.days[{i}]" if isinstance(dnode, SequenceNode) \
+                        else f"{path}.days"
+                    d = self.choice(item, sub, DAYS)
+                    if d is None:
+                        ok = False
+                    elif DAYS.index(d) in days:
+                        self.error(item, sub, f"{d!r} is listed twice")
+                    else:
+                        days.add(DAYS.index(d))
+                if not days and ok:
+                    self.error(dnode, f"{path}.days", "a schedule needs at least one day")
+                    ok = False
+            start, end = 0, 1440
+            if "hours" in sm:
+                hours = self.hours(sm["hours"], f"{path}.hours")
+                if hours is None:
+                    ok = False
+                else:
+                    start, end = hours
+            if ok:
+                out[name] = Schedule(name, frozenset(days), start, end % 1440)
+        return out
+
+    def hours(self, node: Node, path: str) -> tuple[int, int] | None:
+        text = self.string(node, path)
+        if text is None:
+            return None
+        match = _HOURS.match(text)
+        if match is None:
+            self.error(node, path, f"expected hours as HH:MM-HH:MM (e.g. 08:00-18:00 or "
+                       f"22:00-06:00 across midnight), got {text!r}")
+            return None
+        h1, m1, h2, m2 = (int(g) for g in match.groups())
+        if h1 > 23 or m1 > 59 or h2 > 24 or m2 > 59 or (h2 == 24 and m2):
+            self.error(node, path, f"not a time of day in {text!r} (00:00 to 24:00)")
+            return None
+        start, end = h1 * 60 + m1, h2 * 60 + m2
+        if start == end % 1440 and not (start == 0 and end == 1440):
+            self.error(node, path, f"{text!r} is empty: start and end are the same time "
+                       "(use 00:00-24:00 for the whole day)")
+            return None
+        return start, end
+
+    def max_durations(self, node: Node, class_names: set[str]
+                      ) -> tuple[int | None, dict[str, int]]:
+        """``timeouts.max_duration``: a duration, or ``{default: D, CLASS: D, ...}``."""
+        path = "timeouts.max_duration"
+        if not isinstance(node, MappingNode):
+            return self.duration_ms(node, path, 1000, 7 * 86_400_000), {}
+        m = self.free_mapping(node, path) or {}
+        default: int | None = None
+        by_class: dict[str, int] = {}
+        for name, dnode in m.items():
+            if name != "default" and name not in class_names:
+                self.unknown_ref(dnode, f"{path}.{name}", "class", name,
+                                 class_names | {"default"})
+                continue
+            ms = self.duration_ms(dnode, f"{path}.{name}", 1000, 7 * 86_400_000)
+            if ms is None:
+                continue
+            if name == "default":
+                default = ms
+            else:
+                by_class[name] = ms
+        return default, by_class
+
+    def rate(self, node: Node, path: str) -> Rate | None:
+        m = self.mapping(node, path, ("max", "per", "burst"))
+        if m is None:
+            return None
+        for required in ("max", "per"):
+            if required not in m:
+                self.error(node, f"{path}.{required}", "required key is missing")
+        if "max" not in m or "per" not in m:
+            return None
+        mx = self.integer(m["max"], f"{path}.max", 1, 1_000_000)
+        per = self.rate_period(m["per"], f"{path}.per")
+        burst = mx
+        if "burst" in m:
+            burst = self.integer(m["burst"], f"{path}.burst", 1, 1_000_000)
+        if mx is None or per is None or burst is None:
+            return None
+        if per * 1000 // mx < 1:
+            self.error(m["max"], f"{path}.max", f"{mx} calls per {_fmt_ms(per)} is more than "
+                       "one per microsecond")
+            return None
+        return Rate(mx, per, burst)
+
+    def rate_period(self, node: Node, path: str) -> int | None:
+        """A rate's ``per``: a duration (``1s``, ``10s``, ``1m``), or a bare unit (``s``)."""
+        value = self.scalar(node) if isinstance(node, ScalarNode) else None
+        if isinstance(value, str) and value.strip() in _UNIT_MS:
+            return _UNIT_MS[value.strip()]
+        return self.duration_ms(node, path, 1, 86_400_000)
+
+    def windows(self, node: Node, path: str) -> tuple[Window, ...] | None:
+        items = node.value if isinstance(node, SequenceNode) else [node]
+        out: list[Window] = []
+        ok = True
+        for i, item in enumerate(items):
+            sub = f"{path}[{i}]" if isinstance(node, SequenceNode) else path
+            m = self.mapping(item, sub, ("max", "per"))
+            if m is None:
+                ok = False
+                continue
+            for required in ("max", "per"):
+                if required not in m:
+                    self.error(item, f"{sub}.{required}", "required key is missing")
+                    ok = False
+            if "max" not in m or "per" not in m:
+                continue
+            mx = self.integer(m["max"], f"{sub}.max", 0, 1_000_000_000)
+            per = self.choice(m["per"], f"{sub}.per", tuple(WINDOWS))
+            if mx is None or per is None:
+                ok = False
+                continue
+            if any(w.per == per for w in out):
+                self.error(m["per"], f"{sub}.per", f"a {per} window is already listed")
+                ok = False
+                continue
+            out.append(Window(mx, per))
+        return tuple(sorted(out, key=lambda w: WINDOWS[w.per])) if ok else None
+
+    def limits(self, node: Node | None, profile_names: set[str], default_reject: Reject,
+               schedules: Mapping[str, Schedule]) -> dict[str, tuple[Limit, ...]]:
         if node is None:
             return {}
         m = self.free_mapping(node, "limits") or {}
-        out: dict[str, Limit] = {}
+        out: dict[str, tuple[Limit, ...]] = {}
         for name, lnode in m.items():
             path = f"limits.{name}"
             if name not in profile_names:
                 self.unknown_ref(lnode, path, "profile", name, profile_names)
                 continue
-            lm = self.mapping(lnode, path, ("max", "reserve_for_emergency", "reject", "shadow"))
-            if lm is None:
+            if isinstance(lnode, SequenceNode):
+                entries: list[Limit] = []
+                nodes: list[Node] = []
+                if not lnode.value:
+                    self.error(lnode, path, "a list of limits needs at least one entry")
+                for i, item in enumerate(lnode.value):
+                    lim = self.limit(item, f"{path}[{i}]", name, default_reject, schedules)
+                    if lim is not None:
+                        entries.append(lim)
+                        nodes.append(item)
+                self.reachable(entries, nodes, path, schedules)
+                if entries and len(entries) == len(lnode.value):
+                    out[name] = tuple(entries)
                 continue
-            if "max" not in lm:
-                self.error(lnode, f"{path}.max", "required key is missing")
-                continue
+            lim = self.limit(lnode, path, name, default_reject, schedules)
+            if lim is not None:
+                out[name] = (lim,)
+        return out
+
+    def reachable(self, entries: list[Limit], nodes: list[Node], path: str,
+                  schedules: Mapping[str, Schedule]) -> None:
+        """Entries of a scheduled list: first match wins, so an entry whose hours earlier
+        entries already cover never applies, and two scheduled entries that share hours
+        leave the later one out there."""
+        covered: set[int] = set()
+        for i, (lim, node) in enumerate(zip(entries, nodes, strict=True)):
+            sub = f"{path}[{i}]"
+            if lim.schedule is None:
+                if i < len(entries) - 1:
+                    self.error(nodes[i + 1], f"{path}[{i + 1}]",
+                               f"unreachable: entry {i} has no schedule and always applies "
+                               "(put entries without a schedule last)")
+                    return
+                if len(covered) == _WEEK_MIN:
+                    self.error(node, sub, "unreachable: the schedules of the entries above "
+                               "cover the whole week")
+                return
+            mine = schedules[lim.schedule].minutes()
+            if mine <= covered:
+                self.error(node, sub, f"unreachable: schedule {lim.schedule!r} is covered "
+                           "by the entries above")
+            elif mine & covered:
+                self.error(node, sub, f"schedule {lim.schedule!r} overlaps an entry above "
+                           "(the first match wins): make the schedules disjoint")
+            covered |= mine
+
+    def limit(self, lnode: Node, path: str, name: str, default_reject: Reject,
+              schedules: Mapping[str, Schedule]) -> Limit | None:
+        lm = self.mapping(lnode, path, _LIMIT_KEYS)
+        if lm is None:
+            return None
+        if not any(k in lm for k in ("max", "rate", "calls", "max_duration")):
+            self.error(lnode, f"{path}.max", "required key is missing")
+            return None
+        mx: int | None = -1
+        if "max" in lm:
             mx = self.integer(lm["max"], f"{path}.max", 0, 10_000_000)
-            reserve = 0
-            if "reserve_for_emergency" in lm:
-                r = self.integer(lm["reserve_for_emergency"], f"{path}.reserve_for_emergency", 0,
-                                 10_000_000)
-                self.reserve_nodes[name] = lm["reserve_for_emergency"]
-                if r is not None and mx is not None and r > mx:
+        reserve = 0
+        if "reserve_for_emergency" in lm:
+            r = self.integer(lm["reserve_for_emergency"], f"{path}.reserve_for_emergency", 0,
+                             10_000_000)
+            self.reserve_nodes[name] = lm["reserve_for_emergency"]
+            if r is not None and mx is not None and r > mx:
+                if mx < 0:
+                    self.error(lm["reserve_for_emergency"], f"{path}.reserve_for_emergency",
+                               "needs a max of concurrent calls to reserve slots of")
+                else:
                     self.error(lm["reserve_for_emergency"], f"{path}.reserve_for_emergency",
                                f"cannot exceed max ({mx})")
-                reserve = r or 0
-            rej = default_reject
-            if "reject" in lm:
-                rej = self.reject(lm["reject"], f"{path}.reject", default_reject) or rej
-            shadow = False
-            if "shadow" in lm:
-                shadow = bool(self.boolean(lm["shadow"], f"{path}.shadow"))
-            if mx is None:
-                continue
-            out[name] = Limit(profile=name, max=mx, reserve_for_emergency=reserve, reject=rej,
-                              shadow=shadow)
-        return out
+            reserve = r or 0
+        rej = default_reject
+        if "reject" in lm:
+            rej = self.reject(lm["reject"], f"{path}.reject", default_reject) or rej
+        rate_rej: Reject | None = None
+        if "rate_reject" in lm:
+            rate_rej = self.reject(lm["rate_reject"], f"{path}.rate_reject", rej)
+        shadow = False
+        if "shadow" in lm:
+            shadow = bool(self.boolean(lm["shadow"], f"{path}.shadow"))
+        rate = self.rate(lm["rate"], f"{path}.rate") if "rate" in lm else None
+        calls: tuple[Window, ...] | None = ()
+        if "calls" in lm:
+            calls = self.windows(lm["calls"], f"{path}.calls")
+        duration: int | None = None
+        if "max_duration" in lm:
+            duration = self.duration_ms(lm["max_duration"], f"{path}.max_duration", 1000,
+                                        7 * 86_400_000)
+        if "rate_reject" in lm and "rate" not in lm:
+            self.error(lm["rate_reject"], f"{path}.rate_reject", "answers rate rejections, "
+                       "but this limit has no rate")
+        schedule: str | None = None
+        if "schedule" in lm:
+            schedule = self.string(lm["schedule"], f"{path}.schedule")
+            if schedule is not None and schedule not in schedules:
+                self.unknown_ref(lm["schedule"], f"{path}.schedule", "schedule", schedule,
+                                 schedules)
+                schedule = None
+        if mx is None or calls is None or ("rate" in lm and rate is None):
+            return None
+        return Limit(profile=name, max=mx, reserve_for_emergency=reserve, reject=rej,
+                     shadow=shadow, rate=rate, calls=calls, max_duration_ms=duration,
+                     rate_reject=rate_rej, schedule=schedule)
 
 
 _REASONS = {

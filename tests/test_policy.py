@@ -276,7 +276,7 @@ ERRORS: dict[str, list[str]] = {
         "6:16: store_timeout: must be between 1ms and 10s, got 0ms",
     ],
     "many.yaml": [
-        "1:10: version: unsupported policy version '2'; this policer reads version 1",
+        "1:10: version: unsupported policy version '3'; this policer reads versions 1 and 2",
         "2:12: namespace: letters, digits, '_', '.', '-' only (1-64): 'bad namespace'",
         "4:11: call.number: must be one of ruri_user, to_user, got 'request_uri'",
         "9:17: profiles.user.value: unknown attribute 'frm_user' (did you mean 'from_user'?)",

@@ -19,10 +19,11 @@ from policer.classify import Member
 
 if TYPE_CHECKING:
     from policer.call import Call
-    from policer.policy import Policy
+    from policer.policy import Limit, Policy, Rate
 
 __all__ = [
     "END_REASONS",
+    "LIMIT_KINDS",
     "STATS_FIELDS",
     "AdmitRequest",
     "AdmitResult",
@@ -34,13 +35,16 @@ __all__ = [
     "Op",
     "Store",
     "StoreError",
+    "Usage",
     "pack_ops",
 ]
 
 #: Why a dialog ended (``release(reason=…)``; ``expired``, ``node_lost`` and
 #: ``node_restarted`` are the store's own).
 END_REASONS = ("bye", "cancel", "failed", "timeout", "expired", "released_by_operator",
-               "node_lost", "node_restarted", "reconciled")
+               "node_lost", "node_restarted", "reconciled", "duration_cap")
+#: What kind of limit tripped: concurrent calls, a call rate, a calendar window.
+LIMIT_KINDS = ("concurrent", "rate", "calls")
 
 #: Keys of :meth:`Store.stats`.
 STATS_FIELDS = ("active", "early", "confirmed", "processed", "expired", "failed", "rejected",
@@ -81,6 +85,11 @@ class AdmitRequest:
     record: bool = False
     #: Strings recorded with the dialog (call_id, from, to, class, node, …).
     info: Mapping[str, str] = field(default_factory=dict)
+    #: per member, the limit entry that applies now (its rate and calendar windows);
+    #: empty: concurrency only, as ``members`` say
+    entries: Sequence[Limit | None] = ()
+    #: answered, the call ends after this (ms); None: no cap
+    max_duration_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +103,12 @@ class AdmitResult:
     bypass: bool = False  # emergency call admitted over a limit
     duplicate: bool = False  # the dialog was decided before: this is that decision
     shadow: int = -1  # the first shadow limit that would have rejected, -1 for none
+    kind: str = ""  # concurrent | rate | calls, of the tripped (or shadow) limit
+    retry_after: int = -1  # seconds, computed for rate and calls trips
+    window: str = ""  # the calendar window of a calls trip
+    max_duration_ms: int | None = None
+    #: the limit entry that tripped (or shadowed): the model's own bookkeeping
+    entry: Limit | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +123,12 @@ class ExplainRow:
     live_limit: bool
     shadow: bool
     would_trip: bool
+    #: calls owed to the rate (GCRA: ceil((TAT - now) / T)); -1 when no rate applies
+    rate_owed: int = -1
+    rate_burst: int = -1
+    #: calendar windows: (per, count in the current window, max)
+    windows: tuple[tuple[str, int, int], ...] = ()
+    kind: str = ""  # of the limit that would trip ("" none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +150,20 @@ class CallResult:
     dialog_id: str
     emergency: bool
     rows: tuple[ExplainRow, ...] = ()
+    kind: str = ""  # concurrent | rate | calls: what tripped (or was bypassed / shadowed)
+    window: str = ""  # the calendar window of a ``calls`` trip (``1d``)
+    max_duration_ms: int | None = None  # answered calls end after this
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Rate and calendar usage of one profile (value) at the store's clock."""
+
+    #: the rate's owed calls / its burst (0..1, above 1 only after emergency bypass);
+    #: None when no rate applies
+    rate: float | None
+    #: per calendar window: its count now
+    calls: Mapping[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,9 +248,10 @@ class Store(Protocol):
         check every limit, join all profiles or none (``record``: join without checking,
         a call the fallback admitted)."""
 
-    def explain_call(self, call: Call) -> CallResult:
+    def explain_call(self, call: Call, at_ms: int | None = None) -> CallResult:
         """The decision ``admit_call`` would make now, with every membership's count
-        (``rows``); changes nothing."""
+        (``rows``); changes nothing. ``at_ms``: evaluate schedules and calendar windows
+        as if it were that instant (the store's clock), with the counts of now."""
 
     def pack_ops(self, ops: Sequence[Op]) -> bytes:
         """Dialog events in the batch function's format (what a proxy queues for
@@ -270,6 +306,17 @@ class Store(Protocol):
     def limit_unset(self, profile: str, value: str) -> int | None: ...
 
     def limits(self, profile: str) -> dict[str, int]: ...
+
+    def rate_limit_set(self, profile: str, value: str, rate: Rate | None) -> Rate | None:
+        """Set (None: remove) a live call rate for one value; returns the previous one."""
+
+    def calls_limit_set(self, profile: str, value: str, per: str, maximum: int | None
+                        ) -> int | None:
+        """Set (None: remove) a live calendar cap of one value's ``per`` window (one the
+        policy gives the profile); returns the previous one."""
+
+    def usage(self, profile: str, value: str | None) -> Usage:
+        """A member's rate and calendar usage now (``profile size``, ``top``, exporter)."""
 
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
         """Call-end records, oldest first, after record id ``after``."""

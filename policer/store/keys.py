@@ -9,7 +9,14 @@ key                                    type       holds
 ``policer:{ns}:d:<dialog id>``         hash       one dialog: state, times, keys, info, vars
 ``policer:{ns}:p:<profile>``           zset       no-value profile: dialog id -> deadline ms
 ``policer:{ns}:p:<profile>:<value>``   zset       valued profile, one per value
-``policer:{ns}:l:<profile>``           hash       live limits: value -> max
+``policer:{ns}:l:<profile>``           hash       live limits: value -> max; rate and
+                                                  calendar state and live caps:
+                                                  ``value|r`` (GCRA arrival time, us),
+                                                  ``value|c<per>`` (``<window id>:<count>``),
+                                                  ``value|R`` (live rate
+                                                  ``max:per_ms:burst``), ``value|C<per>``
+``policer:{ns}:sweep``                 hash       where the tick's sweep of stale rate and
+                                                  window state stands
 ``policer:{ns}:n:<node>``              zset       a node's dialogs -> deadline ms
 ``policer:{ns}:nidx``                  set        nodes that have an ``n:<node>`` index
 ``policer:{ns}:nodes``                 zset       nodes holding a lease -> its end (ms)

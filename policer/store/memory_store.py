@@ -9,13 +9,15 @@ jump time, exactly as they do with the Redis store.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from policer.calendar import LocalClock
 from policer.call import (
     Call,
     dialog_id,
@@ -34,7 +36,7 @@ from policer.compile import (
     attribute_sources,
     compile_policy,
 )
-from policer.policy import Policy, Reject
+from policer.policy import Limit, Policy, Rate, Reject
 from policer.store.base import (
     STATS_FIELDS,
     AdmitRequest,
@@ -45,6 +47,7 @@ from policer.store.base import (
     ExplainRow,
     Member,
     Op,
+    Usage,
     pack_ops,
 )
 
@@ -71,6 +74,30 @@ class _Dialog:
     info: dict[str, str] = field(default_factory=dict)
     variables: dict[str, str] = field(default_factory=dict)
     emergency: bool = False
+    max_duration_ms: int | None = None
+    cap: int = 0  # answered: it ends here at the latest (answer + max duration)
+
+
+@dataclass(slots=True)
+class _Check:
+    """One member's limits as the decision sees them (the Lua ``check_member``)."""
+
+    max_live: int
+    live: bool
+    kind: str = ""  # rate | calls: the first that trips
+    count: int = 0
+    max: int = -1
+    retry: int = -1
+    window: str = ""
+    owed: int = -1
+    burst: int = -1
+    windows: list[tuple[str, int, int]] = field(default_factory=list)
+    spend_tat: int = 0
+    spend_windows: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+def _ceil_s(ms: float) -> int:
+    return max(1, math.ceil(ms / 1000))
 
 
 class MemoryStore:
@@ -95,6 +122,11 @@ class MemoryStore:
         self._nodes: dict[str, int] = {}  # encoded node -> end of its lease
         self._node_dialogs: dict[str, dict[str, int]] = {}  # node -> dialog id -> deadline
         self._admits = 0
+        self._clock = LocalClock("UTC")
+        self._rates: dict[tuple[str, str], Rate] = {}  # live rates
+        self._window_limits: dict[tuple[str, str, str], int] = {}  # live calendar caps
+        self._tat: dict[tuple[str, str], int] = {}  # GCRA theoretical arrival time, us
+        self._windows: dict[tuple[str, str, str], tuple[int, int]] = {}  # (id, count)
         if policy is not None:
             self.load(policy)
 
@@ -103,6 +135,7 @@ class MemoryStore:
         with self._lock:
             self._policy = policy
             self._classifier = Classifier(policy) if policy is not None else None
+            self._clock = LocalClock(policy.timezone if policy is not None else "UTC")
             self._hash = (compile_policy(policy, self.namespace).policy_hash
                           if policy is not None else None)
             if policy is not None:
@@ -115,27 +148,42 @@ class MemoryStore:
     def loaded_hash(self) -> str | None:
         return self._hash
 
-    def _decide_call(self, call: Call, node: str, record: bool, dry: bool) -> CallResult:
+    def _decide_call(self, call: Call, node: str, record: bool, dry: bool,
+                     at_ms: int | None = None) -> CallResult:
         policy, classifier = self._policy, self._classifier
         if policy is None or classifier is None:
             raise RuntimeError("no policy loaded in this store")
         c = classifier.classify(call)
         did = call.dialog_id
+        now = self.now_ms()
+        at = now if at_ms is None else at_ms
+        mow = self._clock.minute_of_week(at)
+        entries = tuple(policy.limit_at(m.profile, mow) for m in c.members)
+        members = tuple(
+            m._replace(max=e.max, reserve=e.reserve_for_emergency,
+                       shadow=policy.shadow or e.shadow) if e is not None
+            else m._replace(max=-1, reserve=0, shadow=False)
+            for m, e in zip(c.members, entries, strict=True))
+        md = policy.timeouts.max_duration_by_class.get(c.number_class or "",
+                                                       policy.timeouts.max_duration_ms)
+        for e in entries:
+            if e is not None and e.max_duration_ms is not None \
+                    and (md is None or e.max_duration_ms < md):
+                md = e.max_duration_ms
         labels = tuple(m.label() if m.value is None else
-                       f"{m.profile}={value_from_key(key_part(m.value))}" for m in c.members)
-        if dry:
-            return self._explain(c.members, c.emergency, c.number_class, labels, did, policy)
+                       f"{m.profile}={value_from_key(key_part(m.value))}" for m in members)
         frm = call.from_user + ("@" + call.from_domain if call.from_domain else "")
         req = AdmitRequest(
-            dialog_id=did, members=c.members, early_ms=policy.timeouts.early_ms,
+            dialog_id=did, members=members, early_ms=policy.timeouts.early_ms,
             emergency=c.emergency, emergency_bypass=c.emergency and policy.emergency_bypass,
             node=node, record=record,
             info={"call_id": call.call_id, "from": frm, "to": c.number,
                   "class": c.number_class or "", "node": node,
-                  "source_ip": call.source_ip})
-        r = self.admit(req)
+                  "source_ip": call.source_ip},
+            entries=entries, max_duration_ms=md)
+        r, rows = self._admit(req, dry=dry, at_ms=at)
         limit_i = r.tripped if r.tripped >= 0 else r.shadow
-        limit = c.members[limit_i].profile if 0 <= limit_i < len(c.members) else None
+        limit = members[limit_i].profile if 0 <= limit_i < len(members) else None
         cls = c.number_class
         emergency = c.emergency
         if r.duplicate:  # the answer given to the dialog before, as it was given
@@ -147,55 +195,23 @@ class MemoryStore:
                 emergency = d.emergency
                 limit = labels[limit_i].partition("=")[0] if 0 <= limit_i < len(labels) \
                     else None
-        rej = _reject(policy, limit) if not r.admitted else None
+        code, reason, retry = 200, "OK", None
+        if not r.admitted:
+            rej = _answer(policy, limit, r.entry, r.kind)
+            code, reason = rej.code, rej.reason
+            retry = r.retry_after if r.kind in ("rate", "calls") else rej.retry_after
         return CallResult(
-            admitted=r.admitted, code=rej.code if rej else 200, reason=rej.reason if rej else "OK",
-            retry_after=rej.retry_after if rej else None, limit=limit, count=r.count, max=r.max,
-            bypass=r.bypass, duplicate=r.duplicate, shadow=r.shadow >= 0,
-            number_class=cls, memberships=labels, dialog_id=did,
-            emergency=emergency)
-
-    def _explain(self, members: tuple[Member, ...], emergency: bool, cls: str | None,
-                 labels: tuple[str, ...], did: str, policy: Policy) -> CallResult:
-        with self._lock:
-            now = self.now_ms()
-            rows: list[ExplainRow] = []
-            tripped: ExplainRow | None = None
-            shadow: ExplainRow | None = None
-            bypass = emergency and policy.emergency_bypass
-            for m in members:
-                enc = "" if m.value is None else key_part(m.value)
-                mx, live = m.max, False
-                if enc and enc in self._limits.get(m.profile, {}):
-                    mx, live = self._limits[m.profile][enc], True
-                count = self._live(self._profiles.get((m.profile, enc), {}), now)
-                eff = mx if emergency else mx - m.reserve
-                trips = mx >= 0 and count >= eff
-                row = ExplainRow(m.profile, value_from_key(enc) if enc else None, count, mx, eff,
-                                 live, m.shadow, trips)
-                rows.append(row)
-                if trips and m.shadow and shadow is None:
-                    shadow = row
-                elif trips and not m.shadow and tripped is None:
-                    tripped = row
-        admitted = tripped is None or bypass
-        shown = tripped or shadow
-        rej = _reject(policy, tripped.profile) if not admitted and tripped else None
-        count = shown.count if shown else 0
-        mx = (tripped.max if bypass else tripped.effective_max) if tripped else (
-            shadow.effective_max if shadow else -1)
-        return CallResult(
-            admitted=admitted, code=rej.code if rej else 200, reason=rej.reason if rej else "OK",
-            retry_after=rej.retry_after if rej else None, limit=shown.profile if shown else None,
-            count=count, max=mx, bypass=bypass and tripped is not None, duplicate=False,
-            shadow=shadow is not None, number_class=cls, memberships=labels, dialog_id=did,
-            emergency=emergency, rows=tuple(rows))
+            admitted=r.admitted, code=code, reason=reason, retry_after=retry, limit=limit,
+            count=r.count, max=r.max, bypass=r.bypass, duplicate=r.duplicate,
+            shadow=r.shadow >= 0, number_class=cls, memberships=labels, dialog_id=did,
+            emergency=emergency, rows=rows, kind=r.kind, window=r.window,
+            max_duration_ms=r.max_duration_ms)
 
     def admit_call(self, call: Call, node: str, record: bool = False) -> CallResult:
         return self._decide_call(call, node, record, dry=False)
 
-    def explain_call(self, call: Call) -> CallResult:
-        return self._decide_call(call, "", False, dry=True)
+    def explain_call(self, call: Call, at_ms: int | None = None) -> CallResult:
+        return self._decide_call(call, "", False, dry=True, at_ms=at_ms)
 
     def apply(self, ops: Sequence[Op], records: bool = False) -> list[object]:
         out: list[object] = []
@@ -281,48 +297,115 @@ class MemoryStore:
 
     # -- admission
     def admit(self, request: AdmitRequest) -> AdmitResult:
+        return self._admit(request)[0]
+
+    def _check_member(self, m: Member, entry: Limit | None, enc: str, now: int, at: int,
+                      rows: bool) -> _Check:
+        """A member's live max, rate and calendar windows (the Lua ``check_member``)."""
+        mx, live = m.max, False
+        if enc and enc in self._limits.get(m.profile, {}):
+            mx, live = self._limits[m.profile][enc], True
+        chk = _Check(mx, live)
+        rate = entry.rate if entry is not None else None
+        interval, tau, burst = ((rate.interval_us, rate.tolerance_us, rate.burst)
+                                if rate is not None else (0, 0, 0))
+        live_rate = self._rates.get((m.profile, enc)) if enc else None
+        if live_rate is not None:
+            interval, tau, burst = live_rate.interval_us, live_rate.tolerance_us, \
+                live_rate.burst
+        key = (m.profile, enc)
+        if interval:
+            now_us = now * 1000
+            tat = max(self._tat.get(key, 0), now_us)
+            owed = math.ceil((tat - now_us) / interval)
+            chk.owed, chk.burst = owed, burst
+            if now_us < tat - tau:
+                chk.kind, chk.count, chk.max = "rate", owed, burst
+                chk.retry = _ceil_s((tat - tau - now_us) / 1000)
+            chk.spend_tat = tat + interval
+        for w in entry.calls if entry is not None else ():
+            wmax = self._window_limits.get((m.profile, enc, w.per), w.max) if enc else w.max
+            wid, wend = self._clock.window(w.per, at)
+            sid, n = self._windows.get((m.profile, enc, w.per), (-1, 0))
+            n = n if sid == wid else 0
+            if rows:
+                chk.windows.append((w.per, n, wmax))
+            if chk.kind == "" and n >= wmax:
+                chk.kind, chk.count, chk.max, chk.window = "calls", n, wmax, w.per
+                chk.retry = _ceil_s(wend - at)
+            chk.spend_windows.append((w.per, wid, n + 1))
+        return chk
+
+    def _admit(self, request: AdmitRequest, dry: bool = False, at_ms: int | None = None
+               ) -> tuple[AdmitResult, tuple[ExplainRow, ...]]:
         with self._lock:
             now = self.now_ms()
+            at = now if at_ms is None else at_ms
             did = request.dialog_id
-            self._admits += 1
-            if self._admits % 1000 == 0:
-                self._prune(now)
-            prev = self._record(did, now)
-            if prev is not None:
-                p = prev.decision
-                return AdmitResult(p.admitted, p.tripped, p.count, p.max, p.bypass, True, p.shadow)
+            if not dry:
+                self._admits += 1
+                if self._admits % 1000 == 0:
+                    self._prune(now)
+                prev = self._record(did, now)
+                if prev is not None:
+                    return replace(prev.decision, duplicate=True), ()
             node = key_part(request.node) if request.node else ""
             emergency = request.emergency or request.emergency_bypass
             tripped, tcount, tmax, bypass, shadow = -1, 0, -1, False, -1
+            tkind, tretry, twin = "", -1, ""
             keys: list[tuple[str, str]] = []
-            for i, m in enumerate(request.members):
+            checks: list[_Check] = []
+            rows: list[ExplainRow] = []
+            entries = request.entries or (None,) * len(request.members)
+            for i, (m, entry) in enumerate(zip(request.members, entries, strict=True)):
                 enc = "" if m.value is None else key_part(m.value)
                 keys.append((m.profile, enc))
-                zset = self._profiles.get((m.profile, enc), {})
-                mx = m.max
-                if enc:
-                    live_limit = self._limits.get(m.profile, {}).get(enc)
-                    if live_limit is not None:
-                        mx = live_limit
-                if mx < 0 or request.record:
+                chk = self._check_member(m, entry, enc, now, at, dry)
+                checks.append(chk)
+                mx = chk.max_live
+                if not (((mx >= 0 or chk.kind) and not request.record) or dry):
                     continue
-                count = self._live(zset, now)
-                effective = mx if emergency else mx - m.reserve
-                if count >= effective:
-                    if m.shadow:
-                        if shadow < 0:
-                            shadow = i
-                            if tripped < 0:
-                                tcount, tmax = count, effective
-                    elif request.emergency_bypass:
+                count, effective, kind = 0, mx, chk.kind
+                if mx >= 0 or dry:
+                    count = self._live(self._profiles.get((m.profile, enc), {}), now)
+                    if not emergency:
+                        effective = mx - m.reserve
+                    if mx >= 0 and count >= effective:
+                        kind = "concurrent"
+                kcount, kmax, kretry, kwin = count, effective, -1, ""
+                if kind not in ("concurrent", ""):
+                    kcount, kmax, kretry, kwin = chk.count, chk.max, chk.retry, chk.window
+                if dry:
+                    rows.append(ExplainRow(
+                        m.profile, value_from_key(enc) if enc else None, count, mx, effective,
+                        chk.live, m.shadow, bool(kind), chk.owed, chk.burst,
+                        tuple(chk.windows), kind))
+                if not kind or request.record:
+                    continue
+                if m.shadow:
+                    if shadow < 0:
+                        shadow = i
                         if tripped < 0:
-                            tripped, tcount, tmax = i, count, mx
-                        bypass = True
-                    else:
-                        tripped, tcount, tmax = i, count, effective
+                            tcount, tmax, tkind, tretry, twin = kcount, kmax, kind, kretry, kwin
+                elif request.emergency_bypass:
+                    if tripped < 0:
+                        if kind == "concurrent":
+                            kmax = mx
+                        tripped, tcount, tmax, tkind, tretry, twin = \
+                            i, kcount, kmax, kind, kretry, kwin
+                    bypass = True
+                elif tripped < 0:
+                    tripped, tcount, tmax, tkind, tretry, twin = i, kcount, kmax, kind, kretry, kwin
+                    if not dry:
                         break
-            if tripped >= 0 and not bypass:
-                result = AdmitResult(False, tripped, tcount, tmax, False, False, shadow)
+            shown = tripped if tripped >= 0 else shadow
+            entry_shown = entries[shown] if shown >= 0 else None
+            md = request.max_duration_ms
+            result = AdmitResult(tripped < 0 or bypass, tripped, tcount, tmax, bypass, False,
+                                 shadow, tkind, tretry, twin, md, entry_shown)
+            if dry:
+                return result, tuple(rows)
+            if not result.admitted:
                 self._dialogs[did] = _Dialog(
                     result, "rejected", now, expires=now + _DECIDED_MS,
                     labels=tuple(m.profile if m.value is None else
@@ -332,12 +415,15 @@ class MemoryStore:
                 self._incr("rejected")
                 prof = request.members[tripped].profile
                 self._decisions[("rejected", prof)] = self._decisions.get(("rejected", prof), 0) + 1
-                return result
-            result = AdmitResult(True, tripped, tcount, tmax, bypass, False, shadow)
+                return result, ()
             deadline = now + request.early_ms
             labels = []
-            for i, (m, key) in enumerate(zip(request.members, keys, strict=True)):
+            for i, (m, key, chk) in enumerate(zip(request.members, keys, checks, strict=True)):
                 self._profiles.setdefault(key, {})[did] = deadline
+                if chk.spend_tat:
+                    self._tat[key] = chk.spend_tat
+                for per, wid, n in chk.spend_windows:
+                    self._windows[(key[0], key[1], per)] = (wid, n)
                 labels.append(m.profile if m.value is None else f"{m.profile}={key[1]}")
                 res = ("store_error" if request.record else "bypassed" if i == tripped
                        else "shadow_rejected" if i == shadow else "admitted")
@@ -347,7 +433,7 @@ class MemoryStore:
                 result, "early", now, deadline=deadline, expires=deadline + _GRACE_MS,
                 keys=tuple(keys), labels=tuple(labels), node=node,
                 info={k: utf8_text(v) for k, v in request.info.items() if v},
-                emergency=emergency,
+                emergency=emergency, max_duration_ms=md,
             )
             self._incr("processed")
             if request.record:
@@ -356,7 +442,7 @@ class MemoryStore:
                 self._incr("bypassed")
             if shadow >= 0:
                 self._incr("shadow_rejected")
-            return result
+            return result, ()
 
     def _extend(self, did: str, confirm: bool, timeout_ms: int) -> bool:
         with self._lock:
@@ -365,6 +451,11 @@ class MemoryStore:
             if d is None or d.state not in ("early", "confirmed") or d.deadline <= now:
                 return False  # past its deadline: gone for good (its slot may be taken)
             deadline = now + timeout_ms
+            if not d.cap and d.max_duration_ms is not None \
+                    and (confirm or d.state == "confirmed"):
+                d.cap = now + d.max_duration_ms
+            if d.cap and d.cap < deadline:
+                deadline = d.cap
             for key in d.keys:
                 self._profiles.setdefault(key, {})[did] = deadline
             self._node_dialogs.setdefault(d.node, {})[did] = deadline
@@ -515,6 +606,43 @@ class MemoryStore:
         with self._lock:
             return {value_from_key(k): v for k, v in self._limits.get(profile, {}).items()}
 
+    def rate_limit_set(self, profile: str, value: str, rate: Rate | None) -> Rate | None:
+        with self._lock:
+            key = (profile, key_part(value))
+            old = self._rates.pop(key, None)
+            if rate is not None:
+                self._rates[key] = rate
+            return old
+
+    def calls_limit_set(self, profile: str, value: str, per: str, maximum: int | None
+                        ) -> int | None:
+        with self._lock:
+            key = (profile, key_part(value), per)
+            old = self._window_limits.pop(key, None)
+            if maximum is not None:
+                self._window_limits[key] = maximum
+            return old
+
+    def usage(self, profile: str, value: str | None) -> Usage:
+        with self._lock:
+            now = self.now_ms()
+            policy = self._policy
+            enc = "" if value is None else key_part(value)
+            entry = (policy.limit_at(profile, self._clock.minute_of_week(now))
+                     if policy is not None else None)
+            rate = self._rates.get((profile, enc)) if enc else None
+            if rate is None and entry is not None:
+                rate = entry.rate
+            used: float | None = None
+            if rate is not None:
+                owed = max(0, self._tat.get((profile, enc), 0) - now * 1000)
+                used = owed / (rate.interval_us * rate.burst)
+            calls: dict[str, int] = {}
+            for w in entry.calls if entry is not None else ():
+                sid, n = self._windows.get((profile, enc, w.per), (-1, 0))
+                calls[w.per] = n if sid == self._clock.window(w.per, now)[0] else 0
+            return Usage(used, calls)
+
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
         with self._lock:
             records = list(self._cdr)
@@ -558,8 +686,10 @@ class MemoryStore:
             for did in sorted((x for x in mine if mine[x] <= now),
                               key=lambda x: (mine[x], x))[:batch - done]:
                 d = self._record(did, now)
+                # an answered call that reached its max duration (no proxy ended it)
+                reason = "duration_cap" if d is not None and d.cap == d.deadline else "expired"
                 if d is not None and d.node == node \
-                        and self._end(did, d, "expired", now) is not None:
+                        and self._end(did, d, reason, now) is not None:
                     done += 1
                 mine.pop(did, None)
             if not mine and node not in self._nodes:
@@ -633,6 +763,10 @@ def _call_from_fields(call_id: bytes, from_tag: bytes, attrs: bytes,
     return Call.from_attributes(call_id, from_tag, unpack_values(attrs, attributes))
 
 
-def _reject(policy: Policy, profile: str | None) -> Reject:
-    lim = policy.limits.get(profile) if profile else None
-    return lim.reject if lim is not None else policy.reject
+def _answer(policy: Policy, profile: str | None, entry: Limit | None, kind: str) -> Reject:
+    """How a rejection is answered: the tripped entry's ``reject`` (``rate_reject`` for
+    a rate); without an entry (explicit memberships) the profile's first."""
+    lim = entry if entry is not None else (policy.limits.get(profile) if profile else None)
+    if lim is None:
+        return policy.reject
+    return lim.rate_answer if kind == "rate" else lim.reject

@@ -23,6 +23,7 @@ import redis
 from hiredis import pack_command
 from redis.client import NEVER_DECODE
 
+from policer.calendar import LocalClock
 from policer.call import (
     Call,
     key_part,
@@ -38,7 +39,7 @@ from policer.compile import (
     Library,
     compile_policy,
 )
-from policer.policy import Policy
+from policer.policy import Policy, Rate
 from policer.store.base import (
     STATS_FIELDS,
     AdmitRequest,
@@ -49,6 +50,7 @@ from policer.store.base import (
     ExplainRow,
     Op,
     StoreError,
+    Usage,
     pack_ops,
 )
 from policer.store.connect import connect
@@ -105,6 +107,8 @@ class RedisStore:
         self._local = _ScriptConnection()
         self._member_args: dict[Any, tuple[Any, ...]] = {}
         self._nodes: dict[str, str] = {}
+        self._policy = policy
+        self._clock = LocalClock(policy.timezone if policy is not None else "UTC")
         self._set_library(compile_policy(policy, namespace), policy)
         # a Cluster client routes by key itself (MOVED, ASK): _fcall uses its execute_command
         self._cluster = url.split(":", 1)[0].lower() == "redis+cluster"
@@ -113,6 +117,8 @@ class RedisStore:
 
     def _set_library(self, library: Library, policy: Policy | None) -> None:
         self.library = library
+        self._policy = policy
+        self._clock = LocalClock(policy.timezone if policy is not None else "UTC")
         # Only a store that knows the policy may load its library on its own when Redis
         # has none: a policy-less library loaded into a namespace the proxies use would
         # decide their calls with no profile at all.
@@ -257,8 +263,11 @@ class RedisStore:
         r = self._fcall("admit", self.call_arguments(call, node, "r" if record else "a"))
         return _call_result(r)
 
-    def explain_call(self, call: Call) -> CallResult:
-        return _call_result(self._fcall("admit", self.call_arguments(call, "", "e")))
+    def explain_call(self, call: Call, at_ms: int | None = None) -> CallResult:
+        args = self.call_arguments(call, "", "e")
+        if at_ms is not None:
+            args.append(at_ms - self.now_ms())
+        return _call_result(self._fcall("admit", args))
 
     def admit_arguments(self, request: AdmitRequest) -> list[Any]:
         """ARGV of ``policer_admitm_S`` for a request over explicit memberships."""
@@ -298,6 +307,9 @@ class RedisStore:
             bypass=r[7] == 1,
             duplicate=r[8] == 1,
             shadow=int(r[9]) - 1,
+            kind=str(r[15]),
+            retry_after=int(r[3]) if str(r[15]) in ("rate", "calls") else -1,
+            window=str(r[16]),
         )
 
     # -- dialog events
@@ -460,7 +472,63 @@ class RedisStore:
     def limits(self, profile: str) -> dict[str, int]:
         client = self.client
         raw: dict[str, str] = self._run(lambda: client.hgetall(self.keys.limits(profile)))
-        return {value_from_key(k): int(v) for k, v in raw.items()}
+        # fields with a '|' are rate and window state, or live rates and windows
+        return {value_from_key(k): int(v) for k, v in raw.items() if "|" not in k}
+
+    def _swap_field(self, profile: str, field: str, value: str | None) -> str | None:
+        client = self.client
+        key = self.keys.limits(profile)
+
+        def swap() -> Any:
+            pipe = client.pipeline(transaction=True)
+            pipe.hget(key, field)
+            if value is None:
+                pipe.hdel(key, field)
+            else:
+                pipe.hset(key, field, value)
+            return pipe.execute()[0]
+
+        old = self._run(swap)
+        return None if old is None else str(old)
+
+    def rate_limit_set(self, profile: str, value: str, rate: Rate | None) -> Rate | None:
+        old = self._swap_field(profile, key_part(value) + "|R", None if rate is None else
+                               f"{rate.max}:{rate.per_ms}:{rate.burst}")
+        if old is None:
+            return None
+        mx, per, burst = (int(x) for x in old.split(":"))
+        return Rate(mx, per, burst)
+
+    def calls_limit_set(self, profile: str, value: str, per: str, maximum: int | None
+                        ) -> int | None:
+        old = self._swap_field(profile, f"{key_part(value)}|C{per}",
+                               None if maximum is None else str(maximum))
+        return None if old is None else int(old)
+
+    def usage(self, profile: str, value: str | None) -> Usage:
+        client = self.client
+        enc = "" if value is None else key_part(value)
+        policy = self._policy
+        now = self.now_ms()
+        entry = (policy.limit_at(profile, self._clock.minute_of_week(now))
+                 if policy is not None else None)
+        windows = [w.per for w in entry.calls] if entry is not None else []
+        fields = [enc + "|r", enc + "|R"] + [f"{enc}|c{per}" for per in windows]
+        raw = self._run(lambda: client.hmget(self.keys.limits(profile), fields))
+        rate = entry.rate if entry is not None else None
+        if raw[1] is not None and enc:
+            mx, per_ms, burst = (int(x) for x in str(raw[1]).split(":"))
+            rate = Rate(mx, per_ms, burst)
+        used: float | None = None
+        if rate is not None:
+            owed = max(0, int(float(raw[0] or 0)) - now * 1000)
+            used = owed / (rate.interval_us * rate.burst)
+        calls: dict[str, int] = {}
+        for per, state in zip(windows, raw[2:], strict=True):
+            wid, _, n = str(state or "").partition(":")
+            current = str(self._clock.window(per, now)[0])
+            calls[per] = int(n) if state is not None and wid == current else 0
+        return Usage(used, calls)
 
     # -- call records
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
@@ -524,22 +592,34 @@ def _load_command(library: Library) -> tuple[Any, ...]:
     return ("FUNCTION", "LOAD", "REPLACE", library.text)
 
 
+def _windows(text: str) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for item in text.split("\n"):
+        if item:
+            per, count, mx = item.split(":")
+            out.append((per, int(count), int(mx)))
+    return tuple(out)
+
+
 def _call_result(r: list[Any]) -> CallResult:
     rows: list[ExplainRow] = []
-    for i in range(15, len(r) - 7, 8):
+    for i in range(18, len(r) - 11, 12):
         enc = str(r[i + 1])
         rows.append(ExplainRow(
             profile=str(r[i]), value=value_from_key(enc) if enc else None, count=int(r[i + 2]),
             max=int(r[i + 3]), effective_max=int(r[i + 4]), live_limit=r[i + 5] == 1,
-            shadow=r[i + 6] == 1, would_trip=r[i + 7] == 1))
+            shadow=r[i + 6] == 1, would_trip=r[i + 7] == 1, rate_owed=int(r[i + 8]),
+            rate_burst=int(r[i + 9]), windows=_windows(str(r[i + 10])), kind=str(r[i + 11])))
     retry = int(r[3])
+    md = int(r[17])
     return CallResult(
         admitted=r[0] == 1, code=int(r[1]), reason=str(r[2]),
         retry_after=None if retry < 0 else retry, limit=str(r[4]) or None,
         count=int(r[5]), max=int(r[6]), bypass=r[7] == 1, duplicate=r[8] == 1,
         shadow=int(r[9]) > 0, number_class=str(r[11]) or None,
         memberships=tuple(label_from_key(x) for x in str(r[12]).split("\n") if x),
-        dialog_id=str(r[13]), emergency=r[14] == 1, rows=tuple(rows))
+        dialog_id=str(r[13]), emergency=r[14] == 1, rows=tuple(rows), kind=str(r[15]),
+        window=str(r[16]), max_duration_ms=md if md > 0 else None)
 
 
 def decisions_from(raw: dict[str, str]) -> dict[tuple[str, str], int]:

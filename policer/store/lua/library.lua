@@ -156,6 +156,96 @@ local function pack(values)
   return table.concat(out)
 end
 
+-- ------------------------------------------------------------------ local time
+
+-- The UTC offset (ms) at UTC ms t: TZ_OFF[1] before TZ_AT[1], TZ_OFF[i + 1] from TZ_AT[i]
+-- (the policy's timezone, compiled; UTC: no transitions).
+local function tz_offset(t)
+  local lo, hi, idx = 1, #TZ_AT, 0
+  while lo <= hi do
+    local mid = math.floor((lo + hi) / 2)
+    if TZ_AT[mid] <= t then idx = mid; lo = mid + 1 else hi = mid - 1 end
+  end
+  return TZ_OFF[idx + 1]
+end
+
+-- minutes since local Monday 00:00 (1970-01-01 was a Thursday)
+local function minute_of_week(t)
+  local l = t + tz_offset(t)
+  local days = math.floor(l / 86400000)
+  return ((days + 3) % 7) * 1440 + math.floor((l % 86400000) / 60000)
+end
+
+-- days since 1970-01-01 <-> civil dates (H. Hinnant's algorithms)
+local function civil(z)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+                          - math.floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp + 3
+  if mp >= 10 then m = mp - 9 end
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+
+local function days_from_civil(y, m)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m - 3
+  if m <= 2 then mp = m + 9 end
+  local doy = math.floor((153 * mp + 2) / 5)
+  return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
+end
+
+-- The calendar window `per` holding UTC ms t: its id (local ms of its start), its end
+-- (UTC ms). policer.calendar.LocalClock.window is the same arithmetic.
+local function window_of(per, t)
+  local off = tz_offset(t)
+  local l = t + off
+  local s, e
+  if per == '1m' then s = l - l % 60000; e = s + 60000
+  elseif per == '1h' then s = l - l % 3600000; e = s + 3600000
+  elseif per == '1d' then s = l - l % 86400000; e = s + 86400000
+  elseif per == '7d' then
+    local days = math.floor(l / 86400000)
+    s = (days - (days + 3) % 7) * 86400000; e = s + 7 * 86400000
+  else
+    local y, m = civil(math.floor(l / 86400000))
+    s = days_from_civil(y, m) * 86400000
+    if m == 12 then y, m = y + 1, 1 else m = m + 1 end
+    e = days_from_civil(y, m) * 86400000
+  end
+  return s, e - tz_offset(e - off)
+end
+
+local function in_schedule(iv, mow)
+  for j = 1, #iv, 2 do
+    if mow >= iv[j] and mow < iv[j + 1] then return true end
+  end
+  return false
+end
+
+-- The entry of a profile's limit that applies at local minute of week mow: the first
+-- whose schedule matches (nil: none does, the profile is only counted then).
+local function pick_entry(p, mow)
+  local es = p.entries
+  if not p.sched then return es[1] end
+  for j = 1, #es do
+    local e = es[j]
+    if e.sched == nil or in_schedule(SCHED[e.sched], mow) then return e end
+  end
+  return nil
+end
+
+-- profiles by name (the answer of a repeated decision names its profile)
+local PLAN_BY_NAME = {}
+for i = 1, #PLAN do PLAN_BY_NAME[PLAN[i].name] = PLAN[i] end
+
 -- ------------------------------------------------------------------ classification
 
 local function number_class(num)
@@ -171,8 +261,10 @@ local function number_class(num)
   return DEFAULT_CLASS
 end
 
--- The call's memberships in policy order: {prof, valued, enc, max, reserve, shadow, plan}
-local function classify(attrs)
+-- The call's memberships in policy order:
+-- {prof, valued, enc, max, reserve, shadow, plan entry, limit entry (nil: none applies)}
+-- at: the UTC ms schedules are evaluated at.
+local function classify(attrs, at)
   local values = {}
   local pos = 1
   for i = 1, #ATTRS do
@@ -183,16 +275,21 @@ local function classify(attrs)
   end
   local number = values[NUMBER_ATTR] or ''
   local cls = number_class(number)
+  local mow = 0
+  if SCHEDULED then mow = minute_of_week(at) end
   local members = {}
   for i = 1, #PLAN do
     local p = PLAN[i]
     if p.when == nil or (cls and p.when[cls]) then
+      local e = pick_entry(p, mow)
+      local max, reserve, shadow = -1, 0, false
+      if e then max, reserve, shadow = e.max, e.reserve, e.shadow end
       if p.attr == 0 then
-        members[#members + 1] = {p.name, false, '', p.max, p.reserve, p.shadow, p}
+        members[#members + 1] = {p.name, false, '', max, reserve, shadow, p, e}
       else
         local v = values[p.attr]
         if v and v ~= '' then  -- calls without a value join no count of that profile
-          members[#members + 1] = {p.name, true, key_part(v), p.max, p.reserve, p.shadow, p}
+          members[#members + 1] = {p.name, true, key_part(v), max, reserve, shadow, p, e}
         end
       end
     end
@@ -279,11 +376,114 @@ end
 -- ------------------------------------------------------------------ the decision
 
 local FLAG_EMERGENCY, FLAG_BYPASS, FLAG_RECORD, FLAG_REGISTER = 1, 2, 4, 8
+local KIND_NAMES = {'concurrent', 'rate', 'calls'}
+local KIND_CODES = {concurrent = 1, rate = 2, calls = 3}
+
+local function ceil_s(ms)
+  local s = math.ceil(ms / 1000)
+  if s < 1 then return 1 end
+  return s
+end
+
+-- A member's rate and calendar windows, read from its profile's l: hash in one HMGET
+-- (fields: <enc> live max, <enc>|R live rate 'max:per_ms:burst', <enc>|r the rate's
+-- theoretical arrival time in us, per window <enc>|C<per> live max and <enc>|c<per>
+-- '<window id>:<count>'). Checks them at now (windows at lnow: explain --at) and returns
+-- {max, live, trip kind (nil none), count, max shown, retry s (-1 static), window,
+--  HSET args to spend (nil: nothing to write), owed calls (-1 no rate), burst, windows}
+local function check_member(P, m, now, lnow, emergency, want_rows)
+  local e = m[8]
+  local max, live = m[4], 0
+  local out = {max, 0, nil, 0, -1, -1, '', nil, -1, -1, ''}
+  local T, tau, burst, win
+  if e then
+    T, tau, burst, win = e.T, e.tau, e.burst, e.win
+  end
+  local p = m[7]
+  if not m[2] and not (p and p.state and e and (T or win)) then
+    return out  -- unvalued (no live limits), and no rate or window applies
+  end
+  local enc = m[3]
+  local f = {enc, enc .. '|R', enc .. '|r'}
+  if win then
+    for j = 1, #win do
+      f[#f + 1] = enc .. '|C' .. win[j][1]
+      f[#f + 1] = enc .. '|c' .. win[j][1]
+    end
+  end
+  local r = redis.call('HMGET', P .. 'l:' .. m[1], unpack(f))
+  if r[1] then max = tonumber(r[1]); live = 1 end
+  out[1], out[2] = max, live
+  if r[2] then
+    local a, b, c = string.match(r[2], '^(%d+):(%d+):(%d+)$')
+    if a then
+      a, b, c = tonumber(a), tonumber(b), tonumber(c)
+      T = math.floor(b * 1000 / a)
+      if T < 1 then T = 1 end
+      tau, burst = T * (c - 1), c
+    end
+  end
+  local writes = {}
+  if T then
+    local now_us = now * 1000
+    local tat = tonumber(r[3]) or 0
+    if tat < now_us then tat = now_us end
+    local owed = math.ceil((tat - now_us) / T)
+    out[9], out[10] = owed, burst
+    if now_us < tat - tau then
+      out[3], out[4], out[5] = 'rate', owed, burst
+      out[6] = ceil_s((tat - tau - now_us) / 1000)
+    end
+    writes[#writes + 1] = enc .. '|r'
+    writes[#writes + 1] = string.format('%.0f', tat + T)
+  end
+  if win then
+    local shown = {}
+    for j = 1, #win do
+      local per, wmax = win[j][1], win[j][2]
+      local lw = r[2 + 2 * j]
+      if lw then wmax = tonumber(lw) end
+      local id, wend = window_of(per, lnow)
+      local ids = string.format('%.0f', id)
+      local n = 0
+      local st = r[3 + 2 * j]
+      if st then
+        local sid, sn = string.match(st, '^(%d+):(%d+)$')
+        if sid == ids then n = tonumber(sn) end
+      end
+      if want_rows then shown[#shown + 1] = per .. ':' .. n .. ':' .. wmax end
+      if out[3] == nil and n >= wmax then
+        out[3], out[4], out[5], out[7] = 'calls', n, wmax, per
+        out[6] = ceil_s(wend - lnow)
+      end
+      writes[#writes + 1] = enc .. '|c' .. per
+      writes[#writes + 1] = ids .. ':' .. (n + 1)
+    end
+    out[11] = table.concat(shown, '\n')
+  end
+  if #writes > 0 then out[8] = writes end
+  return out
+end
+
+-- The answer to a rejection: {code, reason, retry} of the entry that tripped (its
+-- rate_reject for rates), with the computed Retry-After of rates and windows.
+local function answer_of(profile, e, kind, retry)
+  local rej
+  if e then
+    if kind == 'rate' then rej = e.rrej else rej = e.rej end
+  else
+    rej = reject_of(profile)
+  end
+  if kind == 'rate' or kind == 'calls' then return rej[1], rej[2], retry end
+  return rej[1], rej[2], rej[3]
+end
 
 -- Decide one dialog over its memberships and, unless dry, record it: all or none.
 -- mode flags: FLAG_EMERGENCY may use reserves, FLAG_BYPASS admitted over every limit,
--- FLAG_RECORD joins without checking (a call the fallback admitted).
-local function decide(P, did, members, flags, early_ms, node, info, now, cls, dry)
+-- FLAG_RECORD joins without checking (a call the fallback admitted). lnow: the instant
+-- calendar windows are read at (now, but for explain --at). md: the call's max
+-- duration (ms, -1 none).
+local function decide(P, did, members, flags, early_ms, node, info, now, cls, dry, lnow, md)
   local dkey = P .. 'd:' .. did
   local emergency = flags % 2 == 1
   local bypass_allowed = math.floor(flags / 2) % 2 == 1
@@ -309,15 +509,20 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
           cls_was = v
         end
         local r = {}
-        for v in string.gmatch(prev[1], '[^,]+') do r[#r + 1] = tonumber(v) end
-        -- r: admitted, tripped, count, max, bypass, shadow, emergency
+        for v in string.gmatch(prev[1], '[^,]+') do r[#r + 1] = v end
+        -- r: admitted, tripped, count, max, bypass, shadow, emergency, kind, retry,
+        -- max duration, entry, window
+        local admitted = tonumber(r[1])
+        local kind = KIND_NAMES[tonumber(r[8] or 0)] or ''
         local code, reason, retry, limit = 200, 'OK', -1, more[3] or ''
-        if r[1] == 0 then
-          local rej = reject_of(limit)
-          code, reason, retry = rej[1], rej[2], rej[3]
+        if admitted == 0 then
+          local p = PLAN_BY_NAME[limit]
+          local e = p and p.entries[tonumber(r[11] or 1)]
+          code, reason, retry = answer_of(limit, e, kind, tonumber(r[9] or -1))
         end
-        return {r[1], code, reason, retry, limit, r[3], r[4], r[5], 1, r[6], r[2],
-                cls_was, more[2] or '', did, r[7] or 0}
+        return {admitted, code, reason, retry, limit, tonumber(r[3]), tonumber(r[4]),
+                tonumber(r[5]), 1, tonumber(r[6]), tonumber(r[2]), cls_was, more[2] or '',
+                did, tonumber(r[7] or 0), kind, r[12] or '', tonumber(r[10] or -1)}
       end
       -- the record outlived its end in script time (only when a test moves the clock):
       -- forget it and whatever memberships it still held
@@ -331,41 +536,52 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
 
   local n = #members
   local tripped, tcount, tmax, bypass, shadow = 0, 0, -1, 0, 0
+  local tkind, tretry, twin = '', -1, ''
   local rows = {}
   local keys = {}
+  local spend = {}
   for i = 1, n do
     local m = members[i]
     local zkey = member_key(P, m)
     keys[i] = zkey
-    local max = m[4]
-    local live = 0
-    if m[2] then
-      local lv = redis.call('HGET', P .. 'l:' .. m[1], m[3])
-      if lv then max = tonumber(lv); live = 1 end
-    end
-    if (max >= 0 and not record) or dry then
-      local count = redis.call('ZCOUNT', zkey, '(' .. NOW_S, '+inf')
+    local c = check_member(P, m, now, lnow, emergency, dry)
+    local max = c[1]
+    if c[8] then spend[i] = c[8] end
+    if ((max >= 0 or c[3]) and not record) or dry then
+      local count = 0
       local effective = max
-      if not emergency then effective = max - m[5] end
-      local trips = max >= 0 and count >= effective
+      local kind = c[3]
+      if max >= 0 or dry then
+        count = redis.call('ZCOUNT', zkey, '(' .. NOW_S, '+inf')
+        if not emergency then effective = max - m[5] end
+        if max >= 0 and count >= effective then kind = 'concurrent' end
+      end
+      local kcount, kmax, kretry, kwin = count, effective, -1, ''
+      if kind ~= 'concurrent' and kind then kcount, kmax, kretry, kwin = c[4], c[5], c[6], c[7] end
       if dry then
         local sh, tr, val = 0, 0, ''
         if m[6] then sh = 1 end
-        if trips then tr = 1 end
+        if kind then tr = 1 end
         if m[2] then val = m[3] end
-        rows[#rows + 1] = {m[1], val, count, max, effective, live, sh, tr}
+        rows[#rows + 1] = {m[1], val, count, max, effective, c[2], sh, tr, c[9], c[10], c[11],
+                           kind or ''}
       end
-      if trips and not record then
+      if kind and not record then
         if m[6] then
           if shadow == 0 then
             shadow = i
-            if tripped == 0 then tcount, tmax = count, effective end
+            if tripped == 0 then
+              tcount, tmax, tkind, tretry, twin = kcount, kmax, kind, kretry, kwin
+            end
           end
         elseif bypass_allowed then
-          if tripped == 0 then tripped, tcount, tmax = i, count, max end
+          if tripped == 0 then
+            if kind == 'concurrent' then kmax = max end
+            tripped, tcount, tmax, tkind, tretry, twin = i, kcount, kmax, kind, kretry, kwin
+          end
           bypass = 1
         elseif tripped == 0 then
-          tripped, tcount, tmax = i, count, effective
+          tripped, tcount, tmax, tkind, tretry, twin = i, kcount, kmax, kind, kretry, kwin
           if not dry then break end
         end
       end
@@ -374,31 +590,32 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
 
   local admitted = 1
   if tripped > 0 and bypass == 0 then admitted = 0 end
-  local limit = ''
-  if tripped > 0 then limit = members[tripped][1]
-  elseif shadow > 0 then limit = members[shadow][1] end
+  local limit, lentry = '', nil
+  if tripped > 0 then limit, lentry = members[tripped][1], members[tripped][8]
+  elseif shadow > 0 then limit, lentry = members[shadow][1], members[shadow][8] end
   local labels = labels_of(members)
   local code, reason, retry = 200, 'OK', -1
   if admitted == 0 then
-    local rej = reject_of(limit)
-    code, reason, retry = rej[1], rej[2], rej[3]
+    code, reason, retry = answer_of(limit, lentry, tkind, tretry)
   end
   local reply = {admitted, code, reason, retry, limit, tcount, tmax, bypass, 0, shadow,
-                 tripped, cls or '', labels, did, emergency_out}
+                 tripped, cls or '', labels, did, emergency_out, tkind, twin, md}
   if dry then
     for i = 1, #rows do
-      for j = 1, 8 do reply[#reply + 1] = rows[i][j] end
+      for j = 1, 12 do reply[#reply + 1] = rows[i][j] end
     end
     return reply
   end
   local decision = PLAIN_ADMIT
-  if tripped > 0 or shadow > 0 or emergency_out > 0 or tmax ~= -1 then
-    decision = table.concat({admitted, tripped, tcount, tmax, bypass, shadow, emergency_out},
-                            ',')
+  if tripped > 0 or shadow > 0 or emergency_out > 0 or tmax ~= -1 or md ~= -1 then
+    local eidx = 1
+    if lentry then eidx = lentry.idx end
+    decision = table.concat({admitted, tripped, tcount, tmax, bypass, shadow, emergency_out,
+                             KIND_CODES[tkind] or 0, tretry, md, eidx, twin}, ',')
   end
 
   if admitted == 0 then
-    -- remembered for the life of an INVITE transaction (64*T1)
+    -- remembered for the life of an INVITE transaction (64*T1); spends nothing
     redis.call('HSET', dkey, 'decision', decision, 'state', 'rejected', 'init_ms', NOW_S,
                'expires', tostring(now + DECIDED_MS), 'tp', limit, 'i', pack(info),
                'profiles', labels)
@@ -412,6 +629,7 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
   local results = {}
   for i = 1, n do
     redis.call('ZADD', keys[i], dl, did)
+    if spend[i] then redis.call('HSET', P .. 'l:' .. members[i][1], unpack(spend[i])) end
     local result = 'admitted'
     if record then
       result = 'store_error'
@@ -425,10 +643,17 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
   -- the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
   redis.call('ZADD', P .. 'n:' .. node, dl, did)
   if register then redis.call('SADD', P .. 'nidx', node) end
-  redis.call('HSET', dkey, 'decision', decision, 'state', 'early', 'init_ms', NOW_S,
-             'deadline', dl, 'expires', tostring(deadline + GRACE_MS),
-             'keys', table.concat(keys, '\n'), 'profiles', labels, 'n', node,
-             'tp', limit, 'i', pack(info))
+  if md ~= -1 then
+    redis.call('HSET', dkey, 'decision', decision, 'state', 'early', 'init_ms', NOW_S,
+               'deadline', dl, 'expires', tostring(deadline + GRACE_MS),
+               'keys', table.concat(keys, '\n'), 'profiles', labels, 'n', node,
+               'tp', limit, 'i', pack(info), 'md', md)
+  else
+    redis.call('HSET', dkey, 'decision', decision, 'state', 'early', 'init_ms', NOW_S,
+               'deadline', dl, 'expires', tostring(deadline + GRACE_MS),
+               'keys', table.concat(keys, '\n'), 'profiles', labels, 'n', node,
+               'tp', limit, 'i', pack(info))
+  end
   if early_ms == EARLY_MS then
     redis.call('PEXPIRE', dkey, EARLY_TTL_S)
   else
@@ -440,10 +665,21 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
   return reply
 end
 
+-- The call's max duration (ms, -1 none): the smallest of its limits' and its class's.
+local function max_duration(members, cls)
+  local md = MD_DEFAULT
+  if cls and MD_CLASS[cls] then md = MD_CLASS[cls] end
+  for i = 1, #members do
+    local e = members[i][8]
+    if e and e.dur > 0 and (md < 0 or e.dur < md) then md = e.dur end
+  end
+  return md
+end
+
 -- ------------------------------------------------------------------ admit (raw call)
 
-local function admit_call(P, node, call_id, from_tag, attrs, mode, now)
-  local cls, number, values, members = classify(attrs)
+local function admit_call(P, node, call_id, from_tag, attrs, mode, now, at)
+  local cls, number, values, members = classify(attrs, at)
   local flags = 0
   if cls ~= nil and cls == EMERGENCY_CLASS then
     flags = FLAG_EMERGENCY
@@ -460,11 +696,12 @@ local function admit_call(P, node, call_id, from_tag, attrs, mode, now)
     info = {bounded(call_id), bounded(from), bounded(number), cls or '', node,
             bounded(values[SOURCE_IP_ATTR] or '')}
   end
-  return decide(P, did, members, flags, EARLY_MS, node, info, now, cls, mode == 'e')
+  return decide(P, did, members, flags, EARLY_MS, node, info, now, cls, mode == 'e', at,
+                max_duration(members, cls))
 end
 
 local function fn_admit(keys, args)
-  if args[7] and args[7] ~= ATTRS_SIG then
+  if args[7] and args[7] ~= '' and args[7] ~= ATTRS_SIG then
     return redis.error_reply('POLICER the call\'s attributes were packed for another ' ..
                              'policy (' .. args[7] .. ') than the one loaded (' .. ATTRS_SIG ..
                              ', ' .. POLICY_SOURCE .. '): load that policy with policer ' ..
@@ -473,9 +710,15 @@ local function fn_admit(keys, args)
   end
   local now = now_ms(args[6])
   local mode = args[5] or 'a'
+  local at = now
+  if mode == 'e' and args[8] then at = now + (tonumber(args[8]) or 0) end
   local r = admit_call(NS_PREFIX, args[1] or '', args[2] or '', args[3] or '', args[4] or '',
-                       mode, now)
-  if mode == 'A' then return {r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10]} end
+                       mode, now, at)
+  if mode == 'A' then
+    local md_s = -1
+    if r[18] > 0 then md_s = math.ceil(r[18] / 1000) end
+    return {r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], md_s}
+  end
   return r
 end
 
@@ -502,20 +745,28 @@ local function fn_admitm(keys, args)
   elseif flags == 2 then flags = FLAG_EMERGENCY + FLAG_BYPASS end
   flags = flags + FLAG_REGISTER
   return decide(P, args[1], members, flags, tonumber(args[2]), args[6] or '', info, now,
-                nil, false)
+                nil, false, now, -1)
 end
 
 -- ------------------------------------------------------------------ dialog events
 
--- confirm (answered) or refresh a live dialog: push its deadline on. 1 when live.
+-- confirm (answered) or refresh a live dialog: push its deadline on, never past its
+-- max duration ('cap': answered + md). 1 when live.
 local function extend(P, did, confirm, timeout, now)
   local dkey = P .. 'd:' .. did
-  local h = redis.call('HMGET', dkey, 'state', 'deadline', 'keys', 'n')
+  local h = redis.call('HMGET', dkey, 'state', 'deadline', 'keys', 'n', 'md', 'cap')
   local state = h[1]
   if state ~= 'early' and state ~= 'confirmed' then return 0 end
   -- past its deadline the dialog stopped counting and its slot may be taken: never revive
   if tonumber(h[2] or 0) <= now then return 0 end
   local deadline = now + timeout
+  local cap = nil
+  if h[6] then
+    cap = tonumber(h[6])
+  elseif h[5] and (confirm or state == 'confirmed') then
+    cap = now + tonumber(h[5])
+  end
+  if cap and cap < deadline then deadline = cap end
   local dl = tostring(deadline)
   for zkey in string.gmatch(h[3] or '', '[^\n]+') do
     redis.call('ZADD', zkey, dl, did)
@@ -523,18 +774,23 @@ local function extend(P, did, confirm, timeout, now)
   if h[4] then redis.call('ZADD', P .. 'n:' .. h[4], dl, did) end
   local expires = tostring(deadline + GRACE_MS)
   if confirm and state == 'early' then
-    redis.call('HSET', dkey, 'state', 'confirmed', 'start_ms', NOW_S, 'deadline', dl,
-               'expires', expires)
+    if cap then
+      redis.call('HSET', dkey, 'state', 'confirmed', 'start_ms', NOW_S, 'deadline', dl,
+                 'expires', expires, 'cap', tostring(cap))
+    else
+      redis.call('HSET', dkey, 'state', 'confirmed', 'start_ms', NOW_S, 'deadline', dl,
+                 'expires', expires)
+    end
   else
     redis.call('HSET', dkey, 'deadline', dl, 'expires', expires)
   end
   if confirm or state == 'confirmed' then
     redis.call('ZADD', P .. 'confirmed', dl, did)
   end
-  if timeout == DIALOG_MS then
+  if timeout == DIALOG_MS and deadline == now + timeout then
     redis.call('PEXPIRE', dkey, DIALOG_TTL_S)
   else
-    redis.call('PEXPIRE', dkey, tostring(timeout + GRACE_MS))
+    redis.call('PEXPIRE', dkey, tostring(deadline - now + GRACE_MS))
   end
   return 1
 end
@@ -699,13 +955,16 @@ local function sweep_expired(P, now, batch)
     local nkey = P .. 'n:' .. node
     local ids = redis.call('ZRANGEBYSCORE', nkey, '-inf', now, 'LIMIT', 0, batch - done)
     for _, did in ipairs(ids) do
-      local h = redis.call('HMGET', P .. 'd:' .. did, 'state', 'deadline', 'n')
+      local h = redis.call('HMGET', P .. 'd:' .. did, 'state', 'deadline', 'n', 'cap')
       -- (a dialog id admitted again since, by another node, is that node's now)
       local live = (h[1] == 'early' or h[1] == 'confirmed') and h[3] == node
       if live and tonumber(h[2]) > now then
         redis.call('ZADD', nkey, h[2], did)  -- answered or refreshed since: due later
       else
-        if live and end_dialog(P, did, 'expired', now) then done = done + 1 end
+        -- an answered call that reached its max duration (no proxy ended it)
+        local reason = 'expired'
+        if h[4] and h[4] == h[2] then reason = 'duration_cap' end
+        if live and end_dialog(P, did, reason, now) then done = done + 1 end
         redis.call('ZREM', nkey, did)
       end
     end
@@ -714,6 +973,42 @@ local function sweep_expired(P, now, batch)
     end
   end
   return done
+end
+
+-- Rate and window state of values that went quiet: a rate whose owed time has passed
+-- and a window that has ended say nothing a missing field would not. Walks the l:
+-- hashes of valued profiles (VALUED), `batch` fields per tick, resuming where the last
+-- tick stopped (P sweep: profile index i, HSCAN cursor c). Live limits stay.
+local function sweep_state(P, now, batch)
+  if #VALUED == 0 then return 0 end
+  local skey = P .. 'sweep'
+  local cur = redis.call('HMGET', skey, 'i', 'c')
+  local i = tonumber(cur[1]) or 1
+  if i > #VALUED then i = 1 end
+  local lkey = P .. 'l:' .. VALUED[i]
+  local res = redis.call('HSCAN', lkey, cur[2] or '0', 'COUNT', batch)
+  local fields = res[2]
+  local del = {}
+  local now_us = now * 1000
+  local ids = {}
+  for j = 1, #fields, 2 do
+    local f, v = fields[j], fields[j + 1]
+    local bar = string.find(f, '|', 1, true)
+    if bar then
+      local k = string.sub(f, bar + 1, bar + 1)
+      if k == 'r' then
+        if (tonumber(v) or 0) <= now_us then del[#del + 1] = f end
+      elseif k == 'c' then
+        local per = string.sub(f, bar + 2)
+        if ids[per] == nil then ids[per] = string.format('%.0f', window_of(per, now)) end
+        if string.match(v, '^(%d+):') ~= ids[per] then del[#del + 1] = f end
+      end
+    end
+  end
+  if #del > 0 then redis.call('HDEL', lkey, unpack(del)) end
+  if res[1] == '0' then i = i + 1 end
+  redis.call('HSET', skey, 'i', tostring(i), 'c', res[1])
+  return #del
 end
 
 local function fn_tick(keys, args)
@@ -740,7 +1035,8 @@ local function fn_tick(keys, args)
   local swept = 0
   if args[4] == '1' then swept = sweep_lost_nodes(P, now, batch) end
   local expired = sweep_expired(P, now, batch)
-  return {swept, left, expired}
+  local stale = sweep_state(P, now, batch)
+  return {swept, left, expired, stale}
 end
 
 -- ------------------------------------------------------------------ reads
