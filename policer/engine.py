@@ -55,6 +55,9 @@ class Decision:
     number_class: str | None = None
     memberships: tuple[str, ...] = ()
     error: str = ""
+    kind: str | None = None  # concurrent | rate | calls: the limit that tripped (or shadowed)
+    window: str | None = None  # a calls limit's calendar window (1d)
+    max_duration: int | None = None  # seconds an answered call may last (None: no cap)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,9 @@ class Decision:
             "class": self.number_class,
             "memberships": list(self.memberships),
             "error": self.error,
+            "kind": self.kind,
+            "window": self.window,
+            "max_duration": self.max_duration,
         }
 
 
@@ -88,6 +94,10 @@ class LimitView:
     live_limit: bool  # max comes from a live limit set at run time
     shadow: bool
     would_trip: bool
+    kind: str | None = None  # of the limit that would trip
+    rate_owed: int | None = None  # calls owed to the rate now (None: no rate)
+    rate_burst: int | None = None
+    windows: tuple[tuple[str, int, int], ...] = ()  # (per, count, max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +123,11 @@ class Explanation:
                     "live_limit": v.live_limit,
                     "shadow": v.shadow,
                     "would_trip": v.would_trip,
+                    "kind": v.kind,
+                    "rate": None if v.rate_owed is None else
+                    {"owed": v.rate_owed, "burst": v.rate_burst},
+                    "calls": [{"window": per, "count": n, "max": mx}
+                              for per, n, mx in v.windows],
                 }
                 for v in self.limits
             ],
@@ -489,12 +504,16 @@ class Engine:
         return True
 
     # -- inspection (may raise StoreError: these are for operators, not proxies)
-    def explain(self, call: Call) -> Explanation:
+    def explain(self, call: Call, at_ms: int | None = None) -> Explanation:
         """What ``admit`` would decide now, with every count, changing nothing: a dry
-        run of the store's decision function (one atomic call)."""
-        r = self.store.explain_call(call)
+        run of the store's decision function (one atomic call). ``at_ms``: schedules and
+        calendar windows as at that instant (Unix ms), counts of now."""
+        r = self.store.explain_call(call, at_ms)
         views = tuple(LimitView(v.profile, v.value, v.count, v.max, v.effective_max,
-                                v.live_limit, v.shadow, v.would_trip) for v in r.rows)
+                                v.live_limit, v.shadow, v.would_trip, v.kind or None,
+                                v.rate_owed if v.rate_owed >= 0 else None,
+                                v.rate_burst if v.rate_burst >= 0 else None, v.windows)
+                      for v in r.rows)
         number = call.attribute(self._current.policy.number_source)
         return Explanation(number, r.number_class, r.emergency, views, _decision(r))
 
@@ -507,7 +526,8 @@ def _decision(r: CallResult) -> Decision:
         admitted=r.admitted, code=r.code, reason=r.reason, retry_after=r.retry_after,
         dialog_id=r.dialog_id, limit=r.limit, count=r.count, max=r.max, bypass=r.bypass,
         shadow=r.shadow, duplicate=r.duplicate, number_class=r.number_class,
-        memberships=r.memberships)
+        memberships=r.memberships, kind=r.kind or None, window=r.window or None,
+        max_duration=None if r.max_duration_ms is None else -(-r.max_duration_ms // 1000))
 
 
 def _kind(item: Pending) -> str:
