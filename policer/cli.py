@@ -19,9 +19,9 @@ from typing import Any
 
 from policer.call import Call, dialog_id
 from policer.compile import compile_policy
-from policer.engine import Engine
+from policer.engine import Decision, Engine, LimitView
 from policer.log import configure, redact
-from policer.policy import Policy, PolicyError, load_policy
+from policer.policy import Policy, PolicyError, Rate, load_policy, parse_duration_ms
 from policer.store import Store, StoreError, open_store
 from policer.store.base import DialogInfo
 
@@ -185,9 +185,30 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_USAGE if failed else EXIT_OK
 
 
+def _instant(text: str) -> int:
+    """``--at``: an ISO 8601 time with its UTC offset, as Unix ms."""
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"--at: not an ISO 8601 time: {text!r} (e.g. "
+                       "2026-12-01T09:30:00+01:00)") from None
+    if t.tzinfo is None:
+        raise CliError(f"--at: {text!r} has no UTC offset (add one, e.g. +01:00 or Z)")
+    return int(t.timestamp() * 1000)
+
+
+def _usage_text(v: LimitView) -> str:
+    parts = []
+    if v.rate_owed is not None:
+        parts.append(f"rate {v.rate_owed}/{v.rate_burst} owed")
+    parts += [f"{per} {n}/{mx}" for per, n, mx in v.windows]
+    return "; ".join(parts)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     engine = _engine(args)
-    x = engine.explain(_call(args))
+    at = _instant(args.at) if args.at else None
+    x = engine.explain(_call(args), at)
     if args.json:
         _print_json(x.as_dict())
         return EXIT_OK
@@ -196,7 +217,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print("memberships")
     for v in x.limits:
         name = v.profile if v.value is None else f"{v.profile}={v.value}"
-        if v.max < 0:
+        usage = _usage_text(v)
+        if v.max < 0 and not usage:
             print(f"  {name:<28} {v.count:>6}  (counted, no limit)")
             continue
         flags = []
@@ -206,18 +228,32 @@ def cmd_explain(args: argparse.Namespace) -> int:
             flags.append(f"effective {v.effective_max}")
         if v.shadow:
             flags.append("shadow")
+        if usage:
+            flags.append(usage)
         if v.would_trip:
-            flags.append("FULL")
+            flags.append("FULL" if v.kind == "concurrent" else f"FULL: {v.kind}")
         extra = f"  ({', '.join(flags)})" if flags else ""
-        print(f"  {name:<28} {v.count:>6} / {v.max:<6}{extra}")
+        mx = str(v.max) if v.max >= 0 else "-"
+        print(f"  {name:<28} {v.count:>6} / {mx:<6}{extra}")
     d = x.decision
     if d.admitted:
         print("decision    admit" + ("  (emergency bypass over " + str(d.limit) + ")"
                                      if d.bypass else ""))
     else:
         ra = f", Retry-After {d.retry_after}" if d.retry_after is not None else ""
-        print(f"decision    reject {d.code} {d.reason} (limit {d.limit}{ra})")
+        print(f"decision    reject {d.code} {d.reason} (limit {d.limit}: "
+              f"{_kind_text(d)}{ra})")
+    if d.max_duration is not None:
+        print(f"max duration {d.max_duration}s")
     return EXIT_OK
+
+
+def _kind_text(d: Decision) -> str:
+    if d.kind == "calls":
+        return f"calls {d.count}/{d.max} per {d.window}"
+    if d.kind == "rate":
+        return f"rate, {d.count} owed of burst {d.max}"
+    return f"{d.count}/{d.max}"
 
 
 def cmd_admit(args: argparse.Namespace) -> int:
@@ -233,7 +269,7 @@ def cmd_admit(args: argparse.Namespace) -> int:
         print(f"admitted {d.dialog_id}{extra}")
     else:
         ra = f" Retry-After: {d.retry_after}" if d.retry_after is not None else ""
-        print(f"rejected {d.code} {d.reason} (limit {d.limit}: {d.count}/{d.max}){ra}")
+        print(f"rejected {d.code} {d.reason} (limit {d.limit}: {_kind_text(d)}){ra}")
     return EXIT_OK if d.admitted else EXIT_REJECTED
 
 
@@ -278,10 +314,22 @@ def cmd_profile_size(args: argparse.Namespace) -> int:
         n = sum(store.profile_values(args.profile).values())
     else:
         n = store.profile_size(args.profile, args.value if valued else None)
+    usage = None
+    if not valued or args.value is not None:
+        usage = store.usage(args.profile, args.value if valued else None)
     if args.json:
-        _print_json({"profile": args.profile, "value": args.value, "size": n})
+        out: dict[str, Any] = {"profile": args.profile, "value": args.value, "size": n}
+        if usage is not None:
+            out["rate_usage"] = usage.rate
+            out["calls"] = dict(usage.calls)
+        _print_json(out)
     else:
-        print(n)
+        extra = ""
+        if usage is not None and usage.rate is not None:
+            extra += f"\trate {usage.rate * 100:.0f}%"
+        if usage is not None:
+            extra += "".join(f"\t{per} {c}" for per, c in usage.calls.items())
+        print(f"{n}{extra}")
     return EXIT_OK
 
 
@@ -383,6 +431,8 @@ def cmd_limits(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.value is None:
         raise CliError(f"limits {args.action}: VALUE is required")
+    if args.rate is not None or args.calls is not None:
+        return _timed_limit(args, policy, store)
     log = _audit_logger()
     if args.action == "set":
         if args.max is None or args.max < 0:
@@ -402,6 +452,71 @@ def cmd_limits(args: argparse.Namespace) -> int:
         print(f"{args.profile} {args.value}: {old if old is not None else '-'} -> "
               f"{new if new is not None else f'policy default ({default_max})'}")
     return EXIT_OK
+
+
+def _timed_limit(args: argparse.Namespace, policy: Policy, store: Store) -> int:
+    """``limits set|unset PROFILE VALUE --rate N/PER [--burst B]`` or ``--calls N/PER``:
+    a live call rate or calendar cap for one value (audited like a live max)."""
+    entries = policy.entries(args.profile)
+    log = _audit_logger()
+    old: object
+    new: object
+    if args.rate is not None:
+        what = "rate"
+        default: object = next((e.rate.text() for e in entries if e.rate is not None), None)
+        if args.action == "set":
+            mx, per_ms = _per(args.rate, "--rate", "10/s")
+            burst = args.burst if args.burst is not None else mx
+            if burst < 1:
+                raise CliError("--burst must be at least 1")
+            rate = Rate(mx, per_ms, burst)
+            if rate.interval_us < 1 or per_ms * 1000 // mx < 1:
+                raise CliError(f"--rate {args.rate}: more than one call per microsecond")
+            prev = store.rate_limit_set(args.profile, args.value, rate)
+            new = f"{rate.text()} burst {rate.burst}"
+        else:
+            prev = store.rate_limit_set(args.profile, args.value, None)
+            new = None
+        old = None if prev is None else f"{prev.text()} burst {prev.burst}"
+    else:
+        what = "calls"
+        text = str(args.calls)
+        per = text.rpartition("/")[2]
+        windows = {w.per: w.max for e in entries for w in e.calls}
+        if per not in windows:
+            have = ", ".join(sorted(windows)) or "none"
+            raise CliError(f"--calls {text}: profile {args.profile!r} has no {per!r} window "
+                           f"in the policy (its windows: {have}); add it to the policy first")
+        default = f"{windows[per]}/{per}"
+        if args.action == "set":
+            mx_text = text.rpartition("/")[0]
+            if not mx_text.isdigit():
+                raise CliError(f"--calls {text}: expected MAX/WINDOW, e.g. 500/1d")
+            prev_calls = store.calls_limit_set(args.profile, args.value, per, int(mx_text))
+            new = f"{int(mx_text)}/{per}"
+        else:
+            prev_calls = store.calls_limit_set(args.profile, args.value, per, None)
+            new = None
+        old = None if prev_calls is None else f"{prev_calls}/{per}"
+    log.info("live_limit_changed", namespace=policy.namespace, profile=args.profile,
+             value=args.value, kind=what, old=old, new=new, policy_default=default,
+             user=os.environ.get("SUDO_USER") or os.environ.get("USER", ""))
+    if args.json:
+        _print_json({"profile": args.profile, "value": args.value, "kind": what, "old": old,
+                     "new": new, "default": default})
+    else:
+        print(f"{args.profile} {args.value} {what}: {old if old is not None else '-'} -> "
+              f"{new if new is not None else f'policy default ({default})'}")
+    return EXIT_OK
+
+
+def _per(text: str, option: str, example: str) -> tuple[int, int]:
+    """``N/PER`` (``10/s``, ``600/1m``) as (N, PER in ms)."""
+    n, _, per = text.partition("/")
+    per_ms = parse_duration_ms(per) if per else None
+    if not n.isdigit() or int(n) < 1 or per_ms is None or per_ms < 1:
+        raise CliError(f"{option} {text}: expected N/PER, e.g. {example}")
+    return int(n), per_ms
 
 
 def _audit_logger() -> Any:
@@ -565,6 +680,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="what admit would decide now, changing nothing")
     _call_options(p)
+    p.add_argument("--at", default=None, metavar="TIME",
+                   help="evaluate schedules and calendar windows as if it were TIME "
+                        "(ISO 8601 with offset); counts are those of now")
     _common(p)
     p.set_defaults(func=cmd_explain)
 
@@ -611,6 +729,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("profile", metavar="PROFILE")
     p.add_argument("value", nargs="?", default=None, metavar="VALUE")
     p.add_argument("max", nargs="?", type=int, default=None, metavar="MAX")
+    p.add_argument("--rate", nargs="?", const="", default=None, metavar="N/PER",
+                   help="a live call rate instead of a max, e.g. 10/s (unset: --rate)")
+    p.add_argument("--burst", type=int, default=None, help="the live rate's burst (default N)")
+    p.add_argument("--calls", default=None, metavar="N/WINDOW",
+                   help="a live calendar cap of one of the profile's windows, e.g. 500/1d "
+                        "(unset: --calls 1d)")
     _common(p)
     p.set_defaults(func=cmd_limits)
 

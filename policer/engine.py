@@ -295,7 +295,8 @@ class Engine:
         else:
             self.log.info("decision", call_id=call.call_id, dialog_id=d.dialog_id,
                           admitted=d.admitted, code=d.code, limit=d.limit, count=d.count,
-                          max=d.max, bypass=d.bypass, shadow=d.shadow, fallback=d.fallback,
+                          max=d.max, kind=d.kind, bypass=d.bypass, shadow=d.shadow,
+                          fallback=d.fallback,
                           number_class=d.number_class, memberships=list(d.memberships),
                           latency_us=round(elapsed * 1e6))
         if self.metrics is not None:

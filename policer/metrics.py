@@ -195,9 +195,25 @@ class ClusterCollector(Collector):
         near = GaugeMetricFamily("policer_profile_near_limit",
                                  f"1 when utilisation >= near_limit ({policy.near_limit_ratio}).",
                                  labels=labels)
+        rate_usage = GaugeMetricFamily(
+            "policer_profile_rate_usage", "Calls owed to a profile's rate over its burst "
+            "(GCRA; 1 = the next call is rejected, above 1 only after emergency bypass).",
+            labels=labels)
+        calls = GaugeMetricFamily("policer_profile_calls",
+                                  "New calls in the current calendar window.",
+                                  labels=[*labels, "window"])
+        calls_limit = GaugeMetricFamily("policer_profile_calls_limit",
+                                        "The cap of a calendar window.",
+                                        labels=[*labels, "window"])
         for row in (*snap.rows, *snap.values):
             key = [row.profile, row.value or ""]
             dialogs.add_metric(key, row.count)
+            if row.rate_usage is not None:
+                rate_usage.add_metric(key, row.rate_usage)
+            for per, n in row.calls.items():
+                calls.add_metric([*key, per], n)
+                if per in row.calls_max:
+                    calls_limit.add_metric([*key, per], row.calls_max[per])
             u = row.utilization
             if row.limit is None or u is None:
                 continue
@@ -214,7 +230,7 @@ class ClusterCollector(Collector):
                 self._near.discard(tag)
                 self.log.info("below_near_limit", profile=row.profile, value=row.value,
                               count=row.count, limit=row.limit)
-        yield from (dialogs, limit, util, near)
+        yield from (dialogs, limit, util, near, rate_usage, calls, calls_limit)
 
         states = GaugeMetricFamily("policer_dialogs", "Live dialogs by state.", labels=["state"])
         states.add_metric(["early"], snap.stats.get("early", 0))

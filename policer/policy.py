@@ -37,6 +37,7 @@ __all__ = [
     "Timeouts",
     "Window",
     "load_policy",
+    "parse_duration_ms",
     "parse_policy",
 ]
 
@@ -290,6 +291,16 @@ class Policy:
         """Some limit has a rate, a calendar window or a schedule."""
         return any(lim.rate is not None or lim.calls or lim.schedule is not None
                    for entries in self.limit_entries.values() for lim in entries)
+
+
+def parse_duration_ms(text: str) -> int | None:
+    """``30s``, ``5m``, ``1h30m``, ``250ms`` or a bare unit (``s``) in ms; None if not one."""
+    t = text.strip()
+    if t in _UNIT_MS:
+        return _UNIT_MS[t]
+    if not _DURATION.match(t):
+        return None
+    return sum(int(n) * _UNIT_MS[u] for n, u in _DURATION_PART.findall(t))
 
 
 # --------------------------------------------------------------------------- loading

@@ -8,10 +8,11 @@ numbers.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from policer.calendar import LocalClock
 from policer.compile import compile_policy
-from policer.policy import Policy
+from policer.policy import Limit, Policy
 from policer.store import Store
 
 __all__ = ["ProfileRow", "Snapshot", "take_snapshot"]
@@ -26,6 +27,11 @@ class ProfileRow:
     count: int
     limit: int | None  # effective max for this row, None when only counted
     shadow: bool = False
+    #: the rate's owed calls over its burst (None: no rate); calendar counts per window
+    rate_usage: float | None = None
+    calls: Mapping[str, int] = field(default_factory=dict)
+    #: calendar caps per window (the policy's, live caps applied for values)
+    calls_max: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def utilization(self) -> float | None:
@@ -61,12 +67,15 @@ def take_snapshot(policy: Policy, store: Store, top: int = 5,
     """
     rows: list[ProfileRow] = []
     values: list[ProfileRow] = []
+    # the entries that apply now (scheduled limits), by the store's clock
+    minute = LocalClock(policy.timezone).minute_of_week(store.now_ms()) if policy.timed else 0
     for p in policy.profiles:
-        limit = policy.limits.get(p.name)
-        default_max = limit.max if limit else None
+        limit = policy.limit_at(p.name, minute)
+        default_max = limit.max if limit and limit.max >= 0 else None
         shadow = bool(limit and (limit.shadow or policy.shadow))
         if not p.valued:
-            rows.append(ProfileRow(p.name, None, store.profile_size(p.name), default_max, shadow))
+            rows.append(_row(store, p.name, limit, shadow, None, store.profile_size(p.name),
+                             default_max))
             continue
         counts = store.profile_values(p.name)
         rows.append(ProfileRow(p.name, None, sum(counts.values()), None, shadow))
@@ -78,6 +87,16 @@ def take_snapshot(policy: Policy, store: Store, top: int = 5,
         for v in chosen:
             n = counts[v] if v in counts else store.profile_size(p.name, v)
             mx = live_limits.get(v, default_max)
-            values.append(ProfileRow(p.name, v, n, mx, shadow))
+            values.append(_row(store, p.name, limit, shadow, v, n, mx))
     return Snapshot(tuple(rows), tuple(values), store.stats(), store.decisions(), store.ended(),
                     store.loaded_hash(), compile_policy(policy).policy_hash)
+
+
+def _row(store: Store, profile: str, limit: Limit | None, shadow: bool, value: str | None,
+         count: int, mx: int | None) -> ProfileRow:
+    """A row, with rate and calendar usage when the limit that applies has them."""
+    if limit is None or (limit.rate is None and not limit.calls):
+        return ProfileRow(profile, value, count, mx, shadow)
+    u = store.usage(profile, value)
+    return ProfileRow(profile, value, count, mx, shadow, u.rate, u.calls,
+                      {w.per: w.max for w in limit.calls})

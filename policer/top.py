@@ -59,6 +59,15 @@ def render(engine: Engine, now: Snapshot, before: Snapshot | None = None,
         adm = _rate(now, before, "admitted", r.profile, seconds) if r.value is None else ""
         rej = _rate(now, before, "rejected", r.profile, seconds) if r.value is None else ""
         flag = " shadow" if r.shadow and r.limit is not None else ""
+        if r.limit is not None and r.count > r.limit:
+            # only emergency calls pass a full limit (or a live limit lowered under a count)
+            by = "emergency bypass" if now.decided("bypassed", r.profile) else "limit lowered"
+            flag += f" OVER ({by})"
+        if r.rate_usage is not None:
+            flag += f" rate {r.rate_usage * 100:.0f}%"
+        for per, n in r.calls.items():
+            mx = r.calls_max.get(per)
+            flag += f" {per} {n}/{mx}" if mx is not None else f" {per} {n}"
         return (f"{name[:24]:<24}{r.count:>7}{lim:>7}  {_bar(u, bar_w)}{pct:>5}"
                 f"{adm:>8}{rej:>8}{flag}")
 
