@@ -3,7 +3,9 @@
 The same stateful proxy as kamailio.cfg + policer.cfg, routed in Python:
 
 * initial INVITE: policer admits (relay to POLICER_SIP_UPSTREAM with dialog
-  tracking) or rejects (reply with the decision's code, reason, Retry-After);
+  tracking; a call with a max duration is ended with a BYE to each side when it
+  reaches it, released as duration_cap) or rejects (reply with the decision's code,
+  reason, Retry-After);
 * in-dialog requests follow the Record-Route set;
 * 401/407 from the upstream: answered once with uac_auth() when
   POLICER_UPSTREAM_AUTH_USER is set (same dialog, counted once);
@@ -104,7 +106,8 @@ class PolicerKemi:
             if not verdict.admitted:
                 policer_kamailio.reject_current(verdict)
                 return
-            KSR.dialog.dlg_manage()
+            # dialog tracking; a call with a max duration is ended by the proxy then
+            policer_kamailio.manage_current(verdict)
             # the call's attributes, for `policer reconcile` if Redis ever loses the call
             KSR.pv.sets("$dlg_var(policer_call)", verdict.call_json)
 

@@ -8,7 +8,8 @@
   :class:`NativeHandler` ``tick`` once a second (:class:`NativeTimer`: the engine's
   tick, the policy file, the htables the cfg's fallback reads, metrics).
 * KEMI (``deploy/kamailio/policer_kemi.py``): routing in Python. An INVITE is one
-  engine round trip (:func:`admit_current`, :func:`reject_current`); dialog events
+  engine round trip (:func:`admit_current`, :func:`reject_current`,
+  :func:`manage_current`: dialog tracking, with the call's max duration); dialog events
   (:func:`dialog_event`, :func:`release_current`, :func:`release_unknown`) are queued
   in the same ``mqueue`` and applied by :func:`timer` (an rtimer callback every
   100 ms, which also runs the engine's tick once a second) in batches; a batch the
@@ -52,6 +53,7 @@ __all__ = [
     "BATCH_BYTES",
     "BATCH_OPS",
     "DIALOG_EVENTS",
+    "DURATION_CAP_ROUTE",
     "QUEUE",
     "NativeHandler",
     "NativeTimer",
@@ -64,6 +66,7 @@ __all__ = [
     "fallback_tables",
     "flush",
     "log",
+    "manage_current",
     "probe",
     "reject_current",
     "release_current",
@@ -76,6 +79,15 @@ __all__ = [
 
 #: The dialog module's event names, as event routes and ``event_callback`` see them.
 DIALOG_EVENTS = ("dialog:start", "dialog:end", "dialog:failed")
+#: The dialog module's timeout route of a call with a max duration
+#: (``$dlg_ctx(timeout_route)``): a route of policer.cfg in the native flavour. In
+#: KEMI the ``event_callback`` runs instead when the call reaches it, before the module
+#: sends its BYEs, with the event ``dialog:timeout`` (Kamailio 5.6; its documentation
+#: says with the route's name: both are taken). Either marks the end ``duration_cap``.
+DURATION_CAP_ROUTE = "POLICER_DURATION_CAP"
+DURATION_CAP_EVENTS = frozenset({"dialog:timeout", DURATION_CAP_ROUTE})
+#: ``$dlg_var`` naming why the dialog module ended a call (set by the timeout route)
+END_VAR = "$dlg_var(policer_end)"
 
 #: Return values for app_python3: a cfg function returning 0 would stop the script.
 OK = 1
@@ -236,6 +248,8 @@ class Verdict:
     #: the admitted call's attributes, kept in ``$dlg_var(policer_call)`` so that
     #: ``policer reconcile`` can count the call again if Redis loses it
     call_json: str = ""
+    #: seconds the admitted call may last once answered (None: no cap)
+    max_duration: int | None = None
 
     @classmethod
     def from_decision(cls, decision: Decision, did: str, call_json: str = "") -> Verdict:
@@ -251,6 +265,9 @@ class Verdict:
             retry_after=int(retry) if retry is not None and not admitted else None,
             dialog_id=did,
             call_json=call_json if admitted else "",
+            max_duration=(int(decision.max_duration)
+                          if admitted and decision.max_duration is not None
+                          and decision.max_duration > 0 else None),
         )
 
 
@@ -306,6 +323,37 @@ def reject_current(verdict: Verdict) -> None:
     ksr.sl.send_reply(verdict.code, verdict.reason)
 
 
+def _dialog_timeout_s() -> int:
+    """Kamailio's dialog timeout (``default_timeout``): ``POLICER_DIALOG_TIMEOUT`` as
+    ``run`` passes it, else the policy's ``timeouts.dialog``."""
+    try:
+        return int(os.environ.get("POLICER_DIALOG_TIMEOUT") or 0) or (
+            engine().policy.timeouts.dialog_s)
+    except ValueError:
+        return engine().policy.timeouts.dialog_s
+
+
+def manage_current(verdict: Verdict) -> None:
+    """Dialog tracking (``dlg_manage``) for the current, admitted initial INVITE.
+
+    With a max duration within the dialog timeout, the dialog times out then, counted
+    from the answer: the dialog module ends the call with a BYE to each side
+    (``$dlg_ctx(timeout_bye)``), in-dialog requests do not push the timeout on
+    (``timeout-noreset``), and its timeout route (:data:`DURATION_CAP_ROUTE`, which
+    :func:`dialog_event` receives) marks the end so that it is released as
+    ``duration_cap``. Without one the dialog times out as before, without BYEs."""
+    ksr = _ksr()
+    md = verdict.max_duration
+    capped = md is not None and 0 < md <= _dialog_timeout_s()
+    if capped:
+        ksr.pv.seti("$dlg_ctx(timeout_bye)", 1)
+        ksr.pv.sets("$dlg_ctx(timeout_route)", DURATION_CAP_ROUTE)
+    ksr.dialog.dlg_manage()
+    if capped:
+        ksr.dialog.dlg_set_timeout(md)
+        ksr.dialog.dlg_set_property("timeout-noreset")
+
+
 @functools.lru_cache(maxsize=1024)
 def _dialog_id(call_id: str, from_tag: str) -> str:
     # a dialog's events (start, end) arrive in the same worker more often than not
@@ -322,6 +370,8 @@ def current_dialog_id() -> str:
 def _end_reason(event: str) -> str:
     method = _pv("$rm").upper()
     if event == "dialog:end":
+        if _pv(END_VAR) == "duration_cap":  # the call reached its max duration
+            return "duration_cap"
         return "bye" if method == "BYE" else "timeout"
     # dialog:failed: a final reply >= 300 to the INVITE, or a CANCEL.
     if method == "CANCEL" or _pv("$rs") == "487":
@@ -355,9 +405,14 @@ def _queue(op: bytes, did: str) -> None:
 
 def dialog_event(event: str) -> int:
     """Queue a dialog module event (answered: confirm; ended or failed: release with
-    its reason); never raises, never waits for Redis."""
+    its reason; ``dialog:timeout``: the timeout route of a call with a max duration,
+    which reached it: its end is released as ``duration_cap``); never raises, never
+    waits for Redis."""
     did = ""
     try:
+        if event in DURATION_CAP_EVENTS:
+            _ksr().pv.sets(END_VAR, "duration_cap")
+            return OK
         did = current_dialog_id()
         if event == "dialog:start":
             _queue(_confirm_op(did), did)

@@ -69,6 +69,11 @@ class FakeKSR(types.ModuleType):
         self.hdr = types.SimpleNamespace(get=lambda n: self.headers.get(n.lower()),
                                          append_to_reply=self._appended.append)
         self.sl = types.SimpleNamespace(send_reply=self._reply)
+        self.dialog_calls: list[tuple[Any, ...]] = []
+        self.dialog = types.SimpleNamespace(
+            dlg_manage=lambda: self.dialog_calls.append(("dlg_manage",)),
+            dlg_set_timeout=lambda t: self.dialog_calls.append(("dlg_set_timeout", t)),
+            dlg_set_property=lambda p: self.dialog_calls.append(("dlg_set_property", p)))
         self.mqueue = types.SimpleNamespace(mq_add=self._mq_add, mq_fetch=self._mq_fetch,
                                             mqv_get=lambda q: self.fetched,
                                             mq_size=lambda q: len(self.queue))
@@ -81,6 +86,8 @@ class FakeKSR(types.ModuleType):
     def _pv_get(self, name: str) -> Any:
         if name.startswith("$mq_size("):
             return len(self.queue)
+        if name.startswith("$dlg_var("):  # kept with the dialog: what the adapter set
+            return self.vars.get(name)
         if name.startswith("$sht(") and "=>" in name:
             table, key = name[5:-1].split("=>", 1)
             return self.tables.get(table, {}).get(key)
@@ -200,6 +207,45 @@ def test_dialog_events_are_queued_then_applied_with_their_reason(
     assert engine.store.profile_size("total") == 0 and not ksr.queue
     (record,) = engine.store.call_records()
     assert (record.call_id, record.reason) == ("c1", reason)
+
+
+@pytest.mark.parametrize(("max_duration", "capped"), [("2s", 2), ("2m", None), (None, None)])
+def test_a_max_duration_within_the_dialog_timeout_ends_the_call_as_duration_cap(
+        ksr: FakeKSR, monkeypatch: pytest.MonkeyPatch, max_duration: str | None,
+        capped: int | None) -> None:
+    monkeypatch.delenv("POLICER_DIALOG_TIMEOUT", raising=False)
+    cap = f"total: {{max: 10, max_duration: {max_duration}}}" if max_duration else ""
+    policy = parse_policy(POLICY.replace("total: {max: 10}", cap or "total: {max: 10}")
+                          + "timeouts: {dialog: 60s}\n")
+    eng = Engine(policy, MemoryStore(policy.namespace), node="test-node")
+    adapter.set_engine_factory(lambda: eng)
+    ksr.invite("c1")
+    verdict = adapter.admit_current()
+    assert verdict.admitted
+    adapter.manage_current(verdict)
+    if capped:
+        # Kamailio times the answered dialog out at the cap and sends BYEs to both sides;
+        # in-dialog requests do not push that on
+        assert ksr.dialog_calls == [("dlg_manage",), ("dlg_set_timeout", capped),
+                                    ("dlg_set_property", "timeout-noreset")]
+        assert ksr.vars["$dlg_ctx(timeout_bye)"] == 1
+        assert ksr.vars["$dlg_ctx(timeout_route)"] == adapter.DURATION_CAP_ROUTE
+    else:  # no cap, or one past the dialog timeout: the dialog times out as before
+        assert ksr.dialog_calls == [("dlg_manage",)]
+        assert not any(k.startswith("$dlg_ctx(") for k in ksr.vars)
+    ksr.in_dialog("c1", "INVITE", "200")
+    adapter.dialog_event("dialog:start")
+    adapter.flush()
+    # the dialog module's timeout: its timeout route (capped calls only), then the end
+    # event, both with a faked message
+    ksr.in_dialog("c1", "OPTIONS")
+    if capped:
+        assert adapter.dialog_event("dialog:timeout") == adapter.OK
+    adapter.dialog_event("dialog:end")
+    adapter.timer()
+    assert eng.store.profile_size("total") == 0
+    (record,) = eng.store.call_records()
+    assert record.reason == ("duration_cap" if capped else "timeout")
 
 
 def test_events_go_in_batches_and_a_refused_batch_is_kept(
