@@ -401,8 +401,10 @@ class MemoryStore:
             shown = tripped if tripped >= 0 else shadow
             entry_shown = entries[shown] if shown >= 0 else None
             md = request.max_duration_ms
-            result = AdmitResult(tripped < 0 or bypass, tripped, tcount, tmax, bypass, False,
-                                 shadow, tkind, tretry, twin, md, entry_shown)
+            admitted = tripped < 0 or bypass
+            # a Retry-After answers a rejection only (the function's reply has none else)
+            result = AdmitResult(admitted, tripped, tcount, tmax, bypass, False, shadow, tkind,
+                                 -1 if admitted else tretry, twin, md, entry_shown)
             if dry:
                 return result, tuple(rows)
             if not result.admitted:

@@ -310,6 +310,7 @@ class RedisStore:
             kind=str(r[15]),
             retry_after=int(r[3]) if str(r[15]) in ("rate", "calls") else -1,
             window=str(r[16]),
+            max_duration_ms=int(r[17]) if int(r[17]) > 0 else None,
         )
 
     # -- dialog events
