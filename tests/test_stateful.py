@@ -15,7 +15,8 @@ cannot change an outcome.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 
 from conftest import STORE_TIMEOUT_MS, new_namespace, policy_text
 from hypothesis import HealthCheck, settings
@@ -29,8 +30,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from policer.calendar import LocalClock
 from policer.call import Call
+from policer.policy import Rate
 from policer.store import AdmitRequest, Member, MemoryStore, Op, RedisStore
+from policer.store.base import CallResult, Usage
 
 EARLY = 25_000
 DIALOG = 65_000
@@ -80,15 +84,18 @@ class Live:
     bypass: bool
     emergency: bool
     ended_at: int = 0
+    md: int = 0  # max duration (ms) once answered; 0 none
+    cap: int = 0  # answered: the deadline never passes this (offset time)
 
 
 class StoreComparison(RuleBasedStateMachine):
     redis_url: str = ""
+    policy_yaml: str = POLICY
 
     @initialize()
     def setup(self) -> None:
         ns = new_namespace()
-        policy = policy_text(POLICY, ns)
+        policy = policy_text(self.policy_yaml, ns)
         self.redis = RedisStore(self.redis_url, ns, timeout_ms=STORE_TIMEOUT_MS, policy=policy)
         self.memory = MemoryStore(ns, policy=policy)
         self.offset = 0
@@ -108,6 +115,9 @@ class StoreComparison(RuleBasedStateMachine):
         return {d: x for d, x in self.dialogs.items()
                 if x.state in ("early", "confirmed") and x.deadline > self.offset}
 
+    def _same(self, a: object, b: object) -> bool:
+        return a == b
+
     def _both(self, name: str, *args: object) -> object:
         a = getattr(self.redis, name)(*args)
         b = getattr(self.memory, name)(*args)
@@ -115,8 +125,11 @@ class StoreComparison(RuleBasedStateMachine):
             # record ids and clocks differ by store; everything else must match
             a = (a.dialog_id, a.reason, a.profiles, a.call_id, dict(a.variables))
             b = (b.dialog_id, b.reason, b.profiles, b.call_id, dict(b.variables))
-        assert a == b, f"{name}{args}: redis {a!r} != memory {b!r}"
+        assert self._same(a, b), f"{name}{args}: redis {a!r} != memory {b!r}"
         return a
+
+    def _admitted_call(self, call: Call, who: str, kind: str, r: CallResult) -> None:
+        """A decision of ``admit_call`` (a subclass checks it against its own books)."""
 
     # -- rules
     @rule(did=st.sampled_from(DIDS), who=st.sampled_from(USERS),
@@ -145,12 +158,14 @@ class StoreComparison(RuleBasedStateMachine):
         call = Call.from_raw(f"call-{i}", "tag", from_user=who, from_domain="example.net",
                              ruri_user=NUMBERS[kind])
         r = self._both("admit_call", call, "n1")
+        assert isinstance(r, CallResult)
         members = {"local": (TOTAL, user(who)), "international": (TOTAL, INTL, user(who)),
                    "sos-bypass": (TOTAL, EMERG, user(who))}[kind]
-        if r.admitted and not r.duplicate:  # type: ignore[attr-defined]
+        self._admitted_call(call, who, kind, r)
+        if r.admitted and not r.duplicate:
             self.dialogs[call.dialog_id] = Live(members, self.offset + EARLY, "early",
-                                                r.bypass,  # type: ignore[attr-defined]
-                                                kind == "sos-bypass")
+                                                r.bypass, kind == "sos-bypass",
+                                                md=r.max_duration_ms or 0)
 
     @rule(did=st.sampled_from(DIDS), answered=st.booleans())
     def answer_and_end_in_one_batch(self, did: str, answered: bool) -> None:
@@ -185,14 +200,21 @@ class StoreComparison(RuleBasedStateMachine):
         assert ok == expected
         if ok:
             d = self.dialogs[did]
+            if d.md and not d.cap:  # answered: it ends at answer + max duration at the latest
+                d.cap = self.offset + d.md
             d.state, d.deadline = "confirmed", self.offset + DIALOG
+            if d.cap:
+                d.deadline = min(d.deadline, d.cap)
 
     @rule(did=st.sampled_from(DIDS))
     def refresh(self, did: str) -> None:
         ok = self._both("refresh", did, REFRESH)
         assert ok == (did in self._live())
         if ok:
-            self.dialogs[did].deadline = self.offset + REFRESH
+            d = self.dialogs[did]
+            d.deadline = self.offset + REFRESH
+            if d.cap:
+                d.deadline = min(d.deadline, d.cap)
 
     @rule(did=st.sampled_from(DIDS), reason=st.sampled_from(REASONS))
     def release(self, did: str, reason: str) -> None:
@@ -274,6 +296,243 @@ class StoreComparison(RuleBasedStateMachine):
 
 def test_redis_store_matches_the_in_process_model(redis_url: str) -> None:
     class Machine(StoreComparison):
+        def teardown(self) -> None:
+            if hasattr(self, "redis"):
+                self.everything_ends()
+            super().teardown()
+
+    Machine.redis_url = redis_url
+    run_state_machine_as_test(
+        Machine,
+        settings=settings(max_examples=60, stateful_step_count=40, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow]),
+    )
+
+
+# ----------------------------------------------------------------------------- policy v2
+
+#: The same profiles with call rates, calendar windows, a schedule and a max duration.
+#: The rates' emission interval T = 12.44 s is chosen so that no multiple of it up to
+#: 40 T comes within 240 ms of a multiple of 10 s (the steps time moves in): a call
+#: never arrives just when a token does, so the milliseconds between the two stores'
+#: clocks cannot decide a rate. Windows and schedules change on whole minutes; the
+#: clock stays 5 s past them.
+POLICY_V2 = """
+version: 2
+namespace: stateful
+timezone: Europe/Berlin
+classes:
+  emergency: {numbers: ["112"]}
+  international: {prefixes: ["00"]}
+  local: {default: true}
+schedules:
+  business: {days: [mon, tue, wed, thu, fri], hours: "08:00-18:00"}
+profiles:
+  total: {}
+  international: {when: {class: international}}
+  emergency: {when: {class: emergency}}
+  user: {value: from_user}
+limits:
+  total: {max: 4, reserve_for_emergency: 1, calls: [{max: 6, per: 1m}]}
+  international:
+    - {max: 2, schedule: business, rate: {max: 1, per: 12440ms, burst: 1}}
+    - {max: 1, rate: {max: 1, per: 12440ms, burst: 1}}
+  user:
+    max: 2
+    rate: {max: 1, per: 12440ms, burst: 3}
+    calls: [{max: 5, per: 1h}, {max: 8, per: 1d}]
+    max_duration: 55s
+    rate_reject: {code: 503, reason: "Call Rate Exceeded"}
+emergency: {class: emergency, bypass: true}
+timeouts: {early: 25s, dialog: 65s}
+"""
+T_MS = 12_440
+INTL_BURST = 1
+#: Wednesday 2031-01-15 12:00:05 in Berlin: every instant the test looks at is this
+#: plus a multiple of 10 s
+START = 1_926_241_205_000
+WINDOWS = {"total": {"1m": 6}, "user": {"1h": 5, "1d": 8}}
+BOUNDARIES = ("1m", "1h", "1d")
+CLOCK = LocalClock("Europe/Berlin")
+DRIFT_MS = 60
+
+
+def _real_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class RatesAndWindows(StoreComparison):
+    """The comparison with rates, calendar windows, schedules and max durations: clock
+    jumps across window boundaries and pauses that refill a burst, live rate and window
+    caps, usage and explain. Both stores' clocks are set to START + the test's time at
+    every jump and run on from there (a store's clock never goes back: GCRA needs
+    that); when the real time spent at one instant nears the rates' margin, time jumps
+    10 s (:meth:`keep_the_clock_near`).
+
+    Its own books check the rule itself, not only Redis against the model: an
+    ordinary call is admitted only while its windows hold fewer than their max, a
+    window rejection names a full window, the international rate never lets more
+    through than its burst plus the tokens time made, and every window count the
+    stores show is the calls admitted in it."""
+
+    policy_yaml = POLICY_V2
+
+    @initialize()
+    def setup(self) -> None:
+        super().setup()
+        self.windows: dict[tuple[str, str, str, int], int] = {}  # admitted per window
+        self.live_caps: dict[tuple[str, str], int] = {}  # (user, per) -> live max
+        self.intl_times: list[int] = []  # ordinary international admits (offset time)
+        self._set_offset(0)
+
+    def _set_offset(self, ms: int) -> None:
+        self.offset = ms
+        self.anchored = _real_ms()
+        off = START + ms - self.anchored
+        self.redis.clock_offset_ms = off
+        self.memory.clock_offset_ms = off
+
+    def _same(self, a: object, b: object) -> bool:
+        # a Retry-After is rounded up from milliseconds: the stores' clocks may differ by
+        # a few, so it may differ by one second; a rate's usage is a fraction of the same
+        if isinstance(a, CallResult) and isinstance(b, CallResult):
+            ra, rb = a.retry_after, b.retry_after
+            if ra is not None and rb is not None and a.kind == "rate" and abs(ra - rb) <= 1:
+                b = replace(b, retry_after=ra)
+        if isinstance(a, Usage) and isinstance(b, Usage) and a.rate is not None \
+                and b.rate is not None and abs(a.rate - b.rate) < 0.02:
+            b = replace(b, rate=a.rate)
+        return a == b
+
+    def _now(self) -> int:
+        return START + self.offset
+
+    # -- the books
+    def _admitted_call(self, call: Call, who: str, kind: str, r: CallResult) -> None:
+        now = self._now()
+        if r.duplicate:
+            return
+        if not r.admitted and r.kind == "calls":
+            assert r.limit is not None and r.window in WINDOWS[r.limit]
+            value = who if r.limit == "user" else ""
+            wid = CLOCK.window(r.window, now)[0]
+            n = self.windows.get((r.limit, value, r.window, wid), 0)
+            assert (r.count, r.max) == (n, self._window_max(r.limit, value, r.window))
+            assert n >= r.max
+        if not r.admitted:
+            return
+        for label in r.memberships:
+            profile, _, value = label.partition("=")
+            for per in WINDOWS.get(profile, {}):
+                key = (profile, value, per, CLOCK.window(per, now)[0])
+                n = self.windows.get(key, 0)
+                if not r.bypass:  # never more ordinary calls in a window than its max
+                    assert n < self._window_max(profile, value, per), (key, n)
+                self.windows[key] = n + 1
+        if "international" in r.memberships and not r.bypass:
+            self.intl_times.append(self.offset)
+            t = self.intl_times
+            for i in range(len(t)):  # GCRA: at most burst + what time regenerated
+                assert len(t) - i <= INTL_BURST + (t[-1] - t[i] + DRIFT_MS) / T_MS, t
+        assert r.max_duration_ms == 55_000
+
+    def _window_max(self, profile: str, value: str, per: str) -> int:
+        return self.live_caps.get((value, per), WINDOWS[profile][per]) if value \
+            else WINDOWS[profile][per]
+
+    # -- rules
+    @rule(calls=st.lists(st.tuples(st.integers(0, len(DIDS) - 1), st.sampled_from(USERS),
+                                   st.sampled_from(["local", "international", "sos-bypass"])),
+                         min_size=2, max_size=6))
+    def burst(self, calls: list[tuple[int, str, str]]) -> None:
+        """Calls at one instant: bursts that trip rates and fill windows."""
+        for i, who, kind in calls:
+            self.keep_the_clock_near()
+            self.admit_call(i, who, kind)
+
+    @rule(per=st.sampled_from(BOUNDARIES))
+    def jump_across(self, per: str) -> None:
+        """To 5 s after the next boundary of a calendar window."""
+        end = CLOCK.window(per, self._now())[1]
+        self._set_offset(end + 5_000 - START)
+
+    @rule(ms=st.sampled_from([40_000, 130_000]))
+    def pause(self, ms: int) -> None:
+        """Long enough for the rates' bursts to refill (partly, wholly)."""
+        self._set_offset(self.offset + ms)
+
+    @rule(who=st.sampled_from(USERS), burst=st.sampled_from([None, 1, 2]))
+    def live_rate(self, who: str, burst: int | None) -> None:
+        rate = None if burst is None else Rate(1, T_MS, burst)
+        self._both("rate_limit_set", "user", who, rate)
+
+    @rule(who=st.sampled_from(USERS), per=st.sampled_from(["1h", "1d"]),
+          mx=st.sampled_from([None, 0, 2, 4]))
+    def live_window(self, who: str, per: str, mx: int | None) -> None:
+        old = self._both("calls_limit_set", "user", who, per, mx)
+        assert old == self.live_caps.get((who, per))
+        if mx is None:
+            self.live_caps.pop((who, per), None)
+        else:
+            self.live_caps[(who, per)] = mx
+
+    @rule(i=st.integers(0, len(DIDS) - 1), who=st.sampled_from(USERS),
+          kind=st.sampled_from(["local", "international", "sos-bypass"]),
+          hours=st.sampled_from([None, 0, 11, 24 * 3 + 3]))
+    def explain(self, i: int, who: str, kind: str, hours: int | None) -> None:
+        """The dry run, now or at another instant (a night, a weekend): the same on both
+        stores, and it changes nothing."""
+        call = Call.from_raw(f"call-{i}", "tag", from_user=who, from_domain="example.net",
+                             ruri_user=NUMBERS[kind])
+        at = None if hours is None else self._now() + hours * 3_600_000
+        before = self._both("stats")
+        r = self._both("explain_call", call, at)
+        assert isinstance(r, CallResult)
+        if kind == "international" and at is not None:
+            rows = [x for x in r.rows if x.profile == "international"]
+            business = CLOCK.minute_of_week(at) % 1440 in range(480, 1080) \
+                and CLOCK.minute_of_week(at) < 5 * 1440
+            assert [x.max for x in rows] == [2 if business else 1]
+        assert self._both("stats") == before
+
+    # -- invariants
+    @invariant()
+    def keep_the_clock_near(self) -> None:
+        """The stores' clocks run ahead of the test's time by the real time spent since
+        the last jump: well below the rates' 240 ms margin, or time jumps 10 s."""
+        if hasattr(self, "redis") and _real_ms() - self.anchored > DRIFT_MS:
+            self._set_offset(self.offset + 10_000)
+
+    @invariant()
+    def usage_is_what_was_admitted(self) -> None:
+        if not hasattr(self, "redis"):
+            return
+        now = self._now()
+        for profile, value in (("total", None), ("international", None),
+                               *(("user", u) for u in USERS)):
+            u = self._both("usage", profile, value)
+            assert isinstance(u, Usage)
+            expected = {per: self.windows.get((profile, value or "", per,
+                                               CLOCK.window(per, now)[0]), 0)
+                        for per in WINDOWS.get(profile, {})}
+            assert dict(u.calls) == expected, (profile, value)
+
+    def everything_ends(self) -> None:
+        super().everything_ends()
+        # and after every window, every count and every rate is back to zero
+        self._set_offset(self.offset + 2 * 86_400_000)
+        for profile, value in (("total", None), ("international", None),
+                               *(("user", u) for u in USERS)):
+            u = self._both("usage", profile, value)
+            assert isinstance(u, Usage)
+            assert all(n == 0 for n in u.calls.values()), (profile, u)
+            assert u.rate in (None, 0.0), (profile, u)
+        self._both("tick", "n1", 0, False)  # the sweep of stale rate and window state
+        assert self._both("usage", "user", "alice") == Usage(0.0, {"1h": 0, "1d": 0})
+
+
+def test_redis_matches_the_model_with_rates_windows_and_schedules(redis_url: str) -> None:
+    class Machine(RatesAndWindows):
         def teardown(self) -> None:
             if hasattr(self, "redis"):
                 self.everything_ends()
