@@ -173,7 +173,9 @@ def _entry(lim: Limit, idx: int, policy_shadow: bool, sched_index: dict[str, int
     if lim.rate is not None:
         fields.update(T=lim.rate.interval_us, tau=lim.rate.tolerance_us, burst=lim.rate.burst)
     if lim.calls:
-        fields["win"] = [[w.per, w.max] for w in lim.calls]
+        # {per, max, the pattern of its part of the state field, its live cap's pattern}
+        fields["win"] = [[w.per, w.max, f"|{w.per}=(%d+):(%d+)", f",{w.per}=(%d+)"]
+                         for w in lim.calls]
     return "{" + ", ".join(f"{k} = {_lua(v)}" for k, v in fields.items() if v is not None) + "}"
 
 
@@ -252,7 +254,6 @@ def compile_policy(policy: Policy | None, namespace: str | None = None) -> Libra
             lim.schedule is not None for es in policy.limit_entries.values() for lim in es)),
         ("MD_DEFAULT", -1 if policy is None or policy.timeouts.max_duration_ms is None
          else policy.timeouts.max_duration_ms),
-        ("VALUED", [p.name for p in policy.profiles if p.value is not None] if policy else []),
         ("MD_CLASS", dict(policy.timeouts.max_duration_by_class) if policy else {}),
         ("EARLY_MS", policy.timeouts.early_ms if policy else 120_000),
         ("DIALOG_MS", policy.timeouts.dialog_ms if policy else 43_200_000),

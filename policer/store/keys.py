@@ -9,14 +9,13 @@ key                                    type       holds
 ``policer:{ns}:d:<dialog id>``         hash       one dialog: state, times, keys, info, vars
 ``policer:{ns}:p:<profile>``           zset       no-value profile: dialog id -> deadline ms
 ``policer:{ns}:p:<profile>:<value>``   zset       valued profile, one per value
-``policer:{ns}:l:<profile>``           hash       live limits: value -> max; rate and
-                                                  calendar state and live caps:
-                                                  ``value|r`` (GCRA arrival time, us),
-                                                  ``value|c<per>`` (``<window id>:<count>``),
-                                                  ``value|R`` (live rate
-                                                  ``max:per_ms:burst``), ``value|C<per>``
-``policer:{ns}:sweep``                 hash       where the tick's sweep of stale rate and
-                                                  window state stands
+``policer:{ns}:l:<profile>``           hash       live limits: value -> max, and
+                                                  ``value|L`` live rate and window caps
+                                                  (``,R=max:per_ms:burst``, ``,<per>=max``)
+``policer:{ns}:t``                     hash       rate and calendar state: ``<profile>``
+                                                  or ``<profile>:<value>`` -> GCRA arrival
+                                                  time (us), then ``|<per>=<id>:<count>``
+``policer:{ns}:sweep``                 string     the tick's HSCAN cursor over ``t``
 ``policer:{ns}:n:<node>``              zset       a node's dialogs -> deadline ms
 ``policer:{ns}:nidx``                  set        nodes that have an ``n:<node>`` index
 ``policer:{ns}:nodes``                 zset       nodes holding a lease -> its end (ms)

@@ -476,25 +476,34 @@ class RedisStore:
         # fields with a '|' are rate and window state, or live rates and windows
         return {value_from_key(k): int(v) for k, v in raw.items() if "|" not in k}
 
-    def _swap_field(self, profile: str, field: str, value: str | None) -> str | None:
+    def _swap_live(self, profile: str, value: str, item: str, new: str | None) -> str | None:
+        """Set (None: remove) one item of a value's live rate and window caps (the
+        ``<enc>|L`` field: ``,R=<max>:<per ms>:<burst>`` and ``,<per>=<max>`` items);
+        returns the item's previous value."""
         client = self.client
-        key = self.keys.limits(profile)
+        key, field = self.keys.limits(profile), key_part(value) + "|L"
 
-        def swap() -> Any:
-            pipe = client.pipeline(transaction=True)
-            pipe.hget(key, field)
-            if value is None:
-                pipe.hdel(key, field)
+        def swap(pipe: Any) -> str | None:
+            raw = pipe.hget(key, field)
+            items = _live_items(None if raw is None else str(raw))
+            old = items.pop(item, None)
+            if new is not None:
+                items[item] = new
+            pipe.multi()
+            if items:
+                pipe.hset(key, field, "".join(f",{k}={v}" for k, v in items.items()))
             else:
-                pipe.hset(key, field, value)
-            return pipe.execute()[0]
+                pipe.hdel(key, field)
+            return old
 
-        old = self._run(swap)
-        return None if old is None else str(old)
+        tx: Any = client  # redis-py types transaction()'s callable as returning None
+        result: str | None = self._run(lambda: tx.transaction(
+            swap, key, value_from_callable=True))
+        return result
 
     def rate_limit_set(self, profile: str, value: str, rate: Rate | None) -> Rate | None:
-        old = self._swap_field(profile, key_part(value) + "|R", None if rate is None else
-                               f"{rate.max}:{rate.per_ms}:{rate.burst}")
+        old = self._swap_live(profile, value, "R", None if rate is None else
+                              f"{rate.max}:{rate.per_ms}:{rate.burst}")
         if old is None:
             return None
         mx, per, burst = (int(x) for x in old.split(":"))
@@ -502,8 +511,7 @@ class RedisStore:
 
     def calls_limit_set(self, profile: str, value: str, per: str, maximum: int | None
                         ) -> int | None:
-        old = self._swap_field(profile, f"{key_part(value)}|C{per}",
-                               None if maximum is None else str(maximum))
+        old = self._swap_live(profile, value, per, None if maximum is None else str(maximum))
         return None if old is None else int(old)
 
     def usage(self, profile: str, value: str | None) -> Usage:
@@ -513,22 +521,31 @@ class RedisStore:
         now = self.now_ms()
         entry = (policy.limit_at(profile, self._clock.minute_of_week(now))
                  if policy is not None else None)
-        windows = [w.per for w in entry.calls] if entry is not None else []
-        fields = [enc + "|r", enc + "|R"] + [f"{enc}|c{per}" for per in windows]
-        raw = self._run(lambda: client.hmget(self.keys.limits(profile), fields))
+        field = f"{profile}:{enc}" if enc else profile
+
+        def read() -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            pipe.hget(self.keys.prefix + "t", field)
+            pipe.hget(self.keys.limits(profile), enc + "|L")
+            return list(pipe.execute())
+
+        raw = self._run(read)
+        state = str(raw[0] or "")
+        live = _live_items(None if raw[1] is None or not enc else str(raw[1]))
         rate = entry.rate if entry is not None else None
-        if raw[1] is not None and enc:
-            mx, per_ms, burst = (int(x) for x in str(raw[1]).split(":"))
+        if "R" in live:
+            mx, per_ms, burst = (int(x) for x in live["R"].split(":"))
             rate = Rate(mx, per_ms, burst)
         used: float | None = None
         if rate is not None:
-            owed = max(0, int(float(raw[0] or 0)) - now * 1000)
+            tat = state.partition("|")[0]
+            owed = max(0, int(tat or 0) - now * 1000)
             used = owed / (rate.interval_us * rate.burst)
+        windows = dict(item.partition("=")[::2] for item in state.split("|")[1:])
         calls: dict[str, int] = {}
-        for per, state in zip(windows, raw[2:], strict=True):
-            wid, _, n = str(state or "").partition(":")
-            current = str(self._clock.window(per, now)[0])
-            calls[per] = int(n) if state is not None and wid == current else 0
+        for w in entry.calls if entry is not None else ():
+            wid, _, n = windows.get(w.per, "").partition(":")
+            calls[w.per] = int(n) if wid == str(self._clock.window(w.per, now)[0]) else 0
         return Usage(used, calls)
 
     # -- call records
@@ -582,6 +599,16 @@ class RedisStore:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _live_items(text: str | None) -> dict[str, str]:
+    """The items of a ``<enc>|L`` field: ``R`` -> ``max:per:burst``, ``<per>`` -> max."""
+    out: dict[str, str] = {}
+    for item in (text or "").split(","):
+        k, eq, v = item.partition("=")
+        if eq:
+            out[k] = v
+    return out
 
 
 def _not_loaded(namespace: str) -> StoreError:

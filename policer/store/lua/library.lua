@@ -203,7 +203,8 @@ local function days_from_civil(y, m)
 end
 
 -- The calendar window `per` holding UTC ms t: its id (local ms of its start), its end
--- (UTC ms). policer.calendar.LocalClock.window is the same arithmetic.
+-- (UTC ms), its start (UTC ms). policer.calendar.LocalClock.window is the same
+-- arithmetic.
 local function window_of(per, t)
   local off = tz_offset(t)
   local l = t + off
@@ -220,7 +221,7 @@ local function window_of(per, t)
     if m == 12 then y, m = y + 1, 1 else m = m + 1 end
     e = days_from_civil(y, m) * 86400000
   end
-  return s, e - tz_offset(e - off)
+  return s, e - tz_offset(e - off), s - tz_offset(s - off)
 end
 
 local function in_schedule(iv, mow)
@@ -385,37 +386,63 @@ local function ceil_s(ms)
   return s
 end
 
--- A member's rate and calendar windows, read from its profile's l: hash in one HMGET
--- (fields: <enc> live max, <enc>|R live rate 'max:per_ms:burst', <enc>|r the rate's
--- theoretical arrival time in us, per window <enc>|C<per> live max and <enc>|c<per>
--- '<window id>:<count>'). Checks them at now (windows at lnow: explain --at) and returns
--- {max, live, trip kind (nil none), count, max shown, retry s (-1 static), window,
---  HSET args to spend (nil: nothing to write), owed calls (-1 no rate), burst, windows}
-local function check_member(P, m, now, lnow, emergency, want_rows)
-  local e = m[8]
-  local max, live = m[4], 0
-  local out = {max, 0, nil, 0, -1, -1, '', nil, -1, -1, ''}
-  local T, tau, burst, win
-  if e then
-    T, tau, burst, win = e.T, e.tau, e.burst, e.win
-  end
-  local p = m[7]
-  if not m[2] and not (p and p.state and e and (T or win)) then
-    return out  -- unvalued (no live limits), and no rate or window applies
-  end
+-- A member's live limits, from its profile's l: hash in one HMGET: <enc> live max,
+-- <enc>|L live rate and window caps (',R=<max>:<per ms>:<burst>', ',<per>=<max>' items).
+local function read_live(P, m)
   local enc = m[3]
-  local f = {enc, enc .. '|R', enc .. '|r'}
-  if win then
-    for j = 1, #win do
-      f[#f + 1] = enc .. '|C' .. win[j][1]
-      f[#f + 1] = enc .. '|c' .. win[j][1]
+  return redis.call('HMGET', P .. 'l:' .. m[1], enc, enc .. '|L')
+end
+
+-- A member's field in the P t hash of rate and calendar state: '<profile>' or
+-- '<profile>:<enc>'; its value '<the rate's theoretical arrival time, us>' (empty without
+-- a rate) then '|<per>=<window id>:<count>' per window.
+local function state_field(m)
+  if m[2] then return m[1] .. ':' .. m[3] end
+  return m[1]
+end
+
+-- The state of every member of the call that has a rate or windows (or live caps), in
+-- one HMGET: field -> state
+local function read_timed(P, members, lives)
+  local names = {}
+  for i = 1, #members do
+    local m = members[i]
+    local e = m[8]
+    if (e and (e.T or e.win)) or (lives[i] and lives[i][2]) then
+      names[#names + 1] = state_field(m)
     end
   end
-  local r = redis.call('HMGET', P .. 'l:' .. m[1], unpack(f))
-  if r[1] then max = tonumber(r[1]); live = 1 end
-  out[1], out[2] = max, live
-  if r[2] then
-    local a, b, c = string.match(r[2], '^(%d+):(%d+):(%d+)$')
+  local out = {}
+  if #names == 0 then return out end
+  local r = redis.call('HMGET', P .. 't', unpack(names))
+  for i = 1, #names do out[names[i]] = r[i] or '' end
+  return out
+end
+
+-- The calendar window `per` at lnow: {id as written, end (UTC ms), its part of a state
+-- field up to the count, start (UTC ms)}; computed once per window, not per call (the
+-- library's upvalues live as long as it is loaded)
+local WINDOWS_AT = {}
+
+local function window_at(per, lnow)
+  local w = WINDOWS_AT[per]
+  if w and lnow >= w[4] and lnow < w[2] then return w end
+  local id, wend, wstart = window_of(per, lnow)
+  local ids = string.format('%d', id)
+  w = {ids, wend, '|' .. per .. '=' .. ids .. ':', wstart}
+  WINDOWS_AT[per] = w
+  return w
+end
+
+-- Check a member's rate and calendar windows (L: its live caps, as read_live reads
+-- them; state: its field of the t hash) at now (windows at lnow: explain --at). Returns: trip kind (nil none), count, max shown, retry s, window,
+-- the new state (nil: nothing to spend), owed calls (-1 no rate), burst (-1),
+-- windows as 'per:count:max' lines (rows only).
+local function check_state(e, L, state, now, lnow, want_rows)
+  local T, tau, burst, win
+  if e then T, tau, burst, win = e.T, e.tau, e.burst, e.win end
+  if L then
+    local a, b, c = string.match(L, ',R=(%d+):(%d+):(%d+)')
     if a then
       a, b, c = tonumber(a), tonumber(b), tonumber(c)
       T = math.floor(b * 1000 / a)
@@ -423,46 +450,66 @@ local function check_member(P, m, now, lnow, emergency, want_rows)
       tau, burst = T * (c - 1), c
     end
   end
-  local writes = {}
+  if not T and not win then return nil, 0, -1, -1, '', nil, -1, -1, '' end
+  state = state or ''
+  local kind, count, max, retry, window, owed, shown = nil, 0, -1, -1, '', -1, ''
+  local tat_old = string.match(state, '^%d*')
+  local parts = {tat_old}  -- a rate that does not apply now keeps its time
+  local kept = #tat_old  -- bytes of the old state this call rewrites
   if T then
     local now_us = now * 1000
-    local tat = tonumber(r[3]) or 0
+    local tat = tonumber(tat_old) or 0
     if tat < now_us then tat = now_us end
-    local owed = math.ceil((tat - now_us) / T)
-    out[9], out[10] = owed, burst
+    owed = math.ceil((tat - now_us) / T)
     if now_us < tat - tau then
-      out[3], out[4], out[5] = 'rate', owed, burst
-      out[6] = ceil_s((tat - tau - now_us) / 1000)
+      kind, count, max = 'rate', owed, burst
+      retry = ceil_s((tat - tau - now_us) / 1000)
     end
-    writes[#writes + 1] = enc .. '|r'
-    writes[#writes + 1] = string.format('%.0f', tat + T)
+    parts[1] = string.format('%d', tat + T)
+  else
+    burst = -1
   end
+  local mine = nil
   if win then
-    local shown = {}
+    local rows = nil
+    if want_rows then rows = {} end
     for j = 1, #win do
-      local per, wmax = win[j][1], win[j][2]
-      local lw = r[2 + 2 * j]
-      if lw then wmax = tonumber(lw) end
-      local id, wend = window_of(per, lnow)
-      local ids = string.format('%.0f', id)
+      local wj = win[j]
+      local per, wmax = wj[1], wj[2]
+      if L then
+        local lw = string.match(L, wj[4])
+        if lw then wmax = tonumber(lw) end
+      end
+      local w = window_at(per, lnow)
       local n = 0
-      local st = r[3 + 2 * j]
-      if st then
-        local sid, sn = string.match(st, '^(%d+):(%d+)$')
-        if sid == ids then n = tonumber(sn) end
+      local sid, sn = string.match(state, wj[3])
+      if sid then
+        kept = kept + #per + #sid + #sn + 3
+        if sid == w[1] then n = tonumber(sn) end
       end
-      if want_rows then shown[#shown + 1] = per .. ':' .. n .. ':' .. wmax end
-      if out[3] == nil and n >= wmax then
-        out[3], out[4], out[5], out[7] = 'calls', n, wmax, per
-        out[6] = ceil_s(wend - lnow)
+      if rows then rows[#rows + 1] = per .. ':' .. n .. ':' .. wmax end
+      if kind == nil and n >= wmax then
+        kind, count, max, window = 'calls', n, wmax, per
+        retry = ceil_s(w[2] - lnow)
       end
-      writes[#writes + 1] = enc .. '|c' .. per
-      writes[#writes + 1] = ids .. ':' .. (n + 1)
+      parts[#parts + 1] = w[3] .. (n + 1)
     end
-    out[11] = table.concat(shown, '\n')
+    if rows then shown = table.concat(rows, '\n') end
+    mine = win
   end
-  if #writes > 0 then out[8] = writes end
-  return out
+  if #state > kept then
+    -- windows of another entry (a schedule switched, a live cap): kept as they are
+    for per, v in string.gmatch(state, '|(%w+)=([%d:]+)') do
+      local own = false
+      if mine then
+        for j = 1, #mine do
+          if mine[j][1] == per then own = true; break end
+        end
+      end
+      if not own then parts[#parts + 1] = '|' .. per .. '=' .. v end
+    end
+  end
+  return kind, count, max, retry, window, table.concat(parts), owed, burst, shown
 end
 
 -- The answer to a rejection: {code, reason, retry} of the entry that tripped (its
@@ -540,50 +587,74 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
   local rows = {}
   local keys = {}
   local spend = {}
+  local nochecks = record and not dry
+  local tstate = nil  -- the members' rate and window state (read_timed), on first need
+  local lives = {}  -- valued members' live limits (read_live)
   for i = 1, n do
     local m = members[i]
     local zkey = member_key(P, m)
     keys[i] = zkey
-    local c = check_member(P, m, now, lnow, emergency, dry)
-    local max = c[1]
-    if c[8] then spend[i] = c[8] end
-    if ((max >= 0 or c[3]) and not record) or dry then
-      local count = 0
-      local effective = max
-      local kind = c[3]
-      if max >= 0 or dry then
-        count = redis.call('ZCOUNT', zkey, '(' .. NOW_S, '+inf')
-        if not emergency then effective = max - m[5] end
-        if max >= 0 and count >= effective then kind = 'concurrent' end
-      end
-      local kcount, kmax, kretry, kwin = count, effective, -1, ''
-      if kind ~= 'concurrent' and kind then kcount, kmax, kretry, kwin = c[4], c[5], c[6], c[7] end
-      if dry then
-        local sh, tr, val = 0, 0, ''
-        if m[6] then sh = 1 end
-        if kind then tr = 1 end
-        if m[2] then val = m[3] end
-        rows[#rows + 1] = {m[1], val, count, max, effective, c[2], sh, tr, c[9], c[10], c[11],
-                           kind or ''}
-      end
-      if kind and not record then
-        if m[6] then
-          if shadow == 0 then
-            shadow = i
-            if tripped == 0 then
-              tcount, tmax, tkind, tretry, twin = kcount, kmax, kind, kretry, kwin
-            end
-          end
-        elseif bypass_allowed then
-          if tripped == 0 then
-            if kind == 'concurrent' then kmax = max end
-            tripped, tcount, tmax, tkind, tretry, twin = i, kcount, kmax, kind, kretry, kwin
-          end
-          bypass = 1
-        elseif tripped == 0 then
-          tripped, tcount, tmax, tkind, tretry, twin = i, kcount, kmax, kind, kretry, kwin
-          if not dry then break end
+    local e = m[8]
+    local timed = e and (e.T or e.win)
+    local max, live, st = m[4], 0, nil
+    if m[2] then  -- valued: its live limits
+      st = lives[i]
+      if st == nil then st = read_live(P, m); lives[i] = st end
+      if st[1] then max = tonumber(st[1]); live = 1 end
+    end
+    local count, effective, kind = 0, max, nil
+    if (max >= 0 and not nochecks) or dry then
+      count = redis.call('ZCOUNT', zkey, '(' .. NOW_S, '+inf')
+      if not emergency then effective = max - m[5] end
+      if max >= 0 and count >= effective then kind = 'concurrent' end
+    end
+    local kcount, kmax, kretry, kwin = count, effective, -1, ''
+    -- the rate and windows: checked unless concurrency already rejects this call
+    -- (then nothing is spent anyway), and spent when it is admitted
+    local owed, burst, shown = -1, -1, ''
+    if (timed or (st and st[2])) and (kind == nil or dry or m[6] or bypass_allowed) then
+      local L = nil
+      if st then L = st[2] end
+      if tstate == nil then
+        -- the later members' live limits too (read now, not again below)
+        for j = i + 1, n do
+          if members[j][2] then lives[j] = read_live(P, members[j]) end
         end
+        tstate = read_timed(P, members, lives)
+      end
+      local state = tstate[state_field(m)]
+      local k, c2, c3, c4, c5, new
+      k, c2, c3, c4, c5, new, owed, burst, shown = check_state(e, L, state, now, lnow, dry)
+      if new then spend[i] = new end
+      if kind == nil and k and not nochecks then
+        kind, kcount, kmax, kretry, kwin = k, c2, c3, c4, c5
+      end
+    end
+    if dry then
+      local sh, tr, val = 0, 0, ''
+      if m[6] then sh = 1 end
+      if kind then tr = 1 end
+      if m[2] then val = m[3] end
+      rows[#rows + 1] = {m[1], val, count, max, effective, live, sh, tr, owed, burst, shown,
+                         kind or ''}
+    end
+    if kind and not nochecks then
+      if m[6] then
+        if shadow == 0 then
+          shadow = i
+          if tripped == 0 then
+            tcount, tmax, tkind, tretry, twin = kcount, kmax, kind, kretry, kwin
+          end
+        end
+      elseif bypass_allowed then
+        if tripped == 0 then
+          if kind == 'concurrent' then kmax = max end
+          tripped, tcount, tmax, tkind, tretry, twin = i, kcount, kmax, kind, kretry, kwin
+        end
+        bypass = 1
+      elseif tripped == 0 then
+        tripped, tcount, tmax, tkind, tretry, twin = i, kcount, kmax, kind, kretry, kwin
+        if not dry then break end
       end
     end
   end
@@ -627,9 +698,14 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
   local deadline = now + early_ms
   local dl = tostring(deadline)
   local results = {}
+  local tspend = nil
   for i = 1, n do
     redis.call('ZADD', keys[i], dl, did)
-    if spend[i] then redis.call('HSET', P .. 'l:' .. members[i][1], unpack(spend[i])) end
+    if spend[i] then
+      if tspend == nil then tspend = {} end
+      tspend[#tspend + 1] = state_field(members[i])
+      tspend[#tspend + 1] = spend[i]
+    end
     local result = 'admitted'
     if record then
       result = 'store_error'
@@ -640,6 +716,7 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
     end
     results[i] = result .. '|' .. members[i][1]
   end
+  if tspend then redis.call('HSET', P .. 't', unpack(tspend)) end
   -- the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
   redis.call('ZADD', P .. 'n:' .. node, dl, did)
   if register then redis.call('SADD', P .. 'nidx', node) end
@@ -976,38 +1053,28 @@ local function sweep_expired(P, now, batch)
 end
 
 -- Rate and window state of values that went quiet: a rate whose owed time has passed
--- and a window that has ended say nothing a missing field would not. Walks the l:
--- hashes of valued profiles (VALUED), `batch` fields per tick, resuming where the last
--- tick stopped (P sweep: profile index i, HSCAN cursor c). Live limits stay.
+-- and windows that have ended say nothing a missing field would not. Walks the P t
+-- hash, `batch` fields per tick, resuming where the last tick stopped (P sweep: the
+-- HSCAN cursor). Live limits (l: hashes) stay.
 local function sweep_state(P, now, batch)
-  if #VALUED == 0 then return 0 end
   local skey = P .. 'sweep'
-  local cur = redis.call('HMGET', skey, 'i', 'c')
-  local i = tonumber(cur[1]) or 1
-  if i > #VALUED then i = 1 end
-  local lkey = P .. 'l:' .. VALUED[i]
-  local res = redis.call('HSCAN', lkey, cur[2] or '0', 'COUNT', batch)
+  local tkey = P .. 't'
+  local res = redis.call('HSCAN', tkey, redis.call('GET', skey) or '0', 'COUNT', batch)
   local fields = res[2]
   local del = {}
   local now_us = now * 1000
-  local ids = {}
   for j = 1, #fields, 2 do
-    local f, v = fields[j], fields[j + 1]
-    local bar = string.find(f, '|', 1, true)
-    if bar then
-      local k = string.sub(f, bar + 1, bar + 1)
-      if k == 'r' then
-        if (tonumber(v) or 0) <= now_us then del[#del + 1] = f end
-      elseif k == 'c' then
-        local per = string.sub(f, bar + 2)
-        if ids[per] == nil then ids[per] = string.format('%.0f', window_of(per, now)) end
-        if string.match(v, '^(%d+):') ~= ids[per] then del[#del + 1] = f end
+    local v = fields[j + 1]
+    local stale = (tonumber(string.match(v, '^%d+')) or 0) <= now_us
+    if stale then
+      for per, id in string.gmatch(v, '|(%w+)=(%d+):') do
+        if window_at(per, now)[1] == id then stale = false; break end
       end
     end
+    if stale then del[#del + 1] = fields[j] end
   end
-  if #del > 0 then redis.call('HDEL', lkey, unpack(del)) end
-  if res[1] == '0' then i = i + 1 end
-  redis.call('HSET', skey, 'i', tostring(i), 'c', res[1])
+  if #del > 0 then redis.call('HDEL', tkey, unpack(del)) end
+  redis.call('SET', skey, res[1])
   return #del
 end
 
