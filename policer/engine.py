@@ -14,11 +14,12 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from policer.call import Call
 from policer.classify import Classification, Classifier
 from policer.compile import TICK_BATCH
+from policer.decision import Decision, EngineMetrics
 from policer.log import get_logger
 from policer.policy import Policy, Reject, load_policy
 from policer.reload import PolicyWatcher
@@ -34,46 +35,6 @@ _DRAIN_BEFORE_ADMIT = 200
 _DRAIN_PER_TICK = 5_000
 #: Queued operations per store call.
 _BATCH = 200
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The answer to one INVITE."""
-
-    admitted: bool
-    code: int
-    reason: str
-    retry_after: int | None
-    dialog_id: str
-    limit: str | None = None  # the profile whose limit tripped (or was bypassed / shadowed)
-    count: int = 0
-    max: int = -1
-    bypass: bool = False  # an emergency call admitted over a limit
-    shadow: bool = False  # a shadow limit would have rejected this admitted call
-    duplicate: bool = False  # the dialog was decided before; this is that decision
-    fallback: bool = False  # the store failed: on_store_error decided
-    number_class: str | None = None
-    memberships: tuple[str, ...] = ()
-    error: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "admitted": self.admitted,
-            "code": self.code,
-            "reason": self.reason,
-            "retry_after": self.retry_after,
-            "limit": self.limit,
-            "count": self.count,
-            "max": self.max,
-            "bypass": self.bypass,
-            "shadow": self.shadow,
-            "duplicate": self.duplicate,
-            "fallback": self.fallback,
-            "dialog_id": self.dialog_id,
-            "class": self.number_class,
-            "memberships": list(self.memberships),
-            "error": self.error,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,20 +79,6 @@ class Explanation:
             ],
             "decision": self.decision.as_dict(),
         }
-
-
-class EngineMetrics(Protocol):
-    """What the engine reports to (``policer.metrics.WorkerMetrics`` implements it)."""
-
-    def decision(self, d: Decision, seconds: float) -> None: ...
-
-    def store_error(self, op: str) -> None: ...
-
-    def pending(self, queued: int, dropped: int) -> None: ...
-
-    def breaker(self, is_open: bool) -> None: ...
-
-    def reload(self, result: str) -> None: ...
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from policer.decision import Decision
 from policer.log import get_logger
 from policer.snapshot import take_snapshot
 from policer.store import StoreError
@@ -36,7 +37,7 @@ from policer.store.base import END_REASONS
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from policer.engine import Decision, Engine
+    from policer.engine import Engine
 
 __all__ = [
     "DECISION_RESULTS",

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 from policer.call import Call, dialog_id, split_dialog_id
 from policer.compile import compile_policy
-from policer.engine import Decision, Engine
+from policer.decision import Decision
+from policer.engine import Engine
 from policer.policy import Policy, load_policy
 from policer.reload import PolicyWatcher
 from policer.store import Op, StoreError, open_store
