@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from policer.call import Call, dialog_id
@@ -536,16 +538,23 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from policer.simulate import run
+#: Commands that run a tool of the repository (not part of the installed package): the
+#: module ``python -m`` runs, from the checkout's root.
+TOOLS = {"simulate": "lab.simulate", "bench": "benchmarks"}
 
-    return run(args)
 
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from policer import bench
-
-    return bench.run(args)
+def run_tool(command: str, argv: Sequence[str]) -> int:
+    """``policer simulate`` / ``policer bench``: run the tool from the checkout this
+    package is installed from (editable, as bin/setup does), with the same interpreter."""
+    module = TOOLS[command]
+    root = Path(__file__).resolve().parent.parent
+    if not (root / module.split(".")[0] / "__init__.py").is_file():
+        raise CliError(f"{command}: runs from a checkout of the policer repository "
+                       f"({module.split('.')[0]}/ is not part of the installed package); "
+                       f"install with bin/setup (pip install -e .) and run it from there")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    return subprocess.call([sys.executable, "-m", module, *argv], env=env)
 
 
 # --------------------------------------------------------------------------- parser
@@ -659,27 +668,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_nodes)
 
-    p = sub.add_parser("simulate", help="a live simulation: worker processes place calls "
-                                        "through a real Redis")
-    p.add_argument("--seconds", type=float, default=8.0, help="how long callers place calls")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--rate", type=float, default=30.0, help="calls per second per worker")
-    p.add_argument("--hold", type=float, default=1.5, help="mean call duration, seconds")
-    _common(p)
-    p.set_defaults(func=cmd_simulate)
-
-    p = sub.add_parser("bench", help="measure decisions/s and latency")
-    _bench_arguments(p)
-    p.set_defaults(func=cmd_bench, log_format=None)
+    # tools of the repository: their options are theirs (policer simulate --help)
+    sub.add_parser("simulate", add_help=False,
+                   help="a live simulation: worker processes place calls through a real "
+                        "Redis (from a checkout)")
+    sub.add_parser("bench", add_help=False,
+                   help="measure decisions/s and latency (from a checkout)")
     return parser
-
-
-def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    try:
-        from policer import bench
-    except ImportError:  # pragma: no cover - bench is part of the package
-        return
-    bench.add_arguments(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -689,6 +684,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        try:
+            return run_tool(argv[0], argv[1:])
+        except CliError as e:
+            print(f"policer: {e}", file=sys.stderr)
+            return e.status
     parser = build_parser()
     args = parser.parse_args(argv)
     configure(getattr(args, "log_level", None), getattr(args, "log_format", None))

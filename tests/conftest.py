@@ -3,7 +3,7 @@ kinds with a fresh namespace per test, and helpers that build engines from
 policy text.
 
 Tests talk to a real ``redis-server`` (started by
-:class:`policer.redis_server.RedisServer` on a free loopback port); nothing is
+:class:`lab.redis_server.RedisServer` on a free loopback port); nothing is
 faked or mocked.
 """
 
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from lab.redis_server import RedisServer, find_redis_server
 from policer import log
 from policer.call import Call
 from policer.engine import Engine
 from policer.policy import Policy, load_policy, parse_policy
-from policer.redis_server import RedisServer, find_redis_server
 from policer.store import MemoryStore, RedisStore, Store
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ import pytest
 import redis
 from conftest import STORE_TIMEOUT_MS, EngineFactory, call, policy_text
 
+from lab.redis_server import RedisServer, free_port
 from policer.engine import Engine
-from policer.redis_server import RedisServer, free_port
 from policer.store import RedisStore, Store, StoreError
 
 POLICY = """

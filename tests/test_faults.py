@@ -15,9 +15,9 @@ import pytest
 from clihelp import policy_copy
 from conftest import call
 
+from lab.redis_server import RedisServer
 from policer.engine import Engine
 from policer.policy import load_policy, parse_policy
-from policer.redis_server import RedisServer
 from policer.store import RedisStore
 
 POLICY = """

@@ -24,10 +24,10 @@ import pytest
 import redis
 from clihelp import EXAMPLE, policy_copy, run_cli
 
+from lab.redis_server import RedisServer, free_port
 from policer.call import Call
 from policer.engine import Engine
 from policer.policy import parse_policy
-from policer.redis_server import RedisServer, free_port
 from policer.store import RedisStore, StoreError, open_store
 
 #: Passwords chosen to be unmistakable in any output (and to need URL quoting).

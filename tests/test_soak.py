@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 from conftest import new_namespace
 
+from lab.redis_server import RedisServer
 from policer.call import Call
 from policer.engine import Engine
 from policer.policy import parse_policy
 from policer.reconcile import ProxyDialog, reconcile
-from policer.redis_server import RedisServer
 from policer.store import RedisStore, StoreError
 
 SECONDS = float(os.environ.get("POLICER_SOAK_SECONDS", "300"))

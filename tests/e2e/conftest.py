@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from policer.redis_server import RedisServer, find_redis_server, free_udp_port
+from lab.redis_server import RedisServer, find_redis_server, free_udp_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kamailio"

@@ -10,8 +10,8 @@ call ends, and the counts return to zero. Everything started here is stopped
 here. Exit status 0 when every count returned to zero, 1 when not, 2 when the
 lab could not be started.
 
-    python -m policer.labdemo                  # about 45 s
-    python -m policer.labdemo --seconds 120 --rate 60
+    python -m lab.demo                  # about 45 s
+    python -m lab.demo --seconds 120 --rate 60
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from lab.redis_server import RedisServer, RedisServerError, free_udp_port
 from policer.engine import Engine
-from policer.redis_server import RedisServer, RedisServerError, free_udp_port
 from policer.snapshot import Snapshot, take_snapshot
 from policer.top import render
 
