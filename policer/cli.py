@@ -471,9 +471,9 @@ def cmd_exporter(args: argparse.Namespace) -> int:
         listed = parse_values(args.values)
     except ValueError as e:
         raise CliError(str(e)) from None
-    engine = _engine(args)
+    policy = _policy(args)
     try:
-        serve(engine, args.listen, top=args.top, listed=listed)
+        serve(policy, _store(args, policy), args.listen, top=args.top, listed=listed)
     except ValueError as e:
         raise CliError(str(e)) from None
     except OSError as e:
@@ -484,27 +484,30 @@ def cmd_exporter(args: argparse.Namespace) -> int:
 def cmd_top(args: argparse.Namespace) -> int:
     from policer.top import run_top
 
-    return run_top(_engine(args), once=args.once, interval=args.interval, top=args.top)
+    policy = _policy(args)
+    return run_top(policy, _store(args, policy), once=args.once, interval=args.interval,
+                   top=args.top)
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from policer.reconcile import fetch_dialogs, reconcile
 
-    engine = _engine(args)
+    policy = _policy(args)
+    store = _store(args, policy)
     reports = []
     failed = False
     for spec in args.proxy:
         node, sep, address = spec.partition("=")
         if not sep or not node or not address:
             raise CliError(f"--proxy {spec!r}: expected NODE=ADDRESS")
-        listed_at = engine.store.now_ms()
+        listed_at = store.now_ms()
         try:
             dialogs = fetch_dialogs(address, timeout=args.timeout)
         except (OSError, ValueError) as e:
             failed = True
             print(f"policer: {node}: cannot list dialogs at {address}: {e}", file=sys.stderr)
             continue
-        reports.append(reconcile(engine, node, dialogs, dry_run=args.dry_run,
+        reports.append(reconcile(policy, store, node, dialogs, dry_run=args.dry_run,
                                  listed_at_ms=listed_at))
     if args.json:
         _print_json([r.as_dict() for r in reports])

@@ -183,15 +183,6 @@ class Engine:
         self._decided(call, d, t0)
         return d
 
-    def restore(self, call: Call, node: str, confirmed: bool) -> bool:
-        """Count a call a proxy still carries but the store lost (``policer
-        reconcile``): it joins its profiles without a limit check, as admitted by
-        ``node``. Returns False when the store already had it. Raises StoreError."""
-        ops = [Op("record", call.dialog_id, call=call, node=node)]
-        if confirmed:
-            ops.append(Op("confirm", call.dialog_id, self._current.policy.timeouts.dialog_ms))
-        return bool(self.store.apply(ops)[0])
-
     def _fallback(self, call: Call, error: str, t0: float) -> Decision:
         """The policy's ``on_store_error`` decides; emergency calls are always admitted."""
         policy = self._current.policy

@@ -37,7 +37,8 @@ from policer.store.base import END_REASONS
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from policer.engine import Engine
+    from policer.policy import Policy
+    from policer.store import Store
 
 __all__ = [
     "DECISION_RESULTS",
@@ -163,20 +164,21 @@ def worker_registry() -> CollectorRegistry:
 class ClusterCollector(Collector):
     """Cluster-wide state read from the store at every scrape."""
 
-    def __init__(self, engine: Engine, top: int = 10,
+    def __init__(self, policy: Policy, store: Store, top: int = 10,
                  listed: Mapping[str, Iterable[str]] | None = None) -> None:
-        self.engine = engine
+        self.policy = policy
+        self.store = store
         self.top = top
         self.listed = {k: list(v) for k, v in (listed or {}).items()}
         self.log = get_logger("policer.exporter")
         self._near: set[tuple[str, str]] = set()
 
     def collect(self) -> Iterator[Metric]:
-        policy = self.engine.policy
+        policy = self.policy
         up = GaugeMetricFamily("policer_store_up", "1 when the store answered this scrape.")
         t0 = time.perf_counter()
         try:
-            snap = take_snapshot(policy, self.engine.store, self.top, self.listed)
+            snap = take_snapshot(policy, self.store, self.top, self.listed)
         except StoreError as e:
             self.log.error("scrape_failed", error=str(e))
             up.add_metric([], 0)

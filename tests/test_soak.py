@@ -134,7 +134,8 @@ class Soak:
             d = json.loads(path.read_text())
             dialogs = [ProxyDialog(Call.from_json(x["call_id"], x["from_tag"], x["call"]),
                                    x["confirmed"], True) for x in d["dialogs"]]
-            r = reconcile(self.engine, node, dialogs, listed_at_ms=listed_at)
+            r = reconcile(self.engine.policy, self.engine.store, node, dialogs,
+                          listed_at_ms=listed_at)
             added += len(r.added)
             removed += len(r.removed)
         return {"reconcile_added": added, "reconcile_removed": removed}
