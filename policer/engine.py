@@ -21,6 +21,7 @@ from policer.classify import Classification, Classifier
 from policer.compile import TICK_BATCH
 from policer.decision import Decision, EngineMetrics
 from policer.log import get_logger
+from policer.metrics import worker_metrics
 from policer.policy import Policy, Reject, load_policy
 from policer.reload import PolicyWatcher
 from policer.resilience import CircuitBreaker, Pending, PendingQueue
@@ -29,9 +30,13 @@ from policer.store.base import CallRecord, CallResult, DialogInfo, Op
 
 __all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "LimitView"]
 
+#: The store an engine built from the environment uses without ``POLICER_REDIS_URL``.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
 _OK = Reject(code=200, reason="OK", retry_after=None)
-#: Queued operations applied before an admit (the rest wait for later calls or tick()).
-_DRAIN_BEFORE_ADMIT = 200
+#: Queued operations applied before a dialog event (the rest wait for later events or
+#: tick()).
+_DRAIN_BEFORE_EVENT = 200
 _DRAIN_PER_TICK = 5_000
 #: Queued operations per store call.
 _BATCH = 200
@@ -118,16 +123,23 @@ class Engine:
     # -- construction
     @classmethod
     def from_env(cls, policy_path: str | None = None, redis_url: str | None = None,
-                 lease: bool = True) -> Engine:
-        """A proxy node's engine from ``POLICER_POLICY``, ``POLICER_REDIS_URL`` and
-        ``POLICER_NODE``: it holds a node lease and reloads the policy file on change."""
-        path = policy_path or os.environ.get("POLICER_POLICY") or "policies/example.yaml"
-        policy = load_policy(path)
-        url = redis_url or os.environ.get("POLICER_REDIS_URL") or "redis://127.0.0.1:6379/0"
-        store = open_store(url, policy.namespace, timeout_ms=policy.store_timeout_ms)
-        from policer.metrics import worker_metrics
+                 lease: bool = True, watch: bool = True) -> Engine:
+        """The composition root of a proxy node's engine: ``POLICER_POLICY`` (required),
+        ``POLICER_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) and ``POLICER_NODE``;
+        this process's worker metrics. It holds a node lease (``lease``) and its
+        :meth:`tick` reloads the policy file when it changes (``watch``).
 
-        return cls(policy, store, metrics=worker_metrics(), lease=lease, watch=path)
+        Raises :class:`ValueError` naming ``POLICER_POLICY`` when it is unset, and
+        :class:`policer.policy.PolicyError` when the file is missing or invalid."""
+        path = policy_path or os.environ.get("POLICER_POLICY")
+        if not path:
+            raise ValueError("POLICER_POLICY is not set: set it to the policy file this "
+                             "proxy enforces (e.g. /etc/policer/policy.yaml)")
+        policy = load_policy(path)
+        url = redis_url or os.environ.get("POLICER_REDIS_URL") or DEFAULT_REDIS_URL
+        store = open_store(url, policy.namespace, timeout_ms=policy.store_timeout_ms)
+        return cls(policy, store, metrics=worker_metrics(), lease=lease,
+                   watch=path if watch else None)
 
     @property
     def policy(self) -> Policy:
@@ -150,6 +162,13 @@ class Engine:
         self._loaded = bool(policy_hash)
         self.log.info("policy_reloaded", source=policy.source, policy_hash=policy_hash)
 
+    def poll_policy(self) -> bool:
+        """Reload the watched policy file if it changed (a ``stat`` at most once per
+        watch interval; cheap). :meth:`tick` does it; so do the Kamailio KEMI workers
+        after a dialog event, never inside an INVITE's decision. True when a new
+        policy was swapped in."""
+        return self._watcher.poll() if self._watcher is not None else False
+
     def _reload_result(self, result: str) -> None:
         if self.metrics is not None:
             self.metrics.reload(result)
@@ -159,15 +178,12 @@ class Engine:
 
     # -- the hot path
     def admit(self, call: Call) -> Decision:
-        """Decide one initial INVITE: one call of the store's decision function. Never
-        raises."""
+        """Decide one initial INVITE: one call of the store's decision function, nothing
+        else (the policy file and the queue of operations the store missed are the
+        business of :meth:`tick`). Never raises."""
         t0 = time.perf_counter()
-        if self._watcher is not None:
-            self._watcher.poll()
         if not self.breaker.allow():
             return self._fallback(call, "circuit open: the store failed repeatedly", t0)
-        if self.pending:  # what happened while the store was down goes first
-            self._drain(_DRAIN_BEFORE_ADMIT)
         try:
             r = self.store.admit_call(call, self.node)
         except StoreError as e:
@@ -262,7 +278,7 @@ class Engine:
     def _event(self, item: Pending) -> object:
         """Apply a dialog event, or queue it (in order) while the store is down."""
         if self.pending and self.breaker.allow():
-            self._drain(_DRAIN_BEFORE_ADMIT)
+            self._drain(_DRAIN_BEFORE_EVENT)
         if self.pending or not self.breaker.allow():
             self._queue(item)
             return None
@@ -369,8 +385,7 @@ class Engine:
         renew this node's lease and end dialogs of lost nodes, apply queued
         operations, reload the policy file if it changed. Never raises."""
         try:
-            if self._watcher is not None:
-                self._watcher.poll()
+            self.poll_policy()
             # one probe for the whole tick while the breaker is open; every success
             # below closes it, so a process that only ticks recovers too
             if not self.breaker.allow():
