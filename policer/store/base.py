@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
 from policer.call import pack_fields, raw_bytes, utf8_text
 from policer.classify import Member
@@ -32,6 +32,7 @@ __all__ = [
     "ExplainRow",
     "Member",
     "Op",
+    "OpKind",
     "Store",
     "StoreError",
     "pack_ops",
@@ -51,6 +52,10 @@ class StoreError(RuntimeError):
     """The store could not answer (connection lost, timeout, script error)."""
 
 
+#: The dialog events an :class:`Op` carries (a type checker refuses any other).
+OpKind = Literal["confirm", "refresh", "release", "set_var", "record"]
+
+
 class Op(NamedTuple):
     """A dialog event for :meth:`Store.apply` (applied in order, in one call).
 
@@ -59,7 +64,7 @@ class Op(NamedTuple):
     ``record`` (``call`` admitted by the fallback at ``node``: count it now).
     """
 
-    kind: str
+    kind: OpKind
     dialog_id: str
     arg: str | int = ""
     value: str = ""
