@@ -45,6 +45,7 @@ __all__ = [
     "LATENCY_BUCKETS",
     "ClusterCollector",
     "WorkerMetrics",
+    "spread",
     "worker_metrics",
     "worker_registry",
 ]
@@ -106,13 +107,13 @@ class WorkerMetrics:
     def observed(self, result: str, buckets: list[int], seconds: float) -> None:
         """Decisions another process measured (the native cfg's SIP workers count them
         per bucket of :data:`LATENCY_BUCKETS`, the last entry being +Inf): add them to
-        ``policer_decision_seconds`` as if observed here, with their latency sum."""
-        child = self.decision_seconds.labels(result)  # its values: buckets (last +Inf), sum
-        for value, n in zip(child._buckets, buckets, strict=False):
-            if n > 0:
-                value.inc(n)
-        if seconds > 0:
-            child._sum.inc(seconds)
+        ``policer_decision_seconds`` with their latency sum, through the public
+        ``observe`` (one per decision, each at a value inside its bucket: the bucket
+        counts are exact and so is the sum whenever it fits the buckets)."""
+        child = self.decision_seconds.labels(result)
+        for value, n in spread(buckets, seconds):
+            for _ in range(n):
+                child.observe(value)
 
     def probe(self, seconds: float) -> None:
         self.probe_seconds.observe(seconds)
@@ -138,6 +139,28 @@ class WorkerMetrics:
 
     def reload(self, result: str) -> None:
         self.reloads.labels(result).inc()
+
+
+def spread(buckets: list[int], seconds: float) -> list[tuple[float, int]]:
+    """(value, how many) per non-empty bucket of :data:`LATENCY_BUCKETS` (+Inf last)
+    such that every value lies in its bucket and, when the buckets allow it, the
+    values add up to ``seconds``."""
+    bounds = (*LATENCY_BUCKETS, float("inf"))
+    lows = (0.0, *LATENCY_BUCKETS)
+    filled = [(lo, hi, n) for lo, hi, n in zip(lows, bounds, buckets, strict=False) if n > 0]
+    finite = [(lo, hi, n) for lo, hi, n in filled if hi != float("inf")]
+    inf = [(lo, n) for lo, hi, n in filled if hi == float("inf")]
+    out: list[tuple[float, int]] = []
+    if inf:  # the finite ones at their middle, the rest of the sum over the +Inf ones
+        out = [((lo + hi) / 2, n) for lo, hi, n in finite]
+        lo, n = inf[0]
+        rest = seconds - sum(v * k for v, k in out)
+        out.append((max(rest / n, lo * 1.000001), n))
+        return out
+    base = sum(lo * n for lo, _, n in finite)
+    span = sum((hi - lo) * n for lo, hi, n in finite)
+    t = min(1.0, max(1e-6, (seconds - base) / span)) if span > 0 else 1.0
+    return [(lo + t * (hi - lo), n) for lo, hi, n in finite]
 
 
 _worker: WorkerMetrics | None = None
