@@ -17,7 +17,7 @@ from prometheus_client import start_http_server
 from policer.log import get_logger
 from policer.metrics import ClusterCollector, worker_registry
 from policer.policy import Policy
-from policer.store import Store
+from policer.store.base import AdminStore
 
 __all__ = ["parse_listen", "parse_values", "serve"]
 
@@ -41,7 +41,7 @@ def parse_values(specs: Iterable[str]) -> dict[str, list[str]]:
     return out
 
 
-def serve(policy: Policy, store: Store, listen: str, top: int = 10,
+def serve(policy: Policy, store: AdminStore, listen: str, top: int = 10,
           listed: Mapping[str, Iterable[str]] | None = None,
           stop: threading.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set)."""

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from policer.policy import Policy
-    from policer.store import Store
+    from policer.store.base import AdminStore
 
 __all__ = [
     "DECISION_RESULTS",
@@ -187,7 +187,7 @@ def worker_registry() -> CollectorRegistry:
 class ClusterCollector(Collector):
     """Cluster-wide state read from the store at every scrape."""
 
-    def __init__(self, policy: Policy, store: Store, top: int = 10,
+    def __init__(self, policy: Policy, store: AdminStore, top: int = 10,
                  listed: Mapping[str, Iterable[str]] | None = None) -> None:
         self.policy = policy
         self.store = store

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from policer.compile import compile_policy
 from policer.policy import Policy
-from policer.store import Store
+from policer.store.base import AdminStore
 
 __all__ = ["ProfileRow", "Snapshot", "take_snapshot"]
 
@@ -51,7 +51,7 @@ class Snapshot:
         return self.decisions.get((result, profile), 0)
 
 
-def take_snapshot(policy: Policy, store: Store, top: int = 5,
+def take_snapshot(policy: Policy, store: AdminStore, top: int = 5,
                   listed: Mapping[str, Iterable[str]] | None = None) -> Snapshot:
     """Read the store once for every profile of ``policy``.
 

@@ -13,7 +13,7 @@ from typing import TextIO
 
 from policer.policy import Policy
 from policer.snapshot import ProfileRow, Snapshot, take_snapshot
-from policer.store import Store
+from policer.store.base import AdminStore
 
 __all__ = ["render", "run_top"]
 
@@ -72,8 +72,8 @@ def render(policy: Policy, now: Snapshot, before: Snapshot | None = None,
     return "\n".join(lines)
 
 
-def run_top(policy: Policy, store: Store, once: bool = False, interval: float = 1.0, top: int = 5,
-            out: TextIO = sys.stdout) -> int:
+def run_top(policy: Policy, store: AdminStore, once: bool = False, interval: float = 1.0,
+            top: int = 5, out: TextIO = sys.stdout) -> int:
     before = take_snapshot(policy, store, top)
     t_before = time.monotonic()
     clear = out.isatty() and not once

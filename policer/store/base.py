@@ -24,10 +24,12 @@ if TYPE_CHECKING:
 __all__ = [
     "END_REASONS",
     "STATS_FIELDS",
+    "AdminStore",
     "AdmitRequest",
     "AdmitResult",
     "CallRecord",
     "CallResult",
+    "DecisionStore",
     "DialogInfo",
     "ExplainRow",
     "Member",
@@ -193,12 +195,10 @@ class CallRecord:
         }
 
 
-@runtime_checkable
-class Store(Protocol):
-    """The operations every store implements with the same meaning.
-
-    Every method may raise :class:`StoreError`; nothing else escapes.
-    """
+class DecisionStore(Protocol):
+    """What an engine and a proxy need on the hot path: decide calls by the loaded
+    policy, apply dialog events, the node's tick. Every method may raise
+    :class:`StoreError`; nothing else escapes."""
 
     namespace: str
 
@@ -231,6 +231,40 @@ class Store(Protocol):
         refresh, set_var; record: newly counted), for release the call-end record
         (``records``) or True, False when the dialog was not live."""
 
+    def apply_packed(self, packed: bytes) -> int:
+        """Apply dialog events packed in the decision function's batch format (a
+        proxy's queue); returns how many were read."""
+
+    def get_var(self, dialog_id: str, name: str) -> str | None: ...
+
+    def dialog(self, dialog_id: str) -> DialogInfo | None: ...
+
+    def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False
+             ) -> tuple[int, int, int]:
+        """:meth:`renew`, and end a bounded number of dialogs past their deadline
+        (reason ``expired``). Returns (lost-node dialogs ended, own left, expired ended)."""
+
+    def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
+              ) -> tuple[int, int]:
+        """Renew a node's lease (register it) and, with ``sweep``, end a bounded number
+        of dialogs of nodes whose lease lapsed. ``start``: the node starts afresh, so
+        a bounded number of its own earlier dialogs end (reason ``node_restarted``).
+        Returns (dialogs of lost nodes ended, own earlier dialogs still to end)."""
+
+    def close(self) -> None: ...
+
+
+class AdminStore(Protocol):
+    """What operators' tools need: counts, dialogs, statistics, live limits, call
+    records, nodes, and dialog events one at a time (the command line, the exporter,
+    ``top``, reconcile, the contract suite). Every method may raise
+    :class:`StoreError`; nothing else escapes."""
+
+    namespace: str
+
+    def loaded_hash(self) -> str | None:
+        """The hash of the policy the store decides by now (None: none loaded)."""
+
     def admit(self, request: AdmitRequest) -> AdmitResult:
         """Drop expired members, check every limit, join all profiles or none."""
 
@@ -245,10 +279,6 @@ class Store(Protocol):
 
     def set_var(self, dialog_id: str, name: str, value: str) -> bool:
         """Keep a string with a live dialog (like ``$dlg_var``); False when unknown."""
-
-    def get_var(self, dialog_id: str, name: str) -> str | None: ...
-
-    def dialog(self, dialog_id: str) -> DialogInfo | None: ...
 
     def profile_size(self, profile: str, value: str | None = None) -> int:
         """Live dialogs in a profile (for one value of a valued profile)."""
@@ -279,22 +309,6 @@ class Store(Protocol):
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
         """Call-end records, oldest first, after record id ``after``."""
 
-    def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False
-             ) -> tuple[int, int, int]:
-        """:meth:`renew`, and end a bounded number of dialogs past their deadline
-        (reason ``expired``). Returns (lost-node dialogs ended, own left, expired ended)."""
-
-    def apply_packed(self, packed: bytes) -> int:
-        """Apply dialog events packed in the decision function's batch format (a
-        proxy's queue); returns how many were read."""
-
-    def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
-              ) -> tuple[int, int]:
-        """Renew a node's lease (register it) and, with ``sweep``, end a bounded number
-        of dialogs of nodes whose lease lapsed. ``start``: the node starts afresh, so
-        a bounded number of its own earlier dialogs end (reason ``node_restarted``).
-        Returns (dialogs of lost nodes ended, own earlier dialogs still to end)."""
-
     def nodes(self) -> dict[str, int]:
         """Registered nodes and the end of their lease (ms, the store's clock)."""
 
@@ -306,7 +320,10 @@ class Store(Protocol):
 
     def ping(self) -> bool: ...
 
-    def close(self) -> None: ...
+
+@runtime_checkable
+class Store(DecisionStore, AdminStore, Protocol):
+    """Every store (Redis, in-process) implements both protocols with the same meaning."""
 
 
 def pack_ops(ops: Sequence[Op], attributes: Sequence[str]) -> bytes:
