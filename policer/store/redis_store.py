@@ -599,8 +599,10 @@ def stats_from(stats: dict[str, str], decisions: dict[str, str]) -> dict[str, in
 
 
 def _safe(message: str) -> str:
-    """An error message without credentials (redis-py may include the URL)."""
-    return re.sub(r"(\w+://)[^@/\s]*@", r"\1***@", message)
+    """An error message without credentials (redis-py may include the URL, and some
+    versions the repr of a connection: ``password=...``)."""
+    message = re.sub(r"(\w+://)[^@/\s]*@", r"\1***@", message)
+    return re.sub(r"(password=)[^,\s)>]*", r"\1***", message)
 
 
 #: The info fields the decision function packs into a dialog's ``i``, in order.
