@@ -51,8 +51,8 @@ def _pick_number(rng: random.Random) -> str:
     return rng.choices([n for n, _ in NUMBERS], weights=[w for _, w in NUMBERS])[0]
 
 
-def worker(engine_factory: Callable[[], Engine], wid: int, seconds: float, rate: float,
-           hold: float, stop_at: float) -> None:
+def worker(engine_factory: Callable[[], Engine], wid: int, rate: float, hold: float,
+           stop_at: float) -> None:
     """Place calls until ``stop_at``, then hang up every call still up."""
     engine = engine_factory()
     rng = random.Random(os.getpid() ^ wid)
@@ -93,11 +93,11 @@ def _engine_factory(policy_path: str, url: str, node: str) -> Engine:
     return Engine(policy, store, node=node)
 
 
-def _process_worker(policy_path: str, url: str, wid: int, seconds: float, rate: float,
+def _process_worker(policy_path: str, url: str, wid: int, rate: float,
                     hold: float, stop_at: float) -> None:
     configure(level="warning")
-    worker(lambda: _engine_factory(policy_path, url, f"sim-worker-{wid}"), wid, seconds, rate,
-           hold, stop_at)
+    worker(lambda: _engine_factory(policy_path, url, f"sim-worker-{wid}"), wid, rate, hold,
+           stop_at)
 
 
 def _view(policy: Policy, store: Store, started: float, phase: str) -> tuple[str, int]:
@@ -191,8 +191,8 @@ def _run(args: argparse.Namespace, policy: Policy, policy_path: str, url: str | 
         store = shared
         for wid in range(args.workers):
             t = threading.Thread(target=worker, daemon=True, args=(
-                lambda: Engine(policy, store, node="sim"), wid, args.seconds, args.rate,
-                args.hold, stop_at))
+                lambda: Engine(policy, store, node="sim"), wid, args.rate, args.hold,
+                stop_at))
             t.start()
             runners.append(t)
     else:
@@ -200,7 +200,7 @@ def _run(args: argparse.Namespace, policy: Policy, policy_path: str, url: str | 
         ctx = mp.get_context("fork") if sys.platform != "win32" else mp.get_context()
         for wid in range(args.workers):
             proc = ctx.Process(target=_process_worker, args=(
-                policy_path, url, wid, args.seconds, args.rate, args.hold, stop_at))
+                policy_path, url, wid, args.rate, args.hold, stop_at))
             proc.start()
             runners.append(proc)
     try:

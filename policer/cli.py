@@ -3,7 +3,8 @@
 Every command reads ``--redis URL`` (or ``POLICER_REDIS_URL``) and
 ``--policy FILE`` (or ``POLICER_POLICY``); ``--json`` gives machine output.
 Exit status: 0 success (for ``admit``: admitted), 1 rejected / not found,
-2 usage or policy error, 3 the store could not be reached.
+2 usage or policy error, 3 the store could not be reached (for ``reconcile``: also a
+proxy whose dialogs could not be listed).
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@ kinds with a fresh namespace per test, and helpers that build engines from
 policy text.
 
 Tests talk to a real ``redis-server`` (started by
-:class:`lab.redis_server.RedisServer` on a free loopback port); nothing is
-faked or mocked.
+:class:`lab.redis_server.RedisServer` on a free loopback port), never a fake
+Redis. The one stand-in is Kamailio's ``KSR`` module in
+``tests/e2e/test_adapter.py`` (``FakeKSR``), which checks the KEMI adapter without
+a Kamailio process; the e2e suite runs the same adapter inside real Kamailio.
 """
 
 from __future__ import annotations
