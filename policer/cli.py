@@ -3,7 +3,8 @@
 Every command reads ``--redis URL`` (or ``POLICER_REDIS_URL``) and
 ``--policy FILE`` (or ``POLICER_POLICY``); ``--json`` gives machine output.
 Exit status: 0 success (for ``admit``: admitted), 1 rejected / not found,
-2 usage or policy error, 3 the store could not be reached.
+2 usage or policy error, 3 the store could not be reached (for ``reconcile``: also a
+proxy whose dialogs could not be listed).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from policer.call import Call, dialog_id
@@ -584,9 +587,9 @@ def cmd_exporter(args: argparse.Namespace) -> int:
         listed = parse_values(args.values)
     except ValueError as e:
         raise CliError(str(e)) from None
-    engine = _engine(args)
+    policy = _policy(args)
     try:
-        serve(engine, args.listen, top=args.top, listed=listed)
+        serve(policy, _store(args, policy), args.listen, top=args.top, listed=listed)
     except ValueError as e:
         raise CliError(str(e)) from None
     except OSError as e:
@@ -597,27 +600,30 @@ def cmd_exporter(args: argparse.Namespace) -> int:
 def cmd_top(args: argparse.Namespace) -> int:
     from policer.top import run_top
 
-    return run_top(_engine(args), once=args.once, interval=args.interval, top=args.top)
+    policy = _policy(args)
+    return run_top(policy, _store(args, policy), once=args.once, interval=args.interval,
+                   top=args.top)
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from policer.reconcile import fetch_dialogs, reconcile
 
-    engine = _engine(args)
+    policy = _policy(args)
+    store = _store(args, policy)
     reports = []
     failed = False
     for spec in args.proxy:
         node, sep, address = spec.partition("=")
         if not sep or not node or not address:
             raise CliError(f"--proxy {spec!r}: expected NODE=ADDRESS")
-        listed_at = engine.store.now_ms()
+        listed_at = store.now_ms()
         try:
             dialogs = fetch_dialogs(address, timeout=args.timeout)
         except (OSError, ValueError) as e:
             failed = True
             print(f"policer: {node}: cannot list dialogs at {address}: {e}", file=sys.stderr)
             continue
-        reports.append(reconcile(engine, node, dialogs, dry_run=args.dry_run,
+        reports.append(reconcile(policy, store, node, dialogs, dry_run=args.dry_run,
                                  listed_at_ms=listed_at))
     if args.json:
         _print_json([r.as_dict() for r in reports])
@@ -651,16 +657,23 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from policer.simulate import run
+#: Commands that run a tool of the repository (not part of the installed package): the
+#: module ``python -m`` runs, from the checkout's root.
+TOOLS = {"simulate": "lab.simulate", "bench": "benchmarks"}
 
-    return run(args)
 
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from policer import bench
-
-    return bench.run(args)
+def run_tool(command: str, argv: Sequence[str]) -> int:
+    """``policer simulate`` / ``policer bench``: run the tool from the checkout this
+    package is installed from (editable, as bin/setup does), with the same interpreter."""
+    module = TOOLS[command]
+    root = Path(__file__).resolve().parent.parent
+    if not (root / module.split(".")[0] / "__init__.py").is_file():
+        raise CliError(f"{command}: runs from a checkout of the policer repository "
+                       f"({module.split('.')[0]}/ is not part of the installed package); "
+                       f"install with bin/setup (pip install -e .) and run it from there")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    return subprocess.call([sys.executable, "-m", module, *argv], env=env)
 
 
 # --------------------------------------------------------------------------- parser
@@ -783,27 +796,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_nodes)
 
-    p = sub.add_parser("simulate", help="a live simulation: worker processes place calls "
-                                        "through a real Redis")
-    p.add_argument("--seconds", type=float, default=8.0, help="how long callers place calls")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--rate", type=float, default=30.0, help="calls per second per worker")
-    p.add_argument("--hold", type=float, default=1.5, help="mean call duration, seconds")
-    _common(p)
-    p.set_defaults(func=cmd_simulate)
-
-    p = sub.add_parser("bench", help="measure decisions/s and latency")
-    _bench_arguments(p)
-    p.set_defaults(func=cmd_bench, log_format=None)
+    # tools of the repository: their options are theirs (policer simulate --help)
+    sub.add_parser("simulate", add_help=False,
+                   help="a live simulation: worker processes place calls through a real "
+                        "Redis (from a checkout)")
+    sub.add_parser("bench", add_help=False,
+                   help="measure decisions/s and latency (from a checkout)")
     return parser
-
-
-def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    try:
-        from policer import bench
-    except ImportError:  # pragma: no cover - bench is part of the package
-        return
-    bench.add_arguments(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -813,6 +812,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        try:
+            return run_tool(argv[0], argv[1:])
+        except CliError as e:
+            print(f"policer: {e}", file=sys.stderr)
+            return e.status
     parser = build_parser()
     args = parser.parse_args(argv)
     configure(getattr(args, "log_level", None), getattr(args, "log_format", None))

@@ -14,12 +14,14 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from policer.call import Call
 from policer.classify import Classification, Classifier
 from policer.compile import TICK_BATCH
+from policer.decision import Decision, EngineMetrics
 from policer.log import get_logger
+from policer.metrics import worker_metrics
 from policer.policy import Policy, Reject, load_policy
 from policer.reload import PolicyWatcher
 from policer.resilience import CircuitBreaker, Pending, PendingQueue
@@ -28,58 +30,16 @@ from policer.store.base import CallRecord, CallResult, DialogInfo, Op
 
 __all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "LimitView"]
 
+#: The store an engine built from the environment uses without ``POLICER_REDIS_URL``.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
 _OK = Reject(code=200, reason="OK", retry_after=None)
-#: Queued operations applied before an admit (the rest wait for later calls or tick()).
-_DRAIN_BEFORE_ADMIT = 200
+#: Queued operations applied before a dialog event (the rest wait for later events or
+#: tick()).
+_DRAIN_BEFORE_EVENT = 200
 _DRAIN_PER_TICK = 5_000
 #: Queued operations per store call.
 _BATCH = 200
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The answer to one INVITE."""
-
-    admitted: bool
-    code: int
-    reason: str
-    retry_after: int | None
-    dialog_id: str
-    limit: str | None = None  # the profile whose limit tripped (or was bypassed / shadowed)
-    count: int = 0
-    max: int = -1
-    bypass: bool = False  # an emergency call admitted over a limit
-    shadow: bool = False  # a shadow limit would have rejected this admitted call
-    duplicate: bool = False  # the dialog was decided before; this is that decision
-    fallback: bool = False  # the store failed: on_store_error decided
-    number_class: str | None = None
-    memberships: tuple[str, ...] = ()
-    error: str = ""
-    kind: str | None = None  # concurrent | rate | calls: the limit that tripped (or shadowed)
-    window: str | None = None  # a calls limit's calendar window (1d)
-    max_duration: int | None = None  # seconds an answered call may last (None: no cap)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "admitted": self.admitted,
-            "code": self.code,
-            "reason": self.reason,
-            "retry_after": self.retry_after,
-            "limit": self.limit,
-            "count": self.count,
-            "max": self.max,
-            "bypass": self.bypass,
-            "shadow": self.shadow,
-            "duplicate": self.duplicate,
-            "fallback": self.fallback,
-            "dialog_id": self.dialog_id,
-            "class": self.number_class,
-            "memberships": list(self.memberships),
-            "error": self.error,
-            "kind": self.kind,
-            "window": self.window,
-            "max_duration": self.max_duration,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,20 +95,6 @@ class Explanation:
         }
 
 
-class EngineMetrics(Protocol):
-    """What the engine reports to (``policer.metrics.WorkerMetrics`` implements it)."""
-
-    def decision(self, d: Decision, seconds: float) -> None: ...
-
-    def store_error(self, op: str) -> None: ...
-
-    def pending(self, queued: int, dropped: int) -> None: ...
-
-    def breaker(self, is_open: bool) -> None: ...
-
-    def reload(self, result: str) -> None: ...
-
-
 @dataclass(slots=True)
 class _Current:
     """The policy in force and what is derived from it (swapped whole on reload)."""
@@ -186,16 +132,23 @@ class Engine:
     # -- construction
     @classmethod
     def from_env(cls, policy_path: str | None = None, redis_url: str | None = None,
-                 lease: bool = True) -> Engine:
-        """A proxy node's engine from ``POLICER_POLICY``, ``POLICER_REDIS_URL`` and
-        ``POLICER_NODE``: it holds a node lease and reloads the policy file on change."""
-        path = policy_path or os.environ.get("POLICER_POLICY") or "policies/example.yaml"
-        policy = load_policy(path)
-        url = redis_url or os.environ.get("POLICER_REDIS_URL") or "redis://127.0.0.1:6379/0"
-        store = open_store(url, policy.namespace, timeout_ms=policy.store_timeout_ms)
-        from policer.metrics import worker_metrics
+                 lease: bool = True, watch: bool = True) -> Engine:
+        """The composition root of a proxy node's engine: ``POLICER_POLICY`` (required),
+        ``POLICER_REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) and ``POLICER_NODE``;
+        this process's worker metrics. It holds a node lease (``lease``) and its
+        :meth:`tick` reloads the policy file when it changes (``watch``).
 
-        return cls(policy, store, metrics=worker_metrics(), lease=lease, watch=path)
+        Raises :class:`ValueError` naming ``POLICER_POLICY`` when it is unset, and
+        :class:`policer.policy.PolicyError` when the file is missing or invalid."""
+        path = policy_path or os.environ.get("POLICER_POLICY")
+        if not path:
+            raise ValueError("POLICER_POLICY is not set: set it to the policy file this "
+                             "proxy enforces (e.g. /etc/policer/policy.yaml)")
+        policy = load_policy(path)
+        url = redis_url or os.environ.get("POLICER_REDIS_URL") or DEFAULT_REDIS_URL
+        store = open_store(url, policy.namespace, timeout_ms=policy.store_timeout_ms)
+        return cls(policy, store, metrics=worker_metrics(), lease=lease,
+                   watch=path if watch else None)
 
     @property
     def policy(self) -> Policy:
@@ -218,6 +171,13 @@ class Engine:
         self._loaded = bool(policy_hash)
         self.log.info("policy_reloaded", source=policy.source, policy_hash=policy_hash)
 
+    def poll_policy(self) -> bool:
+        """Reload the watched policy file if it changed (a ``stat`` at most once per
+        watch interval; cheap). :meth:`tick` does it; so do the Kamailio KEMI workers
+        after a dialog event, never inside an INVITE's decision. True when a new
+        policy was swapped in."""
+        return self._watcher.poll() if self._watcher is not None else False
+
     def _reload_result(self, result: str) -> None:
         if self.metrics is not None:
             self.metrics.reload(result)
@@ -227,15 +187,12 @@ class Engine:
 
     # -- the hot path
     def admit(self, call: Call) -> Decision:
-        """Decide one initial INVITE: one call of the store's decision function. Never
-        raises."""
+        """Decide one initial INVITE: one call of the store's decision function, nothing
+        else (the policy file and the queue of operations the store missed are the
+        business of :meth:`tick`). Never raises."""
         t0 = time.perf_counter()
-        if self._watcher is not None:
-            self._watcher.poll()
         if not self.breaker.allow():
             return self._fallback(call, "circuit open: the store failed repeatedly", t0)
-        if self.pending:  # what happened while the store was down goes first
-            self._drain(_DRAIN_BEFORE_ADMIT)
         try:
             r = self.store.admit_call(call, self.node)
         except StoreError as e:
@@ -250,15 +207,6 @@ class Engine:
         d = _decision(r)
         self._decided(call, d, t0)
         return d
-
-    def restore(self, call: Call, node: str, confirmed: bool) -> bool:
-        """Count a call a proxy still carries but the store lost (``policer
-        reconcile``): it joins its profiles without a limit check, as admitted by
-        ``node``. Returns False when the store already had it. Raises StoreError."""
-        ops = [Op("record", call.dialog_id, call=call, node=node)]
-        if confirmed:
-            ops.append(Op("confirm", call.dialog_id, self._current.policy.timeouts.dialog_ms))
-        return bool(self.store.apply(ops)[0])
 
     def _fallback(self, call: Call, error: str, t0: float) -> Decision:
         """The policy's ``on_store_error`` decides; emergency calls are always admitted."""
@@ -340,7 +288,7 @@ class Engine:
     def _event(self, item: Pending) -> object:
         """Apply a dialog event, or queue it (in order) while the store is down."""
         if self.pending and self.breaker.allow():
-            self._drain(_DRAIN_BEFORE_ADMIT)
+            self._drain(_DRAIN_BEFORE_EVENT)
         if self.pending or not self.breaker.allow():
             self._queue(item)
             return None
@@ -447,8 +395,7 @@ class Engine:
         renew this node's lease and end dialogs of lost nodes, apply queued
         operations, reload the policy file if it changed. Never raises."""
         try:
-            if self._watcher is not None:
-                self._watcher.poll()
+            self.poll_policy()
             # one probe for the whole tick while the breaker is open; every success
             # below closes it, so a process that only ticks recovers too
             if not self.breaker.allow():

@@ -14,9 +14,10 @@ from collections.abc import Iterable, Mapping
 
 from prometheus_client import start_http_server
 
-from policer.engine import Engine
 from policer.log import get_logger
 from policer.metrics import ClusterCollector, worker_registry
+from policer.policy import Policy
+from policer.store.base import AdminStore
 
 __all__ = ["parse_listen", "parse_values", "serve"]
 
@@ -40,16 +41,16 @@ def parse_values(specs: Iterable[str]) -> dict[str, list[str]]:
     return out
 
 
-def serve(engine: Engine, listen: str, top: int = 10,
+def serve(policy: Policy, store: AdminStore, listen: str, top: int = 10,
           listed: Mapping[str, Iterable[str]] | None = None,
           stop: threading.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set)."""
     host, port = parse_listen(listen)
     registry = worker_registry()
-    registry.register(ClusterCollector(engine, top=top, listed=listed))
+    registry.register(ClusterCollector(policy, store, top=top, listed=listed))
     server, thread = start_http_server(port, addr=host, registry=registry)
     log = get_logger("policer.exporter")
-    log.info("exporter_listening", listen=f"{host}:{port}", namespace=engine.policy.namespace)
+    log.info("exporter_listening", listen=f"{host}:{port}", namespace=policy.namespace)
     done = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -28,6 +28,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from policer.decision import Decision
 from policer.log import get_logger
 from policer.snapshot import take_snapshot
 from policer.store import StoreError
@@ -36,13 +37,15 @@ from policer.store.base import END_REASONS
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from policer.engine import Decision, Engine
+    from policer.policy import Policy
+    from policer.store.base import AdminStore
 
 __all__ = [
     "DECISION_RESULTS",
     "LATENCY_BUCKETS",
     "ClusterCollector",
     "WorkerMetrics",
+    "spread",
     "worker_metrics",
     "worker_registry",
 ]
@@ -104,13 +107,13 @@ class WorkerMetrics:
     def observed(self, result: str, buckets: list[int], seconds: float) -> None:
         """Decisions another process measured (the native cfg's SIP workers count them
         per bucket of :data:`LATENCY_BUCKETS`, the last entry being +Inf): add them to
-        ``policer_decision_seconds`` as if observed here, with their latency sum."""
-        child = self.decision_seconds.labels(result)  # its values: buckets (last +Inf), sum
-        for value, n in zip(child._buckets, buckets, strict=False):
-            if n > 0:
-                value.inc(n)
-        if seconds > 0:
-            child._sum.inc(seconds)
+        ``policer_decision_seconds`` with their latency sum, through the public
+        ``observe`` (one per decision, each at a value inside its bucket: the bucket
+        counts are exact and so is the sum whenever it fits the buckets)."""
+        child = self.decision_seconds.labels(result)
+        for value, n in spread(buckets, seconds):
+            for _ in range(n):
+                child.observe(value)
 
     def probe(self, seconds: float) -> None:
         self.probe_seconds.observe(seconds)
@@ -138,6 +141,28 @@ class WorkerMetrics:
         self.reloads.labels(result).inc()
 
 
+def spread(buckets: list[int], seconds: float) -> list[tuple[float, int]]:
+    """(value, how many) per non-empty bucket of :data:`LATENCY_BUCKETS` (+Inf last)
+    such that every value lies in its bucket and, when the buckets allow it, the
+    values add up to ``seconds``."""
+    bounds = (*LATENCY_BUCKETS, float("inf"))
+    lows = (0.0, *LATENCY_BUCKETS)
+    filled = [(lo, hi, n) for lo, hi, n in zip(lows, bounds, buckets, strict=False) if n > 0]
+    finite = [(lo, hi, n) for lo, hi, n in filled if hi != float("inf")]
+    inf = [(lo, n) for lo, hi, n in filled if hi == float("inf")]
+    out: list[tuple[float, int]] = []
+    if inf:  # the finite ones at their middle, the rest of the sum over the +Inf ones
+        out = [((lo + hi) / 2, n) for lo, hi, n in finite]
+        lo, n = inf[0]
+        rest = seconds - sum(v * k for v, k in out)
+        out.append((max(rest / n, lo * 1.000001), n))
+        return out
+    base = sum(lo * n for lo, _, n in finite)
+    span = sum((hi - lo) * n for lo, hi, n in finite)
+    t = min(1.0, max(1e-6, (seconds - base) / span)) if span > 0 else 1.0
+    return [(lo + t * (hi - lo), n) for lo, hi, n in finite]
+
+
 _worker: WorkerMetrics | None = None
 
 
@@ -162,20 +187,21 @@ def worker_registry() -> CollectorRegistry:
 class ClusterCollector(Collector):
     """Cluster-wide state read from the store at every scrape."""
 
-    def __init__(self, engine: Engine, top: int = 10,
+    def __init__(self, policy: Policy, store: AdminStore, top: int = 10,
                  listed: Mapping[str, Iterable[str]] | None = None) -> None:
-        self.engine = engine
+        self.policy = policy
+        self.store = store
         self.top = top
         self.listed = {k: list(v) for k, v in (listed or {}).items()}
         self.log = get_logger("policer.exporter")
         self._near: set[tuple[str, str]] = set()
 
     def collect(self) -> Iterator[Metric]:
-        policy = self.engine.policy
+        policy = self.policy
         up = GaugeMetricFamily("policer_store_up", "1 when the store answered this scrape.")
         t0 = time.perf_counter()
         try:
-            snap = take_snapshot(policy, self.engine.store, self.top, self.listed)
+            snap = take_snapshot(policy, self.store, self.top, self.listed)
         except StoreError as e:
             self.log.error("scrape_failed", error=str(e))
             up.add_metric([], 0)

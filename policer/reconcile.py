@@ -30,9 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policer.call import Call
-from policer.engine import Engine
+from policer.log import get_logger
+from policer.policy import Policy
+from policer.store.base import Op, Store
 
-__all__ = ["CALL_VAR", "ProxyDialog", "Report", "fetch_dialogs", "parse_dialogs", "reconcile"]
+__all__ = ["CALL_VAR", "ProxyDialog", "Report", "fetch_dialogs", "parse_dialogs", "reconcile",
+           "restore"]
 
 #: The Kamailio dialog variable in which the adapter keeps the call's attributes.
 CALL_VAR = "policer_call"
@@ -190,7 +193,7 @@ def _fifo_call(path: str, request: dict[str, Any], timeout: float) -> bytes:
         os.unlink(reply_path)
 
 
-def reconcile(engine: Engine, node: str, dialogs: Iterable[ProxyDialog],
+def reconcile(policy: Policy, store: Store, node: str, dialogs: Iterable[ProxyDialog],
               dry_run: bool = False, listed_at_ms: int | None = None) -> Report:
     """Bring the store in line with one node's dialogs (see the module doc).
 
@@ -200,9 +203,9 @@ def reconcile(engine: Engine, node: str, dialogs: Iterable[ProxyDialog],
     report = Report(node)
     theirs = {d.dialog_id: d for d in dialogs}
     report.proxy_dialogs = len(theirs)
-    ours = set(engine.store.node_dialogs(node))
+    ours = set(store.node_dialogs(node))
     for did, d in theirs.items():
-        info = engine.store.dialog(did)
+        info = store.dialog(did)
         if info is not None and info.state in ("early", "confirmed"):
             report.kept += 1
             continue
@@ -212,17 +215,29 @@ def reconcile(engine: Engine, node: str, dialogs: Iterable[ProxyDialog],
         if not d.complete:
             report.partial.append(did)
         if not dry_run:
-            engine.restore(d.call, node, d.confirmed)
+            restore(policy, store, d.call, node, d.confirmed)
     for did in sorted(ours - set(theirs)):
-        info = engine.store.dialog(did)
+        info = store.dialog(did)
         if info is None or info.state not in ("early", "confirmed"):
             continue
         if listed_at_ms is not None and info.init_ms >= listed_at_ms:
             continue  # admitted after the proxy listed its dialogs
         report.removed.append(did)
         if not dry_run:
-            engine.store.release(did, "reconciled")
-    engine.log.info("reconciled", reconcile_node=node, proxy_dialogs=report.proxy_dialogs,
-                    kept=report.kept, added=len(report.added), removed=len(report.removed),
-                    partial=len(report.partial), dry_run=dry_run)
+            store.release(did, "reconciled")
+    get_logger("policer.reconcile").info(
+        "reconciled", reconcile_node=node, proxy_dialogs=report.proxy_dialogs,
+        kept=report.kept, added=len(report.added), removed=len(report.removed),
+        partial=len(report.partial), dry_run=dry_run)
     return report
+
+
+def restore(policy: Policy, store: Store, call: Call, node: str, confirmed: bool) -> bool:
+    """Count a call a proxy still carries but the store lost: it joins its profiles
+    without a limit check, as admitted by ``node`` (answered: until the policy's dialog
+    timeout). Returns False when the store already had it. Raises StoreError."""
+    did = call.dialog_id
+    ops = [Op("record", did, call=call, node=node)]
+    if confirmed:
+        ops.append(Op("confirm", did, policy.timeouts.dialog_ms))
+    return bool(store.apply(ops)[0])

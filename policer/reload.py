@@ -5,23 +5,22 @@ size or inode: an edit in place or an atomic ``mv``) at most once per
 ``interval`` seconds, builds and validates the new policy completely, and only
 then swaps it into the engine. An invalid file is rejected with its errors
 logged and counted; the old policy keeps serving, and the same broken file is
-not reported again until it changes. ``SIGHUP`` (for processes that own their
-signals, such as ``policer simulate`` or a standalone worker) forces a check at
-the next call.
+not reported again until it changes.
 
-Inside Kamailio every worker process checks for itself on its own calls, so
-no signal has to reach Python: replace the file and every worker picks the new
-policy up within a second.
+An engine polls its watcher in :meth:`policer.engine.Engine.tick` (once a second in
+Kamailio's timer process), never inside an INVITE's decision. The KEMI flavour's SIP
+workers, which have no tick, poll after each dialog event they queue, so no signal
+has to reach Python: replace the file and every process picks the new policy up
+within about a second of its next tick or dialog event. (The decision itself follows
+at once everywhere: a reload replaces the library in Redis, which every proxy calls.)
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from policer.log import get_logger
 from policer.policy import Policy, PolicyError, load_policy
@@ -50,19 +49,9 @@ class PolicyWatcher:
         self._on_result = on_result
         self._stamp = _stamp(self.path)
         self._next = time.monotonic() + interval
-        self._forced = False
         self.log = get_logger("policer.reload")
         self.reloads = 0
         self.errors = 0
-
-    def install_sighup(self) -> None:
-        """Force a check on SIGHUP (only where this process owns its signals)."""
-
-        def handler(signum: int, frame: Any) -> None:
-            self._forced = True
-            self._next = 0.0
-
-        signal.signal(signal.SIGHUP, handler)
 
     def poll(self) -> bool:
         """Reload if the file changed; True when a new policy was swapped in."""
@@ -71,9 +60,8 @@ class PolicyWatcher:
             return False
         self._next = now + self.interval
         stamp = _stamp(self.path)
-        if stamp == self._stamp and not self._forced:
+        if stamp == self._stamp:
             return False
-        self._forced = False
         self._stamp = stamp
         return self.reload()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from policer.calendar import LocalClock
 from policer.compile import compile_policy
 from policer.policy import Limit, Policy
-from policer.store import Store
+from policer.store.base import AdminStore
 
 __all__ = ["ProfileRow", "Snapshot", "take_snapshot"]
 
@@ -57,7 +57,7 @@ class Snapshot:
         return self.decisions.get((result, profile), 0)
 
 
-def take_snapshot(policy: Policy, store: Store, top: int = 5,
+def take_snapshot(policy: Policy, store: AdminStore, top: int = 5,
                   listed: Mapping[str, Iterable[str]] | None = None) -> Snapshot:
     """Read the store once for every profile of ``policy``.
 
@@ -92,7 +92,7 @@ def take_snapshot(policy: Policy, store: Store, top: int = 5,
                     store.loaded_hash(), compile_policy(policy).policy_hash)
 
 
-def _row(store: Store, profile: str, limit: Limit | None, shadow: bool, value: str | None,
+def _row(store: AdminStore, profile: str, limit: Limit | None, shadow: bool, value: str | None,
          count: int, mx: int | None) -> ProfileRow:
     """A row, with rate and calendar usage when the limit that applies has them."""
     if limit is None or (limit.rate is None and not limit.calls):

@@ -11,8 +11,9 @@ import time
 from datetime import UTC, datetime
 from typing import TextIO
 
-from policer.engine import Engine
+from policer.policy import Policy
 from policer.snapshot import ProfileRow, Snapshot, take_snapshot
+from policer.store.base import AdminStore
 
 __all__ = ["render", "run_top"]
 
@@ -34,10 +35,9 @@ def _rate(now: Snapshot, before: Snapshot | None, result: str, profile: str,
     return f"{delta / seconds:.1f}"
 
 
-def render(engine: Engine, now: Snapshot, before: Snapshot | None = None,
+def render(policy: Policy, now: Snapshot, before: Snapshot | None = None,
            seconds: float = 0.0, width: int = 100) -> str:
     """One frame as text."""
-    policy = engine.policy
     s = now.stats
     stamp = datetime.now(UTC).strftime("%H:%M:%S")
     lines = [
@@ -81,17 +81,17 @@ def render(engine: Engine, now: Snapshot, before: Snapshot | None = None,
     return "\n".join(lines)
 
 
-def run_top(engine: Engine, once: bool = False, interval: float = 1.0, top: int = 5,
-            out: TextIO = sys.stdout) -> int:
-    before = take_snapshot(engine.policy, engine.store, top)
+def run_top(policy: Policy, store: AdminStore, once: bool = False, interval: float = 1.0,
+            top: int = 5, out: TextIO = sys.stdout) -> int:
+    before = take_snapshot(policy, store, top)
     t_before = time.monotonic()
     clear = out.isatty() and not once
     while True:
         time.sleep(interval)
-        now = take_snapshot(engine.policy, engine.store, top)
+        now = take_snapshot(policy, store, top)
         t_now = time.monotonic()
         width = shutil.get_terminal_size((100, 24)).columns
-        frame = render(engine, now, before, t_now - t_before, width)
+        frame = render(policy, now, before, t_now - t_before, width)
         out.write(("\x1b[H\x1b[2J" if clear else "") + frame + "\n")
         out.flush()
         if once:

@@ -3,8 +3,10 @@ kinds with a fresh namespace per test, and helpers that build engines from
 policy text.
 
 Tests talk to a real ``redis-server`` (started by
-:class:`policer.redis_server.RedisServer` on a free loopback port); nothing is
-faked or mocked.
+:class:`lab.redis_server.RedisServer` on a free loopback port), never a fake
+Redis. The one stand-in is Kamailio's ``KSR`` module in
+``tests/e2e/test_adapter.py`` (``FakeKSR``), which checks the KEMI adapter without
+a Kamailio process; the e2e suite runs the same adapter inside real Kamailio.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from lab.redis_server import RedisServer, find_redis_server
 from policer import log
 from policer.call import Call
 from policer.engine import Engine
 from policer.policy import Policy, load_policy, parse_policy
-from policer.redis_server import RedisServer, find_redis_server
 from policer.store import MemoryStore, RedisStore, Store
 
 ROOT = Path(__file__).resolve().parent.parent

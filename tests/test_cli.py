@@ -119,7 +119,7 @@ def test_live_limits_take_effect_and_are_audited(env: dict[str, str]) -> None:
 
 
 def test_store_down_is_a_clear_error_without_the_password(tmp_path: Path) -> None:
-    from policer.redis_server import free_port
+    from lab.redis_server import free_port
 
     url = f"redis://admin:s3cret-pass@127.0.0.1:{free_port()}/0"
     env = {"POLICER_REDIS_URL": url, "POLICER_POLICY": str(EXAMPLE)}

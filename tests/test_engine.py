@@ -8,8 +8,8 @@ import pytest
 import redis
 from conftest import STORE_TIMEOUT_MS, EngineFactory, call, policy_text
 
+from lab.redis_server import RedisServer, free_port
 from policer.engine import Engine
-from policer.redis_server import RedisServer, free_port
 from policer.store import RedisStore, Store, StoreError
 
 POLICY = """
@@ -199,3 +199,12 @@ def test_a_restarted_redis_is_used_again() -> None:
             (True, False), (True, False), (False, False)]
         assert store.profile_size("total") == 2
         store.close()
+
+
+def test_an_engine_from_the_environment_needs_its_policy_named(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No silent fallback to a relative path: a proxy started without POLICER_POLICY
+    fails at once, saying what is missing."""
+    monkeypatch.delenv("POLICER_POLICY", raising=False)
+    with pytest.raises(ValueError, match="POLICER_POLICY is not set"):
+        Engine.from_env()

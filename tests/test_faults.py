@@ -15,9 +15,9 @@ import pytest
 from clihelp import policy_copy
 from conftest import call
 
+from lab.redis_server import RedisServer
 from policer.engine import Engine
 from policer.policy import load_policy, parse_policy
-from policer.redis_server import RedisServer
 from policer.store import RedisStore
 
 POLICY = """
@@ -208,18 +208,20 @@ def test_policy_reload_swaps_a_valid_file_and_keeps_the_old_on_error(
         tmp_path: Path, redis_url: str, namespace: str) -> None:
     path = policy_copy(tmp_path, namespace)
     e = Engine(load_policy(path), RedisStore(redis_url, namespace, timeout_ms=2000),
-               node="n", watch=path, watch_interval=0)  # checks the file at every call
+               node="n", watch=path, watch_interval=0)  # checks the file at every tick
     for i in range(3):
         assert e.admit(call("5551234", "gina", call_id=f"g{i}")).admitted
     assert not e.admit(call("5551234", "gina")).admitted  # user max 3
     # a broken file: rejected, the old policy keeps serving
     text = path.read_text()
     path.write_text(text.replace("user: {max: 3}", "user: {max: lots}"))
+    e.tick()
     d = e.admit(call("5551234", "hank"))
     assert d.admitted and e.policy.limits["user"].max == 3
     assert e._watcher.errors == 1  # type: ignore[union-attr]
-    # a valid change takes effect on the next INVITE
+    # a valid change takes effect at the next tick
     path.write_text(text.replace("user: {max: 3}", "user: {max: 5}"))
+    e.tick()
     assert e.admit(call("5551234", "gina")).admitted
     assert e.policy.limits["user"].max == 5
     # removing a profile leaves no orphaned memberships
@@ -228,6 +230,7 @@ def test_policy_reload_swaps_a_valid_file_and_keeps_the_old_on_error(
     path.write_text(text.replace("  account: {value: account}", "")
                     .replace("  account: {max: 10, reject: {code: 486, reason: "
                              "\"Account Call Limit\"}}  # per value\n", ""))
+    e.tick()
     assert e.admit(call("5551234", "jon")).admitted
     assert e.policy.profile("account") is None
     e.release(acct.dialog_id, "bye")

@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from lab.redis_server import RedisServer, find_redis_server, free_port
 from policer.call import Call
 from policer.engine import Engine
 from policer.policy import parse_policy
-from policer.redis_server import RedisServer, find_redis_server, free_port
 from policer.store import RedisStore, StoreError, open_store
 from policer.store.connect import parse_store_url
 

@@ -19,14 +19,14 @@ import pytest
 from clihelp import ROOT, cli_json, log_events, policy_copy, run_cli
 from prometheus_client.parser import text_string_to_metric_families
 
-from policer.redis_server import free_port
+from lab.redis_server import free_port
 
 # A scripted day: what the worker process below does, and what must be seen after it.
 SCRIPT = textwrap.dedent("""
     import os, sys
     from policer.call import Call
     from policer.engine import Engine
-    from policer.redis_server import free_port
+    from lab.redis_server import free_port
 
     e = Engine.from_env()
     def call(cid, user, number, account=None):

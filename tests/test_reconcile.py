@@ -60,7 +60,7 @@ def test_lost_calls_are_counted_again_and_ghosts_removed(
     # Redis lost up[1] (failover to a replica that had not received it yet)
     proxy_side = [kamailio_dialog(up[0]), kamailio_dialog(up[1], state=2),
                   kamailio_dialog(call("5551234", "dave"), state=5)]  # 5 = deleted
-    report = reconcile(engine, "proxy-a", parse_dialogs(proxy_side))
+    report = reconcile(engine.policy, store, "proxy-a", parse_dialogs(proxy_side))
     assert report.kept == 1 and report.added == [up[1].dialog_id]
     assert report.removed == [ghost.dialog_id] and report.partial == []
     assert store.profile_size("total") == 2
@@ -69,7 +69,7 @@ def test_lost_calls_are_counted_again_and_ghosts_removed(
     assert store.dialog(up[1].dialog_id).state == "early"  # type: ignore[union-attr]
     assert store.ended()["reconciled"] == 1
     # running it again changes nothing
-    again = reconcile(engine, "proxy-a", parse_dialogs(proxy_side))
+    again = reconcile(engine.policy, store, "proxy-a", parse_dialogs(proxy_side))
     assert (again.kept, again.added, again.removed) == (2, [], [])
 
 
@@ -77,7 +77,8 @@ def test_without_the_adapters_variable_the_uris_still_give_user_and_class(
         setup: tuple[Engine, RedisStore, Path]) -> None:
     engine, store, _ = setup
     c = call("00441632960123", "erin", headers={"X-Account": "acme"})
-    report = reconcile(engine, "proxy-a", parse_dialogs([kamailio_dialog(c, keep_call=False)]))
+    report = reconcile(engine.policy, store, "proxy-a",
+                       parse_dialogs([kamailio_dialog(c, keep_call=False)]))
     assert report.partial == [c.dialog_id]
     assert store.profile_size("international") == 1 and store.profile_size("user", "erin") == 1
     assert store.profile_size("account", "acme") == 0  # the header is not in dlg.list
@@ -150,7 +151,8 @@ def test_calls_that_moved_on_while_the_list_was_taken_are_left_alone(
     newer = engine.admit(call("5551234", "jan"))  # admitted after the proxy listed
     engine.release(listed[1].dialog_id, "bye")  # ended after the proxy listed it
     store.clock_offset_ms += 5  # (the store's clock moves on)
-    report = reconcile(engine, "proxy-a", parse_dialogs(snapshot), listed_at_ms=listed_at)
+    report = reconcile(engine.policy, store, "proxy-a", parse_dialogs(snapshot),
+                       listed_at_ms=listed_at)
     assert report.removed == [] and report.added == []
     assert store.dialog(newer.dialog_id).state == "early"  # type: ignore[union-attr]
     assert store.profile_size("total") == 2

@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 from conftest import new_namespace
 
+from lab.redis_server import RedisServer
 from policer.call import Call
 from policer.engine import Engine
 from policer.policy import parse_policy
 from policer.reconcile import ProxyDialog, reconcile
-from policer.redis_server import RedisServer
 from policer.store import RedisStore, StoreError
 
 SECONDS = float(os.environ.get("POLICER_SOAK_SECONDS", "300"))
@@ -134,7 +134,8 @@ class Soak:
             d = json.loads(path.read_text())
             dialogs = [ProxyDialog(Call.from_json(x["call_id"], x["from_tag"], x["call"]),
                                    x["confirmed"], True) for x in d["dialogs"]]
-            r = reconcile(self.engine, node, dialogs, listed_at_ms=listed_at)
+            r = reconcile(self.engine.policy, self.engine.store, node, dialogs,
+                          listed_at_ms=listed_at)
             added += len(r.added)
             removed += len(r.removed)
         return {"reconcile_added": added, "reconcile_removed": removed}

@@ -41,10 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 from policer.call import Call, dialog_id, split_dialog_id
 from policer.compile import compile_policy
-from policer.engine import Decision, Engine
-from policer.policy import Policy, load_policy
+from policer.decision import Decision
+from policer.engine import Engine
+from policer.policy import Policy
 from policer.reload import PolicyWatcher
-from policer.store import Op, StoreError, open_store
+from policer.store import Op, StoreError
 
 if TYPE_CHECKING:
     from policer.metrics import WorkerMetrics
@@ -113,14 +114,7 @@ def native_engine() -> Engine:
     """The native flavour's engine: like :meth:`Engine.from_env`, but the policy file is
     watched by :class:`NativeTimer` (a reload must keep the attributes the generated
     cfg packs)."""
-    path = os.environ.get("POLICER_POLICY") or "policies/example.yaml"
-    policy = load_policy(path)
-    url = os.environ.get("POLICER_REDIS_URL") or "redis://127.0.0.1:6379/0"
-    store = open_store(url, policy.namespace, timeout_ms=policy.store_timeout_ms,
-                       policy=policy)
-    from policer.metrics import worker_metrics
-
-    return Engine(policy, store, metrics=worker_metrics(), lease=True)
+    return Engine.from_env(watch=False)
 
 
 _factory: Callable[[], Engine] = _default_factory
@@ -420,6 +414,9 @@ def dialog_event(event: str) -> int:
             _queue(_release_op(did, _end_reason(event)), did)
         else:
             log("dbg", f"policer: ignoring dialog event {event!r}")
+        # a SIP worker has no tick: it picks up a changed policy file here (a stat at
+        # most once a second), after the event is queued and never inside a decision
+        engine().poll_policy()
     except Exception:
         _log_exception(event, split_dialog_id(did)[0])
     return OK

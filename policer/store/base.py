@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
 from policer.call import pack_fields, raw_bytes, utf8_text
 from policer.classify import Member
@@ -25,14 +25,17 @@ __all__ = [
     "END_REASONS",
     "LIMIT_KINDS",
     "STATS_FIELDS",
+    "AdminStore",
     "AdmitRequest",
     "AdmitResult",
     "CallRecord",
     "CallResult",
+    "DecisionStore",
     "DialogInfo",
     "ExplainRow",
     "Member",
     "Op",
+    "OpKind",
     "Store",
     "StoreError",
     "Usage",
@@ -55,6 +58,10 @@ class StoreError(RuntimeError):
     """The store could not answer (connection lost, timeout, script error)."""
 
 
+#: The dialog events an :class:`Op` carries (a type checker refuses any other).
+OpKind = Literal["confirm", "refresh", "release", "set_var", "record"]
+
+
 class Op(NamedTuple):
     """A dialog event for :meth:`Store.apply` (applied in order, in one call).
 
@@ -63,7 +70,7 @@ class Op(NamedTuple):
     ``record`` (``call`` admitted by the fallback at ``node``: count it now).
     """
 
-    kind: str
+    kind: OpKind
     dialog_id: str
     arg: str | int = ""
     value: str = ""
@@ -223,12 +230,10 @@ class CallRecord:
         }
 
 
-@runtime_checkable
-class Store(Protocol):
-    """The operations every store implements with the same meaning.
-
-    Every method may raise :class:`StoreError`; nothing else escapes.
-    """
+class DecisionStore(Protocol):
+    """What an engine and a proxy need on the hot path: decide calls by the loaded
+    policy, apply dialog events, the node's tick. Every method may raise
+    :class:`StoreError`; nothing else escapes."""
 
     namespace: str
 
@@ -262,6 +267,40 @@ class Store(Protocol):
         refresh, set_var; record: newly counted), for release the call-end record
         (``records``) or True, False when the dialog was not live."""
 
+    def apply_packed(self, packed: bytes) -> int:
+        """Apply dialog events packed in the decision function's batch format (a
+        proxy's queue); returns how many were read."""
+
+    def get_var(self, dialog_id: str, name: str) -> str | None: ...
+
+    def dialog(self, dialog_id: str) -> DialogInfo | None: ...
+
+    def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False
+             ) -> tuple[int, int, int]:
+        """:meth:`renew`, and end a bounded number of dialogs past their deadline
+        (reason ``expired``). Returns (lost-node dialogs ended, own left, expired ended)."""
+
+    def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
+              ) -> tuple[int, int]:
+        """Renew a node's lease (register it) and, with ``sweep``, end a bounded number
+        of dialogs of nodes whose lease lapsed. ``start``: the node starts afresh, so
+        a bounded number of its own earlier dialogs end (reason ``node_restarted``).
+        Returns (dialogs of lost nodes ended, own earlier dialogs still to end)."""
+
+    def close(self) -> None: ...
+
+
+class AdminStore(Protocol):
+    """What operators' tools need: counts, dialogs, statistics, live limits, call
+    records, nodes, and dialog events one at a time (the command line, the exporter,
+    ``top``, reconcile, the contract suite). Every method may raise
+    :class:`StoreError`; nothing else escapes."""
+
+    namespace: str
+
+    def loaded_hash(self) -> str | None:
+        """The hash of the policy the store decides by now (None: none loaded)."""
+
     def admit(self, request: AdmitRequest) -> AdmitResult:
         """Drop expired members, check every limit, join all profiles or none."""
 
@@ -276,10 +315,6 @@ class Store(Protocol):
 
     def set_var(self, dialog_id: str, name: str, value: str) -> bool:
         """Keep a string with a live dialog (like ``$dlg_var``); False when unknown."""
-
-    def get_var(self, dialog_id: str, name: str) -> str | None: ...
-
-    def dialog(self, dialog_id: str) -> DialogInfo | None: ...
 
     def profile_size(self, profile: str, value: str | None = None) -> int:
         """Live dialogs in a profile (for one value of a valued profile)."""
@@ -321,22 +356,6 @@ class Store(Protocol):
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
         """Call-end records, oldest first, after record id ``after``."""
 
-    def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False
-             ) -> tuple[int, int, int]:
-        """:meth:`renew`, and end a bounded number of dialogs past their deadline
-        (reason ``expired``). Returns (lost-node dialogs ended, own left, expired ended)."""
-
-    def apply_packed(self, packed: bytes) -> int:
-        """Apply dialog events packed in the decision function's batch format (a
-        proxy's queue); returns how many were read."""
-
-    def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
-              ) -> tuple[int, int]:
-        """Renew a node's lease (register it) and, with ``sweep``, end a bounded number
-        of dialogs of nodes whose lease lapsed. ``start``: the node starts afresh, so
-        a bounded number of its own earlier dialogs end (reason ``node_restarted``).
-        Returns (dialogs of lost nodes ended, own earlier dialogs still to end)."""
-
     def nodes(self) -> dict[str, int]:
         """Registered nodes and the end of their lease (ms, the store's clock)."""
 
@@ -348,7 +367,10 @@ class Store(Protocol):
 
     def ping(self) -> bool: ...
 
-    def close(self) -> None: ...
+
+@runtime_checkable
+class Store(DecisionStore, AdminStore, Protocol):
+    """Every store (Redis, in-process) implements both protocols with the same meaning."""
 
 
 def pack_ops(ops: Sequence[Op], attributes: Sequence[str]) -> bytes:

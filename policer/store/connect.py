@@ -37,10 +37,9 @@ from urllib.parse import parse_qsl, unquote
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.connection import SSLConnection
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelManagedConnection
+from redis.sentinel import Sentinel
 
 from policer.log import redact
 
@@ -160,31 +159,6 @@ def parse_store_url(url: str) -> StoreURL:
                     sentinel_username, sentinel_password)
 
 
-class _PrimaryConnection(SentinelManagedConnection):
-    """A connection to the primary a Sentinel names, asked afresh for every new socket.
-
-    redis-py asks the sentinels only in ``connect()``; a connection opened by
-    ``send_packed_command`` (the store's hot path) would dial its last
-    address instead. Here every new socket asks, whichever path opens it.
-    """
-
-    def connect_to(self, address: tuple[str, int]) -> None:  # connect(): address just asked
-        self.host, self.port = address
-        super(SentinelManagedConnection, self).connect_check_health(
-            check_health=self.connection_pool.check_connection, retry_socket_connect=False)
-
-    def connect_check_health(self, check_health: bool = True,
-                             retry_socket_connect: bool = True) -> None:
-        if self._sock is None and self.connection_pool.is_master:
-            self.host, self.port = self.connection_pool.get_master_address()
-        super().connect_check_health(check_health=check_health,
-                                     retry_socket_connect=retry_socket_connect)
-
-
-class _PrimarySSLConnection(_PrimaryConnection, SSLConnection):
-    pass
-
-
 def _common(timeout_s: float) -> dict[str, Any]:
     return {
         "decode_responses": True,
@@ -222,10 +196,11 @@ def connect(url: str, timeout_s: float) -> redis.Redis:
         if u.sentinel_password:
             sentinel_kwargs["password"] = u.sentinel_password
         sentinel = _Sentinel(list(u.hosts), sentinel_kwargs=sentinel_kwargs, **kwargs, **u.ssl)
+        # redis-py's Sentinel-managed connections (TLS ones with ssl=True) ask the
+        # sentinels for the primary in connect(), which the store calls on every socket
         primary = sentinel.master_for(
             u.service, redis_class=redis.Redis, db=u.db, username=u.username,
-            password=u.password,
-            connection_class=_PrimarySSLConnection if u.ssl else _PrimaryConnection)
+            password=u.password)
         return cast(redis.Redis, primary)
     try:  # a Cluster client asks the startup nodes for the slot map at once
         cluster = RedisCluster(

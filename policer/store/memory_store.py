@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from policer.calendar import LocalClock
 from policer.call import (
@@ -47,6 +47,7 @@ from policer.store.base import (
     ExplainRow,
     Member,
     Op,
+    OpKind,
     Usage,
     pack_ops,
 )
@@ -718,9 +719,11 @@ def _text(b: bytes) -> str:
 
 
 #: op letter -> (fields, kind)
-_OPS = {b"c": (3, "confirm"), b"f": (3, "refresh"), b"r": (3, "release"), b"u": (3, "bye"),
-        b"v": (4, "set_var"), b"a": (4, "record"), b"C": (2, "confirm"), b"F": (2, "refresh"),
-        b"R": (2, "release"), b"V": (3, "set_var")}
+#: letter -> (fields, kind); ``bye`` is a release by either tag of the caller
+_OPS: dict[bytes, tuple[int, OpKind | Literal["bye"]]] = {
+    b"c": (3, "confirm"), b"f": (3, "refresh"), b"r": (3, "release"), b"u": (3, "bye"),
+    b"v": (4, "set_var"), b"a": (4, "record"), b"C": (2, "confirm"), b"F": (2, "refresh"),
+    b"R": (2, "release"), b"V": (3, "set_var")}
 
 
 def unpack_ops(data: bytes, attributes: Sequence[str] = ()) -> list[Op]:
@@ -753,9 +756,9 @@ def unpack_ops(data: bytes, attributes: Sequence[str] = ()) -> list[Op]:
                 ops.append(Op("release", dialog_id(_text(f[0]), _text(rest[0])), "bye"))
         elif kind == "set_var":
             ops.append(Op(kind, did, _text(rest[0]), _text(rest[1])))
-        elif kind in ("confirm", "refresh"):
+        elif kind == "confirm" or kind == "refresh":
             ops.append(Op(kind, did, int(rest[0]) if rest[0].isdigit() else 0))
-        else:
+        elif kind == "release":
             ops.append(Op(kind, did, _text(rest[0])))
     return ops
 

@@ -65,10 +65,13 @@ MEMBER_CACHE = 4096
 
 
 class _ScriptConnection(threading.local):
-    """Per thread: the connection ``_fcall`` uses and the process that opened it."""
+    """Per thread: the connection ``_fcall`` uses, the process that opened it, and
+    whether a reply came back on it since it was (re)opened (an error that broke an
+    open socket is worth one retry on a new one; a failed fresh connect is not)."""
 
     conn: Any = None
     pid: int = -1
+    open: bool = False
 
 
 def _is_missing_function(e: redis.ResponseError) -> bool:
@@ -220,11 +223,17 @@ class RedisStore:
         loaded = reconnected = False
         try:
             while True:
-                reused = conn._sock is not None
+                reused = local.open
                 try:
+                    # connect() is a no-op on an open socket; on a new one it is where a
+                    # Sentinel-managed connection asks the sentinels for the primary
+                    conn.connect()
                     conn.send_packed_command(packed, check_health=False)
-                    return conn.read_response(disable_decoding=raw)
+                    reply = conn.read_response(disable_decoding=raw)
+                    local.open = True
+                    return reply
                 except redis.ResponseError as e:  # the library is gone: load it, call again
+                    local.open = True  # an error reply: the socket is fine
                     if loaded or not _is_missing_function(e):
                         raise
                     if not load:
@@ -235,11 +244,14 @@ class RedisStore:
                         check_health=False)
                     conn.read_response()
                 except redis.ConnectionError:  # broke while idle: reopen once
+                    local.open = False
                     if not reused or reconnected:
                         raise
                     reconnected = True
                     conn.disconnect()
         except (redis.RedisError, OSError) as e:
+            if not isinstance(e, redis.ResponseError):
+                local.open = False
             raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
 
     def _new_connection(self) -> Any:
@@ -247,6 +259,7 @@ class RedisStore:
         conn = self.client.connection_pool.make_connection()
         self._local.conn = conn
         self._local.pid = os.getpid()
+        self._local.open = False
         return conn
 
     # -- admission
@@ -694,8 +707,10 @@ def stats_from(stats: dict[str, str], decisions: dict[str, str]) -> dict[str, in
 
 
 def _safe(message: str) -> str:
-    """An error message without credentials (redis-py may include the URL)."""
-    return re.sub(r"(\w+://)[^@/\s]*@", r"\1***@", message)
+    """An error message without credentials (redis-py may include the URL, and some
+    versions the repr of a connection: ``password=...``)."""
+    message = re.sub(r"(\w+://)[^@/\s]*@", r"\1***@", message)
+    return re.sub(r"(password=)[^,\s)>]*", r"\1***", message)
 
 
 #: The info fields the decision function packs into a dialog's ``i``, in order.

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from policer.redis_server import RedisServer, find_redis_server, free_port
+from lab.redis_server import RedisServer, find_redis_server, free_port
 from policer.store import RedisStore
 
 #: Generous, as in the top-level conftest: a busy 2-core machine.

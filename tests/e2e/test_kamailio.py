@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import redis
 
-from policer.redis_server import RedisServer
+from lab.redis_server import RedisServer
 
 from .conftest import Lab, UacResult
 

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from policer.redis_server import free_port
+from lab.redis_server import free_port
 
 from .conftest import ROOT, Lab
 

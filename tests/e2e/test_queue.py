@@ -15,9 +15,9 @@ from collections import Counter
 import pytest
 import redis
 
+from lab.redis_server import RedisServer
 from policer.compile import compile_policy
 from policer.policy import load_policy
-from policer.redis_server import RedisServer
 from policer.store import RedisStore
 
 from .conftest import Lab, wait_until

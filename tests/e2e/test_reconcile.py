@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from policer.redis_server import RedisServer
+from lab.redis_server import RedisServer
 
 from .conftest import Lab
 from .test_queue import wait_library

@@ -10,8 +10,8 @@ call ends, and the counts return to zero. Everything started here is stopped
 here. Exit status 0 when every count returned to zero, 1 when not, 2 when the
 lab could not be started.
 
-    python -m policer.labdemo                  # about 45 s
-    python -m policer.labdemo --seconds 120 --rate 60
+    python -m lab.demo                  # about 45 s
+    python -m lab.demo --seconds 120 --rate 60
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from policer.engine import Engine
-from policer.redis_server import RedisServer, RedisServerError, free_udp_port
+from lab.redis_server import RedisServer, RedisServerError, free_udp_port
+from policer.policy import Policy, load_policy
 from policer.snapshot import Snapshot, take_snapshot
+from policer.store import open_store
 from policer.top import render
 
 __all__ = ["main", "run"]
@@ -148,10 +149,10 @@ class Lab:
             self.redis.stop()
 
 
-def _frame(out: TextIO, engine: Engine, now: Snapshot, before: Snapshot | None,
+def _frame(out: TextIO, policy: Policy, now: Snapshot, before: Snapshot | None,
            seconds: float, title: str) -> None:
     width = shutil.get_terminal_size((100, 24)).columns
-    text = render(engine, now, before, seconds, width)
+    text = render(policy, now, before, seconds, width)
     clear = "\x1b[H\x1b[2J" if out.isatty() else ""
     out.write(f"{clear}{title}\n{text}\n\n")
     out.flush()
@@ -183,7 +184,8 @@ def run(seconds: float = 30.0, rate: int = 40, hold_ms: int = 4000, users: int =
                                     "127.0.0.1", "-p", str(uas_port), "-mp",
                                     str(free_udp_port()), "-nostdin"])
         ports = [lab.start_proxy(node, policy, url, uas_port) for node in ("demo-a", "demo-b")]
-        engine = Engine.from_env(str(policy), url, lease=False)
+        loaded = load_policy(policy)
+        store = open_store(url, loaded.namespace, timeout_ms=2000, policy=loaded)
         out.write(f"demo: redis {url}, proxies demo-a 127.0.0.1:{ports[0]} and demo-b "
                   f"127.0.0.1:{ports[1]} (native flavour), upstream 127.0.0.1:{uas_port}, "
                   f"policy {policy}\n")
@@ -208,19 +210,19 @@ def run(seconds: float = 30.0, rate: int = 40, hold_ms: int = 4000, users: int =
         end_by = t0 + seconds + hold_ms / 1000 + drain_timeout
         while time.monotonic() < end_by:
             time.sleep(1.0)
-            now = take_snapshot(engine.policy, engine.store, 5)
+            now = take_snapshot(loaded, store, 5)
             t_now = time.monotonic()
             running = any(p.poll() is None for p in callers)
             if not running:
                 phase = "callers stopped: calls ending"
             title = (f"policer demo - {t_now - t0:4.0f}s  {phase}  (2 Kamailio proxies, "
                      f"{2 * rate} calls/s offered, hold {hold_ms / 1000:g}s; Ctrl-C stops)")
-            _frame(out, engine, now, before, t_now - t_before, title)
+            _frame(out, loaded, now, before, t_now - t_before, title)
             before, t_before = now, t_now
             if not running and _all_zero(now):
                 zero = True
                 break
-        final = take_snapshot(engine.policy, engine.store, 5)
+        final = take_snapshot(loaded, store, 5)
         zero = _all_zero(final)
         dialogs = lab.active_dialogs()
         stats = final.stats

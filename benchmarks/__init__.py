@@ -2,9 +2,9 @@
 Redis, and whether it stays exact under load.
 
 Every decision is one ``FCALL`` of the policy's compiled function library. One run
-measures, with the same call mix everywhere (:mod:`policer.bench.mix`) and whole
+measures, with the same call mix everywhere (:mod:`benchmarks.mix`) and whole
 calls (admit; answer and end queued and applied in batches, as a proxy does;
-:mod:`policer.bench.load`):
+:mod:`benchmarks.load`):
 
 - **engine vs bare** (1 and 8 processes, interleaved in 0.1 s slices): :meth:`Engine.admit`
   against a bare ``FCALL`` of the same function with the same arguments from the same
@@ -43,9 +43,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from policer.bench.load import FLUSH_S, measure
-from policer.bench.redis_figures import ceiling, counting, cpu_observer, expiry
-from policer.bench.report import human
+from benchmarks.load import FLUSH_S, measure
+from benchmarks.redis_figures import ceiling, counting, cpu_observer, expiry
+from benchmarks.report import human
 
 __all__ = ["add_arguments", "run"]
 
@@ -122,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     _configure_logging(args.log_level)
 
+    from lab.redis_server import RedisServer, RedisServerError
     from policer.policy import PolicyError, load_policy
-    from policer.redis_server import RedisServer, RedisServerError
 
     try:
         policy = load_policy(args.policy)
@@ -302,7 +302,7 @@ class Bench:
                 "loadavg_before": [round(x, 2) for x in load_before],
                 "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                 "total_s": round(time.monotonic() - t0, 1),
-                "command": "policer " + " ".join(sys.argv[1:]),
+                "command": "policer bench " + " ".join(sys.argv[1:]),
             },
         }
         self.admin.close()

@@ -25,14 +25,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lab.redis_server import RedisServer, RedisServerError, find_redis_server
 from policer.call import Call
 from policer.engine import Engine
-from policer.policy import Policy, load_policy
-from policer.redis_server import RedisServer, RedisServerError, find_redis_server
+from policer.log import configure
+from policer.policy import Policy, PolicyError, load_policy
 from policer.snapshot import take_snapshot
 from policer.store import MemoryStore, Store, open_store
 
-__all__ = ["run"]
+__all__ = ["main", "run"]
 
 USERS = [f"user{i:02d}" for i in range(60)]
 ACCOUNTS = ["acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "tyrell", ""]
@@ -50,8 +51,8 @@ def _pick_number(rng: random.Random) -> str:
     return rng.choices([n for n, _ in NUMBERS], weights=[w for _, w in NUMBERS])[0]
 
 
-def worker(engine_factory: Callable[[], Engine], wid: int, seconds: float, rate: float,
-           hold: float, stop_at: float) -> None:
+def worker(engine_factory: Callable[[], Engine], wid: int, rate: float, hold: float,
+           stop_at: float) -> None:
     """Place calls until ``stop_at``, then hang up every call still up."""
     engine = engine_factory()
     rng = random.Random(os.getpid() ^ wid)
@@ -92,13 +93,11 @@ def _engine_factory(policy_path: str, url: str, node: str) -> Engine:
     return Engine(policy, store, node=node)
 
 
-def _process_worker(policy_path: str, url: str, wid: int, seconds: float, rate: float,
+def _process_worker(policy_path: str, url: str, wid: int, rate: float,
                     hold: float, stop_at: float) -> None:
-    from policer.log import configure
-
     configure(level="warning")
-    worker(lambda: _engine_factory(policy_path, url, f"sim-worker-{wid}"), wid, seconds, rate,
-           hold, stop_at)
+    worker(lambda: _engine_factory(policy_path, url, f"sim-worker-{wid}"), wid, rate, hold,
+           stop_at)
 
 
 def _view(policy: Policy, store: Store, started: float, phase: str) -> tuple[str, int]:
@@ -123,6 +122,34 @@ def _view(policy: Policy, store: Store, started: float, phase: str) -> tuple[str
                      f"{snap.decided('admitted', row.profile) + bypassed:>9}"
                      f"{snap.decided('rejected', row.profile):>9}{bypassed:>9}")
     return "\n".join(lines), sum(r.count for r in snap.rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``policer simulate`` (``python -m lab.simulate``)."""
+    p = argparse.ArgumentParser(prog="policer simulate", description="a live simulation: "
+                                "worker processes place calls through a real Redis")
+    p.add_argument("--seconds", type=float, default=8.0, help="how long callers place calls")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--rate", type=float, default=30.0, help="calls per second per worker")
+    p.add_argument("--hold", type=float, default=1.5, help="mean call duration, seconds")
+    g = p.add_argument_group("common options")
+    g.add_argument("--policy", default=None, metavar="FILE",
+                   help="policy file (env POLICER_POLICY, default policies/example.yaml)")
+    g.add_argument("--redis", default=None, metavar="URL",
+                   help="store URL (env POLICER_REDIS_URL; default: a private redis-server)")
+    g.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    g.add_argument("--log-format", default=None, choices=("json", "console"))
+    args = p.parse_args(argv)
+    configure(args.log_level, args.log_format)
+    try:
+        return run(args)
+    except PolicyError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,8 +191,8 @@ def _run(args: argparse.Namespace, policy: Policy, policy_path: str, url: str | 
         store = shared
         for wid in range(args.workers):
             t = threading.Thread(target=worker, daemon=True, args=(
-                lambda: Engine(policy, store, node="sim"), wid, args.seconds, args.rate,
-                args.hold, stop_at))
+                lambda: Engine(policy, store, node="sim"), wid, args.rate, args.hold,
+                stop_at))
             t.start()
             runners.append(t)
     else:
@@ -173,7 +200,7 @@ def _run(args: argparse.Namespace, policy: Policy, policy_path: str, url: str | 
         ctx = mp.get_context("fork") if sys.platform != "win32" else mp.get_context()
         for wid in range(args.workers):
             proc = ctx.Process(target=_process_worker, args=(
-                policy_path, url, wid, args.seconds, args.rate, args.hold, stop_at))
+                policy_path, url, wid, args.rate, args.hold, stop_at))
             proc.start()
             runners.append(proc)
     try:
@@ -194,3 +221,7 @@ def _run(args: argparse.Namespace, policy: Policy, policy_path: str, url: str | 
         return 0
     print(f"ERROR: {total} memberships and {stats['active']} dialogs still counted")
     return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
-from policer.bench.load import percentile
-from policer.bench.mix import NODE, Template, templates
+from benchmarks.load import percentile
+from benchmarks.mix import NODE, Template, templates
 
 __all__ = ["ceiling", "counting", "cpu_observer", "expiry"]
 
@@ -82,7 +82,7 @@ def _calls(store: Any) -> dict[str, int]:
 
 
 def cpu_observer(bench: Any, sample_s: float) -> Callable[[Any, float, float], dict[str, Any]]:
-    """What :func:`policer.bench.load.measure` runs beside the load for the Redis CPU
+    """What :func:`benchmarks.load.measure` runs beside the load for the Redis CPU
     figure: INFO cpu and commandstats at both ends of the measured window (every call's
     admit, its batched answer and end, the ticks), then ``sample_s`` seconds of SLOWLOG
     to split the function time between admit, batch and tick."""

@@ -1,6 +1,6 @@
 """Load of ``policer bench``: processes placing calls, and the over-admission audit.
 
-Every process places calls of the mix (:mod:`policer.bench.mix`) in a loop, in one of
+Every process places calls of the mix (:mod:`benchmarks.mix`) in a loop, in one of
 three modes, which alternate in 0.1 s slices (ABBA order, the same instants in every
 process) when a run measures several, so that they see the same machine:
 
@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from policer.bench.mix import NODE, Template, templates
+from benchmarks.mix import NODE, Template, templates
 
 __all__ = ["FLUSH_S", "Job", "measure", "percentile"]
 

@@ -1,0 +1,103 @@
+"""The package's import graph: no cycle (function-level and TYPE_CHECKING imports
+count too), and no product module importing a tool of the checkout (``lab``,
+``benchmarks``) or the tests."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "policer"
+TOOLS = ("lab", "benchmarks", "tests", "conftest", "clihelp")
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, wherever the import statement sits."""
+    me = _module(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*up, base] if base else up)
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)  # submodules by name
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in _imports(path):
+            # importing a.b.c runs a/__init__ and a.b/__init__ first, except the
+            # packages the importer sits in: those are being initialised already
+            parts = imported.split(".")
+            for i in range(1, len(parts) + 1):
+                candidate = ".".join(parts[:i])
+                if candidate not in modules or candidate == name:
+                    continue
+                if name.startswith(candidate + ".") and candidate != imported:
+                    continue
+                targets.add(candidate)
+        edges[name] = targets
+    return edges
+
+
+def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(edges[n]):
+            if state.get(m) == 1:
+                return [*stack[stack.index(m):], m]
+            if m not in state and (found := visit(m)) is not None:
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(edges):
+        if n not in state and (found := visit(n)) is not None:
+            return found
+    return None
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    edges = graph()
+    assert len(edges) > 20
+    cycle = _cycle(edges)
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_a_package_parent_counts_as_imported() -> None:
+    """(the checker itself: ``from policer.store.base import x`` runs policer.store)"""
+    assert "policer.store" in graph()["policer.engine"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_no_product_module_imports_a_tool() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        bad = sorted(i for i in _imports(path) if i.split(".")[0] in TOOLS)
+        assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {bad}"
+
+
+def test_decision_and_metrics_know_nothing_of_the_engine() -> None:
+    edges = graph()
+    assert not {m for m in edges["policer.decision"] if m.startswith("policer")}
+    assert "policer.engine" not in edges["policer.metrics"]
