@@ -8,7 +8,7 @@ measurement: ``benchmarks/serve.py``, ``docs/benchmarks.md``, "Decision service"
 =====================  =====================================================
 ``POST /v1/admit``      a call's attributes -> the decision (``policer admit --json``)
 ``POST /v1/explain``    the same body -> the dry run (``policer explain --json``)
-``POST /v1/confirm``    ``{"dialog_id"}``: the call was answered
+``POST /v1/confirm``    ``{"dialog_id"}`` (or ``{"call_id", "from_tag"}``): answered
 ``POST /v1/refresh``    ``{"dialog_id", "timeout"?}``: push a live dialog's deadline on
 ``POST /v1/release``    ``{"dialog_id", "reason"?}``: the call ended (idempotent)
 ``GET /v1/health``      200 when the store answers, 503 with the reason when not
@@ -52,7 +52,7 @@ from typing import Any, cast
 import httptools
 import orjson
 
-from policer.call import Call
+from policer.call import Call, dialog_id
 from policer.engine import Engine
 from policer.log import get_logger
 from policer.store import Op, StoreError
@@ -170,9 +170,12 @@ def call_from_body(body: bytes) -> Call:
 
 
 def dialog_id_from_body(data: Mapping[str, Any]) -> str:
-    """The dialog id of an event body, as admit handed it out; raises BadRequest. Ids
-    policer did not make (braces, separators, white space) are refused, so no client
-    can name another key."""
+    """The dialog id of an event body, as admit handed it out, or made from the raw
+    ``call_id`` and ``from_tag`` (a proxy that did not keep the id, e.g. for a BYE of
+    a dialog another proxy set up); raises BadRequest. Ids policer did not make
+    (braces, separators, white space) are refused, so no client can name another key."""
+    if "dialog_id" not in data and "call_id" in data:
+        return dialog_id(_text(data, "call_id", True), _text(data, "from_tag", True))
     did = _text(data, "dialog_id", True)
     assert did is not None
     if len(did) > MAX_DIALOG_ID or not _DIALOG_ID.fullmatch(did):

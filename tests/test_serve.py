@@ -178,6 +178,11 @@ def test_limits_hold_and_events_bring_counts_back_to_zero(serve: Serve,
                              conn=conn)
     assert (status, out["ok"], out["record"]) == (200, False, None)
     assert serve.post("/v1/confirm", {"dialog_id": "nobody;x"}, conn=conn)[1]["ok"] is False
+    # a proxy that kept no dialog id names the call by its raw Call-ID and From-tag
+    did = serve.post("/v1/admit", body("raw id@host"), conn=conn)[1]["dialog_id"]
+    status, out = serve.post("/v1/release", {"call_id": "raw id@host", "from_tag": "ft"},
+                             conn=conn)
+    assert (status, out["dialog_id"], out["ok"]) == (200, did, True)
     conn.close()
 
 
