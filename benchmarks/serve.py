@@ -198,7 +198,10 @@ def _engine_loop(url: str, policy_path: str, tag: str, until: float, measure_fro
     policy = load_policy(policy_path)
     store = open_store(url, policy.namespace, timeout_ms=policy.store_timeout_ms,
                        policy=policy)
-    engine = Engine(policy, store, node="bench-engine")
+    from policer.metrics import worker_metrics
+
+    # as a proxy's engine runs (Engine.from_env): with its decision metrics
+    engine = Engine(policy, store, node="bench-engine", metrics=worker_metrics())
     admit, from_raw = engine.admit, Call.from_raw
     mix = call_mix()
     lat: array[float] = array("d")
@@ -565,6 +568,101 @@ def measure_throughput(stack: str, url: str, policy: Path, workers: int, connect
             "ratio": http_rate / engine_rate if engine_rate else float("nan")}
 
 
+def wrk_script(directory: Path) -> Path:
+    """A wrk script sending the same call mix as the Python client, a fresh Call-ID per
+    request (a random prefix per wrk thread and run, then a counter)."""
+    bodies = []
+    for fields in call_mix():
+        body = json.dumps({"call_id": "%CALLID%", "from_tag": "tag", **fields},
+                          separators=(",", ":"))
+        before, after = body.split("%CALLID%")
+        bodies.append(f"{{{json.dumps(before)},{json.dumps(after)}}}")
+    path = directory / "admit.lua"
+    path.write_text(
+        "local mix = {" + ",\n".join(bodies) + "}\n"
+        "local n = 0\n"
+        "local tag = nil\n"
+        "wrk.method = 'POST'\n"
+        "wrk.headers['Content-Type'] = 'application/json'\n"
+        "request = function()\n"
+        "  if tag == nil then tag = 'w' .. math.random(1, 1000000000) .. os.time() end\n"
+        "  n = n + 1\n"
+        "  local m = mix[(n % #mix) + 1]\n"
+        "  return wrk.format(nil, '/v1/admit', nil, m[1] .. tag .. '-' .. n .. m[2])\n"
+        "end\n")
+    return path
+
+
+def measure_throughput_wrk(url: str, policy: Path, workers: int, connections: int,
+                           seconds: float, warmup: float, log: Path,
+                           script: Path) -> dict[str, float]:
+    """As :func:`measure_throughput`, the HTTP side driven by wrk (a C client: the
+    server's capacity with little client CPU on the machine) in 1 s slices: wrk runs
+    for each of the HTTP side's two slices in four."""
+    server = Server("httptools", url, policy, workers, log)
+    slice_s = 1.0
+    try:
+        now = time.perf_counter()
+        start = now + 1
+        rounds = max(1, round(seconds / (2 * slice_s)))
+        measured, until = start + 4 * slice_s, start + 4 * slice_s + rounds * 4 * slice_s
+        tag = f"tpw{time.monotonic_ns()}"
+        ctx = mp.get_context("fork")
+        out = ctx.Queue()
+        procs = [ctx.Process(target=_run_job, args=(
+            ("engine", url, str(policy), f"{tag}e{i}", until, measured,
+             _SlicesOf(start, slice_s)), out), daemon=True) for i in range(workers)]
+        for p in procs:
+            p.start()
+        done = 0
+        k = 0
+        while True:
+            t = start + k * slice_s
+            if t >= until:
+                break
+            if k % 4 == 1:  # the HTTP side's two slices: 1 and 2 of every four
+                time.sleep(max(0.0, t - time.perf_counter()))
+                proc = subprocess.run(
+                    ["wrk", "-t1", f"-c{connections}", f"-d{int(2 * slice_s)}s", "-s",
+                     str(script), f"http://127.0.0.1:{server.port}"],
+                    capture_output=True, text=True, timeout=30, check=True)
+                m = re.search(r"(\d+) requests in", proc.stdout)
+                if t >= measured and m:
+                    done += int(m.group(1))
+            k += 1
+        engine = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=5)
+    finally:
+        server.stop()
+    for kind, r in engine:
+        if kind == "error":
+            raise RuntimeError(r)
+    measured_s = rounds * 2 * slice_s
+    engine_rate = sum(r[0] for _, r in engine) / measured_s
+    http_rate = done / measured_s
+    return {"engine_per_s": engine_rate, "http_per_s": http_rate,
+            "ratio": http_rate / engine_rate if engine_rate else float("nan")}
+
+
+class _SlicesOf(Slices):
+    def __init__(self, start: float, slice_s: float) -> None:
+        super().__init__(start, True)
+        self.slice_s = slice_s
+
+    def active(self, t: float) -> bool:
+        k = int((t - self.start) / self.slice_s) % 4 if t >= self.start else 0
+        return k in (0, 3)
+
+    def wait(self, t: float) -> None:
+        k = int((t - self.start) / self.slice_s)
+        while True:
+            k += 1
+            if (k % 4) in (0, 3):
+                break
+        time.sleep(max(0.0, self.start + k * self.slice_s - t))
+
+
 def loadavg() -> float:
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])
@@ -587,6 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=4,
                    help="client connections for the throughput run (one process each) [4]")
     p.add_argument("--only", choices=("latency", "throughput"), default=None)
+    p.add_argument("--wrk", action="store_true",
+                   help="also measure the throughput with wrk as the HTTP client (Debian "
+                        "package wrk; policer serve only)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--_server", default=None, help=argparse.SUPPRESS)
     p.add_argument("--listen", default=None, help=argparse.SUPPRESS)
@@ -628,6 +729,10 @@ def main(argv: list[str] | None = None) -> int:
                     runs["throughput"].append(measure_throughput(
                         stack, url, policy, args.workers, args.connections, args.seconds,
                         args.warmup, tmp / f"{stack}.log"))
+                if args.wrk and stack == "httptools" and args.only != "latency":
+                    runs.setdefault("throughput_wrk", []).append(measure_throughput_wrk(
+                        url, policy, args.workers, args.connections, args.seconds,
+                        args.warmup, tmp / f"{stack}.log", wrk_script(tmp)))
                 if not args.json:
                     print(f"{stack} run {r + 1}: " + json.dumps(
                         {k: {m: round(x, 3) for m, x in v[-1].items()} for k, v in runs.items()
@@ -654,6 +759,10 @@ def main(argv: list[str] | None = None) -> int:
             if "throughput" in m:
                 t = m["throughput"]
                 line += (f" x{args.workers}: engine {t['engine_per_s']:.0f}/s, http "
+                         f"{t['http_per_s']:.0f}/s ({t['ratio']:.2f}x)")
+            if "throughput_wrk" in m:
+                t = m["throughput_wrk"]
+                line += (f"; with wrk: engine {t['engine_per_s']:.0f}/s, http "
                          f"{t['http_per_s']:.0f}/s ({t['ratio']:.2f}x)")
             print(line)
     return 0
