@@ -18,15 +18,19 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from policer.call import Call, dialog_id
 from policer.compile import compile_policy
-from policer.engine import Decision, Engine, LimitView
+from policer.decision import Decision
 from policer.log import configure, redact
 from policer.policy import Policy, PolicyError, Rate, load_policy, parse_duration_ms
 from policer.store import Store, StoreError, open_store
 from policer.store.base import DialogInfo
+
+if TYPE_CHECKING:  # the engine (and prometheus-client) is imported when a command needs
+    # it: `policer serve --workers N` must set PROMETHEUS_MULTIPROC_DIR first
+    from policer.engine import Engine, LimitView
 
 __all__ = ["main"]
 
@@ -96,6 +100,8 @@ def _store(args: argparse.Namespace, policy: Policy) -> Store:
 
 
 def _engine(args: argparse.Namespace) -> Engine:
+    from policer.engine import Engine
+
     policy = _policy(args)
     return Engine(policy, _store(args, policy))
 
@@ -597,6 +603,37 @@ def cmd_exporter(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from policer import serve
+
+    if args.workers < 1:
+        raise CliError("--workers must be at least 1")
+    serve.prepare_metrics(args.workers)  # before prometheus-client is first imported
+    from policer.exporter import parse_listen
+    from policer.metrics import worker_metrics
+
+    try:
+        host, port = parse_listen(args.listen)
+        token = serve.read_token(args.token_file) if args.token_file else None
+        serve.check_listener(host, token, args.insecure)
+    except (ValueError, serve.ServeError) as e:
+        raise CliError(str(e)) from None
+    policy = _policy(args)
+    try:  # a data-plane client: the policy's store_timeout bounds each call
+        store = open_store(_url(args), policy.namespace, timeout_ms=policy.store_timeout_ms,
+                           policy=policy)
+    except ValueError as e:
+        raise CliError(f"--redis: {e}") from None
+    path = args.policy or os.environ.get("POLICER_POLICY") or DEFAULT_POLICY
+    from policer.engine import Engine
+
+    engine = Engine(policy, store, metrics=worker_metrics(), lease=True, watch=path)
+    try:
+        return serve.run(engine, host, port, workers=args.workers, token=token)
+    except OSError as e:
+        raise CliError(f"--listen {args.listen}: {e.strerror or e}") from None
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from policer.top import run_top
 
@@ -773,6 +810,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="values that always get a series (repeatable)")
     _common(p)
     p.set_defaults(func=cmd_exporter)
+
+    p = sub.add_parser("serve", help="the decision service: admit, confirm, release... "
+                                     "over HTTP/1.1 (JSON), for any SIP core")
+    p.add_argument("--listen", default="127.0.0.1:9478", metavar="HOST:PORT",
+                   help="address to listen on (default 127.0.0.1:9478)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes sharing the socket (default 1)")
+    p.add_argument("--token-file", default=None, metavar="PATH",
+                   help="file holding a bearer token every request must carry "
+                        "(Authorization: Bearer TOKEN); required beyond loopback")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --listen without --token-file")
+    _common(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("top", help="live table of profiles, like top")
     p.add_argument("--once", action="store_true", help="print one frame and exit")

@@ -267,6 +267,13 @@ class Engine:
         rec = self._event(Op("release", dialog_id, reason))
         return rec if isinstance(rec, CallRecord) else None
 
+    def apply_event(self, op: Op) -> object:
+        """Apply one dialog event (confirm, refresh, release, set_var) at once, or queue
+        it in order while the store does not answer (``policer serve``: the client learns
+        which). The store's answer (True/False; for a release its call-end record, False
+        when the dialog was not live), or None when it was queued."""
+        return self._event(op)
+
     def set_var(self, dialog_id: str, name: str, value: str) -> bool:
         return bool(self._event(Op("set_var", dialog_id, name, value)))
 
