@@ -363,3 +363,35 @@ def test_a_policy_is_immutable() -> None:
         p.namespace = "other"  # type: ignore[misc]
     with pytest.raises(TypeError):
         p.limits["total"] = p.limits["user"]  # type: ignore[index]
+
+
+def test_v2_errors_name_the_place_and_suggest(tmp_path: Path) -> None:
+    """Schedules, time zones and scheduled lists are checked like every other key."""
+    path = tmp_path / "bad2.yaml"
+    path.write_text(
+        "version: 2\nnamespace: x\ntimezone: Europe/Berln\nschedules:\n"
+        "  day: {hours: \"08:00-18:00\"}\n"
+        "  morning: {days: [mon, tue], hours: \"09:00-11:00\"}\n"
+        "  evening: {days: [mon], hours: \"17:00-20:00\"}\n"
+        "  odd: {days: [mon, funday], hours: \"25:00-26:00\"}\n"
+        "profiles:\n  total: {}\n"
+        "limits:\n  total:\n"
+        "    - {max: 10, schedule: day}\n"
+        "    - {max: 5, schedule: morning}\n"
+        "    - {max: 4, schedule: evening}\n"
+        "    - {max: 3, rate: {max: 0, per: 1s}}\n"
+        "    - {max: 1, schedule: nigth}\n")
+    with pytest.raises(PolicyError) as exc:
+        load_policy(path)
+    assert exc.value.errors == [f"{path}:{e}" for e in (
+        "3:11: timezone: unknown time zone 'Europe/Berln' (did you mean 'Europe/Berlin'?)",
+        "8:21: schedules.odd.days[1]: must be one of mon, tue, wed, thu, fri, sat, sun, "
+        "got 'funday'",
+        "8:37: schedules.odd.hours: not a time of day in '25:00-26:00' (00:00 to 24:00)",
+        "14:7: limits.total[1]: unreachable: schedule 'morning' is covered by the entries "
+        "above",
+        "15:7: limits.total[2]: schedule 'evening' overlaps an entry above (the first match "
+        "wins): make the schedules disjoint",
+        "16:28: limits.total[3].rate.max: must be between 1 and 1000000, got 0",
+        "17:26: limits.total[4].schedule: unknown schedule 'nigth'",
+    )]
