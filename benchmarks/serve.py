@@ -52,8 +52,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from policer import serve  # noqa: E402
 from lab.redis_server import RedisServer, free_port  # noqa: E402
+from policer import serve  # noqa: E402
 
 UNREACHED = 10_000_000
 STACKS = ("httptools", "uvicorn", "aiohttp", "threaded")
