@@ -1,0 +1,278 @@
+"""The policy model: the frozen tree a valid policy file becomes (:class:`Policy` and
+its parts) and the error a broken one raises (:class:`PolicyError`). Nothing here
+reads YAML: :mod:`policer.policy.load` builds these objects, and their defaults are
+the policy language's defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+from policer.policy.durations import format_ms
+
+__all__ = [
+    "ATTRIBUTE_SOURCES",
+    "DAYS",
+    "WINDOWS",
+    "Limit",
+    "Nodes",
+    "NumberClass",
+    "Policy",
+    "PolicyError",
+    "Profile",
+    "Rate",
+    "Reject",
+    "Schedule",
+    "Timeouts",
+    "Window",
+]
+
+#: Call attributes a policy can read directly (plus ``header:<Name>``).
+ATTRIBUTE_SOURCES = (
+    "from_user",
+    "from_domain",
+    "ruri_user",
+    "to_user",
+    "source_ip",
+    "auth_user",
+)
+#: Calendar windows of ``calls`` limits: their length in ms (``1mo``: a calendar month).
+WINDOWS: Mapping[str, int] = MappingProxyType({
+    "1m": 60_000, "1h": 3_600_000, "1d": 86_400_000, "7d": 7 * 86_400_000,
+    "1mo": 31 * 86_400_000})
+#: Day names of ``schedules``, Monday first (index = ISO weekday - 1).
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+#: Minutes in a week.
+WEEK_MIN = 7 * 1440
+
+
+class PolicyError(ValueError):
+    """A policy file is not valid. ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """How a rejected INVITE is answered."""
+
+    code: int = 503
+    reason: str = "Call Limit Reached"
+    retry_after: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NumberClass:
+    """A class of dialled numbers (exact ``numbers`` or ``prefixes``)."""
+
+    name: str
+    numbers: frozenset[str] = frozenset()
+    prefixes: tuple[str, ...] = ()
+    default: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A dialog profile: no value (one count) or valued (one count per value)."""
+
+    name: str
+    value: str | None = None  # attribute source, e.g. "from_user" or "header:x-account"
+    when_classes: frozenset[str] | None = None
+
+    @property
+    def valued(self) -> bool:
+        return self.value is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A generic cell rate (GCRA): ``max`` new calls per ``per_ms``, up to ``burst`` at
+    once. A call passes when at most ``burst - 1`` emission intervals are owed."""
+
+    max: int
+    per_ms: int
+    burst: int
+
+    @property
+    def interval_us(self) -> int:
+        """The emission interval T: one call's worth of time, in microseconds."""
+        return max(1, self.per_ms * 1000 // self.max)
+
+    @property
+    def tolerance_us(self) -> int:
+        """How far ahead of now the owed time may run and a call still pass (tau)."""
+        return self.interval_us * (self.burst - 1)
+
+    def text(self) -> str:
+        return f"{self.max}/{format_ms(self.per_ms)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A calendar cap: at most ``max`` new calls per calendar ``per`` (in the policy's
+    timezone; one of :data:`WINDOWS`), reset at its boundary."""
+
+    max: int
+    per: str
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """Named hours of the week: ``days`` (0 = Monday) from ``start_min`` to ``end_min``
+    minutes after local midnight; an end at or before the start wraps past midnight
+    (the window belongs to the day it starts on)."""
+
+    name: str
+    days: frozenset[int]
+    start_min: int
+    end_min: int
+
+    def intervals(self) -> tuple[tuple[int, int], ...]:
+        """Minutes of the week ``[a, b)`` the schedule covers (Monday 00:00 = 0), split
+        where they wrap past Sunday midnight."""
+        out: list[tuple[int, int]] = []
+        length = (self.end_min - self.start_min) % 1440 or 1440
+        for d in sorted(self.days):
+            a = d * 1440 + self.start_min
+            b = a + length
+            if b <= WEEK_MIN:
+                out.append((a, b))
+            else:
+                out += [(a, WEEK_MIN), (0, b - WEEK_MIN)]
+        return tuple(sorted(out))
+
+    def minutes(self) -> frozenset[int]:
+        return frozenset(m for a, b in self.intervals() for m in range(a, b))
+
+    def matches(self, minute_of_week: int) -> bool:
+        return any(a <= minute_of_week < b for a, b in self.intervals())
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """The caps on one profile (per value for valued profiles): concurrent calls
+    (``max``, -1 none), a call rate, calendar windows and a call duration cap. In a
+    list of limits, ``schedule`` names when this entry applies (None: always)."""
+
+    profile: str
+    max: int = -1
+    reserve_for_emergency: int = 0
+    reject: Reject = field(default_factory=Reject)
+    shadow: bool = False
+    rate: Rate | None = None
+    calls: tuple[Window, ...] = ()
+    max_duration_ms: int | None = None
+    #: how a rate rejection is answered (the limit's ``reject`` when not given)
+    rate_reject: Reject | None = None
+    schedule: str | None = None
+
+    @property
+    def rate_answer(self) -> Reject:
+        return self.rate_reject if self.rate_reject is not None else self.reject
+
+
+@dataclass(frozen=True, slots=True)
+class Nodes:
+    """Per-node leases: a proxy that stops renewing loses its dialogs' counts."""
+
+    lease_ms: int = 30_000
+    renew_ms: int = 5_000
+    on_node_loss: Literal["release", "keep"] = "release"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    early_ms: int = 120_000
+    dialog_ms: int = 43_200_000
+    #: answered calls end after this (None: no cap); per number class below
+    max_duration_ms: int | None = None
+    max_duration_by_class: Mapping[str, int] = field(
+        default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def early_s(self) -> int:
+        return max(1, self.early_ms // 1000)
+
+    @property
+    def dialog_s(self) -> int:
+        return max(1, self.dialog_ms // 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A validated policy. Build with :func:`load_policy` or :func:`parse_policy`."""
+
+    namespace: str
+    number_source: str = "ruri_user"
+    attributes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    classes: tuple[NumberClass, ...] = ()
+    profiles: tuple[Profile, ...] = ()
+    limits: Mapping[str, Limit] = field(default_factory=lambda: MappingProxyType({}))
+    emergency_class: str | None = None
+    emergency_bypass: bool = True
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    reject: Reject = field(default_factory=Reject)
+    on_store_error: Literal["admit", "reject"] = "admit"
+    store_timeout_ms: int = 50
+    shadow: bool = False
+    near_limit_ratio: float = 0.8
+    nodes: Nodes = field(default_factory=lambda: Nodes())
+    pending_queue: int = 10_000
+    #: call-end records kept in Redis (a capped stream); 0 writes none
+    call_records_keep: int = 100_000
+    #: IANA time zone of calendar windows and schedules
+    timezone: str = "UTC"
+    schedules: Mapping[str, Schedule] = field(default_factory=lambda: MappingProxyType({}))
+    #: every entry of every profile's limit, in order (a scheduled list has several;
+    #: the first whose schedule matches applies). ``limits`` holds each first entry.
+    limit_entries: Mapping[str, tuple[Limit, ...]] = field(
+        default_factory=lambda: MappingProxyType({}))
+    source: str = "<string>"
+    version: int = 1
+
+    @property
+    def header_names(self) -> tuple[str, ...]:
+        """Lower-cased names of the SIP headers this policy reads."""
+        names = [s[7:] for s in self.sources() if s.startswith("header:")]
+        return tuple(dict.fromkeys(names))
+
+    def sources(self) -> Iterable[str]:
+        yield self.number_source
+        yield from self.attributes.values()
+        for p in self.profiles:
+            if p.value is not None:
+                yield p.value
+
+    def profile(self, name: str) -> Profile | None:
+        for p in self.profiles:
+            if p.name == name:
+                return p
+        return None
+
+    def entries(self, profile: str) -> tuple[Limit, ...]:
+        """Every entry of a profile's limit (none: the profile is only counted)."""
+        found = self.limit_entries.get(profile)
+        if found is not None:
+            return found
+        lim = self.limits.get(profile)
+        return (lim,) if lim is not None else ()
+
+    def limit_at(self, profile: str, minute_of_week: int) -> Limit | None:
+        """The entry that applies at a local minute of the week (Monday 00:00 = 0)."""
+        for lim in self.entries(profile):
+            if lim.schedule is None or self.schedules[lim.schedule].matches(minute_of_week):
+                return lim
+        return None
+
+    @property
+    def timed(self) -> bool:
+        """Some limit has a rate, a calendar window or a schedule."""
+        return any(lim.rate is not None or lim.calls or lim.schedule is not None
+                   for entries in self.limit_entries.values() for lim in entries)
+
+

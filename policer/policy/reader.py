@@ -1,0 +1,241 @@
+"""Reading a policy's YAML node tree: the typed accessors every section of
+:mod:`policer.policy.load` uses, each reporting a problem as ``FILE:LINE:COL:
+key.path: message`` and carrying on, so that a file's every problem is reported at
+once. :class:`Reader` also remembers every node it was handed by its key path, for
+checks that run over the built tree (:func:`policer.policy.load.cross_checks`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from policer.policy.durations import DURATION, UNIT_MS, format_ms
+from policer.policy.model import ATTRIBUTE_SOURCES, Reject
+
+__all__ = ["Reader", "kind_of"]
+
+_HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+#: the reason phrase a reject code gets when the policy gives none
+_REASONS = {
+    403: "Forbidden",
+    480: "Temporarily Unavailable",
+    486: "Busy Here",
+    503: "Service Unavailable",
+    600: "Busy Everywhere",
+    603: "Decline",
+}
+
+
+class Reader:
+    """Typed access to YAML nodes, collecting errors with their positions."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.errors: list[tuple[int, int, str]] = []
+        self._constructor = yaml.SafeLoader("")
+        #: every node handed out by a mapping (or list entry), by its key path
+        self.nodes: dict[str, Node] = {}
+        #: (profile, index among its valid entries) -> the key path it was read at
+        self.entry_paths: dict[tuple[str, int], str] = {}
+
+
+    # -- reporting
+    def error(self, node: Node, path: str, message: str) -> None:
+        mark = node.start_mark
+        self.errors.append(
+            (mark.line + 1, mark.column + 1, f"{self.source}:{mark.line + 1}:{mark.column + 1}: "
+             f"{path}: {message}")
+        )
+
+    def sorted_errors(self) -> list[str]:
+        return [e[2] for e in sorted(self.errors, key=lambda e: (e[0], e[1]))]
+
+    # -- node helpers
+    def mapping(self, node: Node, path: str, known: Iterable[str]) -> dict[str, Node] | None:
+        """Children of a mapping node by key; reports duplicates and unknown keys."""
+        if not isinstance(node, MappingNode):
+            if isinstance(node, ScalarNode) and node.tag.endswith(":null"):
+                return {}
+            self.error(node, path, f"expected a mapping, got {kind_of(node)}")
+            return None
+        known_list = list(known)
+        out: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                self.error(key_node, path, "keys must be plain names")
+                continue
+            key = str(key_node.value)
+            sub = _join(path, key)
+            if key in out:
+                self.error(key_node, sub, "duplicate key")
+                continue
+            if known_list and key not in known_list:
+                near = difflib.get_close_matches(key, known_list, n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                self.error(key_node, sub, f"unknown key{hint}")
+                continue
+            out[key] = value_node
+            self.nodes[sub] = value_node
+        return out
+
+    def free_mapping(self, node: Node, path: str) -> dict[str, Node] | None:
+        return self.mapping(node, path, ())
+
+    def scalar(self, node: Node) -> Any:
+        return self._constructor.construct_object(node, deep=True)
+
+    def integer(self, node: Node, path: str, lo: int, hi: int) -> int | None:
+        value = self.scalar(node) if isinstance(node, ScalarNode) else None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(node, path, f"expected an integer, got {kind_of(node)}")
+            return None
+        if not lo <= value <= hi:
+            self.error(node, path, f"must be between {lo} and {hi}, got {value}")
+            return None
+        return value
+
+    def boolean(self, node: Node, path: str) -> bool | None:
+        value = self.scalar(node) if isinstance(node, ScalarNode) else None
+        if not isinstance(value, bool):
+            self.error(node, path, f"expected true or false, got {kind_of(node)}")
+            return None
+        return value
+
+    def string(self, node: Node, path: str, pattern: re.Pattern[str] | None = None,
+               what: str = "") -> str | None:
+        if not isinstance(node, ScalarNode) or node.tag.endswith(":null"):
+            self.error(node, path, f"expected a string, got {kind_of(node)}")
+            return None
+        value = str(node.value)
+        if pattern is not None and not pattern.match(value):
+            self.error(node, path, f"{what or 'invalid value'}: {value!r}")
+            return None
+        return value
+
+    def choice(self, node: Node, path: str, choices: tuple[str, ...]) -> str | None:
+        value = self.string(node, path)
+        if value is None:
+            return None
+        if value not in choices:
+            near = difflib.get_close_matches(value, choices, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            self.error(node, path, f"must be one of {', '.join(choices)}, got {value!r}{hint}")
+            return None
+        return value
+
+    def duration_ms(self, node: Node, path: str, lo_ms: int, hi_ms: int) -> int | None:
+        value = self.scalar(node) if isinstance(node, ScalarNode) else None
+        ms: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            ms = value * 1000
+        elif isinstance(value, str) and DURATION.match(value.strip()):
+            ms = sum(int(n) * UNIT_MS[u] for n, u in _DURATION_PART.findall(value))
+        if ms is None:
+            self.error(node, path, f"expected a duration such as 30s, 5m, 12h or 250ms, "
+                       f"got {kind_of(node)}")
+            return None
+        if not lo_ms <= ms <= hi_ms:
+            self.error(node, path, f"must be between {format_ms(lo_ms)} and {format_ms(hi_ms)}, "
+                       f"got {format_ms(ms)}")
+            return None
+        return ms
+
+    def number_list(self, node: Node, path: str) -> list[str]:
+        """Numbers or prefixes, read as written (``00`` stays ``00`` even unquoted)."""
+        if not isinstance(node, SequenceNode):
+            self.error(node, path, f"expected a list of numbers, got {kind_of(node)}")
+            return []
+        out: list[str] = []
+        for i, item in enumerate(node.value):
+            sub = f"{path}[{i}]"
+            if not isinstance(item, ScalarNode) or item.tag.endswith(":null") or item.value == "":
+                self.error(item, sub, f"expected a number, got {kind_of(item)}")
+                continue
+            s = str(item.value).strip()
+            if not re.fullmatch(r"[0-9A-Za-z+*#]{1,32}", s):
+                self.error(item, sub, f"not a dialled number or prefix: {s!r}")
+                continue
+            if s in out:
+                self.error(item, sub, f"{s!r} is listed twice")
+                continue
+            out.append(s)
+        return out
+
+    def reject(self, node: Node, path: str, default: Reject) -> Reject | None:
+        m = self.mapping(node, path, ("code", "reason", "retry_after"))
+        if m is None:
+            return None
+        code = default.code
+        reason = default.reason
+        retry_after = default.retry_after
+        if "code" in m:
+            code = self.integer(m["code"], f"{path}.code", 300, 699) or code
+            if "reason" not in m:
+                reason = _REASONS.get(code, reason)
+            # another code is another answer: the default's Retry-After (meant for a 503
+            # overload) is not carried over to, say, a 403 or a 486
+            retry_after = None
+        if "reason" in m:
+            r = self.string(m["reason"], f"{path}.reason", re.compile(r"^[^\r\n\x00]{1,128}$"),
+                            "a reason phrase is one line of 1 to 128 characters")
+            reason = r if r is not None else reason
+        if "retry_after" in m:
+            if isinstance(m["retry_after"], ScalarNode) and m["retry_after"].tag.endswith(":null"):
+                retry_after = None
+            else:
+                ra = self.integer(m["retry_after"], f"{path}.retry_after", 0, 86400)
+                retry_after = ra if ra is not None else retry_after
+        return Reject(code=code, reason=reason, retry_after=retry_after)
+
+    # -- the document
+
+    def unknown_ref(self, node: Node, path: str, what: str, name: str,
+                    known: Iterable[str]) -> None:
+        near = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        self.error(node, path, f"unknown {what} {name!r}{hint}")
+
+    def source_ref(self, node: Node, path: str) -> str | None:
+        """An attribute source: a built-in one or ``header:<Name>``."""
+        s = self.string(node, path)
+        if s is None:
+            return None
+        if s.startswith("header:"):
+            name = s[7:]
+            if not _HEADER.match(name):
+                self.error(node, path, f"not a SIP header name: {name!r}")
+                return None
+            return "header:" + name.lower()
+        if s not in ATTRIBUTE_SOURCES:
+            near = difflib.get_close_matches(s, ATTRIBUTE_SOURCES, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            self.error(node, path, f"unknown attribute source {s!r}{hint}; use one of "
+                       f"{', '.join(ATTRIBUTE_SOURCES)} or header:<Name>")
+            return None
+        return s
+
+
+
+def _join(path: str, key: str) -> str:
+    return key if path == "(document)" else f"{path}.{key}"
+
+
+def kind_of(node: Node) -> str:
+    """What a node is, for messages: ``a mapping``, ``a list``, ``str 'ten'``."""
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if isinstance(node, ScalarNode):
+        tag = node.tag.rsplit(":", 1)[-1]
+        if tag == "null":
+            return "nothing"
+        return f"{tag} {node.value!r}"
+    return "something else"
