@@ -242,6 +242,8 @@ class Policy:
     pending_queue: int = 10_000
     #: call-end records kept in Redis (a capped stream); 0 writes none
     call_records_keep: int = 100_000
+    #: decision attempts kept in Redis (a capped stream, for ``policer replay``); 0: none
+    attempts_keep: int = 100_000
     #: IANA time zone of calendar windows and schedules
     timezone: str = "UTC"
     schedules: Mapping[str, Schedule] = field(default_factory=lambda: MappingProxyType({}))
@@ -351,7 +353,7 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 _TOP_KEYS = (
     "version", "namespace", "call", "classes", "profiles", "limits", "emergency",
     "timeouts", "reject", "on_store_error", "store_timeout", "shadow", "near_limit", "nodes",
-    "pending_queue", "call_records", "timezone", "schedules",
+    "pending_queue", "call_records", "attempts", "timezone", "schedules",
 )
 #: Keys of one limit (or of one entry of a scheduled list).
 _LIMIT_KEYS = ("max", "reserve_for_emergency", "reject", "shadow", "rate", "calls",
@@ -635,6 +637,12 @@ class _Validator:
             if "keep" in cr:
                 keep = self.integer(cr["keep"], "call_records.keep", 0, 100_000_000)
                 cdr_keep = keep if keep is not None else cdr_keep
+        attempts_keep = 100_000
+        if "attempts" in top:
+            at = self.mapping(top["attempts"], "attempts", ("keep",)) or {}
+            if "keep" in at:
+                keep = self.integer(at["keep"], "attempts.keep", 0, 100_000_000)
+                attempts_keep = keep if keep is not None else attempts_keep
 
         if self.errors:
             return None
@@ -656,6 +664,7 @@ class _Validator:
             nodes=nodes,
             pending_queue=pending,
             call_records_keep=cdr_keep,
+            attempts_keep=attempts_keep,
             timezone=timezone,
             schedules=MappingProxyType(schedules),
             limit_entries=MappingProxyType(limit_entries),
