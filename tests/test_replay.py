@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clihelp import cli_json
+from clihelp import cli_json, run_cli
 from conftest import call, policy_text
 
 from policer.call import Call
@@ -221,3 +221,8 @@ def test_policer_replay_json(redis_url: str, namespace: str, tmp_path: Path) -> 
     assert (r["attempts"], r["admitted"], r["rejected"]) == (2, 2, 0)
     assert r["actual"] == {"admitted": 1, "rejected": 1}
     assert [c["call_id"] for c in r["changed"]] == ["x2"]
+    text = run_cli("replay", "--policy", str(cand), "--since", "1h", env=env, check=True).stdout
+    assert "changed decisions: 1" in text
+    assert "call-id=x2 actual=503 user (concurrent) candidate=admitted" in text
+    bad = run_cli("replay", "--policy", str(cand), "--since", "yesterday", env=env)
+    assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
