@@ -586,6 +586,75 @@ def cmd_cdr(args: argparse.Namespace) -> int:
             last = records[-1].record_id
 
 
+def _time_ms(text: str, now_ms: int, what: str) -> int:
+    """A time: a duration before now (``24h``), epoch ms, or ISO 8601 (UTC if no zone)."""
+    ago = parse_duration_ms(text)
+    if ago is not None:
+        return now_ms - ago
+    if text.isdigit():
+        return int(text)
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"{what} {text!r}: a duration before now (24h), epoch ms or an "
+                       f"ISO 8601 time") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return int(t.timestamp() * 1000)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from policer.replay import replay_store
+
+    candidate = load_policy(args.policy)
+    path = args.live_policy or os.environ.get("POLICER_POLICY") or DEFAULT_POLICY
+    live = load_policy(path)
+    store = _store(args, live)
+    now = store.now_ms()
+    since = _time_ms(args.since, now, "--since")
+    until = _time_ms(args.until, now, "--until") if args.until else None
+    report = replay_store(candidate, store, since, until)
+    if args.json:
+        _print_json(report.as_dict())
+        return EXIT_OK
+    a = report
+    print(f"replay of {live.namespace} ({path}) under {candidate.namespace} ({args.policy}), "
+          f"{_ts(since)} .. {_ts(until or now)}")
+    print(f"{'':<10} {'candidate':>10} {'actual':>10}")
+    print(f"{'attempts':<10} {a.attempts:>10} {a.attempts:>10}")
+    print(f"{'admitted':<10} {a.admitted:>10} {a.actual_admitted:>10}")
+    print(f"{'rejected':<10} {a.rejected:>10} {a.actual_rejected:>10}")
+    print(f"changed decisions: {a.changed_total}")
+    if a.by_limit:
+        print("rejections per limit:")
+        for name, n in a.by_limit.most_common(args.top):
+            print(f"  {name or '-':<30} {n:>8}")
+    if a.by_value:
+        print("rejections per value:")
+        for name, n in a.by_value.most_common(args.top):
+            print(f"  {name:<30} {n:>8}")
+    if a.peak:
+        print("peak concurrency:")
+        for name, n in sorted(a.peak.items(), key=lambda kv: (-kv[1], kv[0]))[:args.top]:
+            print(f"  {name:<30} {n:>8}")
+    for c in a.changed[:args.top]:
+        print(f"  changed {_ts(c['time_ms'])} call-id={c['call_id']} "
+              f"actual={_short(c['actual'])} candidate={_short(c['candidate'])}")
+    if a.estimated_holds:
+        print(f"note: {a.estimated_holds} calls rejected in fact are admitted here and held "
+              f"for the mean hold time of the replayed calls ({a.mean_hold_ms / 1000:.1f} s)")
+    for source, n in a.missing_attributes.most_common():
+        print(f"note: {n} attempts were recorded without {source}, which the candidate "
+              f"reads (taken as empty)")
+    return EXIT_OK
+
+
+def _short(d: dict[str, Any]) -> str:
+    if d.get("admitted"):
+        return "admitted"
+    return f"{d.get('code')} {d.get('limit') or '-'} ({d.get('kind') or '-'})"
+
+
 def cmd_exporter(args: argparse.Namespace) -> int:
     from policer.exporter import parse_values, serve
 
@@ -801,6 +870,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     _common(p)
     p.set_defaults(func=cmd_cdr)
+
+    p = sub.add_parser("replay", help="what a candidate policy would have decided on the "
+                                      "recorded attempts (reads the store only)")
+    p.add_argument("--policy", required=True, metavar="CANDIDATE.yaml",
+                   help="the candidate policy (its namespace may differ)")
+    p.add_argument("--live-policy", default=None, metavar="FILE",
+                   help="the live policy, whose namespace holds the recording (env "
+                        "POLICER_POLICY, default policies/example.yaml)")
+    p.add_argument("--since", default="24h",
+                   help="from: a duration before now (24h), epoch ms or ISO 8601 time")
+    p.add_argument("--until", default=None, help="to (default now); as --since")
+    p.add_argument("--top", type=int, default=10, help="rows per table (default 10)")
+    p.add_argument("--redis", default=None, metavar="URL",
+                   help="store URL (env POLICER_REDIS_URL, default redis://127.0.0.1:6379/0)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    p.add_argument("--log-format", default=None, choices=("json", "console"))
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("exporter", help="serve Prometheus metrics (cluster-wide, from the store)")
     p.add_argument("--listen", default="127.0.0.1:9477", metavar="HOST:PORT")

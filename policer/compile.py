@@ -27,6 +27,7 @@ from policer.call import MAX_KEY_PART, MAX_VALUE
 from policer.policy import Limit, Policy, Reject
 
 __all__ = [
+    "ATTEMPTS_KEEP_DEFAULT",
     "CDR_KEEP_DEFAULT",
     "DECIDED_MS",
     "GRACE_MS",
@@ -51,6 +52,8 @@ GRACE_MS = 60_000
 TICK_BATCH = 40
 #: Call-end records kept when the policy does not say.
 CDR_KEEP_DEFAULT = 100_000
+#: Attempts (one per dialog, every decision) kept when the policy does not say.
+ATTEMPTS_KEEP_DEFAULT = 100_000
 #: Attributes every admit carries besides those the policy reads (for call records).
 _RECORD_SOURCES = ("from_user", "from_domain", "source_ip")
 
@@ -263,6 +266,8 @@ def compile_policy(policy: Policy | None, namespace: str | None = None) -> Libra
         ("GRACE_MS", GRACE_MS),
         ("DECIDED_MS", DECIDED_MS),
         ("CDR_KEEP", policy.call_records_keep if policy else CDR_KEEP_DEFAULT),
+        ("ATTEMPTS_KEEP", policy.attempts_keep if policy else ATTEMPTS_KEEP_DEFAULT),
+        ("ATTRS_NAMES", ",".join(attrs)),
         ("POLICY_VERSION", policy.version if policy else 0),
         ("LIBRARY_FORMAT", LIBRARY_FORMAT),
     )

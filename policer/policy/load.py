@@ -18,10 +18,10 @@ from policer.policy.model import WEEK_MIN, Policy, PolicyError
 from policer.policy.reader import Reader
 from policer.policy.sections import (
     read_call,
-    read_call_records,
     read_classes,
     read_emergency,
     read_header,
+    read_keep,
     read_limits,
     read_near_limit,
     read_nodes,
@@ -41,7 +41,7 @@ __all__ = ["cross_checks", "load_policy", "parse_policy"]
 _TOP_KEYS = (
     "version", "namespace", "call", "classes", "profiles", "limits", "emergency",
     "timeouts", "reject", "on_store_error", "store_timeout", "shadow", "near_limit", "nodes",
-    "pending_queue", "call_records", "timezone", "schedules",
+    "pending_queue", "call_records", "attempts", "timezone", "schedules",
 )
 
 
@@ -125,7 +125,10 @@ def build(r: Reader, root: Node) -> Policy | None:
         near_limit_ratio=read_near_limit(r, top.get("near_limit")),
         nodes=read_nodes(r, top.get("nodes")),
         pending_queue=read_pending_queue(r, top.get("pending_queue")),
-        call_records_keep=read_call_records(r, top.get("call_records")),
+        call_records_keep=read_keep(r, top.get("call_records"), "call_records",
+                                    Policy(namespace="").call_records_keep),
+        attempts_keep=read_keep(r, top.get("attempts"), "attempts",
+                                Policy(namespace="").attempts_keep),
         timezone=timezone,
         schedules=MappingProxyType(schedules),
         limit_entries=MappingProxyType(limit_entries),

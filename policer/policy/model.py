@@ -225,6 +225,8 @@ class Policy:
     pending_queue: int = 10_000
     #: call-end records kept in Redis (a capped stream); 0 writes none
     call_records_keep: int = 100_000
+    #: decision attempts kept in Redis (a capped stream, for ``policer replay``); 0: none
+    attempts_keep: int = 100_000
     #: IANA time zone of calendar windows and schedules
     timezone: str = "UTC"
     schedules: Mapping[str, Schedule] = field(default_factory=lambda: MappingProxyType({}))

@@ -158,16 +158,16 @@ def read_pending_queue(r: Reader, node: Node | None) -> int:
     return pq if pq is not None else _DEFAULT.pending_queue
 
 
-def read_call_records(r: Reader, node: Node | None) -> int:
-    """``call_records: {keep: N}``: call-end records kept (0: none)."""
-    keep = _DEFAULT.call_records_keep
+def read_keep(r: Reader, node: Node | None, key: str, default: int) -> int:
+    """``call_records: {keep: N}``, ``attempts: {keep: N}``: entries a capped stream
+    keeps (0: none)."""
     if node is None:
-        return keep
-    cr = r.mapping(node, "call_records", ("keep",)) or {}
-    if "keep" in cr:
-        k = r.integer(cr["keep"], "call_records.keep", 0, 100_000_000)
-        keep = k if k is not None else keep
-    return keep
+        return default
+    m = r.mapping(node, key, ("keep",)) or {}
+    if "keep" in m:
+        k = r.integer(m["keep"], f"{key}.keep", 0, 100_000_000)
+        return k if k is not None else default
+    return default
 
 
 def read_reject(r: Reader, node: Node | None) -> Reject:

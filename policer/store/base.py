@@ -28,6 +28,7 @@ __all__ = [
     "AdminStore",
     "AdmitRequest",
     "AdmitResult",
+    "Attempt",
     "CallRecord",
     "CallResult",
     "DecisionStore",
@@ -230,6 +231,26 @@ class CallRecord:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One decided call attempt (one per dialog: a retransmission or a re-sent INVITE
+    is the same attempt), as the decision function recorded it (``policer replay``)."""
+
+    time_ms: int  # when it was decided (the store's clock)
+    dialog_id: str
+    admitted: bool
+    recorded: bool = False  # admitted by the fallback while the store was down
+    code: int = 200
+    limit: str = ""  # the profile whose limit rejected it
+    kind: str = ""  # concurrent | rate | calls
+    #: call_id, from, to (the number), class, node, source_ip (empty values left out)
+    info: Mapping[str, str] = field(default_factory=dict)
+    #: the attributes the deciding policy read: source (``from_user`` …,
+    #: ``header:<Name>``) -> value
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    record_id: str = ""
+
+
 class DecisionStore(Protocol):
     """What an engine and a proxy need on the hot path: decide calls by the loaded
     policy, apply dialog events, the node's tick. Every method may raise
@@ -355,6 +376,11 @@ class AdminStore(Protocol):
 
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
         """Call-end records, oldest first, after record id ``after``."""
+
+    def attempts(self, since_ms: int = 0, until_ms: int | None = None, count: int = 1000,
+                 after: str = "") -> list[Attempt]:
+        """Decided attempts, oldest first, recorded from ``since_ms`` to ``until_ms``
+        (inclusive; None: now), at most ``count``, after record id ``after`` (paging)."""
 
     def nodes(self) -> dict[str, int]:
         """Registered nodes and the end of their lease (ms, the store's clock)."""

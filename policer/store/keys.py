@@ -23,6 +23,7 @@ key                                    type       holds
 ``policer:{ns}:stats``                 hash       ``ended:<reason>``, ``nodes_lost``
 ``policer:{ns}:decisions``             hash       ``kind;result|profile,...`` -> decisions
 ``policer:{ns}:cdr``                   stream     call-end records (capped)
+``policer:{ns}:attempts``              stream     decided attempts, one per dialog (capped)
 =====================================  =========  ==========================================
 
 Values from SIP are encoded with :func:`policer.call.key_part` (the function's
@@ -76,6 +77,10 @@ class Keys:
     @property
     def cdr(self) -> str:
         return f"{self.prefix}cdr"
+
+    @property
+    def attempts(self) -> str:
+        return f"{self.prefix}attempts"
 
 
 def _glob_escape(s: str) -> str:

@@ -41,6 +41,7 @@ from policer.store.base import (
     STATS_FIELDS,
     AdmitRequest,
     AdmitResult,
+    Attempt,
     CallRecord,
     CallResult,
     DialogInfo,
@@ -119,6 +120,8 @@ class MemoryStore:
         self._decisions: dict[tuple[str, str], int] = {}
         self._limits: dict[str, dict[str, int]] = {}
         self._cdr: deque[CallRecord] = deque(maxlen=cdr_maxlen)
+        self._attempts: deque[Attempt] = deque(maxlen=100_000)
+        self._attempts_keep = 100_000
         self._seq = itertools.count(1)
         self._nodes: dict[str, int] = {}  # encoded node -> end of its lease
         self._node_dialogs: dict[str, dict[str, int]] = {}  # node -> dialog id -> deadline
@@ -141,6 +144,8 @@ class MemoryStore:
                           if policy is not None else None)
             if policy is not None:
                 self._cdr = deque(self._cdr, maxlen=max(1, policy.call_records_keep))
+                self._attempts_keep = policy.attempts_keep
+                self._attempts = deque(self._attempts, maxlen=max(1, policy.attempts_keep))
             return self._hash or ""
 
     def use(self, policy: Policy | None) -> None:
@@ -182,7 +187,8 @@ class MemoryStore:
                   "class": c.number_class or "", "node": node,
                   "source_ip": call.source_ip},
             entries=entries, max_duration_ms=md)
-        r, rows = self._admit(req, dry=dry, at_ms=at)
+        attrs = {s: call.attribute(s) for s in attribute_sources(policy)}
+        r, rows = self._admit(req, dry=dry, at_ms=at, attrs=attrs)
         limit_i = r.tripped if r.tripped >= 0 else r.shadow
         limit = members[limit_i].profile if 0 <= limit_i < len(members) else None
         cls = c.number_class
@@ -337,7 +343,8 @@ class MemoryStore:
             chk.spend_windows.append((w.per, wid, n + 1))
         return chk
 
-    def _admit(self, request: AdmitRequest, dry: bool = False, at_ms: int | None = None
+    def _admit(self, request: AdmitRequest, dry: bool = False, at_ms: int | None = None,
+               attrs: dict[str, str] | None = None
                ) -> tuple[AdmitResult, tuple[ExplainRow, ...]]:
         with self._lock:
             now = self.now_ms()
@@ -417,6 +424,9 @@ class MemoryStore:
                     emergency=emergency)
                 self._incr("rejected")
                 prof = request.members[tripped].profile
+                if attrs is not None and self._attempts_keep > 0 and self._policy is not None:
+                    rej = _answer(self._policy, prof, entry_shown, tkind)
+                    self._attempt(request, now, attrs, False, rej.code, prof, tkind)
                 self._decisions[("rejected", prof)] = self._decisions.get(("rejected", prof), 0) + 1
                 return result, ()
             deadline = now + request.early_ms
@@ -439,6 +449,8 @@ class MemoryStore:
                 emergency=emergency, max_duration_ms=md,
             )
             self._incr("processed")
+            if attrs is not None and self._attempts_keep > 0:
+                self._attempt(request, now, attrs, True)
             if request.record:
                 self._incr("recorded")
             if bypass:
@@ -446,6 +458,26 @@ class MemoryStore:
             if shadow >= 0:
                 self._incr("shadow_rejected")
             return result, ()
+
+    def _attempt(self, request: AdmitRequest, now: int, attrs: dict[str, str],
+                 admitted: bool, code: int = 200, limit: str = "", kind: str = "") -> None:
+        """Keep one decided attempt (the function's ``XADD P attempts``)."""
+        self._attempts.append(Attempt(
+            time_ms=now, dialog_id=request.dialog_id, admitted=admitted,
+            recorded=request.record, code=code, limit=limit, kind=kind,
+            info={k: utf8_text(v) for k, v in request.info.items() if v},
+            attributes=dict(attrs),
+            record_id=f"{now}-{next(self._seq)}"))
+
+    def attempts(self, since_ms: int = 0, until_ms: int | None = None, count: int = 1000,
+                 after: str = "") -> list[Attempt]:
+        with self._lock:
+            kept = list(self._attempts)
+        if after:
+            ids = [a.record_id for a in kept]
+            kept = kept[ids.index(after) + 1:] if after in ids else kept
+        return [a for a in kept if a.time_ms >= since_ms
+                and (until_ms is None or a.time_ms <= until_ms)][:count]
 
     def _extend(self, did: str, confirm: bool, timeout_ms: int) -> bool:
         with self._lock:

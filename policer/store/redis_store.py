@@ -31,6 +31,7 @@ from policer.call import (
     pack_fields,
     raw_bytes,
     unpack_fields,
+    unpack_values,
     utf8_text,
     value_from_key,
 )
@@ -44,6 +45,7 @@ from policer.store.base import (
     STATS_FIELDS,
     AdmitRequest,
     AdmitResult,
+    Attempt,
     CallRecord,
     CallResult,
     DialogInfo,
@@ -570,6 +572,16 @@ class RedisStore:
                                            NEVER_DECODE=True))
         return [_record(rid, fields) for rid, fields in rows]
 
+    def attempts(self, since_ms: int = 0, until_ms: int | None = None, count: int = 1000,
+                 after: str = "") -> list[Attempt]:
+        client: Any = self.client
+        start = f"({after}" if after else str(since_ms) if since_ms > 0 else "-"
+        end = "+" if until_ms is None else str(until_ms)
+        rows: list[tuple[bytes, dict[bytes, bytes]]] = self._run(
+            lambda: client.execute_command("XRANGE", self.keys.attempts, start, end,
+                                           "COUNT", count, NEVER_DECODE=True))
+        return [_attempt(rid, fields) for rid, fields in rows]
+
     # -- nodes
     def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
               ) -> tuple[int, int]:
@@ -750,6 +762,24 @@ def _dialog_info(dialog_id: str, raw: dict[bytes, bytes]) -> DialogInfo:
         info=_info(raw.get(b"i", b"")),
         variables={k[2:]: v for k, v in h.items() if k.startswith("v:")},
         end_reason=h.get("end_reason", ""),
+    )
+
+
+def _attempt(record_id: bytes | str, raw: dict[bytes, bytes]) -> Attempt:
+    """An entry of the attempts stream (``library.lua``, ``P attempts``)."""
+    r = raw.get(b"r", b"a")
+    sources = [x for x in _str(raw.get(b"n", b"")).split(",") if x]
+    return Attempt(
+        time_ms=int(raw.get(b"t", b"0")),
+        dialog_id=_str(raw.get(b"d", b"")),
+        admitted=r != b"j",
+        recorded=r == b"f",
+        code=int(raw.get(b"c", b"200") or 200),
+        limit=_str(raw.get(b"l", b"")),
+        kind=_str(raw.get(b"k", b"")),
+        info=_info(raw.get(b"i", b"")),
+        attributes=unpack_values(raw.get(b"a", b""), sources),
+        record_id=_str(record_id),
     )
 
 

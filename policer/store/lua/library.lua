@@ -81,6 +81,10 @@
 --   P stats          hash ended:<reason>, nodes_lost
 --   P decisions      hash '<kind>;<result>|<profile>,...' -> decisions (one HINCRBY each)
 --   P cdr            stream of call-end records (MAXLEN ~ CDR_KEEP)
+--   P attempts       stream of decided attempts, one per dialog (MAXLEN ~ ATTEMPTS_KEEP):
+--                    t (ms), d dialog id, r (a admitted, j rejected, f recorded after a
+--                    fallback), rejected also c code, l limit, k kind; i (packed info as
+--                    in P d:), a (the packed attributes), n (their sources, ','-joined)
 
 -- ------------------------------------------------------------------ helpers
 
@@ -93,6 +97,7 @@ local DECIDED_S = '' .. DECIDED_MS
 local EARLY_TTL_S = '' .. (EARLY_MS + GRACE_MS)
 local DIALOG_TTL_S = '' .. (DIALOG_MS + GRACE_MS)
 local CDR_KEEP_S = '' .. CDR_KEEP
+local ATTEMPTS_KEEP_S = '' .. ATTEMPTS_KEEP
 local PLAIN_ADMIT = '1,0,0,-1,0,0,0'
 
 -- Redis's clock in ms, shifted by a test offset (0 in production); sets NOW_S.
@@ -581,7 +586,8 @@ end
 -- FLAG_RECORD joins without checking (a call the fallback admitted). lnow: the instant
 -- calendar windows are read at (now, but for explain --at). md: the call's max
 -- duration (ms, -1 none).
-local function decide(P, did, members, flags, early_ms, node, info, now, cls, dry, lnow, md)
+local function decide(P, did, members, flags, early_ms, node, info, now, cls, dry, lnow, md,
+                      attrs)
   local dkey = P .. 'd:' .. did
   local emergency = flags % 2 == 1
   local bypass_allowed = math.floor(flags / 2) % 2 == 1
@@ -741,13 +747,19 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
                              KIND_CODES[tkind] or 0, tretry, md, eidx, twin}, ',')
   end
 
+  local packed = pack(info)
   if admitted == 0 then
     -- remembered for the life of an INVITE transaction (64*T1); spends nothing
     redis.call('HSET', dkey, 'decision', decision, 'state', 'rejected', 'init_ms', NOW_S,
-               'expires', tostring(now + DECIDED_MS), 'tp', limit, 'i', pack(info),
+               'expires', tostring(now + DECIDED_MS), 'tp', limit, 'i', packed,
                'profiles', labels)
     redis.call('PEXPIRE', dkey, DECIDED_S)
     redis.call('HINCRBY', P .. 'decisions', 'rejected;rejected|' .. limit, ONE)
+    if ATTEMPTS_KEEP > 0 and attrs then
+      redis.call('XADD', P .. 'attempts', 'MAXLEN', '~', ATTEMPTS_KEEP_S, '*', 't', NOW_S,
+                 'd', did, 'r', 'j', 'c', code, 'l', limit, 'k', tkind, 'i', packed,
+                 'a', attrs, 'n', ATTRS_NAMES)
+    end
     return reply
   end
 
@@ -780,12 +792,12 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
     redis.call('HSET', dkey, 'decision', decision, 'state', 'early', 'init_ms', NOW_S,
                'deadline', dl, 'expires', tostring(deadline + GRACE_MS),
                'keys', table.concat(keys, '\n'), 'profiles', labels, 'n', node,
-               'tp', limit, 'i', pack(info), 'md', md)
+               'tp', limit, 'i', packed, 'md', md)
   else
     redis.call('HSET', dkey, 'decision', decision, 'state', 'early', 'init_ms', NOW_S,
                'deadline', dl, 'expires', tostring(deadline + GRACE_MS),
                'keys', table.concat(keys, '\n'), 'profiles', labels, 'n', node,
-               'tp', limit, 'i', pack(info))
+               'tp', limit, 'i', packed)
   end
   if early_ms == EARLY_MS then
     redis.call('PEXPIRE', dkey, EARLY_TTL_S)
@@ -795,6 +807,14 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
   local kind = 'admitted'
   if record then kind = 'recorded' end
   redis.call('HINCRBY', P .. 'decisions', kind .. ';' .. table.concat(results, ','), ONE)
+  if ATTEMPTS_KEEP > 0 and attrs then
+    -- one attempt per dialog (a duplicate returned above, a dry run wrote nothing); only
+  -- calls from their raw attributes (admitm, explicit memberships, has none to replay)
+    local r = 'a'
+    if record then r = 'f' end
+    redis.call('XADD', P .. 'attempts', 'MAXLEN', '~', ATTEMPTS_KEEP_S, '*', 't', NOW_S,
+               'd', did, 'r', r, 'i', packed, 'a', attrs, 'n', ATTRS_NAMES)
+  end
   return reply
 end
 
@@ -830,7 +850,7 @@ local function admit_call(P, node, call_id, from_tag, attrs, mode, now, at)
             bounded(values[SOURCE_IP_ATTR] or '')}
   end
   return decide(P, did, members, flags, EARLY_MS, node, info, now, cls, mode == 'e', at,
-                max_duration(members, cls))
+                max_duration(members, cls), attrs)
 end
 
 local function fn_admit(keys, args)
@@ -878,7 +898,7 @@ local function fn_admitm(keys, args)
   elseif flags == 2 then flags = FLAG_EMERGENCY + FLAG_BYPASS end
   flags = flags + FLAG_REGISTER
   return decide(P, args[1], members, flags, tonumber(args[2]), args[6] or '', info, now,
-                nil, false, now, -1)
+                nil, false, now, -1, nil)
 end
 
 -- ------------------------------------------------------------------ dialog events
