@@ -664,3 +664,20 @@ def test_the_v2_example_decides_as_documented(engine_for: EngineFactory,
     # emergency calls pass a trunk over its rate
     sos = e.admit(trunk_call(number="112"))
     assert sos.admitted and sos.bypass and sos.kind == "rate"
+
+
+def test_a_changed_live_rate_starts_afresh_and_keeps_the_windows(engine_for: EngineFactory,
+                                                                  store: Store) -> None:
+    """An operator who lifts a strict live rate gets the policy's rate at once: the
+    debt run up under the strict one is not carried over; calendar counts are."""
+    e = engine_for(v2("""
+  account: {rate: {max: 60, per: 1m, burst: 5}, calls: [{max: 100, per: 1d}]}
+"""))
+    set_clock(store, berlin(2031, 1, 15, 12))
+    store.rate_limit_set("account", "acme", Rate(1, 3_600_000, 1))
+    assert e.admit(acme()).admitted
+    assert e.admit(acme()).kind == "rate"  # an hour owed
+    assert store.rate_limit_set("account", "acme", None) == Rate(1, 3_600_000, 1)
+    admitted(e, 5)  # the policy's burst, at once
+    assert e.admit(acme()).kind == "rate"
+    assert store.usage("account", "acme").calls == {"1d": 6}

@@ -647,6 +647,7 @@ class MemoryStore:
             old = self._rates.pop(key, None)
             if rate is not None:
                 self._rates[key] = rate
+            self._tat.pop(key, None)  # another rate starts afresh: no debt carried over
             return old
 
     def calls_limit_set(self, profile: str, value: str, per: str, maximum: int | None

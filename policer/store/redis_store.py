@@ -494,12 +494,17 @@ class RedisStore:
     def _swap_live(self, profile: str, value: str, item: str, new: str | None) -> str | None:
         """Set (None: remove) one item of a value's live rate and window caps (the
         ``<enc>|L`` field: ``,R=<max>:<per ms>:<burst>`` and ``,<per>=<max>`` items);
-        returns the item's previous value."""
+        returns the item's previous value. A changed rate starts afresh: the value's
+        rate state (its theoretical arrival time) is dropped in the same transaction,
+        so no debt run up under another rate carries over; its windows stay."""
         client = self.client
-        key, field = self.keys.limits(profile), key_part(value) + "|L"
+        enc = key_part(value)
+        key, field = self.keys.limits(profile), enc + "|L"
+        tkey, tfield = self.keys.prefix + "t", f"{profile}:{enc}"
 
         def swap(pipe: Any) -> str | None:
             raw = pipe.hget(key, field)
+            state = pipe.hget(tkey, tfield) if item == "R" else None
             items = _live_items(None if raw is None else str(raw))
             old = items.pop(item, None)
             if new is not None:
@@ -509,11 +514,17 @@ class RedisStore:
                 pipe.hset(key, field, "".join(f",{k}={v}" for k, v in items.items()))
             else:
                 pipe.hdel(key, field)
+            if state is not None:
+                windows = str(state).partition("|")[2]
+                if windows:
+                    pipe.hset(tkey, tfield, "|" + windows)
+                else:
+                    pipe.hdel(tkey, tfield)
             return old
 
         tx: Any = client  # redis-py types transaction()'s callable as returning None
         result: str | None = self._run(lambda: tx.transaction(
-            swap, key, value_from_callable=True))
+            swap, key, tkey, value_from_callable=True))
         return result
 
     def rate_limit_set(self, profile: str, value: str, rate: Rate | None) -> Rate | None:
