@@ -11,22 +11,29 @@
 --   ARGV[1] node (encoded; '' = none)  ARGV[2] Call-ID  ARGV[3] From-tag (raw bytes)
 --   ARGV[4] the attributes the policy reads, in ATTRS order, each '<byte length>:<bytes>'
 --   ARGV[5] mode: 'a' admit (default) | 'A' admit for a node holding a lease (its tick
---           registers it; the reply is only its first ten entries: what a proxy's cfg
---           reads) | 'r' record a call the fallback admitted while Redis was down (joins
+--           registers it; the reply is only its first ten entries and the max duration
+--           in seconds, -1 none: what a proxy's cfg reads) | 'r' record a call the fallback admitted while Redis was down (joins
 --           without a limit check) | 'e' explain (dry run, writes nothing)
 --   ARGV[6] clock offset ms (tests; default 0)
 --   ARGV[7] the caller's ATTRS_SIG (optional): a caller that packs the attributes of
 --           another policy (a proxy's cfg generated before another policy was loaded)
 --           gets an error reply, and decides by its fallback, instead of a decision
 --           over misread attributes
+--   ARGV[8] explain only: evaluate schedules and calendar windows this many ms from
+--           now (explain --at), with the counts of now
 --   Reply (the cfg reads the first four):
 --     1 admitted (1|0)  2 SIP code  3 reason  4 Retry-After (-1 none)
 --     5 profile of the tripped (or bypassed, or shadow) limit ('' none)  6 its count
 --     7 its max  8 bypass (1|0)  9 duplicate (1|0)  10 shadow member (0 none)
 --     11 tripped member (0 none)  12 number class ('' none)  13 memberships, '\n'-joined
---     14 dialog id  15 emergency (1|0)
---     explain adds per member: profile, encoded value, count, max, effective max,
---     live limit (1|0), shadow (1|0), would trip (1|0)
+--     14 dialog id  15 emergency (1|0)  16 kind of the tripped (or bypassed, or shadow)
+--     limit: 'concurrent' | 'rate' | 'calls' ('' none)  17 its calendar window ('1d',
+--     '' none)  18 the call's max duration (ms, -1 none)
+--     A rate or calls rejection's count/max are the calls owed/the burst, the window's
+--     count/its cap; its Retry-After the seconds until a call would pass (>= 1).
+--     explain adds per member (12 values): profile, encoded value, count, max, effective
+--     max, live limit (1|0), shadow (1|0), would trip (1|0), calls owed to its rate (-1
+--     no rate), the rate's burst (-1), its windows ('per:count:max' lines), trip kind
 --
 -- policer_admitm_S  the same decision over explicit memberships (the store contract,
 --   the test oracle's calling convention)
@@ -59,7 +66,8 @@
 --   ARGV[3] 'renew' | 'start' (the node starts afresh: its earlier dialogs end, reason
 --   node_restarted, `batch` at a time)  ARGV[4] end dialogs of lost nodes (1|0)
 --   ARGV[5] batch (dialogs ended at most per kind)  ARGV[6] clock offset ms
---   Reply: {dialogs of lost nodes ended, own dialogs still to end, expired dialogs ended}
+--   Reply: {dialogs of lost nodes ended, own dialogs still to end, expired dialogs ended,
+--   stale rate/window state fields removed}
 --
 -- policer_read_S    read-only (no-writes: also on replicas)
 --   ARGV[1] 'size': ARGV[2] clock offset, ARGV[3..] key suffixes (after P) of zsets;
@@ -71,9 +79,14 @@
 --                    expires, keys (its profile zsets), profiles (labels), n (node),
 --                    i (Call-ID, From, To, class, node, source IP as '<len>:<bytes>'
 --                    fields), tp (the tripped limit's profile), end_reason,
---                    vn (its variables' fields), v:<name>
+--                    vn (its variables' fields), v:<name>, md (max duration ms),
+--                    cap (answered: it ends here at the latest)
 --   P p:<profile>[:<value>]  zset dialog id -> deadline ms (counted: deadline ahead)
---   P l:<profile>    hash live limits, encoded value -> max
+--   P l:<profile>    hash live limits, encoded value -> max; <enc>|L its live rate and
+--                    window caps (',R=<max>:<per ms>:<burst>', ',<per>=<max>' items)
+--   P t              hash rate and calendar state: '<profile>' or '<profile>:<enc>' ->
+--                    '<TAT us>' then '|<per>=<window id>:<count>' per window
+--   P sweep          string: the tick's HSCAN cursor over P t (stale state removed)
 --   P n:<node>       zset every recorded dialog a node admitted -> deadline
 --   P nidx           set of node names that have an n:<node> index
 --   P nodes          zset node -> end of its lease (nodes holding a lease)
