@@ -183,11 +183,22 @@ def test_on_node_loss_keep_leaves_dialogs_until_their_deadline(redis_url: str,
                lease=True)
     b_store = RedisStore(redis_url, namespace, timeout_ms=2000)
     b = Engine(policy, b_store, node="proxy-b", lease=True)
-    a.admit(call("5551234", "k0"))
-    b_store.clock_offset_ms += 31_000
+    a.start()
+    k0 = call("5551234", "k0")
+    assert a.admit(k0).admitted  # early deadline: now + 120 s
+    b_store.clock_offset_ms += 31_000  # proxy-a's lease (30 s) has lapsed
     b.tick()
-    b.admit(call("5551234", "k1"))
-    assert b_store.profile_size("total") == 2
+    assert b.admit(call("5551234", "k1")).admitted  # early deadline: now + 31 s + 120 s
+    assert b_store.profile_size("total") == 2  # kept: not ended as node_lost
+    assert "node_lost" not in b_store.ended()
+    # past k0's early deadline, not yet k1's: k0 stops counting and the tick ends it
+    b_store.clock_offset_ms += 94_000
+    assert b_store.profile_size("total") == 1
+    b._next_renew = 0  # the tick is due
+    b.tick()
+    assert b_store.ended() == {"expired": 1}
+    assert [(r.call_id, r.reason) for r in b_store.call_records()] == [(k0.call_id, "expired")]
+    assert b_store.profile_size("total") == 1 and b.admit(call("5551234", "k2")).admitted
 
 
 def test_a_restarted_node_ends_what_it_left_behind(redis_url: str, namespace: str) -> None:
