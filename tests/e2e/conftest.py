@@ -10,11 +10,13 @@ Kamailio flavours (``native`` and ``kemi``).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -63,6 +65,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def udp_port_bound(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether some process has a UDP socket bound to ``host:port`` (Linux's
+    /proc/net/udp), without touching the port."""
+    want = f"{socket.htonl(int(ipaddress.IPv4Address(host))):08X}:{port:04X}"
+    anywhere = f"00000000:{port:04X}"
+    try:
+        lines = Path("/proc/net/udp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    return any(line.split()[1] in (want, anywhere) for line in lines)
 
 
 def _stop_group(
@@ -410,11 +424,15 @@ class Lab:
         )
         uas = Uas(scenario, port, log, proc)
         self.uases.append(uas)
-        time.sleep(0.3)
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"sipp UAS {scenario} exited {proc.returncode}: {tail(log.with_suffix('.err'))}"
-            )
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sipp UAS {scenario} exited {proc.returncode}: "
+                                   f"{tail(log.with_suffix('.err'))}")
+            return udp_port_bound(port)
+
+        if not wait_until(listening, 10, interval=0.02):
+            raise RuntimeError(f"sipp UAS {scenario} not listening on {port} in 10s")
         return uas
 
     def start_uac(
