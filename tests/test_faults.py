@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clihelp import policy_copy
-from conftest import call
 
 from lab.redis_server import RedisServer
 from policer.engine import Engine
 from policer.policy import load_policy, parse_policy
 from policer.store import RedisStore
+from tests.support import call
+from tests.support.cli import policy_copy
 
 POLICY = """
 version: 1

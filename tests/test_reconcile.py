@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clihelp import cli_json, policy_copy, run_cli
-from conftest import call
 
 from policer.call import Call
 from policer.engine import Engine
 from policer.policy import load_policy
 from policer.reconcile import CALL_VAR, parse_dialogs, reconcile
 from policer.store import RedisStore
+from tests.support import call
+from tests.support.cli import cli_json, policy_copy, run_cli
 
 
 def kamailio_dialog(c: Call, state: int = 4, keep_call: bool = True) -> dict[str, Any]:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clihelp import ROOT, cli_json, policy_copy, run_cli
 
 from lab.redis_server import RedisServer, free_port
+from tests.support.cli import ROOT, cli_json, policy_copy, run_cli
 
 
 class Serve:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import new_namespace
 
 from lab.redis_server import RedisServer
 from policer.call import Call
@@ -32,7 +31,7 @@ from policer.engine import Engine
 from policer.policy import parse_policy
 from policer.reconcile import ProxyDialog, reconcile
 from policer.store import RedisStore, StoreError
-from tests.support import wait_for
+from tests.support import new_namespace, wait_for
 
 SECONDS = float(os.environ.get("POLICER_SOAK_SECONDS", "300"))
 HERE = Path(__file__).resolve().parent

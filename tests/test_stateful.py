@@ -19,7 +19,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from conftest import STORE_TIMEOUT_MS, new_namespace, policy_text
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -36,6 +35,7 @@ from policer.call import Call
 from policer.policy import Rate
 from policer.store import AdmitRequest, Member, MemoryStore, Op, RedisStore
 from policer.store.base import CallResult, Usage
+from tests.support import STORE_TIMEOUT_MS, new_namespace, policy_text
 
 EARLY = 25_000
 DIALOG = 65_000

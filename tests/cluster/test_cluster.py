@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import itertools
 
+from tests.support.cluster import Cluster
+
 from policer.call import Call
 from policer.engine import Engine
 from policer.policy import parse_policy
 from policer.store import open_store
 from policer.store.keys import Keys
-
-from .conftest import Cluster
 
 POLICY = """
 version: 1

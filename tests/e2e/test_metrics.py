@@ -17,8 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lab.redis_server import free_port
-
-from .conftest import ROOT, Lab
+from tests.support.e2e import ROOT, Lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
