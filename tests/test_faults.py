@@ -8,16 +8,16 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from lab.redis_server import RedisServer
 from policer.engine import Engine
-from policer.policy import load_policy, parse_policy
+from policer.policy import Policy, load_policy, parse_policy
 from policer.store import RedisStore
-from tests.support import call
+from tests.support import call, wait_for
 from tests.support.cli import policy_copy
 
 POLICY = """
@@ -40,7 +40,8 @@ nodes: {{lease: 30s, renew: 5s, on_node_loss: {loss}}}
 """
 
 
-def make_policy(ns: str, on_error: str = "admit", queue: int = 1000, loss: str = "release"):
+def make_policy(ns: str, on_error: str = "admit", queue: int = 1000, loss: str = "release"
+                ) -> Policy:
     return parse_policy(POLICY.format(ns=ns, on_error=on_error, queue=queue, loss=loss))
 
 
@@ -59,14 +60,17 @@ def engine_on(server: RedisServer, ns: str, node: str = "proxy-a", lease: bool =
                   node=node, lease=lease)
 
 
-def until(predicate, limit: float = 15.0, step: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+def until(condition: Callable[[], object]) -> bool:
     """Poll a condition (liveness bound, not a timing assertion)."""
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
+    return wait_for(condition, 15)
+
+
+def ticked(engine: Engine, condition: Callable[[], object]) -> Callable[[], object]:
+    """A condition checked after one tick of ``engine``."""
+    def check() -> object:
+        engine.tick()
+        return condition()
+    return check
 
 
 def test_redis_down_fail_open_then_counts_are_right_when_it_returns(
@@ -141,7 +145,7 @@ def test_queue_full_drops_oldest_and_deadlines_still_clean_up(
     finally:
         own_redis.signal(signal.SIGCONT)
     assert len(e.pending) == 3 and e.pending.dropped == 2
-    assert until(lambda: (e.tick(), not e.breaker.open)[1])
+    assert until(ticked(e, lambda: not e.breaker.open))
     store = e.store
     assert isinstance(store, RedisStore)
     assert len(e.pending) == 0
@@ -280,7 +284,7 @@ def test_a_timer_process_that_only_ticks_recovers_and_applies_its_queue(
         assert timer.breaker.open and len(timer.pending) == 2
     finally:
         own_redis.signal(signal.SIGCONT)
-    assert until(lambda: (timer.tick(), not timer.breaker.open and not timer.pending)[1])
+    assert until(ticked(timer, lambda: not timer.breaker.open and not timer.pending))
     store = timer.store
     assert store.profile_size("total") == 0
     assert store.ended() == {"bye": 1}
@@ -311,6 +315,6 @@ def test_after_redis_restarted_empty_a_tick_loads_the_library_and_renews_the_lea
     assert store.nodes() != {}
     own_redis.restart()  # empty: no library, no lease, no registration
     proxy.tick()
-    assert until(lambda: (proxy.tick(), store.loaded_hash() is not None)[1])
+    assert until(ticked(proxy, lambda: store.loaded_hash() is not None))
     # the lease is back at once, not a renew interval (5 s) later
     assert "proxy-a" in store.nodes()

@@ -565,6 +565,7 @@ def _sentinels_ready(ports: list[int]) -> bool:
             m = c.sentinel_master("policer")
         finally:
             c.close()
+        assert isinstance(m, dict), m
         if int(m["num-other-sentinels"]) < 2 or int(m["num-slaves"]) < 1:
             return False
     return True
@@ -605,8 +606,8 @@ def test_the_cluster_example_of_deploy_redis(namespace: str) -> None:
         assert engine.admit(calls[2]).admitted
         engine.store.close()
     finally:
-        for p in reversed(procs):
-            p.stop()
+        for proc in reversed(procs):
+            proc.stop()
 
 
 def _cluster_info(port: int) -> dict[str, str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
+from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -122,7 +123,7 @@ class StoreComparison(RuleBasedStateMachine):
     def _same(self, a: object, b: object) -> bool:
         return a == b
 
-    def _both(self, name: str, *args: object) -> object:
+    def _both(self, name: str, *args: object) -> Any:
         a = getattr(self.redis, name)(*args)
         b = getattr(self.memory, name)(*args)
         if name == "release" and a is not None and b is not None:
@@ -206,7 +207,7 @@ class StoreComparison(RuleBasedStateMachine):
     @rule()
     def tick(self) -> None:
         """A node's tick ends what passed its deadline (counted as expired)."""
-        _, _, expired = self._both("tick", "n1", 0, False)  # type: ignore[misc]
+        _, _, expired = self._both("tick", "n1", 0, False)
         gone = [d for d, x in self.dialogs.items()
                 if x.state in ("early", "confirmed") and x.deadline <= self.offset
                 and x.deadline + 60_000 > self.offset]
@@ -244,7 +245,7 @@ class StoreComparison(RuleBasedStateMachine):
         if did in self._live():
             # the call-end record: this dialog, this reason, every profile it counted in
             assert rec is not None
-            rec_did, rec_reason, rec_profiles, _, _ = rec  # type: ignore[misc]
+            rec_did, rec_reason, rec_profiles, _, _ = rec
             assert (rec_did, rec_reason) == (did, reason)
             assert sorted(rec_profiles) == sorted(
                 m.profile if m.value is None else f"{m.profile}={m.value}"
@@ -271,7 +272,7 @@ class StoreComparison(RuleBasedStateMachine):
     def release_everything(self) -> None:
         for did in list(self._live()):
             rec = self._both("release", did, "bye")
-            assert rec is not None and rec[:2] == (did, "bye")  # type: ignore[index]
+            assert rec is not None and rec[:2] == (did, "bye")
             self.ends["bye"] += 1
             self.dialogs[did].state = "ended"
         self.check_counts()
