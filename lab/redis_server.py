@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 __all__ = ["RedisServer", "RedisServerError", "find_redis_server", "free_port", "free_udp_port"]
 
@@ -106,7 +107,7 @@ class RedisServer:
             *self.extra_args,
         ]
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
+    def start(self, timeout: float = 10.0) -> Self:
         """Start the server and wait until it answers PING."""
         self.process = subprocess.Popen(
             self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from clihelp import EXAMPLE, ROOT, cli_json, log_events, policy_copy, run_cli
+
+from tests.support.cli import EXAMPLE, ROOT, cli_json, log_events, policy_copy, run_cli
 
 
 @pytest.fixture

@@ -11,10 +11,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from clihelp import ROOT, cli_json, log_events, policy_copy, run_cli
 from prometheus_client.parser import text_string_to_metric_families
 
 from lab.redis_server import free_port
+from tests.support.cli import ROOT, cli_json, log_events, policy_copy, run_cli
 
 V2 = ROOT / "policies" / "v2.yaml"
 TRUNK = "192.0.2.10"

@@ -14,12 +14,12 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from conftest import STORE_TIMEOUT_MS, new_namespace, policy_text
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policer.call import Call, key_part, value_from_key
 from policer.store import RedisStore
+from tests.support import STORE_TIMEOUT_MS, new_namespace, policy_text
 
 POLICY = """
 version: 1

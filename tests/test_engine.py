@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import redis
-from conftest import STORE_TIMEOUT_MS, EngineFactory, call, policy_text
 
 from lab.redis_server import RedisServer, free_port
 from policer.engine import Engine
 from policer.store import RedisStore, Store, StoreError
+from tests.support import STORE_TIMEOUT_MS, EngineFactory, call, policy_text
 
 POLICY = """
 version: 1

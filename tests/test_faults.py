@@ -8,17 +8,17 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from clihelp import policy_copy
-from conftest import call
 
 from lab.redis_server import RedisServer
 from policer.engine import Engine
-from policer.policy import load_policy, parse_policy
+from policer.policy import Policy, load_policy, parse_policy
 from policer.store import RedisStore
+from tests.support import call, wait_for
+from tests.support.cli import policy_copy
 
 POLICY = """
 version: 1
@@ -40,7 +40,8 @@ nodes: {{lease: 30s, renew: 5s, on_node_loss: {loss}}}
 """
 
 
-def make_policy(ns: str, on_error: str = "admit", queue: int = 1000, loss: str = "release"):
+def make_policy(ns: str, on_error: str = "admit", queue: int = 1000, loss: str = "release"
+                ) -> Policy:
     return parse_policy(POLICY.format(ns=ns, on_error=on_error, queue=queue, loss=loss))
 
 
@@ -59,14 +60,17 @@ def engine_on(server: RedisServer, ns: str, node: str = "proxy-a", lease: bool =
                   node=node, lease=lease)
 
 
-def until(predicate, limit: float = 15.0, step: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+def until(condition: Callable[[], object]) -> bool:
     """Poll a condition (liveness bound, not a timing assertion)."""
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
+    return wait_for(condition, 15)
+
+
+def ticked(engine: Engine, condition: Callable[[], object]) -> Callable[[], object]:
+    """A condition checked after one tick of ``engine``."""
+    def check() -> object:
+        engine.tick()
+        return condition()
+    return check
 
 
 def test_redis_down_fail_open_then_counts_are_right_when_it_returns(
@@ -141,7 +145,7 @@ def test_queue_full_drops_oldest_and_deadlines_still_clean_up(
     finally:
         own_redis.signal(signal.SIGCONT)
     assert len(e.pending) == 3 and e.pending.dropped == 2
-    assert until(lambda: (e.tick(), not e.breaker.open)[1])
+    assert until(ticked(e, lambda: not e.breaker.open))
     store = e.store
     assert isinstance(store, RedisStore)
     assert len(e.pending) == 0
@@ -183,11 +187,22 @@ def test_on_node_loss_keep_leaves_dialogs_until_their_deadline(redis_url: str,
                lease=True)
     b_store = RedisStore(redis_url, namespace, timeout_ms=2000)
     b = Engine(policy, b_store, node="proxy-b", lease=True)
-    a.admit(call("5551234", "k0"))
-    b_store.clock_offset_ms += 31_000
+    a.start()
+    k0 = call("5551234", "k0")
+    assert a.admit(k0).admitted  # early deadline: now + 120 s
+    b_store.clock_offset_ms += 31_000  # proxy-a's lease (30 s) has lapsed
     b.tick()
-    b.admit(call("5551234", "k1"))
-    assert b_store.profile_size("total") == 2
+    assert b.admit(call("5551234", "k1")).admitted  # early deadline: now + 31 s + 120 s
+    assert b_store.profile_size("total") == 2  # kept: not ended as node_lost
+    assert "node_lost" not in b_store.ended()
+    # past k0's early deadline, not yet k1's: k0 stops counting and the tick ends it
+    b_store.clock_offset_ms += 94_000
+    assert b_store.profile_size("total") == 1
+    b._next_renew = 0  # the tick is due
+    b.tick()
+    assert b_store.ended() == {"expired": 1}
+    assert [(r.call_id, r.reason) for r in b_store.call_records()] == [(k0.call_id, "expired")]
+    assert b_store.profile_size("total") == 1 and b.admit(call("5551234", "k2")).admitted
 
 
 def test_a_restarted_node_ends_what_it_left_behind(redis_url: str, namespace: str) -> None:
@@ -269,7 +284,7 @@ def test_a_timer_process_that_only_ticks_recovers_and_applies_its_queue(
         assert timer.breaker.open and len(timer.pending) == 2
     finally:
         own_redis.signal(signal.SIGCONT)
-    assert until(lambda: (timer.tick(), not timer.breaker.open and not timer.pending)[1])
+    assert until(ticked(timer, lambda: not timer.breaker.open and not timer.pending))
     store = timer.store
     assert store.profile_size("total") == 0
     assert store.ended() == {"bye": 1}
@@ -300,6 +315,6 @@ def test_after_redis_restarted_empty_a_tick_loads_the_library_and_renews_the_lea
     assert store.nodes() != {}
     own_redis.restart()  # empty: no library, no lease, no registration
     proxy.tick()
-    assert until(lambda: (proxy.tick(), store.loaded_hash() is not None)[1])
+    assert until(ticked(proxy, lambda: store.loaded_hash() is not None))
     # the lease is back at once, not a renew interval (5 s) later
     assert "proxy-a" in store.nodes()

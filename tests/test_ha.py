@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from policer.engine import Engine
 from policer.policy import parse_policy
 from policer.store import RedisStore, StoreError, open_store
 from policer.store.connect import parse_store_url
+from tests.support import wait_for
 
 SERVICE = "policer"
 #: Sentinel timings: the primary is "down" after 1 s without an answer.
@@ -104,13 +105,9 @@ class SentinelSet:
             p.stop()
 
 
-def _wait(what: str, ok: object, timeout: float) -> None:
-    assert callable(ok)
-    deadline = time.monotonic() + timeout
-    while not ok():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+def _wait(what: str, ok: Callable[[], object], timeout: float) -> None:
+    if not wait_for(ok, timeout):
+        raise AssertionError(f"timed out waiting for {what}")
 
 
 def _info(port: int, section: str) -> dict[str, str]:
@@ -237,10 +234,11 @@ class Load:
                     next_t = time.monotonic()
             # the end: every call ends, and what the engine queued is applied
             self._end_calls(float("inf"))
-            deadline = time.monotonic() + 30
-            while self.pending() and time.monotonic() < deadline:
+            def drained() -> bool:
                 self._tick()
-                time.sleep(0.05)
+                return not self.pending()
+
+            wait_for(drained, 30)
         except BaseException as e:  # reported by the test
             self.errors.append(e)
 
@@ -278,7 +276,12 @@ def test_sentinel_failover_under_load(sentinel_set: SentinelSet, namespace: str,
     thread = threading.Thread(target=load.run, name="load", daemon=True)
     thread.start()
     try:
-        time.sleep(3.0)  # steady state: the limit is reached and held
+        def at_the_limit() -> bool:  # steady state: the limit reached and enforced
+            with load.lock:
+                rejected = any(not ok for _, ok, _, _ in load.events)
+            return rejected and store.profile_size("total") >= maximum - 5
+
+        _wait("the limit to be reached", at_the_limit, 30)
         with load.lock:
             steady = list(load.events)
         assert steady and not any(fb for _, _, fb, _ in steady), "fallback before the kill"
@@ -317,7 +320,17 @@ def test_sentinel_failover_under_load(sentinel_set: SentinelSet, namespace: str,
         resurrected = sum(1 for did in released_before
                           if (d := store.dialog(did)) is not None and d.state != "ended")
 
-        time.sleep(3.0)  # after the failover: longer than any call is held
+        # after the failover: until every call up at that time has ended, and the new
+        # primary has both admitted and rejected calls
+        with load.lock:
+            up_at_resume = set(load.live)
+
+        def settled() -> bool:
+            with load.lock:
+                decided = {ok for t, ok, fb, _ in load.events if t > t_resumed and not fb}
+                return not up_at_resume & load.live.keys() and decided == {True, False}
+
+        _wait("the calls up at the failover to end", settled, 30)
         load.stop.set()
         thread.join(timeout=60)
         assert not thread.is_alive()
@@ -511,19 +524,20 @@ def test_the_sentinel_example_of_deploy_redis(namespace: str) -> None:
         assert admitted(1)
         assert not engine.admit(Call.from_raw("dep-2@t", "ft", from_user="a", from_domain="d",
                                               ruri_user="1")).admitted  # max 1
+        written = int(_info_auth(ports[6380], "replication")["master_repl_offset"])
         _wait("the sentinels to know each other", lambda: _sentinels_ready(
             [ports[p] for p in (26379, 26380, 26381)]), 30)
-        time.sleep(0.5)  # the replica has the call
+        _wait("the replica to have the call", lambda: int(_info_auth(
+            ports[6381], "replication").get("slave_repl_offset", -1)) >= written, 20)
         procs[0].kill()
-        deadline = time.monotonic() + 30
-        while True:
+
+        def failed_over() -> bool:
             try:
-                if engine.store.profile_size("total") == 1:
-                    break
+                return engine.store.profile_size("total") == 1
             except StoreError:
-                pass
-            assert time.monotonic() < deadline, "no failover"
-            time.sleep(0.1)
+                return False
+
+        _wait("the failover", failed_over, 30)
         # the replica, now primary, still counts the call admitted before the kill
         assert not admitted(4)
         engine.release("dep-1@t;ft")
@@ -551,6 +565,7 @@ def _sentinels_ready(ports: list[int]) -> bool:
             m = c.sentinel_master("policer")
         finally:
             c.close()
+        assert isinstance(m, dict), m
         if int(m["num-other-sentinels"]) < 2 or int(m["num-slaves"]) < 1:
             return False
     return True
@@ -591,8 +606,8 @@ def test_the_cluster_example_of_deploy_redis(namespace: str) -> None:
         assert engine.admit(calls[2]).admitted
         engine.store.close()
     finally:
-        for p in reversed(procs):
-            p.stop()
+        for proc in reversed(procs):
+            proc.stop()
 
 
 def _cluster_info(port: int) -> dict[str, str]:

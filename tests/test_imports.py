@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "policer"
-TOOLS = ("lab", "benchmarks", "tests", "conftest", "clihelp")
+TOOLS = ("lab", "benchmarks", "tests", "conftest", "support")
 
 
 def _module(path: Path) -> str:
@@ -101,3 +101,14 @@ def test_decision_and_metrics_know_nothing_of_the_engine() -> None:
     edges = graph()
     assert not {m for m in edges["policer.decision"] if m.startswith("policer")}
     assert "policer.engine" not in edges["policer.metrics"]
+
+
+def test_tests_import_helpers_from_tests_support_never_from_a_conftest() -> None:
+    """conftest.py files hold fixtures; what a test imports lives in tests/support."""
+    tests = PACKAGE.parent / "tests"
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad = [n for n in names if "conftest" in n.split(".")]
+            assert not bad, f"{path.relative_to(tests.parent)} imports {bad}"

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from clihelp import ROOT, cli_json, log_events, policy_copy, run_cli
 from prometheus_client.parser import text_string_to_metric_families
 
 from lab.redis_server import free_port
+from tests.support.cli import ROOT, cli_json, log_events, policy_copy, run_cli
 
 # A scripted day: what the worker process below does, and what must be seen after it.
 SCRIPT = textwrap.dedent("""

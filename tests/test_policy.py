@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import BAD_POLICIES, POLICIES, EngineFactory, call, policy_file
 
 from policer.classify import Classifier
 from policer.policy import PolicyError, Reject, load_policy, parse_policy
 from policer.store import Store
+from tests.support import BAD_POLICIES, POLICIES, EngineFactory, call, policy_file
 
 EXAMPLE = POLICIES / "example.yaml"
 

@@ -17,12 +17,12 @@ import math
 from zoneinfo import ZoneInfo
 
 import pytest
-from conftest import POLICIES, EngineFactory, call, policy_file
 
 from policer.call import Call
 from policer.engine import Decision, Engine
 from policer.policy import Rate, load_policy
 from policer.store import AdmitRequest, Member, Store
+from tests.support import POLICIES, EngineFactory, call, policy_file
 
 BERLIN = ZoneInfo("Europe/Berlin")
 

@@ -15,11 +15,11 @@ import multiprocessing as mp
 from typing import Any
 
 import redis
-from conftest import STORE_TIMEOUT_MS, new_namespace, policy_text
 
 from policer.call import Call
 from policer.engine import Engine
 from policer.store import RedisStore
+from tests.support import STORE_TIMEOUT_MS, new_namespace, policy_text
 
 PROCESSES = 16
 ATTEMPTS = 4  # per process: 64 calls against a limit of N

@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clihelp import cli_json, policy_copy, run_cli
-from conftest import call
 
 from policer.call import Call
 from policer.engine import Engine
 from policer.policy import load_policy
 from policer.reconcile import CALL_VAR, parse_dialogs, reconcile
 from policer.store import RedisStore
+from tests.support import call
+from tests.support.cli import cli_json, policy_copy, run_cli
 
 
 def kamailio_dialog(c: Call, state: int = 4, keep_call: bool = True) -> dict[str, Any]:
@@ -145,14 +145,21 @@ def test_calls_that_moved_on_while_the_list_was_taken_are_left_alone(
     engine, store, _ = setup
     listed = [call("5551234", "hal"), call("5551234", "ida")]
     for c in listed:
-        engine.admit(c)
+        assert engine.admit(c).admitted
+    ghost = engine.admit(call("5551234", "kim"))  # the proxy no longer has this one
     snapshot = [kamailio_dialog(c) for c in listed]
+    store.clock_offset_ms += 5  # (the store's clock moves on: the proxy lists later)
     listed_at = store.now_ms()
+    store.clock_offset_ms += 5  # (and on again while the list is read)
     newer = engine.admit(call("5551234", "jan"))  # admitted after the proxy listed
     engine.release(listed[1].dialog_id, "bye")  # ended after the proxy listed it
-    store.clock_offset_ms += 5  # (the store's clock moves on)
+    assert store.dialog(newer.dialog_id).init_ms > listed_at  # type: ignore[union-attr]
+    # without the time of the listing, the newer call would look like a ghost
+    blind = reconcile(engine.policy, store, "proxy-a", parse_dialogs(snapshot), dry_run=True)
+    assert sorted(blind.removed) == sorted([ghost.dialog_id, newer.dialog_id])
     report = reconcile(engine.policy, store, "proxy-a", parse_dialogs(snapshot),
                        listed_at_ms=listed_at)
-    assert report.removed == [] and report.added == []
+    assert report.removed == [ghost.dialog_id] and report.added == []
     assert store.dialog(newer.dialog_id).state == "early"  # type: ignore[union-attr]
-    assert store.profile_size("total") == 2
+    assert store.dialog(listed[1].dialog_id).state == "ended"  # type: ignore[union-attr]
+    assert store.profile_size("total") == 2  # hal and jan

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clihelp import cli_json, run_cli
-from conftest import call, policy_text
-
 from policer.call import Call
 from policer.policy import Policy
 from policer.replay import replay_store
 from policer.store import Op, Store
 from policer.store.redis_store import RedisStore
+from tests.support import call, policy_text
+from tests.support.cli import cli_json, run_cli
 
 POLICY = """
 version: 1

@@ -22,7 +22,6 @@ from urllib.parse import quote
 
 import pytest
 import redis
-from clihelp import EXAMPLE, policy_copy, run_cli
 from redis.connection import SSLConnection
 
 from lab.redis_server import RedisServer, free_port
@@ -30,6 +29,7 @@ from policer.call import Call
 from policer.engine import Engine
 from policer.policy import parse_policy
 from policer.store import RedisStore, StoreError, open_store
+from tests.support.cli import EXAMPLE, policy_copy, run_cli
 
 #: Passwords chosen to be unmistakable in any output (and to need URL quoting).
 ADMIN_PW = "Adm1n-s3cret-XQZ"

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clihelp import ROOT, cli_json, policy_copy, run_cli
 
 from lab.redis_server import RedisServer, free_port
+from tests.support.cli import ROOT, cli_json, policy_copy, run_cli
 
 
 class Serve:
@@ -325,7 +325,7 @@ def test_raw_http_keep_alive_pipelining_chunked_and_100_continue(serve: Serve) -
 
 def _read_answers(s: socket.socket, n: int) -> list[tuple[int, bytes]]:
     buf = b""
-    out = []
+    out: list[tuple[int, bytes]] = []
     while len(out) < n:
         end = buf.find(b"\r\n\r\n")
         if end >= 0:

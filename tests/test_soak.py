@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import new_namespace
 
 from lab.redis_server import RedisServer
 from policer.call import Call
@@ -32,6 +31,7 @@ from policer.engine import Engine
 from policer.policy import parse_policy
 from policer.reconcile import ProxyDialog, reconcile
 from policer.store import RedisStore, StoreError
+from tests.support import new_namespace, wait_for
 
 SECONDS = float(os.environ.get("POLICER_SOAK_SECONDS", "300"))
 HERE = Path(__file__).resolve().parent
@@ -124,6 +124,27 @@ class Soak:
             time.sleep(0.05)
         return time.monotonic() - start
 
+    def drained(self, since: float) -> bool:
+        """Every running node has ticked since ``since`` (``time.time()``) and has
+        nothing queued for the store."""
+        for node, proc in self.workers.items():
+            if proc.poll() is not None:
+                continue
+            path = self.state / f"{node}.dialogs.json"
+            try:
+                written = path.stat().st_mtime
+                pending = json.loads(path.read_text())["pending"]
+            except (OSError, ValueError, KeyError):
+                return False
+            if written < since or pending:
+                return False
+        return True
+
+    def wait_drained(self) -> None:
+        """The nodes' breakers probe the store and drain their queues."""
+        back = time.time()
+        assert wait_for(lambda: self.drained(back), 30), "the nodes kept operations queued"
+
     def reconcile_all(self) -> dict[str, int]:
         added = removed = 0
         for node in self.workers:
@@ -146,7 +167,7 @@ class Soak:
         time.sleep(3)
         self.redis.start()
         outage = 3 + self.wait_redis()
-        time.sleep(1.5)  # the nodes' breakers probe and drain their queues
+        self.wait_drained()
         rec = self.reconcile_all()
         after = self.tallies()
         self.windows.append((t, self.now() + MAX_HOLD + 2))
@@ -161,7 +182,7 @@ class Soak:
         time.sleep(seconds)
         self.redis.signal(signal.SIGCONT)
         back = self.wait_redis()
-        time.sleep(1.5)
+        self.wait_drained()
         after = self.tallies()
         self.windows.append((t, self.now() + MAX_HOLD + 2))
         self.faults.append({"fault": f"redis paused (SIGSTOP) {seconds:g}s", "at_s": t,
@@ -176,8 +197,7 @@ class Soak:
         proc.wait()
         left = len(self.store.node_dialogs(node))
         start = time.monotonic()
-        while self.store.node_dialogs(node) and time.monotonic() - start < 60:
-            time.sleep(0.2)
+        wait_for(lambda: not self.store.node_dialogs(node), 60, interval=0.2)
         gone_after = time.monotonic() - start
         assert not self.store.node_dialogs(node), "a lost node's dialogs never stopped counting"
         self.faults.append({"fault": f"node {node} killed -9, restarted later", "at_s": t,
@@ -217,9 +237,7 @@ def test_soak_with_faults(tmp_path: Path) -> None:
                   for n in soak.workers}
         assert all(f["pending"] == 0 for f in finals.values()), finals
         # once deadlines and leases have passed, every count is back at zero
-        end = time.monotonic() + 40
-        while time.monotonic() < end and soak.store.stats()["active"]:
-            time.sleep(0.5)
+        wait_for(lambda: not soak.store.stats()["active"], 40, interval=0.5)
         stats = soak.store.stats()
         sizes = {p.name: soak.store.profile_size(p.name) for p in soak.policy.profiles
                  if not p.valued}

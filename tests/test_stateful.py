@@ -16,9 +16,10 @@ cannot change an outcome.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
+from typing import Any
 
-from conftest import STORE_TIMEOUT_MS, new_namespace, policy_text
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -35,6 +36,7 @@ from policer.call import Call
 from policer.policy import Rate
 from policer.store import AdmitRequest, Member, MemoryStore, Op, RedisStore
 from policer.store.base import CallResult, Usage
+from tests.support import STORE_TIMEOUT_MS, new_namespace, policy_text
 
 EARLY = 25_000
 DIALOG = 65_000
@@ -100,6 +102,9 @@ class StoreComparison(RuleBasedStateMachine):
         self.memory = MemoryStore(ns, policy=policy)
         self.offset = 0
         self.dialogs: dict[str, Live] = {}  # every dialog ever admitted, by id
+        self.decided: Counter[tuple[str, str]] = Counter()  # (outcome, profile) -> calls
+        self.ends: Counter[str] = Counter()  # reason -> dialogs ended by a release
+        self.swept = 0  # dialogs a tick ended (expired or duration_cap)
 
     def teardown(self) -> None:
         if hasattr(self, "redis"):
@@ -118,7 +123,7 @@ class StoreComparison(RuleBasedStateMachine):
     def _same(self, a: object, b: object) -> bool:
         return a == b
 
-    def _both(self, name: str, *args: object) -> object:
+    def _both(self, name: str, *args: object) -> Any:
         a = getattr(self.redis, name)(*args)
         b = getattr(self.memory, name)(*args)
         if name == "release" and a is not None and b is not None:
@@ -130,6 +135,16 @@ class StoreComparison(RuleBasedStateMachine):
 
     def _admitted_call(self, call: Call, who: str, kind: str, r: CallResult) -> None:
         """A decision of ``admit_call`` (a subclass checks it against its own books)."""
+
+    def _decided(self, admitted: bool, tripped: str | None, bypass: bool,
+                 profiles: list[str]) -> None:
+        """What the decision counters must add for one new (not duplicate) decision."""
+        if not admitted:
+            assert tripped is not None
+            self.decided["rejected", tripped] += 1
+            return
+        for p in profiles:
+            self.decided["bypassed" if bypass and p == tripped else "admitted", p] += 1
 
     # -- rules
     @rule(did=st.sampled_from(DIDS), who=st.sampled_from(USERS),
@@ -147,6 +162,9 @@ class StoreComparison(RuleBasedStateMachine):
                                emergency_bypass=kind == "sos-bypass",
                                info={"call_id": did.split(";")[0], "from": who})
         r = self._both("admit", request)
+        if not r.duplicate:
+            self._decided(r.admitted, members[r.tripped].profile if r.tripped >= 0 else None,
+                          r.bypass, [m.profile for m in members])
         if r.admitted and not r.duplicate:
             self.dialogs[did] = Live(members, self.offset + EARLY, "early", r.bypass, emergency)
 
@@ -162,6 +180,9 @@ class StoreComparison(RuleBasedStateMachine):
         members = {"local": (TOTAL, user(who)), "international": (TOTAL, INTL, user(who)),
                    "sos-bypass": (TOTAL, EMERG, user(who))}[kind]
         self._admitted_call(call, who, kind, r)
+        if not r.duplicate:
+            self._decided(r.admitted, r.limit, r.bypass,
+                          [label.partition("=")[0] for label in r.memberships])
         if r.admitted and not r.duplicate:
             self.dialogs[call.dialog_id] = Live(members, self.offset + EARLY, "early",
                                                 r.bypass, kind == "sos-bypass",
@@ -179,17 +200,19 @@ class StoreComparison(RuleBasedStateMachine):
         if live:
             assert got[-1] is True
         if got[-1]:
+            self.ends["bye"] += 1
             d = self.dialogs[did]
             d.state, d.ended_at = "ended", self.offset
 
     @rule()
     def tick(self) -> None:
         """A node's tick ends what passed its deadline (counted as expired)."""
-        _, _, expired = self._both("tick", "n1", 0, False)  # type: ignore[misc]
+        _, _, expired = self._both("tick", "n1", 0, False)
         gone = [d for d, x in self.dialogs.items()
                 if x.state in ("early", "confirmed") and x.deadline <= self.offset
                 and x.deadline + 60_000 > self.offset]
         assert expired <= len(gone)
+        self.swept += expired
         for did in gone:
             self.dialogs[did].state = "ended"
 
@@ -220,8 +243,15 @@ class StoreComparison(RuleBasedStateMachine):
     def release(self, did: str, reason: str) -> None:
         rec = self._both("release", did, reason)
         if did in self._live():
+            # the call-end record: this dialog, this reason, every profile it counted in
             assert rec is not None
+            rec_did, rec_reason, rec_profiles, _, _ = rec
+            assert (rec_did, rec_reason) == (did, reason)
+            assert sorted(rec_profiles) == sorted(
+                m.profile if m.value is None else f"{m.profile}={m.value}"
+                for m in self.dialogs[did].members)
         if rec is not None:
+            self.ends[reason] += 1
             d = self.dialogs[did]
             d.state, d.ended_at = "ended", self.offset
 
@@ -241,7 +271,9 @@ class StoreComparison(RuleBasedStateMachine):
     @rule()
     def release_everything(self) -> None:
         for did in list(self._live()):
-            assert self._both("release", did, "bye") is not None
+            rec = self._both("release", did, "bye")
+            assert rec is not None and rec[:2] == (did, "bye")
+            self.ends["bye"] += 1
             self.dialogs[did].state = "ended"
         self.check_counts()
         for s in (self.redis, self.memory):
@@ -268,8 +300,12 @@ class StoreComparison(RuleBasedStateMachine):
         assert rs == ms
         assert rs["active"] == len(live)
         assert rs["confirmed"] == sum(1 for d in live.values() if d.state == "confirmed")
-        assert self._both("decisions") is not None
-        assert self._both("ended") is not None
+        assert self._both("decisions") == {k: n for k, n in self.decided.items() if n}
+        ended = self._both("ended")
+        assert isinstance(ended, dict)
+        assert {r: n for r, n in ended.items() if r in REASONS} == \
+            {r: n for r, n in self.ends.items() if n}
+        assert ended.get("expired", 0) + ended.get("duration_cap", 0) == self.swept
 
     @invariant()
     def limits_hold(self) -> None:

@@ -594,7 +594,7 @@ def test_profile_values_and_list(store: Store) -> None:
 
 
 def test_namespaces_are_separate(store: Store, redis_url: str) -> None:
-    from conftest import make_store, new_namespace
+    from tests.support import make_store, new_namespace
 
     kind = "memory" if type(store).__name__ == "MemoryStore" else "redis"
     other = make_store(kind, new_namespace(), redis_url)

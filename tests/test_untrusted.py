@@ -13,13 +13,13 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from conftest import STORE_TIMEOUT_MS, new_namespace, policy_text
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policer.call import MAX_VALUE, Call, dialog_id, key_part, text
 from policer.engine import Engine
 from policer.store import MemoryStore, RedisStore
+from tests.support import STORE_TIMEOUT_MS, new_namespace, policy_text
 
 POLICY = """
 version: 1

@@ -10,8 +10,7 @@ from policer.engine import Engine
 from policer.policy import parse_policy
 from policer.store import open_store
 from policer.store.keys import Keys
-
-from .conftest import Cluster
+from tests.support.cluster import Cluster
 
 POLICY = """
 version: 1

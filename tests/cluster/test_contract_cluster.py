@@ -6,7 +6,7 @@ test of ``tests/test_store_contract.py`` runs once against it.
 
 from __future__ import annotations
 
-from test_store_contract import *  # noqa: F403  (the contract tests themselves)
+from tests.test_store_contract import *  # noqa: F403  (the contract tests themselves)
 
 
 def test_the_store_here_is_a_cluster_store(store: object) -> None:
@@ -20,7 +20,7 @@ def test_the_store_here_is_a_cluster_store(store: object) -> None:
 
 
 def test_every_contract_test_is_collected_here() -> None:
-    import test_store_contract
+    from tests import test_store_contract
 
     names = {n for n in dir(test_store_contract) if n.startswith("test_")}
     assert names and names <= set(globals())

@@ -29,6 +29,7 @@ from policer.engine import Engine
 from policer.metrics import WorkerMetrics
 from policer.policy import parse_policy
 from policer.store import MemoryStore, StoreError
+from tests.support import wait_for
 
 POLICY = """
 version: 1
@@ -312,10 +313,46 @@ def test_failures_answer_500_and_never_raise(ksr: FakeKSR, engine: Engine) -> No
     assert adapter.NativeHandler().tick(object()) == adapter.OK
 
 
-def test_start_and_tick_hold_the_node_lease(ksr: FakeKSR, engine: Engine) -> None:
+def test_start_and_tick_hold_the_node_lease(ksr: FakeKSR, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    """A proxy node's timer: its tick renews its lease, so its calls keep counting
+    while those of a node that stopped renewing end (``node_lost``); its flush applies
+    the queued BYE."""
+    policy = parse_policy(POLICY + "nodes: {lease: 2s, renew: 100ms}\n")
+    store = MemoryStore(policy.namespace)
+    node = Engine(policy, store, node="test-node", lease=True)
+    adapter.set_engine_factory(lambda: node)
+    lost = Engine(policy, store, node="lost-node", lease=True)  # a proxy that died
+    lost.start()
+    gone = Call.from_raw("gone", "t", from_user="bob", ruri_user="5550",
+                         headers={"X-Account": "other"})
+    assert lost.admit(gone).admitted
+
     assert adapter.start() == adapter.OK
-    assert "test-node" in engine.store.nodes()
-    assert adapter.timer() == adapter.OK
+    first_lease = store.nodes()["test-node"]
+    ksr.invite("c1")
+    assert adapter.admit_current().admitted
+    ksr.invite("c2", account="beta")
+    assert adapter.admit_current().admitted
+    ksr.in_dialog("c2", "BYE")
+    assert adapter.dialog_event("dialog:end") == adapter.OK
+    assert store.profile_size("total") == 3 and len(ksr.queue) == 1
+
+    # 2.5 s later: both leases (2 s) have lapsed unless renewed
+    store.clock_offset_ms = 2_500
+
+    def timer_renewed() -> bool:
+        monkeypatch.setattr(adapter, "_next_tick", 0.0)  # the once-a-second tick now
+        assert adapter.timer() == adapter.OK
+        return store.nodes()["test-node"] > first_lease + 2_000
+
+    assert wait_for(timer_renewed, 5), "the tick did not renew the node's lease"
+    assert not ksr.queue  # the BYE was applied
+    assert store.profile_size("total") == 1  # c1 still counts; c2 ended; "gone" swept
+    assert store.profile_size("account", "acme") == 1
+    assert store.profile_size("account", "other") == 0
+    reasons = {r.call_id: r.reason for r in store.call_records()}
+    assert reasons == {"c2": "bye", "gone": "node_lost"}
 
 
 # native flavour: the timer process --------------------------------------------------

@@ -18,7 +18,9 @@ from collections import Counter
 
 import pytest
 
-from .conftest import Lab, Proxy, free_udp_port, wait_until
+from lab.redis_server import free_udp_port
+from tests.support import wait_for
+from tests.support.e2e import Lab, Proxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -36,7 +38,7 @@ def _two_proxies(lab: Lab, lease: str) -> tuple[Proxy, Proxy]:
 def _crash(proxy: Proxy) -> float:
     proxy.kill9()
     # every process of the group gets SIGKILL at once; they are gone when reaped
-    assert wait_until(lambda: proxy.processes() == [], 5), proxy.processes()
+    assert wait_for(lambda: proxy.processes() == [], 5), proxy.processes()
     return time.monotonic()
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from lab.redis_server import RedisServer
+from tests.support.e2e import Lab, UacResult
 
-from .conftest import Lab, UacResult
 from .test_kamailio import (
     test_account_user_and_class_caps,
     test_busy_cancelled_and_unanswered_calls_are_released,

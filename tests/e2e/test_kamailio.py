@@ -15,8 +15,7 @@ import pytest
 import redis
 
 from lab.redis_server import RedisServer
-
-from .conftest import Lab, UacResult
+from tests.support.e2e import Lab, UacResult
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lab.redis_server import free_port
-
-from .conftest import ROOT, Lab
+from tests.support import wait_for
+from tests.support.e2e import ROOT, Lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -31,7 +30,6 @@ def test_exporter_serves_kamailio_workers_and_cluster_counters(lab: Lab) -> None
     res = lab.run_uac(proxy, [(f"m{i}", "", f"2000{i}") for i in range(5)], hold_ms=1500)
     assert len(res.answered) == 3 and res.codes() == [503, 503]
     assert lab.wait_size("total", 0) == 0
-    time.sleep(1.2)  # the timer process publishes (native) and probes once a second
 
     port = free_port()
     env = {**os.environ, "POLICER_POLICY": str(lab.policy_path),
@@ -40,20 +38,28 @@ def test_exporter_serves_kamailio_workers_and_cluster_counters(lab: Lab) -> None
     exporter = subprocess.Popen([sys.executable, "-m", "policer", "exporter", "--listen",
                                  f"127.0.0.1:{port}"], env=env, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+    def published() -> bool:
+        """The exporter answers, and the timer process (which publishes the native
+        workers' counters and probes once a second) has published the 5 decisions."""
+        nonlocal samples
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                          timeout=2).read().decode()
+        except OSError:
+            return False
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(body) for s in f.samples}
+        decided = sum(v for (n, _), v in samples.items()
+                      if n == "policer_decision_seconds_count")
+        return decided == 5 and samples.get(("policer_probe_seconds_count", ()), 0) >= 1
+
     try:
-        body = ""
-        for _ in range(100):
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                              timeout=2).read().decode()
-                break
-            except OSError:
-                time.sleep(0.1)
+        assert wait_for(published, 15, interval=0.2), samples
     finally:
         exporter.terminate()
         exporter.wait(timeout=10)
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(body) for s in f.samples}
     # decided inside Kamailio's workers: 3 admitted, 2 rejected by total
     counts = {dict(k).get("result"): v for (n, k), v in samples.items()
               if n == "policer_decision_seconds_count"}

@@ -10,7 +10,8 @@ from collections import Counter
 
 import pytest
 
-from .conftest import Lab, UacResult, wait_until
+from tests.support import wait_for
+from tests.support.e2e import Lab, UacResult
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -66,8 +67,8 @@ def test_a_call_held_past_max_duration_is_ended_by_the_proxy(lab: Lab) -> None:
     assert f"BYE {call_id}" in uas.lines()
 
     assert lab.wait_size("total", 0) == 0
-    assert wait_until(lambda: proxy.active_dialogs() == 0, 10)
-    assert wait_until(lambda: _reasons(lab, [call_id]) == Counter(duration_cap=1), 10), \
+    assert wait_for(lambda: proxy.active_dialogs() == 0, 10)
+    assert wait_for(lambda: _reasons(lab, [call_id]) == Counter(duration_cap=1), 10), \
         _reasons(lab, [call_id])
     stats = lab.stats()
     assert stats["active"] == 0 and stats["early"] == 0

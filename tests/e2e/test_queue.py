@@ -19,8 +19,8 @@ from lab.redis_server import RedisServer
 from policer.compile import compile_policy
 from policer.policy import load_policy
 from policer.store import RedisStore
-
-from .conftest import Lab, wait_until
+from tests.support import wait_for
+from tests.support.e2e import Lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -47,7 +47,7 @@ def wait_library(lab: Lab, timeout: float) -> bool:
             return False
 
     try:
-        return wait_until(loaded, timeout, interval=0.05)
+        return wait_for(loaded, timeout, interval=0.05)
     finally:
         client.close()
 
@@ -64,16 +64,16 @@ def test_releases_are_applied_in_batches_shortly_after_bye(lab: Lab) -> None:
     store = _store(lab)
     calls = [(f"b{i}", "", f"55{i:02d}") for i in range(10)]
     uac = lab.start_uac(proxy, calls, hold_ms=1500, rate=100)
-    assert wait_until(lambda: store.profile_size("total") == 10, 10, interval=0.02)
+    assert wait_for(lambda: store.profile_size("total") == 10, 10, interval=0.02)
     # every call answered: the confirms were applied (queued, then one batch or a few)
-    assert wait_until(lambda: store.stats()["confirmed"] == 10, 2, interval=0.02)
+    assert wait_for(lambda: store.stats()["confirmed"] == 10, 2, interval=0.02)
 
     # the BYEs all come within about 100 ms; SIPp ends when their 200s are in
     res = uac.result()
     assert res.returncode == 0, res.output
     assert len(res.answered) == 10 and len(res.ended) == 10
     t0 = time.monotonic()
-    assert wait_until(lambda: store.profile_size("total") == 0, 2, interval=0.01)
+    assert wait_for(lambda: store.profile_size("total") == 0, 2, interval=0.01)
     # queued and applied by the 100 ms timer, not in the SIP workers; generous bound for
     # a busy 2-core machine (the BYEs themselves were released before SIPp ended)
     assert time.monotonic() - t0 < 0.5
@@ -101,7 +101,7 @@ def test_a_batch_redis_did_not_take_is_sent_again(lab: Lab) -> None:
             assert res.returncode == 0, res.output
             assert len(res.ended) == 2
             log = proxy.log.read_text(errors="replace")
-            assert wait_until(lambda: "store_error" in proxy.log.read_text(errors="replace"),
+            assert wait_for(lambda: "store_error" in proxy.log.read_text(errors="replace"),
                               8), log[-2000:]
         finally:
             private.signal(signal.SIGCONT)
@@ -122,14 +122,14 @@ def test_emergency_calls_admitted_while_redis_is_down_are_counted_once_it_is_bac
         uac = lab.start_uac(proxy, [("e1", "", "112"), ("e2", "", "911"), ("n1", "", "5550")],
                             hold_ms=6000)
         # both emergency calls are up (answered by the UAS) while Redis is still down
-        assert wait_until(lambda: sum(line.startswith("INVITE ") for line in uas.lines()) == 2,
+        assert wait_for(lambda: sum(line.startswith("INVITE ") for line in uas.lines()) == 2,
                           5)
         private.start()  # back, empty: the timer loads the library within a second ...
         assert wait_library(lab, 3)
         # ... and the calls the proxy admitted meanwhile are counted (then answered)
         assert lab.wait_size("emergency", 2, timeout=5) == 2
         assert lab.size("total") == 2
-        assert wait_until(lambda: lab.stats()["confirmed"] == 2, 3, interval=0.2)
+        assert wait_for(lambda: lab.stats()["confirmed"] == 2, 3, interval=0.2)
         res = uac.result()
         assert res.returncode == 0, res.output
         assert sorted(c[2] for c in res.answered_calls()) == ["112", "911"]

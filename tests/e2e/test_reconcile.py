@@ -10,8 +10,8 @@ import json
 import pytest
 
 from lab.redis_server import RedisServer
+from tests.support.e2e import Lab
 
-from .conftest import Lab
 from .test_queue import wait_library
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
