@@ -175,9 +175,10 @@ def expiry(bench: Any, total_members: int, repeat: int = 3) -> dict[str, Any]:
     Repeated ``repeat`` times: SLOWLOG times are wall time inside Redis, so a Redis
     that the machine preempts shows a slow call; the least disturbed repetition's
     maximum is the function's own bound."""
-    from policer.call import Call, key_part
+    from policer.call import Call
     from policer.engine import Engine
     from policer.store.base import Op
+    from policer.store.keys import key_part
     from policer.store.redis_store import RENEW_BATCH, RedisStore
 
     policy = bench.policy

@@ -1,47 +1,35 @@
 """What policer knows of one call: the :class:`Call` an adapter builds from a SIP
-INVITE, and the dialog id that names it everywhere.
+INVITE, and the ``<length>:<bytes>`` field format its attributes travel in.
 
 Every value here comes from the network and is untrusted: any length, any
 bytes. :func:`text` turns whatever an adapter has (``str``, ``bytes`` or
-``None``) into a bounded ``str`` without raising; :func:`dialog_id` and
-:func:`key_part` turn such values into strings that are safe inside a Redis key
-(no ``{``, ``}``, ``:``, white space or control characters can survive, so no
-value can reach another value's key, another namespace or another slot).
+``None``) into a bounded ``str`` without raising. Turning such values into keys
+(the dialog id, :func:`policer.store.keys.key_part`) is the store's business.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from urllib.parse import quote, unquote
 
 __all__ = [
     "KEPT_ATTRIBUTES_PREFIX",
-    "MAX_KEY_PART",
     "MAX_VALUE",
     "Call",
-    "dialog_id",
-    "key_part",
-    "label_from_key",
     "pack_fields",
     "raw_bytes",
-    "split_dialog_id",
     "text",
     "unpack_fields",
     "unpack_values",
     "utf8_text",
-    "value_from_key",
 ]
 
 #: Longest SIP value kept (characters); longer values are cut here.
 MAX_VALUE = 4096
-#: Longest encoded value used verbatim inside a key; longer ones end in a digest.
-MAX_KEY_PART = 200
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 #: How a call's attributes kept by the native Kamailio cfg start (``$dlg_var(policer_call)``):
@@ -127,21 +115,6 @@ def utf8_text(value: str) -> str:
     return _utf8(value).decode("utf-8", "replace")
 
 
-def value_from_key(part: str) -> str:
-    """The value a :func:`key_part` came from (digests of long values stay digests).
-
-    Bytes that are not UTF-8 come back as surrogate escapes, so two values that
-    differ only there stay two values."""
-    return unquote(part, errors="surrogateescape")
-
-
-def label_from_key(label: str) -> str:
-    """A membership label as shown (``profile=value``) from its stored form, whose
-    value is a :func:`key_part`."""
-    profile, eq, enc = label.partition("=")
-    return f"{profile}={value_from_key(enc)}" if eq and "%" in enc else label
-
-
 def _wellformed(value: str) -> str:
     """A str whose every character encodes (lone surrogates become surrogate escapes
     of their bytes), so that nothing downstream raises on it."""
@@ -149,38 +122,7 @@ def _wellformed(value: str) -> str:
         value.encode("utf-8", "surrogateescape")
         return value
     except UnicodeEncodeError:
-        return _utf8(value).decode("utf-8", "surrogateescape")
-
-
-def key_part(value: str) -> str:
-    """Encode an untrusted value for use inside a Redis key or member.
-
-    Percent-encoding leaves only ``[A-Za-z0-9_.@-]`` and ``%``: no braces (hash
-    tags), no ``:`` (our separator), no white space (``@`` stays: Call-IDs are
-    ``word@host`` and most then need no encoding at all). Long values keep a prefix
-    and end in ``~`` and a SHA-1 digest of the whole value, so they stay
-    distinct; ``~`` itself is encoded, so no short value can spell a long one's
-    key. The decision function (``policer/store/lua/library.lua``, ``key_part``)
-    encodes exactly so: this copy serves reads (``profile size VALUE``, live
-    limits); a property test holds the two to the same keys.
-    """
-    raw = _utf8(value)[: MAX_VALUE * 4]
-    encoded = quote(raw, safe="@").replace("~", "%7E")
-    if len(encoded) <= MAX_KEY_PART:
-        return encoded
-    digest = hashlib.sha1(raw).hexdigest()
-    return f"{encoded[:64]}~{digest}"
-
-
-def dialog_id(call_id: object, from_tag: object) -> str:
-    """The dialog id: Call-ID and From-tag, each encoded, joined by ``;``."""
-    return f"{key_part(text(call_id))};{key_part(text(from_tag))}"
-
-
-def split_dialog_id(did: str) -> tuple[str, str]:
-    """Call-ID and From-tag back from a dialog id (digests of long values stay digests)."""
-    call_id, _, from_tag = did.partition(";")
-    return unquote(call_id), unquote(from_tag)
+        return raw_bytes(value).decode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,10 +171,6 @@ class Call:
             auth_user=text(auth_user),
             headers=MappingProxyType(hdrs),
         )
-
-    @property
-    def dialog_id(self) -> str:
-        return dialog_id(self.call_id, self.from_tag)
 
     def to_json(self) -> str:
         """The call as compact JSON, for keeping with the proxy's own dialog (the

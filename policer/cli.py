@@ -20,13 +20,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from policer.call import Call, dialog_id
+from policer.call import Call
 from policer.compile import compile_policy
 from policer.decision import Decision
 from policer.log import configure, redact
 from policer.policy import Policy, PolicyError, Rate, load_policy, parse_duration_ms
 from policer.store import Store, StoreError, open_store
 from policer.store.base import DialogInfo
+from policer.store.keys import dialog_id
 
 if TYPE_CHECKING:  # the engine (and prometheus-client) is imported when a command needs
     # it: `policer serve --workers N` must set PROMETHEUS_MULTIPROC_DIR first

@@ -23,7 +23,7 @@ from functools import cache
 from importlib import resources
 
 from policer.calendar import transitions
-from policer.call import MAX_KEY_PART, MAX_VALUE
+from policer.call import MAX_VALUE
 from policer.policy import Limit, Policy, Reject
 
 __all__ = [
@@ -40,6 +40,9 @@ __all__ = [
     "function_suffix",
 ]
 
+#: Longest encoded SIP value used verbatim inside a key; longer ones end in a digest
+#: (policer.store.keys.key_part and the library's key_part).
+MAX_KEY_PART = 200
 #: The calling convention's version (``policer_read_S info``); bump on a change.
 LIBRARY_FORMAT = 3
 #: A decided (rejected or ended) dialog is remembered this long: late retransmissions of

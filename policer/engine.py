@@ -27,6 +27,7 @@ from policer.reload import PolicyWatcher
 from policer.resilience import CircuitBreaker, Pending, PendingQueue
 from policer.store import Store, StoreError, open_store
 from policer.store.base import CallRecord, CallResult, DialogInfo, Op
+from policer.store.keys import dialog_id
 
 __all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "LimitView"]
 
@@ -495,6 +496,6 @@ def _did(item: Pending) -> str:
 
 def _safe_dialog_id(call: Call) -> str:
     try:
-        return call.dialog_id
+        return dialog_id(call.call_id, call.from_tag)
     except Exception:
         return ""

@@ -33,6 +33,7 @@ from policer.call import Call
 from policer.log import get_logger
 from policer.policy import Policy
 from policer.store.base import Op, Store
+from policer.store.keys import dialog_id
 
 __all__ = ["CALL_VAR", "ProxyDialog", "Report", "fetch_dialogs", "parse_dialogs", "reconcile",
            "restore"]
@@ -53,7 +54,7 @@ class ProxyDialog:
 
     @property
     def dialog_id(self) -> str:
-        return self.call.dialog_id
+        return dialog_id(self.call.call_id, self.call.from_tag)
 
 
 @dataclass(slots=True)
@@ -236,7 +237,7 @@ def restore(policy: Policy, store: Store, call: Call, node: str, confirmed: bool
     """Count a call a proxy still carries but the store lost: it joins its profiles
     without a limit check, as admitted by ``node`` (answered: until the policy's dialog
     timeout). Returns False when the store already had it. Raises StoreError."""
-    did = call.dialog_id
+    did = dialog_id(call.call_id, call.from_tag)
     ops = [Op("record", did, call=call, node=node)]
     if confirmed:
         ops.append(Op("confirm", did, policy.timeouts.dialog_ms))

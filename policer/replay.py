@@ -25,9 +25,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from policer.call import Call, split_dialog_id
+from policer.call import Call
 from policer.policy import Policy
 from policer.store.base import AdminStore, Attempt, CallRecord, DecisionStore, Op, Store
+from policer.store.keys import split_dialog_id
 from policer.store.memory_store import MemoryStore
 
 __all__ = ["ReplayReport", "read_attempts", "read_records", "replay", "replay_store"]

@@ -52,10 +52,11 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 import orjson
 
-from policer.call import Call, dialog_id
+from policer.call import Call
 from policer.log import get_logger
 from policer.store import Op, StoreError
 from policer.store.base import END_REASONS, CallRecord
+from policer.store.keys import dialog_id
 
 if TYPE_CHECKING:  # imported by the caller, after prepare_metrics (prometheus-client)
     from policer.engine import Engine

@@ -21,6 +21,7 @@ from policer.engine import Engine
 from policer.policy import load_policy
 from policer.reconcile import CALL_VAR, parse_dialogs, reconcile
 from policer.store import RedisStore
+from policer.store.keys import dialog_id
 from tests.support import call
 from tests.support.cli import cli_json, policy_copy, run_cli
 
@@ -61,12 +62,12 @@ def test_lost_calls_are_counted_again_and_ghosts_removed(
     proxy_side = [kamailio_dialog(up[0]), kamailio_dialog(up[1], state=2),
                   kamailio_dialog(call("5551234", "dave"), state=5)]  # 5 = deleted
     report = reconcile(engine.policy, store, "proxy-a", parse_dialogs(proxy_side))
-    assert report.kept == 1 and report.added == [up[1].dialog_id]
+    assert report.kept == 1 and report.added == [dialog_id(up[1].call_id, up[1].from_tag)]
     assert report.removed == [ghost.dialog_id] and report.partial == []
     assert store.profile_size("total") == 2
     assert store.profile_size("account", "acme") == 2  # header-valued profile rebuilt
     assert store.profile_size("user", "carol") == 0
-    assert store.dialog(up[1].dialog_id).state == "early"  # type: ignore[union-attr]
+    assert store.dialog(dialog_id(up[1].call_id, up[1].from_tag)).state == "early"  # type: ignore[union-attr]
     assert store.ended()["reconciled"] == 1
     # running it again changes nothing
     again = reconcile(engine.policy, store, "proxy-a", parse_dialogs(proxy_side))
@@ -79,10 +80,10 @@ def test_without_the_adapters_variable_the_uris_still_give_user_and_class(
     c = call("00441632960123", "erin", headers={"X-Account": "acme"})
     report = reconcile(engine.policy, store, "proxy-a",
                        parse_dialogs([kamailio_dialog(c, keep_call=False)]))
-    assert report.partial == [c.dialog_id]
+    assert report.partial == [dialog_id(c.call_id, c.from_tag)]
     assert store.profile_size("international") == 1 and store.profile_size("user", "erin") == 1
     assert store.profile_size("account", "acme") == 0  # the header is not in dlg.list
-    assert store.dialog(c.dialog_id).state == "confirmed"  # type: ignore[union-attr]
+    assert store.dialog(dialog_id(c.call_id, c.from_tag)).state == "confirmed"  # type: ignore[union-attr]
 
 
 def test_malformed_entries_are_skipped() -> None:
@@ -131,7 +132,8 @@ def test_cli_reconcile_reports_and_applies(setup: tuple[Engine, RedisStore, Path
     dialogs.append(kamailio_dialog(c))
     env = {"POLICER_REDIS_URL": redis_url, "POLICER_POLICY": str(path)}
     dry = cli_json("reconcile", "--proxy", f"proxy-a={address}", "--dry-run", env=env)
-    assert dry[0]["added"] == [c.dialog_id] and store.profile_size("total") == 0
+    assert dry[0]["added"] == [dialog_id(c.call_id, c.from_tag)]
+    assert store.profile_size("total") == 0
     proc = run_cli("reconcile", "--proxy", f"proxy-a={address}", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "add 1, remove 0" in proc.stdout and store.profile_size("total") == 1
@@ -152,7 +154,8 @@ def test_calls_that_moved_on_while_the_list_was_taken_are_left_alone(
     listed_at = store.now_ms()
     store.clock_offset_ms += 5  # (and on again while the list is read)
     newer = engine.admit(call("5551234", "jan"))  # admitted after the proxy listed
-    engine.release(listed[1].dialog_id, "bye")  # ended after the proxy listed it
+    # ended after the proxy listed it
+    engine.release(dialog_id(listed[1].call_id, listed[1].from_tag), "bye")
     assert store.dialog(newer.dialog_id).init_ms > listed_at  # type: ignore[union-attr]
     # without the time of the listing, the newer call would look like a ghost
     blind = reconcile(engine.policy, store, "proxy-a", parse_dialogs(snapshot), dry_run=True)
@@ -161,5 +164,5 @@ def test_calls_that_moved_on_while_the_list_was_taken_are_left_alone(
                        listed_at_ms=listed_at)
     assert report.removed == [ghost.dialog_id] and report.added == []
     assert store.dialog(newer.dialog_id).state == "early"  # type: ignore[union-attr]
-    assert store.dialog(listed[1].dialog_id).state == "ended"  # type: ignore[union-attr]
+    assert store.dialog(dialog_id(listed[1].call_id, listed[1].from_tag)).state == "ended"  # type: ignore[union-attr]
     assert store.profile_size("total") == 2  # hal and jan

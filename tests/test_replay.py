@@ -12,6 +12,7 @@ from policer.call import Call
 from policer.policy import Policy
 from policer.replay import replay_store
 from policer.store import Op, Store
+from policer.store.keys import dialog_id
 from policer.store.redis_store import RedisStore
 from tests.support import call, policy_text
 from tests.support.cli import cli_json, run_cli
@@ -72,7 +73,7 @@ def test_every_decided_attempt_is_recorded_once_with_what_a_policy_reads(store: 
     assert [x.info["call_id"] for x in got] == ["a-1", "b-1", "c-1"]
     first, second, third = got
     assert first.admitted and not first.recorded and first.code == 200
-    assert first.dialog_id == a.dialog_id
+    assert first.dialog_id == dialog_id(a.call_id, a.from_tag)
     assert first.info["to"] == "5551234" and first.info["class"] == "local"
     assert first.info["node"] == "node-1" and first.info["from"] == "alice@example.net"
     assert first.attributes["header:x-account"] == "acme"
@@ -132,23 +133,24 @@ def record_mix(s: RedisStore) -> None:
     at(4)
     assert not admit(a3)
     at(5)
-    s.apply([Op("confirm", a1.dialog_id), Op("confirm", b1.dialog_id)])
+    s.apply([Op("confirm", dialog_id(a1.call_id, a1.from_tag)),
+             Op("confirm", dialog_id(b1.call_id, b1.from_tag))])
     at(6)
-    s.apply([Op("release", b1.dialog_id, "bye")])
+    s.apply([Op("release", dialog_id(b1.call_id, b1.from_tag), "bye")])
     at(7)
     assert admit(c2)
     at(8)
     assert admit(d1)
     at(8.5)
-    s.apply([Op("confirm", d1.dialog_id)])
+    s.apply([Op("confirm", dialog_id(d1.call_id, d1.from_tag))])
     at(9)
     assert not admit(e1)
     at(10)
-    s.apply([Op("release", a2.dialog_id, "cancel")])
+    s.apply([Op("release", dialog_id(a2.call_id, a2.from_tag), "cancel")])
     at(11)
     assert admit(e2)
     at(12)
-    s.apply([Op("release", a1.dialog_id, "bye")])
+    s.apply([Op("release", dialog_id(a1.call_id, a1.from_tag), "bye")])
     at(13)
 
 

@@ -36,6 +36,7 @@ from policer.call import Call
 from policer.policy import Rate
 from policer.store import AdmitRequest, Member, MemoryStore, Op, RedisStore
 from policer.store.base import CallResult, Usage
+from policer.store.keys import dialog_id
 from tests.support import STORE_TIMEOUT_MS, new_namespace, policy_text
 
 EARLY = 25_000
@@ -184,9 +185,9 @@ class StoreComparison(RuleBasedStateMachine):
             self._decided(r.admitted, r.limit, r.bypass,
                           [label.partition("=")[0] for label in r.memberships])
         if r.admitted and not r.duplicate:
-            self.dialogs[call.dialog_id] = Live(members, self.offset + EARLY, "early",
-                                                r.bypass, kind == "sos-bypass",
-                                                md=r.max_duration_ms or 0)
+            did = dialog_id(call.call_id, call.from_tag)
+            self.dialogs[did] = Live(members, self.offset + EARLY, "early", r.bypass,
+                                     kind == "sos-bypass", md=r.max_duration_ms or 0)
 
     @rule(did=st.sampled_from(DIDS), answered=st.booleans())
     def answer_and_end_in_one_batch(self, did: str, answered: bool) -> None:

@@ -16,9 +16,10 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policer.call import MAX_VALUE, Call, dialog_id, key_part, text
+from policer.call import MAX_VALUE, Call, text
 from policer.engine import Engine
 from policer.store import MemoryStore, RedisStore
+from policer.store.keys import dialog_id, key_part
 from tests.support import STORE_TIMEOUT_MS, new_namespace, policy_text
 
 POLICY = """
@@ -135,7 +136,7 @@ def test_from_raw_never_raises_and_bounds_values(raw: dict[str, object]) -> None
         value = getattr(call, name)
         assert isinstance(value, str) and len(value) <= MAX_VALUE
         value.encode("utf-8", "surrogateescape")  # every value can be encoded
-    did = call.dialog_id
+    did = dialog_id(call.call_id, call.from_tag)
     assert did.count(";") == 1
     assert not set(did) & set("{}: \r\n\x00")
     assert len(did) <= 2 * 200 + 1
@@ -160,11 +161,12 @@ def test_untrusted_values_stay_in_their_own_keys(fuzz_db: str,
             assert d == model.admit(call)
             assert not d.fallback and d.error == ""
             assert d.admitted and d.code == 200 and d.reason == "OK"
-            assert d.duplicate == (call.dialog_id in dialogs)
-            dialogs.setdefault(call.dialog_id, call)
-            assert engine.set_var(call.dialog_id, text(raw["from_user"]), call.to_user)
+            did = dialog_id(call.call_id, call.from_tag)
+            assert d.duplicate == (did in dialogs)
+            dialogs.setdefault(did, call)
+            assert engine.set_var(did, text(raw["from_user"]), call.to_user)
             # kept as valid UTF-8: bytes that are not UTF-8 become U+FFFD
-            assert engine.get_var(call.dialog_id, text(raw["from_user"])) == _shown(call.to_user)
+            assert engine.get_var(did, text(raw["from_user"])) == _shown(call.to_user)
 
         # every key of this policy, and only such keys, with one hash tag: the namespace
         prefix = f"policer:{{{ns}}}:".encode()

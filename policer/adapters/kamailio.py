@@ -39,13 +39,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from policer.call import Call, dialog_id, split_dialog_id
+from policer.call import Call
 from policer.compile import compile_policy
 from policer.decision import Decision
 from policer.engine import Engine
 from policer.policy import Policy
 from policer.reload import PolicyWatcher
 from policer.store import Op, StoreError
+from policer.store.keys import dialog_id, split_dialog_id
 
 if TYPE_CHECKING:
     from policer.metrics import WorkerMetrics

@@ -51,10 +51,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from policer.call import KEPT_ATTRIBUTES_PREFIX, key_part, pack_fields, raw_bytes
+from policer.call import KEPT_ATTRIBUTES_PREFIX, pack_fields, raw_bytes
 from policer.compile import compile_policy
 from policer.metrics import DECISION_RESULTS, LATENCY_BUCKETS
 from policer.policy import Policy, load_policy
+from policer.store.keys import key_part
 
 __all__ = [
     "GENERATED_NAME",

@@ -20,7 +20,7 @@ from policer.store.base import (
     Store,
     StoreError,
 )
-from policer.store.connect import SCHEMES, parse_store_url
+from policer.store.connect import SCHEMES, parse_store_url, url_scheme
 from policer.store.memory_store import MemoryStore
 from policer.store.redis_store import RedisStore
 
@@ -48,9 +48,9 @@ def open_store(url: str, namespace: str, timeout_ms: int = 50,
     cannot be reached shows later, as StoreError from the store's calls. ``policy``:
     the policy whose function library the store calls (and loads when Redis has none).
     """
-    if url.startswith("memory:"):
+    scheme = url_scheme(url)
+    if scheme == "memory":
         return MemoryStore(namespace, policy=policy)
-    scheme = url.split(":", 1)[0].lower()
     if scheme in ("redis+sentinel", "redis+cluster"):
         parse_store_url(url)  # fail now on a malformed URL, not at the first call
     if scheme in SCHEMES:

@@ -90,6 +90,14 @@ def _hosts(url: str, netloc: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def url_scheme(url: str) -> str:
+    """A store URL's scheme, lower-cased ('' when it has none): the one place store URLs
+    are told apart (:func:`policer.store.open_store`, :func:`connect`, the Redis
+    store's Cluster routing)."""
+    scheme, sep, _ = url.partition(":")
+    return scheme.lower() if sep else ""
+
+
 def parse_store_url(url: str) -> StoreURL:
     """Parse a ``redis+sentinel://`` or ``redis+cluster://`` URL (raises ValueError)."""
     # urlsplit refuses several hosts with an IPv6 one among them: split by hand
@@ -179,7 +187,7 @@ def connect(url: str, timeout_s: float) -> redis.Redis:
     offers every command the store uses (typed as :class:`redis.Redis` for the
     store's sake).
     """
-    scheme = url.split(":", 1)[0].lower()
+    scheme = url_scheme(url)
     kwargs = _common(timeout_s)
     if scheme in ("redis", "rediss", "unix"):
         try:

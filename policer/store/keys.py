@@ -26,17 +26,70 @@ key                                    type       holds
 ``policer:{ns}:attempts``              stream     decided attempts, one per dialog (capped)
 =====================================  =========  ==========================================
 
-Values from SIP are encoded with :func:`policer.call.key_part` (the function's
-``key_part`` in Lua) before they become part of a key or a hash field.
+Values from SIP are encoded with :func:`key_part` (the function's ``key_part`` in
+Lua) before they become part of a key or a hash field: no ``{``, ``}``, ``:``, white
+space or control characters survive, so no value can reach another value's key,
+another namespace or another slot. A dialog is named by :func:`dialog_id`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from urllib.parse import quote, unquote
 
-from policer.call import key_part
+from policer.call import MAX_VALUE, raw_bytes, text
+from policer.compile import MAX_KEY_PART
 
-__all__ = ["Keys"]
+__all__ = ["MAX_KEY_PART", "Keys", "dialog_id", "key_part", "label_from_key",
+           "split_dialog_id", "value_from_key"]
+
+
+
+def value_from_key(part: str) -> str:
+    """The value a :func:`key_part` came from (digests of long values stay digests).
+
+    Bytes that are not UTF-8 come back as surrogate escapes, so two values that
+    differ only there stay two values."""
+    return unquote(part, errors="surrogateescape")
+
+
+def label_from_key(label: str) -> str:
+    """A membership label as shown (``profile=value``) from its stored form, whose
+    value is a :func:`key_part`."""
+    profile, eq, enc = label.partition("=")
+    return f"{profile}={value_from_key(enc)}" if eq and "%" in enc else label
+
+
+def key_part(value: str) -> str:
+    """Encode an untrusted value for use inside a Redis key or member.
+
+    Percent-encoding leaves only ``[A-Za-z0-9_.@-]`` and ``%``: no braces (hash
+    tags), no ``:`` (our separator), no white space (``@`` stays: Call-IDs are
+    ``word@host`` and most then need no encoding at all). Long values keep a prefix
+    and end in ``~`` and a SHA-1 digest of the whole value, so they stay
+    distinct; ``~`` itself is encoded, so no short value can spell a long one's
+    key. The decision function (``policer/store/lua/library.lua``, ``key_part``)
+    encodes exactly so: this copy serves reads (``profile size VALUE``, live
+    limits); a property test holds the two to the same keys.
+    """
+    raw = raw_bytes(value)[: MAX_VALUE * 4]
+    encoded = quote(raw, safe="@").replace("~", "%7E")
+    if len(encoded) <= MAX_KEY_PART:
+        return encoded
+    digest = hashlib.sha1(raw).hexdigest()
+    return f"{encoded[:64]}~{digest}"
+
+
+def dialog_id(call_id: object, from_tag: object) -> str:
+    """The dialog id: Call-ID and From-tag, each encoded, joined by ``;``."""
+    return f"{key_part(text(call_id))};{key_part(text(from_tag))}"
+
+
+def split_dialog_id(did: str) -> tuple[str, str]:
+    """Call-ID and From-tag back from a dialog id (digests of long values stay digests)."""
+    call_id, _, from_tag = did.partition(";")
+    return unquote(call_id), unquote(from_tag)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,16 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from policer.calendar import LocalClock
-from policer.call import (
-    Call,
-    dialog_id,
-    key_part,
-    label_from_key,
-    unpack_fields,
-    unpack_values,
-    utf8_text,
-    value_from_key,
-)
+from policer.call import Call, unpack_fields, unpack_values, utf8_text
 from policer.classify import Classifier
 from policer.compile import (
     DECIDED_MS,
@@ -52,6 +43,7 @@ from policer.store.base import (
     Usage,
     pack_ops,
 )
+from policer.store.keys import dialog_id, key_part, label_from_key, value_from_key
 
 __all__ = ["MemoryStore"]
 
@@ -160,7 +152,7 @@ class MemoryStore:
         if policy is None or classifier is None:
             raise RuntimeError("no policy loaded in this store")
         c = classifier.classify(call)
-        did = call.dialog_id
+        did = dialog_id(call.call_id, call.from_tag)
         now = self.now_ms()
         at = now if at_ms is None else at_ms
         mow = self._clock.minute_of_week(at)
@@ -779,7 +771,8 @@ def unpack_ops(data: bytes, attributes: Sequence[str] = ()) -> list[Op]:
             did, rest = _text(f[0]), f[1:]
         elif kind == "record":
             call = _call_from_fields(f[1], f[2], f[3], attributes)
-            ops.append(Op("record", call.dialog_id, call=call, node=_text(f[0])))
+            did = dialog_id(call.call_id, call.from_tag)
+            ops.append(Op("record", did, call=call, node=_text(f[0])))
             continue
         else:
             did, rest = dialog_id(_text(f[0]), _text(f[1])), f[2:]

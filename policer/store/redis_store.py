@@ -24,17 +24,7 @@ from hiredis import pack_command
 from redis.client import NEVER_DECODE
 
 from policer.calendar import LocalClock
-from policer.call import (
-    Call,
-    key_part,
-    label_from_key,
-    pack_fields,
-    raw_bytes,
-    unpack_fields,
-    unpack_values,
-    utf8_text,
-    value_from_key,
-)
+from policer.call import Call, pack_fields, raw_bytes, unpack_fields, unpack_values, utf8_text
 from policer.compile import (
     TICK_BATCH,
     Library,
@@ -55,8 +45,8 @@ from policer.store.base import (
     Usage,
     pack_ops,
 )
-from policer.store.connect import connect
-from policer.store.keys import Keys
+from policer.store.connect import connect, url_scheme
+from policer.store.keys import Keys, key_part, label_from_key, value_from_key
 
 __all__ = ["RENEW_BATCH", "RedisStore"]
 
@@ -116,7 +106,7 @@ class RedisStore:
         self._clock = LocalClock(policy.timezone if policy is not None else "UTC")
         self._set_library(compile_policy(policy, namespace), policy)
         # a Cluster client routes by key itself (MOVED, ASK): _fcall uses its execute_command
-        self._cluster = url.split(":", 1)[0].lower() == "redis+cluster"
+        self._cluster = url_scheme(url) == "redis+cluster"
         prefix = self.keys.prefix
         self._p_dialog = prefix + "d:"
 
