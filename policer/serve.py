@@ -26,9 +26,12 @@ answer queued in order in the worker's bounded queue and applied as soon as it d
 (``queued: true`` in the answer, status 202). The engine's :meth:`~Engine.tick`
 (lease, queued events, policy file reload) runs once a second in every worker.
 
-Each worker process runs one engine on the blocking store client inside its event
-loop: a decision is one Redis round trip with no thread hop, as in a proxy's own
-worker; ``--workers`` processes share one listening socket.
+Each worker process runs one engine; ``--workers`` processes share one listening
+socket. Admits do not block the worker's event loop: their ``FCALL``s go to Redis on
+the worker's own connection (:class:`Admits`), several in flight, those read in one
+turn of the loop in one write, each answered when its reply is read. Dialog events,
+explain and health call the engine's blocking store client inside the loop (one round
+trip each, no thread hop).
 """
 
 from __future__ import annotations
