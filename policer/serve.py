@@ -368,7 +368,11 @@ class Admits:
         self._opening = False
         self._next_open = 0.0  # monotonic time of the next attempt to open the pipe
         self._timer: asyncio.TimerHandle | None = None
-        self.timeout_s = self.engine.policy.store_timeout_ms / 1000
+
+    @property
+    def timeout_s(self) -> float:
+        """How long a reply may take: the (current) policy's store timeout."""
+        return self.engine.policy.store_timeout_ms / 1000
 
     def add(self, protocol: HttpProtocol, slot: _Slot, call: Call) -> None:
         if not self.calls:
