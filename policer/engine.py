@@ -209,6 +209,57 @@ class Engine:
         self._decided(call, d, t0)
         return d
 
+    def admit_many(self, calls: list[Call]) -> list[Decision]:
+        """:meth:`admit` for calls that arrived together (the decision service's
+        worker): one round trip for all of them when the store can pipeline, each
+        decided as :meth:`admit` would. Never raises."""
+        many = getattr(self.store, "admit_calls", None)
+        if many is None or len(calls) == 1:
+            return [self.admit(call) for call in calls]
+        t0 = time.perf_counter()
+        if not self.breaker.allow():
+            return [self._fallback(call, "circuit open: the store failed repeatedly", t0)
+                    for call in calls]
+        try:
+            results = many(calls, self.node)
+        except StoreError as e:
+            self._failed()
+            if self.metrics is not None:
+                self.metrics.store_error("admit")
+            return [self._fallback(call, str(e), t0) for call in calls]
+        except Exception as e:  # defensive: a bug here must not drop the INVITEs
+            return [self._fallback(call, f"admit: {e!r}", t0) for call in calls]
+        out = []
+        for call, r in zip(calls, results, strict=True):
+            if isinstance(r, StoreError):
+                self._failed()
+                if self.metrics is not None:
+                    self.metrics.store_error("admit")
+                out.append(self._fallback(call, str(r), t0))
+                continue
+            if self.breaker.open:
+                self._recovered()
+            d = _decision(r)
+            self._decided(call, d, t0)
+            out.append(d)
+        return out
+
+    def admit_reply(self, call: Call, result: CallResult, t0: float) -> Decision:
+        """The end of :meth:`admit` for a caller that sent the store's call itself (the
+        decision service's pipelined admits): the store answered ``result``."""
+        if self.breaker.open:
+            self._recovered()
+        d = _decision(result)
+        self._decided(call, d, t0)
+        return d
+
+    def admit_failed(self, call: Call, error: str, t0: float) -> Decision:
+        """The end of :meth:`admit` for such a caller when the store did not answer."""
+        self._failed()
+        if self.metrics is not None:
+            self.metrics.store_error("admit")
+        return self._fallback(call, error, t0)
+
     def _fallback(self, call: Call, error: str, t0: float) -> Decision:
         """The policy's ``on_store_error`` decides; emergency calls are always admitted."""
         policy = self._current.policy

@@ -26,14 +26,18 @@ answer queued in order in the worker's bounded queue and applied as soon as it d
 (``queued: true`` in the answer, status 202). The engine's :meth:`~Engine.tick`
 (lease, queued events, policy file reload) runs once a second in every worker.
 
-Each worker process runs one engine on the blocking store client inside its event
-loop: a decision is one Redis round trip with no thread hop, as in a proxy's own
-worker; ``--workers`` processes share one listening socket.
+Each worker process runs one engine; ``--workers`` processes share one listening
+socket. Admits do not block the worker's event loop: their ``FCALL``s go to Redis on
+the worker's own connection (:class:`Admits`), several in flight, those read in one
+turn of the loop in one write, each answered when its reply is read. Dialog events,
+explain and health call the engine's blocking store client inside the loop (one round
+trip each, no thread hop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import ipaddress
@@ -49,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import hiredis
 import httptools
 import orjson
 
@@ -57,6 +62,7 @@ from policer.log import get_logger
 from policer.store import Op, StoreError
 from policer.store.base import END_REASONS, CallRecord
 from policer.store.keys import dialog_id
+from policer.store.redis_store import call_result
 
 if TYPE_CHECKING:  # imported by the caller, after prepare_metrics (prometheus-client)
     from policer.engine import Engine
@@ -233,6 +239,15 @@ class Service:
     def admit(self, body: bytes) -> Response:
         return Response(200, _dumps(self.engine.admit(call_from_body(body)).as_dict()))
 
+    def admit_many(self, calls: list[Call]) -> list[Response]:
+        """The answers of admits that arrived together (one store round trip)."""
+        try:
+            decisions = self.engine.admit_many(calls)
+        except Exception as e:  # never: the engine does not raise; a bug must not hang
+            self.log.error("request_failed", path="/v1/admit", error=repr(e))
+            return [_error(500, "internal error") for _ in calls]
+        return [Response(200, _dumps(d.as_dict())) for d in decisions]
+
     def explain(self, body: bytes) -> Response:
         call = call_from_body(body)
         try:
@@ -318,6 +333,192 @@ def _head(status: int, content_type: bytes, length: int, close: bool) -> bytes:
         b"connection: close\r\n" if close else b"")
 
 
+class _Slot:
+    """An answer of one connection, in request order: ``data`` is None until decided."""
+
+    __slots__ = ("close", "data")
+
+    def __init__(self, data: bytes | None, close: bool) -> None:
+        self.data = data
+        self.close = close
+
+
+class Admits:
+    """A worker's admits: each ``POST /v1/admit`` is sent to Redis from the event loop
+    on a connection of the worker's own, without waiting for the answer, so a worker
+    keeps several calls in flight while Redis works and reads the next requests
+    meanwhile. Every admit read in one turn of the loop goes out in one write (Redis
+    reads them together, answers them together); replies come back in order and each
+    is answered as soon as its reply is read.
+
+    Decided by the engine as :meth:`Engine.admit` does (the same arguments, decision,
+    log, metrics, circuit breaker): a reply that is an error is decided again by
+    :meth:`Engine.admit` (which loads the library when Redis lost it), and a lost
+    connection or a reply later than the policy's store timeout gives every call in
+    flight the ``on_store_error`` decision. While there is no such connection (not
+    opened yet, Redis down, the circuit open, a TLS or Cluster URL) the admits of a
+    turn are decided by :meth:`Engine.admit_many`, one blocking round trip for all."""
+
+    def __init__(self, service: Service, loop: asyncio.AbstractEventLoop) -> None:
+        self.service = service
+        self.engine = service.engine
+        self.loop = loop
+        self.calls: list[Call] = []
+        self.waiting: list[tuple[HttpProtocol, _Slot]] = []
+        self.pipe: _RedisPipe | None = None
+        self._opening = False
+        self._next_open = 0.0  # monotonic time of the next attempt to open the pipe
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def timeout_s(self) -> float:
+        """How long a reply may take: the (current) policy's store timeout."""
+        return self.engine.policy.store_timeout_ms / 1000
+
+    def add(self, protocol: HttpProtocol, slot: _Slot, call: Call) -> None:
+        if not self.calls:
+            self.loop.call_soon(self.flush)
+        self.calls.append(call)
+        self.waiting.append((protocol, slot))
+
+    def flush(self) -> None:
+        calls, waiting = self.calls, self.waiting
+        self.calls, self.waiting = [], []
+        if not calls:
+            return
+        pipe = self.pipe
+        engine = self.engine
+        if pipe is not None and pipe.transport is not None and engine.breaker.allow():
+            command = cast(Any, engine.store).admit_command
+            t0 = time.perf_counter()
+            try:
+                data = b"".join([command(call, engine.node) for call in calls])
+            except Exception as e:  # defensive: never a dropped call
+                for (protocol, slot), call in zip(waiting, calls, strict=True):
+                    _fill(protocol, slot, _decided(engine.admit_failed(
+                        call, f"admit: {e!r}", t0)))
+                return
+            inflight = pipe.inflight
+            for (protocol, slot), call in zip(waiting, calls, strict=True):
+                inflight.append((protocol, slot, call, t0))
+            pipe.transport.write(data)
+            if self._timer is None:
+                self._timer = self.loop.call_later(self.timeout_s, self._check)
+            return
+        if pipe is None and not self._opening:
+            self._open()
+        for (protocol, slot), response in zip(waiting, self.service.admit_many(calls),
+                                              strict=True):
+            _fill(protocol, slot, response)
+
+    # -- the worker's own connection
+    def _open(self) -> None:
+        now = time.monotonic()
+        make = getattr(self.engine.store, "pipeline_socket", None)
+        if make is None or now < self._next_open:
+            return
+        self._next_open = now + 1.0
+        try:
+            sock = make()
+        except Exception:  # Redis down: the blocking path decides (fallback) meanwhile
+            return
+        if sock is None:
+            self._next_open = float("inf")  # TLS, Cluster: always the blocking path
+            return
+        sock.setblocking(False)
+        self._opening = True
+
+        async def connect() -> None:
+            try:
+                await self.loop.create_connection(lambda: _RedisPipe(self), sock=sock)
+            except Exception:
+                sock.close()
+            finally:
+                self._opening = False
+
+        self.loop.create_task(connect())
+
+    def reply(self, pipe: _RedisPipe, reply: Any) -> None:
+        protocol, slot, call, t0 = pipe.inflight.popleft()
+        engine = self.engine
+        try:
+            if isinstance(reply, Exception):  # an error reply: decided as admit() does
+                d = engine.admit(call)
+            else:
+                d = engine.admit_reply(call, call_result(reply), t0)
+        except Exception as e:  # defensive: never a dropped call
+            d = engine.admit_failed(call, f"admit: {e!r}", t0)
+        _fill(protocol, slot, _decided(d))
+
+    def lost(self, pipe: _RedisPipe, error: str) -> None:
+        """The connection broke or a reply is late: every call in flight gets the
+        fallback decision; the next admits take the blocking path until it reopens."""
+        if self.pipe is pipe:
+            self.pipe = None
+        if pipe.transport is not None:
+            pipe.transport.abort()
+            pipe.transport = None
+        inflight, pipe.inflight = pipe.inflight, collections.deque()
+        for protocol, slot, call, t0 in inflight:
+            _fill(protocol, slot, _decided(self.engine.admit_failed(call, error, t0)))
+
+    def _check(self) -> None:
+        self._timer = None
+        pipe = self.pipe
+        if pipe is None or not pipe.inflight:
+            return
+        late = pipe.inflight[0][3] + self.timeout_s - time.perf_counter()
+        if late <= 0:
+            self.lost(pipe, f"TimeoutError: no reply in {self.timeout_s * 1000:.0f} ms")
+        else:
+            self._timer = self.loop.call_later(late, self._check)
+
+    def close(self) -> None:
+        if self.pipe is not None and self.pipe.transport is not None:
+            self.pipe.transport.close()
+
+
+class _RedisPipe(asyncio.Protocol):
+    """The worker's own Redis connection: replies parsed by hiredis, in order."""
+
+    def __init__(self, admits: Admits) -> None:
+        self.admits = admits
+        self.reader = hiredis.Reader(encoding="utf-8", errors="replace")
+        self.inflight: collections.deque[tuple[HttpProtocol, _Slot, Call, float]] = \
+            collections.deque()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.admits.pipe = self
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        reply = self.admits.reply
+        try:
+            while self.inflight:
+                r = reader.gets()
+                if r is False:
+                    return
+                reply(self, r)
+        except hiredis.ProtocolError as e:
+            self.admits.lost(self, f"ProtocolError: {e}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.admits.lost(self, f"ConnectionError: {exc or 'connection closed by Redis'}")
+
+
+def _decided(d: Any) -> Response:
+    return Response(200, _dumps(d.as_dict()))
+
+
+def _fill(protocol: HttpProtocol, slot: _Slot, response: Response) -> None:
+    slot.data = _head(response.status, response.content_type, len(response.body),
+                      slot.close) + response.body
+    protocol.drain()
+
+
 class HttpProtocol(asyncio.Protocol):
     """HTTP/1.1 on one connection: httptools' parser (llhttp, C) calls back here and
     each request is answered at once, in order, inside ``data_received`` (keep-alive,
@@ -326,9 +527,12 @@ class HttpProtocol(asyncio.Protocol):
     :data:`MAX_BODY` (413); a malformed request gets 400; each answer ends the
     connection when the client asked so (``Connection: close``, HTTP/1.0)."""
 
-    def __init__(self, service: Service, connections: set[HttpProtocol]) -> None:
+    def __init__(self, service: Service, connections: set[HttpProtocol],
+                 admits: Admits | None = None) -> None:
         self.service = service
         self.connections = connections
+        self.admits = admits
+        self._slots: collections.deque[_Slot] = collections.deque()  # answers in order
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.last = 0.0  # monotonic time of the last request (idle connections close)
@@ -418,6 +622,25 @@ class HttpProtocol(asyncio.Protocol):
         self.last = time.monotonic()
         keep = self.parser.should_keep_alive()
         service = self.service
+        admits = self.admits
+        if admits is not None and self._url == b"/v1/admit" and \
+                self.parser.get_method() == b"POST" and service.authorized(self._auth):
+            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+            try:
+                call = call_from_body(body)
+            except BadRequest as e:
+                self._answer(_error(400, str(e)), not keep)
+                return
+            except Exception as e:  # as Service.handle: never a traceback
+                service.log.error("request_failed", path="/v1/admit", error=repr(e))
+                self._answer(_error(500, "internal error"), not keep)
+                return
+            slot = _Slot(None, not keep)
+            self._slots.append(slot)
+            if not keep:
+                self._closing = True  # closed once this answer is written
+            admits.add(self, slot, call)
+            return
         if not service.authorized(self._auth):
             response = _UNAUTHORIZED
         else:
@@ -448,10 +671,30 @@ class HttpProtocol(asyncio.Protocol):
         if t is None or self._closing:
             return
         body = response.body
-        t.write(_head(response.status, response.content_type, len(body), close) + body)
+        data = _head(response.status, response.content_type, len(body), close) + body
+        if self._slots:  # an earlier admit is still waiting: answer after it
+            self._slots.append(_Slot(data, close))
+            if close:
+                self._closing = True
+            return
+        t.write(data)
         if close:
             self._closing = True
             t.close()
+
+    def drain(self) -> None:
+        """Write the answers that are decided, in request order."""
+        slots = self._slots
+        t = self.transport
+        while slots and slots[0].data is not None:
+            slot = slots.popleft()
+            if t is None:
+                continue
+            t.write(cast(bytes, slot.data))
+            if slot.close:
+                slots.clear()
+                t.close()
+                return
 
     def close_if_idle(self, now: float) -> None:
         if self.transport is not None and now - self.last > IDLE_S:
@@ -467,6 +710,7 @@ def serve_forever(service: Service, sock: socket.socket) -> None:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     connections: set[HttpProtocol] = set()
+    admits = Admits(service, loop)
     ticker = _Ticker(service.engine)
     stop = asyncio.Event()
 
@@ -477,7 +721,7 @@ def serve_forever(service: Service, sock: socket.socket) -> None:
         loop.call_later(IDLE_S / 5, sweep)
 
     async def main() -> None:
-        server = await loop.create_server(lambda: HttpProtocol(service, connections),
+        server = await loop.create_server(lambda: HttpProtocol(service, connections, admits),
                                           sock=sock, backlog=1024)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -487,6 +731,7 @@ def serve_forever(service: Service, sock: socket.socket) -> None:
             await stop.wait()
         finally:
             server.close()
+            admits.close()
             for c in list(connections):
                 if c.transport is not None:
                     c.transport.close()

@@ -425,6 +425,51 @@ def test_health_and_fallback_follow_the_store(tmp_path: Path, namespace: str) ->
             s.stop()
 
 
+def test_admits_in_flight_survive_a_lost_library_and_a_stalled_store(tmp_path: Path,
+                                                                     namespace: str) -> None:
+    """The worker's own pipelined connection: an error reply (Redis lost the library)
+    is decided again through the engine, which loads it; a reply later than the
+    policy's store timeout (50 ms) gets the fallback decision at once; then decisions
+    come from the store again."""
+    import redis
+
+    with RedisServer() as private:
+        env = {"POLICER_REDIS_URL": private.url,
+               "POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
+        s = Serve(tmp_path, env)
+        r = redis.Redis.from_url(private.url)
+        try:
+            for i in range(3):
+                out = s.post("/v1/admit", body(f"f{i}", from_user=f"u{i}"))[1]
+                assert out["fallback"] is False
+            r.function_flush()
+            status, out = s.post("/v1/admit", body("f3", from_user="u3"))
+            assert status == 200 and out["fallback"] is False and out["admitted"] is True
+            assert r.function_list()  # loaded again
+            r.execute_command("CLIENT", "PAUSE", 600, "ALL")
+            t0 = time.monotonic()
+            status, out = s.post("/v1/admit", body("f4", from_user="u4"))
+            assert status == 200 and out["fallback"] is True and out["admitted"] is True
+            assert time.monotonic() - t0 < 0.5 and "imeout" in out["error"]
+            time.sleep(0.7)
+            deadline = time.monotonic() + 10
+            i = 5
+            while True:
+                out = s.post("/v1/admit", body(f"f{i}", from_user=f"u{i}"))[1]
+                if out["fallback"] is False or time.monotonic() > deadline:
+                    break
+                i += 1
+                time.sleep(0.2)
+            assert out["fallback"] is False and out["duplicate"] is False
+            # the call admitted by the fallback is recorded by the next tick (1 s)
+            deadline = time.monotonic() + 5
+            while not s.post("/v1/admit", body("f4", from_user="u4"))[1]["duplicate"]:
+                assert time.monotonic() < deadline, "the fallback's call was not recorded"
+                time.sleep(0.2)
+        finally:
+            s.stop()
+
+
 def test_on_store_error_reject_answers_the_policy_rejection(tmp_path: Path,
                                                             namespace: str) -> None:
     policy = policy_copy(tmp_path, namespace,

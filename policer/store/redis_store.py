@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -246,6 +247,51 @@ class RedisStore:
                 local.open = False
             raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
 
+    def _fcall_many(self, op: str, argss: Sequence[Sequence[Any]]) -> list[Any]:
+        """:meth:`_fcall` for several calls of one function, pipelined: one write, then
+        every reply read in order (an error reply comes back as its exception). Loads
+        the library when Redis has none and sends them all again (every function is
+        idempotent); a connection that broke while idle is reopened once, as there."""
+        name = self._fn[op]
+        prefix = self.library.prefix
+        packed = [b"".join(pack_command(("FCALL", name, 1, prefix, *args)) for args in argss)]
+        local = self._local
+        conn = local.conn if local.pid == os.getpid() else self._new_connection()
+        loaded = reconnected = False
+        try:
+            while True:
+                reused = local.open
+                try:
+                    conn.connect()
+                    conn.send_packed_command(packed, check_health=False)
+                    replies: list[Any] = []
+                    for _ in argss:
+                        try:
+                            replies.append(conn.read_response())
+                        except redis.ResponseError as e:
+                            replies.append(e)
+                    local.open = True
+                    missing = [r for r in replies if isinstance(r, redis.ResponseError)
+                               and _is_missing_function(r)]
+                    if not missing:
+                        return replies
+                    if loaded or not self._autoload:
+                        raise missing[0] if loaded else _not_loaded(self.namespace)
+                    loaded = True
+                    conn.send_packed_command(
+                        [pack_command(_load_command(self.library))], check_health=False)
+                    conn.read_response()
+                except redis.ConnectionError:  # broke while idle: reopen once
+                    local.open = False
+                    if not reused or reconnected:
+                        raise
+                    reconnected = True
+                    conn.disconnect()
+        except (redis.RedisError, OSError) as e:
+            if not isinstance(e, redis.ResponseError):
+                local.open = False
+            raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
+
     def _new_connection(self) -> Any:
         """This process's and thread's connection for functions (opened on first use)."""
         conn = self.client.connection_pool.make_connection()
@@ -267,6 +313,48 @@ class RedisStore:
     def admit_call(self, call: Call, node: str, record: bool = False) -> CallResult:
         r = self._fcall("admit", self.call_arguments(call, node, "r" if record else "a"))
         return _call_result(r)
+
+    def admit_calls(self, calls: Sequence[Call], node: str) -> list[CallResult | StoreError]:
+        """Decide several calls in one round trip: their ``FCALL``s pipelined on this
+        thread's connection (Redis runs them one after the other, each atomic, as if
+        sent one by one). A call whose reply is an error gets its StoreError in its
+        place; a broken connection or a timeout raises for all of them."""
+        if len(calls) == 1 or self._cluster:
+            out: list[CallResult | StoreError] = []
+            for call in calls:
+                try:
+                    out.append(self.admit_call(call, node))
+                except StoreError as e:
+                    if len(calls) == 1:
+                        raise
+                    out.append(e)
+            return out
+        replies = self._fcall_many("admit", [self.call_arguments(call, node, "a")
+                                             for call in calls])
+        return [StoreError(f"ResponseError: {_safe(str(r))}") if isinstance(r, Exception)
+                else _call_result(r) for r in replies]
+
+    def admit_command(self, call: Call, node: str) -> bytes:
+        """The ``FCALL`` of :meth:`admit_call`, packed (for a caller with a connection of
+        its own: :meth:`pipeline_socket`); its reply goes to :func:`call_result`."""
+        packed: bytes = pack_command(("FCALL", self._fn["admit"], 1, self.library.prefix,
+                                      *self.call_arguments(call, node, "a")))
+        return packed
+
+    def pipeline_socket(self) -> Any:
+        """A new connection's socket, connected (Sentinel asked, AUTH and SELECT done),
+        handed to the caller to pipeline :meth:`admit_command` on; None when the URL
+        is not served by a plain socket (TLS, Cluster). Raises StoreError."""
+        if self._cluster:
+            return None
+        conn: Any = self.client.connection_pool.make_connection()
+        self._run(conn.connect)
+        sock = getattr(conn, "_sock", None)
+        if type(sock) is not socket.socket:
+            conn.disconnect()
+            return None
+        conn._sock = None  # the caller owns it now
+        return sock
 
     def explain_call(self, call: Call, at_ms: int | None = None) -> CallResult:
         args = self.call_arguments(call, "", "e")
@@ -653,6 +741,11 @@ def _windows(text: str) -> tuple[tuple[str, int, int], ...]:
             per, count, mx = item.split(":")
             out.append((per, int(count), int(mx)))
     return tuple(out)
+
+
+def call_result(r: list[Any]) -> CallResult:
+    """The :class:`CallResult` of an admit's reply."""
+    return _call_result(r)
 
 
 def _call_result(r: list[Any]) -> CallResult:
