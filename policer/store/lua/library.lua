@@ -457,14 +457,33 @@ local function window_at(per, lnow)
 end
 
 -- check_state's common case in fewer steps: an entry with at most two windows, no live
--- caps, and a state this entry wrote (or none). Returns false when it does not apply.
+-- caps, and a state this entry wrote in the current windows (or none): one match of a
+-- pattern that spells the current window ids (kept in the entry until a window
+-- changes), one concatenation for the new state. Returns false when it does not apply
+-- (a window boundary passed since the value's last call, another entry's state).
 local function check_fast(e, state, now, lnow)
-  local ts, i1, n1, i2, n2 = '', nil, nil, nil, nil
+  local win = e.win
+  local pat, w1, w2 = '^(%d*)$', nil, nil
+  if win then
+    w1 = window_at(win[1][1], lnow)
+    if win[2] then
+      w2 = window_at(win[2][1], lnow)
+      if e.pid1 ~= w1[1] or e.pid2 ~= w2[1] then
+        e.pat = '^(%d*)' .. w1[3] .. '(%d+)' .. w2[3] .. '(%d+)$'
+        e.pid1, e.pid2 = w1[1], w2[1]
+      end
+    elseif e.pid1 ~= w1[1] then
+      e.pat = '^(%d*)' .. w1[3] .. '(%d+)$'
+      e.pid1 = w1[1]
+    end
+    pat = e.pat
+  end
+  local ts, n1, n2 = '', nil, nil
   if state ~= '' then
-    ts, i1, n1, i2, n2 = string.match(state, e.full)
+    ts, n1, n2 = string.match(state, pat)
     if ts == nil then return false end
   end
-  local T, burst, win = e.T, e.burst, e.win
+  local T, burst = e.T, e.burst
   local kind, count, max, retry, window, owed = nil, 0, -1, -1, '', -1
   local new = ts  -- a rate that does not apply now keeps its time
   if T then
@@ -480,26 +499,22 @@ local function check_fast(e, state, now, lnow)
   else
     burst = -1
   end
-  if win == nil then return kind, count, max, retry, window, new, owed, burst, '' end
+  if not win then return kind, count, max, retry, window, new, owed, burst, '' end
+  local c1 = tonumber(n1) or 0
   local wj = win[1]
-  local w = window_at(wj[1], lnow)
-  local c = 0
-  if i1 == w[1] then c = tonumber(n1) end
-  if kind == nil and c >= wj[2] then
-    kind, count, max, window, retry = 'calls', c, wj[2], wj[1], ceil_s(w[2] - lnow)
+  if kind == nil and c1 >= wj[2] then
+    kind, count, max, window, retry = 'calls', c1, wj[2], wj[1], ceil_s(w1[2] - lnow)
   end
-  new = new .. w[3] .. (c + 1)
+  if not w2 then
+    return kind, count, max, retry, window, new .. w1[3] .. (c1 + 1), owed, burst, ''
+  end
+  local c2 = tonumber(n2) or 0
   wj = win[2]
-  if wj then
-    w = window_at(wj[1], lnow)
-    c = 0
-    if i2 == w[1] then c = tonumber(n2) end
-    if kind == nil and c >= wj[2] then
-      kind, count, max, window, retry = 'calls', c, wj[2], wj[1], ceil_s(w[2] - lnow)
-    end
-    new = new .. w[3] .. (c + 1)
+  if kind == nil and c2 >= wj[2] then
+    kind, count, max, window, retry = 'calls', c2, wj[2], wj[1], ceil_s(w2[2] - lnow)
   end
-  return kind, count, max, retry, window, new, owed, burst, ''
+  return kind, count, max, retry, window, new .. w1[3] .. (c1 + 1) .. w2[3] .. (c2 + 1),
+         owed, burst, ''
 end
 
 -- Check a member's rate and calendar windows (L: its live caps, as read_live reads
