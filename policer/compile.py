@@ -179,8 +179,8 @@ def _entry(lim: Limit, idx: int, policy_shadow: bool, sched_index: dict[str, int
     if lim.rate is not None:
         fields.update(T=lim.rate.interval_us, tau=lim.rate.tolerance_us, burst=lim.rate.burst)
     if len(lim.calls) <= 2:
-        # the whole state field as this entry writes it (check_fast reads it in one match)
-        fields["full"] = "^(%d*)" + "".join(f"|{w.per}=(%d+):(%d+)" for w in lim.calls) + "$"
+        # check_fast reads and writes this entry's state (at most two windows)
+        fields["fast"] = True
     if lim.calls:
         # {per, max, the pattern of its part of the state field, its live cap's pattern}
         fields["win"] = [[w.per, w.max, f"|{w.per}=(%d+):(%d+)", f",{w.per}=(%d+)"]

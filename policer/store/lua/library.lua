@@ -709,7 +709,7 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
       end
       local state = tstate[m[9]] or ''
       local k, c2, c3, c4, c5, new = false, nil, nil, nil, nil, nil
-      if e and e.full and not L and not dry then
+      if e and e.fast and not L and not dry then
         k, c2, c3, c4, c5, new, owed, burst, shown = check_fast(e, state, now, lnow)
       end
       if k == false then
