@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from lab import proxy
+from lab.proxy import DEPLOY, KAMCMD
 from lab.redis_server import RedisServer, RedisServerError, free_udp_port
 from policer.policy import Policy, load_policy
 from policer.snapshot import Snapshot, take_snapshot
@@ -39,9 +41,7 @@ from policer.top import render
 __all__ = ["main", "run"]
 
 ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy" / "kamailio"
 SIPP = shutil.which("sipp") or "/usr/bin/sipp"
-KAMCMD = shutil.which("kamcmd") or "/usr/sbin/kamcmd"
 
 ACCOUNTS = ("acme", "globex", "initech", "umbrella", "hooli", "")
 #: (share of calls, example numbers) per number class of policies/example.yaml
@@ -93,42 +93,24 @@ class Lab:
     def start_proxy(self, node: str, policy: Path, redis_url: str, upstream: int) -> int:
         port = free_udp_port()
         runtime = Path(tempfile.mkdtemp(prefix="pd-"))  # short: unix socket paths
-        env = {
-            **os.environ,
-            "POLICER_POLICY": str(policy),
-            "POLICER_REDIS_URL": redis_url,
-            "POLICER_SIP_LISTEN": f"udp:127.0.0.1:{port}",
-            "POLICER_SIP_UPSTREAM": f"sip:127.0.0.1:{upstream}",
-            "POLICER_KAMAILIO_FLAVOUR": "native",
-            "POLICER_NODE": node,
-            "POLICER_KAMAILIO_CHILDREN": "4",
-            "POLICER_KAMAILIO_SHM": "128",
-            "POLICER_RUNTIME_DIR": str(runtime),
-        }
-        proc = self.spawn(f"kamailio-{node}", [str(DEPLOY / "run")], env)
+        env = proxy.proxy_env(policy=policy, redis_url=redis_url, port=port,
+                              upstream_port=upstream, flavour="native", node=node,
+                              runtime=runtime, children=4, shm_mb=128)
+        proc = proxy.start_proxy(env, self.workdir / f"kamailio-{node}.log", self.workdir)
+        self.procs.append((f"kamailio-{node}", proc))
         self.proxies.append((node, port, runtime))
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(
                     f"kamailio {node} exited: see {self.workdir}/kamailio-{node}.log")
-            ok = subprocess.run([KAMCMD, "-s", f"unix:{runtime}/kamailio_ctl", "core.uptime"],
-                                capture_output=True, timeout=5, check=False).returncode == 0
-            if ok:
+            if proxy.ready(runtime):
                 return port
             time.sleep(0.2)
         raise RuntimeError(f"kamailio {node} not ready in 20 s")
 
     def active_dialogs(self) -> int:
-        total = 0
-        for _, _, runtime in self.proxies:
-            out = subprocess.run([KAMCMD, "-s", f"unix:{runtime}/kamailio_ctl",
-                                  "dlg.stats_active"], capture_output=True, text=True,
-                                 timeout=5, check=False).stdout
-            for line in out.splitlines():
-                if line.strip().startswith("all:"):
-                    total += int(line.split(":", 1)[1])
-        return total
+        return sum(max(0, proxy.active_dialogs(runtime)) for _, _, runtime in self.proxies)
 
     def close(self) -> None:
         for _, p in reversed(self.procs):

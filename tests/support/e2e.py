@@ -26,18 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lab import proxy as proxy_tool
+from lab.proxy import DEPLOY, KAMAILIO, KAMCMD
 from lab.redis_server import find_redis_server, free_udp_port
 from tests.support import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy" / "kamailio"
-RUN = DEPLOY / "run"
 SCENARIOS = DEPLOY / "sipp"
 POLICIES = ROOT / "tests" / "e2e" / "policies"
 FLAVOURS = ("native", "kemi")
 
-KAMAILIO = shutil.which("kamailio") or "/usr/sbin/kamailio"
-KAMCMD = shutil.which("kamcmd") or "/usr/sbin/kamcmd"
 SIPP = shutil.which("sipp") or "/usr/bin/sipp"
 APP_PYTHON3 = Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/app_python3.so")
 
@@ -114,21 +112,10 @@ class Proxy:
         return f"127.0.0.1:{self.port}"
 
     def kamcmd(self, *args: str, timeout: float = 5) -> str:
-        out = subprocess.run(
-            [KAMCMD, "-s", f"unix:{self.runtime_dir}/kamailio_ctl", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if out.returncode != 0:
-            detail = out.stderr.strip() or out.stdout.strip()
-            raise RuntimeError(f"kamcmd {' '.join(args)}: {detail}")
-        return out.stdout
+        return proxy_tool.kamcmd(self.runtime_dir, *args, timeout=timeout)
 
     def active_dialogs(self) -> int:
-        m = re.search(r"\ball:\s*(\d+)", self.kamcmd("dlg.stats_active"))
-        return int(m.group(1)) if m else -1
+        return proxy_tool.active_dialogs(self.runtime_dir)
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -343,40 +330,18 @@ class Lab:
         runtime = Path(tempfile.mkdtemp(prefix="pk-"))  # short: unix socket paths
         self._runtime_dirs.append(runtime)
         log = self.workdir / f"kamailio-{node}.log"
-        full_env = {
-            **os.environ,
-            "POLICER_POLICY": str(self.policy_path),
-            "POLICER_REDIS_URL": self.redis_url,
-            "POLICER_SIP_LISTEN": f"udp:127.0.0.1:{port}",
-            "POLICER_SIP_UPSTREAM": f"sip:127.0.0.1:{upstream_port}",
-            "POLICER_KAMAILIO_FLAVOUR": self.flavour,
-            "POLICER_NODE": node,
-            "POLICER_KAMAILIO_CHILDREN": "2",
-            "POLICER_KAMAILIO_SHM": "64",
-            "POLICER_RUNTIME_DIR": str(runtime),
-            "KAMAILIO": KAMAILIO,
-            **(env or {}),
-        }
-        with log.open("wb") as fh:
-            proc = subprocess.Popen(
-                [str(RUN)],
-                env=full_env,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        full_env = proxy_tool.proxy_env(
+            policy=self.policy_path, redis_url=self.redis_url, port=port,
+            upstream_port=upstream_port, flavour=self.flavour, node=node, runtime=runtime,
+            children=2, shm_mb=64, extra=env)
+        proc = proxy_tool.start_proxy(full_env, log)
         proxy = Proxy(self.flavour, node, port, upstream_port, runtime, log, proc)
         self.proxies.append(proxy)
 
         def ready() -> bool:
             if not proxy.alive():
                 raise RuntimeError(f"kamailio exited ({proc.returncode}):\n{tail(log)}")
-            try:
-                proxy.kamcmd("core.uptime", timeout=2)
-            except (RuntimeError, subprocess.TimeoutExpired):
-                return False
-            return True
+            return proxy_tool.ready(runtime)
 
         if not wait_for(ready, ready_timeout, interval=0.1):
             raise RuntimeError(f"kamailio not ready in {ready_timeout}s:\n{tail(log)}")
