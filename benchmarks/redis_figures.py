@@ -178,7 +178,6 @@ def expiry(bench: Any, total_members: int, repeat: int = 3) -> dict[str, Any]:
     from policer.call import Call
     from policer.engine import Engine
     from policer.store.base import Op
-    from policer.store.keys import key_part
     from policer.store.redis_store import RENEW_BATCH, RedisStore
 
     policy = bench.policy
@@ -191,7 +190,7 @@ def expiry(bench: Any, total_members: int, repeat: int = 3) -> dict[str, Any]:
         store.load(policy)
         mix = templates(policy, store, Engine(policy, store, node=NODE), count=64)
         tpl = max(mix, key=lambda t: len(t.keys))
-        keys = [*tpl.keys, f"{store.keys.prefix}n:{key_part('bench-silent')}"]
+        keys = [*tpl.keys, store.keys.node("bench-silent")]
         dialogs = math.ceil(total_members / len(keys))
         t0 = time.monotonic()
         _record_calls(store, tpl.call, dialogs, "bench-silent", f"{namespace}-x")

@@ -112,6 +112,10 @@ class Keys:
         """SCAN pattern of every value key of a valued profile."""
         return f"policer:{{{_glob_escape(self.namespace)}}}:p:{_glob_escape(profile)}:*"
 
+    def node(self, node: str) -> str:
+        """The index of the dialogs a node admitted."""
+        return f"{self.prefix}n:{key_part(node)}"
+
     def limits(self, profile: str) -> str:
         return f"{self.prefix}l:{profile}"
 

@@ -696,7 +696,7 @@ class RedisStore:
 
     def node_dialogs(self, node: str) -> list[str]:
         client = self.client
-        key = f"{self.keys.prefix}n:{key_part(node)}"
+        key = self.keys.node(node)
         return list(self._run(lambda: client.zrange(key, 0, -1)))
 
     def ping(self) -> bool:
