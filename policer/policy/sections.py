@@ -551,14 +551,3 @@ def read_limit(r: Reader, lnode: Node, path: str, name: str, default_reject: Rej
     return Limit(profile=name, max=mx, reserve_for_emergency=reserve, reject=rej,
                  shadow=shadow, rate=rate, calls=calls, max_duration_ms=duration,
                  rate_reject=rate_rej, schedule=schedule)
-
-
-_REASONS = {
-403: "Forbidden",
-480: "Temporarily Unavailable",
-486: "Busy Here",
-503: "Service Unavailable",
-600: "Busy Everywhere",
-603: "Decline",
-}
-

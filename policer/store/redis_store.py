@@ -210,9 +210,24 @@ class RedisStore:
                     raise _not_loaded(self.namespace) from e
                 self._load_library(self.library)
                 return self._run(lambda: client.execute_command(*command, **opts))
+        reply = self._fcall_many(op, [args], raw=raw, load=load)[0]
+        if isinstance(reply, redis.ResponseError):
+            raise StoreError(f"ResponseError: {_safe(str(reply))}") from reply
+        return reply
+
+    def _fcall_many(self, op: str, argss: Sequence[Sequence[Any]], *, raw: bool = False,
+                    load: bool = True) -> list[Any]:
+        """Calls of one function on this process's own connection, pipelined: one write,
+        then every reply read in order (an error reply comes back as its exception).
+        Loads the library when Redis has none (``load``, and a store that knows its
+        policy) and sends them all again (every function is idempotent); a connection
+        that broke while idle is reopened once."""
+        name = self._fn[op]
+        prefix = self.library.prefix
+        verb = "FCALL_RO" if op == "read" else "FCALL"
+        packed = [b"".join(pack_command((verb, name, 1, prefix, *args)) for args in argss)]
         local = self._local
         conn = local.conn if local.pid == os.getpid() else self._new_connection()
-        packed = [pack_command(command)]
         loaded = reconnected = False
         try:
             while True:
@@ -222,52 +237,10 @@ class RedisStore:
                     # Sentinel-managed connection asks the sentinels for the primary
                     conn.connect()
                     conn.send_packed_command(packed, check_health=False)
-                    reply = conn.read_response(disable_decoding=raw)
-                    local.open = True
-                    return reply
-                except redis.ResponseError as e:  # the library is gone: load it, call again
-                    local.open = True  # an error reply: the socket is fine
-                    if loaded or not _is_missing_function(e):
-                        raise
-                    if not load:
-                        raise _not_loaded(self.namespace) from e
-                    loaded = True
-                    conn.send_packed_command(
-                        [pack_command(_load_command(self.library))],
-                        check_health=False)
-                    conn.read_response()
-                except redis.ConnectionError:  # broke while idle: reopen once
-                    local.open = False
-                    if not reused or reconnected:
-                        raise
-                    reconnected = True
-                    conn.disconnect()
-        except (redis.RedisError, OSError) as e:
-            if not isinstance(e, redis.ResponseError):
-                local.open = False
-            raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
-
-    def _fcall_many(self, op: str, argss: Sequence[Sequence[Any]]) -> list[Any]:
-        """:meth:`_fcall` for several calls of one function, pipelined: one write, then
-        every reply read in order (an error reply comes back as its exception). Loads
-        the library when Redis has none and sends them all again (every function is
-        idempotent); a connection that broke while idle is reopened once, as there."""
-        name = self._fn[op]
-        prefix = self.library.prefix
-        packed = [b"".join(pack_command(("FCALL", name, 1, prefix, *args)) for args in argss)]
-        local = self._local
-        conn = local.conn if local.pid == os.getpid() else self._new_connection()
-        loaded = reconnected = False
-        try:
-            while True:
-                reused = local.open
-                try:
-                    conn.connect()
-                    conn.send_packed_command(packed, check_health=False)
                     replies: list[Any] = []
                     for _ in argss:
                         try:
-                            replies.append(conn.read_response())
+                            replies.append(conn.read_response(disable_decoding=raw))
                         except redis.ResponseError as e:
                             replies.append(e)
                     local.open = True
@@ -275,7 +248,7 @@ class RedisStore:
                                and _is_missing_function(r)]
                     if not missing:
                         return replies
-                    if loaded or not self._autoload:
+                    if loaded or not (load and self._autoload):
                         raise missing[0] if loaded else _not_loaded(self.namespace)
                     loaded = True
                     conn.send_packed_command(
