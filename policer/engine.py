@@ -197,17 +197,10 @@ class Engine:
         try:
             r = self.store.admit_call(call, self.node)
         except StoreError as e:
-            self._failed()
-            if self.metrics is not None:
-                self.metrics.store_error("admit")
-            return self._fallback(call, str(e), t0)
+            return self.admit_failed(call, str(e), t0)
         except Exception as e:  # defensive: a bug here must not drop the INVITE
             return self._fallback(call, f"admit: {e!r}", t0)
-        if self.breaker.open:
-            self._recovered()
-        d = _decision(r)
-        self._decided(call, d, t0)
-        return d
+        return self.admit_reply(call, r, t0)
 
     def admit_many(self, calls: list[Call]) -> list[Decision]:
         """:meth:`admit` for calls that arrived together (the decision service's
@@ -222,27 +215,14 @@ class Engine:
                     for call in calls]
         try:
             results = many(calls, self.node)
-        except StoreError as e:
-            self._failed()
-            if self.metrics is not None:
-                self.metrics.store_error("admit")
-            return [self._fallback(call, str(e), t0) for call in calls]
+        except StoreError as e:  # one failure of the store, every call decided by fallback
+            first = self.admit_failed(calls[0], str(e), t0)
+            return [first, *(self._fallback(call, str(e), t0) for call in calls[1:])]
         except Exception as e:  # defensive: a bug here must not drop the INVITEs
             return [self._fallback(call, f"admit: {e!r}", t0) for call in calls]
-        out = []
-        for call, r in zip(calls, results, strict=True):
-            if isinstance(r, StoreError):
-                self._failed()
-                if self.metrics is not None:
-                    self.metrics.store_error("admit")
-                out.append(self._fallback(call, str(r), t0))
-                continue
-            if self.breaker.open:
-                self._recovered()
-            d = _decision(r)
-            self._decided(call, d, t0)
-            out.append(d)
-        return out
+        return [self.admit_failed(call, str(r), t0) if isinstance(r, StoreError)
+                else self.admit_reply(call, r, t0)
+                for call, r in zip(calls, results, strict=True)]
 
     def admit_reply(self, call: Call, result: CallResult, t0: float) -> Decision:
         """The end of :meth:`admit` for a caller that sent the store's call itself (the
