@@ -79,8 +79,8 @@
 --                    expires, keys (its profile zsets), profiles (labels), n (node),
 --                    i (Call-ID, From, To, class, node, source IP as '<len>:<bytes>'
 --                    fields), tp (the tripped limit's profile), end_reason,
---                    vn (its variables' fields), v:<name>, md (max duration ms),
---                    cap (answered: it ends here at the latest)
+--                    vn (its variables' fields), v:<name>, cap (answered: it ends
+--                    here at the latest: answer + the decision's max duration)
 --   P p:<profile>[:<value>]  zset dialog id -> deadline ms (counted: deadline ahead)
 --   P l:<profile>    hash live limits, encoded value -> max; <enc>|L its live rate and
 --                    window caps (',R=<max>:<per ms>:<burst>', ',<per>=<max>' items)
@@ -112,6 +112,8 @@ local DIALOG_TTL_S = '' .. (DIALOG_MS + GRACE_MS)
 local CDR_KEEP_S = '' .. CDR_KEEP
 local ATTEMPTS_KEEP_S = '' .. ATTEMPTS_KEEP
 local PLAIN_ADMIT = '1,0,0,-1,0,0,0'
+-- a decision's tenth field, the call's max duration (ms; decide writes the fields)
+local DECISION_MD = '^[^,]*,[^,]*,[^,]*,[^,]*,[^,]*,[^,]*,[^,]*,[^,]*,[^,]*,(%-?%d+)'
 
 -- Redis's clock in ms, shifted by a test offset (0 in production); sets NOW_S.
 local function now_ms(offset)
@@ -456,6 +458,18 @@ local function window_at(per, lnow)
   return w
 end
 
+-- A rate's check at now from its stored theoretical arrival time (tat_s, us as
+-- written; '' none): the calls owed, the Retry-After in s when the call would be
+-- rejected (-1: it passes), and the arrival time a call now moves it to, as written.
+local function check_rate(T, tau, tat_s, now)
+  local now_us = now * 1000
+  local tat = tonumber(tat_s) or 0
+  if tat < now_us then tat = now_us end
+  local retry = -1
+  if now_us < tat - tau then retry = ceil_s((tat - tau - now_us) / 1000) end
+  return math.ceil((tat - now_us) / T), retry, string.format('%d', tat + T)
+end
+
 -- check_state's common case in fewer steps: an entry with at most two windows, no live
 -- caps, and a state this entry wrote in the current windows (or none): one match of a
 -- pattern that spells the current window ids (kept in the entry until a window
@@ -487,15 +501,8 @@ local function check_fast(e, state, now, lnow)
   local kind, count, max, retry, window, owed = nil, 0, -1, -1, '', -1
   local new = ts  -- a rate that does not apply now keeps its time
   if T then
-    local now_us = now * 1000
-    local tat = tonumber(ts) or 0
-    if tat < now_us then tat = now_us end
-    owed = math.ceil((tat - now_us) / T)
-    if now_us < tat - e.tau then
-      kind, count, max = 'rate', owed, burst
-      retry = ceil_s((tat - e.tau - now_us) / 1000)
-    end
-    new = string.format('%d', tat + T)
+    owed, retry, new = check_rate(T, e.tau, ts, now)
+    if retry ~= -1 then kind, count, max = 'rate', owed, burst end
   else
     burst = -1
   end
@@ -541,15 +548,8 @@ local function check_state(e, L, state, now, lnow, want_rows)
   local parts = {tat_old}  -- a rate that does not apply now keeps its time
   local kept = #tat_old  -- bytes of the old state this call rewrites
   if T then
-    local now_us = now * 1000
-    local tat = tonumber(tat_old) or 0
-    if tat < now_us then tat = now_us end
-    owed = math.ceil((tat - now_us) / T)
-    if now_us < tat - tau then
-      kind, count, max = 'rate', owed, burst
-      retry = ceil_s((tat - tau - now_us) / 1000)
-    end
-    parts[1] = string.format('%d', tat + T)
+    owed, retry, parts[1] = check_rate(T, tau, tat_old, now)
+    if retry ~= -1 then kind, count, max = 'rate', owed, burst end
   else
     burst = -1
   end
@@ -816,17 +816,10 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
   -- the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
   redis.call('ZADD', P .. 'n:' .. node, dl, did)
   if register then redis.call('SADD', P .. 'nidx', node) end
-  if md ~= -1 then
-    redis.call('HSET', dkey, 'decision', decision, 'state', 'early', 'init_ms', NOW_S,
-               'deadline', dl, 'expires', tostring(deadline + GRACE_MS),
-               'keys', table.concat(keys, '\n'), 'profiles', labels, 'n', node,
-               'tp', limit, 'i', packed, 'md', md)
-  else
-    redis.call('HSET', dkey, 'decision', decision, 'state', 'early', 'init_ms', NOW_S,
-               'deadline', dl, 'expires', tostring(deadline + GRACE_MS),
-               'keys', table.concat(keys, '\n'), 'profiles', labels, 'n', node,
-               'tp', limit, 'i', packed)
-  end
+  redis.call('HSET', dkey, 'decision', decision, 'state', 'early', 'init_ms', NOW_S,
+             'deadline', dl, 'expires', tostring(deadline + GRACE_MS),
+             'keys', table.concat(keys, '\n'), 'profiles', labels, 'n', node,
+             'tp', limit, 'i', packed)
   if early_ms == EARLY_MS then
     redis.call('PEXPIRE', dkey, EARLY_TTL_S)
   else
@@ -935,7 +928,7 @@ end
 -- max duration ('cap': answered + md). 1 when live.
 local function extend(P, did, confirm, timeout, now)
   local dkey = P .. 'd:' .. did
-  local h = redis.call('HMGET', dkey, 'state', 'deadline', 'keys', 'n', 'md', 'cap')
+  local h = redis.call('HMGET', dkey, 'state', 'deadline', 'keys', 'n', 'decision', 'cap')
   local state = h[1]
   if state ~= 'early' and state ~= 'confirmed' then return 0 end
   -- past its deadline the dialog stopped counting and its slot may be taken: never revive
@@ -944,8 +937,10 @@ local function extend(P, did, confirm, timeout, now)
   local cap = nil
   if h[6] then
     cap = tonumber(h[6])
-  elseif h[5] and (confirm or state == 'confirmed') then
-    cap = now + tonumber(h[5])
+  elseif confirm or state == 'confirmed' then
+    -- the call's max duration: the decision's tenth field (a plain admit has none)
+    local md = tonumber(string.match(h[5] or '', DECISION_MD))
+    if md and md > 0 then cap = now + md end
   end
   if cap and cap < deadline then deadline = cap end
   local dl = tostring(deadline)
