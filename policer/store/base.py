@@ -18,6 +18,7 @@ from policer.call import pack_fields, raw_bytes, utf8_text
 from policer.classify import Member
 
 if TYPE_CHECKING:
+    from policer.calendar import LocalClock
     from policer.call import Call
     from policer.policy import Limit, Policy, Rate
 
@@ -41,6 +42,7 @@ __all__ = [
     "StoreError",
     "Usage",
     "pack_ops",
+    "usage_of",
 ]
 
 #: Why a dialog ended (``release(reason=…)``; ``expired``, ``node_lost`` and
@@ -397,6 +399,22 @@ class AdminStore(Protocol):
 @runtime_checkable
 class Store(DecisionStore, AdminStore, Protocol):
     """Every store (Redis, in-process) implements both protocols with the same meaning."""
+
+
+def usage_of(entry: Limit | None, live_rate: Rate | None, tat_us: int,
+             windows: Mapping[str, tuple[int, int]], clock: LocalClock, now: int) -> Usage:
+    """A member's :class:`Usage` from its state as a store keeps it: the limit entry
+    that applies now, a live rate (or None), the rate's theoretical arrival time (us),
+    and per window its (id, count) as last spent."""
+    rate = live_rate if live_rate is not None else (entry.rate if entry else None)
+    used: float | None = None
+    if rate is not None:
+        used = max(0, tat_us - now * 1000) / (rate.interval_us * rate.burst)
+    calls: dict[str, int] = {}
+    for w in entry.calls if entry is not None else ():
+        wid, n = windows.get(w.per, (-1, 0))
+        calls[w.per] = n if wid == clock.window(w.per, now)[0] else 0
+    return Usage(used, calls)
 
 
 def pack_ops(ops: Sequence[Op], attributes: Sequence[str]) -> bytes:

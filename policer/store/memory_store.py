@@ -42,6 +42,7 @@ from policer.store.base import (
     OpKind,
     Usage,
     pack_ops,
+    usage_of,
 )
 from policer.store.keys import dialog_id, key_part, label_from_key, value_from_key
 
@@ -658,18 +659,10 @@ class MemoryStore:
             enc = "" if value is None else key_part(value)
             entry = (policy.limit_at(profile, self._clock.minute_of_week(now))
                      if policy is not None else None)
-            rate = self._rates.get((profile, enc)) if enc else None
-            if rate is None and entry is not None:
-                rate = entry.rate
-            used: float | None = None
-            if rate is not None:
-                owed = max(0, self._tat.get((profile, enc), 0) - now * 1000)
-                used = owed / (rate.interval_us * rate.burst)
-            calls: dict[str, int] = {}
-            for w in entry.calls if entry is not None else ():
-                sid, n = self._windows.get((profile, enc, w.per), (-1, 0))
-                calls[w.per] = n if sid == self._clock.window(w.per, now)[0] else 0
-            return Usage(used, calls)
+            windows = {w.per: self._windows.get((profile, enc, w.per), (-1, 0))
+                       for w in (entry.calls if entry is not None else ())}
+            return usage_of(entry, self._rates.get((profile, enc)) if enc else None,
+                            self._tat.get((profile, enc), 0), windows, self._clock, now)
 
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
         with self._lock:

@@ -45,6 +45,7 @@ from policer.store.base import (
     StoreError,
     Usage,
     pack_ops,
+    usage_of,
 )
 from policer.store.connect import connect, url_scheme
 from policer.store.keys import Keys, key_part, label_from_key, value_from_key
@@ -607,23 +608,15 @@ class RedisStore:
             return list(pipe.execute())
 
         raw = self._run(read)
-        state = str(raw[0] or "")
+        tat, *parts = str(raw[0] or "").split("|")  # the library's state field
         live = _live_items(None if raw[1] is None or not enc else str(raw[1]))
-        rate = entry.rate if entry is not None else None
-        if "R" in live:
-            mx, per_ms, burst = (int(x) for x in live["R"].split(":"))
-            rate = Rate(mx, per_ms, burst)
-        used: float | None = None
-        if rate is not None:
-            tat = state.partition("|")[0]
-            owed = max(0, int(tat or 0) - now * 1000)
-            used = owed / (rate.interval_us * rate.burst)
-        windows = dict(item.partition("=")[::2] for item in state.split("|")[1:])
-        calls: dict[str, int] = {}
-        for w in entry.calls if entry is not None else ():
-            wid, _, n = windows.get(w.per, "").partition(":")
-            calls[w.per] = int(n) if wid == str(self._clock.window(w.per, now)[0]) else 0
-        return Usage(used, calls)
+        live_rate = Rate(*(int(x) for x in live["R"].split(":"))) if "R" in live else None
+        windows = {}
+        for part in parts:
+            per, _, counted = part.partition("=")
+            wid, _, n = counted.partition(":")
+            windows[per] = (int(wid), int(n))
+        return usage_of(entry, live_rate, int(tat or 0), windows, self._clock, now)
 
     # -- call records
     def call_records(self, count: int = 100, after: str = "") -> list[CallRecord]:
