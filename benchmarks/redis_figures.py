@@ -206,7 +206,7 @@ def expiry(bench: Any, total_members: int, repeat: int = 3) -> dict[str, Any]:
         t0 = time.monotonic()
         with slowlog(client):
             while True:
-                _, _, expired = late.tick(NODE, policy.nodes.lease_ms, sweep)
+                expired = late.tick(NODE, policy.nodes.lease_ms, sweep).expired
                 ticks += 1
                 ended += expired
                 for _ in range(ADMITS_PER_TICK):

@@ -30,8 +30,12 @@ __all__ = [
     "ATTEMPTS_KEEP_DEFAULT",
     "CDR_KEEP_DEFAULT",
     "DECIDED_MS",
+    "ENDED_CODE",
+    "ENDED_REASON",
     "GRACE_MS",
     "LIBRARY_FORMAT",
+    "NODE_MARGIN_MS",
+    "RECOVERY_MS",
     "TICK_BATCH",
     "Library",
     "attribute_sources",
@@ -44,7 +48,7 @@ __all__ = [
 #: (policer.store.keys.key_part and the library's key_part).
 MAX_KEY_PART = 200
 #: The calling convention's version (``policer_read_S info``); bump on a change.
-LIBRARY_FORMAT = 3
+LIBRARY_FORMAT = 4
 #: A decided (rejected or ended) dialog is remembered this long: late retransmissions of
 #: its INVITE get the same answer (an INVITE transaction lives 64*T1 = 32 s).
 DECIDED_MS = 32_000
@@ -53,6 +57,16 @@ GRACE_MS = 60_000
 #: Dialogs one tick call ends at most per kind (lost nodes, own earlier, expired): each
 #: call stays near a millisecond of Redis time, so decisions never wait long behind it.
 TICK_BATCH = 40
+#: After Redis lost its state, admits are held this long (the callers' fallback decides)
+#: while every node puts its live calls back (each node's tick notices within a second).
+RECOVERY_MS = 3_000
+#: A node's lease is another instance's while that instance renewed it within one renew
+#: interval and this margin (a tick's period, and the time a renewal takes).
+NODE_MARGIN_MS = 1_500
+#: The answer to an admit of a dialog that already ended (a late retransmission of a
+#: cancelled call's INVITE, a re-sent Call-ID): rejected, never admitted uncounted.
+ENDED_CODE = 487
+ENDED_REASON = "Request Terminated"
 #: Call-end records kept when the policy does not say.
 CDR_KEEP_DEFAULT = 100_000
 #: Attempts (one per dialog, every decision) kept when the policy does not say.
@@ -268,6 +282,10 @@ def compile_policy(policy: Policy | None, namespace: str | None = None) -> Libra
         ("DIALOG_MS", policy.timeouts.dialog_ms if policy else 43_200_000),
         ("GRACE_MS", GRACE_MS),
         ("DECIDED_MS", DECIDED_MS),
+        ("RECOVERY_MS", RECOVERY_MS),
+        ("NODE_MARGIN_MS", NODE_MARGIN_MS),
+        ("ENDED_CODE", ENDED_CODE),
+        ("ENDED_REASON", ENDED_REASON),
         ("CDR_KEEP", policy.call_records_keep if policy else CDR_KEEP_DEFAULT),
         ("ATTEMPTS_KEEP", policy.attempts_keep if policy else ATTEMPTS_KEEP_DEFAULT),
         ("ATTRS_NAMES", ",".join(attrs)),

@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from policer.call import Call
 from policer.classify import Classification, Classifier
@@ -26,15 +29,52 @@ from policer.policy import Policy, Reject, load_policy
 from policer.reload import PolicyWatcher
 from policer.resilience import CircuitBreaker, Pending, PendingQueue
 from policer.store import Store, StoreError, open_store
-from policer.store.base import CallRecord, CallResult, DialogInfo, Op
+from policer.store.base import CallRecord, CallResult, DialogInfo, Op, StoreInfo
 from policer.store.keys import dialog_id
 
-__all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "LimitView"]
+if TYPE_CHECKING:
+    from policer.reconcile import ProxyDialog, Report
+
+__all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "LimitView", "NodeInUse",
+           "SkewEstimate"]
+
+
+class NodeInUse(RuntimeError):
+    """Another live instance renews this node's lease: this one must not start."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(
+            f"node {node!r} is in use: another live process renews its lease (a second "
+            "proxy or decision service with the same node name would end its calls); "
+            "give this one another name with --node or POLICER_NODE")
+        self.node = node
+
+
+class SkewEstimate:
+    """This process's clock minus the store's (ms), from readings of the store's clock
+    (each: the offset at the midpoint of its round trip, and the round trip): the
+    reading with the shortest round trip among the last few, whose error is at most
+    half of it."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self._samples: deque[tuple[float, float]] = deque(maxlen=keep)
+        self.value = 0.0
+
+    def add(self, skew_ms: float, rtt_ms: float) -> float:
+        self._samples.append((rtt_ms, skew_ms))
+        self.value = min(self._samples)[1]
+        return self.value
 
 #: The store an engine built from the environment uses without ``POLICER_REDIS_URL``.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 _OK = Reject(code=200, reason="OK", retry_after=None)
+#: A clock skew to the store beyond this (ms) is logged (decisions stay right: every
+#: deadline is corrected by the measured skew); policer_node_clock_skew_seconds shows it.
+SKEW_WARN_MS = 500
+#: A resync leaves alone what was admitted within this long before its dialog list was
+#: taken (a call admitted while its dialog is being created in the proxy).
+RESYNC_MARGIN_MS = 1_000
 #: Queued operations applied before a dialog event (the rest wait for later events or
 #: tick()).
 _DRAIN_BEFORE_EVENT = 200
@@ -129,6 +169,15 @@ class Engine:
                          if watch is not None else None)
         self._next_renew = 0.0
         self._loaded = False  # this engine made sure Redis decides by its policy
+        #: this process's instance of the node (its lease's owner)
+        self.instance = uuid.uuid4().hex[:16]
+        #: the node's live calls (Kamailio's dlg.list), to put back when the store lost
+        #: them (:meth:`resync`); None: this node cannot
+        self.dialog_source: Callable[[], Iterable[ProxyDialog]] | None = None
+        self._skew = SkewEstimate()
+        self._next_skew_warning = 0.0
+        self._epoch: str | None = None  # the store's state epoch as last seen
+        self._resync_due = False
 
     # -- construction
     @classmethod
@@ -190,14 +239,17 @@ class Engine:
     def admit(self, call: Call) -> Decision:
         """Decide one initial INVITE: one call of the store's decision function, nothing
         else (the policy file and the queue of operations the store missed are the
-        business of :meth:`tick`). Never raises."""
+        business of :meth:`tick`). The request carries the instant this engine stops
+        waiting for it (the store's clock, :meth:`DecisionStore.deadline_ms`): arriving
+        later (Redis paused, slow), it writes nothing. Never raises."""
         t0 = time.perf_counter()
         if not self.breaker.allow():
             return self._fallback(call, "circuit open: the store failed repeatedly", t0)
+        deadline = self.store.deadline_ms()
         try:
-            r = self.store.admit_call(call, self.node)
+            r = self.store.admit_call(call, self.node, deadline_ms=deadline)
         except StoreError as e:
-            return self.admit_failed(call, str(e), t0)
+            return self.admit_failed(call, e, t0, deadline)
         except Exception as e:  # defensive: a bug here must not drop the INVITE
             return self._fallback(call, f"admit: {e!r}", t0)
         return self.admit_reply(call, r, t0)
@@ -213,14 +265,16 @@ class Engine:
         if not self.breaker.allow():
             return [self._fallback(call, "circuit open: the store failed repeatedly", t0)
                     for call in calls]
+        deadline = self.store.deadline_ms()
         try:
-            results = many(calls, self.node)
+            results = many(calls, self.node, deadline)
         except StoreError as e:  # one failure of the store, every call decided by fallback
-            first = self.admit_failed(calls[0], str(e), t0)
-            return [first, *(self._fallback(call, str(e), t0) for call in calls[1:])]
+            first = self.admit_failed(calls[0], e, t0, deadline)
+            return [first, *(self._fallback(call, str(e), t0, e, deadline)
+                             for call in calls[1:])]
         except Exception as e:  # defensive: a bug here must not drop the INVITEs
             return [self._fallback(call, f"admit: {e!r}", t0) for call in calls]
-        return [self.admit_failed(call, str(r), t0) if isinstance(r, StoreError)
+        return [self.admit_failed(call, r, t0, deadline) if isinstance(r, StoreError)
                 else self.admit_reply(call, r, t0)
                 for call, r in zip(calls, results, strict=True)]
 
@@ -233,15 +287,25 @@ class Engine:
         self._decided(call, d, t0)
         return d
 
-    def admit_failed(self, call: Call, error: str, t0: float) -> Decision:
-        """The end of :meth:`admit` for such a caller when the store did not answer."""
+    def admit_failed(self, call: Call, error: str | StoreError, t0: float,
+                     deadline_ms: int | None = None) -> Decision:
+        """The end of :meth:`admit` for such a caller when the store did not answer
+        (``deadline_ms``: the one its request carried)."""
         self._failed()
         if self.metrics is not None:
             self.metrics.store_error("admit")
-        return self._fallback(call, error, t0)
+        cause = error if isinstance(error, StoreError) else None
+        return self._fallback(call, str(error), t0, cause, deadline_ms)
 
-    def _fallback(self, call: Call, error: str, t0: float) -> Decision:
-        """The policy's ``on_store_error`` decides; emergency calls are always admitted."""
+    def _fallback(self, call: Call, error: str, t0: float, cause: StoreError | None = None,
+                  deadline_ms: int | None = None) -> Decision:
+        """The policy's ``on_store_error`` decides; emergency calls are always admitted.
+
+        The decision stands, and the store learns it as soon as it answers: a call
+        admitted here is recorded (once, as decided now: it counts until its early
+        deadline from now, unless its release came first); a request that may still
+        reach the store (it timed out: ``cause.maybe_applied``) is settled when this
+        rejects the call, so that it never counts, whenever it arrives."""
         policy = self._current.policy
         c: Classification | None
         try:
@@ -260,7 +324,11 @@ class Engine:
         )
         if admit and d.dialog_id:
             # counted as soon as the store answers again, so counts are right afterwards
-            self._queue(Op("record", d.dialog_id, call=call, node=self.node))
+            self._queue(Op("record", d.dialog_id, self.store.deadline_ms(0), call=call,
+                           node=self.node))
+        elif d.dialog_id and deadline_ms is not None and cause is not None \
+                and cause.maybe_applied:
+            self._queue(Op("void", d.dialog_id, deadline_ms))
         self.log.error("store_error", call_id=call.call_id, dialog_id=d.dialog_id, error=error,
                        admitted=admit, on_store_error=policy.on_store_error, emergency=emergency)
         self._decided(call, d, t0)
@@ -413,26 +481,50 @@ class Engine:
     def start(self) -> None:
         """This node (proxy) starts afresh: end the dialogs it left behind in an
         earlier run (their process is gone; reason ``node_restarted``) and take its
-        lease. Call once per proxy start, before its workers take calls. Never raises."""
+        lease. Call once per proxy start, before its workers take calls.
+
+        A node name has one live owner: when another live instance renews this node's
+        lease, :class:`NodeInUse` is raised (pick another name: ``POLICER_NODE``). An
+        instance that crashed renews no more: its node is taken over within one renew
+        interval (and a tick). Never raises anything else; a store that does not answer
+        is logged, and the tick takes the lease when it answers."""
         nodes = self._current.policy.nodes
         try:
+            self._read_store()
             self.store.load(self._current.policy)
             self._loaded = True
+            waited = False
             for _ in range(100_000):  # each round ends a bounded batch
-                _, left = self.store.renew(self.node, nodes.lease_ms,
-                                           nodes.on_node_loss == "release", start=True)
-                if left == 0:
+                r = self.store.tick(self.node, nodes.lease_ms,
+                                    nodes.on_node_loss == "release", start=True,
+                                    skew_ms=self._skew.value, instance=self.instance,
+                                    renew_ms=nodes.renew_ms)
+                if r.owner:
+                    wait_ms = int(r.owner.partition(":")[2] or 0)
+                    if waited:
+                        raise NodeInUse(self.node)
+                    # its last renewal may be the crashed owner's last: wait until a live
+                    # owner would have renewed again, then ask once more
+                    self.log.warning("node_in_use_waiting", wait_ms=wait_ms)
+                    time.sleep(wait_ms / 1000)
+                    waited = True
+                    continue
+                self._epoch = r.epoch or self._epoch
+                if r.left == 0:
                     break
         except StoreError as e:
             self._store_error("start", "", e)
             return
         self._next_renew = time.monotonic() + nodes.renew_ms / 1000
-        self.log.info("node_started", lease_ms=nodes.lease_ms, renew_ms=nodes.renew_ms)
+        self.log.info("node_started", lease_ms=nodes.lease_ms, renew_ms=nodes.renew_ms,
+                      instance=self.instance)
 
     def tick(self) -> None:
         """Periodic duties, about once a second (Kamailio: from an rtimer route):
-        renew this node's lease and end dialogs of lost nodes, apply queued
-        operations, reload the policy file if it changed. Never raises."""
+        measure the clock skew to the store and notice a store that lost its state
+        (then put this node's live calls back), renew this node's lease and end dialogs
+        of lost nodes, apply queued operations, reload the policy file if it changed.
+        Never raises."""
         try:
             self.poll_policy()
             # one probe for the whole tick while the breaker is open; every success
@@ -444,16 +536,21 @@ class Engine:
             if self.pending:
                 self._drain(_DRAIN_PER_TICK)
             now = time.monotonic()
-            if self.lease and now >= self._next_renew:
+            if self.lease and (now >= self._next_renew or self._resync_due):
                 nodes = self._current.policy.nodes
                 self._next_renew = now + nodes.renew_ms / 1000
                 swept = 0
                 try:
                     for _ in range(100):  # each call ends a bounded batch
-                        n, _, expired = self.store.tick(self.node, nodes.lease_ms,
-                                                        nodes.on_node_loss == "release")
-                        swept += n
-                        if n < TICK_BATCH and expired < TICK_BATCH:
+                        r = self.store.tick(self.node, nodes.lease_ms,
+                                            nodes.on_node_loss == "release",
+                                            skew_ms=self._skew.value, instance=self.instance,
+                                            renew_ms=nodes.renew_ms)
+                        swept += r.swept
+                        if r.lapsed:
+                            self.log.warning("lease_lapsed", lease_ms=nodes.lease_ms)
+                            self._resync_due = True
+                        if r.swept < TICK_BATCH and r.expired < TICK_BATCH:
                             break
                 except StoreError as e:
                     self._failed()
@@ -463,25 +560,66 @@ class Engine:
                         self._recovered()
                 if swept:
                     self.log.warning("lost_node_dialogs_ended", count=swept)
+            if self._resync_due:
+                self.resync()
         except Exception as e:  # a periodic duty must never take the timer process down
             self.log.error("tick_failed", error=repr(e))
 
+    def _read_store(self) -> StoreInfo:
+        """One reading of the store (raises StoreError): its clock (this node's skew to
+        it is kept, and logged when beyond :data:`SKEW_WARN_MS`), library and epoch."""
+        info = self.store.info()
+        skew = self._skew.add(info.skew_ms, info.rtt_ms)
+        self.store.clock_skew_ms = skew
+        if abs(skew) > SKEW_WARN_MS and time.monotonic() >= self._next_skew_warning:
+            self._next_skew_warning = time.monotonic() + 60
+            self.log.warning("clock_skew", skew_ms=round(skew),
+                             bound_ms=SKEW_WARN_MS,
+                             hint="this host's clock differs from Redis's; decisions stay "
+                                  "right (deadlines are corrected), fix NTP")
+        return info
+
     def _ensure_loaded(self) -> bool:
-        """A Redis that lost the library (restarted empty, failed over to a replica
-        without it) gets it back within a tick, and so does a node whose start() could
-        not load it. Else a library another node loaded is the policy in force: it is
-        never replaced here (``policer load`` and a changed policy file do that).
-        False when the store did not answer."""
+        """Once a tick: read the store (:meth:`_read_store`). A Redis that lost the
+        library (restarted empty, failed over to a replica without it) gets it back
+        within a tick, and so does a node whose start() could not load it; else a
+        library another node loaded is the policy in force: it is never replaced here
+        (``policer load`` and a changed policy file do that).
+
+        A store that lost its state is noticed here too: the library was gone, the
+        namespace's state epoch changed (another node noticed first), or another Redis
+        server answers than the one the epoch was confirmed on (a restart from its AOF,
+        a failover). A new epoch holds admits while every node puts its live calls back
+        (:meth:`resync`, this tick). False when the store did not answer."""
         try:
-            # not yet loaded by this node (its start() could not), or lost by Redis
-            if not self._loaded or self.store.loaded_hash() is None:
+            info = self._read_store()
+            known = self._epoch
+            if info.policy_hash is None:
+                # not yet loaded by this node (its start() could not), or lost by Redis
                 why = "the store had none" if self._loaded else "not loaded at start"
-                policy_hash = self.store.load(self._current.policy)
+                op = f"missing:{known or ''}" if self._loaded or known else "init"
+                policy_hash = self.store.load(self._current.policy, epoch=op)
                 self._loaded = True
                 self.log.warning("policy_library_loaded", policy_hash=policy_hash, why=why)
                 # a Redis that lost the library lost the node's lease and registration
                 # too: renew them in this tick, not a renew interval later
                 self._next_renew = 0.0
+                info = self.store.info()
+            epoch = info.epoch
+            if not epoch:
+                epoch = self.store.tick("", 0, False, epoch=f"lost:{known}" if known
+                                        else "init").epoch
+            elif info.mark and info.epoch_mark != info.mark:
+                # another server than the epoch's (a restart from RDB or AOF, a failover):
+                # its state may lack the last writes
+                self.log.warning("store_server_changed", mark=info.mark,
+                                 epoch_mark=info.epoch_mark)
+                epoch = self.store.tick("", 0, False, epoch=f"lost:{epoch}").epoch
+            if known is not None and epoch != known:
+                self.log.warning("store_state_lost", epoch=epoch, was=known)
+                self._resync_due = True
+                self._next_renew = 0.0
+            self._epoch = epoch
         except StoreError as e:
             self._failed()
             self._store_error("load", "", e)
@@ -489,6 +627,38 @@ class Engine:
         if self.breaker.open:
             self._recovered()
         return True
+
+    def resync(self) -> Report | None:
+        """Put this node's live calls back into a store that lost them (and end what it
+        counts for this node that the node no longer carries): what ``policer reconcile``
+        does, with the node's own dialog list (:attr:`dialog_source`, e.g. Kamailio's
+        ``dlg.list``). Calls admitted while the list was taken are neither removed nor
+        counted twice. Run by :meth:`tick`; None when the node has no dialog source or
+        the store did not answer (then it is tried again next tick)."""
+        from policer.reconcile import reconcile
+
+        source = self.dialog_source
+        if source is None:
+            self._resync_due = False
+            self.log.error("store_state_lost_not_restored", why="this node has no dialog "
+                           "list to restore from (policer reconcile --proxy can)")
+            return None
+        try:
+            listed_at = self.store.info().now_ms - RESYNC_MARGIN_MS
+            dialogs = source()
+            report = reconcile(self._current.policy, self.store, self.node, dialogs,
+                               listed_at_ms=listed_at)
+        except StoreError as e:
+            self._store_error("resync", "", e)
+            return None
+        except Exception as e:  # the dialog list could not be read: next tick
+            self.log.error("resync_failed", error=repr(e))
+            return None
+        self._resync_due = False
+        self.log.warning("resynced", proxy_dialogs=report.proxy_dialogs, kept=report.kept,
+                         added=len(report.added), removed=len(report.removed),
+                         partial=len(report.partial))
+        return report
 
     # -- inspection (may raise StoreError: these are for operators, not proxies)
     def explain(self, call: Call, at_ms: int | None = None) -> Explanation:

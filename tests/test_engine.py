@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from lab.redis_server import RedisServer, free_port
+from policer.compile import RECOVERY_MS
 from policer.engine import Engine
 from policer.store import RedisStore, Store, StoreError
 from tests.support import STORE_TIMEOUT_MS, EngineFactory, call, policy_text
@@ -191,10 +192,16 @@ def test_a_restarted_redis_is_used_again() -> None:
         store = RedisStore(server.url, "restart", timeout_ms=STORE_TIMEOUT_MS)
         e = Engine(policy_text(POLICY % "reject", "restart"), store, node="n")
         assert not e.admit(call("5551234", "a")).fallback
-        server.restart()  # empty, scripts gone, connections broken
-        decisions = [e.admit(call("5551234", f"u{i}")) for i in range(3)]
-        # the broken connection is reopened and the scripts loaded again inside the
-        # first call: every call is decided normally, on the new (empty) counts
+        server.restart()  # empty, library gone, connections broken
+        # the broken connection is reopened and the library loaded again inside the
+        # first call; the counts are empty, so the fallback decides (reject) while the
+        # nodes put their calls back (RECOVERY_MS)
+        d = e.admit(call("5551234", "u0"))
+        assert (d.admitted, d.fallback) == (False, True) and "recovering" in d.error
+        store.clock_offset_ms += RECOVERY_MS
+        e.breaker.success()
+        decisions = [e.admit(call("5551234", f"u{i}")) for i in range(1, 4)]
+        # then every call is decided normally again
         assert [(d.admitted, d.fallback) for d in decisions] == [
             (True, False), (True, False), (False, False)]
         assert store.profile_size("total") == 2

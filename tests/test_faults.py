@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lab.redis_server import RedisServer
+from policer.compile import RECOVERY_MS
 from policer.engine import Engine
 from policer.policy import Policy, load_policy, parse_policy
 from policer.store import RedisStore
@@ -98,12 +99,17 @@ def test_redis_down_fail_open_then_counts_are_right_when_it_returns(
     assert len(e.pending) == 0
     store = e.store
     # live now: the 6 fail-open calls were recorded, and during[0]'s release applied
-    # after its record; held[1] was in Redis before the restart and went with it (an
-    # emptied Redis is rebuilt from the proxies by `policer reconcile`)
+    # after its record; held[1] was in Redis before the restart and went with it (a
+    # proxy's node puts its calls back: Engine.resync, from Kamailio's dlg.list)
     assert store.profile_size("total") == 5
     assert store.stats()["recorded"] == 6
     assert store.decisions()[("store_error", "total")] == 6
-    # and the limit holds on those counts: total max 5 is full
+    # Redis lost its state: no limit is decided on its counts while the nodes put their
+    # calls back (the fallback decides, and says why)
+    held_back = e.admit(call("5551234", "held"))
+    assert held_back.fallback and "recovering" in held_back.error
+    store.clock_offset_ms += RECOVERY_MS  # type: ignore[attr-defined]
+    # and then the limit holds on those counts: total max 5 is full (6 with held_back)
     after = e.admit(call("5551234", "after"))
     assert (after.fallback, after.admitted, after.limit) == (False, False, "total")
 
@@ -254,14 +260,21 @@ def test_policy_reload_swaps_a_valid_file_and_keeps_the_old_on_error(
     assert json.loads(json.dumps(rec.as_dict()))["Profiles"][-1] == "account=acme"
 
 
-def test_first_call_after_a_restart_is_decided_normally(own_redis: RedisServer,
-                                                        namespace: str) -> None:
-    """The connection broke while idle and the new Redis has no scripts: both are
-    mended inside the same call (reconnect, then SCRIPT LOAD), no fallback."""
-    e = engine_on(own_redis, namespace)
+def test_first_calls_after_an_empty_restart_wait_for_the_counts(own_redis: RedisServer,
+                                                                namespace: str) -> None:
+    """The connection broke while idle and the new Redis has no library: both are
+    mended inside the same call (reconnect, then FUNCTION LOAD). Its counts are empty,
+    so for RECOVERY_MS no limit is decided on them (the nodes put their calls back
+    meanwhile): the fallback decides, saying why; then Redis decides again."""
+    e = engine_on(own_redis, namespace, on_error="reject")
     assert not e.admit(call("5551234", "before")).fallback
     own_redis.restart()
     d = e.admit(call("5551234", "after"))
+    assert d.fallback and not d.admitted and "recovering" in d.error
+    assert e.admit(call("112", "sos")).admitted  # emergency calls always pass
+    e.store.clock_offset_ms += RECOVERY_MS  # type: ignore[attr-defined]
+    e.breaker.success()
+    d = e.admit(call("5551234", "later"))
     assert d.admitted and not d.fallback, d.error
 
 

@@ -131,6 +131,8 @@ class StoreComparison(RuleBasedStateMachine):
             # record ids and clocks differ by store; everything else must match
             a = (a.dialog_id, a.reason, a.profiles, a.call_id, dict(a.variables))
             b = (b.dialog_id, b.reason, b.profiles, b.call_id, dict(b.variables))
+        if name == "tick":  # the state epoch's id is each store's own
+            a, b = a[:3], b[:3]
         assert self._same(a, b), f"{name}{args}: redis {a!r} != memory {b!r}"
         return a
 

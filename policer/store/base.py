@@ -40,6 +40,8 @@ __all__ = [
     "OpKind",
     "Store",
     "StoreError",
+    "StoreInfo",
+    "TickResult",
     "Usage",
     "pack_ops",
     "usage_of",
@@ -48,7 +50,7 @@ __all__ = [
 #: Why a dialog ended (``release(reason=…)``; ``expired``, ``node_lost`` and
 #: ``node_restarted`` are the store's own).
 END_REASONS = ("bye", "cancel", "failed", "timeout", "expired", "released_by_operator",
-               "node_lost", "node_restarted", "reconciled", "duration_cap")
+               "node_lost", "node_restarted", "reconciled", "duration_cap", "abandoned")
 #: What kind of limit tripped: concurrent calls, a call rate, a calendar window.
 LIMIT_KINDS = ("concurrent", "rate", "calls")
 
@@ -58,11 +60,46 @@ STATS_FIELDS = ("active", "early", "confirmed", "processed", "expired", "failed"
 
 
 class StoreError(RuntimeError):
-    """The store could not answer (connection lost, timeout, script error)."""
+    """The store could not answer (connection lost, timeout, script error).
+
+    ``late``: the store answered that the request came after its caller's deadline and
+    wrote nothing. ``maybe_applied``: no answer (a timeout, a connection that broke);
+    the request may have been applied, or may still be (its deadline makes the store
+    refuse it then)."""
+
+    late = False
+    maybe_applied = False
+
+
+class StoreInfo(NamedTuple):
+    """What a node reads about the store once a second (:meth:`DecisionStore.info`)."""
+
+    policy_hash: str | None  # the loaded library's (None: none loaded)
+    now_ms: int  # the store's clock, unshifted by any test offset
+    epoch: str  # the namespace's state epoch ('' none yet)
+    epoch_mark: str  # the library's mark in the server the epoch was confirmed on
+    mark: str  # the library's mark in the server answering now (another after a
+    # restart or a failover: see the library's VM_MARK)
+    #: this process's clock minus the store's (ms), from this reading (midpoint of the
+    #: round trip), and the round trip (ms): the reading's error is at most half of it
+    skew_ms: float = 0.0
+    rtt_ms: float = 0.0
+
+
+class TickResult(NamedTuple):
+    """What one tick call did (:meth:`DecisionStore.tick`)."""
+
+    swept: int  # dialogs of lost nodes ended
+    left: int  # own earlier dialogs still to end (start)
+    expired: int  # dialogs past their deadline ended
+    epoch: str = ""  # the namespace's state epoch after the call
+    #: '' the node is this instance's; 'owned:<ms>' another live instance holds it
+    owner: str = ""
+    lapsed: bool = False  # the node's lease had lapsed before this renewal
 
 
 #: The dialog events an :class:`Op` carries (a type checker refuses any other).
-OpKind = Literal["confirm", "refresh", "release", "set_var", "record"]
+OpKind = Literal["confirm", "refresh", "release", "set_var", "record", "void"]
 
 
 class Op(NamedTuple):
@@ -70,7 +107,10 @@ class Op(NamedTuple):
 
     ``kind``: ``confirm`` / ``refresh`` (``arg``: timeout ms, 0 = the policy's dialog
     timeout), ``release`` (``arg``: reason), ``set_var`` (``arg``: name, ``value``),
-    ``record`` (``call`` admitted by the fallback at ``node``: count it now).
+    ``record`` (``call`` admitted by the fallback at ``node``: count it now; ``arg``:
+    when it was decided, the store's clock in ms, 0 = now), ``void`` (the fallback
+    rejected the call after its admit request timed out: ``arg`` is that request's
+    deadline; the request never counts, whenever it arrives).
     """
 
     kind: OpKind
@@ -100,6 +140,8 @@ class AdmitRequest:
     entries: Sequence[Limit | None] = ()
     #: answered, the call ends after this (ms); None: no cap
     max_duration_ms: int | None = None
+    #: when the caller stops waiting (the store's clock): past it nothing is written
+    deadline_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,22 +301,40 @@ class DecisionStore(Protocol):
     :class:`StoreError`; nothing else escapes."""
 
     namespace: str
+    #: this process's clock minus the store's (ms), as the node's engine measured it
+    clock_skew_ms: float
+    #: the namespace's state epoch as this store last saw it (None: not yet)
+    epoch: str | None
 
     def use(self, policy: Policy | None) -> None:
         """Decide by ``policy`` from now on (Redis: compiled here, loaded into Redis when
         it has none for this namespace, or by :meth:`load`)."""
 
-    def load(self, policy: Policy | None) -> str:
+    def load(self, policy: Policy | None, *, epoch: str | None = None) -> str:
         """Make ``policy`` the one every caller decides by (Redis: compile it and
-        ``FUNCTION LOAD REPLACE``); returns its hash."""
+        ``FUNCTION LOAD REPLACE``); returns its hash. ``epoch``: the state epoch op done
+        with it (None: the state is whole, a fresh namespace gets an epoch; ``lost:<id>``:
+        the store lost its state, admits are held while the nodes put their calls back)."""
 
     def loaded_hash(self) -> str | None:
         """The hash of the policy the store decides by now (None: none loaded)."""
 
-    def admit_call(self, call: Call, node: str, record: bool = False) -> CallResult:
+    def info(self) -> StoreInfo:
+        """The loaded policy's hash, the store's clock (and this process's offset to it),
+        the state epoch and the server's run id."""
+
+    def deadline_ms(self, budget_ms: int | None = None) -> int:
+        """When a request sent now stops being waited for (the store's clock; default
+        budget: the store's timeout)."""
+
+    def admit_call(self, call: Call, node: str, record: bool = False,
+                   deadline_ms: int | None = None) -> CallResult:
         """Decide one call from its raw attributes by the loaded policy: classify,
         check every limit, join all profiles or none (``record``: join without checking,
-        a call the fallback admitted)."""
+        a call the fallback admitted). ``deadline_ms`` (the store's clock): when the
+        caller stops waiting; a request that arrives later writes nothing and raises
+        :class:`StoreError` with ``late``. Raises StoreError ("recovering") while the
+        store's counts are being restored after it lost its state."""
 
     def explain_call(self, call: Call, at_ms: int | None = None) -> CallResult:
         """The decision ``admit_call`` would make now, with every membership's count
@@ -298,10 +358,13 @@ class DecisionStore(Protocol):
 
     def dialog(self, dialog_id: str) -> DialogInfo | None: ...
 
-    def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False
-             ) -> tuple[int, int, int]:
-        """:meth:`renew`, and end a bounded number of dialogs past their deadline
-        (reason ``expired``). Returns (lost-node dialogs ended, own left, expired ended)."""
+    def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False, *,
+             skew_ms: float | None = None, epoch: str = "", instance: str = "",
+             renew_ms: int = 0) -> TickResult:
+        """:meth:`renew` (as ``instance``: with ``start``, a node another live instance
+        renewed within ``renew_ms`` is not taken, :attr:`TickResult.owner` says so), and
+        end a bounded number of dialogs past their deadline (reason ``expired``); keep
+        the node's clock skew; the state epoch op (see :meth:`load`)."""
 
     def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
               ) -> tuple[int, int]:
@@ -435,8 +498,13 @@ def pack_ops(ops: Sequence[Op], attributes: Sequence[str]) -> bytes:
         elif k == "record" and op.call is not None:
             c = op.call
             attrs = pack_fields([c.attribute(s) for s in attributes])
-            out += b"a" + pack_fields((op.node, raw_bytes(c.call_id), raw_bytes(c.from_tag),
-                                       attrs))
+            fields = (op.node, raw_bytes(c.call_id), raw_bytes(c.from_tag), attrs)
+            if op.arg:
+                out += b"b" + pack_fields((*fields, "0", str(int(op.arg))))
+            else:
+                out += b"a" + pack_fields(fields)
+        elif k == "void":
+            out += b"X" + pack_fields((op.dialog_id, "0", str(int(op.arg))))
         else:
             raise ValueError(f"unknown dialog event {k!r}")
     return bytes(out)

@@ -22,7 +22,11 @@ from policer.call import Call, unpack_fields, unpack_values, utf8_text
 from policer.classify import Classifier
 from policer.compile import (
     DECIDED_MS,
+    ENDED_CODE,
+    ENDED_REASON,
     GRACE_MS,
+    NODE_MARGIN_MS,
+    RECOVERY_MS,
     TICK_BATCH,
     attribute_sources,
     compile_policy,
@@ -40,6 +44,9 @@ from policer.store.base import (
     Member,
     Op,
     OpKind,
+    StoreError,
+    StoreInfo,
+    TickResult,
     Usage,
     pack_ops,
     usage_of,
@@ -71,6 +78,8 @@ class _Dialog:
     emergency: bool = False
     max_duration_ms: int | None = None
     cap: int = 0  # answered: it ends here at the latest (answer + max duration)
+    #: the deadline of the request that admitted it; of a void: the settled request's
+    q: int | None = None
 
 
 @dataclass(slots=True)
@@ -124,12 +133,19 @@ class MemoryStore:
         self._window_limits: dict[tuple[str, str, str], int] = {}  # live calendar caps
         self._tat: dict[tuple[str, str], int] = {}  # GCRA theoretical arrival time, us
         self._windows: dict[tuple[str, str, str], tuple[int, int]] = {}  # (id, count)
+        self.clock_skew_ms = 0.0
+        self.epoch: str | None = None
+        self._epoch: str | None = None  # the namespace's state epoch (library's P epoch)
+        self._hold_until = 0  # admits held until then (P hold)
+        self._owners: dict[str, tuple[str, int]] = {}  # node -> (instance, renewed at)
+        self._skews: dict[str, tuple[int, int]] = {}  # node -> (skew ms, measured at)
         if policy is not None:
             self.load(policy)
 
     # -- the policy (the model of the compiled library)
-    def load(self, policy: Policy | None) -> str:
+    def load(self, policy: Policy | None, *, epoch: str | None = None) -> str:
         with self._lock:
+            self._epoch_op("init" if epoch is None else epoch, self.now_ms())
             self._policy = policy
             self._classifier = Classifier(policy) if policy is not None else None
             self._clock = LocalClock(policy.timezone if policy is not None else "UTC")
@@ -142,19 +158,47 @@ class MemoryStore:
             return self._hash or ""
 
     def use(self, policy: Policy | None) -> None:
-        self.load(policy)
+        self.load(policy, epoch="")
+
+    def _epoch_op(self, op: str, now: int) -> str:
+        """The library's ``epoch_op``."""
+        cur = self._epoch
+        if op == "init" or op.startswith(("reload:", "missing:")):  # one process: no
+            renew = cur is None  # other server, no library apart from the data
+        elif op.startswith("lost:"):
+            renew = cur is None or cur == op[5:]
+        else:
+            renew = False
+        if renew:
+            cur = self._epoch = f"model-{now}-{next(self._seq)}"
+            if op != "init":
+                self._hold_until = now + RECOVERY_MS
+        return cur or ""
+
+    def info(self) -> StoreInfo:
+        return StoreInfo(self._hash, int(time.time() * 1000), self._epoch or "", "model",
+                         "model")
+
+    def deadline_ms(self, budget_ms: int | None = None) -> int:
+        return self.now_ms() + (50 if budget_ms is None else budget_ms)
 
     def loaded_hash(self) -> str | None:
         return self._hash
 
     def _decide_call(self, call: Call, node: str, record: bool, dry: bool,
-                     at_ms: int | None = None) -> CallResult:
+                     at_ms: int | None = None, deadline_ms: int | None = None,
+                     early_ms: int | None = None) -> CallResult:
         policy, classifier = self._policy, self._classifier
         if policy is None or classifier is None:
             raise RuntimeError("no policy loaded in this store")
+        now = self.now_ms()
+        if not dry and not record:
+            if deadline_ms is not None and now > deadline_ms:
+                raise _late()
+            if now < self._hold_until:
+                raise StoreError("POLICER recovering: the counts are being restored")
         c = classifier.classify(call)
         did = dialog_id(call.call_id, call.from_tag)
-        now = self.now_ms()
         at = now if at_ms is None else at_ms
         mow = self._clock.minute_of_week(at)
         entries = tuple(policy.limit_at(m.profile, mow) for m in c.members)
@@ -173,7 +217,9 @@ class MemoryStore:
                        f"{m.profile}={value_from_key(key_part(m.value))}" for m in members)
         frm = call.from_user + ("@" + call.from_domain if call.from_domain else "")
         req = AdmitRequest(
-            dialog_id=did, members=members, early_ms=policy.timeouts.early_ms,
+            dialog_id=did, members=members,
+            early_ms=policy.timeouts.early_ms if early_ms is None else early_ms,
+            deadline_ms=deadline_ms,
             emergency=c.emergency, emergency_bypass=c.emergency and policy.emergency_bypass,
             node=node, record=record,
             info={"call_id": call.call_id, "from": frm, "to": c.number,
@@ -186,7 +232,7 @@ class MemoryStore:
         limit = members[limit_i].profile if 0 <= limit_i < len(members) else None
         cls = c.number_class
         emergency = c.emergency
-        if r.duplicate:  # the answer given to the dialog before, as it was given
+        if r.duplicate and r.kind != "ended":  # the answer given before, as it was given
             with self._lock:
                 d = self._dialogs.get(did)
             if d is not None:
@@ -196,7 +242,9 @@ class MemoryStore:
                 limit = labels[limit_i].partition("=")[0] if 0 <= limit_i < len(labels) \
                     else None
         code, reason, retry = 200, "OK", None
-        if not r.admitted:
+        if r.kind == "ended":
+            code, reason = ENDED_CODE, ENDED_REASON
+        elif not r.admitted:
             rej = _answer(policy, limit, r.entry, r.kind)
             code, reason = rej.code, rej.reason
             retry = r.retry_after if r.kind in ("rate", "calls") else rej.retry_after
@@ -207,8 +255,9 @@ class MemoryStore:
             emergency=emergency, rows=rows, kind=r.kind, window=r.window,
             max_duration_ms=r.max_duration_ms)
 
-    def admit_call(self, call: Call, node: str, record: bool = False) -> CallResult:
-        return self._decide_call(call, node, record, dry=False)
+    def admit_call(self, call: Call, node: str, record: bool = False,
+                   deadline_ms: int | None = None) -> CallResult:
+        return self._decide_call(call, node, record, dry=False, deadline_ms=deadline_ms)
 
     def explain_call(self, call: Call, at_ms: int | None = None) -> CallResult:
         return self._decide_call(call, "", False, dry=True, at_ms=at_ms)
@@ -224,12 +273,22 @@ class MemoryStore:
             elif k == "refresh":
                 out.append(self.refresh(op.dialog_id, int(op.arg or 0) or dialog_ms))
             elif k == "release":
-                rec = self.release(op.dialog_id, str(op.arg))
+                rec = self.release(op.dialog_id, str(op.arg), op.value)
                 out.append(rec if records and rec is not None else rec is not None)
             elif k == "set_var":
                 out.append(self.set_var(op.dialog_id, str(op.arg), op.value))
             elif k == "record" and op.call is not None:
-                out.append(not self.admit_call(op.call, op.node, record=True).duplicate)
+                early = None
+                if op.arg:  # decided then: counts until its early deadline from then
+                    early = int(op.arg) + (policy.timeouts.early_ms if policy else 120_000) \
+                        - self.now_ms()
+                    if early <= 0:
+                        out.append(False)
+                        continue
+                r = self._decide_call(op.call, op.node, True, dry=False, early_ms=early)
+                out.append(not r.duplicate)
+            elif k == "void":
+                out.append(self.void(op.dialog_id, int(op.arg)))
             else:
                 raise ValueError(f"unknown dialog event {k!r}")
         return out
@@ -248,13 +307,34 @@ class MemoryStore:
         if d is not None and d.expires <= now:
             # the record outlived its end (only when a test moves the clock): forget it
             # and whatever memberships it still held
-            del self._dialogs[did]
+            self._forget(did, d)
+            return None
+        return d
+
+    def _forget(self, did: str, d: _Dialog) -> None:
+        """Drop a record and the memberships it still holds (the library's ``forget``)."""
+        self._dialogs.pop(did, None)
+        if d.state in ("early", "confirmed"):
             for key in d.keys:
                 self._profiles.get(key, {}).pop(did, None)
             self._node_dialogs.get(d.node, {}).pop(did, None)
             self._confirmed.pop(did, None)
-            return None
-        return d
+
+    def void(self, dialog_id: str, deadline_ms: int) -> bool:
+        """The library's ``void``: a request its caller gave up on never counts."""
+        with self._lock:
+            now = self.now_ms()
+            d = self._record(dialog_id, now)
+            if d is not None and d.state in ("early", "confirmed"):
+                if d.q is None or d.q > deadline_ms:
+                    return False
+                self._end(dialog_id, d, "abandoned", now, quiet=True)
+                return True
+            if d is not None and (d.state != "void" or (d.q or 0) >= deadline_ms):
+                return False
+            self._dialogs[dialog_id] = _Dialog(AdmitResult(False), "void", now,
+                                               expires=now + _DECIDED_MS, q=deadline_ms)
+            return True
 
     def _incr(self, key: str, n: int = 1) -> None:
         self._stats[key] = self._stats.get(key, 0) + n
@@ -347,11 +427,30 @@ class MemoryStore:
                 self._admits += 1
                 if self._admits % 1000 == 0:
                     self._prune(now)
+            emergency = request.emergency or request.emergency_bypass
+            if not dry:
                 prev = self._record(did, now)
                 if prev is not None:
-                    return replace(prev.decision, duplicate=True), ()
+                    anew = False
+                    if prev.state == "void":
+                        if request.record or request.deadline_ms is None \
+                                or request.deadline_ms > (prev.q or 0):
+                            anew = True
+                        else:
+                            raise _late()
+                    elif prev.state == "ended":
+                        if emergency and not request.record:
+                            anew = True
+                        else:
+                            if not request.record:
+                                self._incr("resent_ended")
+                            return AdmitResult(False, duplicate=True, kind="ended"), ()
+                    elif prev.state == "rejected" and (emergency or request.record):
+                        anew = True
+                    if not anew:
+                        return replace(prev.decision, duplicate=True), ()
+                    self._forget(did, prev)
             node = key_part(request.node) if request.node else ""
-            emergency = request.emergency or request.emergency_bypass
             tripped, tcount, tmax, bypass, shadow = -1, 0, -1, False, -1
             tkind, tretry, twin = "", -1, ""
             keys: list[tuple[str, str]] = []
@@ -439,7 +538,7 @@ class MemoryStore:
                 result, "early", now, deadline=deadline, expires=deadline + _GRACE_MS,
                 keys=tuple(keys), labels=tuple(labels), node=node,
                 info={k: utf8_text(v) for k, v in request.info.items() if v},
-                emergency=emergency, max_duration_ms=md,
+                emergency=emergency, max_duration_ms=md, q=request.deadline_ms,
             )
             self._incr("processed")
             if attrs is not None and self._attempts_keep > 0:
@@ -502,13 +601,36 @@ class MemoryStore:
     def refresh(self, dialog_id: str, timeout_ms: int) -> bool:
         return self._extend(dialog_id, False, timeout_ms)
 
-    def release(self, dialog_id: str, reason: str) -> CallRecord | None:
+    def release(self, dialog_id: str, reason: str, other: str = "") -> CallRecord | None:
+        """End a dialog; ``other``: the dialog id by the other tag of a BYE (op ``u``),
+        tried when the first names no live dialog. A release of a dialog the store does
+        not know leaves it ended (the library's tombstone): a record that comes later
+        counts nothing."""
         with self._lock:
             now = self.now_ms()
             d = self._record(dialog_id, now)
-            return None if d is None else self._end(dialog_id, d, reason, now)
+            rec = None if d is None else self._end(dialog_id, d, reason, now)
+            if rec is not None:
+                return rec
+            o = None
+            if other:
+                o = self._record(other, now)
+                rec = None if o is None else self._end(other, o, reason, now)
+                if rec is not None:
+                    return rec
+                if o is None:
+                    self._tomb(other, reason, now)
+            if d is None:
+                self._tomb(dialog_id, reason, now)
+            return None
 
-    def _end(self, dialog_id: str, d: _Dialog, reason: str, now: int) -> CallRecord | None:
+    def _tomb(self, did: str, reason: str, now: int) -> None:
+        early = self._policy.timeouts.early_ms if self._policy is not None else 120_000
+        self._dialogs[did] = _Dialog(AdmitResult(False), "ended", 0, end_ms=now,
+                                     end_reason=reason, expires=now + early)
+
+    def _end(self, dialog_id: str, d: _Dialog, reason: str, now: int,
+             quiet: bool = False) -> CallRecord | None:
         """End a live dialog (the Lua ``end_dialog``); None when it was not live."""
         if d.state not in ("early", "confirmed"):
             return None
@@ -542,7 +664,8 @@ class MemoryStore:
             variables=dict(d.variables),
             record_id=f"{now}-{next(self._seq)}",
         )
-        self._cdr.append(rec)
+        if not quiet:
+            self._cdr.append(rec)
         return rec
 
     # -- variables
@@ -567,7 +690,8 @@ class MemoryStore:
     def dialog(self, dialog_id: str) -> DialogInfo | None:
         with self._lock:
             d = self._record(dialog_id, self.now_ms())
-            return None if d is None or d.state == "rejected" else self._info(dialog_id, d)
+            return None if d is None or d.state in ("rejected", "void") or not d.init_ms \
+                else self._info(dialog_id, d)
 
     def profile_size(self, profile: str, value: str | None = None) -> int:
         with self._lock:
@@ -675,17 +799,37 @@ class MemoryStore:
     # -- nodes
     def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
               ) -> tuple[int, int]:
-        swept, left, _ = self.tick(node, lease_ms, sweep, start)
-        return swept, left
+        r = self.tick(node, lease_ms, sweep, start)
+        return r.swept, r.left
 
-    def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False
-             ) -> tuple[int, int, int]:
+    def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False, *,
+             skew_ms: float | None = None, epoch: str = "", instance: str = "",
+             renew_ms: int = 0) -> TickResult:
         with self._lock:
             now = self.now_ms()
             enc = key_part(node) if node else ""
+            lapsed = False
             if lease_ms > 0:
+                was = self._nodes.get(enc)
+                if instance:
+                    if start:
+                        o = self._owners.get(enc)
+                        if o is not None and was is not None and was > now \
+                                and o[0] != instance:
+                            free_at = o[1] + (renew_ms or 5000) + NODE_MARGIN_MS
+                            if free_at > now:
+                                return TickResult(0, 0, 0, self._epoch or "",
+                                                  f"owned:{free_at - now}")
+                    elif was is None or was <= now:
+                        lapsed = True
+                    self._owners[enc] = (instance, now)
                 self._nodes[enc] = now + lease_ms
                 self._node_dialogs.setdefault(enc, {})
+            if skew_ms is not None and enc:
+                self._skews[enc] = (round(skew_ms), now)
+            cur = self._epoch_op(epoch, now)
+            if cur:
+                self.epoch = cur
             left = 0
             if start:
                 mine = self._node_dialogs.get(enc, {})
@@ -696,7 +840,11 @@ class MemoryStore:
                 left = len(mine)
             swept = self._sweep_lost_nodes(now, _RENEW_BATCH) if sweep else 0
             expired = self._sweep_expired(now, _RENEW_BATCH)
-            return swept, left, expired
+            return TickResult(swept, left, expired, cur, "", lapsed)
+
+    def node_skews(self) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            return {value_from_key(n): v for n, v in self._skews.items()}
 
     def _sweep_expired(self, now: int, batch: int) -> int:
         done = 0
@@ -741,7 +889,8 @@ def _text(b: bytes) -> str:
 _OPS: dict[bytes, tuple[int, OpKind | Literal["bye"]]] = {
     b"c": (3, "confirm"), b"f": (3, "refresh"), b"r": (3, "release"), b"u": (3, "bye"),
     b"v": (4, "set_var"), b"a": (4, "record"), b"C": (2, "confirm"), b"F": (2, "refresh"),
-    b"R": (2, "release"), b"V": (3, "set_var")}
+    b"R": (2, "release"), b"V": (3, "set_var"), b"b": (6, "record"), b"x": (4, "void"),
+    b"X": (3, "void")}
 
 
 def unpack_ops(data: bytes, attributes: Sequence[str] = ()) -> list[Op]:
@@ -765,21 +914,40 @@ def unpack_ops(data: bytes, attributes: Sequence[str] = ()) -> list[Op]:
         elif kind == "record":
             call = _call_from_fields(f[1], f[2], f[3], attributes)
             did = dialog_id(call.call_id, call.from_tag)
-            ops.append(Op("record", did, call=call, node=_text(f[0])))
+            at = _redis_ms(f[4], f[5]) if letter == b"b" else None
+            ops.append(Op("record", did, at or 0, call=call, node=_text(f[0])))
             continue
         else:
             did, rest = dialog_id(_text(f[0]), _text(f[1])), f[2:]
-        if kind == "bye":  # either tag may name the dialog: try the first
-            ops.append(Op("release", did, "bye"))
-            if rest[0]:
-                ops.append(Op("release", dialog_id(_text(f[0]), _text(rest[0])), "bye"))
+        if kind == "bye":  # either tag may name the dialog: the first, else the other
+            other = dialog_id(_text(f[0]), _text(rest[0])) if rest[0] else ""
+            ops.append(Op("release", did, "bye", other))
         elif kind == "set_var":
             ops.append(Op(kind, did, _text(rest[0]), _text(rest[1])))
         elif kind == "confirm" or kind == "refresh":
             ops.append(Op(kind, did, int(rest[0]) if rest[0].isdigit() else 0))
         elif kind == "release":
             ops.append(Op(kind, did, _text(rest[0])))
+        elif kind == "void":
+            rq = _redis_ms(rest[0], rest[1])
+            if rq is not None:
+                ops.append(Op(kind, did, rq))
     return ops
+
+
+def _redis_ms(s: bytes, add: bytes) -> int | None:
+    """The library's ``redis_ms``: a caller's clock reading plus ms, in Redis's clock."""
+    try:
+        return math.floor(float(s) * 1000 + float(add))
+    except ValueError:
+        return None
+
+
+def _late() -> StoreError:
+    e = StoreError("ResponseError: POLICER late: the caller gave up on this admit; "
+                   "nothing was written, its fallback decides")
+    e.late = True
+    return e
 
 
 def _call_from_fields(call_id: bytes, from_tag: bytes, attrs: bytes,

@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +44,8 @@ from policer.store.base import (
     ExplainRow,
     Op,
     StoreError,
+    StoreInfo,
+    TickResult,
     Usage,
     pack_ops,
     usage_of,
@@ -103,6 +106,12 @@ class RedisStore:
         self._client: redis.Redis | None = None
         self._local = _ScriptConnection()
         self._member_args: dict[Any, tuple[Any, ...]] = {}
+        #: a call of the library succeeded on this store (then a Redis without it lost it)
+        self._worked = False
+        #: the namespace's state epoch as this store last saw it (:meth:`info`, :meth:`tick`)
+        self.epoch: str | None = None
+        #: this node's clock minus Redis's (ms), as its engine measured it
+        self.clock_skew_ms = 0.0
         self._nodes: dict[str, str] = {}
         self._policy = policy
         self._clock = LocalClock(policy.timezone if policy is not None else "UTC")
@@ -153,23 +162,55 @@ class RedisStore:
         loaded when Redis says it has none (or by :meth:`load`)."""
         self._set_library(compile_policy(policy, self.namespace), policy)
 
-    def load(self, policy: Policy | None) -> str:
+    def load(self, policy: Policy | None, *, epoch: str | None = None) -> str:
         """Compile ``policy`` and make it the library every caller of this namespace
-        decides by (``FUNCTION LOAD REPLACE``; on every primary of a Cluster)."""
+        decides by (``FUNCTION LOAD REPLACE``; on every primary of a Cluster), with the
+        state epoch op ``epoch`` in the same transaction (see :meth:`_load_library`;
+        None: the epoch follows the reloaded library, or a fresh namespace gets one)."""
         library = compile_policy(policy, self.namespace)
-        self._load_library(library)
+        if epoch is None:
+            info = self.info()
+            epoch = f"reload:{info.mark}" if info.policy_hash is not None else "init"
+        self._load_library(library, epoch)
         self._set_library(library, policy)
         self._autoload = True  # loaded on purpose: loading it again when Redis lost it is too
         return library.policy_hash
 
-    def _load_library(self, library: Library) -> None:
+    def _load_library(self, library: Library, epoch: str = "init") -> None:
+        """``FUNCTION LOAD REPLACE`` and, in the same transaction, the namespace's state
+        epoch: ``init`` creates one when there is none (a fresh namespace); ``lost:<id>``
+        (Redis lost the library, so its state too) starts a new one and holds admits while
+        the nodes put their calls back (see the library's ``epoch_op``)."""
         client: Any = self.client
         if self._cluster:
             self._run(lambda: client.execute_command(
                 "FUNCTION", "LOAD", "REPLACE", library.text, target_nodes="primaries"))
-        else:
-            self._run(lambda: client.execute_command("FUNCTION", "LOAD", "REPLACE",
-                                                     library.text))
+            self._run(lambda: client.execute_command(
+                "FCALL", library.function("tick"), 1, library.prefix,
+                *_epoch_args(epoch, self.clock_offset_ms)))
+            return
+
+        def load() -> None:
+            pipe = client.pipeline(transaction=True)
+            pipe.execute_command("FUNCTION", "LOAD", "REPLACE", library.text)
+            pipe.execute_command("FCALL", library.function("tick"), 1, library.prefix,
+                                 *_epoch_args(epoch, self.clock_offset_ms))
+            pipe.execute()
+
+        self._run(load)
+
+    def _load_packed(self, epoch: str) -> bytes:
+        lib = self.library
+        return b"".join(pack_command(c) for c in (
+            ("MULTI",), _load_command(lib),
+            ("FCALL", lib.function("tick"), 1, lib.prefix,
+             *_epoch_args(epoch, self.clock_offset_ms)), ("EXEC",)))
+
+    def _lost_epoch(self) -> str:
+        """The epoch op of a store that finds Redis without the library: ``missing:<id>``
+        when this store decided by it before (Redis lost it, and its state with it when
+        the epoch is gone too), ``init`` when it never did (a fresh namespace)."""
+        return f"missing:{self.epoch or ''}" if self._worked else "init"
 
     def loaded_hash(self) -> str | None:
         """The hash of the policy library Redis holds for this namespace (None: none)."""
@@ -213,7 +254,7 @@ class RedisStore:
                 return self._run(lambda: client.execute_command(*command, **opts))
         reply = self._fcall_many(op, [args], raw=raw, load=load)[0]
         if isinstance(reply, redis.ResponseError):
-            raise StoreError(f"ResponseError: {_safe(str(reply))}") from reply
+            raise store_error(reply) from reply
         return reply
 
     def _fcall_many(self, op: str, argss: Sequence[Sequence[Any]], *, raw: bool = False,
@@ -248,13 +289,15 @@ class RedisStore:
                     missing = [r for r in replies if isinstance(r, redis.ResponseError)
                                and _is_missing_function(r)]
                     if not missing:
+                        self._worked = True
                         return replies
                     if loaded or not (load and self._autoload):
                         raise missing[0] if loaded else _not_loaded(self.namespace)
                     loaded = True
-                    conn.send_packed_command(
-                        [pack_command(_load_command(self.library))], check_health=False)
-                    conn.read_response()
+                    conn.send_packed_command([self._load_packed(self._lost_epoch())],
+                                             check_health=False)
+                    for _ in range(4):  # MULTI, FUNCTION LOAD, FCALL, EXEC
+                        conn.read_response()
                 except redis.ConnectionError:  # broke while idle: reopen once
                     local.open = False
                     if not reused or reconnected:
@@ -264,7 +307,7 @@ class RedisStore:
         except (redis.RedisError, OSError) as e:
             if not isinstance(e, redis.ResponseError):
                 local.open = False
-            raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
+            raise store_error(e) from e
 
     def _new_connection(self) -> Any:
         """This process's and thread's connection for functions (opened on first use)."""
@@ -275,20 +318,29 @@ class RedisStore:
         return conn
 
     # -- admission
-    def call_arguments(self, call: Call, node: str, mode: str = "a") -> list[Any]:
-        """ARGV of ``policer_admit_S`` for a call (what a proxy's cfg sends, too)."""
+    def call_arguments(self, call: Call, node: str, mode: str = "a",
+                       deadline_ms: int | None = None) -> list[Any]:
+        """ARGV of ``policer_admit_S`` for a call (what a proxy's cfg sends, too);
+        ``deadline_ms``: when the caller stops waiting (Redis's clock), past which the
+        function writes nothing."""
         attrs = pack_fields([call.attribute(s) for s in self.library.attributes])
         enc = self._nodes.get(node)
         if enc is None:  # a store serves one node, call after call
             enc = self._nodes[node] = key_part(node) if node else ""
-        return [enc, raw_bytes(call.call_id), raw_bytes(call.from_tag), attrs, mode,
+        args = [enc, raw_bytes(call.call_id), raw_bytes(call.from_tag), attrs, mode,
                 self.clock_offset_ms, self.library.attributes_sig]
+        if deadline_ms is not None:
+            args += ["", 0, deadline_ms]
+        return args
 
-    def admit_call(self, call: Call, node: str, record: bool = False) -> CallResult:
-        r = self._fcall("admit", self.call_arguments(call, node, "r" if record else "a"))
+    def admit_call(self, call: Call, node: str, record: bool = False,
+                   deadline_ms: int | None = None) -> CallResult:
+        r = self._fcall("admit", self.call_arguments(call, node, "r" if record else "a",
+                                                     deadline_ms))
         return _call_result(r)
 
-    def admit_calls(self, calls: Sequence[Call], node: str) -> list[CallResult | StoreError]:
+    def admit_calls(self, calls: Sequence[Call], node: str, deadline_ms: int | None = None
+                    ) -> list[CallResult | StoreError]:
         """Decide several calls in one round trip: their ``FCALL``s pipelined on this
         thread's connection (Redis runs them one after the other, each atomic, as if
         sent one by one). A call whose reply is an error gets its StoreError in its
@@ -297,22 +349,22 @@ class RedisStore:
             out: list[CallResult | StoreError] = []
             for call in calls:
                 try:
-                    out.append(self.admit_call(call, node))
+                    out.append(self.admit_call(call, node, deadline_ms=deadline_ms))
                 except StoreError as e:
                     if len(calls) == 1:
                         raise
                     out.append(e)
             return out
-        replies = self._fcall_many("admit", [self.call_arguments(call, node, "a")
+        replies = self._fcall_many("admit", [self.call_arguments(call, node, "a", deadline_ms)
                                              for call in calls])
-        return [StoreError(f"ResponseError: {_safe(str(r))}") if isinstance(r, Exception)
+        return [store_error(r) if isinstance(r, Exception)
                 else _call_result(r) for r in replies]
 
-    def admit_command(self, call: Call, node: str) -> bytes:
+    def admit_command(self, call: Call, node: str, deadline_ms: int | None = None) -> bytes:
         """The ``FCALL`` of :meth:`admit_call`, packed (for a caller with a connection of
         its own: :meth:`pipeline_socket`); its reply goes to :func:`call_result`."""
         packed: bytes = pack_command(("FCALL", self._fn["admit"], 1, self.library.prefix,
-                                      *self.call_arguments(call, node, "a")))
+                                      *self.call_arguments(call, node, "a", deadline_ms)))
         return packed
 
     def pipeline_socket(self) -> Any:
@@ -441,7 +493,9 @@ class RedisStore:
         client: Any = self.client
         h: dict[bytes, bytes] = self._run(lambda: client.execute_command(
             "HGETALL", self._p_dialog + dialog_id, NEVER_DECODE=True))
-        if not h or h.get(b"state") == b"rejected":
+        # rejected dialogs, and what settles calls that never counted (a void, the
+        # release of a dialog the store did not know) are no dialogs to show
+        if not h or h.get(b"state") == b"rejected" or b"decision" not in h:
             return None
         return _dialog_info(dialog_id, h)
 
@@ -640,19 +694,53 @@ class RedisStore:
     # -- nodes
     def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
               ) -> tuple[int, int]:
-        swept, left, _ = self.tick(node, lease_ms, sweep, start)
-        return swept, left
+        r = self.tick(node, lease_ms, sweep, start)
+        return r.swept, r.left
 
-    def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False
-             ) -> tuple[int, int, int]:
-        """A node's periodic duties in one call: renew its lease (``lease_ms`` > 0),
-        with ``start`` end its earlier dialogs, with ``sweep`` end dialogs of lost nodes,
-        and end dialogs past their deadline (each a bounded batch). Returns (lost-node
-        dialogs ended, own earlier dialogs left, expired dialogs ended)."""
+    def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False, *,
+             skew_ms: float | None = None, epoch: str = "", instance: str = "",
+             renew_ms: int = 0) -> TickResult:
+        """A node's periodic duties in one call: renew its lease (``lease_ms`` > 0; as
+        ``instance``, with ``renew_ms`` its renew interval), with ``start`` end its earlier
+        dialogs (unless another live instance holds the node: ``owner``), with ``sweep``
+        end dialogs of lost nodes, end dialogs past their deadline (each a bounded batch);
+        keep the node's measured clock skew; the epoch op (see :meth:`_load_library`)."""
         r = self._fcall("tick", [key_part(node) if node else "", lease_ms,
                                  "start" if start else "renew", 1 if sweep else 0,
-                                 RENEW_BATCH, self.clock_offset_ms])
-        return int(r[0]), int(r[1]), int(r[2])
+                                 RENEW_BATCH, self.clock_offset_ms,
+                                 "" if skew_ms is None else str(round(skew_ms)), epoch,
+                                 instance, renew_ms])
+        out = TickResult(int(r[0]), int(r[1]), int(r[2]), str(r[4]), str(r[5]), r[6] == 1)
+        if out.epoch:
+            self.epoch = out.epoch
+        return out
+
+    def info(self) -> StoreInfo:
+        """The loaded library's hash, the store's clock (this process's offset to it is
+        measured here), the state epoch and the server's run id; raises StoreError."""
+        t0 = time.time()
+        try:
+            r = self._fcall("read", ["info", 0], load=False)
+        except StoreError as e:
+            if "function not found" not in str(e).lower():
+                raise
+            client = self.client
+            t0 = time.time()
+            raw = self._run(lambda: client.execute_command("TIME"))
+            t1 = time.time()
+            now = int(raw[0]) * 1000 + int(raw[1]) // 1000
+            return StoreInfo(None, now, "", "", "", (t0 + t1) * 500 - now, (t1 - t0) * 1000)
+        t1 = time.time()
+        now = int(r[4])
+        return StoreInfo(str(r[0]), now, str(r[5]), str(r[6]), str(r[7]),
+                         (t0 + t1) * 500 - now, (t1 - t0) * 1000)
+
+    def deadline_ms(self, budget_ms: int | None = None) -> int:
+        """When a request sent now stops being waited for, in the store's clock:
+        this process's clock, less its measured skew, plus ``budget_ms`` (default the
+        store's timeout)."""
+        budget = self.timeout_ms if budget_ms is None else budget_ms
+        return int(time.time() * 1000 - self.clock_skew_ms) + self.clock_offset_ms + budget
 
     def nodes(self) -> dict[str, int]:
         client = self.client
@@ -691,6 +779,16 @@ def _live_items(text: str | None) -> dict[str, str]:
     return out
 
 
+def store_error(e: BaseException) -> StoreError:
+    """The :class:`StoreError` of a Redis failure: marked ``late`` when the library
+    refused a request that came after its caller's deadline (nothing was written), and
+    ``maybe_applied`` when no reply came (the request may have been, or yet be, applied)."""
+    out = StoreError(f"{type(e).__name__}: {_safe(str(e))}")
+    out.late = isinstance(e, redis.ResponseError) and str(e).startswith("POLICER late")
+    out.maybe_applied = isinstance(e, redis.TimeoutError | redis.ConnectionError | OSError)
+    return out
+
+
 def _not_loaded(namespace: str) -> StoreError:
     return StoreError(f"Function not found: Redis has no policy library for namespace "
                       f"{namespace!r} (run `policer load`, or start a proxy of that policy)")
@@ -698,6 +796,11 @@ def _not_loaded(namespace: str) -> StoreError:
 
 def _load_command(library: Library) -> tuple[Any, ...]:
     return ("FUNCTION", "LOAD", "REPLACE", library.text)
+
+
+def _epoch_args(epoch: str, clock_offset_ms: int = 0) -> tuple[Any, ...]:
+    """ARGV of ``policer_tick_S`` for its epoch op alone."""
+    return ("", 0, "epoch", 0, 0, clock_offset_ms, "", epoch)
 
 
 def _windows(text: str) -> tuple[tuple[str, int, int], ...]:

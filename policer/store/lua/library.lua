@@ -108,10 +108,15 @@ local NOW_S = ''
 local ONE = '1'
 local DECIDED_S = '' .. DECIDED_MS
 local EARLY_TTL_S = '' .. (EARLY_MS + GRACE_MS)
+local EARLY_S = '' .. EARLY_MS
 local DIALOG_TTL_S = '' .. (DIALOG_MS + GRACE_MS)
 local CDR_KEEP_S = '' .. CDR_KEEP
 local ATTEMPTS_KEEP_S = '' .. ATTEMPTS_KEEP
 local PLAIN_ADMIT = '1,0,0,-1,0,0,0'
+local RECOVERY_S = '' .. RECOVERY_MS
+-- the answer to an admit of a dialog that already ended (a late retransmission of a
+-- cancelled call's INVITE, a re-sent Call-ID)
+local ENDED_REJECT = {ENDED_CODE, ENDED_REASON}
 -- a decision's tenth field, the call's max duration (ms; decide writes the fields)
 local DECISION_MD = '^[^,]*,[^,]*,[^,]*,[^,]*,[^,]*,[^,]*,[^,]*,[^,]*,[^,]*,(%-?%d+)'
 
@@ -341,6 +346,20 @@ local function reject_of(profile)
   return DEFAULT_REJECT
 end
 
+-- Drop a dialog's record, and the memberships it still holds when it was live (state
+-- early or confirmed): a record decided anew, or one that outlived its end in script
+-- time (only when a test moves the clock).
+local function forget(P, did, state)
+  local dkey = P .. 'd:' .. did
+  if state == 'early' or state == 'confirmed' then
+    local old = redis.call('HMGET', dkey, 'keys', 'n')
+    for zkey in string.gmatch(old[1] or '', '[^\n]+') do redis.call('ZREM', zkey, did) end
+    if old[2] then redis.call('ZREM', P .. 'n:' .. old[2], did) end
+    redis.call('ZREM', P .. 'confirmed', did)
+  end
+  redis.call('DEL', dkey)
+end
+
 -- ------------------------------------------------------------------ ending a dialog
 
 -- End one live dialog: leave every profile, its node's index and the answered set,
@@ -348,14 +367,25 @@ end
 -- list {record id, field, value, ...} (or {} when records are off), nil when the dialog
 -- was not live; and whether its deadline was still ahead. answered_at: it was answered
 -- then (in the same batch), which only its record shows.
-local function end_dialog(P, did, reason, now, answered_at)
+local function end_dialog(P, did, reason, now, answered_at, quiet, tomb)
   local dkey = P .. 'd:' .. did
   local h = redis.call('HMGET', dkey, 'state', 'expires', 'keys', 'n', 'init_ms',
                        'start_ms', 'profiles', 'i', 'vn', 'deadline')
   local state = h[1]
-  if state ~= 'early' and state ~= 'confirmed' then return nil end
   -- the record outlived its end in script time (only when a test moves the clock)
-  if tonumber(h[2]) <= now then return nil end
+  local gone = not state or tonumber(h[2] or 0) <= now
+  if tomb and gone then
+    if state then forget(P, did, state) end
+    -- A release of a dialog the store does not know: its admission may still be on its
+    -- way (a call the fallback admitted, queued in another worker, process or proxy).
+    -- The release wins: a record that arrives later finds the dialog ended and counts
+    -- nothing. Kept as long as such a record could still count (EARLY_MS).
+    redis.call('HSET', dkey, 'state', 'ended', 'end_ms', NOW_S, 'end_reason', reason,
+               'expires', tostring(now + EARLY_MS))
+    redis.call('PEXPIRE', dkey, EARLY_S)
+    return nil
+  end
+  if gone or (state ~= 'early' and state ~= 'confirmed') then return nil end
   for zkey in string.gmatch(h[3] or '', '[^\n]+') do
     redis.call('ZREM', zkey, did)
   end
@@ -375,7 +405,7 @@ local function end_dialog(P, did, reason, now, answered_at)
   end
   redis.call('PEXPIRE', dkey, DECIDED_S)
   redis.call('HINCRBY', P .. 'stats', 'ended:' .. reason, ONE)
-  if CDR_KEEP <= 0 then return {}, ahead end
+  if CDR_KEEP <= 0 or quiet then return {}, ahead end
   local rec = {'dialog_id', did, 'reason', reason, 'end_ms', NOW_S, 'init_ms', h[5] or '0',
                'start_ms', start, 'profiles', h[7] or '', 'i', h[8] or ''}
   if h[9] and h[9] ~= '' then
@@ -615,7 +645,7 @@ end
 -- calendar windows are read at (now, but for explain --at). md: the call's max
 -- duration (ms, -1 none).
 local function decide(P, did, members, flags, early_ms, node, info, now, cls, dry, lnow, md,
-                      attrs)
+                      attrs, rq)
   local dkey = P .. 'd:' .. did
   local emergency = flags % 2 == 1
   local bypass_allowed = math.floor(flags / 2) % 2 == 1
@@ -628,9 +658,36 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
     -- The same dialog again (retransmission, INVITE re-sent with credentials): same
     -- answer. 'expires' is when the record ends in script time (the key's TTL in real
     -- time): they differ only when a test moves the clock.
-    local prev = redis.call('HMGET', dkey, 'decision', 'expires')
-    if prev[1] then
-      if tonumber(prev[2]) > now then
+    local prev = redis.call('HMGET', dkey, 'decision', 'expires', 'state', 'q')
+    local st = prev[3]
+    if st then
+      local anew = tonumber(prev[2] or 0) <= now
+      if anew then
+      elseif st == 'void' then
+        -- a request its caller gave up on, settled by the caller's fallback: this very
+        -- request (or an older one) arrives late and writes nothing; a later attempt
+        -- (the INVITE re-sent after the stall) is decided normally
+        if record or rq == nil or tonumber(rq) > tonumber(prev[4] or 0) then anew = true
+        else return nil end
+      elseif st == 'ended' then
+        -- the dialog is over: an emergency call is always decided (counted as a new
+        -- call); a record arrives after the release (which wins); any other admit is a
+        -- late retransmission of an ended (cancelled) call or a re-sent Call-ID:
+        -- rejected, never admitted uncounted
+        if emergency and not record then
+          anew = true
+        else
+          if not record then redis.call('HINCRBY', P .. 'stats', 'resent_ended', ONE) end
+          local c, rsn = ENDED_REJECT[1], ENDED_REJECT[2]
+          return {0, c, rsn, -1, '', 0, -1, 0, 1, 0, 0, cls or '', labels_of(members), did,
+                  emergency_out, 'ended', '', -1}
+        end
+      elseif st == 'rejected' and (emergency or record) then
+        -- an emergency call is always decided, whatever an earlier attempt got; a call
+        -- the proxy's fallback admitted is up, whatever Redis answered it too late
+        anew = true
+      end
+      if not anew and prev[1] then
         local more = redis.call('HMGET', dkey, 'i', 'profiles', 'tp')
         local cls_was = ''
         local pos = 1
@@ -656,13 +713,9 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
                 tonumber(r[5]), 1, tonumber(r[6]), tonumber(r[2]), cls_was, more[2] or '',
                 did, tonumber(r[7] or 0), kind, r[12] or '', tonumber(r[10] or -1)}
       end
-      -- the record outlived its end in script time (only when a test moves the clock):
-      -- forget it and whatever memberships it still held
-      local old = redis.call('HMGET', dkey, 'keys', 'n')
-      for zkey in string.gmatch(old[1] or '', '[^\n]+') do redis.call('ZREM', zkey, did) end
-      if old[2] then redis.call('ZREM', P .. 'n:' .. old[2], did) end
-      redis.call('ZREM', P .. 'confirmed', did)
-      redis.call('DEL', dkey)
+      -- decided anew (or the record outlived its end in script time, only when a test
+      -- moves the clock): forget it and whatever memberships it still held
+      forget(P, did, st)
     end
   end
 
@@ -816,10 +869,18 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
   -- the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
   redis.call('ZADD', P .. 'n:' .. node, dl, did)
   if register then redis.call('SADD', P .. 'nidx', node) end
-  redis.call('HSET', dkey, 'decision', decision, 'state', 'early', 'init_ms', NOW_S,
-             'deadline', dl, 'expires', tostring(deadline + GRACE_MS),
-             'keys', table.concat(keys, '\n'), 'profiles', labels, 'n', node,
-             'tp', limit, 'i', packed)
+  if rq then
+    -- q: the deadline of the request that admitted it (a fallback's void settles it)
+    redis.call('HSET', dkey, 'decision', decision, 'state', 'early', 'init_ms', NOW_S,
+               'deadline', dl, 'expires', tostring(deadline + GRACE_MS),
+               'keys', table.concat(keys, '\n'), 'profiles', labels, 'n', node,
+               'tp', limit, 'i', packed, 'q', rq)
+  else
+    redis.call('HSET', dkey, 'decision', decision, 'state', 'early', 'init_ms', NOW_S,
+               'deadline', dl, 'expires', tostring(deadline + GRACE_MS),
+               'keys', table.concat(keys, '\n'), 'profiles', labels, 'n', node,
+               'tp', limit, 'i', packed)
+  end
   if early_ms == EARLY_MS then
     redis.call('PEXPIRE', dkey, EARLY_TTL_S)
   else
@@ -852,7 +913,7 @@ end
 
 -- ------------------------------------------------------------------ admit (raw call)
 
-local function admit_call(P, node, call_id, from_tag, attrs, mode, now, at)
+local function admit_call(P, node, call_id, from_tag, attrs, mode, now, at, early_ms, rq)
   local cls, number, values, members = classify(attrs, at)
   local flags = 0
   if cls ~= nil and cls == EMERGENCY_CLASS then
@@ -870,8 +931,24 @@ local function admit_call(P, node, call_id, from_tag, attrs, mode, now, at)
     info = {bounded(call_id), bounded(from), bounded(number), cls or '', node,
             bounded(values[SOURCE_IP_ATTR] or '')}
   end
-  return decide(P, did, members, flags, EARLY_MS, node, info, now, cls, mode == 'e', at,
-                max_duration(members, cls), attrs)
+  return decide(P, did, members, flags, early_ms or EARLY_MS, node, info, now, cls,
+                mode == 'e', at, max_duration(members, cls), attrs, rq)
+end
+
+-- An instant in Redis's clock (ms) from a caller's clock: its time s (seconds, a
+-- fraction allowed, as the caller's clock reads) plus add ms (the caller's measured
+-- offset to Redis's clock, and its budget); nil when either is missing or malformed.
+local function redis_ms(s, add)
+  local a, b = tonumber(s), tonumber(add)
+  if a == nil or b == nil then return nil end
+  return math.floor(a * 1000 + b)
+end
+
+local function late_reply(now, rq)
+  local when = 'its fallback settled it'
+  if now > rq then when = 'it stopped waiting ' .. (now - rq) .. ' ms ago' end
+  return redis.error_reply('POLICER late: the caller gave up on this admit (' .. when ..
+                           '); nothing was written, its fallback decides')
 end
 
 local function fn_admit(keys, args)
@@ -885,9 +962,28 @@ local function fn_admit(keys, args)
   local now = now_ms(args[6])
   local mode = args[5] or 'a'
   local at = now
-  if mode == 'e' and args[8] then at = now + (tonumber(args[8]) or 0) end
+  local rq = nil
+  if mode == 'e' then
+    if args[8] then at = now + (tonumber(args[8]) or 0) end
+  elseif mode ~= 'r' then
+    -- a request its caller gave up on (Redis paused, slow, the reply lost) is never
+    -- applied: past the caller's deadline nothing is written
+    rq = redis_ms(args[9], args[10])
+    if rq and now > rq then return late_reply(now, rq) end
+    -- Redis lost its state and the proxies are putting their calls back: the counts
+    -- are not whole yet, so no limit is decided on them (the callers' fallback decides)
+    local hold = redis.call('GET', NS_PREFIX .. 'hold')
+    if hold and tonumber(hold) > now then
+      return redis.error_reply('POLICER recovering: the counts are being restored from ' ..
+                               'the proxies after Redis lost its state; the caller\'s ' ..
+                               'fallback decides for a few seconds')
+    end
+  end
+  local rq_s = nil
+  if rq then rq_s = string.format('%d', rq) end
   local r = admit_call(NS_PREFIX, args[1] or '', args[2] or '', args[3] or '', args[4] or '',
-                       mode, now, at)
+                       mode, now, at, nil, rq_s)
+  if r == nil then return late_reply(now, rq or now) end
   if mode == 'A' then
     local md_s = -1
     if r[18] > 0 then md_s = math.ceil(r[18] / 1000) end
@@ -996,6 +1092,31 @@ local function released(rec, with_records)
   return 1
 end
 
+-- A request its caller gave up on and decided by its fallback (which rejected the
+-- call): settled so that it never counts. rq: that request's deadline (Redis's clock).
+-- A dialog it admitted anyway (Redis answered in time, the answer came too late) leaves
+-- its profiles (no call-end record: there was no call); a request that has not arrived
+-- yet finds the dialog void and writes nothing. 1 when it changed something.
+local function void(P, did, rq, now)
+  local dkey = P .. 'd:' .. did
+  local h = redis.call('HMGET', dkey, 'state', 'q', 'expires')
+  local live = h[1] and tonumber(h[3] or 0) > now
+  if h[1] and not live then forget(P, did, h[1]) end
+  if live and (h[1] == 'early' or h[1] == 'confirmed') then
+    -- only the request that was given up on (or an older one): a later attempt's
+    -- dialog (the INVITE re-sent and admitted since) stays
+    if not h[2] or tonumber(h[2]) > rq then return 0 end
+    end_dialog(P, did, 'abandoned', now, nil, true)
+    return 1
+  end
+  if live and h[1] ~= 'void' then return 0 end  -- rejected or ended: counts nothing
+  if live and tonumber(h[2] or 0) >= rq then return 0 end
+  redis.call('HSET', dkey, 'state', 'void', 'q', string.format('%d', rq),
+             'expires', tostring(now + DECIDED_MS))
+  redis.call('PEXPIRE', dkey, DECIDED_S)
+  return 1
+end
+
 -- One op of a batch, read from position pos: {letter, dialog id, arg1, arg2, raw Call-ID}
 -- and the next position; nil when the batch is malformed from here on.
 local function read_op(ops, pos)
@@ -1022,12 +1143,27 @@ local function read_op(ops, pos)
     c, pos = field_at(ops, pos); if c == nil then return nil end
     d, pos = field_at(ops, pos); if d == nil then return nil end
     return {op, a, c, d}, pos
-  elseif op == 'a' then
+  elseif op == 'a' or op == 'b' then
     a, pos = field_at(ops, pos); if a == nil then return nil end
     b, pos = field_at(ops, pos); if b == nil then return nil end
     c, pos = field_at(ops, pos); if c == nil then return nil end
     d, pos = field_at(ops, pos); if d == nil then return nil end
-    return {op, a, b, c, d}, pos
+    if op == 'a' then return {op, a, b, c, d}, pos end
+    local e, f
+    e, pos = field_at(ops, pos); if e == nil then return nil end
+    f, pos = field_at(ops, pos); if f == nil then return nil end
+    return {op, a, b, c, d, redis_ms(e, f)}, pos
+  elseif op == 'x' then
+    a, pos = field_at(ops, pos); if a == nil then return nil end
+    b, pos = field_at(ops, pos); if b == nil then return nil end
+    c, pos = field_at(ops, pos); if c == nil then return nil end
+    d, pos = field_at(ops, pos); if d == nil then return nil end
+    return {op, dialog_id(a, b), redis_ms(c, d)}, pos
+  elseif op == 'X' then
+    a, pos = field_at(ops, pos); if a == nil then return nil end
+    c, pos = field_at(ops, pos); if c == nil then return nil end
+    d, pos = field_at(ops, pos); if d == nil then return nil end
+    return {op, a, redis_ms(c, d)}, pos
   end
   return nil  -- malformed: the rest of the batch cannot be read
 end
@@ -1075,20 +1211,36 @@ local function fn_batch(keys, args)
       local rec, ahead
       if l == 'u' then  -- a BYE of a dialog another proxy set up: either tag may name it
         rec, ahead = end_dialog(P, did, 'bye', now, answered[did])
-        if rec == nil and op[3] ~= '' then
-          rec = end_dialog(P, dialog_id(op[5], op[3]), 'bye', now)
+        if rec == nil then
+          local other = nil
+          if op[3] ~= '' then
+            other = dialog_id(op[5], op[3])
+            rec = end_dialog(P, other, 'bye', now)
+          end
+          if rec == nil then  -- neither is live: those not known (yet) stay ended
+            end_dialog(P, did, 'bye', now, nil, false, true)
+            if other then end_dialog(P, other, 'bye', now, nil, false, true) end
+          end
         end
       else
-        rec, ahead = end_dialog(P, did, op[3], now, answered[did])
+        rec, ahead = end_dialog(P, did, op[3], now, answered[did], false, true)
       end
       -- the answer of this batch found the dialog live (as a confirm of its own would)?
       if at[did] and not (rec and ahead) then out[at[did]] = 0 end
       r = released(rec, with_records)
     elseif l == 'v' or l == 'V' then
       r = set_var(P, did, bounded(op[3]), bounded(op[4]))
-    elseif l == 'a' and records_ok then
-      local reply = admit_call(P, key_part(op[2]), op[3], op[4], op[5], 'r', now)
-      if reply[9] == 1 then r = 0 else r = 1 end
+    elseif (l == 'a' or l == 'b') and records_ok then
+      -- a call the proxy's fallback admitted ('b': decided at op[6], Redis's clock): it
+      -- counts from then until its early deadline, unless its release came first
+      local early = nil
+      if l == 'b' and op[6] then early = op[6] + EARLY_MS - now end
+      if early == nil or early > 0 then
+        local reply = admit_call(P, key_part(op[2]), op[3], op[4], op[5], 'r', now, now, early)
+        if reply[9] == 1 then r = 0 else r = 1 end
+      end
+    elseif (l == 'x' or l == 'X') and op[3] then
+      r = void(P, did, op[3], now)
     end
     out[#out + 1] = r
   end
@@ -1177,16 +1329,119 @@ local function sweep_state(P, now, batch)
   return #del
 end
 
+-- This library's mark in this server's Lua engine: set by the first call after the
+-- library was loaded into this server (FUNCTION LOAD, a restart from RDB or AOF, a
+-- replica promoted), never replicated. A server that answers with another mark than
+-- the epoch's was confirmed with may have lost the last writes (no INFO needed: an ACL
+-- without @dangerous commands suffices).
+local VM_MARK = nil
+
+local function vm_mark()
+  if VM_MARK == nil then
+    local t = redis.call('TIME')
+    VM_MARK = t[1] .. '.' .. t[2]
+  end
+  return VM_MARK
+end
+
+-- The namespace's state epoch (P epoch: id, and the VM_MARK it was last confirmed
+-- with). op 'init': create one when there is none (a fresh namespace: a node's start,
+-- policer load into a Redis without the library). op 'reload:<mark>': the library was
+-- just loaded again; the caller read <mark> before: the epoch follows the new mark if
+-- it was confirmed with <mark>, else the server had changed already (as 'lost'). op
+-- 'lost:<id>': the caller saw epoch <id> and found the state lost since (Redis
+-- restarted, failed over): a new epoch, and admits are held for RECOVERY_MS while every
+-- node puts its calls back (P hold), unless another node did so already. op
+-- 'missing:<id>': a caller that decided by the library found it gone and loaded it:
+-- as 'lost' when the epoch is gone too (restarted empty), else only the library was
+-- (the epoch follows the new mark). Returns the id.
+local function epoch_op(P, op)
+  local ekey = P .. 'epoch'
+  local e = redis.call('HMGET', ekey, 'id', 'run')
+  local cur = e[1]
+  if op == '' then return cur or '' end
+  local renew, hold = false, false
+  if op == 'init' then
+    renew = not cur
+  elseif string.sub(op, 1, 7) == 'reload:' then
+    if not cur then
+      renew = true
+    elseif e[2] == string.sub(op, 8) then
+      redis.call('HSET', ekey, 'run', vm_mark())
+    else
+      renew, hold = true, true
+    end
+  elseif string.sub(op, 1, 8) == 'missing:' then
+    -- the library was gone: with the epoch, only the library was (FUNCTION FLUSH);
+    -- without it, the whole state (Redis restarted empty)
+    if cur then
+      redis.call('HSET', ekey, 'run', vm_mark())
+    else
+      renew, hold = true, true
+    end
+  elseif string.sub(op, 1, 5) == 'lost:' then
+    renew = not cur or cur == string.sub(op, 6)
+    hold = renew
+  end
+  if not renew then return cur or '' end
+  cur = vm_mark() .. '-' .. NOW_S
+  redis.call('HSET', ekey, 'id', cur, 'run', vm_mark())
+  if hold then
+    -- until when, in script time (a test moving the clock ends it), and the key's TTL
+    redis.call('SET', P .. 'hold', tostring(tonumber(NOW_S) + RECOVERY_MS), 'PX', RECOVERY_S)
+  end
+  return cur
+end
+
+-- Whether node (encoded) may start as instance inst: '' yes (it takes the node), else
+-- 'owned:<ms>': another instance renewed the node's lease within one renew interval
+-- and holds it now; ask again after <ms> (a crashed owner renews no more: then the
+-- node is taken over).
+local function take_node(P, node, inst, now, lease_end, renew_ms)
+  local o = redis.call('HGET', P .. 'owner', node)
+  if o and lease_end and tonumber(lease_end) > now then
+    local who, at = string.match(o, '^(.*):(%d+)$')
+    if who and who ~= inst then
+      local free_at = tonumber(at) + renew_ms + NODE_MARGIN_MS
+      if free_at > now then return 'owned:' .. (free_at - now) end
+    end
+  end
+  return ''
+end
+
 local function fn_tick(keys, args)
   local P = NS_PREFIX
   local node = args[1] or ''
   local lease = tonumber(args[2]) or 0
   local batch = tonumber(args[5]) or 200
   local now = now_ms(args[6])
+  local inst = args[9] or ''
+  local renew_ms = tonumber(args[10]) or 5000
+  if args[3] == 'epoch' then return {0, 0, 0, 0, epoch_op(P, args[8] or ''), '', 0} end
+  local owner, lapsed = '', 0
   if lease > 0 then
+    local was = redis.call('ZSCORE', P .. 'nodes', node)
+    if inst ~= '' then
+      if args[3] == 'start' then
+        owner = take_node(P, node, inst, now, was, renew_ms)
+        if owner ~= '' then
+          return {0, 0, 0, 0, epoch_op(P, ''), owner, 0}
+        end
+      elseif not was or tonumber(was) <= now then
+        -- the lease had lapsed (this node was cut off or stalled longer than the lease):
+        -- the other nodes may have ended its calls; the caller puts them back
+        lapsed = 1
+      end
+      redis.call('HSET', P .. 'owner', node, inst .. ':' .. NOW_S)
+    end
     redis.call('ZADD', P .. 'nodes', now + lease, node)
     redis.call('SADD', P .. 'nidx', node)
   end
+  if args[7] and args[7] ~= '' and node ~= '' then
+    -- the node's clock minus Redis's (ms), as the node measured it, and when
+    redis.call('HSET', P .. 'skew', node, args[7] .. ':' .. NOW_S)
+  end
+  local epoch = epoch_op(P, args[8] or '')
   local left = 0
   if args[3] == 'start' then
     local nkey = P .. 'n:' .. node
@@ -1202,7 +1457,7 @@ local function fn_tick(keys, args)
   if args[4] == '1' then swept = sweep_lost_nodes(P, now, batch) end
   local expired = sweep_expired(P, now, batch)
   local stale = sweep_state(P, now, batch)
-  return {swept, left, expired, stale}
+  return {swept, left, expired, stale, epoch, owner, lapsed}
 end
 
 -- ------------------------------------------------------------------ reads
@@ -1210,7 +1465,12 @@ end
 local function fn_read(keys, args)
   local P = NS_PREFIX
   if args[1] == 'info' then
-    return {POLICY_HASH, POLICY_SOURCE, POLICY_VERSION, LIBRARY_FORMAT}
+    -- with Redis's clock (the caller measures its offset), the state epoch and this
+    -- server's VM_MARK (another one than the epoch's: the state may have been lost)
+    local now = now_ms(args[2])
+    local e = redis.call('HMGET', P .. 'epoch', 'id', 'run')
+    return {POLICY_HASH, POLICY_SOURCE, POLICY_VERSION, LIBRARY_FORMAT, now, e[1] or '',
+            e[2] or '', vm_mark()}
   end
   local now = now_ms(args[2])
   local out = {}
