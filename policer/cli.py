@@ -404,11 +404,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
     loaded = store.loaded_hash()
     stats["policy_hash"] = loaded
     stats["policy_file_hash"] = compile_policy(policy).policy_hash
+    # each node's clock minus Redis's, as the node last measured it (nodes with a lease)
+    leased = store.nodes()
+    skews = {n: ms / 1000 for n, (ms, _) in sorted(store.node_skews().items()) if n in leased}
     if args.json:
-        _print_json(stats)
+        _print_json({**stats, "clock_skew_seconds": skews})
     else:
         for k, v in stats.items():
             print(f"{k:<16} {v}")
+        for n, skew in skews.items():
+            note = "  (beyond 0.5 s: check NTP)" if abs(skew) > 0.5 else ""
+            print(f"{'clock_skew':<16} {skew:+.3f} s  {n}{note}")
     return EXIT_OK
 
 

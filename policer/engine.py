@@ -644,7 +644,7 @@ class Engine:
                            "list to restore from (policer reconcile --proxy can)")
             return None
         try:
-            listed_at = self.store.info().now_ms - RESYNC_MARGIN_MS
+            listed_at = self.store.now_ms() - RESYNC_MARGIN_MS
             dialogs = source()
             report = reconcile(self._current.policy, self.store, self.node, dialogs,
                                listed_at_ms=listed_at)

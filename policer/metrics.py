@@ -293,6 +293,14 @@ class ClusterCollector(Collector):
                                  labels=["namespace", "hash", "file_hash"])
         info.add_metric([policy.namespace, snap.policy_hash or "", snap.policy_file_hash], 1)
         yield info
+        skew = GaugeMetricFamily("policer_node_clock_skew_seconds",
+                                 "A node's clock minus Redis's, as the node measured it "
+                                 "(nodes holding a lease); decisions stay right whatever it "
+                                 "is, beyond 0.5 s the node logs clock_skew.",
+                                 labels=["node"])
+        for node, ms in sorted(snap.skews.items()):
+            skew.add_metric([node], ms / 1000)
+        yield skew
         took = GaugeMetricFamily("policer_scrape_seconds", "Time to read the store.")
         took.add_metric([], time.perf_counter() - t0)
         yield took

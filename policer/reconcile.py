@@ -40,6 +40,9 @@ __all__ = ["CALL_VAR", "ProxyDialog", "Report", "fetch_dialogs", "parse_dialogs"
 
 #: The Kamailio dialog variable in which the adapter keeps the call's attributes.
 CALL_VAR = "policer_call"
+#: Ends the store decides on its own (a lost node, a deadline): a call the proxy still
+#: carries is counted again.
+STORE_ENDS = frozenset({"node_lost", "expired"})
 #: dlg.list states: 1 unconfirmed, 2 early, 3 confirmed, 4 confirmed (ACKed), 5 deleted.
 _LIVE_STATES = (1, 2, 3, 4)
 
@@ -210,8 +213,9 @@ def reconcile(policy: Policy, store: Store, node: str, dialogs: Iterable[ProxyDi
         if info is not None and info.state in ("early", "confirmed"):
             report.kept += 1
             continue
-        if info is not None and info.state == "ended":
-            continue  # it ended after the proxy listed it
+        if info is not None and info.state == "ended" \
+                and info.end_reason not in STORE_ENDS:
+            continue  # it ended after the proxy listed it (not ended by the store itself)
         report.added.append(did)
         if not d.complete:
             report.partial.append(did)

@@ -52,6 +52,8 @@ class Snapshot:
     #: the policy the store decides by (None: none loaded) and that of the policy file
     policy_hash: str | None = None
     policy_file_hash: str = ""
+    #: each node holding a lease: its clock minus the store's (ms), as it measured it
+    skews: Mapping[str, int] = field(default_factory=dict)
 
     def decided(self, result: str, profile: str) -> int:
         return self.decisions.get((result, profile), 0)
@@ -88,8 +90,10 @@ def take_snapshot(policy: Policy, store: AdminStore, top: int = 5,
             n = counts[v] if v in counts else store.profile_size(p.name, v)
             mx = live_limits.get(v, default_max)
             values.append(_row(store, p.name, limit, shadow, v, n, mx))
+    leased = store.nodes()
+    skews = {n: ms for n, (ms, _) in store.node_skews().items() if n in leased}
     return Snapshot(tuple(rows), tuple(values), store.stats(), store.decisions(), store.ended(),
-                    store.loaded_hash(), compile_policy(policy).policy_hash)
+                    store.loaded_hash(), compile_policy(policy).policy_hash, skews)
 
 
 def _row(store: AdminStore, profile: str, limit: Limit | None, shadow: bool, value: str | None,

@@ -18,7 +18,7 @@ from policer.compile import RECOVERY_MS
 from policer.engine import Engine
 from policer.policy import Policy, load_policy, parse_policy
 from policer.store import RedisStore
-from tests.support import call, wait_for
+from tests.support import call, ticked, wait_for
 from tests.support.cli import policy_copy
 
 POLICY = """
@@ -65,13 +65,6 @@ def until(condition: Callable[[], object]) -> bool:
     """Poll a condition (liveness bound, not a timing assertion)."""
     return wait_for(condition, 15)
 
-
-def ticked(engine: Engine, condition: Callable[[], object]) -> Callable[[], object]:
-    """A condition checked after one tick of ``engine``."""
-    def check() -> object:
-        engine.tick()
-        return condition()
-    return check
 
 
 def test_redis_down_fail_open_then_counts_are_right_when_it_returns(

@@ -453,6 +453,10 @@ class AdminStore(Protocol):
     def node_dialogs(self, node: str) -> list[str]:
         """Dialog ids a node admitted that are still recorded."""
 
+    def node_skews(self) -> dict[str, tuple[int, int]]:
+        """Each node's clock minus the store's (ms) as the node last measured it, and
+        when (the store's clock, ms)."""
+
     def now_ms(self) -> int:
         """The store's clock (Redis ``TIME``), in ms."""
 

@@ -132,6 +132,11 @@ class Keys:
         return f"{self.prefix}decisions"
 
     @property
+    def skew(self) -> str:
+        """Each node's clock minus Redis's, as the node measured it: ``<ms>:<when>``."""
+        return f"{self.prefix}skew"
+
+    @property
     def cdr(self) -> str:
         return f"{self.prefix}cdr"
 

@@ -58,6 +58,8 @@ __all__ = ["MemoryStore"]
 _GRACE_MS = GRACE_MS
 _DECIDED_MS = DECIDED_MS
 _RENEW_BATCH = TICK_BATCH
+#: ends the store decided on its own, which a node's record of the call overrides
+_STORE_ENDS = frozenset({"node_lost", "expired"})
 
 
 @dataclass(slots=True)
@@ -439,7 +441,8 @@ class MemoryStore:
                         else:
                             raise _late()
                     elif prev.state == "ended":
-                        if emergency and not request.record:
+                        if (emergency and not request.record) or (
+                                request.record and prev.end_reason in _STORE_ENDS):
                             anew = True
                         else:
                             if not request.record:

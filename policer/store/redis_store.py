@@ -748,6 +748,18 @@ class RedisStore:
                                                withscores=True))
         return {value_from_key(n): int(score) for n, score in rows}
 
+    def node_skews(self) -> dict[str, tuple[int, int]]:
+        client = self.client
+        raw: dict[str, str] = self._run(lambda: client.hgetall(self.keys.skew))
+        out = {}
+        for node, v in raw.items():
+            skew, _, at = v.partition(":")
+            try:
+                out[value_from_key(node)] = (int(float(skew)), int(at or 0))
+            except ValueError:
+                continue
+        return out
+
     def node_dialogs(self, node: str) -> list[str]:
         client = self.client
         key = self.keys.node(node)

@@ -40,6 +40,14 @@ def wait_for(condition: Callable[[], object], timeout: float, interval: float = 
         time.sleep(interval)
 
 
+def ticked(engine: Engine, condition: Callable[[], object]) -> Callable[[], object]:
+    """A condition checked after one tick of ``engine``."""
+    def check() -> object:
+        engine.tick()
+        return condition()
+    return check
+
+
 def new_namespace() -> str:
     return "t" + uuid.uuid4().hex[:16]
 

@@ -114,6 +114,8 @@ local CDR_KEEP_S = '' .. CDR_KEEP
 local ATTEMPTS_KEEP_S = '' .. ATTEMPTS_KEEP
 local PLAIN_ADMIT = '1,0,0,-1,0,0,0'
 local RECOVERY_S = '' .. RECOVERY_MS
+-- ends the store decided on its own, which a node's record of the call overrides
+local STORE_ENDS = {node_lost = true, expired = true}
 -- the answer to an admit of a dialog that already ended (a late retransmission of a
 -- cancelled call's INVITE, a re-sent Call-ID)
 local ENDED_REJECT = {ENDED_CODE, ENDED_REASON}
@@ -658,7 +660,7 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
     -- The same dialog again (retransmission, INVITE re-sent with credentials): same
     -- answer. 'expires' is when the record ends in script time (the key's TTL in real
     -- time): they differ only when a test moves the clock.
-    local prev = redis.call('HMGET', dkey, 'decision', 'expires', 'state', 'q')
+    local prev = redis.call('HMGET', dkey, 'decision', 'expires', 'state', 'q', 'end_reason')
     local st = prev[3]
     if st then
       local anew = tonumber(prev[2] or 0) <= now
@@ -674,7 +676,9 @@ local function decide(P, did, members, flags, early_ms, node, info, now, cls, dr
         -- call); a record arrives after the release (which wins); any other admit is a
         -- late retransmission of an ended (cancelled) call or a re-sent Call-ID:
         -- rejected, never admitted uncounted
-        if emergency and not record then
+        if (emergency and not record) or (record and STORE_ENDS[prev[5]]) then
+          -- (a record of a call the store itself ended, its node lost or its deadline
+          -- passed: the node says it is up, so it counts again)
           anew = true
         else
           if not record then redis.call('HINCRBY', P .. 'stats', 'resent_ended', ONE) end
