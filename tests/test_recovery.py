@@ -23,7 +23,6 @@ from policer.reconcile import ProxyDialog
 from policer.store import Op, RedisStore, StoreError
 from policer.store.keys import dialog_id
 from tests.support import call, wait_for
-from tests.test_faults import ticked
 
 POLICY = """
 version: 1
