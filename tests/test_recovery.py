@@ -22,7 +22,7 @@ from policer.policy import Policy, parse_policy
 from policer.reconcile import ProxyDialog
 from policer.store import Op, RedisStore, StoreError
 from policer.store.keys import dialog_id
-from tests.support import call, wait_for
+from tests.support import call, ticked, wait_for
 
 POLICY = """
 version: 1
