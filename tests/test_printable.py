@@ -4,15 +4,24 @@ and for terminal control characters."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
-from policer.call import raw_bytes, text
+from lab.redis_server import free_port
+from policer.call import Call, raw_bytes, text
 from policer.printable import from_printable, printable, printable_data
+from tests.support import STORE_TIMEOUT_MS, wait_for
+from tests.support.cli import ROOT, policy_copy, run_cli
 
 #: what a value from SIP may hold once policer.call.text kept it
 sip_values = st.one_of(
@@ -82,3 +91,93 @@ def test_bash_reads_the_shown_form_back_to_the_bytes() -> None:
                              capture_output=True, check=True,
                              env={"LC_ALL": "C.UTF-8", "PATH": "/usr/bin:/bin"}).stdout
         assert out == raw_bytes(v), v
+
+
+# --------------------------------------------------------------------------- where shown
+
+#: a From user with a byte that is not UTF-8 (the CLI keeps argv bytes as surrogates)
+ODD = text(b"m\xffx")
+#: a From user that clears the terminal it is printed on
+ESC = "\x1b[2J"
+#: an account with a backslash, and one with a C1 control (CSI)
+SLASHED = "a\\xffb"
+C1 = "\x9b31m"
+
+
+@pytest.fixture
+def hostile(tmp_path: Path, redis_url: str, namespace: str) -> dict[str, str]:
+    """Two live dialogs whose values are not printable as they are."""
+    env = {"POLICER_REDIS_URL": redis_url,
+           "POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
+    run_cli("admit", "--from", ODD, "--to", "5551234", "--call-id", "c1", "--from-tag",
+            "t1", "--header", f"X-Account: {SLASHED}", env=env, check=True)
+    run_cli("admit", "--from", ESC, "--to", "0\x1b]0;pwned\x07", "--call-id", "c2\x1b[31m",
+            "--from-tag", "t2", "--header", f"X-Account: {C1}", env=env, check=True)
+    return env
+
+
+def _no_control(out: str) -> None:
+    assert not set(out) & (FORBIDDEN - {"\n", "\t"}), out
+    assert "\\udc" not in out  # no Python backslashreplace of a surrogate either
+
+
+def test_exporter_metrics_answer_with_escaped_labels(hostile: dict[str, str]) -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "policer", "exporter", "--listen",
+                             f"127.0.0.1:{port}"], env={**os.environ, **hostile}, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        got: list[tuple[int, bytes]] = []
+
+        def scraped() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    got.append((r.status, r.read()))
+            except urllib.error.HTTPError as e:
+                got.append((e.code, e.read()))
+            except OSError:
+                return proc.poll() is not None
+            return True
+
+        assert wait_for(scraped, 20) and got, proc.stderr
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    status, body = got[-1]
+    assert status == 200, err.decode(errors="replace")[-2000:]
+    assert b"\x1b" not in body
+    labels = {(s.name, s.labels.get("profile"), s.labels.get("value")): s.value
+              for f in text_string_to_metric_families(body.decode())
+              for s in f.samples}
+    for profile, v in (("user", ODD), ("user", ESC), ("account", SLASHED), ("account", C1)):
+        assert labels[("policer_profile_dialogs", profile, printable(v))] == 1, v
+    assert labels[("policer_profile_dialogs", "user", "m\\xffx")] == 1
+
+
+def test_cluster_collector_escapes_labels_in_any_registry(redis_url: str, namespace: str,
+                                                          tmp_path: Path) -> None:
+    """The collector ``policer serve``'s /metrics renders too."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from policer.engine import Engine
+    from policer.metrics import ClusterCollector
+    from policer.policy import load_policy
+    from policer.store import RedisStore
+
+    policy = load_policy(policy_copy(tmp_path, namespace))
+    store = RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
+    try:
+        engine = Engine(policy, store, node="n")
+        for i, user in enumerate((b"m\xffx", b"\x1b[2J", b"\xc2\x9b")):
+            assert engine.admit(Call.from_raw(f"k{i}", "t", from_user=user,
+                                              ruri_user="5551234")).admitted
+        registry = CollectorRegistry()
+        registry.register(ClusterCollector(policy, store))
+        body = generate_latest(registry).decode()
+    finally:
+        store.close()
+    values = {s.labels["value"] for f in text_string_to_metric_families(body)
+              for s in f.samples if s.name == "policer_profile_dialogs"
+              and s.labels["profile"] == "user"}
+    assert values == {"", "m\\xffx", "\\x1b[2J", "\\u009b"}
