@@ -5,6 +5,11 @@ Every command reads ``--redis URL`` (or ``POLICER_REDIS_URL``) and
 Exit status: 0 success (for ``admit``: admitted), 1 rejected / not found,
 2 usage or policy error, 3 the store could not be reached (for ``reconcile``: also a
 proxy whose dialogs could not be listed).
+
+Values from SIP (and every string of ``--json``) are printed in the form
+:func:`policer.printable.printable` gives: a byte that is not UTF-8 as ``\\xff``, a
+control character as ``\\x1b``, a backslash as ``\\\\``; no terminal control
+sequence reaches the terminal.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from policer.compile import compile_policy
 from policer.decision import Decision
 from policer.log import configure, redact
 from policer.policy import Policy, PolicyError, Rate, load_policy, parse_duration_ms
+from policer.printable import printable, printable_data
 from policer.store import Store, StoreError, open_store
 from policer.store.base import DialogInfo
 from policer.store.keys import dialog_id
@@ -128,7 +134,7 @@ def _call(args: argparse.Namespace) -> Call:
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=None, sort_keys=False, default=str))
+    print(json.dumps(printable_data(obj), indent=None, sort_keys=False))
 
 
 def _ts(ms: int) -> str:
@@ -157,7 +163,7 @@ def _dialog_dict(d: DialogInfo) -> dict[str, Any]:
 
 
 def _print_dialog(d: DialogInfo) -> None:
-    dd = _dialog_dict(d)
+    dd = printable_data(_dialog_dict(d))
     print(f"dialog {dd['id']}")
     for k in ("call_id", "from", "to", "class", "node", "state"):
         print(f"  {k:<10} {dd[k]}")
@@ -166,8 +172,8 @@ def _print_dialog(d: DialogInfo) -> None:
     if d.end_ms:
         print(f"  {'end':<10} {_ts(d.end_ms)} ({d.end_reason})")
     print(f"  {'deadline':<10} {_ts(d.deadline_ms)}")
-    print(f"  {'profiles':<10} {', '.join(d.profiles) or '-'}")
-    for k, v in d.variables.items():
+    print(f"  {'profiles':<10} {', '.join(dd['profiles']) or '-'}")
+    for k, v in dd["variables"].items():
         print(f"  var {k} = {v}")
 
 
@@ -222,11 +228,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(x.as_dict())
         return EXIT_OK
-    print(f"number      {x.number or '(none)'}")
+    print(f"number      {printable(x.number) or '(none)'}")
     print(f"class       {x.number_class or '(none)'}{'  [emergency]' if x.emergency else ''}")
     print("memberships")
     for v in x.limits:
-        name = v.profile if v.value is None else f"{v.profile}={v.value}"
+        name = v.profile if v.value is None else f"{v.profile}={printable(v.value)}"
         usage = _usage_text(v)
         if v.max < 0 and not usage:
             print(f"  {name:<28} {v.count:>6}  (counted, no limit)")
@@ -353,7 +359,7 @@ def cmd_profile_list(args: argparse.Namespace) -> int:
             _print_json({"profile": args.profile, "values": values})
         else:
             for v, n in sorted(values.items(), key=lambda kv: (-kv[1], kv[0])):
-                print(f"{v}\t{n}")
+                print(f"{printable(v)}\t{n}")
         return EXIT_OK
     dialogs = store.profile_list(args.profile, args.value if valued else None)
     if args.json:
@@ -428,7 +434,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
             else:
                 print(f"default\t{default_max if default_max is not None else '-'}")
                 for v, n in sorted(table.items()):
-                    print(f"{v}\t{n}")
+                    print(f"{printable(v)}\t{n}")
             return EXIT_OK
         live = store.limit_get(args.profile, args.value)
         effective = live if live is not None else default_max
@@ -459,7 +465,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
         _print_json({"profile": args.profile, "value": args.value, "old": old, "new": new,
                      "default": default_max})
     else:
-        print(f"{args.profile} {args.value}: {old if old is not None else '-'} -> "
+        print(f"{args.profile} {printable(args.value)}: {old if old is not None else '-'} -> "
               f"{new if new is not None else f'policy default ({default_max})'}")
     return EXIT_OK
 
@@ -515,7 +521,8 @@ def _timed_limit(args: argparse.Namespace, policy: Policy, store: Store) -> int:
         _print_json({"profile": args.profile, "value": args.value, "kind": what, "old": old,
                      "new": new, "default": default})
     else:
-        print(f"{args.profile} {args.value} {what}: {old if old is not None else '-'} -> "
+        print(f"{args.profile} {printable(args.value)} {what}: "
+              f"{old if old is not None else '-'} -> "
               f"{new if new is not None else f'policy default ({default})'}")
     return EXIT_OK
 
@@ -545,7 +552,7 @@ def cmd_dialog(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(None)
             else:
-                print(f"no dialog {did}", file=sys.stderr)
+                print(f"no dialog {printable(did)}", file=sys.stderr)
             return EXIT_REJECTED
         if args.json:
             _print_json(_dialog_dict(d))
@@ -558,7 +565,7 @@ def cmd_dialog(args: argparse.Namespace) -> int:
         _print_json({"dialog_id": did, "ended": rec is not None,
                      "record": rec.as_dict() if rec else None})
     else:
-        print(f"{did}: {'ended' if rec else 'not a live dialog'}")
+        print(f"{printable(did)}: {'ended' if rec else 'not a live dialog'}")
     return EXIT_OK if rec else EXIT_REJECTED
 
 
@@ -575,9 +582,9 @@ def cmd_cdr(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(r.as_dict())
             else:
-                d = r.as_dict()
-                print(f"{_ts(r.end_ms)} {r.reason:<9} billsec={d['BillSec']:<5} "
-                      f"{r.from_uri} -> {r.to_uri} call-id={r.call_id} node={r.node}")
+                d = printable_data(r.as_dict())
+                print(f"{_ts(r.end_ms)} {d['Reason']:<9} billsec={d['BillSec']:<5} "
+                      f"{d['From']} -> {d['To']} call-id={d['CallID']} node={d['Node']}")
         sys.stdout.flush()
         if not args.follow:
             return EXIT_OK
@@ -629,17 +636,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if a.by_limit:
         print("rejections per limit:")
         for name, n in a.by_limit.most_common(args.top):
-            print(f"  {name or '-':<30} {n:>8}")
+            print(f"  {printable(name) or '-':<30} {n:>8}")
     if a.by_value:
         print("rejections per value:")
         for name, n in a.by_value.most_common(args.top):
-            print(f"  {name:<30} {n:>8}")
+            print(f"  {printable(name):<30} {n:>8}")
     if a.peak:
         print("peak concurrency:")
         for name, n in sorted(a.peak.items(), key=lambda kv: (-kv[1], kv[0]))[:args.top]:
-            print(f"  {name:<30} {n:>8}")
+            print(f"  {printable(name):<30} {n:>8}")
     for c in a.changed[:args.top]:
-        print(f"  changed {_ts(c['time_ms'])} call-id={c['call_id']} "
+        print(f"  changed {_ts(c['time_ms'])} call-id={printable(c['call_id'])} "
               f"actual={_short(c['actual'])} candidate={_short(c['candidate'])}")
     if a.estimated_holds:
         print(f"note: {a.estimated_holds} calls rejected in fact are admitted here and held "
@@ -737,14 +744,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     else:
         verb = "would " if args.dry_run else ""
         for r in reports:
-            print(f"{r.node}: {r.proxy_dialogs} dialogs on the proxy, {r.kept} already "
+            print(f"{printable(r.node)}: {r.proxy_dialogs} dialogs on the proxy, {r.kept} already "
                   f"counted, {verb}add {len(r.added)}, {verb}remove {len(r.removed)}"
                   + (f" ({len(r.partial)} without policer's call attributes)"
                      if r.partial else ""))
             for did in r.added:
-                print(f"  + {did}")
+                print(f"  + {printable(did)}")
             for did in r.removed:
-                print(f"  - {did}")
+                print(f"  - {printable(did)}")
     return EXIT_STORE if failed else EXIT_OK
 
 
@@ -760,7 +767,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             state = "LOST" if r["lease_left_s"] <= 0 else f"{r['lease_left_s']}s left"
-            print(f"{r['node']:<32} lease {state:<12} {r['dialogs']} dialogs")
+            print(f"{printable(r['node']):<32} lease {state:<12} {r['dialogs']} dialogs")
     return EXIT_OK
 
 

@@ -11,7 +11,9 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -181,3 +183,74 @@ def test_cluster_collector_escapes_labels_in_any_registry(redis_url: str, namesp
               for s in f.samples if s.name == "policer_profile_dialogs"
               and s.labels["profile"] == "user"}
     assert values == {"", "m\\xffx", "\\x1b[2J", "\\u009b"}
+
+
+def test_cli_tables_print_no_control_byte(hostile: dict[str, str]) -> None:
+    env = hostile
+    run_cli("limits", "set", "account", C1, "5", env=env, check=True)
+    out = {}
+    for name, args in (
+            ("values", ("profile", "list", "user")),
+            ("accounts", ("profile", "list", "account")),
+            ("dialogs", ("profile", "list", "user", ESC)),
+            ("show", ("dialog", "show", "c2%1B%5B31m;t2")),
+            ("top", ("top", "--once", "--interval", "0.1")),
+            ("limits", ("limits", "get", "account")),
+            ("set", ("limits", "set", "account", ESC, "7")),
+            ("explain", ("explain", "--from", ESC, "--to", "0\x1b]0;x\x07")),
+            ("none", ("dialog", "show", "no\x1b[2Jsuch"))):
+        proc = run_cli(*args, env=env)
+        assert proc.returncode in (0, 1), (args, proc.stderr)
+        _no_control(proc.stdout + proc.stderr)
+        out[name] = proc.stdout
+    shown = {ln.split("\t")[0] for ln in (out["values"] + out["accounts"]).splitlines()}
+    assert shown == {"m\\xffx", "\\x1b[2J", "a\\\\xffb", "\\u009b31m"}
+    for dialog in (out["dialogs"], out["show"]):
+        assert "  from       \\x1b[2J" in dialog
+        assert "  call_id    c2\\x1b[31m" in dialog
+        assert "  to         0\\x1b]0;pwned\\x07" in dialog
+    assert "user=m\\xffx" in out["top"] and "user=\\x1b[2J" in out["top"]
+    assert "\\u009b31m\t5" in out["limits"]
+    assert "account \\x1b[2J: - -> 7" in out["set"]
+    assert "0\\x1b]0;x\\x07" in out["explain"]
+    for cid in ("c1", "c2\x1b[31m"):
+        run_cli("release", "--call-id", cid, "--from-tag", "t" + cid[1], env=env, check=True)
+    cdr = run_cli("cdr", "tail", env=env, check=True).stdout
+    _no_control(cdr)
+    assert len(cdr.splitlines()) == 2
+    assert "\\x1b[2J -> 0\\x1b]0;pwned\\x07 call-id=c2\\x1b[31m node=" in cdr
+
+
+def _strict_json(line: str) -> Any:
+    """JSON as a strict reader takes it (orjson refuses lone surrogates)."""
+    return orjson.loads(line)
+
+
+def test_cli_json_is_strict_json_in_the_printable_form(hostile: dict[str, str]) -> None:
+    env = hostile
+    values = _strict_json(run_cli("profile", "list", "user", "--json", env=env).stdout)
+    assert values["values"] == {"m\\xffx": 1, "\\x1b[2J": 1}
+    assert {from_printable(v) for v in values["values"]} == {ODD, ESC}
+    accounts = _strict_json(run_cli("profile", "list", "account", "--json", env=env).stdout)
+    assert {from_printable(v) for v in accounts["values"]} == {SLASHED, C1}
+    (d,) = _strict_json(run_cli("profile", "list", "user", ODD, "--json", env=env).stdout)
+    assert d["call_id"] == "c1"
+    shown = _strict_json(run_cli("dialog", "show", "c2%1B%5B31m;t2", "--json",
+                                 env=env).stdout)
+    assert (shown["call_id"], shown["from"], shown["to"]) == (
+        "c2\\x1b[31m", "\\x1b[2J", "0\\x1b]0;pwned\\x07")
+    assert from_printable(shown["call_id"]) == "c2\x1b[31m"
+    admitted = _strict_json(run_cli("admit", "--from", ODD, "--to", "5551234", "--json",
+                                    env=env).stdout)
+    assert "user=m\\xffx" in admitted["memberships"]
+    x = _strict_json(run_cli("explain", "--from", ODD, "--header", f"X-Account: {C1}",
+                             "--to", "5551234", "--json", env=env).stdout)
+    assert {(v["profile"], v["value"]) for v in x["limits"]} >= {
+        ("user", "m\\xffx"), ("account", "\\u009b31m")}
+    run_cli("limits", "set", "account", ODD, "2", env=env, check=True)
+    live = _strict_json(run_cli("limits", "get", "account", "--json", env=env).stdout)
+    assert live["limits"] == {"m\\xffx": 2}
+    run_cli("release", "--call-id", "c2\x1b[31m", "--from-tag", "t2", env=env, check=True)
+    (rec,) = [_strict_json(ln) for ln in run_cli("cdr", "tail", "--json",
+                                                 env=env).stdout.splitlines()]
+    assert rec["CallID"] == "c2\\x1b[31m" and rec["To"] == "0\\x1b]0;pwned\\x07"
