@@ -254,3 +254,47 @@ def test_cli_json_is_strict_json_in_the_printable_form(hostile: dict[str, str]) 
     (rec,) = [_strict_json(ln) for ln in run_cli("cdr", "tail", "--json",
                                                  env=env).stdout.splitlines()]
     assert rec["CallID"] == "c2\\x1b[31m" and rec["To"] == "0\\x1b]0;pwned\\x07"
+
+
+def test_serve_answers_and_metrics_are_strict_in_the_printable_form(
+        redis_url: str, namespace: str, tmp_path: Path) -> None:
+    """The decision service's routes (policer.serve.Service, as its HTTP server calls
+    them): a From user with byte 0xff (JSON ``\\udcff``, as a proxy sends it) and one
+    with an ESC sequence."""
+    from policer.engine import Engine
+    from policer.policy import load_policy
+    from policer.serve import Service, _metrics_renderer
+    from policer.store import RedisStore
+
+    policy = load_policy(policy_copy(tmp_path, namespace))
+    store = RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
+    try:
+        engine = Engine(policy, store, node="serve-test")
+        service = Service(engine, metrics=_metrics_renderer(engine))
+        answers = []
+        for cid, user in (("s1", "m\\udcffx"), ("s2\\u001b[31m", "\\u001b[2J"),
+                          ("s3", "back\\\\slash")):
+            body = (f'{{"call_id": "{cid}", "from_tag": "t", "from_user": "{user}", '
+                    f'"ruri_user": "5551234", "headers": {{"X-Account": "{user}"}}}}')
+            for path in ("/v1/explain", "/v1/admit"):
+                r = service.handle("POST", path, body.encode())
+                assert r.status == 200, r.body
+                answers.append(_strict_json(r.body.decode()))
+        admitted = [a for a in answers if "memberships" in a]
+        assert [m for a in admitted for m in a["memberships"] if m.startswith("user=")] == [
+            "user=m\\xffx", "user=\\x1b[2J", "user=back\\\\slash"]
+        explained = [a for a in answers if "limits" in a]
+        assert {v["value"] for a in explained for v in a["limits"]
+                if v["profile"] == "account"} == {"m\\xffx", "\\x1b[2J", "back\\\\slash"}
+        r = service.handle("POST", "/v1/release",
+                           b'{"call_id": "s2\\u001b[31m", "from_tag": "t"}')
+        record = _strict_json(r.body.decode())["record"]
+        assert (record["CallID"], record["From"]) == ("s2\\x1b[31m", "\\x1b[2J")
+        r = service.handle("GET", "/metrics", b"")
+        assert r.status == 200 and b"\x1b" not in r.body
+        values = {s.labels["value"] for f in text_string_to_metric_families(r.body.decode())
+                  for s in f.samples if s.name == "policer_profile_dialogs"
+                  and s.labels["profile"] == "user"}
+        assert values == {"", "m\\xffx", "back\\\\slash"}
+    finally:
+        store.close()
