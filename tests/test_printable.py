@@ -107,10 +107,14 @@ C1 = "\x9b31m"
 
 
 @pytest.fixture
-def hostile(tmp_path: Path, redis_url: str, namespace: str) -> dict[str, str]:
+def env(tmp_path: Path, redis_url: str, namespace: str) -> dict[str, str]:
+    return {"POLICER_REDIS_URL": redis_url,
+            "POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
+
+
+@pytest.fixture
+def hostile(env: dict[str, str]) -> dict[str, str]:
     """Two live dialogs whose values are not printable as they are."""
-    env = {"POLICER_REDIS_URL": redis_url,
-           "POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
     run_cli("admit", "--from", ODD, "--to", "5551234", "--call-id", "c1", "--from-tag",
             "t1", "--header", f"X-Account: {SLASHED}", env=env, check=True)
     run_cli("admit", "--from", ESC, "--to", "0\x1b]0;pwned\x07", "--call-id", "c2\x1b[31m",
@@ -298,3 +302,16 @@ def test_serve_answers_and_metrics_are_strict_in_the_printable_form(
         assert values == {"", "m\\xffx", "back\\\\slash"}
     finally:
         store.close()
+
+
+def test_logs_show_values_in_the_printable_form(env: dict[str, str]) -> None:
+    call = ("admit", "--from", ODD, "--call-id", "l\x1b[2J", "--to", "5551234")
+    console = run_cli(*call, env={**env, "POLICER_LOG_FORMAT": "console",
+                                  "POLICER_LOG_LEVEL": "debug"}, check=True).stderr
+    _no_control(console)
+    assert "call_id=l\\x1b[2J" in console
+    lines = run_cli(*call, "--from-tag", "again", env={**env, "POLICER_LOG_LEVEL": "debug"},
+                    check=True).stderr.splitlines()
+    (decision,) = [e for e in map(_strict_json, lines) if e["event"] == "decision"]
+    assert decision["call_id"] == "l\\x1b[2J"
+    assert "user=m\\xffx" in decision["memberships"]
