@@ -254,11 +254,11 @@ class ClusterCollector(Collector):
             tag = (row.profile, key[1])
             if is_near and tag not in self._near:
                 self._near.add(tag)
-                self.log.warning("near_limit", profile=row.profile, value=key[1] or None,
+                self.log.warning("near_limit", profile=row.profile, value=row.value,
                                  count=row.count, limit=row.limit, utilization=round(u, 3))
             elif not is_near and tag in self._near:
                 self._near.discard(tag)
-                self.log.info("below_near_limit", profile=row.profile, value=key[1] or None,
+                self.log.info("below_near_limit", profile=row.profile, value=row.value,
                               count=row.count, limit=row.limit)
         yield from (dialogs, limit, util, near, rate_usage, calls, calls_limit)
 

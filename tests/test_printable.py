@@ -315,3 +315,35 @@ def test_logs_show_values_in_the_printable_form(env: dict[str, str]) -> None:
     (decision,) = [e for e in map(_strict_json, lines) if e["event"] == "decision"]
     assert decision["call_id"] == "l\\x1b[2J"
     assert "user=m\\xffx" in decision["memberships"]
+
+
+def test_the_exporter_logs_a_near_limit_value_escaped_once(redis_url: str, namespace: str,
+                                                           tmp_path: Path) -> None:
+    import io
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from policer import log
+    from policer.engine import Engine
+    from policer.metrics import ClusterCollector
+    from policer.policy import load_policy
+    from policer.store import RedisStore
+
+    policy = load_policy(policy_copy(tmp_path, namespace))  # user: {max: 3}
+    store = RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
+    out = io.StringIO()
+    log.configure(level="info", fmt="json", stream=out)
+    try:
+        engine = Engine(policy, store, node="n")
+        for i in range(3):
+            assert engine.admit(Call.from_raw(f"near{i}", "t", from_user=b"m\xffx",
+                                              ruri_user="5551234")).admitted
+        registry = CollectorRegistry()
+        registry.register(ClusterCollector(policy, store))
+        generate_latest(registry)
+    finally:
+        log.configure(level=os.environ.get("POLICER_LOG_LEVEL", "warning"))
+        store.close()
+    near = [e for e in map(_strict_json, out.getvalue().splitlines())
+            if e["event"] == "near_limit" and e["profile"] == "user"]
+    assert [e["value"] for e in near] == ["m\\xffx"]
