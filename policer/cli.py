@@ -5,13 +5,20 @@ Every command reads ``--redis URL`` (or ``POLICER_REDIS_URL``) and
 Exit status: 0 success (for ``admit``: admitted), 1 rejected / not found,
 2 usage or policy error, 3 the store could not be reached (for ``reconcile``: also a
 proxy whose dialogs could not be listed).
+
+Values from SIP (and every string of ``--json``) are printed in the form
+:func:`policer.printable.printable` gives: a byte that is not UTF-8 as ``\\xff``, a
+control character as ``\\x1b``, a backslash as ``\\\\``; no terminal control
+sequence reaches the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -25,6 +32,7 @@ from policer.compile import compile_policy
 from policer.decision import Decision
 from policer.log import configure, redact
 from policer.policy import Policy, PolicyError, Rate, load_policy, parse_duration_ms
+from policer.printable import printable, printable_data
 from policer.store import Store, StoreError, open_store
 from policer.store.base import DialogInfo
 from policer.store.keys import dialog_id
@@ -39,6 +47,66 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_POLICY = "policies/example.yaml"
 
 EXIT_OK, EXIT_REJECTED, EXIT_USAGE, EXIT_STORE = 0, 1, 2, 3
+
+#: The ranges of the numbers the command line stores or sends (docs/security.md,
+#: "Command-line ranges"). A live limit may hold what a policy file may (the policy
+#: reader's bounds, policer/policy/sections.py); the others are bounds of sense.
+MAX_CONCURRENT = 10_000_000  # limits set PROFILE VALUE MAX: a limit's max
+MAX_RATE = 1_000_000  # --rate N/PER: N, and --burst
+MAX_RATE_PER_MS = 86_400_000  # --rate N/PER: PER, 1ms to 1d
+MAX_WINDOW_CALLS = 1_000_000_000  # --calls N/WINDOW: N
+MAX_ROWS = 1_000  # --top of top, exporter and replay
+MAX_WORKERS = 1_024  # serve --workers
+MAX_SECONDS = 3_600.0  # --interval of top and cdr tail -f, --timeout of reconcile
+MAX_EPOCH_MS = 2**63 - 1  # replay --since/--until, explain --at: a signed 64-bit integer
+
+_DIGITS = re.compile(r"-?[0-9]{1,30}")
+
+
+def _whole(text: str, lo: int, hi: int | None = None) -> int:
+    """A whole number (ASCII digits, a leading minus allowed) from ``lo`` to ``hi``;
+    ValueError saying what is expected."""
+    expected = f"a whole number from {lo} to {hi}" if hi is not None else \
+        f"a whole number >= {lo}"
+    t = text.strip()
+    if not _DIGITS.fullmatch(t):
+        if re.fullmatch(r"-?[0-9]+", t):
+            raise ValueError(f"{text.strip()[:24]}...: out of range (expected {expected})")
+        raise ValueError(f"{text!r}: expected {expected}")
+    n = int(t)
+    if n < lo or (hi is not None and n > hi):
+        raise ValueError(f"{n}: out of range (expected {expected})")
+    return n
+
+
+def _whole_type(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: :func:`_whole` (out of range: argparse's usage error, exit 2)."""
+    def whole(text: str) -> int:
+        try:
+            return _whole(text, lo, hi)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return whole
+
+
+def _seconds_type(lo: float, hi: float = MAX_SECONDS) -> Callable[[str], float]:
+    """An argparse type: a number of seconds from ``lo`` to ``hi`` (no nan, no inf)."""
+    def seconds(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            x = math.nan
+        if not (math.isfinite(x) and lo <= x <= hi):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected seconds from {lo:g} to {hi:g}")
+        return x
+    return seconds
+
+
+def _epoch_ms(ms: int, what: str, text: str) -> int:
+    """A time in Unix ms inside what the store can hold (1970 to a signed 64-bit ms)."""
+    if not 0 <= ms <= MAX_EPOCH_MS:
+        raise CliError(f"{what} {text!r}: out of range (1970-01-01 to {MAX_EPOCH_MS} ms)")
+    return ms
 
 
 class CliError(Exception):
@@ -128,7 +196,7 @@ def _call(args: argparse.Namespace) -> Call:
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=None, sort_keys=False, default=str))
+    print(json.dumps(printable_data(obj), indent=None, sort_keys=False))
 
 
 def _ts(ms: int) -> str:
@@ -157,7 +225,7 @@ def _dialog_dict(d: DialogInfo) -> dict[str, Any]:
 
 
 def _print_dialog(d: DialogInfo) -> None:
-    dd = _dialog_dict(d)
+    dd = printable_data(_dialog_dict(d))
     print(f"dialog {dd['id']}")
     for k in ("call_id", "from", "to", "class", "node", "state"):
         print(f"  {k:<10} {dd[k]}")
@@ -166,8 +234,8 @@ def _print_dialog(d: DialogInfo) -> None:
     if d.end_ms:
         print(f"  {'end':<10} {_ts(d.end_ms)} ({d.end_reason})")
     print(f"  {'deadline':<10} {_ts(d.deadline_ms)}")
-    print(f"  {'profiles':<10} {', '.join(d.profiles) or '-'}")
-    for k, v in d.variables.items():
+    print(f"  {'profiles':<10} {', '.join(dd['profiles']) or '-'}")
+    for k, v in dd["variables"].items():
         print(f"  var {k} = {v}")
 
 
@@ -204,7 +272,7 @@ def _instant(text: str) -> int:
                        "2026-12-01T09:30:00+01:00)") from None
     if t.tzinfo is None:
         raise CliError(f"--at: {text!r} has no UTC offset (add one, e.g. +01:00 or Z)")
-    return int(t.timestamp() * 1000)
+    return _epoch_ms(int(t.timestamp() * 1000), "--at", text)
 
 
 def _usage_text(v: LimitView) -> str:
@@ -222,11 +290,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(x.as_dict())
         return EXIT_OK
-    print(f"number      {x.number or '(none)'}")
+    print(f"number      {printable(x.number) or '(none)'}")
     print(f"class       {x.number_class or '(none)'}{'  [emergency]' if x.emergency else ''}")
     print("memberships")
     for v in x.limits:
-        name = v.profile if v.value is None else f"{v.profile}={v.value}"
+        name = v.profile if v.value is None else f"{v.profile}={printable(v.value)}"
         usage = _usage_text(v)
         if v.max < 0 and not usage:
             print(f"  {name:<28} {v.count:>6}  (counted, no limit)")
@@ -353,7 +421,7 @@ def cmd_profile_list(args: argparse.Namespace) -> int:
             _print_json({"profile": args.profile, "values": values})
         else:
             for v, n in sorted(values.items(), key=lambda kv: (-kv[1], kv[0])):
-                print(f"{v}\t{n}")
+                print(f"{printable(v)}\t{n}")
         return EXIT_OK
     dialogs = store.profile_list(args.profile, args.value if valued else None)
     if args.json:
@@ -434,7 +502,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
             else:
                 print(f"default\t{default_max if default_max is not None else '-'}")
                 for v, n in sorted(table.items()):
-                    print(f"{v}\t{n}")
+                    print(f"{printable(v)}\t{n}")
             return EXIT_OK
         live = store.limit_get(args.profile, args.value)
         effective = live if live is not None else default_max
@@ -451,8 +519,8 @@ def cmd_limits(args: argparse.Namespace) -> int:
         return _timed_limit(args, policy, store)
     log = _audit_logger()
     if args.action == "set":
-        if args.max is None or args.max < 0:
-            raise CliError("limits set: MAX (>= 0) is required")
+        if args.max is None:
+            raise CliError(f"limits set: MAX (0 to {MAX_CONCURRENT}) is required")
         old = store.limit_set(args.profile, args.value, args.max)
         new: int | None = args.max
     else:
@@ -465,7 +533,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
         _print_json({"profile": args.profile, "value": args.value, "old": old, "new": new,
                      "default": default_max})
     else:
-        print(f"{args.profile} {args.value}: {old if old is not None else '-'} -> "
+        print(f"{args.profile} {printable(args.value)}: {old if old is not None else '-'} -> "
               f"{new if new is not None else f'policy default ({default_max})'}")
     return EXIT_OK
 
@@ -483,8 +551,6 @@ def _timed_limit(args: argparse.Namespace, policy: Policy, store: Store) -> int:
         if args.action == "set":
             mx, per_ms = _per(args.rate, "--rate", "10/s")
             burst = args.burst if args.burst is not None else mx
-            if burst < 1:
-                raise CliError("--burst must be at least 1")
             rate = Rate(mx, per_ms, burst)
             if rate.interval_us < 1 or per_ms * 1000 // mx < 1:
                 raise CliError(f"--rate {args.rate}: more than one call per microsecond")
@@ -505,11 +571,12 @@ def _timed_limit(args: argparse.Namespace, policy: Policy, store: Store) -> int:
                            f"in the policy (its windows: {have}); add it to the policy first")
         default = f"{windows[per]}/{per}"
         if args.action == "set":
-            mx_text = text.rpartition("/")[0]
-            if not mx_text.isdigit():
-                raise CliError(f"--calls {text}: expected MAX/WINDOW, e.g. 500/1d")
-            prev_calls = store.calls_limit_set(args.profile, args.value, per, int(mx_text))
-            new = f"{int(mx_text)}/{per}"
+            try:
+                calls_max = _whole(text.rpartition("/")[0], 0, MAX_WINDOW_CALLS)
+            except ValueError as e:
+                raise CliError(f"--calls {text}: MAX/WINDOW, MAX {e}, e.g. 500/1d") from None
+            prev_calls = store.calls_limit_set(args.profile, args.value, per, calls_max)
+            new = f"{calls_max}/{per}"
         else:
             prev_calls = store.calls_limit_set(args.profile, args.value, per, None)
             new = None
@@ -521,18 +588,24 @@ def _timed_limit(args: argparse.Namespace, policy: Policy, store: Store) -> int:
         _print_json({"profile": args.profile, "value": args.value, "kind": what, "old": old,
                      "new": new, "default": default})
     else:
-        print(f"{args.profile} {args.value} {what}: {old if old is not None else '-'} -> "
+        print(f"{args.profile} {printable(args.value)} {what}: "
+              f"{old if old is not None else '-'} -> "
               f"{new if new is not None else f'policy default ({default})'}")
     return EXIT_OK
 
 
 def _per(text: str, option: str, example: str) -> tuple[int, int]:
     """``N/PER`` (``10/s``, ``600/1m``) as (N, PER in ms)."""
-    n, _, per = text.partition("/")
+    n_text, _, per = text.partition("/")
     per_ms = parse_duration_ms(per) if per else None
-    if not n.isdigit() or int(n) < 1 or per_ms is None or per_ms < 1:
-        raise CliError(f"{option} {text}: expected N/PER, e.g. {example}")
-    return int(n), per_ms
+    if per_ms is None or not 1 <= per_ms <= MAX_RATE_PER_MS:
+        raise CliError(f"{option} {text}: expected N/PER with PER from 1ms to 1d, "
+                       f"e.g. {example}")
+    try:
+        n = _whole(n_text, 1, MAX_RATE)
+    except ValueError as e:
+        raise CliError(f"{option} {text}: N/PER, N {e}, e.g. {example}") from None
+    return n, per_ms
 
 
 def _audit_logger() -> Any:
@@ -551,7 +624,7 @@ def cmd_dialog(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(None)
             else:
-                print(f"no dialog {did}", file=sys.stderr)
+                print(f"no dialog {printable(did)}", file=sys.stderr)
             return EXIT_REJECTED
         if args.json:
             _print_json(_dialog_dict(d))
@@ -564,7 +637,7 @@ def cmd_dialog(args: argparse.Namespace) -> int:
         _print_json({"dialog_id": did, "ended": rec is not None,
                      "record": rec.as_dict() if rec else None})
     else:
-        print(f"{did}: {'ended' if rec else 'not a live dialog'}")
+        print(f"{printable(did)}: {'ended' if rec else 'not a live dialog'}")
     return EXIT_OK if rec else EXIT_REJECTED
 
 
@@ -581,9 +654,9 @@ def cmd_cdr(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(r.as_dict())
             else:
-                d = r.as_dict()
-                print(f"{_ts(r.end_ms)} {r.reason:<9} billsec={d['BillSec']:<5} "
-                      f"{r.from_uri} -> {r.to_uri} call-id={r.call_id} node={r.node}")
+                d = printable_data(r.as_dict())
+                print(f"{_ts(r.end_ms)} {d['Reason']:<9} billsec={d['BillSec']:<5} "
+                      f"{d['From']} -> {d['To']} call-id={d['CallID']} node={d['Node']}")
         sys.stdout.flush()
         if not args.follow:
             return EXIT_OK
@@ -597,9 +670,12 @@ def _time_ms(text: str, now_ms: int, what: str) -> int:
     """A time: a duration before now (``24h``), epoch ms, or ISO 8601 (UTC if no zone)."""
     ago = parse_duration_ms(text)
     if ago is not None:
-        return now_ms - ago
-    if text.isdigit():
-        return int(text)
+        return _epoch_ms(now_ms - ago, what, text)
+    if re.fullmatch(r"[0-9]+", text):  # epoch ms
+        try:
+            return _whole(text, 0, MAX_EPOCH_MS)
+        except ValueError as e:
+            raise CliError(f"{what} {e}") from None
     try:
         t = datetime.fromisoformat(text)
     except ValueError:
@@ -607,7 +683,7 @@ def _time_ms(text: str, now_ms: int, what: str) -> int:
                        f"ISO 8601 time") from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=UTC)
-    return int(t.timestamp() * 1000)
+    return _epoch_ms(int(t.timestamp() * 1000), what, text)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -635,17 +711,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if a.by_limit:
         print("rejections per limit:")
         for name, n in a.by_limit.most_common(args.top):
-            print(f"  {name or '-':<30} {n:>8}")
+            print(f"  {printable(name) or '-':<30} {n:>8}")
     if a.by_value:
         print("rejections per value:")
         for name, n in a.by_value.most_common(args.top):
-            print(f"  {name:<30} {n:>8}")
+            print(f"  {printable(name):<30} {n:>8}")
     if a.peak:
         print("peak concurrency:")
         for name, n in sorted(a.peak.items(), key=lambda kv: (-kv[1], kv[0]))[:args.top]:
-            print(f"  {name:<30} {n:>8}")
+            print(f"  {printable(name):<30} {n:>8}")
     for c in a.changed[:args.top]:
-        print(f"  changed {_ts(c['time_ms'])} call-id={c['call_id']} "
+        print(f"  changed {_ts(c['time_ms'])} call-id={printable(c['call_id'])} "
               f"actual={_short(c['actual'])} candidate={_short(c['candidate'])}")
     if a.estimated_holds:
         print(f"note: {a.estimated_holds} calls rejected in fact are admitted here and held "
@@ -682,8 +758,6 @@ def cmd_exporter(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from policer import serve
 
-    if args.workers < 1:
-        raise CliError("--workers must be at least 1")
     serve.prepare_metrics(args.workers)  # before prometheus-client is first imported
     from policer.exporter import parse_listen
     from policer.metrics import worker_metrics
@@ -743,14 +817,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     else:
         verb = "would " if args.dry_run else ""
         for r in reports:
-            print(f"{r.node}: {r.proxy_dialogs} dialogs on the proxy, {r.kept} already "
+            print(f"{printable(r.node)}: {r.proxy_dialogs} dialogs on the proxy, {r.kept} already "
                   f"counted, {verb}add {len(r.added)}, {verb}remove {len(r.removed)}"
                   + (f" ({len(r.partial)} without policer's call attributes)"
                      if r.partial else ""))
             for did in r.added:
-                print(f"  + {did}")
+                print(f"  + {printable(did)}")
             for did in r.removed:
-                print(f"  - {did}")
+                print(f"  - {printable(did)}")
     return EXIT_STORE if failed else EXIT_OK
 
 
@@ -766,7 +840,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     else:
         for r in rows:
             state = "LOST" if r["lease_left_s"] <= 0 else f"{r['lease_left_s']}s left"
-            print(f"{r['node']:<32} lease {state:<12} {r['dialogs']} dialogs")
+            print(f"{printable(r['node']):<32} lease {state:<12} {r['dialogs']} dialogs")
     return EXIT_OK
 
 
@@ -854,10 +928,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("set", "get", "unset"))
     p.add_argument("profile", metavar="PROFILE")
     p.add_argument("value", nargs="?", default=None, metavar="VALUE")
-    p.add_argument("max", nargs="?", type=int, default=None, metavar="MAX")
+    p.add_argument("max", nargs="?", type=_whole_type(0, MAX_CONCURRENT), default=None,
+                   metavar="MAX", help=f"a live max of concurrent calls, 0 to {MAX_CONCURRENT}")
     p.add_argument("--rate", nargs="?", const="", default=None, metavar="N/PER",
                    help="a live call rate instead of a max, e.g. 10/s (unset: --rate)")
-    p.add_argument("--burst", type=int, default=None, help="the live rate's burst (default N)")
+    p.add_argument("--burst", type=_whole_type(1, MAX_RATE), default=None,
+                   help=f"the live rate's burst, 1 to {MAX_RATE} (default N)")
     p.add_argument("--calls", default=None, metavar="N/WINDOW",
                    help="a live calendar cap of one of the profile's windows, e.g. 500/1d "
                         "(unset: --calls 1d)")
@@ -872,9 +948,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cdr", help="call-end records")
     p.add_argument("action", choices=("tail",))
-    p.add_argument("-n", "--count", type=int, default=20, help="records to show (0: all)")
+    p.add_argument("-n", "--count", type=_whole_type(0), default=20,
+                   help="the last N records (0: all)")
     p.add_argument("-f", "--follow", action="store_true")
-    p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    p.add_argument("--interval", type=_seconds_type(0.1), default=1.0, help=argparse.SUPPRESS)
     _common(p)
     p.set_defaults(func=cmd_cdr)
 
@@ -888,7 +965,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", default="24h",
                    help="from: a duration before now (24h), epoch ms or ISO 8601 time")
     p.add_argument("--until", default=None, help="to (default now); as --since")
-    p.add_argument("--top", type=int, default=10, help="rows per table (default 10)")
+    p.add_argument("--top", type=_whole_type(0, MAX_ROWS), default=10,
+                   help=f"rows per table, 0 to {MAX_ROWS} (default 10)")
     p.add_argument("--redis", default=None, metavar="URL",
                    help="store URL (env POLICER_REDIS_URL, default redis://127.0.0.1:6379/0)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -898,8 +976,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("exporter", help="serve Prometheus metrics (cluster-wide, from the store)")
     p.add_argument("--listen", default="127.0.0.1:9477", metavar="HOST:PORT")
-    p.add_argument("--top", type=int, default=10,
-                   help="series for the N busiest values of each valued profile")
+    p.add_argument("--top", type=_whole_type(0, MAX_ROWS), default=10,
+                   help=f"series for the N busiest values of each valued profile, 0 to "
+                        f"{MAX_ROWS} (default 10)")
     p.add_argument("--values", action="append", default=[], metavar="PROFILE=V1,V2",
                    help="values that always get a series (repeatable)")
     _common(p)
@@ -909,8 +988,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "over HTTP/1.1 (JSON), for any SIP core")
     p.add_argument("--listen", default="127.0.0.1:9478", metavar="HOST:PORT",
                    help="address to listen on (default 127.0.0.1:9478)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="worker processes sharing the socket (default 1)")
+    p.add_argument("--workers", type=_whole_type(1, MAX_WORKERS), default=1, metavar="N",
+                   help=f"worker processes sharing the socket, 1 to {MAX_WORKERS} "
+                        "(default 1)")
     p.add_argument("--token-file", default=None, metavar="PATH",
                    help="file holding a bearer token every request must carry "
                         "(Authorization: Bearer TOKEN); required beyond loopback")
@@ -921,8 +1001,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("top", help="live table of profiles, like top")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
-    p.add_argument("--top", type=int, default=3, help="busiest values shown per valued profile")
+    p.add_argument("--interval", type=_seconds_type(0.1), default=1.0,
+                   help=f"seconds between frames, 0.1 to {MAX_SECONDS:g} (default 1)")
+    p.add_argument("--top", type=_whole_type(0, MAX_ROWS), default=3,
+                   help=f"busiest values shown per valued profile, 0 to {MAX_ROWS} "
+                        "(default 3)")
     _common(p)
     p.set_defaults(func=cmd_top)
 
@@ -933,7 +1016,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "proxy-a=fifo:/run/policer/proxy-a/kamailio_rpc.fifo, or its "
                         "datagram socket unix:/path (replies up to 64 KB) (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="report, change nothing")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a proxy")
+    p.add_argument("--timeout", type=_seconds_type(0.001), default=5.0,
+                   help=f"seconds to wait for a proxy, up to {MAX_SECONDS:g} (default 5)")
     _common(p)
     p.set_defaults(func=cmd_reconcile)
 

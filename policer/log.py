@@ -4,7 +4,9 @@ TTY. ``POLICER_LOG_LEVEL`` (debug, info, warning, error; default info) and
 ``--log-format`` set the same.
 
 Secrets never reach a log line: any value that looks like a URL with a
-password has the password replaced by ``***``.
+password has the password replaced by ``***``. Strings (values from SIP among them)
+are logged in the printable form (:func:`policer.printable.printable`): no control
+sequence reaches a terminal, and JSON lines hold no lone surrogate escape.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+
+from policer.printable import printable, printable_data
 
 __all__ = ["configure", "get_logger", "redact"]
 
@@ -41,6 +45,16 @@ def _redact_processor(_: Any, __: str, event: MutableMapping[str, Any]
     return event
 
 
+def _printable_processor(_: Any, __: str, event: MutableMapping[str, Any]
+                         ) -> MutableMapping[str, Any]:
+    for k, v in event.items():
+        if isinstance(v, str):
+            event[k] = printable(v)
+        elif isinstance(v, list | tuple | dict):
+            event[k] = printable_data(v)
+    return event
+
+
 def configure(level: str | None = None, fmt: str | None = None,
               stream: TextIO | None = None) -> None:
     """Set the level and format for this process (idempotent, may be called again)."""
@@ -59,6 +73,7 @@ def configure(level: str | None = None, fmt: str | None = None,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact_processor,
+            _printable_processor,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -14,7 +14,10 @@ Two kinds:
   counted inside the admission scripts.
 
 Label cardinality is bounded: valued profiles get a series per value only for
-the ``top`` busiest values and for values an operator lists.
+the ``top`` busiest values and for values an operator lists. A value from SIP is a
+label in the form :func:`policer.printable.printable` gives (a byte that is not
+UTF-8 as ``\\xff``, a control character as ``\\x1b``, a backslash as ``\\\\``),
+so that no caller can make a scrape fail.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from prometheus_client.registry import Collector
 
 from policer.decision import Decision
 from policer.log import get_logger
+from policer.printable import printable
 from policer.snapshot import take_snapshot
 from policer.store import StoreError
 from policer.store.base import END_REASONS
@@ -232,7 +236,7 @@ class ClusterCollector(Collector):
                                         "The cap of a calendar window.",
                                         labels=[*labels, "window"])
         for row in (*snap.rows, *snap.values):
-            key = [row.profile, row.value or ""]
+            key = [row.profile, printable(row.value or "")]
             dialogs.add_metric(key, row.count)
             if row.rate_usage is not None:
                 rate_usage.add_metric(key, row.rate_usage)
@@ -247,7 +251,7 @@ class ClusterCollector(Collector):
             util.add_metric(key, u)
             is_near = u >= policy.near_limit_ratio
             near.add_metric(key, 1 if is_near else 0)
-            tag = (row.profile, row.value or "")
+            tag = (row.profile, key[1])
             if is_near and tag not in self._near:
                 self._near.add(tag)
                 self.log.warning("near_limit", profile=row.profile, value=row.value,
@@ -268,7 +272,7 @@ class ClusterCollector(Collector):
                                         labels=["result", "profile"])
         seen = set()
         for (result, profile), n in sorted(snap.decisions.items()):
-            decisions.add_metric([result, profile], n)
+            decisions.add_metric([result, printable(profile)], n)
             seen.add((result, profile))
         for p in policy.profiles:
             for result in DECISION_RESULTS:

@@ -59,6 +59,7 @@ import orjson
 
 from policer.call import Call
 from policer.log import get_logger
+from policer.printable import printable_data
 from policer.store import Op, StoreError
 from policer.store.base import END_REASONS, CallRecord
 from policer.store.keys import dialog_id
@@ -113,13 +114,23 @@ class Response:
 
 
 def _dumps(obj: Any) -> bytes:
-    """JSON of an answer. SIP values may hold bytes that are not UTF-8 (kept as
-    surrogate escapes): orjson refuses those, the standard library escapes them as
-    ``policer admit --json`` does."""
+    """JSON of an answer, every string in the printable form (policer.printable), as
+    ``policer admit --json`` prints it: a byte that is not UTF-8 (orjson refuses its
+    surrogate escape) as ``\\xff``, a control character as ``\\x1b``, a backslash as
+    ``\\\\``. An answer none of whose strings holds such a character (no backslash in
+    orjson's text: it escapes C0 controls, quotes and backslashes; no DEL; no 0xC2,
+    which starts every C1 control) is sent as orjson wrote it."""
     try:
-        return orjson.dumps(obj)
+        out = orjson.dumps(obj)
+        if b"\\" not in out and b"\x7f" not in out and b"\xc2" not in out:
+            return out
     except TypeError:
-        return json.dumps(obj, default=str).encode()
+        pass
+    shown = printable_data(obj)
+    try:
+        return orjson.dumps(shown)
+    except TypeError:
+        return json.dumps(shown).encode()
 
 
 def _loads(body: bytes) -> Any:

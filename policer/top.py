@@ -1,6 +1,8 @@
 """``policer top``: like ``top``, for call limits. A table of profiles (count,
 limit, utilisation bar, admitted and rejected per second) refreshed every
-second; plain text, fine over SSH. ``--once`` prints one frame.
+second; plain text, fine over SSH. ``--once`` prints one frame. Values from SIP are
+shown in the printable form (:func:`policer.printable.printable`), so none can move
+the cursor or clear the screen.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from policer.policy import Policy
+from policer.printable import printable
 from policer.snapshot import ProfileRow, Snapshot, take_snapshot
 from policer.store.base import AdminStore
 
@@ -41,7 +44,8 @@ def render(policy: Policy, now: Snapshot, before: Snapshot | None = None,
     s = now.stats
     stamp = datetime.now(UTC).strftime("%H:%M:%S")
     lines = [
-        f"policer top - {stamp}  namespace {policy.namespace}  policy {policy.source}",
+        f"policer top - {stamp}  namespace {policy.namespace}  policy "
+        f"{printable(policy.source)}",
         f"dialogs: {s.get('active', 0)} active ({s.get('early', 0)} early, "
         f"{s.get('confirmed', 0)} confirmed)  processed {s.get('processed', 0)}  "
         f"rejected {s.get('rejected', 0)}  failed {s.get('failed', 0)}  "
@@ -77,7 +81,7 @@ def render(policy: Policy, now: Snapshot, before: Snapshot | None = None,
     for r in now.rows:
         lines.append(row_line(r, r.profile))
         for v in by_profile.get(r.profile, []):
-            lines.append(row_line(v, f"  {r.profile}={v.value}"))
+            lines.append(row_line(v, f"  {r.profile}={printable(v.value or '')}"))
     return "\n".join(lines)
 
 
