@@ -482,7 +482,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             print(f"{k:<16} {v}")
         for n, skew in skews.items():
             note = "  (beyond 0.5 s: check NTP)" if abs(skew) > 0.5 else ""
-            print(f"{'clock_skew':<16} {skew:+.3f} s  {n}{note}")
+            print(f"{'clock_skew':<16} {skew:+.3f} s  {printable(n)}{note}")
     return EXIT_OK
 
 

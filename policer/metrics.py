@@ -303,7 +303,7 @@ class ClusterCollector(Collector):
                                  "is, beyond 0.5 s the node logs clock_skew.",
                                  labels=["node"])
         for node, ms in sorted(snap.skews.items()):
-            skew.add_metric([node], ms / 1000)
+            skew.add_metric([printable(node)], ms / 1000)
         yield skew
         took = GaugeMetricFamily("policer_scrape_seconds", "Time to read the store.")
         took.add_metric([], time.perf_counter() - t0)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
 import time
 import traceback
@@ -42,8 +43,9 @@ from typing import TYPE_CHECKING, Any
 from policer.call import Call
 from policer.compile import compile_policy
 from policer.decision import Decision
-from policer.engine import Engine
+from policer.engine import Engine, NodeInUse
 from policer.policy import Policy
+from policer.reconcile import ProxyDialog, parse_dialogs
 from policer.reload import PolicyWatcher
 from policer.store import Op, StoreError
 from policer.store.keys import dialog_id, split_dialog_id
@@ -70,6 +72,7 @@ __all__ = [
     "log",
     "manage_current",
     "probe",
+    "proxy_dialogs",
     "reject_current",
     "release_current",
     "release_unknown",
@@ -146,11 +149,17 @@ def engine() -> Engine:
 def start() -> int:
     """Once per Kamailio start, before the workers fork (``mod_init``): build the
     engine, end the dialogs this node (``POLICER_NODE``) left behind in an
-    earlier run and take its lease. Never raises; a failure is logged and the
-    engine is built again on first use."""
+    earlier run and take its lease. A failure is logged and the engine is built again
+    on first use; but a node name another live Kamailio holds raises
+    :class:`NodeInUse` (Kamailio must not start: it would end that one's calls)."""
     global _engine
     try:
-        engine().start()
+        eng = engine()
+        eng.dialog_source = proxy_dialogs
+        eng.start()
+    except NodeInUse as e:
+        log("err", f"policer: {e}")
+        raise
     except Exception:
         _engine = None
         _log_exception("start", "")
@@ -452,6 +461,23 @@ def release_unknown() -> int:
     return OK
 
 
+def proxy_dialogs() -> list[ProxyDialog]:
+    """This Kamailio's live dialogs (``dlg.list`` through jsonrpcs, in this process):
+    what :meth:`Engine.resync` puts back when Redis lost its state. Raises RuntimeError
+    when the list cannot be read (the engine tries again next tick)."""
+    ksr = _ksr()
+    if ksr.jsonrpcs.exec('{"jsonrpc":"2.0","method":"dlg.list","id":1}') < 0:
+        raise RuntimeError("jsonrpcs could not run dlg.list")
+    body = ksr.pv.get("$jsonrpl(body)")
+    try:
+        reply = json.loads(body if isinstance(body, str) else "")
+    except ValueError as e:
+        raise RuntimeError(f"dlg.list: not a JSON-RPC reply ({e})") from None
+    if not isinstance(reply, dict) or "result" not in reply:
+        raise RuntimeError(f"dlg.list failed: {str(reply)[:200]}")
+    return parse_dialogs(reply["result"])
+
+
 def _hand_off(eng: Engine) -> None:
     """What this SIP worker's engine keeps for the store (a call the fallback admitted,
     to be recorded): into the timer's queue, so that it is applied as soon as the store
@@ -662,6 +688,7 @@ class NativeTimer:
 
     # -- start and reload
     def start(self) -> None:
+        self.engine.dialog_source = proxy_dialogs
         self.engine.start()
         self.fill_tables(self.engine.policy)
 
@@ -686,8 +713,10 @@ class NativeTimer:
 
     def fill_tables(self, policy: Policy) -> None:
         """Write :func:`fallback_tables` into the cfg's htables (new values first, then
-        the keys the old policy had and the new one has not are removed)."""
+        the keys the old policy had and the new one has not are removed), and the
+        deadline's terms (:meth:`set_deadline`)."""
         ht = _ksr().htable
+        self.set_deadline()
         for table, values in fallback_tables(policy).items():
             for key, value in values.items():
                 if isinstance(value, int):
@@ -698,11 +727,21 @@ class NativeTimer:
                 ht.sht_rm(table, key)
             self._tables[table] = set(values)
 
+    def set_deadline(self) -> None:
+        """What the SIP workers add to their clock for the store's (ms): ``dl_add``, the
+        admit's deadline (store_timeout minus this host's measured clock skew to Redis),
+        and ``now_add`` (minus the skew), which a fallback's record carries."""
+        ht = _ksr().htable
+        skew = round(self.engine.store.clock_skew_ms)
+        ht.sht_seti(_SETTINGS, "dl_add", self.engine.policy.store_timeout_ms - skew)
+        ht.sht_seti(_SETTINGS, "now_add", -skew)
+
     # -- once a second
     def tick(self) -> None:
         if self.watcher is not None:
             self.watcher.poll()
         self.engine.tick()
+        self.set_deadline()
         self._publish()
         probe(self.engine)
 
@@ -775,6 +814,9 @@ def start_native() -> int:
         if _factory is _default_factory:
             set_engine_factory(native_engine)
         native_timer().start()
+    except NodeInUse as e:  # Kamailio must not start: it would end that one's calls
+        log("err", f"policer: {e}")
+        raise
     except Exception:
         _engine = None
         _native = None

@@ -89,6 +89,13 @@ _PV = {
     "source_ip": "$si",
     "auth_user": "$au",
 }
+#: The admit's deadline as ndb_redis expands it into the command (ARGV 9 and 10 of the
+#: admit function): the SIP worker's clock when it sent the command (``$TV(Sn)``, taken
+#: into ``$var(policer_sent)`` by route POLICER) and the ms to add to it, which the timer
+#: process keeps in ``$sht(policer=>dl_add)`` (store_timeout minus the measured skew of
+#: this host's clock to Redis's) and route POLICER copies into ``$var(policer_dla)`` (the
+#: same value is then in the command and in a fallback's settlement).
+_DEADLINE_PVS = "$var(policer_sent) $var(policer_dla)"
 #: Header names the cfg can name inside ``$hdr(...)`` without quoting trouble.
 _SAFE_HEADER = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
@@ -281,9 +288,14 @@ def generate(policy: Policy, node: str, redis_url: str, *,
         # hiredis formats the command: a literal '%' (an encoded node) is written '%%'
         "POLICER_ADMIT_CMD": _cfg_str(
             f"FCALL {library.function('admit')} 1 {library.prefix} "
-            f"{node_key.replace('%', '%%')} %s %s %s A 0 {library.attributes_sig}"),
+            f"{node_key.replace('%', '%%')} %s %s %s A 0 {library.attributes_sig} - "
+            f"{_DEADLINE_PVS}"),
         # mode A: the node holds a lease (its tick registers it), the reply is what the
-        # cfg reads; the signature: a library of another policy refuses, the cfg falls back
+        # cfg reads; the signature: a library of another policy refuses, the cfg falls
+        # back; '-': no explain instant; then the deadline, expanded by ndb_redis when it
+        # formats the command: the worker's clock when it sent it and the ms to add (the
+        # timer's measured skew to Redis's clock, and store_timeout)
+        "POLICER_CMD_TIMEOUT_US": str(t.cmd_timeout * 1000),
         "POLICER_BATCH_CMD": _cfg_str(f"FCALL {library.function('batch')} 1 "
                                       f"{library.prefix} %s 0 0 {library.attributes_sig}"),
         # the node as the batch function's 'a' op carries it (raw: the function encodes it)
@@ -291,7 +303,8 @@ def generate(policy: Policy, node: str, redis_url: str, *,
         "POLICER_QUEUE_SIZE": str(max(1, policy.pending_queue)),
     }
     for name in ("POLICER_ADMIT_CMD", "POLICER_BATCH_CMD"):
-        if "$" in defines[name]:  # never: key_part and namespaces leave no '$'
+        # never: key_part and namespaces leave no '$' (only the deadline's own variables)
+        if "$" in defines[name].replace(_DEADLINE_PVS, ""):
             raise ValueError(f"{name} would hold a '$'")
 
     out = [

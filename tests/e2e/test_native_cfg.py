@@ -44,10 +44,12 @@ def test_attributes_are_packed_in_the_library_order_nulls_as_empty() -> None:
     assert all(f"if ({pv} == $null)" in route for pv in nullable)
     assert route.count('+ "0:";') == len(nullable)
     assert '$(hdr(x-account){s.len}) + ":" + $hdr(x-account);' in route
-    # mode A (a node holding a lease), no clock offset, the attribute list's signature
+    # mode A (a node holding a lease), no clock offset, the attribute list's signature,
+    # no explain instant, and the deadline: the worker's clock when it sent the command
+    # and the ms to add for Redis's clock (both expanded by ndb_redis)
     assert gen.defines["POLICER_ADMIT_CMD"] == (
         f'"FCALL {library.function("admit")} 1 {library.prefix} proxy-a %s %s %s A 0 '
-        f'{library.attributes_sig}"')
+        f'{library.attributes_sig} - $var(policer_sent) $var(policer_dla)"')
     assert gen.defines["POLICER_BATCH_CMD"] == (
         f'"FCALL {library.function("batch")} 1 {library.prefix} %s 0 0 '
         f'{library.attributes_sig}"')
