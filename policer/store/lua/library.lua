@@ -20,7 +20,13 @@
 --           gets an error reply, and decides by its fallback, instead of a decision
 --           over misread attributes
 --   ARGV[8] explain only: evaluate schedules and calendar windows this many ms from
---           now (explain --at), with the counts of now
+--           now (explain --at), with the counts of now ('-' or '' none)
+--   ARGV[9] ARGV[10] modes a and A: the caller's deadline in Redis's clock, as its clock
+--           reads when it sends (s, a fraction allowed) and the ms to add (its measured
+--           skew to Redis's clock and its budget); past it nothing is written and the
+--           reply is the error 'POLICER late ...' (missing or malformed: no deadline)
+--   An error 'POLICER recovering ...' while P hold is ahead (Redis lost its state: the
+--   nodes are putting their calls back; the caller's fallback decides).
 --   Reply (the cfg reads the first four):
 --     1 admitted (1|0)  2 SIP code  3 reason  4 Retry-After (-1 none)
 --     5 profile of the tripped (or bypassed, or shadow) limit ('' none)  6 its count
@@ -53,6 +59,13 @@
 --                                (a BYE of a dialog another proxy set up)
 --     v Call-ID From-tag name value   set a dialog variable
 --     a node Call-ID From-tag attrs   record a call the fallback admitted
+--     b node Call-ID From-tag attrs s add   the same, decided at s*1000+add (Redis's
+--                                clock): it counts until that + EARLY_MS
+--     x Call-ID From-tag s add   void: the fallback rejected the call after its admit
+--                                with the deadline s*1000+add timed out; that request
+--                                never counts (a dialog it admitted leaves its profiles,
+--                                reason abandoned, no call-end record)
+--     X dialog-id s add          the same by the encoded dialog id
 --     C F R V: like c f r v with one field, the encoded dialog id, for the first two
 --   ARGV[2] 1: reply with call-end records  ARGV[3] clock offset ms
 --   ARGV[4] the caller's ATTRS_SIG (optional): on a mismatch the 'a' ops (whose
@@ -65,14 +78,22 @@
 --   ARGV[1] node (encoded; '' = none)  ARGV[2] lease ms (0 = the node holds no lease)
 --   ARGV[3] 'renew' | 'start' (the node starts afresh: its earlier dialogs end, reason
 --   node_restarted, `batch` at a time)  ARGV[4] end dialogs of lost nodes (1|0)
+--   ('epoch': only the epoch op of ARGV[8])
 --   ARGV[5] batch (dialogs ended at most per kind)  ARGV[6] clock offset ms
+--   ARGV[7] the node's clock minus Redis's, ms ('' unknown): kept in P skew
+--   ARGV[8] the state epoch op: '' | 'init' | 'reload:<mark>' | 'missing:<id>' |
+--           'lost:<id>' (see epoch_op)
+--   ARGV[9] the renewing instance ('' none): a 'start' of a node another instance renewed
+--           within ARGV[10] ms (its renew interval) + NODE_MARGIN_MS is refused
 --   Reply: {dialogs of lost nodes ended, own dialogs still to end, expired dialogs ended,
---   stale rate/window state fields removed}
+--   stale rate/window state fields removed, the epoch id, '' or 'owned:<ms to wait>',
+--   1 when the node's lease had lapsed before this renewal}
 --
 -- policer_read_S    read-only (no-writes: also on replicas)
 --   ARGV[1] 'size': ARGV[2] clock offset, ARGV[3..] key suffixes (after P) of zsets;
 --           reply: live members of each, then now (ms)
---   ARGV[1] 'info': reply {policy hash, policy source, policy version, library format}
+--   ARGV[1] 'info': ARGV[2] clock offset; reply {policy hash, policy source, policy
+--           version, library format, now (ms), epoch id, epoch mark, this server's mark}
 --
 -- Data (P = 'policer:{ns}:'):
 --   P d:<dialog id>  hash: decision, state, init_ms, start_ms, end_ms, deadline,
@@ -80,7 +101,10 @@
 --                    i (Call-ID, From, To, class, node, source IP as '<len>:<bytes>'
 --                    fields), tp (the tripped limit's profile), end_reason,
 --                    vn (its variables' fields), v:<name>, cap (answered: it ends
---                    here at the latest: answer + the decision's max duration)
+--                    here at the latest: answer + the decision's max duration), q (the
+--                    deadline of the request that admitted it); state also 'void' (q:
+--                    the settled request's deadline) and 'ended' with no decision (the
+--                    release of a dialog the store did not know: EARLY_MS)
 --   P p:<profile>[:<value>]  zset dialog id -> deadline ms (counted: deadline ahead)
 --   P l:<profile>    hash live limits, encoded value -> max; <enc>|L its live rate and
 --                    window caps (',R=<max>:<per ms>:<burst>', ',<per>=<max>' items)
@@ -91,7 +115,11 @@
 --   P nidx           set of node names that have an n:<node> index
 --   P nodes          zset node -> end of its lease (nodes holding a lease)
 --   P confirmed      zset answered dialogs -> deadline
---   P stats          hash ended:<reason>, nodes_lost
+--   P stats          hash ended:<reason>, nodes_lost, resent_ended
+--   P epoch          hash id, run (the VM_MARK it was confirmed with)
+--   P hold           string until when admits are held (ms; PX RECOVERY_MS)
+--   P owner          hash node -> '<instance>:<last renewal ms>'
+--   P skew           hash node -> '<its clock minus Redis's, ms>:<when>'
 --   P decisions      hash '<kind>;<result>|<profile>,...' -> decisions (one HINCRBY each)
 --   P cdr            stream of call-end records (MAXLEN ~ CDR_KEEP)
 --   P attempts       stream of decided attempts, one per dialog (MAXLEN ~ ATTEMPTS_KEEP):
