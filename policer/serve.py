@@ -315,8 +315,12 @@ def _method_not_allowed(allowed: str) -> Response:
 
 # --------------------------------------------------------------------------- HTTP/1.1
 
-#: Bytes of a request's line and headers at most; more gets 431 and the connection closes.
+#: Bytes of a request's line and headers at most, counted as they arrive (before the
+#: head is whole, before any token is checked); more gets 431 and the connection closes.
 MAX_HEAD = 16 * 1024
+#: Bytes read from a connection at a time: the parser never takes more at once, so
+#: what it holds of an unfinished head stays under 2 x MAX_HEAD whatever comes.
+READ_SIZE = MAX_HEAD
 #: A keep-alive connection idle this long (seconds) is closed.
 IDLE_S = 75.0
 
@@ -325,6 +329,7 @@ _REASONS = {200: b"OK", 202: b"Accepted", 400: b"Bad Request", 401: b"Unauthoriz
             431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
             503: b"Service Unavailable"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HEAD_TOO_LARGE = _error(431, f"request head over {MAX_HEAD} bytes", close=True)
 
 
 def _head(status: int, content_type: bytes, length: int, close: bool) -> bytes:
@@ -519,19 +524,32 @@ def _fill(protocol: HttpProtocol, slot: _Slot, response: Response) -> None:
     protocol.drain()
 
 
-class HttpProtocol(asyncio.Protocol):
-    """HTTP/1.1 on one connection: httptools' parser (llhttp, C) calls back here and
-    each request is answered at once, in order, inside ``data_received`` (keep-alive,
-    pipelining, chunked bodies, ``Expect: 100-continue``). No ASGI layer, no task per
-    request: the answer is one ``write``. Bounds: :data:`MAX_HEAD` (431),
-    :data:`MAX_BODY` (413); a malformed request gets 400; each answer ends the
-    connection when the client asked so (``Connection: close``, HTTP/1.0)."""
+class _Worker:
+    """What the connections of one worker share: the service, the admits' pipe, the
+    set of open connections, and one read buffer (a read is parsed before the next
+    one is made, so one buffer serves them all)."""
 
-    def __init__(self, service: Service, connections: set[HttpProtocol],
-                 admits: Admits | None = None) -> None:
+    def __init__(self, service: Service, admits: Admits | None = None) -> None:
         self.service = service
-        self.connections = connections
         self.admits = admits
+        self.connections: set[HttpProtocol] = set()
+        self.buffer = memoryview(bytearray(READ_SIZE))
+
+
+class HttpProtocol(asyncio.BufferedProtocol):
+    """HTTP/1.1 on one connection: httptools' parser (llhttp, C) calls back here and
+    each request is answered at once, in order, as its bytes are read (keep-alive,
+    pipelining, chunked bodies, ``Expect: 100-continue``). No ASGI layer, no task per
+    request: the answer is one ``write``. Bounds: :data:`MAX_HEAD` (431), counted as
+    the bytes arrive, :data:`MAX_BODY` (413), reads of :data:`READ_SIZE`; a malformed
+    request gets 400; each answer ends the connection when the client asked so
+    (``Connection: close``, HTTP/1.0)."""
+
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+        self.service = worker.service
+        self.connections = worker.connections
+        self.admits = worker.admits
         self._slots: collections.deque[_Slot] = collections.deque()  # answers in order
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -539,7 +557,9 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._body: list[bytes] = []
         self._size = 0  # body bytes so far
-        self._head = 0  # head bytes so far
+        self._head = 0  # head bytes the parser handed back so far (URL, whole headers)
+        self._in_head = True  # the next bytes are a head's (its headers not all read)
+        self._fed = 0  # bytes of the current head fed to the parser so far
         self._auth: bytes | None = None
         self._error: Response | None = None  # answered as soon as the head is read
         self._continue = False  # the client waits for "100 Continue" before its body
@@ -559,16 +579,40 @@ class HttpProtocol(asyncio.Protocol):
         self.connections.discard(self)
         self.transport = None
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.worker.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self._closing:
             return
         try:
-            self.parser.feed_data(data)
+            self._feed(self.worker.buffer[:nbytes])
         except httptools.HttpParserUpgrade:
             self._answer(_error(400, "protocol upgrade not supported", close=True), True)
         except httptools.HttpParserError as e:
             if not self._closing:
                 self._answer(_error(400, f"malformed HTTP request: {e}", close=True), True)
+
+    def _feed(self, data: memoryview) -> None:
+        """Parse ``data``, counting a head's bytes as they arrive: a head still not whole
+        after MAX_HEAD bytes gets 431 however its bytes came (one header line without an
+        end included), before the parser holds more of it."""
+        parser = self.parser
+        while data:
+            if not self._in_head:  # a body, then maybe the start of the next head
+                parser.feed_data(data)
+                break
+            room = MAX_HEAD - self._fed
+            piece = data if len(data) <= room else data[:room]
+            self._fed += len(piece)
+            parser.feed_data(piece)
+            if self._closing:
+                return
+            data = data[len(piece):]
+            if self._in_head and self._fed >= MAX_HEAD:
+                break
+        if self._in_head and self._fed >= MAX_HEAD and not self._closing:
+            self._answer(_HEAD_TOO_LARGE, True)
 
     def pause_writing(self) -> None:  # the client does not read: stop reading it
         if self.transport is not None:
@@ -580,6 +624,7 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
+        self._in_head = True
         self._url = b""
         self._body = []
         self._size = self._head = 0
@@ -604,6 +649,7 @@ class HttpProtocol(asyncio.Protocol):
             self._continue = True
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         if self._error is not None:
             self._abort(self._error)
         elif self._continue and self.transport is not None:
@@ -617,6 +663,8 @@ class HttpProtocol(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = True  # the next bytes start the next request
+        self._fed = 0
         if self._closing:
             return
         self.last = time.monotonic()
@@ -659,7 +707,7 @@ class HttpProtocol(asyncio.Protocol):
     def _grow(self, n: int) -> None:
         self._head += n
         if self._head > MAX_HEAD:
-            self._abort(_error(431, f"request head over {MAX_HEAD} bytes", close=True))
+            self._abort(_HEAD_TOO_LARGE)
 
     def _abort(self, response: Response) -> None:
         """Answer now and close: the rest of the request is not read."""
@@ -709,8 +757,9 @@ def serve_forever(service: Service, sock: socket.socket) -> None:
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    connections: set[HttpProtocol] = set()
     admits = Admits(service, loop)
+    worker = _Worker(service, admits)
+    connections = worker.connections
     ticker = _Ticker(service.engine)
     stop = asyncio.Event()
 
@@ -721,7 +770,7 @@ def serve_forever(service: Service, sock: socket.socket) -> None:
         loop.call_later(IDLE_S / 5, sweep)
 
     async def main() -> None:
-        server = await loop.create_server(lambda: HttpProtocol(service, connections, admits),
+        server = await loop.create_server(lambda: HttpProtocol(worker),
                                           sock=sock, backlog=1024)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -1,0 +1,105 @@
+"""``policer serve`` against hostile clients (issue 21): what a client can make the
+decision service hold or wait for before it has shown a token, and the answers it
+gets. A real ``policer serve`` process on a free loopback port and a real Redis;
+the hostile bytes go over raw sockets. No figure here is a timing: the bounds are
+bytes, connections and answers (the timing figures are in docs/security.md, measured
+by ``benchmarks/serve.py``)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import policy_copy
+from tests.support.serve import Serve, read_answers
+
+MAX_HEAD = 16 * 1024
+
+
+@pytest.fixture
+def env(tmp_path: Path, redis_url: str, namespace: str) -> dict[str, str]:
+    return {"POLICER_REDIS_URL": redis_url,
+            "POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
+
+
+@pytest.fixture
+def serve(tmp_path: Path, env: dict[str, str]) -> Iterator[Serve]:
+    s = Serve(tmp_path, env)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set of a process (KiB), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def until_closed(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes (a reset counts as a close)."""
+    out = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def open_header_line(port: int, total: int) -> tuple[bool, bytes]:
+    """A request whose one header line never ends: up to ``total`` bytes of it, sent
+    while the server reads them. Whether the server stopped it (an answer, a close or
+    a reset before all was sent) and what it answered."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        s.sendall(b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nX-Long: ")
+        chunk = b"a" * 65536
+        sent = 0
+        try:
+            while sent < total:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            return True, b""
+        s.settimeout(5)
+        try:
+            answer = until_closed(s)
+        except TimeoutError:
+            return False, b""
+        return True, answer
+    finally:
+        s.close()
+
+
+# ----------------------------------------------------------------------------- head
+
+
+def test_a_head_is_counted_as_it_arrives_and_cut_at_max_head(serve: Serve) -> None:
+    """One header line with no end: 431 once the head passes MAX_HEAD, then the
+    connection ends; before, httptools kept every piece of the line (until the idle
+    sweep, ~80 s later), so four 32 MB lines grew the service by 160 MB."""
+    with socket.create_connection(("127.0.0.1", serve.port), timeout=30) as s:
+        s.sendall(b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * MAX_HEAD)
+        answer = until_closed(s)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"connection: close" in answer and b"16384" in answer
+    # a head just under the bound is read and answered
+    with socket.create_connection(("127.0.0.1", serve.port), timeout=30) as s:
+        head = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Pad: "
+        s.sendall(head + b"p" * (MAX_HEAD - len(head) - 4) + b"\r\n\r\n")
+        (status, _), = read_answers(s, 1)
+        assert status == 200
+    before = rss_kib(serve.proc.pid)
+    for _ in range(4):  # four lines of 32 MB each, one after the other
+        stopped, answer = open_header_line(serve.port, 32 * 1024 * 1024)
+        assert stopped, "the server read a 32 MB header line without answering"
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 431 ")
+    grown = rss_kib(serve.proc.pid) - before
+    assert grown < 8 * 1024, f"policer serve grew by {grown} KiB"
+    assert serve.request("GET", "/v1/health")[0] == 200
