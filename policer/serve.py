@@ -68,7 +68,12 @@ if TYPE_CHECKING:  # imported by the caller, after prepare_metrics (prometheus-c
     from policer.engine import Engine
 
 __all__ = [
+    "HEAD_TIMEOUT_S",
+    "IDLE_S",
     "MAX_BODY",
+    "MAX_CONNECTIONS",
+    "MAX_HEAD",
+    "Limits",
     "Response",
     "ServeError",
     "Service",
@@ -321,15 +326,36 @@ MAX_HEAD = 16 * 1024
 #: Bytes read from a connection at a time: the parser never takes more at once, so
 #: what it holds of an unfinished head stays under 2 x MAX_HEAD whatever comes.
 READ_SIZE = MAX_HEAD
-#: A keep-alive connection idle this long (seconds) is closed.
+#: Seconds a request may take to arrive whole (its line, headers and body) from its
+#: first byte; a slower one gets 408 and the connection closes (``--head-timeout``).
+HEAD_TIMEOUT_S = 10.0
+#: A keep-alive connection idle this long (seconds) is closed (``--idle-timeout``).
 IDLE_S = 75.0
+#: Connections one worker holds at most (``--max-connections``); one more gets 503 and
+#: is closed at once.
+MAX_CONNECTIONS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The bounds a worker holds its connections to (the command line sets them)."""
+
+    max_connections: int = MAX_CONNECTIONS
+    head_timeout: float = HEAD_TIMEOUT_S
+    idle_timeout: float = IDLE_S
+
+    @property
+    def sweep_s(self) -> float:
+        """How often the worker looks for late heads and idle connections."""
+        return max(0.05, min(1.0, self.head_timeout / 4, self.idle_timeout / 4))
 
 _REASONS = {200: b"OK", 202: b"Accepted", 400: b"Bad Request", 401: b"Unauthorized",
-            404: b"Not Found", 405: b"Method Not Allowed", 413: b"Content Too Large",
-            431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
-            503: b"Service Unavailable"}
+            404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
+            413: b"Content Too Large", 431: b"Request Header Fields Too Large",
+            500: b"Internal Server Error", 503: b"Service Unavailable"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEAD_TOO_LARGE = _error(431, f"request head over {MAX_HEAD} bytes", close=True)
+_REFUSED = _error(503, "too many connections", close=True)
 
 
 def _head(status: int, content_type: bytes, length: int, close: bool) -> bytes:
@@ -529,11 +555,26 @@ class _Worker:
     set of open connections, and one read buffer (a read is parsed before the next
     one is made, so one buffer serves them all)."""
 
-    def __init__(self, service: Service, admits: Admits | None = None) -> None:
+    def __init__(self, service: Service, admits: Admits | None = None,
+                 limits: Limits = Limits()) -> None:
         self.service = service
         self.admits = admits
+        self.limits = limits
         self.connections: set[HttpProtocol] = set()
         self.buffer = memoryview(bytearray(READ_SIZE))
+        self.refused = 0  # connections refused since the last sweep
+
+    def sweep(self) -> None:
+        """Close what overstayed: a request not whole in time (408), an idle
+        connection, a closing one whose client does not read its last answer."""
+        now = time.monotonic()
+        limits = self.limits
+        for c in list(self.connections):
+            c.sweep(now, limits)
+        if self.refused:
+            self.service.log.warning("connections_refused", count=self.refused,
+                                     max_connections=limits.max_connections)
+            self.refused = 0
 
 
 class HttpProtocol(asyncio.BufferedProtocol):
@@ -560,6 +601,8 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self._head = 0  # head bytes the parser handed back so far (URL, whole headers)
         self._in_head = True  # the next bytes are a head's (its headers not all read)
         self._fed = 0  # bytes of the current head fed to the parser so far
+        self._begun = 0.0  # monotonic time of the current request's first byte (0: none)
+        self._closed_at = 0.0  # monotonic time the sweep first saw it closing
         self._auth: bytes | None = None
         self._error: Response | None = None  # answered as soon as the head is read
         self._continue = False  # the client waits for "100 Continue" before its body
@@ -567,8 +610,15 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     # -- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        t = self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         self.last = time.monotonic()
+        worker = self.worker
+        if len(self.connections) >= worker.limits.max_connections:  # refused, not queued
+            worker.refused += 1
+            self._closing = True
+            t.write(_head(503, JSON, len(_REFUSED.body), True) + _REFUSED.body)
+            t.close()
+            return
         self.connections.add(self)
         sock = self.transport.get_extra_info("socket")
         if sock is not None:
@@ -625,6 +675,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
     # -- httptools callbacks
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._begun = time.monotonic()
         self._url = b""
         self._body = []
         self._size = self._head = 0
@@ -665,6 +716,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
     def on_message_complete(self) -> None:
         self._in_head = True  # the next bytes start the next request
         self._fed = 0
+        self._begun = 0.0
         if self._closing:
             return
         self.last = time.monotonic()
@@ -744,13 +796,24 @@ class HttpProtocol(asyncio.BufferedProtocol):
                 t.close()
                 return
 
-    def close_if_idle(self, now: float) -> None:
-        if self.transport is not None and now - self.last > IDLE_S:
+    def sweep(self, now: float, limits: Limits) -> None:
+        t = self.transport
+        if t is None:
+            return
+        if self._closing:  # its last answer is being written: a client that does not
+            if not self._closed_at:  # read it keeps the connection no longer than this
+                self._closed_at = now
+            elif now - self._closed_at > limits.head_timeout:
+                t.abort()
+        elif self._begun and now - self._begun > limits.head_timeout:
+            self._answer(_error(408, f"request not read whole in {limits.head_timeout:g} s",
+                                close=True), True)
+        elif not self._slots and not self._begun and now - self.last > limits.idle_timeout:
             self._closing = True
-            self.transport.close()
+            t.close()
 
 
-def serve_forever(service: Service, sock: socket.socket) -> None:
+def serve_forever(service: Service, sock: socket.socket, limits: Limits = Limits()) -> None:
     """One worker: an event loop (uvloop) serving ``sock`` with :class:`HttpProtocol`
     and the engine's tick, until SIGTERM/SIGINT."""
     import uvloop
@@ -758,23 +821,21 @@ def serve_forever(service: Service, sock: socket.socket) -> None:
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     admits = Admits(service, loop)
-    worker = _Worker(service, admits)
+    worker = _Worker(service, admits, limits)
     connections = worker.connections
     ticker = _Ticker(service.engine)
     stop = asyncio.Event()
 
     def sweep() -> None:
-        now = time.monotonic()
-        for c in list(connections):
-            c.close_if_idle(now)
-        loop.call_later(IDLE_S / 5, sweep)
+        worker.sweep()
+        loop.call_later(limits.sweep_s, sweep)
 
     async def main() -> None:
         server = await loop.create_server(lambda: HttpProtocol(worker),
                                           sock=sock, backlog=1024)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.call_later(IDLE_S / 5, sweep)
+        loop.call_later(limits.sweep_s, sweep)
         ticker.start()
         try:
             await stop.wait()
@@ -894,24 +955,46 @@ def prepare_metrics(workers: int) -> None:
 
 
 def run(engine: Engine, host: str, port: int, workers: int = 1,
-        token: str | None = None) -> int:
+        token: str | None = None, limits: Limits = Limits()) -> int:
     """Serve until SIGTERM/SIGINT. The node starts once (its dialogs from an earlier
     run end, it takes its lease), then ``workers`` processes fork from here and share
     the listening socket; each keeps the engine's tick going."""
     log = get_logger("policer.serve")
     sock = bind(host, port)
+    _raise_fd_limit(limits.max_connections + 64, log)
     engine.start()
     render = _metrics_renderer(engine)
     service = Service(engine, token, render)
     log.info("serve_listening", listen=f"{host}:{sock.getsockname()[1]}", workers=workers,
-             node=engine.node, namespace=engine.policy.namespace, token=token is not None)
+             node=engine.node, namespace=engine.policy.namespace, token=token is not None,
+             max_connections=limits.max_connections, head_timeout=limits.head_timeout,
+             idle_timeout=limits.idle_timeout)
     if workers <= 1:
-        serve_forever(service, sock)
+        serve_forever(service, sock, limits)
         return 0
-    return _supervise(service, sock, workers, log)
+    return _supervise(service, sock, workers, log, limits)
 
 
-def _supervise(service: Service, sock: socket.socket, workers: int, log: Any) -> int:
+def _raise_fd_limit(need: int, log: Any) -> None:
+    """Let a worker hold its connections: the soft limit of open files raised to
+    ``need`` (up to the hard limit; a warning when that is lower)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = new
+    if soft < need:
+        log.warning("serve_fd_limit", open_files=soft, wanted=need,
+                    hint="raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower "
+                         "--max-connections")
+
+
+def _supervise(service: Service, sock: socket.socket, workers: int, log: Any,
+               limits: Limits) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
 
@@ -922,7 +1005,7 @@ def _supervise(service: Service, sock: socket.socket, workers: int, log: Any) ->
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                serve_forever(service, sock)
+                serve_forever(service, sock, limits)
             except BaseException as e:
                 code = 1
                 log.error("serve_worker_failed", worker=index, error=repr(e))

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.cli import policy_copy
+from tests.support import wait_for
+from tests.support.cli import policy_copy, run_cli
 from tests.support.serve import Serve, read_answers
 
 MAX_HEAD = 16 * 1024
@@ -103,3 +104,92 @@ def test_a_head_is_counted_as_it_arrives_and_cut_at_max_head(serve: Serve) -> No
     grown = rss_kib(serve.proc.pid) - before
     assert grown < 8 * 1024, f"policer serve grew by {grown} KiB"
     assert serve.request("GET", "/v1/health")[0] == 200
+
+
+def test_a_slow_head_or_body_is_cut_at_the_head_deadline(tmp_path: Path,
+                                                         env: dict[str, str]) -> None:
+    """Slow loris: a client that trickles its request a few bytes at a time (never
+    idle, never over MAX_HEAD) gets 408 and the connection ends once the request is
+    not whole --head-timeout seconds after its first byte; so does one that trickles
+    its body."""
+    s = Serve(tmp_path, env, "--head-timeout", "1")
+    try:
+        for start, drip in (
+                (b"POST /v1/admit HTTP/1.1\r\nHost: x\r\n", b"X-A: b\r\n"),
+                (b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n",
+                 b'{"a": 1,')):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=30) as c:
+                c.sendall(start)
+                c.settimeout(0.2)
+                answer = b""
+                for _ in range(100):  # 20 s at most; the deadline is 1 s
+                    try:
+                        c.sendall(drip)
+                        chunk = c.recv(65536)
+                    except TimeoutError:
+                        continue
+                    except (BrokenPipeError, ConnectionResetError):
+                        break
+                    answer += chunk
+                    if not chunk:
+                        break
+                assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+                assert b"connection: close" in answer
+        assert s.request("GET", "/v1/health")[0] == 200
+    finally:
+        s.stop()
+
+
+def test_connections_over_the_cap_are_refused_at_once(tmp_path: Path,
+                                                      env: dict[str, str]) -> None:
+    """--max-connections: a connection over the cap gets 503 and is closed at once (not
+    queued); one more fits when one of the others ends."""
+    s = Serve(tmp_path, env, "--max-connections", "4")
+    held: list[socket.socket] = []
+    try:
+        for _ in range(4):  # each mid-way through a head: held open by the server
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+            c.sendall(b"GET /v1/health HTTP/1.1\r\n")
+            held.append(c)
+        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as c:
+            answer = until_closed(c)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        assert b"too many connections" in answer and b"connection: close" in answer
+        # the held ones are still served
+        held[0].sendall(b"Host: x\r\n\r\n")
+        (status, _), = read_answers(held[0], 1)
+        assert status == 200
+        held.pop().close()
+        for _ in range(200):  # the server sees the close soon after
+            with socket.create_connection(("127.0.0.1", s.port), timeout=30) as c:
+                c.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if until_closed(c).startswith(b"HTTP/1.1 200 "):
+                    break
+        else:
+            raise AssertionError("no room after a connection ended")
+        # the refusals are logged (counted, once a sweep: no line per refused connection)
+        assert wait_for(lambda: "connections_refused" in s.log.read_text(), 10)
+    finally:
+        for c in held:
+            c.close()
+        s.stop()
+
+
+def test_an_idle_connection_is_closed(tmp_path: Path, env: dict[str, str]) -> None:
+    s = Serve(tmp_path, env, "--idle-timeout", "1")
+    try:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as c:
+            c.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            (status, _), = read_answers(c, 1)
+            assert status == 200
+            assert until_closed(c) == b""  # then nothing more: the server closes it
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("args", [["--max-connections", "0"], ["--head-timeout", "0"],
+                                  ["--idle-timeout", "-1"], ["--head-timeout", "nan"]])
+def test_bounds_out_of_range_are_usage_errors(args: list[str], env: dict[str, str]) -> None:
+    proc = run_cli("serve", *args, env=env, timeout=30)
+    assert proc.returncode == 2, (args, proc.stderr)
+    assert args[0] in proc.stderr and "Traceback" not in proc.stderr
