@@ -692,10 +692,12 @@ class HttpProtocol(asyncio.BufferedProtocol):
         n = name.lower()
         if n == b"authorization":
             self._auth = value
-        elif n == b"content-length":
-            if not value.isdigit() or int(value) > MAX_BODY:
-                self._error = _TOO_LARGE if value.isdigit() else _error(
-                    400, "bad Content-Length", close=True)
+        elif n == b"content-length":  # llhttp refused all but digits and white space
+            digits = value.strip(b" \t")
+            if not digits.isdigit():
+                self._error = _error(400, "bad Content-Length", close=True)
+            elif int(digits) > MAX_BODY:
+                self._error = _TOO_LARGE
         elif n == b"expect" and value.lower() == b"100-continue":
             self._continue = True
 

@@ -8,6 +8,7 @@ by ``benchmarks/serve.py``)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from tests.support import wait_for
 from tests.support.cli import policy_copy, run_cli
-from tests.support.serve import Serve, read_answers
+from tests.support.serve import Serve, body, read_answers
 
 MAX_HEAD = 16 * 1024
 
@@ -193,3 +194,44 @@ def test_bounds_out_of_range_are_usage_errors(args: list[str], env: dict[str, st
     proc = run_cli("serve", *args, env=env, timeout=30)
     assert proc.returncode == 2, (args, proc.stderr)
     assert args[0] in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- small HTTP
+
+
+def raw(port: int, request: bytes) -> tuple[int, bytes, bool]:
+    """One raw request: the status and body of its answer, and (an error) whether the
+    server closed the connection after it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        (status, payload), = read_answers(s, 1)
+        closed = False
+        if status >= 400:
+            s.settimeout(5)
+            try:
+                closed = s.recv(1) == b""
+            except TimeoutError:
+                closed = False
+            except ConnectionResetError:
+                closed = True
+    return status, payload, closed
+
+
+ADMIT = json.dumps(body("small-1")).encode()
+
+
+def post(length: bytes, payload: bytes = ADMIT) -> bytes:
+    return (b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nContent-Length: " + length +
+            b"\r\n\r\n" + payload)
+
+
+def test_content_length_with_trailing_garbage_is_400(serve: Serve) -> None:
+    n = b"%d" % len(ADMIT)
+    for bad in (n + b"abc", n + b" abc", n + b";", n + b"," + n, b"+" + n, b"0x" + n):
+        status, payload, closed = raw(serve.port, post(bad))
+        assert (status, closed) == (400, True), bad
+        assert b"Content-Length" in payload
+    # white space around the number is no garbage (RFC 9110: OWS around a field value)
+    for good in (n + b" ", n + b"\t", b" " + n):
+        status, payload, _ = raw(serve.port, post(good))
+        assert status == 200, (good, payload)
