@@ -204,7 +204,7 @@ class Service:
     def __init__(self, engine: Engine, token: str | None = None,
                  metrics: Callable[[], bytes] | None = None) -> None:
         self.engine = engine
-        self._token = f"Bearer {token}".encode() if token else None
+        self._token = token.encode() if token else None
         self._metrics = metrics
         self.log = get_logger("policer.serve")
         self._post: dict[str, Callable[[bytes], Response]] = {
@@ -220,9 +220,15 @@ class Service:
         }
 
     def authorized(self, authorization: bytes | None) -> bool:
+        """``Authorization: Bearer TOKEN``: the scheme in any case (RFC 9110, 11.1),
+        then one or more spaces, then the token, compared exactly in constant time."""
         if self._token is None:
             return True
-        return authorization is not None and hmac.compare_digest(authorization, self._token)
+        if authorization is None:
+            return False
+        scheme, _, token = authorization.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.lstrip(b" "),
+                                                                   self._token)
 
     def handle(self, method: str, path: str, body: bytes) -> Response:
         """One request whose credentials were checked (:meth:`authorized`)."""

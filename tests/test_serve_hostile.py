@@ -235,3 +235,22 @@ def test_content_length_with_trailing_garbage_is_400(serve: Serve) -> None:
     for good in (n + b" ", n + b"\t", b" " + n):
         status, payload, _ = raw(serve.port, post(good))
         assert status == 200, (good, payload)
+
+
+def test_the_bearer_scheme_is_case_insensitive_the_token_is_not(tmp_path: Path,
+                                                                env: dict[str, str]) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cr3t-Token\n")
+    s = Serve(tmp_path, env, "--token-file", str(token_file))
+    try:
+        for auth in ("Bearer s3cr3t-Token", "bearer s3cr3t-Token", "BEARER s3cr3t-Token",
+                     "bEaReR s3cr3t-Token", "Bearer  s3cr3t-Token"):
+            status, out = s.request("GET", "/v1/health", headers={"Authorization": auth})
+            assert status == 200, auth
+        for auth in ("bearer s3cr3t-token", "Bearer S3CR3T-TOKEN", "Bearers3cr3t-Token",
+                     "Basic s3cr3t-Token", "s3cr3t-Token", "Bearer s3cr3t-Token x",
+                     "Bearer", "bearer "):
+            status, out = s.request("GET", "/v1/health", headers={"Authorization": auth})
+            assert status == 401, auth
+    finally:
+        s.stop()
