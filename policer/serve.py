@@ -358,10 +358,21 @@ class Limits:
 _REASONS = {200: b"OK", 202: b"Accepted", 400: b"Bad Request", 401: b"Unauthorized",
             404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
             413: b"Content Too Large", 431: b"Request Header Fields Too Large",
-            500: b"Internal Server Error", 503: b"Service Unavailable"}
+            500: b"Internal Server Error", 501: b"Not Implemented",
+            503: b"Service Unavailable"}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEAD_TOO_LARGE = _error(431, f"request head over {MAX_HEAD} bytes", close=True)
 _REFUSED = _error(503, "too many connections", close=True)
+_CODING = _error(501, "Transfer-Encoding other than chunked alone is not supported",
+                 close=True)
+
+
+def _parse_error(reason: str) -> Response:
+    """The answer to a request llhttp refused: 501 for a transfer coding it does not
+    take (``chunked, gzip``, two Transfer-Encoding lines), else 400 with its reason."""
+    if "Transfer-Encoding" in reason and "Content-Length" not in reason:
+        return _CODING
+    return _error(400, f"malformed HTTP request: {reason}", close=True)
 
 
 def _head(status: int, content_type: bytes, length: int, close: bool) -> bytes:
@@ -612,6 +623,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self._auth: bytes | None = None
         self._error: Response | None = None  # answered as soon as the head is read
         self._continue = False  # the client waits for "100 Continue" before its body
+        self._chunked = False  # a Transfer-Encoding was read
         self._closing = False
 
     # -- asyncio
@@ -647,7 +659,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
             self._answer(_error(400, "protocol upgrade not supported", close=True), True)
         except httptools.HttpParserError as e:
             if not self._closing:
-                self._answer(_error(400, f"malformed HTTP request: {e}", close=True), True)
+                self._answer(self._error or _parse_error(str(e)), True)
 
     def _feed(self, data: memoryview) -> None:
         """Parse ``data``, counting a head's bytes as they arrive: a head still not whole
@@ -688,6 +700,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self._auth = None
         self._error = None
         self._continue = False
+        self._chunked = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -706,6 +719,10 @@ class HttpProtocol(asyncio.BufferedProtocol):
                 self._error = _TOO_LARGE
         elif n == b"expect" and value.lower() == b"100-continue":
             self._continue = True
+        elif n == b"transfer-encoding":  # no decoder here but chunked (llhttp's own)
+            if self._chunked or value.strip(b" \t").lower() != b"chunked":
+                self._error = _CODING
+            self._chunked = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False

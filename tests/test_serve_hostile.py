@@ -254,3 +254,18 @@ def test_the_bearer_scheme_is_case_insensitive_the_token_is_not(tmp_path: Path,
             assert status == 401, auth
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"chunked, gzip", b"deflate",
+                                    b"identity", b"chunked, chunked", b"x-custom,chunked"])
+def test_a_transfer_coding_other_than_chunked_alone_is_501(serve: Serve,
+                                                           coding: bytes) -> None:
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(ADMIT), ADMIT)
+    request = (b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding +
+               b"\r\n\r\n" + chunked)
+    status, payload, closed = raw(serve.port, request)
+    assert (status, closed) == (501, True), payload
+    assert b"Transfer-Encoding" in payload
+    # chunked alone, in any case, is read
+    ok = request.replace(b"Transfer-Encoding: " + coding, b"Transfer-Encoding: Chunked")
+    assert raw(serve.port, ok)[0] == 200
