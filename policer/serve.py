@@ -145,7 +145,8 @@ def _error(status: int, message: str, close: bool = False) -> Response:
 
 
 _NOT_FOUND = _error(404, "not found")
-_UNAUTHORIZED = _error(401, "missing or wrong bearer token")
+#: A client without the token gets one answer per connection.
+_UNAUTHORIZED = _error(401, "missing or wrong bearer token", close=True)
 _TOO_LARGE = _error(413, f"request body over {MAX_BODY} bytes", close=True)
 
 
@@ -729,6 +730,9 @@ class HttpProtocol(asyncio.BufferedProtocol):
         if self._error is not None:
             self._abort(self._error)
         elif self._continue and self.transport is not None:
+            # the body is asked for only from a client with the token
+            if not self.service.authorized(self._auth):
+                self._abort(_UNAUTHORIZED)
             self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:

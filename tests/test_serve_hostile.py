@@ -269,3 +269,29 @@ def test_a_transfer_coding_other_than_chunked_alone_is_501(serve: Serve,
     # chunked alone, in any case, is read
     ok = request.replace(b"Transfer-Encoding: " + coding, b"Transfer-Encoding: Chunked")
     assert raw(serve.port, ok)[0] == 200
+
+
+def test_100_continue_only_after_the_token_is_checked(tmp_path: Path,
+                                                      env: dict[str, str]) -> None:
+    """An unauthorized request that waits for 100 Continue gets 401 and the connection
+    ends: it never learns it could send its body."""
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cr3t\n")
+    s = Serve(tmp_path, env, "--token-file", str(token_file))
+    expect = (b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+              b"Content-Length: %d\r\n" % len(ADMIT))
+    try:
+        for auth in (b"", b"Authorization: Bearer wrong\r\n"):
+            with socket.create_connection(("127.0.0.1", s.port), timeout=30) as c:
+                c.sendall(expect + auth + b"\r\n")
+                answer = until_closed(c)
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+            assert b"100 Continue" not in answer and b"connection: close" in answer
+        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as c:
+            c.sendall(expect + b"Authorization: bearer s3cr3t\r\n\r\n")
+            assert c.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            c.sendall(ADMIT)
+            (status, payload), = read_answers(c, 1)
+            assert status == 200 and json.loads(payload)["dialog_id"] == "small-1;ft"
+    finally:
+        s.stop()
