@@ -161,6 +161,14 @@ def _text(body: Mapping[str, Any], name: str, required: bool = False) -> str | N
     return v
 
 
+def _call_id(body: Mapping[str, Any]) -> str:
+    """The request's ``call_id``: a non-empty string (a SIP Call-ID is never empty)."""
+    call_id = _text(body, "call_id", True)
+    if not call_id:
+        raise BadRequest("'call_id' must not be empty")
+    return call_id
+
+
 def _object(body: bytes) -> dict[str, Any]:
     data = _loads(body)
     if not isinstance(data, dict):
@@ -171,7 +179,7 @@ def _object(body: bytes) -> dict[str, Any]:
 def call_from_body(body: bytes) -> Call:
     """The :class:`Call` of an admit (or explain) body; raises BadRequest."""
     data = _object(body)
-    call_id = _text(data, "call_id", True)
+    call_id = _call_id(data)
     from_tag = _text(data, "from_tag", True)
     fields = {name: _text(data, name) for name in _CALL_FIELDS}
     headers = data.get("headers")
@@ -190,7 +198,7 @@ def dialog_id_from_body(data: Mapping[str, Any]) -> str:
     a dialog another proxy set up); raises BadRequest. Ids policer did not make
     (braces, separators, white space) are refused, so no client can name another key."""
     if "dialog_id" not in data and "call_id" in data:
-        return dialog_id(_text(data, "call_id", True), _text(data, "from_tag", True))
+        return dialog_id(_call_id(data), _text(data, "from_tag", True))
     did = _text(data, "dialog_id", True)
     assert did is not None
     if len(did) > MAX_DIALOG_ID or not _DIALOG_ID.fullmatch(did):

@@ -202,7 +202,7 @@ def test_odd_and_huge_values_never_break_a_decision(serve: Serve, env: dict[str,
         ("\ud800", "\udcff", "lone surrogates"),
         ("{a}:b%41\r\n\x00", "t", "braces, separators, CR LF, NUL"),
         ("c" * 10_000, "t" * 10_000, "long"),
-        ("", "", "empty"),
+        ("empty-tag", "", "an empty From-tag (an empty Call-ID is 400)"),
     ]
     for call_id, tag, _ in odd:
         payload = json.dumps({"call_id": call_id, "from_tag": tag, "from_user": call_id,

@@ -295,3 +295,14 @@ def test_100_continue_only_after_the_token_is_checked(tmp_path: Path,
             assert status == 200 and json.loads(payload)["dialog_id"] == "small-1;ft"
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize(("path", "payload"), [
+    ("/v1/admit", {"call_id": "", "from_tag": "t"}),
+    ("/v1/explain", {"call_id": "", "from_tag": "t"}),
+    ("/v1/release", {"call_id": "", "from_tag": "t"}),
+    ("/v1/confirm", {"call_id": "", "from_tag": ""}),
+])
+def test_an_empty_call_id_is_400(serve: Serve, path: str, payload: dict[str, str]) -> None:
+    status, out = serve.post(path, payload)
+    assert status == 400 and "'call_id' must not be empty" in out["error"]
