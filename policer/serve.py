@@ -42,6 +42,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import math
 import os
 import re
 import signal
@@ -128,16 +129,36 @@ def _dumps(obj: Any) -> bytes:
 
 
 def _loads(body: bytes) -> Any:
-    """The request's JSON. orjson first; JSON text with a lone surrogate escape
-    (``"\\ud800"``, valid JSON that orjson refuses) is read by the standard library,
-    whose str keeps it (the engine's Call handles such strings)."""
+    """The request's JSON: UTF-8 JSON text (RFC 8259) and nothing else. orjson first;
+    JSON text with a lone surrogate escape (``"\\ud800"``, valid JSON that orjson
+    refuses) is read by the standard library, whose str keeps it (the engine's Call
+    handles such strings), held to what orjson takes otherwise: no byte order mark,
+    UTF-8 only (no UTF-16 or UTF-32 guessed from the bytes), no NaN or Infinity (nor a
+    number too large for a double)."""
     try:
         return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        try:
-            return json.loads(body)
-        except (ValueError, RecursionError) as e:
-            raise BadRequest(f"malformed JSON: {e}") from None
+    except orjson.JSONDecodeError as e:
+        first = e
+    if body.startswith(b"\xef\xbb\xbf"):
+        raise BadRequest("malformed JSON: a UTF-8 byte order mark is not JSON") from None
+    try:
+        text = body.decode("utf-8", "surrogatepass")
+        return json.loads(text, parse_constant=_not_a_number, parse_float=_finite)
+    except BadRequest:
+        raise
+    except (ValueError, RecursionError):
+        raise BadRequest(f"malformed JSON: {first}") from None
+
+
+def _not_a_number(name: str) -> Any:
+    raise BadRequest(f"malformed JSON: {name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadRequest(f"malformed JSON: {text[:40]} is too large for a number")
+    return value
 
 
 def _error(status: int, message: str, close: bool = False) -> Response:

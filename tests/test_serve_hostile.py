@@ -306,3 +306,22 @@ def test_100_continue_only_after_the_token_is_checked(tmp_path: Path,
 def test_an_empty_call_id_is_400(serve: Serve, path: str, payload: dict[str, str]) -> None:
     status, out = serve.post(path, payload)
     assert status == 400 and "'call_id' must not be empty" in out["error"]
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"call_id": "n1", "from_tag": "t", "x": NaN}',
+    b'{"call_id": "n2", "from_tag": "t", "x": Infinity}',
+    b'{"call_id": "n3", "from_tag": "t", "x": -Infinity}',
+    b'{"call_id": "n4", "from_tag": "t", "x": [1e999]}',
+    b'\xef\xbb\xbf{"call_id": "n5", "from_tag": "t"}',
+    '{"call_id": "n6", "from_tag": "t"}'.encode("utf-16-le"),
+    '{"call_id": "n7", "from_tag": "t"}'.encode("utf-16"),
+])
+def test_json_that_is_not_plain_utf8_json_is_400(serve: Serve, payload: bytes) -> None:
+    """NaN, Infinity (also a number too large for a double), a UTF-8 byte order mark
+    and UTF-16 text are not JSON a client may send (RFC 8259): 400, nothing decided."""
+    for path in ("/v1/admit", "/v1/explain"):
+        status, out = serve.post(path, payload)
+        assert status == 400, (path, payload, out)
+        assert "malformed JSON" in out["error"]
+    assert serve.post("/v1/release", {"call_id": "n1", "from_tag": "t"})[1]["ok"] is False
