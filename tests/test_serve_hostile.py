@@ -245,13 +245,13 @@ def test_the_bearer_scheme_is_case_insensitive_the_token_is_not(tmp_path: Path,
     try:
         for auth in ("Bearer s3cr3t-Token", "bearer s3cr3t-Token", "BEARER s3cr3t-Token",
                      "bEaReR s3cr3t-Token", "Bearer  s3cr3t-Token"):
-            status, out = s.request("GET", "/v1/health", headers={"Authorization": auth})
-            assert status == 200, auth
+            assert s.request("GET", "/v1/health", headers={"Authorization": auth})[0] == 200, \
+                auth
         for auth in ("bearer s3cr3t-token", "Bearer S3CR3T-TOKEN", "Bearers3cr3t-Token",
                      "Basic s3cr3t-Token", "s3cr3t-Token", "Bearer s3cr3t-Token x",
                      "Bearer", "bearer "):
-            status, out = s.request("GET", "/v1/health", headers={"Authorization": auth})
-            assert status == 401, auth
+            assert s.request("GET", "/v1/health", headers={"Authorization": auth})[0] == 401, \
+                auth
     finally:
         s.stop()
 
