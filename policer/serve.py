@@ -27,17 +27,23 @@ answer queued in order in the worker's bounded queue and applied as soon as it d
 (lease, queued events, policy file reload) runs once a second in every worker.
 
 Each worker process runs one engine; ``--workers`` processes share one listening
-socket. Admits do not block the worker's event loop: their ``FCALL``s go to Redis on
-the worker's own connection (:class:`Admits`), several in flight, those read in one
-turn of the loop in one write, each answered when its reply is read. Dialog events,
-explain and health call the engine's blocking store client inside the loop (one round
-trip each, no thread hop).
+socket. Nothing waits for Redis in the worker's event loop. Admits' ``FCALL``s go to
+Redis on the worker's own connection (:class:`Admits`), several in flight, those read
+in one turn of the loop in one write, each answered when its reply is read. Dialog
+events, explain, health and /metrics call the engine's blocking store client in a
+thread of the worker (:class:`StoreCalls`, one call after another, in order). No
+answer waits longer than the policy's ``store_timeout`` for a store that does not
+answer (/metrics excepted): an admit then gets the fallback decision, a dialog event
+202 ``queued``, explain and health 503; while the circuit breaker is open, or the
+admits' connection is down, admits are decided by the fallback at once and the
+connection is opened again in the background.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import hmac
 import ipaddress
@@ -227,9 +233,30 @@ def dialog_id_from_body(data: Mapping[str, Any]) -> str:
     return did
 
 
+class Job:
+    """The part of a request that asks the store: ``run`` makes the blocking store
+    calls and gives the answer (in the worker's store thread, :class:`StoreCalls`);
+    ``late`` gives the answer instead when the store has not within the policy's
+    store timeout (None: no deadline). ``skip_late``: a job not started by then is not
+    run at all (a question already answered); else it runs anyway (a dialog event is
+    applied, or queued by the engine, whatever the client was told)."""
+
+    __slots__ = ("late", "run", "skip_late")
+
+    def __init__(self, run: Callable[[], Response], late: Callable[[], Response] | None,
+                 skip_late: bool = True) -> None:
+        self.run = run
+        self.late = late
+        self.skip_late = skip_late
+
+
 class Service:
     """The routes, over one engine; no HTTP server in here (the server adapter reads
-    the request and writes the :class:`Response`). Never raises."""
+    the request and writes the :class:`Response`). Never raises.
+
+    :meth:`route` answers at once what needs no store (bad requests, unknown paths)
+    and hands the rest back as a :class:`Job` the server runs away from its event
+    loop; :meth:`handle` runs it on the spot (a server with no store thread)."""
 
     def __init__(self, engine: Engine, token: str | None = None,
                  metrics: Callable[[], bytes] | None = None) -> None:
@@ -237,14 +264,14 @@ class Service:
         self._token = token.encode() if token else None
         self._metrics = metrics
         self.log = get_logger("policer.serve")
-        self._post: dict[str, Callable[[bytes], Response]] = {
+        self._post: dict[str, Callable[[bytes], Response | Job]] = {
             "/v1/admit": self.admit,
             "/v1/explain": self.explain,
             "/v1/confirm": self.confirm,
             "/v1/refresh": self.refresh,
             "/v1/release": self.release,
         }
-        self._get: dict[str, Callable[[], Response]] = {
+        self._get: dict[str, Callable[[], Response | Job]] = {
             "/v1/health": self.health,
             "/metrics": self.metrics,
         }
@@ -260,8 +287,9 @@ class Service:
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.lstrip(b" "),
                                                                    self._token)
 
-    def handle(self, method: str, path: str, body: bytes) -> Response:
-        """One request whose credentials were checked (:meth:`authorized`)."""
+    def route(self, method: str, path: str, body: bytes) -> Response | Job:
+        """One request whose credentials were checked (:meth:`authorized`): its answer,
+        or the :class:`Job` that gives it."""
         try:
             post = self._post.get(path)
             if post is not None:
@@ -276,9 +304,32 @@ class Service:
             self.log.error("request_failed", path=path, error=repr(e))
             return _error(500, "internal error")
 
+    def handle(self, method: str, path: str, body: bytes) -> Response:
+        """One request whose credentials were checked, answered on the spot (its store
+        calls made here, blocking)."""
+        r = self.route(method, path, body)
+        return r if isinstance(r, Response) else self.run(r, path)
+
+    def run(self, job: Job, path: str = "") -> Response:
+        """A job's answer; never raises."""
+        try:
+            return job.run()
+        except Exception as e:  # a bug must never become a traceback or a dropped call
+            self.log.error("request_failed", path=path, error=repr(e))
+            return _error(500, "internal error")
+
+    def no_answer(self) -> str:
+        """Why a store call is given up: it is later than the policy's store timeout."""
+        return (f"TimeoutError: no answer from the store in "
+                f"{self.engine.policy.store_timeout_ms} ms")
+
     # -- routes
-    def admit(self, body: bytes) -> Response:
-        return Response(200, _dumps(self.engine.admit(call_from_body(body)).as_dict()))
+    def admit(self, body: bytes) -> Job:
+        call = call_from_body(body)
+        engine = self.engine
+        t0 = time.perf_counter()
+        return Job(lambda: _decided(engine.admit(call)),
+                   lambda: _decided(engine.admit_failed(call, self.no_answer(), t0)))
 
     def admit_many(self, calls: list[Call]) -> list[Response]:
         """The answers of admits that arrived together (one store round trip)."""
@@ -287,20 +338,24 @@ class Service:
         except Exception as e:  # never: the engine does not raise; a bug must not hang
             self.log.error("request_failed", path="/v1/admit", error=repr(e))
             return [_error(500, "internal error") for _ in calls]
-        return [Response(200, _dumps(d.as_dict())) for d in decisions]
+        return [_decided(d) for d in decisions]
 
-    def explain(self, body: bytes) -> Response:
+    def explain(self, body: bytes) -> Job:
         call = call_from_body(body)
-        try:
-            return Response(200, _dumps(self.engine.explain(call).as_dict()))
-        except StoreError as e:
-            return _error(503, f"store error: {e}")
 
-    def confirm(self, body: bytes) -> Response:
+        def run() -> Response:
+            try:
+                return Response(200, _dumps(self.engine.explain(call).as_dict()))
+            except StoreError as e:
+                return _error(503, f"store error: {e}")
+
+        return Job(run, lambda: _error(503, f"store error: {self.no_answer()}"))
+
+    def confirm(self, body: bytes) -> Job:
         did = dialog_id_from_body(_object(body))
         return self._event(did, Op("confirm", did, self.engine.policy.timeouts.dialog_ms))
 
-    def refresh(self, body: bytes) -> Response:
+    def refresh(self, body: bytes) -> Job:
         data = _object(body)
         did = dialog_id_from_body(data)
         timeout = data.get("timeout")
@@ -313,7 +368,7 @@ class Service:
             raise BadRequest("'timeout' must be a positive number of seconds")
         return self._event(did, Op("refresh", did, ms))
 
-    def release(self, body: bytes) -> Response:
+    def release(self, body: bytes) -> Job:
         data = _object(body)
         did = dialog_id_from_body(data)
         reason = _text(data, "reason") or "bye"
@@ -321,33 +376,50 @@ class Service:
             raise BadRequest(f"'reason' must be one of {', '.join(END_REASONS)}")
         return self._event(did, Op("release", did, reason), record=True)
 
-    def _event(self, did: str, op: Op, record: bool = False) -> Response:
-        result = self.engine.apply_event(op)
-        out: dict[str, Any] = {"dialog_id": did, "ok": bool(result), "queued": result is None}
-        if record:
-            out["record"] = result.as_dict() if isinstance(result, CallRecord) else None
-        return Response(202 if result is None else 200, _dumps(out))
+    def _event(self, did: str, op: Op, record: bool = False) -> Job:
+        """Applied at once (200, ``ok``: the dialog was live) or queued in order while
+        the store does not answer (202, ``queued``); an event the store has not
+        answered within its timeout is answered as queued, and is applied or queued
+        by the engine all the same."""
 
-    def health(self) -> Response:
+        def answer(result: object) -> Response:
+            out: dict[str, Any] = {"dialog_id": did, "ok": bool(result),
+                                   "queued": result is None}
+            if record:
+                out["record"] = result.as_dict() if isinstance(result, CallRecord) else None
+            return Response(202 if result is None else 200, _dumps(out))
+
+        return Job(lambda: answer(self.engine.apply_event(op)), lambda: answer(None),
+                   skip_late=False)
+
+    def health(self) -> Job:
+        return Job(self._health, lambda: self._unavailable(f"store error: {self.no_answer()}"))
+
+    def _health(self) -> Response:
         engine = self.engine
         try:
             policy_hash = engine.store.loaded_hash()
         except StoreError as e:
-            return Response(503, _dumps({"status": "unavailable", "node": engine.node,
-                                         "error": f"store error: {e}"}))
+            return self._unavailable(f"store error: {e}")
         except Exception as e:
-            return Response(503, _dumps({"status": "unavailable", "node": engine.node,
-                                         "error": repr(e)}))
+            return self._unavailable(repr(e))
         return Response(200, _dumps({"status": "ok", "node": engine.node,
                                      "namespace": engine.policy.namespace,
                                      "policy_hash": policy_hash,
                                      "pending": len(engine.pending),
                                      "circuit_open": engine.breaker.open}))
 
-    def metrics(self) -> Response:
-        if self._metrics is None:
+    def _unavailable(self, error: str) -> Response:
+        return Response(503, _dumps({"status": "unavailable", "node": self.engine.node,
+                                     "error": error}))
+
+    def metrics(self) -> Response | Job:
+        """An operator's scrape: no deadline (each of its store reads is bounded by the
+        store timeout, and a store that does not answer is reported as such)."""
+        render = self._metrics
+        if render is None:
             return _NOT_FOUND
-        return Response(200, self._metrics(), METRICS)
+        return Job(lambda: Response(200, render(), METRICS), None)
 
 
 def _method_not_allowed(allowed: str) -> Response:
@@ -421,126 +493,339 @@ class _Slot:
         self.close = close
 
 
-class Admits:
-    """A worker's admits: each ``POST /v1/admit`` is sent to Redis from the event loop
-    on a connection of the worker's own, without waiting for the answer, so a worker
-    keeps several calls in flight while Redis works and reads the next requests
-    meanwhile. Every admit read in one turn of the loop goes out in one write (Redis
-    reads them together, answers them together); replies come back in order and each
-    is answered as soon as its reply is read.
+#: Seconds between two attempts to open a worker's pipelined Redis connection.
+PIPE_RETRY_S = 0.25
+_CIRCUIT_OPEN = "circuit open: the store failed repeatedly"
 
-    Decided by the engine as :meth:`Engine.admit` does (the same arguments, decision,
-    log, metrics, circuit breaker): a reply that is an error is decided again by
-    :meth:`Engine.admit` (which loads the library when Redis lost it), and a lost
-    connection or a reply later than the policy's store timeout gives every call in
-    flight the ``on_store_error`` decision. While there is no such connection (not
-    opened yet, Redis down, the circuit open, a TLS or Cluster URL) the admits of a
-    turn are decided by :meth:`Engine.admit_many`, one blocking round trip for all."""
+_Target = tuple["HttpProtocol", _Slot]
+
+
+class StoreCalls:
+    """A worker's blocking store calls (dialog events, explain, health, /metrics, the
+    admits its pipe cannot take), made one after another in a thread of the worker,
+    in the order they came: the event loop never waits for Redis. An answer the store
+    has not given within the policy's store timeout is given then by the request's
+    ``late`` (the fallback decision, 202 queued, 503), so no client waits longer for
+    a stalled store, however many requests wait with it."""
 
     def __init__(self, service: Service, loop: asyncio.AbstractEventLoop) -> None:
         self.service = service
+        self.loop = loop
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="policer-store")
+
+    @property
+    def timeout_s(self) -> float:
+        return self.service.engine.policy.store_timeout_ms / 1000
+
+    def job(self, protocol: HttpProtocol, slot: _Slot, job: Job, path: str,
+            head: bool = False) -> None:
+        """One request's job; ``head``: a HEAD request (the answer without its body)."""
+        service = self.service
+
+        def run() -> list[Response]:
+            r = service.run(job, path)
+            return [Response(r.status, b"", r.content_type, r.close) if head else r]
+
+        late = job.late
+        self.submit([(protocol, slot)], run, None if late is None else lambda: [late()],
+                    job.skip_late)
+
+    def submit(self, targets: list[_Target], run: Callable[[], list[Response]],
+               late: Callable[[], list[Response]] | None, skip_late: bool = True) -> None:
+        """``run()`` in the store thread answers ``targets`` (one response each), or
+        ``late()`` in the loop does once the store timeout has passed."""
+        loop = self.loop
+        state = _Pending()
+
+        def work() -> list[Response] | None:
+            if state.done and skip_late:
+                return None  # answered already: the store is not asked
+            return run()
+
+        def finish(fut: asyncio.Future[list[Response] | None]) -> None:
+            if state.done or fut.cancelled():
+                return
+            state.done = True
+            if state.timer is not None:
+                state.timer.cancel()
+            try:
+                responses = fut.result()
+            except Exception as e:  # defensive: run() does not raise
+                self.service.log.error("request_failed", error=repr(e))
+                responses = [_error(500, "internal error") for _ in targets]
+            if responses is not None:
+                _answer_all(targets, responses)
+
+        def expire() -> None:
+            if state.done:
+                return
+            state.done = True
+            try:
+                responses = cast(Callable[[], list[Response]], late)()
+            except Exception as e:  # defensive: never a dropped answer
+                self.service.log.error("request_failed", error=repr(e))
+                responses = [_error(500, "internal error") for _ in targets]
+            _answer_all(targets, responses)
+
+        try:
+            fut = loop.run_in_executor(self.pool, work)
+        except RuntimeError:  # the worker is stopping
+            _answer_all(targets, [_error(503, "stopping") for _ in targets])
+            return
+        if late is not None:
+            state.timer = loop.call_later(self.timeout_s, expire)
+        fut.add_done_callback(finish)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Pending:
+    __slots__ = ("done", "timer")
+
+    def __init__(self) -> None:
+        self.done = False  # answered (by the store or late)
+        self.timer: asyncio.TimerHandle | None = None
+
+
+def _answer_all(targets: list[_Target], responses: list[Response]) -> None:
+    for (protocol, slot), response in zip(targets, responses, strict=True):
+        _fill(protocol, slot, response)
+
+
+class Admits:
+    """A worker's admits: each ``POST /v1/admit`` is sent to Redis from the event loop
+    on a connection of the worker's own (the pipe), without waiting for the answer, so
+    a worker keeps several calls in flight while Redis works and reads the next
+    requests meanwhile. Every admit read in one turn of the loop goes out in one write
+    (Redis reads them together, answers them together); replies come back in order and
+    each is answered as soon as its reply is read.
+
+    Decided by the engine as :meth:`Engine.admit` does (the same arguments, decision,
+    log, metrics, circuit breaker). No admit waits longer than the policy's store
+    timeout: a reply later than that, or a lost connection, gives every call in flight
+    the ``on_store_error`` decision; while the circuit is open, or the pipe is down
+    and not being opened, the fallback decides at once; while it is being opened (in a
+    thread, every :data:`PIPE_RETRY_S` at most) admits wait for it up to the store
+    timeout. A reply that is an error is decided again by :meth:`Engine.admit` (which
+    loads the library when Redis lost it) in the store thread. A TLS or Cluster URL
+    has no pipe: the admits of a turn go to the store thread together
+    (:meth:`Engine.admit_many`, one round trip), bounded by the store timeout too."""
+
+    def __init__(self, service: Service, loop: asyncio.AbstractEventLoop,
+                 store: StoreCalls | None = None) -> None:
+        self.service = service
         self.engine = service.engine
         self.loop = loop
+        self.store = store if store is not None else StoreCalls(service, loop)
         self.calls: list[Call] = []
-        self.waiting: list[tuple[HttpProtocol, _Slot]] = []
+        self.waiting: list[tuple[HttpProtocol, _Slot, float]] = []
+        self.held: collections.deque[tuple[HttpProtocol, _Slot, Call, float]] = \
+            collections.deque()  # waiting for the pipe being opened
         self.pipe: _RedisPipe | None = None
         self._opening = False
+        self._blocking = False  # no pipe for this store (TLS, Cluster)
         self._next_open = 0.0  # monotonic time of the next attempt to open the pipe
-        self._timer: asyncio.TimerHandle | None = None
+        self._why = "ConnectionError: no connection to the store yet"
+        self._timer: asyncio.TimerHandle | None = None  # replies in flight checked
+        self._held_timer: asyncio.TimerHandle | None = None
+        self._opener = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="policer-pipe")
 
     @property
     def timeout_s(self) -> float:
         """How long a reply may take: the (current) policy's store timeout."""
         return self.engine.policy.store_timeout_ms / 1000
 
+    def start(self) -> None:
+        """Open the pipe before the first admit needs it."""
+        self._open()
+
     def add(self, protocol: HttpProtocol, slot: _Slot, call: Call) -> None:
         if not self.calls:
             self.loop.call_soon(self.flush)
         self.calls.append(call)
-        self.waiting.append((protocol, slot))
+        self.waiting.append((protocol, slot, time.perf_counter()))
 
     def flush(self) -> None:
         calls, waiting = self.calls, self.waiting
         self.calls, self.waiting = [], []
-        if not calls:
-            return
+        if calls:
+            self._dispatch(calls, waiting)
+
+    def _dispatch(self, calls: list[Call],
+                  waiting: list[tuple[HttpProtocol, _Slot, float]]) -> None:
         pipe = self.pipe
-        engine = self.engine
-        if pipe is not None and pipe.transport is not None and engine.breaker.allow():
-            command = cast(Any, engine.store).admit_command
-            t0 = time.perf_counter()
-            try:
-                data = b"".join([command(call, engine.node) for call in calls])
-            except Exception as e:  # defensive: never a dropped call
-                for (protocol, slot), call in zip(waiting, calls, strict=True):
-                    _fill(protocol, slot, _decided(engine.admit_failed(
-                        call, f"admit: {e!r}", t0)))
-                return
-            inflight = pipe.inflight
-            for (protocol, slot), call in zip(waiting, calls, strict=True):
-                inflight.append((protocol, slot, call, t0))
-            pipe.transport.write(data)
-            if self._timer is None:
-                self._timer = self.loop.call_later(self.timeout_s, self._check)
-            return
-        if pipe is None and not self._opening:
+        if pipe is not None and pipe.transport is not None:
+            self._send(pipe, calls, waiting)
+        elif self._blocking:
+            self._by_store(calls, waiting)
+        else:
             self._open()
-        for (protocol, slot), response in zip(waiting, self.service.admit_many(calls),
-                                              strict=True):
-            _fill(protocol, slot, response)
+            if self._opening and not self.engine.breaker.open:
+                for (protocol, slot, t0), call in zip(waiting, calls, strict=True):
+                    self.held.append((protocol, slot, call, t0))
+                self._arm_held()
+            else:
+                self._fallback(calls, waiting, None if self.engine.breaker.open else self._why)
+
+    def _send(self, pipe: _RedisPipe, calls: list[Call],
+              waiting: list[tuple[HttpProtocol, _Slot, float]]) -> None:
+        engine = self.engine
+        if not engine.breaker.allow():  # the circuit is open and no probe is due
+            self._fallback(calls, waiting, None)
+            return
+        command = cast(Any, engine.store).admit_command
+        try:
+            data = b"".join([command(call, engine.node) for call in calls])
+        except Exception as e:  # defensive: never a dropped call
+            for (protocol, slot, t0), call in zip(waiting, calls, strict=True):
+                _fill(protocol, slot, _decided(engine.admit_failed(call, f"admit: {e!r}", t0)))
+            return
+        inflight = pipe.inflight
+        for (protocol, slot, t0), call in zip(waiting, calls, strict=True):
+            inflight.append((protocol, slot, call, t0))
+        cast(asyncio.Transport, pipe.transport).write(data)
+        if self._timer is None:
+            self._check()
+
+    def _fallback(self, calls: list[Call], waiting: list[tuple[HttpProtocol, _Slot, float]],
+                  error: str | None) -> None:
+        """The ``on_store_error`` decision at once: the store is not asked. ``error``:
+        why (one failure of the store for the circuit breaker); None: the circuit is
+        open (as :meth:`Engine.admit` decides then)."""
+        engine = self.engine
+        for i, ((protocol, slot, t0), call) in enumerate(zip(waiting, calls, strict=True)):
+            if error is None:
+                d = engine._fallback(call, _CIRCUIT_OPEN, t0)
+            elif i == 0:
+                d = engine.admit_failed(call, error, t0)
+            else:
+                d = engine._fallback(call, error, t0)
+            _fill(protocol, slot, _decided(d))
+
+    def _by_store(self, calls: list[Call],
+                  waiting: list[tuple[HttpProtocol, _Slot, float]]) -> None:
+        """A store with no pipe: the admits in the store thread, one round trip."""
+        engine = self.engine
+        t0s = [t0 for _, _, t0 in waiting]
+
+        def late() -> list[Response]:
+            why = self.service.no_answer()
+            return [_decided(engine.admit_failed(call, why, t0))
+                    for call, t0 in zip(calls, t0s, strict=True)]
+
+        self.store.submit([(p, slot) for p, slot, _ in waiting],
+                          lambda: self.service.admit_many(calls), late)
+
+    # -- admits waiting for the pipe being opened
+    def _arm_held(self) -> None:
+        if self._held_timer is None and self.held:
+            wait = self.held[0][3] + self.timeout_s - time.perf_counter()
+            self._held_timer = self.loop.call_later(max(0.0, wait), self._expire_held)
+
+    def _expire_held(self) -> None:
+        self._held_timer = None
+        now = time.perf_counter()
+        timeout = self.timeout_s
+        late: list[tuple[HttpProtocol, _Slot, Call, float]] = []
+        while self.held and self.held[0][3] + timeout <= now + 0.001:
+            late.append(self.held.popleft())
+        if late:
+            self._fallback([c for _, _, c, _ in late], [(p, s, t) for p, s, _, t in late],
+                           f"TimeoutError: no connection to the store in "
+                           f"{timeout * 1000:.0f} ms")
+        self._arm_held()
+
+    def _release_held(self) -> None:
+        """The pipe opened, or the attempt failed: the admits that waited for it go."""
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        held, self.held = list(self.held), collections.deque()
+        if held:
+            self._dispatch([c for _, _, c, _ in held], [(p, s, t) for p, s, _, t in held])
 
     # -- the worker's own connection
     def _open(self) -> None:
-        now = time.monotonic()
+        """Start opening the pipe in a thread (connect, AUTH, SELECT: blocking calls),
+        unless it is open, being opened, or was tried less than PIPE_RETRY_S ago."""
+        if self.pipe is not None or self._opening or self._blocking:
+            return
         make = getattr(self.engine.store, "pipeline_socket", None)
-        if make is None or now < self._next_open:
+        if make is None:
+            self._blocking = True
             return
-        self._next_open = now + 1.0
+        now = time.monotonic()
+        if now < self._next_open:
+            return
+        self._next_open = now + PIPE_RETRY_S
         try:
-            sock = make()
-        except Exception:  # Redis down: the blocking path decides (fallback) meanwhile
+            fut = self.loop.run_in_executor(self._opener, make)
+        except RuntimeError:  # the worker is stopping
             return
-        if sock is None:
-            self._next_open = float("inf")  # TLS, Cluster: always the blocking path
+        self._opening = True
+        fut.add_done_callback(self._opened)
+
+    def _opened(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            self._opening = False
+            return
+        try:
+            sock = fut.result()
+        except Exception as e:  # Redis down or stalled: the fallback decides meanwhile
+            self._opening = False
+            self._why = str(e) if isinstance(e, StoreError) else f"ConnectionError: {e!r}"
+            self._release_held()
+            return
+        if sock is None:  # TLS, Cluster: always the store thread
+            self._opening = False
+            self._blocking = True
+            self._release_held()
             return
         sock.setblocking(False)
-        self._opening = True
+        self.loop.create_task(self._connect(sock))
 
-        async def connect() -> None:
-            try:
-                await self.loop.create_connection(lambda: _RedisPipe(self), sock=sock)
-            except Exception:
-                sock.close()
-            finally:
-                self._opening = False
-
-        self.loop.create_task(connect())
+    async def _connect(self, sock: socket.socket) -> None:
+        try:
+            await self.loop.create_connection(lambda: _RedisPipe(self), sock=sock)
+        except Exception as e:
+            sock.close()
+            self._why = f"ConnectionError: {e!r}"
+        finally:
+            self._opening = False
+            self._release_held()
 
     def reply(self, pipe: _RedisPipe, reply: Any) -> None:
         protocol, slot, call, t0 = pipe.inflight.popleft()
         engine = self.engine
+        if isinstance(reply, Exception):  # an error reply: decided as admit() does,
+            self.store.submit(  # away from the loop (it may load the library)
+                [(protocol, slot)], lambda: [_decided(engine.admit(call))],
+                lambda: [_decided(engine.admit_failed(call, self.service.no_answer(), t0))])
+            return
         try:
-            if isinstance(reply, Exception):  # an error reply: decided as admit() does
-                d = engine.admit(call)
-            else:
-                d = engine.admit_reply(call, call_result(reply), t0)
+            d = engine.admit_reply(call, call_result(reply), t0)
         except Exception as e:  # defensive: never a dropped call
             d = engine.admit_failed(call, f"admit: {e!r}", t0)
         _fill(protocol, slot, _decided(d))
 
     def lost(self, pipe: _RedisPipe, error: str) -> None:
         """The connection broke or a reply is late: every call in flight gets the
-        fallback decision; the next admits take the blocking path until it reopens."""
+        fallback decision; a new connection is opened (in the background)."""
         if self.pipe is pipe:
             self.pipe = None
         if pipe.transport is not None:
             pipe.transport.abort()
             pipe.transport = None
+        self._why = error
         inflight, pipe.inflight = pipe.inflight, collections.deque()
         for protocol, slot, call, t0 in inflight:
             _fill(protocol, slot, _decided(self.engine.admit_failed(call, error, t0)))
+        self._open()
 
     def _check(self) -> None:
+        """The oldest call in flight answered in time, or all of them given up."""
         self._timer = None
         pipe = self.pipe
         if pipe is None or not pipe.inflight:
@@ -554,6 +839,8 @@ class Admits:
     def close(self) -> None:
         if self.pipe is not None and self.pipe.transport is not None:
             self.pipe.transport.close()
+        self._opener.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
 
 
 class _RedisPipe(asyncio.Protocol):
@@ -592,6 +879,9 @@ def _decided(d: Any) -> Response:
 
 
 def _fill(protocol: HttpProtocol, slot: _Slot, response: Response) -> None:
+    if slot.data is not None:  # answered already
+        return
+    slot.close = slot.close or response.close
     slot.data = _head(response.status, response.content_type, len(response.body),
                       slot.close) + response.body
     protocol.drain()
@@ -602,10 +892,10 @@ class _Worker:
     set of open connections, and one read buffer (a read is parsed before the next
     one is made, so one buffer serves them all)."""
 
-    def __init__(self, service: Service, admits: Admits | None = None,
-                 limits: Limits = Limits()) -> None:
+    def __init__(self, service: Service, admits: Admits, limits: Limits = Limits()) -> None:
         self.service = service
         self.admits = admits
+        self.store = admits.store
         self.limits = limits
         self.connections: set[HttpProtocol] = set()
         self.buffer = memoryview(bytearray(READ_SIZE))
@@ -638,6 +928,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.service = worker.service
         self.connections = worker.connections
         self.admits = worker.admits
+        self.store = worker.store
         self._slots: collections.deque[_Slot] = collections.deque()  # answers in order
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -781,37 +1072,43 @@ class HttpProtocol(asyncio.BufferedProtocol):
         keep = self.parser.should_keep_alive()
         service = self.service
         admits = self.admits
-        if admits is not None and self._url == b"/v1/admit" and \
-                self.parser.get_method() == b"POST" and service.authorized(self._auth):
+        if self._url == b"/v1/admit" and self.parser.get_method() == b"POST" and \
+                service.authorized(self._auth):
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
             try:
                 call = call_from_body(body)
             except BadRequest as e:
                 self._answer(_error(400, str(e)), not keep)
                 return
-            except Exception as e:  # as Service.handle: never a traceback
+            except Exception as e:  # as Service.route: never a traceback
                 service.log.error("request_failed", path="/v1/admit", error=repr(e))
                 self._answer(_error(500, "internal error"), not keep)
                 return
-            slot = _Slot(None, not keep)
-            self._slots.append(slot)
-            if not keep:
-                self._closing = True  # closed once this answer is written
-            admits.add(self, slot, call)
+            admits.add(self, self._slot(keep), call)
             return
         if not service.authorized(self._auth):
-            response = _UNAUTHORIZED
-        else:
-            url = self._url
-            q = url.find(b"?")
-            path = (url if q < 0 else url[:q]).decode("latin-1")
-            body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
-            method = self.parser.get_method().decode("latin-1")
-            response = service.handle(method, path, body)
-            if method == "HEAD":
-                response = Response(response.status, b"", response.content_type,
-                                    response.close)
-        self._answer(response, not keep or response.close)
+            self._answer(_UNAUTHORIZED, True)
+            return
+        url = self._url
+        q = url.find(b"?")
+        path = (url if q < 0 else url[:q]).decode("latin-1")
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        method = self.parser.get_method().decode("latin-1")
+        r = service.route(method, path, body)
+        if isinstance(r, Job):  # it asks the store: in the store thread
+            self.store.job(self, self._slot(keep), r, path, head=method == "HEAD")
+            return
+        if method == "HEAD":
+            r = Response(r.status, b"", r.content_type, r.close)
+        self._answer(r, not keep or r.close)
+
+    def _slot(self, keep: bool) -> _Slot:
+        """The place of an answer still to come, in request order."""
+        slot = _Slot(None, not keep)
+        self._slots.append(slot)
+        if not keep:
+            self._closing = True  # closed once this answer is written
+        return slot
 
     # -- answering
     def _grow(self, n: int) -> None:
@@ -878,7 +1175,7 @@ def serve_forever(service: Service, sock: socket.socket, limits: Limits = Limits
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    admits = Admits(service, loop)
+    admits = Admits(service, loop, StoreCalls(service, loop))
     worker = _Worker(service, admits, limits)
     connections = worker.connections
     ticker = _Ticker(service.engine)
@@ -894,6 +1191,7 @@ def serve_forever(service: Service, sock: socket.socket, limits: Limits = Limits
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.call_later(limits.sweep_s, sweep)
+        admits.start()
         ticker.start()
         try:
             await stop.wait()

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from lab.redis_server import RedisServer
 from tests.support import wait_for
 from tests.support.cli import policy_copy, run_cli
 from tests.support.serve import Serve, body, read_answers
@@ -325,3 +328,76 @@ def test_json_that_is_not_plain_utf8_json_is_400(serve: Serve, payload: bytes) -
         assert status == 400, (path, payload, out)
         assert "malformed JSON" in out["error"]
     assert serve.post("/v1/release", {"call_id": "n1", "from_tag": "t"})[1]["ok"] is False
+
+
+# ----------------------------------------------------------------------------- store stall
+
+
+def _ready(s: socket.socket) -> bool:
+    """Whether the server has sent anything on ``s`` yet (without waiting)."""
+    return bool(select.select([s], [], [], 0)[0])
+
+
+def test_a_frozen_store_holds_up_no_other_request(tmp_path: Path, namespace: str) -> None:
+    """Redis frozen (SIGSTOP), store_timeout 1 s: a request that waits for the store
+    (explain, health, a dialog event) holds up no other connection's request, and once
+    the circuit is open an admit is decided by the fallback at once, while a request
+    still waits for the store. Before, those store calls ran inside the worker's event
+    loop: every other connection waited behind them, one after another, and answers
+    came long after store_timeout. (How late is a timing: benchmarks/serve.py
+    --freeze measures it, docs/security.md has the figure.)"""
+    policy = policy_copy(tmp_path, namespace)
+    policy.write_text(policy.read_text() + "store_timeout: 1s\n")
+    blockers = {
+        "explain": (b"/v1/explain", json.dumps(body("x-1")).encode(), 503),
+        "health": (b"/v1/health", b"", 503),
+        "release": (b"/v1/release", b'{"dialog_id": "z-1;ft"}', 202),
+    }
+
+    def request(path: bytes, payload: bytes) -> socket.socket:
+        c = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        method = b"POST" if payload else b"GET"
+        c.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+            method, path, len(payload), payload))
+        return c
+
+    with RedisServer() as private:
+        s = Serve(tmp_path, {"POLICER_REDIS_URL": private.url, "POLICER_POLICY": str(policy)})
+        try:
+            assert s.post("/v1/admit", body("warm"))[1]["fallback"] is False
+            private.signal(signal.SIGSTOP)
+            for name, (path, payload, status) in blockers.items():
+                with request(path, payload) as a, request(b"/v1/nothing", b"") as b:
+                    (got, _), = read_answers(b, 1)
+                    assert got == 404
+                    assert not _ready(a), f"{name}: answered before a request it waits for"
+                    (got, out), = read_answers(a, 1)
+                    assert got == status, (name, out)
+            # three admits in flight when the store does not answer: each gets the
+            # fallback decision once late, and the circuit opens
+            admits = [request(b"/v1/admit", json.dumps(body(f"fr-{i}", f"u{i}")).encode())
+                      for i in range(3)]
+            for c in admits:
+                (got, out), = read_answers(c, 1)
+                assert got == 200 and json.loads(out)["fallback"] is True
+                c.close()
+            with request(*blockers["explain"][:2]) as a, \
+                    request(b"/v1/admit", json.dumps(body("fr-9", number="112")).encode()) as b:
+                (got, out), = read_answers(b, 1)
+                decision = json.loads(out)
+                assert got == 200 and decision["fallback"] is True
+                assert decision["admitted"] is True  # an emergency call, whatever the policy
+                assert "circuit open" in decision["error"]
+                assert not _ready(a), "the admit waited behind a request for the store"
+                assert read_answers(a, 1)[0][0] == 503
+        finally:
+            private.signal(signal.SIGCONT)
+        try:
+            # the store answers again: decisions come from it again
+            assert wait_for(lambda: s.post("/v1/admit", body("fr-10", "u10"))[1][
+                "fallback"] is False, 15)
+            # and the calls the fallback admitted are recorded (then: a duplicate)
+            assert wait_for(lambda: s.post("/v1/admit", body("fr-9", number="112"))[1][
+                "duplicate"] is True, 10)
+        finally:
+            s.stop()
