@@ -348,51 +348,15 @@ def test_a_frozen_store_holds_up_no_other_request(tmp_path: Path, namespace: str
     --freeze measures it, docs/security.md has the figure.)"""
     policy = policy_copy(tmp_path, namespace)
     policy.write_text(policy.read_text() + "store_timeout: 1s\n")
-    blockers = {
-        "explain": (b"/v1/explain", json.dumps(body("x-1")).encode(), 503),
-        "health": (b"/v1/health", b"", 503),
-        "release": (b"/v1/release", b'{"dialog_id": "z-1;ft"}', 202),
-    }
-
-    def request(path: bytes, payload: bytes) -> socket.socket:
-        c = socket.create_connection(("127.0.0.1", s.port), timeout=30)
-        method = b"POST" if payload else b"GET"
-        c.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
-            method, path, len(payload), payload))
-        return c
-
     with RedisServer() as private:
         s = Serve(tmp_path, {"POLICER_REDIS_URL": private.url, "POLICER_POLICY": str(policy)})
         try:
             assert s.post("/v1/admit", body("warm"))[1]["fallback"] is False
             private.signal(signal.SIGSTOP)
-            for name, (path, payload, status) in blockers.items():
-                with request(path, payload) as a, request(b"/v1/nothing", b"") as b:
-                    (got, _), = read_answers(b, 1)
-                    assert got == 404
-                    assert not _ready(a), f"{name}: answered before a request it waits for"
-                    (got, out), = read_answers(a, 1)
-                    assert got == status, (name, out)
-            # three admits in flight when the store does not answer: each gets the
-            # fallback decision once late, and the circuit opens
-            admits = [request(b"/v1/admit", json.dumps(body(f"fr-{i}", f"u{i}")).encode())
-                      for i in range(3)]
-            for c in admits:
-                (got, out), = read_answers(c, 1)
-                assert got == 200 and json.loads(out)["fallback"] is True
-                c.close()
-            with request(*blockers["explain"][:2]) as a, \
-                    request(b"/v1/admit", json.dumps(body("fr-9", number="112")).encode()) as b:
-                (got, out), = read_answers(b, 1)
-                decision = json.loads(out)
-                assert got == 200 and decision["fallback"] is True
-                assert decision["admitted"] is True  # an emergency call, whatever the policy
-                assert "circuit open" in decision["error"]
-                assert not _ready(a), "the admit waited behind a request for the store"
-                assert read_answers(a, 1)[0][0] == 503
-        finally:
-            private.signal(signal.SIGCONT)
-        try:
+            try:
+                _while_frozen(s.port)
+            finally:
+                private.signal(signal.SIGCONT)
             # the store answers again: decisions come from it again
             assert wait_for(lambda: s.post("/v1/admit", body("fr-10", "u10"))[1][
                 "fallback"] is False, 15)
@@ -401,3 +365,44 @@ def test_a_frozen_store_holds_up_no_other_request(tmp_path: Path, namespace: str
                 "duplicate"] is True, 10)
         finally:
             s.stop()
+
+
+def _while_frozen(port: int) -> None:
+    blockers = {
+        "explain": (b"/v1/explain", json.dumps(body("x-1")).encode(), 503),
+        "health": (b"/v1/health", b"", 503),
+        "release": (b"/v1/release", b'{"dialog_id": "z-1;ft"}', 202),
+    }
+
+    def request(path: bytes, payload: bytes) -> socket.socket:
+        c = socket.create_connection(("127.0.0.1", port), timeout=30)
+        method = b"POST" if payload else b"GET"
+        c.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+            method, path, len(payload), payload))
+        return c
+
+    for name, (path, payload, status) in blockers.items():
+        with request(path, payload) as a, request(b"/v1/nothing", b"") as b:
+            (got, _), = read_answers(b, 1)
+            assert got == 404
+            assert not _ready(a), f"{name}: answered before a request it waits for"
+            (got, out), = read_answers(a, 1)
+            assert got == status, (name, out)
+    # three admits in flight when the store does not answer: each gets the fallback
+    # decision once late, and the circuit opens
+    admits = [request(b"/v1/admit", json.dumps(body(f"fr-{i}", f"u{i}")).encode())
+              for i in range(3)]
+    for c in admits:
+        (got, out), = read_answers(c, 1)
+        assert got == 200 and json.loads(out)["fallback"] is True
+        c.close()
+    explain, _, _ = blockers["explain"]
+    with request(explain, blockers["explain"][1]) as a, \
+            request(b"/v1/admit", json.dumps(body("fr-9", number="112")).encode()) as b:
+        (got, out), = read_answers(b, 1)
+        decision = json.loads(out)
+        assert got == 200 and decision["fallback"] is True
+        assert decision["admitted"] is True  # an emergency call, whatever the policy
+        assert "circuit open" in decision["error"]
+        assert not _ready(a), "the admit waited behind a request for the store"
+        assert read_answers(a, 1)[0][0] == 503
