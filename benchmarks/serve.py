@@ -4,6 +4,7 @@ the in-process engine, with the same policy, the same Redis and the same calls.
 
     .venv/bin/python benchmarks/serve.py                  # the figures of docs/benchmarks.md
     .venv/bin/python benchmarks/serve.py --stacks uvicorn,aiohttp,threaded   # compare stacks
+    .venv/bin/python benchmarks/serve.py --freeze 2 --connections 32 --repeats 5  # store stall
 
 What it runs (everything on 127.0.0.1, a private ``redis-server`` unless ``--redis``):
 
@@ -20,6 +21,15 @@ What it runs (everything on 127.0.0.1, a private ``redis-server`` unless ``--red
   the server with ``--workers`` workers and ``--connections`` closed-loop client
   connections (``--clients`` processes; a Python client sends a prepared request and
   reads the answer with two system calls), decisions/s of each and their ratio.
+
+- **freeze** (``--freeze SECONDS``, instead of the above): ``--connections``
+  closed-loop connections (``--clients`` processes, one selector each) send admits to
+  ``policer serve --workers N``; after 1 s the private redis-server is frozen
+  (SIGSTOP) for SECONDS, then thawed: p50, p99 and max answer time of the requests
+  sent while it was frozen, and the share the fallback decided (the policy's
+  ``store_timeout`` bounds them; a fresh redis-server per run, medians of
+  ``--repeats``). ``--serve-root DIR`` runs policer serve from another checkout
+  (before/after).
 
 Every measurement is bounded (``--seconds`` each, ``--repeats`` times; the whole run
 takes about ``repeats x (4 x seconds + 10)`` seconds per stack) and everything it
@@ -47,7 +57,7 @@ import time
 from array import array
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -266,16 +276,22 @@ class Server:
     """``policer serve`` (stack uvicorn) or the same Service on another stack, as a
     process group of its own."""
 
-    def __init__(self, stack: str, url: str, policy: Path, workers: int, log: Path) -> None:
+    def __init__(self, stack: str, url: str, policy: Path, workers: int, log: Path,
+                 root: Path = ROOT) -> None:
         self.port = free_port()
         env = {**os.environ, "POLICER_REDIS_URL": url, "POLICER_POLICY": str(policy),
                "POLICER_NODE": f"bench-serve-{self.port}", "POLICER_LOG_LEVEL": "warning",
-               "PYTHONPATH": str(ROOT)}
+               "PYTHONPATH": str(root)}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         listen = f"127.0.0.1:{self.port}"
         if stack == "httptools":
             cmd = [sys.executable, "-m", "policer", "serve", "--listen", listen,
                    "--workers", str(workers)]
+            if root != ROOT:  # another checkout: without site (the editable install's
+                import site  # finder would import this one), its packages by path
+
+                env["PYTHONPATH"] = os.pathsep.join([str(root), *site.getsitepackages()])
+                cmd.insert(1, "-S")
         else:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--_server", stack,
                    "--listen", listen, "--workers", str(workers)]
@@ -313,7 +329,10 @@ class Server:
 
 def _alt_server(stack: str, listen: str, workers: int) -> int:
     """Serve the same :class:`policer.serve.Service` on another stack (for the
-    comparison only; ``policer serve`` runs uvicorn)."""
+    comparison only; ``policer serve`` runs its own HTTP/1.1 server on httptools'
+    parser). These answer each request on the spot (:meth:`Service.handle`, the store
+    called in the server's own thread) and have none of policer serve's bounds
+    (MAX_HEAD counted as it arrives, head deadline, connection cap)."""
     from policer.engine import Engine
     from policer.exporter import parse_listen
     from policer.serve import Service, _Ticker, bind
@@ -505,6 +524,142 @@ def _threaded(service: Any, sock: socket.socket) -> None:
     srv.serve_forever()
 
 
+# --------------------------------------------------------------------------- freeze
+
+
+_DIALOG_ID = re.compile(rb'"dialog_id":"([^"]*)"')
+
+
+def _event(path: bytes, dialog: bytes) -> bytes:
+    body = b'{"dialog_id":"%s"}' % dialog
+    return b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n" \
+        b"Content-Length: %d\r\n\r\n%s" % (path, len(body), body)
+
+
+def _freeze_client(port: int, tag: str, conns: int, until: float, calls: bool,
+                   out: Any) -> None:
+    """``conns`` keep-alive connections, each in a closed loop (the next request as
+    soon as the last is answered), driven by one selector; ``calls``: each admitted
+    call is then confirmed and released on the same connection (the requests a proxy
+    sends per call), else admits only. Per answer: (sent at, seconds, kind, by the
+    fallback or queued)."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    socks: list[socket.socket] = []
+    # per connection: read buffer, sent at, kind sent, the admits to send, dialog id
+    state: dict[int, list[Any]] = {}
+    rows: list[tuple[float, float, str, bool]] = []
+    perf = time.perf_counter
+    try:
+        for i in range(conns):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setblocking(False)
+            socks.append(s)
+            gen = requests(f"{tag}c{i}")
+            state[s.fileno()] = [bytearray(), perf(), "admit", gen, b""]
+            s.sendall(next(gen))
+            sel.register(s, selectors.EVENT_READ)
+        while perf() < until:
+            for key, _ in sel.select(timeout=0.5):
+                s = cast(socket.socket, key.fileobj)
+                st = state[s.fileno()]
+                buf = st[0]
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError("the server closed a connection")
+                buf += chunk
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                head = bytes(buf[:end]).lower()
+                at = head.find(b"content-length:")
+                stop = head.find(b"\r\n", at)
+                length = int(head[at + 15:stop if stop > 0 else len(head)])
+                if len(buf) < end + 4 + length:
+                    continue
+                answer = bytes(buf[:end + 4 + length])
+                del buf[:end + 4 + length]
+                t1 = perf()
+                kind = st[2]
+                if not answer.startswith((b"HTTP/1.1 200", b"HTTP/1.1 202")):
+                    raise RuntimeError(f"unexpected answer: {answer[:200]!r}")
+                rows.append((st[1], t1 - st[1], kind,
+                             b'"fallback":true' in answer or b'"queued":true' in answer))
+                if kind == "admit" and calls and b'"admitted":true' in answer:
+                    m = _DIALOG_ID.search(answer)
+                    st[4] = m.group(1) if m else b""
+                    st[2], request = "confirm", _event(b"/v1/confirm", st[4])
+                elif kind == "confirm":
+                    st[2], request = "release", _event(b"/v1/release", st[4])
+                else:
+                    st[2], request = "admit", next(st[3])
+                st[1] = perf()
+                s.sendall(request)
+        out.put(("freeze", rows))
+    except BaseException as e:
+        out.put(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        for s in socks:
+            s.close()
+
+
+def measure_freeze(redis_server: RedisServer, policy: Path, workers: int, clients: int,
+                   connections: int, freeze_s: float, calls: bool, log: Path,
+                   root: Path = ROOT) -> dict[str, float]:
+    """``connections`` closed-loop connections (``clients`` processes) send admits
+    (``calls``: and each admitted call's confirm and release) to ``policer serve``;
+    after 1 s the private redis-server is frozen (SIGSTOP) for ``freeze_s`` seconds,
+    then thawed, then 1 s more. The answer times of the requests sent while it was
+    frozen: p50, p99, max (ms) of all and the max of each kind, how many, and the
+    share answered by the fallback (admits) or queued (events)."""
+    server = Server("httptools", redis_server.url, policy, workers, log, root)
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    try:
+        start = time.perf_counter() + 0.5
+        frozen_at, thawed_at = start + 1.0, start + 1.0 + freeze_s
+        until = thawed_at + 1.0
+        tag = f"fz{time.monotonic_ns()}"
+        per = [connections // clients + (i < connections % clients) for i in range(clients)]
+        procs = [ctx.Process(target=_freeze_client, args=(server.port, f"{tag}p{i}", n,
+                                                          until, calls, out), daemon=True)
+                 for i, n in enumerate(per) if n]
+        for p in procs:
+            p.start()
+        time.sleep(max(0.0, frozen_at - time.perf_counter()))
+        frozen_at = time.perf_counter()
+        redis_server.signal(signal.SIGSTOP)
+        try:
+            time.sleep(max(0.0, thawed_at - time.perf_counter()))
+        finally:
+            thawed_at = time.perf_counter()
+            redis_server.signal(signal.SIGCONT)
+        rows: list[tuple[float, float, str, bool]] = []
+        for _ in procs:
+            kind, r = out.get(timeout=until + 60 - time.perf_counter())
+            if kind == "error":
+                raise RuntimeError(r)
+            rows += r
+        for p in procs:
+            p.join(timeout=5)
+    finally:
+        redis_server.signal(signal.SIGCONT)
+        server.stop()
+    during = [r for r in rows if frozen_at <= r[0] < thawed_at]
+    lat = [r[1] for r in during]
+    out_: dict[str, float] = {
+        "p50_ms": pct(lat, 0.5) * 1e3, "p99_ms": pct(lat, 0.99) * 1e3,
+        "max_ms": max(lat, default=float("nan")) * 1e3, "answers": len(lat),
+        "fallback": sum(r[3] for r in during) / max(1, len(during)),
+        "before_p50_ms": pct([r[1] for r in rows if r[0] < frozen_at], 0.5) * 1e3}
+    for kind in ("admit", "confirm", "release") if calls else ("admit",):
+        out_[f"{kind}_max_ms"] = max((r[1] for r in during if r[2] == kind),
+                                     default=float("nan")) * 1e3
+    return out_
+
+
 # --------------------------------------------------------------------------- measuring
 
 
@@ -688,6 +843,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wrk", action="store_true",
                    help="also measure the throughput with wrk as the HTTP client (Debian "
                         "package wrk; policer serve only)")
+    p.add_argument("--freeze", type=float, default=None, metavar="SECONDS",
+                   help="instead: answer times of admits sent while the private "
+                        "redis-server is frozen (SIGSTOP) this long, under load from "
+                        "--connections connections in --clients processes")
+    p.add_argument("--clients", type=int, default=2,
+                   help="client processes of the --freeze run [2]")
+    p.add_argument("--freeze-mix", choices=("calls", "admits"), default="calls",
+                   help="--freeze: each admitted call is confirmed and released "
+                        "(calls), or admits only [calls]")
+    p.add_argument("--serve-root", default=str(ROOT), metavar="DIR",
+                   help="the checkout policer serve runs from (a before/after "
+                        "comparison; --freeze only) [this one]")
     p.add_argument("--json", action="store_true")
     p.add_argument("--_server", default=None, help=argparse.SUPPRESS)
     p.add_argument("--listen", default=None, help=argparse.SUPPRESS)
@@ -703,6 +870,12 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="policer-servebench-"))
     policy = bench_policy(Path(args.policy), tmp)
+    if args.freeze is not None:
+        if args.redis is not None:
+            p.error("--freeze freezes a private redis-server: no --redis")
+        if not 0 < args.freeze <= 30 or not 1 <= args.clients <= args.connections:
+            p.error("--freeze in (0, 30], --clients in 1..--connections")
+        return freeze_report(args, argv, policy, tmp)
     redis_server = None
     url = args.redis
     if url is None:
@@ -765,6 +938,48 @@ def main(argv: list[str] | None = None) -> int:
                 line += (f"; with wrk: engine {t['engine_per_s']:.0f}/s, http "
                          f"{t['http_per_s']:.0f}/s ({t['ratio']:.2f}x)")
             print(line)
+    return 0
+
+
+def freeze_report(args: argparse.Namespace, argv: list[str] | None, policy: Path,
+                  tmp: Path) -> int:
+    report: dict[str, Any] = {
+        "command": " ".join([".venv/bin/python benchmarks/serve.py", *(argv or sys.argv[1:])]),
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.platform()}, "
+                   f"Python {platform.python_version()}",
+        "load_before": loadavg(), "runs": []}
+    from policer.policy import load_policy
+    from policer.store import open_store
+
+    pol = load_policy(policy)
+    report["store_timeout_ms"] = pol.store_timeout_ms
+    for r in range(args.repeats):
+        with RedisServer() as redis_server:  # a fresh one each run: no queue left over
+            open_store(redis_server.url, pol.namespace, timeout_ms=2000,
+                       policy=pol).load(pol)
+            run = measure_freeze(redis_server, policy, args.workers, args.clients,
+                                 args.connections, args.freeze, args.freeze_mix == "calls",
+                                 tmp / "freeze.log", Path(args.serve_root))
+        report["runs"].append(run)
+        if not args.json:
+            print(f"freeze run {r + 1}: " + json.dumps({k: round(v, 2) for k, v in
+                                                        run.items()}), flush=True)
+    report["median"] = {k: statistics.median(x[k] for x in report["runs"])
+                        for k in report["runs"][0]}
+    report["load_after"] = loadavg()
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        m = report["median"]
+        print(f"\n{report['machine']}; load {report['load_before']} -> "
+              f"{report['load_after']}")
+        print(f"store frozen {args.freeze:g} s, store_timeout {pol.store_timeout_ms} ms, "
+              f"{args.connections} connections ({args.freeze_mix}), --workers "
+              f"{args.workers}: answers during the freeze p50 {m['p50_ms']:.1f} ms, p99 "
+              f"{m['p99_ms']:.1f} ms, max {m['max_ms']:.1f} ms ({m['answers']:.0f} answers, "
+              f"{m['fallback'] * 100:.0f} % by the fallback or queued; medians of "
+              f"{args.repeats}); max by kind: " + ", ".join(
+                  f"{k[:-7]} {v:.1f} ms" for k, v in m.items() if k.endswith("_max_ms")))
     return 0
 
 
