@@ -351,11 +351,11 @@ class Service:
 
         return Job(run, lambda: _error(503, f"store error: {self.no_answer()}"))
 
-    def confirm(self, body: bytes) -> Job:
+    def confirm(self, body: bytes) -> Response | Job:
         did = dialog_id_from_body(_object(body))
         return self._event(did, Op("confirm", did, self.engine.policy.timeouts.dialog_ms))
 
-    def refresh(self, body: bytes) -> Job:
+    def refresh(self, body: bytes) -> Response | Job:
         data = _object(body)
         did = dialog_id_from_body(data)
         timeout = data.get("timeout")
@@ -368,7 +368,7 @@ class Service:
             raise BadRequest("'timeout' must be a positive number of seconds")
         return self._event(did, Op("refresh", did, ms))
 
-    def release(self, body: bytes) -> Job:
+    def release(self, body: bytes) -> Response | Job:
         data = _object(body)
         did = dialog_id_from_body(data)
         reason = _text(data, "reason") or "bye"
@@ -376,11 +376,13 @@ class Service:
             raise BadRequest(f"'reason' must be one of {', '.join(END_REASONS)}")
         return self._event(did, Op("release", did, reason), record=True)
 
-    def _event(self, did: str, op: Op, record: bool = False) -> Job:
+    def _event(self, did: str, op: Op, record: bool = False) -> Response | Job:
         """Applied at once (200, ``ok``: the dialog was live) or queued in order while
         the store does not answer (202, ``queued``); an event the store has not
         answered within its timeout is answered as queued, and is applied or queued
-        by the engine all the same."""
+        by the engine all the same. While the circuit is open it is queued here and
+        now: the engine's tick and the admits probe the store, no event waits for a
+        probe."""
 
         def answer(result: object) -> Response:
             out: dict[str, Any] = {"dialog_id": did, "ok": bool(result),
@@ -389,7 +391,11 @@ class Service:
                 out["record"] = result.as_dict() if isinstance(result, CallRecord) else None
             return Response(202 if result is None else 200, _dumps(out))
 
-        return Job(lambda: answer(self.engine.apply_event(op)), lambda: answer(None),
+        engine = self.engine
+        if engine.breaker.open:
+            engine._queue(op)
+            return answer(None)
+        return Job(lambda: answer(engine.apply_event(op)), lambda: answer(None),
                    skip_late=False)
 
     def health(self) -> Job:

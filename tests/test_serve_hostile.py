@@ -406,3 +406,11 @@ def _while_frozen(port: int) -> None:
         assert "circuit open" in decision["error"]
         assert not _ready(a), "the admit waited behind a request for the store"
         assert read_answers(a, 1)[0][0] == 503
+    # a dialog event is queued at once, in order, while the circuit is open: it waits
+    # neither for a probe of the store nor behind another request's store call
+    with request(explain, blockers["explain"][1]) as a, \
+            request(b"/v1/release", b'{"dialog_id": "fr-0;ft"}') as b:
+        (got, out), = read_answers(b, 1)
+        assert got == 202 and json.loads(out)["queued"] is True
+        assert not _ready(a), "the release waited behind a request for the store"
+        assert read_answers(a, 1)[0][0] == 503
