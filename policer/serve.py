@@ -985,8 +985,17 @@ class HttpProtocol(asyncio.BufferedProtocol):
         except httptools.HttpParserUpgrade:
             self._answer(_error(400, "protocol upgrade not supported", close=True), True)
         except httptools.HttpParserError as e:
-            if not self._closing:
+            cause = e.__context__  # what a callback raised (httptools keeps it there)
+            if cause is not None and not isinstance(cause, httptools.HttpParserError):
+                self._failed(cause)  # a bug here, not the client's bytes
+            elif not self._closing:
                 self._answer(self._error or _parse_error(str(e)), True)
+        except Exception as e:  # a bug must never become a traceback or a hang
+            self._failed(e)
+
+    def _failed(self, e: BaseException) -> None:
+        self.service.log.error("request_failed", error=repr(e))
+        self._answer(_error(500, "internal error", close=True), True)
 
     def _feed(self, data: memoryview) -> None:
         """Parse ``data``, counting a head's bytes as they arrive: a head still not whole
