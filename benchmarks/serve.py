@@ -5,6 +5,7 @@ the in-process engine, with the same policy, the same Redis and the same calls.
     .venv/bin/python benchmarks/serve.py                  # the figures of docs/benchmarks.md
     .venv/bin/python benchmarks/serve.py --stacks uvicorn,aiohttp,threaded   # compare stacks
     .venv/bin/python benchmarks/serve.py --freeze 2 --connections 32 --repeats 5  # store stall
+    .venv/bin/python benchmarks/serve.py --hostile 1000 --workers 1  # memory, hostile clients
 
 What it runs (everything on 127.0.0.1, a private ``redis-server`` unless ``--redis``):
 
@@ -30,6 +31,12 @@ What it runs (everything on 127.0.0.1, a private ``redis-server`` unless ``--red
   ``store_timeout`` bounds them; a fresh redis-server per run, medians of
   ``--repeats``). ``--serve-root DIR`` runs policer serve from another checkout
   (before/after).
+- **hostile** (``--hostile N``, instead): policer serve's resident memory (its
+  process and workers) with N connections open that each send ``--hostile-kind``:
+  ``header`` (a header line without an end, 15 KiB: under MAX_HEAD, held),
+  ``loris`` (a partial head, one more line a second), ``idle``, ``long`` (256 KiB
+  of a header line: stopped at MAX_HEAD); how many the server closed, and whether a
+  new request is answered meanwhile.
 
 Every measurement is bounded (``--seconds`` each, ``--repeats`` times; the whole run
 takes about ``repeats x (4 x seconds + 10)`` seconds per stack) and everything it
@@ -287,9 +294,9 @@ class Server:
         if stack == "httptools":
             cmd = [sys.executable, "-m", "policer", "serve", "--listen", listen,
                    "--workers", str(workers)]
-            if root != ROOT:  # another checkout: without site (the editable install's
-                import site  # finder would import this one), its packages by path
-
+            if root != ROOT:  # another checkout, run from there (-m puts the working
+                import site  # directory first), without site (the editable install's
+                # finder would import this one), its packages by path
                 env["PYTHONPATH"] = os.pathsep.join([str(root), *site.getsitepackages()])
                 cmd.insert(1, "-S")
         else:
@@ -298,7 +305,8 @@ class Server:
         self.log = log
         with log.open("ab") as fh:
             self.proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         cwd=root)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -522,6 +530,101 @@ def _threaded(service: Any, sock: socket.socket) -> None:
     srv = Server(sock.getsockname(), Handler, bind_and_activate=False)
     srv.socket = sock
     srv.serve_forever()
+
+
+# --------------------------------------------------------------------------- hostile
+
+#: What each hostile connection sends (and then keeps sending nothing, or trickles).
+HOSTILE = ("header", "loris", "idle", "long")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process and its children (a supervisor's workers), KiB."""
+    total = 0
+    for proc in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{proc}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            text = stat.read_text()
+            if int(text[text.rfind(")") + 2:].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
+
+
+def measure_hostile(url: str, policy: Path, workers: int, n: int, kind: str, log: Path,
+                    root: Path = ROOT) -> dict[str, float]:
+    """``n`` connections to ``policer serve``, each sending ``kind``: ``header``: a
+    request whose one header line has no end, 15 KiB of it (under MAX_HEAD: the server
+    holds it); ``loris``: a request line and a header line, then one more header line
+    every second; ``idle``: nothing; ``long``: a header line of 256 KiB without an end
+    (the server should stop it at MAX_HEAD). The server's resident memory before and
+    with them open, how many it closed, and whether a request on a new connection is
+    still answered meanwhile."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 64), hard))
+    server = Server("httptools", url, policy, workers, log, root)
+    socks: list[socket.socket] = []
+    closed = 0
+    try:
+        time.sleep(0.5)
+        before = rss_kib(server.proc.pid)
+        head = b"POST /v1/admit HTTP/1.1\r\nHost: bench\r\nX-Hostile: "
+        for _ in range(n):
+            c = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            socks.append(c)
+            try:
+                if kind == "header":
+                    c.sendall(head + b"h" * (15 * 1024))
+                elif kind == "loris":
+                    c.sendall(b"POST /v1/admit HTTP/1.1\r\nHost: bench\r\n")
+                elif kind == "long":
+                    c.sendall(head)
+                    for _ in range(64):
+                        c.sendall(b"l" * 4096)
+            except OSError:
+                closed += 1
+        t_end = time.monotonic() + 3.0  # settle; the loris clients trickle meanwhile
+        while time.monotonic() < t_end:
+            if kind == "loris":
+                for c in socks:
+                    with contextlib.suppress(OSError):
+                        c.sendall(b"X-Drip: 1\r\n")
+            time.sleep(1.0)
+        during = rss_kib(server.proc.pid)
+        for c in socks:  # closed by the server (an answer, then EOF, or a reset)?
+            c.setblocking(False)
+            try:
+                data = c.recv(65536)
+                closed += data == b"" or data.startswith(b"HTTP/1.1 4")
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as c:
+                c.sendall(b"GET /v1/health HTTP/1.1\r\nHost: bench\r\n\r\n")
+                served = _read_answer(c, bytearray()).startswith(b"HTTP/1.1 200")
+        except OSError:
+            served = False
+    finally:
+        for c in socks:
+            c.close()
+        server.stop()
+    return {"rss_before_mib": before / 1024, "rss_during_mib": during / 1024,
+            "grown_mib": (during - before) / 1024,
+            "per_connection_kib": (during - before) / max(1, n),
+            "closed_by_server": min(closed, n), "health_answered": float(served)}
 
 
 # --------------------------------------------------------------------------- freeze
@@ -855,6 +958,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-root", default=str(ROOT), metavar="DIR",
                    help="the checkout policer serve runs from (a before/after "
                         "comparison; --freeze only) [this one]")
+    p.add_argument("--hostile", type=int, default=None, metavar="N",
+                   help="instead: policer serve's memory with N hostile connections "
+                        "open (--hostile-kind)")
+    p.add_argument("--hostile-kind", choices=HOSTILE, default="header",
+                   help="what each --hostile connection sends [header]")
     p.add_argument("--json", action="store_true")
     p.add_argument("--_server", default=None, help=argparse.SUPPRESS)
     p.add_argument("--listen", default=None, help=argparse.SUPPRESS)
@@ -876,6 +984,10 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 < args.freeze <= 30 or not 1 <= args.clients <= args.connections:
             p.error("--freeze in (0, 30], --clients in 1..--connections")
         return freeze_report(args, argv, policy, tmp)
+    if args.hostile is not None:
+        if not 1 <= args.hostile <= 10_000:
+            p.error("--hostile in 1..10000")
+        return hostile_report(args, argv, policy, tmp)
     redis_server = None
     url = args.redis
     if url is None:
@@ -938,6 +1050,42 @@ def main(argv: list[str] | None = None) -> int:
                 line += (f"; with wrk: engine {t['engine_per_s']:.0f}/s, http "
                          f"{t['http_per_s']:.0f}/s ({t['ratio']:.2f}x)")
             print(line)
+    return 0
+
+
+def hostile_report(args: argparse.Namespace, argv: list[str] | None, policy: Path,
+                   tmp: Path) -> int:
+    report: dict[str, Any] = {
+        "command": " ".join([".venv/bin/python benchmarks/serve.py", *(argv or sys.argv[1:])]),
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.platform()}, "
+                   f"Python {platform.python_version()}", "runs": []}
+    from policer.policy import load_policy
+    from policer.store import open_store
+
+    pol = load_policy(policy)
+    with RedisServer() as redis_server:
+        open_store(redis_server.url, pol.namespace, timeout_ms=2000, policy=pol).load(pol)
+        for r in range(args.repeats):
+            run = measure_hostile(redis_server.url, policy, args.workers, args.hostile,
+                                  args.hostile_kind, tmp / "hostile.log",
+                                  Path(args.serve_root))
+            report["runs"].append(run)
+            if not args.json:
+                print(f"hostile run {r + 1}: " + json.dumps({k: round(v, 1) for k, v in
+                                                             run.items()}), flush=True)
+    report["median"] = {k: statistics.median(x[k] for x in report["runs"])
+                        for k in report["runs"][0]}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        m = report["median"]
+        print(f"\n{report['machine']}")
+        print(f"{args.hostile} connections ({args.hostile_kind}), --workers {args.workers}: "
+              f"RSS {m['rss_before_mib']:.1f} -> {m['rss_during_mib']:.1f} MiB "
+              f"(+{m['grown_mib']:.1f} MiB, {m['per_connection_kib']:.1f} KiB each); "
+              f"{m['closed_by_server']:.0f} closed by the server; a new request "
+              f"{'answered' if m['health_answered'] else 'NOT answered'} meanwhile "
+              f"(medians of {args.repeats})")
     return 0
 
 
