@@ -774,9 +774,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def measure_latency(stack: str, url: str, policy: Path, seconds: float, warmup: float,
-                    log: Path) -> dict[str, float]:
+                    log: Path, root: Path = ROOT) -> dict[str, float]:
     """One engine process and one HTTP client (server: one worker), in ABBA slices."""
-    server = Server(stack, url, policy, 1, log)
+    server = Server(stack, url, policy, 1, log, root)
     try:
         now = time.perf_counter()
         start = now + 1  # every process started
@@ -798,11 +798,12 @@ def measure_latency(stack: str, url: str, policy: Path, seconds: float, warmup: 
 
 
 def measure_throughput(stack: str, url: str, policy: Path, workers: int, connections: int,
-                       seconds: float, warmup: float, log: Path) -> dict[str, float]:
+                       seconds: float, warmup: float, log: Path,
+                       root: Path = ROOT) -> dict[str, float]:
     """``workers`` engine processes against ``policer serve --workers N`` driven by
     ``connections`` client processes, in ABBA slices: each side runs alone half the
     time; decisions/s over its own slices."""
-    server = Server(stack, url, policy, workers, log)
+    server = Server(stack, url, policy, workers, log, root)
     try:
         now = time.perf_counter()
         start = now + 1  # every process started
@@ -957,7 +958,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(calls), or admits only [calls]")
     p.add_argument("--serve-root", default=str(ROOT), metavar="DIR",
                    help="the checkout policer serve runs from (a before/after "
-                        "comparison; --freeze only) [this one]")
+                        "comparison; not with --wrk) [this one]")
     p.add_argument("--hostile", type=int, default=None, metavar="N",
                    help="instead: policer serve's memory with N hostile connections "
                         "open (--hostile-kind)")
@@ -1009,11 +1010,12 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.repeats):
                 if args.only != "throughput":
                     runs["latency"].append(measure_latency(
-                        stack, url, policy, args.seconds, args.warmup, tmp / f"{stack}.log"))
+                        stack, url, policy, args.seconds, args.warmup, tmp / f"{stack}.log",
+                        Path(args.serve_root)))
                 if args.only != "latency":
                     runs["throughput"].append(measure_throughput(
                         stack, url, policy, args.workers, args.connections, args.seconds,
-                        args.warmup, tmp / f"{stack}.log"))
+                        args.warmup, tmp / f"{stack}.log", Path(args.serve_root)))
                 if args.wrk and stack == "httptools" and args.only != "latency":
                     runs.setdefault("throughput_wrk", []).append(measure_throughput_wrk(
                         url, policy, args.workers, args.connections, args.seconds,
