@@ -1,9 +1,14 @@
 """``policer serve``: the decision service, for SIP cores that cannot import Python
 (FreeSWITCH, Asterisk, OpenSIPS, SBCs, B2BUAs) but can make an HTTP request per call.
 
-HTTP/1.1 with keep-alive on uvicorn (httptools parser, uvloop), a raw ASGI app with
-no framework between the socket and :class:`Service` (the stack was chosen by
-measurement: ``benchmarks/serve.py``, ``docs/benchmarks.md``, "Decision service").
+HTTP/1.1 with keep-alive on a server written here (:class:`HttpProtocol`): httptools'
+parser (llhttp, C) on uvloop, no framework and no ASGI layer between the socket and
+:class:`Service` (the stack was chosen by measurement: ``benchmarks/serve.py``,
+``docs/benchmarks.md``, "Decision service"). What a client can make it hold or wait
+for is bounded before any token is checked (docs/security.md): a request's head
+(:data:`MAX_HEAD`, counted as it arrives) and body (:data:`MAX_BODY`), the time a
+request may take to arrive (``--head-timeout``), idle connections (``--idle-timeout``)
+and the connections of a worker (``--max-connections``).
 
 =====================  =====================================================
 ``POST /v1/admit``      a call's attributes -> the decision (``policer admit --json``)
