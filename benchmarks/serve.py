@@ -4,6 +4,8 @@ the in-process engine, with the same policy, the same Redis and the same calls.
 
     .venv/bin/python benchmarks/serve.py                  # the figures of docs/benchmarks.md
     .venv/bin/python benchmarks/serve.py --stacks uvicorn,aiohttp,threaded   # compare stacks
+    .venv/bin/python benchmarks/serve.py --freeze 2 --connections 32 --repeats 5  # store stall
+    .venv/bin/python benchmarks/serve.py --hostile 1000 --workers 1  # memory, hostile clients
 
 What it runs (everything on 127.0.0.1, a private ``redis-server`` unless ``--redis``):
 
@@ -20,6 +22,21 @@ What it runs (everything on 127.0.0.1, a private ``redis-server`` unless ``--red
   the server with ``--workers`` workers and ``--connections`` closed-loop client
   connections (``--clients`` processes; a Python client sends a prepared request and
   reads the answer with two system calls), decisions/s of each and their ratio.
+
+- **freeze** (``--freeze SECONDS``, instead of the above): ``--connections``
+  closed-loop connections (``--clients`` processes, one selector each) send admits to
+  ``policer serve --workers N``; after 1 s the private redis-server is frozen
+  (SIGSTOP) for SECONDS, then thawed: p50, p99 and max answer time of the requests
+  sent while it was frozen, and the share the fallback decided (the policy's
+  ``store_timeout`` bounds them; a fresh redis-server per run, medians of
+  ``--repeats``). ``--serve-root DIR`` runs policer serve from another checkout
+  (before/after).
+- **hostile** (``--hostile N``, instead): policer serve's resident memory (its
+  process and workers) with N connections open that each send ``--hostile-kind``:
+  ``header`` (a header line without an end, 15 KiB: under MAX_HEAD, held),
+  ``loris`` (a partial head, one more line a second), ``idle``, ``long`` (256 KiB
+  of a header line: stopped at MAX_HEAD); how many the server closed, and whether a
+  new request is answered meanwhile.
 
 Every measurement is bounded (``--seconds`` each, ``--repeats`` times; the whole run
 takes about ``repeats x (4 x seconds + 10)`` seconds per stack) and everything it
@@ -47,7 +64,7 @@ import time
 from array import array
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -266,23 +283,30 @@ class Server:
     """``policer serve`` (stack uvicorn) or the same Service on another stack, as a
     process group of its own."""
 
-    def __init__(self, stack: str, url: str, policy: Path, workers: int, log: Path) -> None:
+    def __init__(self, stack: str, url: str, policy: Path, workers: int, log: Path,
+                 root: Path = ROOT) -> None:
         self.port = free_port()
         env = {**os.environ, "POLICER_REDIS_URL": url, "POLICER_POLICY": str(policy),
                "POLICER_NODE": f"bench-serve-{self.port}", "POLICER_LOG_LEVEL": "warning",
-               "PYTHONPATH": str(ROOT)}
+               "PYTHONPATH": str(root)}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         listen = f"127.0.0.1:{self.port}"
         if stack == "httptools":
             cmd = [sys.executable, "-m", "policer", "serve", "--listen", listen,
                    "--workers", str(workers)]
+            if root != ROOT:  # another checkout, run from there (-m puts the working
+                import site  # directory first), without site (the editable install's
+                # finder would import this one), its packages by path
+                env["PYTHONPATH"] = os.pathsep.join([str(root), *site.getsitepackages()])
+                cmd.insert(1, "-S")
         else:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--_server", stack,
                    "--listen", listen, "--workers", str(workers)]
         self.log = log
         with log.open("ab") as fh:
             self.proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         cwd=root)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -313,7 +337,10 @@ class Server:
 
 def _alt_server(stack: str, listen: str, workers: int) -> int:
     """Serve the same :class:`policer.serve.Service` on another stack (for the
-    comparison only; ``policer serve`` runs uvicorn)."""
+    comparison only; ``policer serve`` runs its own HTTP/1.1 server on httptools'
+    parser). These answer each request on the spot (:meth:`Service.handle`, the store
+    called in the server's own thread) and have none of policer serve's bounds
+    (MAX_HEAD counted as it arrives, head deadline, connection cap)."""
     from policer.engine import Engine
     from policer.exporter import parse_listen
     from policer.serve import Service, _Ticker, bind
@@ -505,6 +532,237 @@ def _threaded(service: Any, sock: socket.socket) -> None:
     srv.serve_forever()
 
 
+# --------------------------------------------------------------------------- hostile
+
+#: What each hostile connection sends (and then keeps sending nothing, or trickles).
+HOSTILE = ("header", "loris", "idle", "long")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process and its children (a supervisor's workers), KiB."""
+    total = 0
+    for proc in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{proc}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            text = stat.read_text()
+            if int(text[text.rfind(")") + 2:].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
+
+
+def measure_hostile(url: str, policy: Path, workers: int, n: int, kind: str, log: Path,
+                    root: Path = ROOT) -> dict[str, float]:
+    """``n`` connections to ``policer serve``, each sending ``kind``: ``header``: a
+    request whose one header line has no end, 15 KiB of it (under MAX_HEAD: the server
+    holds it); ``loris``: a request line and a header line, then one more header line
+    every second; ``idle``: nothing; ``long``: a header line of 256 KiB without an end
+    (the server should stop it at MAX_HEAD). The server's resident memory before and
+    with them open, how many it closed, and whether a request on a new connection is
+    still answered meanwhile."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 64:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 64), hard))
+    server = Server("httptools", url, policy, workers, log, root)
+    socks: list[socket.socket] = []
+    closed = 0
+    try:
+        time.sleep(0.5)
+        before = rss_kib(server.proc.pid)
+        head = b"POST /v1/admit HTTP/1.1\r\nHost: bench\r\nX-Hostile: "
+        for _ in range(n):
+            c = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            socks.append(c)
+            try:
+                if kind == "header":
+                    c.sendall(head + b"h" * (15 * 1024))
+                elif kind == "loris":
+                    c.sendall(b"POST /v1/admit HTTP/1.1\r\nHost: bench\r\n")
+                elif kind == "long":
+                    c.sendall(head)
+                    for _ in range(64):
+                        c.sendall(b"l" * 4096)
+            except OSError:
+                closed += 1
+        t_end = time.monotonic() + 3.0  # settle; the loris clients trickle meanwhile
+        while time.monotonic() < t_end:
+            if kind == "loris":
+                for c in socks:
+                    with contextlib.suppress(OSError):
+                        c.sendall(b"X-Drip: 1\r\n")
+            time.sleep(1.0)
+        during = rss_kib(server.proc.pid)
+        for c in socks:  # closed by the server (an answer, then EOF, or a reset)?
+            c.setblocking(False)
+            try:
+                data = c.recv(65536)
+                closed += data == b"" or data.startswith(b"HTTP/1.1 4")
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as c:
+                c.sendall(b"GET /v1/health HTTP/1.1\r\nHost: bench\r\n\r\n")
+                served = _read_answer(c, bytearray()).startswith(b"HTTP/1.1 200")
+        except OSError:
+            served = False
+    finally:
+        for c in socks:
+            c.close()
+        server.stop()
+    return {"rss_before_mib": before / 1024, "rss_during_mib": during / 1024,
+            "grown_mib": (during - before) / 1024,
+            "per_connection_kib": (during - before) / max(1, n),
+            "closed_by_server": min(closed, n), "health_answered": float(served)}
+
+
+# --------------------------------------------------------------------------- freeze
+
+
+_DIALOG_ID = re.compile(rb'"dialog_id":"([^"]*)"')
+
+
+def _event(path: bytes, dialog: bytes) -> bytes:
+    body = b'{"dialog_id":"%s"}' % dialog
+    return b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n" \
+        b"Content-Length: %d\r\n\r\n%s" % (path, len(body), body)
+
+
+def _freeze_client(port: int, tag: str, conns: int, until: float, calls: bool,
+                   out: Any) -> None:
+    """``conns`` keep-alive connections, each in a closed loop (the next request as
+    soon as the last is answered), driven by one selector; ``calls``: each admitted
+    call is then confirmed and released on the same connection (the requests a proxy
+    sends per call), else admits only. Per answer: (sent at, seconds, kind, by the
+    fallback or queued)."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    socks: list[socket.socket] = []
+    # per connection: read buffer, sent at, kind sent, the admits to send, dialog id
+    state: dict[int, list[Any]] = {}
+    rows: list[tuple[float, float, str, bool]] = []
+    perf = time.perf_counter
+    try:
+        for i in range(conns):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setblocking(False)
+            socks.append(s)
+            gen = requests(f"{tag}c{i}")
+            state[s.fileno()] = [bytearray(), perf(), "admit", gen, b""]
+            s.sendall(next(gen))
+            sel.register(s, selectors.EVENT_READ)
+        while perf() < until:
+            for key, _ in sel.select(timeout=0.5):
+                s = cast(socket.socket, key.fileobj)
+                st = state[s.fileno()]
+                buf = st[0]
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise ConnectionError("the server closed a connection")
+                buf += chunk
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    continue
+                head = bytes(buf[:end]).lower()
+                at = head.find(b"content-length:")
+                stop = head.find(b"\r\n", at)
+                length = int(head[at + 15:stop if stop > 0 else len(head)])
+                if len(buf) < end + 4 + length:
+                    continue
+                answer = bytes(buf[:end + 4 + length])
+                del buf[:end + 4 + length]
+                t1 = perf()
+                kind = st[2]
+                if not answer.startswith((b"HTTP/1.1 200", b"HTTP/1.1 202")):
+                    raise RuntimeError(f"unexpected answer: {answer[:200]!r}")
+                rows.append((st[1], t1 - st[1], kind,
+                             b'"fallback":true' in answer or b'"queued":true' in answer))
+                if kind == "admit" and calls and b'"admitted":true' in answer:
+                    m = _DIALOG_ID.search(answer)
+                    st[4] = m.group(1) if m else b""
+                    st[2], request = "confirm", _event(b"/v1/confirm", st[4])
+                elif kind == "confirm":
+                    st[2], request = "release", _event(b"/v1/release", st[4])
+                else:
+                    st[2], request = "admit", next(st[3])
+                st[1] = perf()
+                s.sendall(request)
+        out.put(("freeze", rows))
+    except BaseException as e:
+        out.put(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        for s in socks:
+            s.close()
+
+
+def measure_freeze(redis_server: RedisServer, policy: Path, workers: int, clients: int,
+                   connections: int, freeze_s: float, calls: bool, log: Path,
+                   root: Path = ROOT) -> dict[str, float]:
+    """``connections`` closed-loop connections (``clients`` processes) send admits
+    (``calls``: and each admitted call's confirm and release) to ``policer serve``;
+    after 1 s the private redis-server is frozen (SIGSTOP) for ``freeze_s`` seconds,
+    then thawed, then 1 s more. The answer times of the requests sent while it was
+    frozen: p50, p99, max (ms) of all and the max of each kind, how many, and the
+    share answered by the fallback (admits) or queued (events)."""
+    server = Server("httptools", redis_server.url, policy, workers, log, root)
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    try:
+        start = time.perf_counter() + 0.5
+        frozen_at, thawed_at = start + 1.0, start + 1.0 + freeze_s
+        until = thawed_at + 1.0
+        tag = f"fz{time.monotonic_ns()}"
+        per = [connections // clients + (i < connections % clients) for i in range(clients)]
+        procs = [ctx.Process(target=_freeze_client, args=(server.port, f"{tag}p{i}", n,
+                                                          until, calls, out), daemon=True)
+                 for i, n in enumerate(per) if n]
+        for p in procs:
+            p.start()
+        time.sleep(max(0.0, frozen_at - time.perf_counter()))
+        frozen_at = time.perf_counter()
+        redis_server.signal(signal.SIGSTOP)
+        try:
+            time.sleep(max(0.0, thawed_at - time.perf_counter()))
+        finally:
+            thawed_at = time.perf_counter()
+            redis_server.signal(signal.SIGCONT)
+        rows: list[tuple[float, float, str, bool]] = []
+        for _ in procs:
+            kind, r = out.get(timeout=until + 60 - time.perf_counter())
+            if kind == "error":
+                raise RuntimeError(r)
+            rows += r
+        for p in procs:
+            p.join(timeout=5)
+    finally:
+        redis_server.signal(signal.SIGCONT)
+        server.stop()
+    during = [r for r in rows if frozen_at <= r[0] < thawed_at]
+    lat = [r[1] for r in during]
+    out_: dict[str, float] = {
+        "p50_ms": pct(lat, 0.5) * 1e3, "p99_ms": pct(lat, 0.99) * 1e3,
+        "max_ms": max(lat, default=float("nan")) * 1e3, "answers": len(lat),
+        "fallback": sum(r[3] for r in during) / max(1, len(during)),
+        "before_p50_ms": pct([r[1] for r in rows if r[0] < frozen_at], 0.5) * 1e3}
+    for kind in ("admit", "confirm", "release") if calls else ("admit",):
+        out_[f"{kind}_max_ms"] = max((r[1] for r in during if r[2] == kind),
+                                     default=float("nan")) * 1e3
+    return out_
+
+
 # --------------------------------------------------------------------------- measuring
 
 
@@ -516,9 +774,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def measure_latency(stack: str, url: str, policy: Path, seconds: float, warmup: float,
-                    log: Path) -> dict[str, float]:
+                    log: Path, root: Path = ROOT) -> dict[str, float]:
     """One engine process and one HTTP client (server: one worker), in ABBA slices."""
-    server = Server(stack, url, policy, 1, log)
+    server = Server(stack, url, policy, 1, log, root)
     try:
         now = time.perf_counter()
         start = now + 1  # every process started
@@ -540,11 +798,12 @@ def measure_latency(stack: str, url: str, policy: Path, seconds: float, warmup: 
 
 
 def measure_throughput(stack: str, url: str, policy: Path, workers: int, connections: int,
-                       seconds: float, warmup: float, log: Path) -> dict[str, float]:
+                       seconds: float, warmup: float, log: Path,
+                       root: Path = ROOT) -> dict[str, float]:
     """``workers`` engine processes against ``policer serve --workers N`` driven by
     ``connections`` client processes, in ABBA slices: each side runs alone half the
     time; decisions/s over its own slices."""
-    server = Server(stack, url, policy, workers, log)
+    server = Server(stack, url, policy, workers, log, root)
     try:
         now = time.perf_counter()
         start = now + 1  # every process started
@@ -688,6 +947,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wrk", action="store_true",
                    help="also measure the throughput with wrk as the HTTP client (Debian "
                         "package wrk; policer serve only)")
+    p.add_argument("--freeze", type=float, default=None, metavar="SECONDS",
+                   help="instead: answer times of admits sent while the private "
+                        "redis-server is frozen (SIGSTOP) this long, under load from "
+                        "--connections connections in --clients processes")
+    p.add_argument("--clients", type=int, default=2,
+                   help="client processes of the --freeze run [2]")
+    p.add_argument("--freeze-mix", choices=("calls", "admits"), default="calls",
+                   help="--freeze: each admitted call is confirmed and released "
+                        "(calls), or admits only [calls]")
+    p.add_argument("--serve-root", default=str(ROOT), metavar="DIR",
+                   help="the checkout policer serve runs from (a before/after "
+                        "comparison; not with --wrk) [this one]")
+    p.add_argument("--hostile", type=int, default=None, metavar="N",
+                   help="instead: policer serve's memory with N hostile connections "
+                        "open (--hostile-kind)")
+    p.add_argument("--hostile-kind", choices=HOSTILE, default="header",
+                   help="what each --hostile connection sends [header]")
     p.add_argument("--json", action="store_true")
     p.add_argument("--_server", default=None, help=argparse.SUPPRESS)
     p.add_argument("--listen", default=None, help=argparse.SUPPRESS)
@@ -703,6 +979,16 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="policer-servebench-"))
     policy = bench_policy(Path(args.policy), tmp)
+    if args.freeze is not None:
+        if args.redis is not None:
+            p.error("--freeze freezes a private redis-server: no --redis")
+        if not 0 < args.freeze <= 30 or not 1 <= args.clients <= args.connections:
+            p.error("--freeze in (0, 30], --clients in 1..--connections")
+        return freeze_report(args, argv, policy, tmp)
+    if args.hostile is not None:
+        if not 1 <= args.hostile <= 10_000:
+            p.error("--hostile in 1..10000")
+        return hostile_report(args, argv, policy, tmp)
     redis_server = None
     url = args.redis
     if url is None:
@@ -724,11 +1010,12 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.repeats):
                 if args.only != "throughput":
                     runs["latency"].append(measure_latency(
-                        stack, url, policy, args.seconds, args.warmup, tmp / f"{stack}.log"))
+                        stack, url, policy, args.seconds, args.warmup, tmp / f"{stack}.log",
+                        Path(args.serve_root)))
                 if args.only != "latency":
                     runs["throughput"].append(measure_throughput(
                         stack, url, policy, args.workers, args.connections, args.seconds,
-                        args.warmup, tmp / f"{stack}.log"))
+                        args.warmup, tmp / f"{stack}.log", Path(args.serve_root)))
                 if args.wrk and stack == "httptools" and args.only != "latency":
                     runs.setdefault("throughput_wrk", []).append(measure_throughput_wrk(
                         url, policy, args.workers, args.connections, args.seconds,
@@ -765,6 +1052,84 @@ def main(argv: list[str] | None = None) -> int:
                 line += (f"; with wrk: engine {t['engine_per_s']:.0f}/s, http "
                          f"{t['http_per_s']:.0f}/s ({t['ratio']:.2f}x)")
             print(line)
+    return 0
+
+
+def hostile_report(args: argparse.Namespace, argv: list[str] | None, policy: Path,
+                   tmp: Path) -> int:
+    report: dict[str, Any] = {
+        "command": " ".join([".venv/bin/python benchmarks/serve.py", *(argv or sys.argv[1:])]),
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.platform()}, "
+                   f"Python {platform.python_version()}", "runs": []}
+    from policer.policy import load_policy
+    from policer.store import open_store
+
+    pol = load_policy(policy)
+    with RedisServer() as redis_server:
+        open_store(redis_server.url, pol.namespace, timeout_ms=2000, policy=pol).load(pol)
+        for r in range(args.repeats):
+            run = measure_hostile(redis_server.url, policy, args.workers, args.hostile,
+                                  args.hostile_kind, tmp / "hostile.log",
+                                  Path(args.serve_root))
+            report["runs"].append(run)
+            if not args.json:
+                print(f"hostile run {r + 1}: " + json.dumps({k: round(v, 1) for k, v in
+                                                             run.items()}), flush=True)
+    report["median"] = {k: statistics.median(x[k] for x in report["runs"])
+                        for k in report["runs"][0]}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        m = report["median"]
+        print(f"\n{report['machine']}")
+        print(f"{args.hostile} connections ({args.hostile_kind}), --workers {args.workers}: "
+              f"RSS {m['rss_before_mib']:.1f} -> {m['rss_during_mib']:.1f} MiB "
+              f"(+{m['grown_mib']:.1f} MiB, {m['per_connection_kib']:.1f} KiB each); "
+              f"{m['closed_by_server']:.0f} closed by the server; a new request "
+              f"{'answered' if m['health_answered'] else 'NOT answered'} meanwhile "
+              f"(medians of {args.repeats})")
+    return 0
+
+
+def freeze_report(args: argparse.Namespace, argv: list[str] | None, policy: Path,
+                  tmp: Path) -> int:
+    report: dict[str, Any] = {
+        "command": " ".join([".venv/bin/python benchmarks/serve.py", *(argv or sys.argv[1:])]),
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.platform()}, "
+                   f"Python {platform.python_version()}",
+        "load_before": loadavg(), "runs": []}
+    from policer.policy import load_policy
+    from policer.store import open_store
+
+    pol = load_policy(policy)
+    report["store_timeout_ms"] = pol.store_timeout_ms
+    for r in range(args.repeats):
+        with RedisServer() as redis_server:  # a fresh one each run: no queue left over
+            open_store(redis_server.url, pol.namespace, timeout_ms=2000,
+                       policy=pol).load(pol)
+            run = measure_freeze(redis_server, policy, args.workers, args.clients,
+                                 args.connections, args.freeze, args.freeze_mix == "calls",
+                                 tmp / "freeze.log", Path(args.serve_root))
+        report["runs"].append(run)
+        if not args.json:
+            print(f"freeze run {r + 1}: " + json.dumps({k: round(v, 2) for k, v in
+                                                        run.items()}), flush=True)
+    report["median"] = {k: statistics.median(x[k] for x in report["runs"])
+                        for k in report["runs"][0]}
+    report["load_after"] = loadavg()
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        m = report["median"]
+        print(f"\n{report['machine']}; load {report['load_before']} -> "
+              f"{report['load_after']}")
+        print(f"store frozen {args.freeze:g} s, store_timeout {pol.store_timeout_ms} ms, "
+              f"{args.connections} connections ({args.freeze_mix}), --workers "
+              f"{args.workers}: answers during the freeze p50 {m['p50_ms']:.1f} ms, p99 "
+              f"{m['p99_ms']:.1f} ms, max {m['max_ms']:.1f} ms ({m['answers']:.0f} answers, "
+              f"{m['fallback'] * 100:.0f} % by the fallback or queued; medians of "
+              f"{args.repeats}); max by kind: " + ", ".join(
+                  f"{k[:-7]} {v:.1f} ms" for k, v in m.items() if k.endswith("_max_ms")))
     return 0
 
 

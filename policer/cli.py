@@ -758,6 +758,14 @@ def cmd_exporter(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from policer import serve
 
+    if args.max_connections < 1:
+        raise CliError("--max-connections must be at least 1")
+    for name in ("head_timeout", "idle_timeout"):
+        value = getattr(args, name)
+        if not 0 < value <= 86400:  # NaN fails too
+            raise CliError(f"--{name.replace('_', '-')} must be a number of seconds in "
+                           "(0, 86400]")
+    limits = serve.Limits(args.max_connections, args.head_timeout, args.idle_timeout)
     serve.prepare_metrics(args.workers)  # before prometheus-client is first imported
     from policer.exporter import parse_listen
     from policer.metrics import worker_metrics
@@ -779,7 +787,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     engine = Engine(policy, store, metrics=worker_metrics(), lease=True, watch=path)
     try:
-        return serve.run(engine, host, port, workers=args.workers, token=token)
+        return serve.run(engine, host, port, workers=args.workers, token=token,
+                         limits=limits)
     except OSError as e:
         raise CliError(f"--listen {args.listen}: {e.strerror or e}") from None
 
@@ -996,6 +1005,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Authorization: Bearer TOKEN); required beyond loopback")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --listen without --token-file")
+    p.add_argument("--max-connections", type=int, default=1024, metavar="N",
+                   help="connections each worker holds at most; one more gets 503 and is "
+                        "closed at once (default 1024)")
+    p.add_argument("--head-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a request (line, headers, body) must arrive whole within this "
+                        "many seconds of its first byte, else 408 and close (default 10)")
+    p.add_argument("--idle-timeout", type=float, default=75.0, metavar="SECONDS",
+                   help="a keep-alive connection idle this long is closed (default 75)")
     _common(p)
     p.set_defaults(func=cmd_serve)
 

@@ -3,14 +3,8 @@ loopback port, a real Redis, HTTP from the standard library's client and raw soc
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,69 +13,8 @@ from typing import Any
 import pytest
 
 from lab.redis_server import RedisServer, free_port
-from tests.support.cli import ROOT, cli_json, policy_copy, run_cli
-
-
-class Serve:
-    """One ``policer serve`` process (its own process group)."""
-
-    def __init__(self, tmp_path: Path, env: dict[str, str], *args: str,
-                 host: str = "127.0.0.1") -> None:
-        self.port = free_port()
-        self.host = host
-        self.log = tmp_path / f"serve-{self.port}.log"
-        full = {**os.environ, "POLICER_LOG_FORMAT": "json", "POLICER_LOG_LEVEL": "info",
-                "POLICER_NODE": f"serve-test-{self.port}", **env}
-        full.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        with self.log.open("wb") as fh:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "policer", "serve", "--listen",
-                 f"{host}:{self.port}", *args],
-                env=full, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"policer serve exited {self.proc.returncode}:\n"
-                                     f"{self.log.read_text()}")
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"policer serve did not listen:\n{self.log.read_text()}")
-            time.sleep(0.05)
-
-    def connection(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
-
-    def request(self, method: str, path: str, body: Any = None,
-                headers: dict[str, str] | None = None,
-                conn: http.client.HTTPConnection | None = None) -> tuple[int, Any]:
-        c = conn or self.connection()
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        c.request(method, path, body=data, headers=headers or {})
-        r = c.getresponse()
-        raw = r.read()
-        if conn is None:
-            c.close()
-        ctype = r.getheader("Content-Type") or ""
-        return r.status, json.loads(raw) if ctype.startswith("application/json") else raw
-
-    def post(self, path: str, body: Any, **kw: Any) -> tuple[int, Any]:
-        return self.request("POST", path, body, **kw)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+from tests.support.cli import cli_json, policy_copy, run_cli
+from tests.support.serve import Serve, body, read_answers
 
 
 @pytest.fixture
@@ -97,13 +30,6 @@ def serve(tmp_path: Path, env: dict[str, str]) -> Iterator[Serve]:
         yield s
     finally:
         s.stop()
-
-
-def body(call_id: str, from_user: str = "alice", number: str = "0301234567",
-         **extra: Any) -> dict[str, Any]:
-    return {"call_id": call_id, "from_tag": "ft", "from_user": from_user,
-            "from_domain": "example.net", "ruri_user": number, "to_user": number,
-            "source_ip": "192.0.2.7", "auth_user": "", **extra}
 
 
 def cli_admit(env: dict[str, str], call_id: str, from_user: str = "alice",
@@ -276,7 +202,7 @@ def test_odd_and_huge_values_never_break_a_decision(serve: Serve, env: dict[str,
         ("\ud800", "\udcff", "lone surrogates"),
         ("{a}:b%41\r\n\x00", "t", "braces, separators, CR LF, NUL"),
         ("c" * 10_000, "t" * 10_000, "long"),
-        ("", "", "empty"),
+        ("empty-tag", "", "an empty From-tag (an empty Call-ID is 400)"),
     ]
     for call_id, tag, _ in odd:
         payload = json.dumps({"call_id": call_id, "from_tag": tag, "from_user": call_id,
@@ -297,7 +223,7 @@ def test_raw_http_keep_alive_pipelining_chunked_and_100_continue(serve: Serve) -
             + b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
             + b"POST /v1/admit HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             + b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunked), chunked))
-        answers = _read_answers(s, 3)
+        answers = read_answers(s, 3)
         assert [a[0] for a in answers] == [200, 200, 200]
         assert json.loads(answers[0][1])["dialog_id"] == "p1;ft"
         assert json.loads(answers[1][1])["status"] == "ok"
@@ -308,38 +234,19 @@ def test_raw_http_keep_alive_pipelining_chunked_and_100_continue(serve: Serve) -
                   b"Content-Length: %d\r\n\r\n" % len(b3))
         assert s.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
         s.sendall(b3)
-        (status, payload), = _read_answers(s, 1)
+        (status, payload), = read_answers(s, 1)
         assert status == 200 and json.loads(payload)["dialog_id"] == "p3;ft"
         # garbage: 400, and the connection ends
         s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
-        (status, payload), = _read_answers(s, 1)
+        (status, payload), = read_answers(s, 1)
         assert status == 400 and "malformed HTTP" in json.loads(payload)["error"]
         assert s.recv(100) == b""
     # HTTP/1.0 without keep-alive: one answer, then the server closes
     with socket.create_connection(("127.0.0.1", serve.port), timeout=20) as s:
         s.sendall(b"GET /v1/health HTTP/1.0\r\n\r\n")
-        (status, _), = _read_answers(s, 1)
+        (status, _), = read_answers(s, 1)
         assert status == 200
         assert s.recv(100) == b""
-
-
-def _read_answers(s: socket.socket, n: int) -> list[tuple[int, bytes]]:
-    buf = b""
-    out: list[tuple[int, bytes]] = []
-    while len(out) < n:
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            head = buf[:end].decode()
-            length = next((int(line.split(":")[1]) for line in head.split("\r\n")
-                           if line.lower().startswith("content-length:")), 0)
-            if len(buf) >= end + 4 + length:
-                out.append((int(head.split()[1]), buf[end + 4:end + 4 + length]))
-                buf = buf[end + 4 + length:]
-                continue
-        chunk = s.recv(65536)
-        assert chunk, f"connection closed after {len(out)} answers"
-        buf += chunk
-    return out
 
 
 # ----------------------------------------------------------------------------- token
