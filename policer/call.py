@@ -185,8 +185,9 @@ class Call:
 
     @classmethod
     def from_json(cls, call_id: object, from_tag: object, data: str) -> Call:
-        """The call :meth:`to_json` kept, or the attributes the native Kamailio cfg kept
-        (:data:`KEPT_ATTRIBUTES_PREFIX`); never raises (bad data gives a bare call)."""
+        """The call :meth:`to_json` kept, the attributes the native Kamailio cfg kept
+        (:data:`KEPT_ATTRIBUTES_PREFIX`), or an admit body of ``policer serve`` (what the
+        http flavour keeps); never raises (bad data gives a bare call)."""
         if isinstance(data, str) and data.startswith(KEPT_ATTRIBUTES_PREFIX):
             return cls.from_attributes(call_id, from_tag, _kept_attributes(data))
         try:
@@ -195,6 +196,11 @@ class Call:
                 d = {}
         except (ValueError, TypeError):
             d = {}
+        if "h" not in d and any(k in d for k in (*_FIELDS, "headers")):
+            # the body of an admit of policer serve (the Kamailio http flavour keeps it)
+            h = d.get("headers")
+            return cls.from_raw(call_id, from_tag, headers=h if isinstance(h, dict) else None,
+                                **{k: d.get(k) for k in _FIELDS})
         h = d.get("h")
         return cls.from_raw(call_id, from_tag, from_user=d.get("f"), from_domain=d.get("fd"),
                             ruri_user=d.get("r"), to_user=d.get("t"), source_ip=d.get("s"),

@@ -783,12 +783,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CliError(f"--redis: {e}") from None
     path = args.policy or os.environ.get("POLICER_POLICY") or DEFAULT_POLICY
-    from policer.engine import Engine
+    from policer.engine import Engine, NodeInUse
 
     engine = Engine(policy, store, metrics=worker_metrics(), lease=True, watch=path)
     try:
         return serve.run(engine, host, port, workers=args.workers, token=token,
                          limits=limits)
+    except NodeInUse as e:  # another live process holds this node: it must not start
+        raise CliError(str(e)) from None
     except OSError as e:
         raise CliError(f"--listen {args.listen}: {e.strerror or e}") from None
 

@@ -178,6 +178,7 @@ class Engine:
         self._next_skew_warning = 0.0
         self._epoch: str | None = None  # the store's state epoch as last seen
         self._resync_due = False
+        self._waiting_for_list = False
 
     # -- construction
     @classmethod
@@ -236,7 +237,7 @@ class Engine:
         return self._current.classifier.classify(call)
 
     # -- the hot path
-    def admit(self, call: Call) -> Decision:
+    def admit(self, call: Call, deadline_ms: int | None = None) -> Decision:
         """Decide one initial INVITE: one call of the store's decision function, nothing
         else (the policy file and the queue of operations the store missed are the
         business of :meth:`tick`). The request carries the instant this engine stops
@@ -245,7 +246,7 @@ class Engine:
         t0 = time.perf_counter()
         if not self.breaker.allow():
             return self._fallback(call, "circuit open: the store failed repeatedly", t0)
-        deadline = self.store.deadline_ms()
+        deadline = self.store.deadline_ms() if deadline_ms is None else deadline_ms
         try:
             r = self.store.admit_call(call, self.node, deadline_ms=deadline)
         except StoreError as e:
@@ -254,18 +255,19 @@ class Engine:
             return self._fallback(call, f"admit: {e!r}", t0)
         return self.admit_reply(call, r, t0)
 
-    def admit_many(self, calls: list[Call]) -> list[Decision]:
+    def admit_many(self, calls: list[Call], deadline_ms: int | None = None) -> list[Decision]:
         """:meth:`admit` for calls that arrived together (the decision service's
         worker): one round trip for all of them when the store can pipeline, each
-        decided as :meth:`admit` would. Never raises."""
+        decided as :meth:`admit` would (``deadline_ms``: when the caller stops waiting,
+        the store's clock; default the store's timeout from now). Never raises."""
         many = getattr(self.store, "admit_calls", None)
         if many is None or len(calls) == 1:
-            return [self.admit(call) for call in calls]
+            return [self.admit(call, deadline_ms) for call in calls]
         t0 = time.perf_counter()
         if not self.breaker.allow():
             return [self._fallback(call, "circuit open: the store failed repeatedly", t0)
                     for call in calls]
-        deadline = self.store.deadline_ms()
+        deadline = self.store.deadline_ms() if deadline_ms is None else deadline_ms
         try:
             results = many(calls, self.node, deadline)
         except StoreError as e:  # one failure of the store, every call decided by fallback
@@ -628,24 +630,36 @@ class Engine:
             self._recovered()
         return True
 
-    def resync(self) -> Report | None:
+    @property
+    def resync_due(self) -> bool:
+        """The store lost this node's calls and they are not back yet (:meth:`resync`)."""
+        return self._resync_due
+
+    def resync(self, dialogs: Iterable[ProxyDialog] | None = None) -> Report | None:
         """Put this node's live calls back into a store that lost them (and end what it
         counts for this node that the node no longer carries): what ``policer reconcile``
-        does, with the node's own dialog list (:attr:`dialog_source`, e.g. Kamailio's
-        ``dlg.list``). Calls admitted while the list was taken are neither removed nor
-        counted twice. Run by :meth:`tick`; None when the node has no dialog source or
-        the store did not answer (then it is tried again next tick)."""
+        does, with the node's own dialog list: ``dialogs``, else :attr:`dialog_source`
+        (e.g. Kamailio's ``dlg.list``). Calls admitted while the list was taken are
+        neither removed nor counted twice. Run by :meth:`tick` (and by ``policer serve``
+        when its client sends the list); None when there is no list yet (a node whose
+        client sends it: :attr:`resync_due` stays true until it does) or the store did
+        not answer (tried again)."""
         from policer.reconcile import reconcile
 
         source = self.dialog_source
-        if source is None:
-            self._resync_due = False
-            self.log.error("store_state_lost_not_restored", why="this node has no dialog "
-                           "list to restore from (policer reconcile --proxy can)")
+        if dialogs is None and source is None:
+            if not self._waiting_for_list:
+                self._waiting_for_list = True
+                self.log.warning("store_state_lost_waiting_for_dialogs",
+                                 why="this node's calls come back when its proxy sends its "
+                                     "dialog list (policer serve: POST /v1/sync; or "
+                                     "policer reconcile --proxy)")
             return None
         try:
             listed_at = self.store.now_ms() - RESYNC_MARGIN_MS
-            dialogs = source()
+            if dialogs is None:
+                assert source is not None
+                dialogs = source()
             report = reconcile(self._current.policy, self.store, self.node, dialogs,
                                listed_at_ms=listed_at)
         except StoreError as e:
@@ -655,6 +669,7 @@ class Engine:
             self.log.error("resync_failed", error=repr(e))
             return None
         self._resync_due = False
+        self._waiting_for_list = False
         self.log.warning("resynced", proxy_dialogs=report.proxy_dialogs, kept=report.kept,
                          added=len(report.added), removed=len(report.removed),
                          partial=len(report.partial))

@@ -75,7 +75,7 @@ from policer.printable import printable_data
 from policer.store import Op, StoreError
 from policer.store.base import END_REASONS, CallRecord
 from policer.store.keys import dialog_id
-from policer.store.redis_store import call_result
+from policer.store.redis_store import call_result, store_error
 
 if TYPE_CHECKING:  # imported by the caller, after prepare_metrics (prometheus-client)
     from policer.engine import Engine
@@ -86,6 +86,7 @@ __all__ = [
     "MAX_BODY",
     "MAX_CONNECTIONS",
     "MAX_HEAD",
+    "SYNC_MAX_BODY",
     "Limits",
     "Response",
     "ServeError",
@@ -101,6 +102,8 @@ __all__ = [
 
 #: Largest request body accepted (bytes); larger ones get 413.
 MAX_BODY = 64 * 1024
+#: Largest body of ``POST /v1/sync`` (a proxy's dialog list, about 1.5 KB a dialog).
+SYNC_MAX_BODY = 16 * 1024 * 1024
 #: Seconds between two runs of the engine's tick in each worker.
 TICK_S = 1.0
 #: Longest dialog id accepted: two key parts of at most 200 characters and a ';'.
@@ -190,7 +193,8 @@ def _error(status: int, message: str, close: bool = False) -> Response:
 _NOT_FOUND = _error(404, "not found")
 #: A client without the token gets one answer per connection.
 _UNAUTHORIZED = _error(401, "missing or wrong bearer token", close=True)
-_TOO_LARGE = _error(413, f"request body over {MAX_BODY} bytes", close=True)
+_TOO_LARGE = _error(413, f"request body over {MAX_BODY} bytes ({SYNC_MAX_BODY} for /v1/sync)",
+                    close=True)
 
 
 def _text(body: Mapping[str, Any], name: str, required: bool = False) -> str | None:
@@ -221,7 +225,33 @@ def _object(body: bytes) -> dict[str, Any]:
 
 def call_from_body(body: bytes) -> Call:
     """The :class:`Call` of an admit (or explain) body; raises BadRequest."""
-    data = _object(body)
+    return _call_of(_object(body))
+
+
+def client_deadline(body: bytes | Mapping[str, Any], engine: Engine) -> int | None:
+    """When an admit's client stops waiting, in the store's clock: its ``sent`` (its
+    clock when it sent the request, Unix seconds) plus ``timeout_ms``, read with this
+    host's clock skew to the store (the client's clock is taken for this host's: the
+    Kamailio http flavour runs beside the service); None when it does not say.
+    Raises BadRequest."""
+    data = _object(body) if isinstance(body, bytes) else body
+    sent, timeout = data.get("sent"), data.get("timeout_ms", 1000)
+    if sent is None:
+        return None
+    try:
+        s = float(sent)
+    except (TypeError, ValueError):
+        raise BadRequest("'sent' must be Unix seconds") from None
+    if not (isinstance(timeout, int) and not isinstance(timeout, bool)
+            and 0 < timeout <= 3_600_000) or not 0 < s < 1e11:
+        raise BadRequest("'sent' must be Unix seconds and 'timeout_ms' a positive number "
+                         "of ms")
+    store = engine.store
+    return int(s * 1000 - store.clock_skew_ms) + int(getattr(store, "clock_offset_ms", 0)) \
+        + timeout
+
+
+def _call_of(data: Mapping[str, Any]) -> Call:
     call_id = _call_id(data)
     from_tag = _text(data, "from_tag", True)
     fields = {name: _text(data, name) for name in _CALL_FIELDS}
@@ -286,6 +316,8 @@ class Service:
             "/v1/confirm": self.confirm,
             "/v1/refresh": self.refresh,
             "/v1/release": self.release,
+            "/v1/settle": self.settle,
+            "/v1/sync": self.sync,
         }
         self._get: dict[str, Callable[[], Response | Job]] = {
             "/v1/health": self.health,
@@ -347,10 +379,11 @@ class Service:
         return Job(lambda: _decided(engine.admit(call)),
                    lambda: _decided(engine.admit_failed(call, self.no_answer(), t0)))
 
-    def admit_many(self, calls: list[Call]) -> list[Response]:
+    def admit_many(self, calls: list[Call], deadline_ms: int | None = None
+                   ) -> list[Response]:
         """The answers of admits that arrived together (one store round trip)."""
         try:
-            decisions = self.engine.admit_many(calls)
+            decisions = self.engine.admit_many(calls, deadline_ms)
         except Exception as e:  # never: the engine does not raise; a bug must not hang
             self.log.error("request_failed", path="/v1/admit", error=repr(e))
             return [_error(500, "internal error") for _ in calls]
@@ -412,6 +445,52 @@ class Service:
             engine._queue(op)
             return answer(None)
         return Job(lambda: answer(engine.apply_event(op)), lambda: answer(None),
+                   skip_late=False)
+
+    def settle(self, body: bytes) -> Response | Job:
+        """A call the client decided by its own fallback, the service not answering: an
+        admit body, ``admitted``, and the ``sent`` / ``timeout_ms`` of the admit it gave
+        up on. Admitted: recorded (once, counted from now); rejected: that admit never
+        counts, whenever it reaches the store. Answered as a dialog event."""
+        data = _object(body)
+        call = _call_of(data)
+        admitted = data.get("admitted")
+        if not isinstance(admitted, bool):
+            raise BadRequest("'admitted' must be true or false")
+        engine = self.engine
+        did = dialog_id(call.call_id, call.from_tag)
+        if admitted:
+            op = Op("record", did, engine.store.deadline_ms(0), call=call, node=engine.node)
+        else:
+            deadline = client_deadline(data, engine)
+            if deadline is None:
+                raise BadRequest("a rejected call's settlement needs the 'sent' (and "
+                                 "'timeout_ms') of its admit")
+            op = Op("void", did, deadline)
+        return self._event(did, op)
+
+    def sync(self, body: bytes) -> Response | Job:
+        """The client's own dialogs, when the store lost its state (the Kamailio http
+        flavour's timer asks once a second). ``{}``: answers ``{"resync": true}`` when
+        this node must put its calls back; a JSON-RPC ``dlg.list`` reply (``result``:
+        Kamailio's dialogs, the call's attributes kept in ``$dlg_var(policer_call)``):
+        puts them back (:meth:`Engine.resync`) and answers what it did."""
+        data = _object(body)
+        engine = self.engine
+        if "result" not in data:
+            return Response(200, _dumps({"resync": engine.resync_due, "node": engine.node}))
+        from policer.reconcile import parse_dialogs
+
+        dialogs = parse_dialogs(data["result"])
+
+        def run() -> Response:
+            report = engine.resync(dialogs)
+            if report is None:
+                return _error(503, "store error: the dialogs were not put back (sent again "
+                                   "on the next ask)")
+            return Response(200, _dumps({"resync": False, **report.as_dict()}))
+
+        return Job(run, lambda: _error(503, f"store error: {self.no_answer()}"),
                    skip_late=False)
 
     def health(self) -> Job:
@@ -506,18 +585,32 @@ def _head(status: int, content_type: bytes, length: int, close: bool) -> bytes:
 
 
 class _Slot:
-    """An answer of one connection, in request order: ``data`` is None until decided."""
+    """An answer of one connection, in request order: ``data`` is None until decided.
+    ``deadline``: an admit's client said when it stops waiting (the store's clock)."""
 
-    __slots__ = ("close", "data")
+    __slots__ = ("close", "data", "deadline")
 
     def __init__(self, data: bytes | None, close: bool) -> None:
         self.data = data
         self.close = close
+        self.deadline: int | None = None
 
 
 #: Seconds between two attempts to open a worker's pipelined Redis connection.
 PIPE_RETRY_S = 0.25
 _CIRCUIT_OPEN = "circuit open: the store failed repeatedly"
+
+
+def _earliest(a: int | None, b: int) -> int:
+    return b if a is None else min(a, b)
+
+
+def _no_reply(error: str) -> StoreError:
+    """A store call given up on without its answer: it may have been, or yet be,
+    applied (the engine settles a rejection by the fallback)."""
+    e = StoreError(error)
+    e.maybe_applied = True
+    return e
 
 _Target = tuple["HttpProtocol", _Slot]
 
@@ -698,15 +791,23 @@ class Admits:
             self._fallback(calls, waiting, None)
             return
         command = cast(Any, engine.store).admit_command
+        # each admit carries when this worker stops waiting for it (the store's clock):
+        # a request Redis reads later than that (paused, slow) writes nothing
+        now = time.perf_counter()
+        deadlines = [_earliest(slot.deadline, engine.store.deadline_ms(
+                         max(0, round((t0 + self.timeout_s - now) * 1000))))
+                     for _, slot, t0 in waiting]
         try:
-            data = b"".join([command(call, engine.node) for call in calls])
+            data = b"".join([command(call, engine.node, deadline)
+                             for call, deadline in zip(calls, deadlines, strict=True)])
         except Exception as e:  # defensive: never a dropped call
             for (protocol, slot, t0), call in zip(waiting, calls, strict=True):
                 _fill(protocol, slot, _decided(engine.admit_failed(call, f"admit: {e!r}", t0)))
             return
         inflight = pipe.inflight
-        for (protocol, slot, t0), call in zip(waiting, calls, strict=True):
-            inflight.append((protocol, slot, call, t0))
+        for (protocol, slot, t0), call, deadline in zip(waiting, calls, deadlines,
+                                                        strict=True):
+            inflight.append((protocol, slot, call, t0, deadline))
         cast(asyncio.Transport, pipe.transport).write(data)
         if self._timer is None:
             self._check()
@@ -731,14 +832,15 @@ class Admits:
         """A store with no pipe: the admits in the store thread, one round trip."""
         engine = self.engine
         t0s = [t0 for _, _, t0 in waiting]
+        deadline = engine.store.deadline_ms()
 
         def late() -> list[Response]:
-            why = self.service.no_answer()
-            return [_decided(engine.admit_failed(call, why, t0))
+            why = _no_reply(self.service.no_answer())
+            return [_decided(engine.admit_failed(call, why, t0, deadline))
                     for call, t0 in zip(calls, t0s, strict=True)]
 
         self.store.submit([(p, slot) for p, slot, _ in waiting],
-                          lambda: self.service.admit_many(calls), late)
+                          lambda: self.service.admit_many(calls, deadline), late)
 
     # -- admits waiting for the pipe being opened
     def _arm_held(self) -> None:
@@ -819,12 +921,20 @@ class Admits:
             self._release_held()
 
     def reply(self, pipe: _RedisPipe, reply: Any) -> None:
-        protocol, slot, call, t0 = pipe.inflight.popleft()
+        protocol, slot, call, t0, _ = pipe.inflight.popleft()
         engine = self.engine
-        if isinstance(reply, Exception):  # an error reply: decided as admit() does,
-            self.store.submit(  # away from the loop (it may load the library)
+        if isinstance(reply, Exception):
+            err = store_error(reply)
+            if err.late or "POLICER recovering" in str(err):
+                # written nothing: the fallback decides (a late admit was given up on)
+                _fill(protocol, slot, _decided(engine.admit_failed(call, err, t0)))
+                return
+            # another error reply: decided as admit() does, away from the loop (it may
+            # load the library)
+            self.store.submit(
                 [(protocol, slot)], lambda: [_decided(engine.admit(call))],
-                lambda: [_decided(engine.admit_failed(call, self.service.no_answer(), t0))])
+                lambda: [_decided(engine.admit_failed(
+                    call, _no_reply(self.service.no_answer()), t0))])
             return
         try:
             d = engine.admit_reply(call, call_result(reply), t0)
@@ -842,8 +952,10 @@ class Admits:
             pipe.transport = None
         self._why = error
         inflight, pipe.inflight = pipe.inflight, collections.deque()
-        for protocol, slot, call, t0 in inflight:
-            _fill(protocol, slot, _decided(self.engine.admit_failed(call, error, t0)))
+        given_up = _no_reply(error)  # the requests may still be applied (or were)
+        for protocol, slot, call, t0, deadline in inflight:
+            _fill(protocol, slot, _decided(self.engine.admit_failed(call, given_up, t0,
+                                                                    deadline)))
         self._open()
 
     def _check(self) -> None:
@@ -871,7 +983,8 @@ class _RedisPipe(asyncio.Protocol):
     def __init__(self, admits: Admits) -> None:
         self.admits = admits
         self.reader = hiredis.Reader(encoding="utf-8", errors="replace")
-        self.inflight: collections.deque[tuple[HttpProtocol, _Slot, Call, float]] = \
+        #: (protocol, slot, call, when received, its request's deadline in Redis's clock)
+        self.inflight: collections.deque[tuple[HttpProtocol, _Slot, Call, float, int]] = \
             collections.deque()
         self.transport: asyncio.Transport | None = None
 
@@ -1067,7 +1180,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
             digits = value.strip(b" \t")
             if not digits.isdigit():
                 self._error = _error(400, "bad Content-Length", close=True)
-            elif int(digits) > MAX_BODY:
+            elif int(digits) > self._max_body():
                 self._error = _TOO_LARGE
         elif n == b"expect" and value.lower() == b"100-continue":
             self._continue = True
@@ -1076,10 +1189,17 @@ class HttpProtocol(asyncio.BufferedProtocol):
                 self._error = _CODING
             self._chunked = True
 
+    def _max_body(self) -> int:
+        """A body's bound: :data:`MAX_BODY`, :data:`SYNC_MAX_BODY` for a proxy's dialog
+        list (only from a client with the token: checked before its body is read)."""
+        return SYNC_MAX_BODY if self._url == b"/v1/sync" else MAX_BODY
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         if self._error is not None:
             self._abort(self._error)
+        elif self._url == b"/v1/sync" and not self.service.authorized(self._auth):
+            self._abort(_UNAUTHORIZED)
         elif self._continue and self.transport is not None:
             # the body is asked for only from a client with the token
             if not self.service.authorized(self._auth):
@@ -1088,7 +1208,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
-        if self._size > MAX_BODY:
+        if self._size > self._max_body():
             self._abort(_TOO_LARGE)
         else:
             self._body.append(body)
@@ -1107,7 +1227,9 @@ class HttpProtocol(asyncio.BufferedProtocol):
                 service.authorized(self._auth):
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
             try:
-                call = call_from_body(body)
+                data = _object(body)
+                call = _call_of(data)
+                deadline = client_deadline(data, service.engine)
             except BadRequest as e:
                 self._answer(_error(400, str(e)), not keep)
                 return
@@ -1115,7 +1237,9 @@ class HttpProtocol(asyncio.BufferedProtocol):
                 service.log.error("request_failed", path="/v1/admit", error=repr(e))
                 self._answer(_error(500, "internal error"), not keep)
                 return
-            admits.add(self, self._slot(keep), call)
+            slot = self._slot(keep)
+            slot.deadline = deadline
+            admits.add(self, slot, call)
             return
         if not service.authorized(self._auth):
             self._answer(_UNAUTHORIZED, True)
@@ -1316,12 +1440,15 @@ def _metrics_renderer(engine: Engine) -> Callable[[], bytes]:
     return render
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, listen: bool = True) -> socket.socket:
+    """The service's socket, bound (an address in use fails here, before anything else
+    is done) and, with ``listen``, listening."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    if listen:
+        sock.listen(1024)
     sock.set_inheritable(True)
     return sock
 
@@ -1345,11 +1472,18 @@ def run(engine: Engine, host: str, port: int, workers: int = 1,
         token: str | None = None, limits: Limits = Limits()) -> int:
     """Serve until SIGTERM/SIGINT. The node starts once (its dialogs from an earlier
     run end, it takes its lease), then ``workers`` processes fork from here and share
-    the listening socket; each keeps the engine's tick going."""
+    the listening socket; each keeps the engine's tick going. A node another live
+    process holds (its lease renewed within one renew interval) is not taken:
+    :class:`policer.engine.NodeInUse` is raised before anything is served."""
     log = get_logger("policer.serve")
-    sock = bind(host, port)
+    sock = bind(host, port, listen=False)
     _raise_fd_limit(limits.max_connections + 64, log)
-    engine.start()
+    try:
+        engine.start()  # raises NodeInUse: another live process holds this node
+    except BaseException:
+        sock.close()
+        raise
+    sock.listen(1024)  # no client is accepted before the node is this service's
     render = _metrics_renderer(engine)
     service = Service(engine, token, render)
     log.info("serve_listening", listen=f"{host}:{sock.getsockname()[1]}", workers=workers,

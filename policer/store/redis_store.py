@@ -796,7 +796,7 @@ def store_error(e: BaseException) -> StoreError:
     refused a request that came after its caller's deadline (nothing was written), and
     ``maybe_applied`` when no reply came (the request may have been, or yet be, applied)."""
     out = StoreError(f"{type(e).__name__}: {_safe(str(e))}")
-    out.late = isinstance(e, redis.ResponseError) and str(e).startswith("POLICER late")
+    out.late = str(e).startswith("POLICER late")  # redis-py's or hiredis's error reply
     out.maybe_applied = isinstance(e, redis.TimeoutError | redis.ConnectionError | OSError)
     return out
 
