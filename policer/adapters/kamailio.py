@@ -64,6 +64,7 @@ __all__ = [
     "build_call",
     "current_dialog_id",
     "dialog_event",
+    "emergency_entries",
     "engine",
     "fallback_tables",
     "flush",
@@ -600,10 +601,15 @@ _EMERGENCY, _OTHER = 1, 2
 
 def fallback_tables(policy: Policy) -> dict[str, dict[str, int | str]]:
     """What the native cfg needs to decide without Redis, as htable contents: the
-    policy's ``on_store_error`` and reject answer, and its classification (exact
-    numbers, prefixes and default class, each marked emergency or not) so that the
-    cfg admits emergency numbers with the same rule as the function (exact number,
-    else longest prefix, else the default class)."""
+    policy's ``on_store_error`` and reject answer, and what of its classification tells
+    emergency numbers from the rest with the same rule as the function (exact number,
+    else longest prefix, else the default class; route POLICER_EMERGENCY).
+
+    Only the entries that rule needs are written, each marked emergency (1) or not (2):
+    an entry that gives the same answer as the entry (or default) it would fall through
+    to is left out. A class of a million premium-rate prefixes beside an emergency class
+    of exact numbers is then no entry at all, instead of a million htable writes by the
+    timer process at every reload; the answer is the same for every number."""
     settings: dict[str, int | str] = {
         "ready": 1,
         "admit_on_error": 1 if policy.on_store_error == "admit" else 0,
@@ -615,19 +621,62 @@ def fallback_tables(policy: Policy) -> dict[str, dict[str, int | str]]:
     emergency = policy.emergency_class
     if emergency is not None:
         classes["enabled"] = 1
-        maxlen = 0
-        for c in policy.classes:
-            mark = _EMERGENCY if c.name == emergency else _OTHER
-            for n in c.numbers:
-                classes[f"n:{n}"] = mark
-            for p in c.prefixes:
-                classes[f"p:{p}"] = mark
-                maxlen = max(maxlen, len(p))
-            if c.default:
-                classes["default"] = mark
+        numbers, prefixes, default = emergency_entries(policy)
+        for n, mark in numbers.items():
+            classes[f"n:{n}"] = mark
+        for p, mark in prefixes.items():
+            classes[f"p:{p}"] = mark
+        if default is not None:
+            classes["default"] = default
         # the cfg tries prefix lengths in a while loop: within the core's max_while_loops
-        classes["maxlen"] = min(maxlen, 100)
+        classes["maxlen"] = min(max(map(len, prefixes), default=0), 100)
     return {_SETTINGS: settings, _CLASSES: classes}
+
+
+def emergency_entries(policy: Policy) -> tuple[dict[str, int], dict[str, int], int | None]:
+    """The exact numbers and prefixes (each marked :data:`_EMERGENCY` or :data:`_OTHER`)
+    and the default class's mark that tell emergency numbers from the rest as the
+    policy's classification does, without the entries that would not change an answer.
+
+    With D the default's answer (no default: not emergency), a prefix is needed when
+    its answer differs from that of its nearest shorter prefix in the policy (or D),
+    and an exact number when its answer differs from that of its longest prefix (or
+    D). Only entries whose answer is not D ("exceptions", usually a few emergency
+    prefixes) can make another entry needed, so an entry is first looked up under the
+    lengths of the exceptions alone: linear in the policy, a few lookups per entry."""
+    emergency = policy.emergency_class
+    mark: dict[str, int] = {}  # class name -> mark
+    default: int | None = None
+    prefix_mark: dict[str, int] = {}
+    number_mark: dict[str, int] = {}
+    for c in policy.classes:
+        m = _EMERGENCY if c.name == emergency else _OTHER
+        mark[c.name] = m
+        prefix_mark.update(dict.fromkeys(c.prefixes, m))
+        number_mark.update(dict.fromkeys(c.numbers, m))
+        if c.default:
+            default = m
+    base = default if default is not None else _OTHER  # a number of no class: not one
+    exceptions = {p for p, m in prefix_mark.items() if m != base}
+    exception_lengths = sorted(set(map(len, exceptions)), reverse=True)
+    all_lengths = sorted(set(map(len, prefix_mark)), reverse=True)
+
+    def inherited(text: str, longest: int) -> int:
+        """The answer of the longest prefix of ``text`` no longer than ``longest``."""
+        if not any(text[:n] in exceptions for n in exception_lengths if n <= longest):
+            return base  # every prefix on the way answers as the default does
+        for n in all_lengths:
+            if n <= longest:
+                found = prefix_mark.get(text[:n])
+                if found is not None:
+                    return found
+        return base
+
+    if not exceptions:  # the usual case: every prefix answers as the default does
+        return {n: m for n, m in number_mark.items() if m != base}, {}, default
+    prefixes = {p: m for p, m in prefix_mark.items() if m != inherited(p, len(p) - 1)}
+    numbers = {n: m for n, m in number_mark.items() if m != inherited(n, len(n))}
+    return numbers, prefixes, default
 
 
 class NativeTimer:
@@ -656,7 +705,7 @@ class NativeTimer:
         path = policy_path or os.environ.get("POLICER_POLICY")
         self.watcher = (PolicyWatcher(path, self._reload, 1.0, on_result=self._reload_result)
                         if path else None)
-        self._tables: dict[str, set[str]] = {}
+        self._tables: dict[str, dict[str, int | str]] = {}  # what fill_tables wrote
         self._seen: dict[str, int] = {}
         self._failing = False
 
@@ -684,19 +733,24 @@ class NativeTimer:
         if self.metrics is not None:
             self.metrics.reload(result)
 
-    def fill_tables(self, policy: Policy) -> None:
-        """Write :func:`fallback_tables` into the cfg's htables (new values first, then
-        the keys the old policy had and the new one has not are removed)."""
+    def fill_tables(self, policy: Policy,
+                    tables: dict[str, dict[str, int | str]] | None = None) -> None:
+        """Write :func:`fallback_tables` (or ``tables``, computed already) into the cfg's
+        htables: the values that changed first, then the keys the old policy had and
+        the new one has not are removed. Nothing else is written."""
         ht = _ksr().htable
-        for table, values in fallback_tables(policy).items():
+        for table, values in (tables or fallback_tables(policy)).items():
+            written = self._tables.get(table, {})
             for key, value in values.items():
+                if written.get(key) == value and key in written:
+                    continue
                 if isinstance(value, int):
                     ht.sht_seti(table, key, value)
                 else:
                     ht.sht_sets(table, key, value)
-            for key in self._tables.get(table, set()) - set(values):
+            for key in written.keys() - values.keys():
                 ht.sht_rm(table, key)
-            self._tables[table] = set(values)
+            self._tables[table] = dict(values)
 
     # -- once a second
     def tick(self) -> None:
