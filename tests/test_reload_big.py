@@ -1,10 +1,13 @@
-"""Big policies in a running proxy, with a real Redis: FUNCTION LOAD has its own
-control-plane timeout and retries, apart from the decision path's store_timeout."""
+"""Big policies in a running proxy, with a real Redis: a reload is read, compiled and
+loaded off the tick (the node keeps its lease meanwhile), a prefixes_file change is
+noticed like a policy change, and FUNCTION LOAD has its own control-plane timeout and
+retries, apart from the decision path's store_timeout."""
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,8 +15,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from lab.redis_server import RedisServer
-from policer.engine import Engine
-from policer.policy import load_policy
+from policer.engine import Engine, Prepared
+from policer.policy import Policy, load_policy
 from policer.store import RedisStore, StoreError
 from policer.store.redis_store import INLINE_LOAD_BYTES, LOAD_ATTEMPTS
 from tests.support import call, new_namespace, wait_for
@@ -57,6 +60,115 @@ def own_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+# ----------------------------------------------------------------------------- item 2
+
+
+def test_a_reload_slower_than_the_lease_keeps_the_lease_renewed(
+        tmp_path: Path, redis_url: str, namespace: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big policy (200,000 prefixes) whose reload takes longer than the node's lease
+    (made so: its preparation waits a lease more): the ticks go on renewing the lease,
+    a second node sweeping lost nodes ends none of this node's calls, and the new
+    policy is swapped in whole by a later tick."""
+    path = write(tmp_path, namespace, prefixes(10))
+    lease_ms = load_policy(path).nodes.lease_ms
+    real_prepare = Engine.prepare
+    preparing = threading.Event()
+
+    def slow_prepare(self: Engine, policy: Policy) -> Prepared:
+        preparing.set()
+        time.sleep(lease_ms / 1000 * 1.5)  # longer than the lease: a blocked tick loses it
+        return real_prepare(self, policy)
+
+    monkeypatch.setattr(Engine, "prepare", slow_prepare)
+    store = RedisStore(redis_url, namespace, timeout_ms=2000)
+    node = Engine(load_policy(path), store, node="big-a", lease=True, watch=path,
+                  watch_interval=0)
+    sweeper = Engine(load_policy(path), RedisStore(redis_url, namespace, timeout_ms=2000),
+                     node="big-b", lease=True)
+    node.start()
+    sweeper.start()
+    held = node.admit(call("5551234", call_id="held"))
+    assert held.admitted and not held.fallback
+
+    stop = threading.Event()
+
+    def sweep() -> None:  # another proxy: ends the calls of nodes whose lease lapsed
+        while not stop.wait(0.1):
+            sweeper.tick()
+
+    other = threading.Thread(target=sweep)
+    other.start()
+    big = prefixes(200_000)
+    try:
+        write(tmp_path, namespace, big)
+        leases: list[int] = []
+        deadline = time.monotonic() + 120
+        while node.policy.classes[1].prefixes[-1:] != (big[-1],):
+            assert time.monotonic() < deadline, "the reload never finished"
+            node.tick()
+            end, now = store.nodes()["big-a"], store.now_ms()
+            assert end > now, "the node's lease lapsed during the reload"
+            leases.append(end)
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        other.join()
+    assert preparing.is_set()
+    assert "node_lost" not in store.ended()
+    assert store.profile_size("total") == 1
+    assert len(set(leases)) >= 3  # renewed again and again while the reload ran
+    # the new policy decides, in Redis and in the engine
+    d = node.admit(call(big[123_456] + "77"))
+    assert (d.admitted, d.code, d.number_class) == (False, 403, "premium")
+    assert store.loaded_hash() == node.store.library.policy_hash  # type: ignore[attr-defined]
+    node.store.close()
+    sweeper.store.close()
+
+
+def test_a_changed_prefixes_file_is_reloaded_and_a_broken_one_keeps_the_old(
+        tmp_path: Path, redis_url: str, namespace: str) -> None:
+    path = write(tmp_path, namespace, ["0900"])
+    e = Engine(load_policy(path), RedisStore(redis_url, namespace, timeout_ms=2000),
+               node="n", watch=path, watch_interval=0)
+    assert e.admit(call("09001")).number_class == "premium"
+    listed = tmp_path / "premium.txt"
+    listed.write_text("0137\n")  # the policy file itself does not change
+    e.tick()
+    assert e.admit(call("09001")).number_class == "other"
+    assert e.admit(call("01371")).number_class == "premium"
+    with capture_logs() as logs:
+        listed.write_text("0137\nnot-a-prefix!\n")
+        e.tick()
+    assert e.admit(call("01371")).number_class == "premium"  # the old policy serves
+    failed = [x for x in logs if x["event"] == "policy_reload_failed"]
+    assert failed and failed[0]["errors"] == [
+        f"{listed}:2:1: classes.premium.prefixes_file: not a dialled number or prefix: "
+        "'not-a-prefix!'"]
+    listed.write_text("0138\n")  # fixed: the list is still watched after the failure
+    e.tick()
+    assert e.admit(call("01381")).number_class == "premium"
+    e.store.close()
+
+
+def test_a_deeply_nested_policy_in_a_reload_is_a_reload_error_not_a_tick_error(
+        tmp_path: Path, redis_url: str, namespace: str) -> None:
+    path = write(tmp_path, namespace, ["0900"])
+    e = Engine(load_policy(path), RedisStore(redis_url, namespace, timeout_ms=2000),
+               node="n", lease=True, watch=path, watch_interval=0)
+    e.start()
+    with capture_logs() as logs:
+        path.write_text("a: " + "[" * 5000)
+        e.tick()
+    events = [x["event"] for x in logs]
+    assert "tick_failed" not in events
+    failed = [x for x in logs if x["event"] == "policy_reload_failed"]
+    assert failed[0]["errors"] == [
+        f"{path}:1:103: (syntax): collections nested more than 100 deep"]
+    assert e.admit(call("09001")).number_class == "premium"
+    e.store.close()
 
 
 # ----------------------------------------------------------------------------- item 3

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from policer.call import Call
-from policer.compile import compile_policy
+from policer.compile import attribute_sources
 from policer.decision import Decision
-from policer.engine import Engine
+from policer.engine import Engine, Prepared
 from policer.policy import Policy
 from policer.reload import PolicyWatcher
 from policer.store import Op, StoreError
@@ -103,6 +103,9 @@ BATCH_OPS = 200
 BATCH_BYTES = 32768
 #: Batches one flush applies at most (the rest waits for the next run, 100 ms later).
 FLUSH_BATCHES = 50
+#: How long a KEMI SIP worker's poll after a dialog event waits for a policy reload
+#: running in the background (its tick-less process gives the reload that much time).
+WORKER_RELOAD_WAIT_S = 0.05
 
 
 # --------------------------------------------------------------------------- engine
@@ -417,8 +420,10 @@ def dialog_event(event: str) -> int:
         else:
             log("dbg", f"policer: ignoring dialog event {event!r}")
         # a SIP worker has no tick: it picks up a changed policy file here (a stat at
-        # most once a second), after the event is queued and never inside a decision
-        engine().poll_policy()
+        # most once a second), after the event is queued and never inside a decision;
+        # a big policy is read in the background, given 50 ms per event (Kamailio
+        # holds Python's lock between calls: the reload runs while this one waits)
+        engine().poll_policy(wait=WORKER_RELOAD_WAIT_S)
     except Exception:
         _log_exception(event, split_dialog_id(did)[0])
     return OK
@@ -685,9 +690,11 @@ class NativeTimer:
 
     * the engine: :meth:`Engine.start` before the fork, :meth:`Engine.tick` (lease,
       lost-node and expiry sweeps, the library back within a second when Redis lost it);
-    * the policy file: a changed, valid policy is swapped in (the library is loaded
-      again) unless it changes the call attributes the generated cfg packs, which
-      needs a restart (refused and logged, the old policy keeps deciding);
+    * the policy file (and its lists): a changed, valid policy is read, compiled and
+      loaded into Redis in the background, and swapped in by a later tick (which
+      renews the lease meanwhile), unless it changes the call attributes the generated
+      cfg packs, which needs a restart (refused and logged, the old policy keeps
+      deciding);
     * the htables the cfg's fallback reads (:func:`fallback_tables`);
     * metrics: the decisions the cfg counted (latency buckets measured by the SIP
       workers around their ``FCALL``, results, store errors, fallbacks, the event
@@ -701,10 +708,14 @@ class NativeTimer:
         self.engine = eng
         self.metrics: WorkerMetrics | None = (
             eng.metrics if isinstance(eng.metrics, WorkerMetrics) else None)
-        self.attributes = compile_policy(eng.policy).attributes
+        self.attributes = attribute_sources(eng.policy)
         path = policy_path or os.environ.get("POLICER_POLICY")
-        self.watcher = (PolicyWatcher(path, self._reload, 1.0, on_result=self._reload_result)
+        # read, compiled and loaded in the background; swapped in by a later tick (the
+        # engine's: it knows a reload is in flight and loads no library meanwhile)
+        self.watcher = (PolicyWatcher(path, self._install, 1.0, on_result=self._reload_result,
+                                      prepare=self._prepare, files=eng.policy.files)
                         if path else None)
+        eng.watcher = self.watcher
         self._tables: dict[str, dict[str, int | str]] = {}  # what fill_tables wrote
         self._seen: dict[str, int] = {}
         self._failing = False
@@ -715,15 +726,29 @@ class NativeTimer:
         self.fill_tables(self.engine.policy)
 
     def _reload(self, policy: Policy) -> None:
-        attributes = compile_policy(policy).attributes
+        """Reload now, in this thread (the watcher does the same in two halves)."""
+        self._install(self._prepare(policy))
+
+    def _prepare(self, policy: Policy) -> tuple[Prepared, dict[str, dict[str, int | str]]]:
+        """The background half: refuse a policy whose call attributes differ from those
+        the running cfg packs; the engine's preparation (library compiled and loaded);
+        the fallback htables' new contents."""
+        attributes = attribute_sources(policy)
         if attributes != self.attributes:
             raise ValueError(
                 f"the new policy reads the call attributes {', '.join(attributes)} where the "
                 f"running cfg packs {', '.join(self.attributes)}: restart Kamailio "
                 "(deploy/kamailio/run generates the cfg again)")
+        return self.engine.prepare(policy), fallback_tables(policy)
+
+    def _install(self, prepared: tuple[Prepared, dict[str, dict[str, int | str]]]) -> None:
+        """The quick half, in the timer's tick: swap the policy in, write the htable
+        entries that changed."""
+        ready, tables = prepared
         old = self.engine.policy
-        self.engine.reload(policy)
-        self.fill_tables(policy)
+        self.engine.install(ready)
+        policy = ready.policy
+        self.fill_tables(policy, tables)
         if (policy.store_timeout_ms, policy.pending_queue) != (old.store_timeout_ms,
                                                                 old.pending_queue):
             log("warn", "policer: store_timeout and pending_queue of the new policy apply "
@@ -754,9 +779,7 @@ class NativeTimer:
 
     # -- once a second
     def tick(self) -> None:
-        if self.watcher is not None:
-            self.watcher.poll()
-        self.engine.tick()
+        self.engine.tick()  # (polls the policy watcher first)
         self._publish()
         probe(self.engine)
 

@@ -477,6 +477,31 @@ def test_native_timer_fills_tables_and_refuses_an_attribute_change(
         timer._reload(parse_policy(changed))
 
 
+def test_native_timer_reloads_a_changed_list_in_the_background(ksr: FakeKSR,
+                                                               tmp_path: Any) -> None:
+    """The timer's tick notices a changed prefixes_file, reads it off the tick and
+    swaps policy and htables in together."""
+    (tmp_path / "sos.txt").write_text("99\n")
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY.replace('prefixes: ["99"]', "prefixes_file: sos.txt"))
+    policy = parse_policy(path.read_text(), str(path))
+    eng = Engine(policy, MemoryStore(policy.namespace), node="test-node")
+    timer = adapter.NativeTimer(eng, str(path))
+    assert eng.watcher is timer.watcher  # the engine's tick polls it
+    timer.start()
+    assert ksr.tables["policer_class"]["p:99"] == 1
+    timer.watcher.interval = 0  # type: ignore[union-attr]
+    (tmp_path / "sos.txt").write_text("98\n")
+
+    def reloaded() -> bool:
+        timer.tick()
+        return "p:98" in ksr.tables["policer_class"]
+
+    assert wait_for(reloaded, 10)
+    assert "p:99" not in ksr.tables["policer_class"]
+    assert eng.policy.classes[0].prefixes == ("98",)
+
+
 def test_native_timer_publishes_the_cfg_counters(ksr: FakeKSR, engine: Engine) -> None:
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
