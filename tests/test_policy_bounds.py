@@ -9,6 +9,7 @@ import string
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -331,3 +332,19 @@ def test_without_libyaml_the_python_loader_keeps_the_same_bounds(
     assert errors_of("a: " + "[" * 5000) == [
         f"p.yaml:1:{3 + MAX_DEPTH}: (syntax): collections nested more than {MAX_DEPTH} deep"]
     assert load_policy(POLICIES / "example.yaml").namespace == "example"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="0123456789_:.-+xbe", max_size=14) | st.text(max_size=8))
+def test_the_short_way_for_digits_types_a_scalar_as_pyyaml_does(value: str) -> None:
+    from yaml.nodes import ScalarNode
+
+    from policer.policy.load import FastResolve
+
+    class Fast(FastResolve, yaml.SafeLoader):
+        pass
+
+    fast, plain = Fast(""), yaml.SafeLoader("")
+    for implicit in ((True, False), (False, True)):
+        expected = plain.resolve(ScalarNode, value, implicit)  # type: ignore[no-untyped-call]
+        assert fast.resolve(ScalarNode, value, implicit) == expected, value

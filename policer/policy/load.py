@@ -65,14 +65,46 @@ _TOP_KEYS = (
     "near_limit", "nodes", "pending_queue", "call_records", "attempts", "timezone",
     "schedules",
 )
+_INT = "tag:yaml.org,2002:int"
+_STR = "tag:yaml.org,2002:str"
+
+
+class FastResolve:
+    """YAML 1.1's implicit types as PyYAML's resolver gives them (a mixin of a loader),
+    with a short way for a plain scalar of ASCII digits (a dialled number, a prefix, a
+    count): PyYAML tries its regular expressions one after the other (float, int,
+    timestamp), the bulk of composing a list of a million numbers. Digits alone are an
+    int (decimal, or octal: ``0`` then 0-7), else (``089``) a string. No path
+    resolvers (PyYAML's safe loaders have none): nothing to descend into."""
+
+    def resolve(self, kind: type[Node], value: str, implicit: tuple[bool, bool]) -> str:
+        if kind is ScalarNode and implicit[0] and value.isdigit() and value.isascii():
+            if value[0] != "0" or value == "0" or not value[1:].strip("01234567"):
+                return _INT
+            return _STR
+        tag: str = super().resolve(kind, value, implicit)  # type: ignore[misc]
+        return tag
+
+    def descend_resolver(self, current_node: Any, current_index: Any) -> None:
+        pass
+
+    def ascend_resolver(self) -> None:
+        pass
+
+
 #: libyaml's composer, when PyYAML was built with it (its wheels are)
-_CLoader: Any = getattr(yaml, "CSafeLoader", None)
+_CLoader: Any = None
+if getattr(yaml, "CSafeLoader", None) is not None:
+    class _FastCLoader(FastResolve, yaml.CSafeLoader):
+        pass
+
+    _CLoader = _FastCLoader
 #: A file up to this size that libyaml finds broken is parsed again by the pure-Python
 #: loader, whose messages say more ("expected ',' or '}', but got ':'").
 _EXPLAIN_BYTES = 1_000_000
 
 
-class _DepthLoader(yaml.SafeLoader):
+class _DepthLoader(FastResolve, yaml.SafeLoader):
     """The pure-Python loader, stopping at :data:`MAX_DEPTH` nested collections (its
     composer recurses: a few thousand ``[`` were a RecursionError)."""
 
