@@ -126,6 +126,21 @@ def test_a_shared_answer_through_an_alias_reads_as_written() -> None:
 # ----------------------------------------------------------------------------- errors
 
 
+@pytest.mark.parametrize(("value", "error"), [
+    ("!!python/object:os.system 1", "expected an integer, got os.system '1'"),
+    ("!!binary 1", "expected an integer, got binary '1'"),
+    ("!!int x", "expected an integer, got int 'x'"),
+    ("!!timestamp 2020-13-45", "expected an integer, got timestamp '2020-13-45'"),
+    ("!foo 1", "expected an integer, got !foo '1'"),
+])
+def test_a_value_yaml_cannot_build_is_a_value_of_the_wrong_type(value: str,
+                                                                 error: str) -> None:
+    """The safe constructor refuses these (ConstructorError, ValueError): a traceback
+    before, a policy error now."""
+    assert errors_of(HEAD + f"pending_queue: {value}\n") == [f"p.yaml:3:16: pending_queue: "
+                                                               f"{error}"]
+
+
 def test_a_file_of_many_errors_lists_the_first_ones_and_counts_the_rest() -> None:
     bad = ", ".join([*(f"x{i}!" for i in range(MAX_ERRORS + 50)), "0"])
     errors = errors_of(HEAD + f"classes:\n  a: {{prefixes: [{bad}]}}\n")
