@@ -30,7 +30,7 @@ from policer.store.base import CallRecord, CallResult, DialogInfo, Op
 from policer.store.keys import dialog_id
 from policer.store.redis_store import INLINE_LOAD_BYTES
 
-__all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "LimitView"]
+__all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "LimitView", "Prepared"]
 
 #: The store an engine built from the environment uses without ``POLICER_REDIS_URL``.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
