@@ -8,7 +8,14 @@ answers, timeouts). Redis builds those tables once, when it loads the library
 (``FUNCTION LOAD REPLACE``), so a call pays for none of it.
 
 While Redis 7.0 loads a library only the ``redis`` global exists: the constants are
-plain table constructors, nothing else.
+plain table constructors, nothing else. A classification table of more than
+:data:`TABLE_CHUNK` entries (a class of a million prefixes) is written as a series of
+small functions that each fill :data:`TABLE_CHUNK` entries of it: Lua 5.1 allows a
+function 2^18 constants, so one constructor of them all fails to compile ("constant
+table overflow").
+
+Compiling is linear in the policy's size, and a policy is compiled once: the last
+few libraries are remembered by policy (a frozen tree) and namespace.
 
 :func:`compile_policy` returns a :class:`Library`: its name, its text, its hash (the
 policy hash ``policer stats`` shows) and the names of its functions.
@@ -17,6 +24,9 @@ policy hash ``policer stats`` shows) and the names of its functions.
 from __future__ import annotations
 
 import hashlib
+import re
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -36,6 +46,7 @@ __all__ = [
     "LIBRARY_FORMAT",
     "NODE_MARGIN_MS",
     "RECOVERY_MS",
+    "TABLE_CHUNK",
     "TICK_BATCH",
     "Library",
     "attribute_sources",
@@ -71,6 +82,11 @@ ENDED_REASON = "Request Terminated"
 CDR_KEEP_DEFAULT = 100_000
 #: Attempts (one per dialog, every decision) kept when the policy does not say.
 ATTEMPTS_KEEP_DEFAULT = 100_000
+#: Entries of a classification table one Lua function fills (a bigger table is filled
+#: by several): well under Lua 5.1's 2^18 constants per function.
+TABLE_CHUNK = 50_000
+#: Libraries remembered by :func:`compile_policy` (per live policy and namespace).
+_CACHED = 4
 #: Attributes every admit carries besides those the policy reads (for call records).
 _RECORD_SOURCES = ("from_user", "from_domain", "source_ip")
 
@@ -141,8 +157,14 @@ def attributes_sig(attributes: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(attributes).encode()).hexdigest()[:12]
 
 
+#: a string that is its own Lua literal between double quotes
+_PLAIN = re.compile(r'[ !#-\[\]-~]*')
+
+
 def _lua_str(s: str) -> str:
     """A Lua string literal (every byte outside printable ASCII escaped as \\ddd)."""
+    if _PLAIN.fullmatch(s) is not None:  # the usual case: numbers, names
+        return f'"{s}"'
     out = ['"']
     for b in s.encode("utf-8", "surrogateescape"):
         c = chr(b)
@@ -207,25 +229,67 @@ def _library_code() -> str:
     return (resources.files("policer.store") / "lua" / "library.lua").read_text()
 
 
+_cache: list[tuple[weakref.ref[Policy] | None, str, Library]] = []
+_cache_lock = threading.Lock()
+
+
 def compile_policy(policy: Policy | None, namespace: str | None = None) -> Library:
     """The function library of a policy (``None``: a library with no classification
-    and no profiles, for stores used through explicit memberships only)."""
+    and no profiles, for stores used through explicit memberships only).
+
+    A policy is a frozen tree, so its library is remembered while the policy lives:
+    compiling the same policy object for the same namespace again returns the same
+    :class:`Library` (a command, an engine and its store each ask for it)."""
     ns = namespace if namespace is not None else (policy.namespace if policy else "")
+    with _cache_lock:
+        _cache[:] = [e for e in _cache if e[0] is None or e[0]() is not None]
+        for ref, n, lib in _cache:
+            if n == ns and (ref() if ref is not None else None) is policy:
+                return lib
+    library = _compile(policy, ns)
+    with _cache_lock:
+        _cache.insert(0, (weakref.ref(policy) if policy is not None else None, ns, library))
+        del _cache[_CACHED:]
+    return library
+
+
+def _table(name: str, groups: Sequence[tuple[str, Sequence[str]]]) -> str:
+    """``local NAME = {key = class, ...}`` of (class, keys) groups (a key in two groups
+    is the later group's). A table of more than TABLE_CHUNK entries is filled by a
+    series of functions of TABLE_CHUNK entries each (only the ``redis`` global exists
+    while Redis loads a library: no ``pairs`` to merge tables with)."""
+    if sum(len(keys) for _, keys in groups) <= TABLE_CHUNK:
+        table: dict[str, str] = {}
+        for value, keys in groups:
+            table.update(dict.fromkeys(keys, value))
+        return f"local {name} = {_lua(table)}"
+    out = [f"local {name} = {{}}"]
+    for value, keys in groups:
+        literal = _lua_str(value)
+        for i in range(0, len(keys), TABLE_CHUNK):
+            chunk = keys[i:i + TABLE_CHUNK]
+            if _PLAIN.fullmatch("".join(chunk)) is not None:  # each is its own literal
+                fills = 't["' + f'"] = {literal} t["'.join(chunk) + f'"] = {literal}'
+            else:
+                fills = " ".join(f"t[{_lua_str(k)}] = {literal}" for k in chunk)
+            out.append(f"do local function fill(t) {fills} end fill({name}) end")
+    return "\n".join(out)
+
+
+def _compile(policy: Policy | None, ns: str) -> Library:
     if not ns:
         raise ValueError("a library needs a namespace")
     attrs = attribute_sources(policy)
     index = {s: i + 1 for i, s in enumerate(attrs)}
-    exact: dict[str, str] = {}
-    prefix: dict[str, str] = {}
+    exact: list[tuple[str, Sequence[str]]] = []  # (class, its numbers), class by class
+    prefix: list[tuple[str, Sequence[str]]] = []
     default: str | None = None
     plan: list[str] = []
     rejects: dict[str, list[object]] = {}
     if policy is not None:
         for c in policy.classes:
-            for n in sorted(c.numbers):
-                exact[n] = c.name
-            for p in c.prefixes:
-                prefix[p] = c.name
+            exact.append((c.name, sorted(c.numbers)))
+            prefix.append((c.name, c.prefixes))
             if c.default:
                 default = c.name
         sched_index = {name: i + 1 for i, name in enumerate(policy.schedules)}
@@ -247,7 +311,7 @@ def compile_policy(policy: Policy | None, namespace: str | None = None) -> Libra
                         + ", entries = {" + ", ".join(lua_entries) + "}}")
             if entries:
                 rejects[prof.name] = _reject(entries[0].reject)
-    lengths = sorted({len(p) for p in prefix}, reverse=True)
+    lengths = sorted(set().union(*(map(len, keys) for _, keys in prefix)), reverse=True)
     timed = policy is not None and policy.timed
     tz_at, tz_off = transitions(policy.timezone) if timed and policy else ((), (0,))
     consts: Sequence[tuple[str, object]] = (
@@ -255,8 +319,8 @@ def compile_policy(policy: Policy | None, namespace: str | None = None) -> Libra
         ("NS_PREFIX", f"policer:{{{ns}}}:"),
         ("MAX_VALUE_BYTES", MAX_VALUE * 4),
         ("MAX_KEY_PART", MAX_KEY_PART),
-        ("EXACT", exact),
-        ("PREFIX", prefix),
+        ("EXACT", None),  # (written by _table)
+        ("PREFIX", None),
         ("LENGTHS", lengths),
         ("DEFAULT_CLASS", default),
         ("EMERGENCY_CLASS", policy.emergency_class if policy else None),
@@ -292,7 +356,9 @@ def compile_policy(policy: Policy | None, namespace: str | None = None) -> Libra
         ("POLICY_VERSION", policy.version if policy else 0),
         ("LIBRARY_FORMAT", LIBRARY_FORMAT),
     )
-    lines = [f"local {name} = {_lua(value)}" for name, value in consts]
+    tables = {"EXACT": exact, "PREFIX": prefix}
+    lines = [_table(name, tables[name]) if name in tables else f"local {name} = {_lua(value)}"
+             for name, value in consts]
     lines.append("local PLAN = {" + ",\n  ".join(plan) + "}")
     body = "\n".join(lines) + "\n" + _library_code()
     # the hash names what the library decides, not where its file was read from

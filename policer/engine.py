@@ -21,22 +21,23 @@ from typing import TYPE_CHECKING, Any
 
 from policer.call import Call
 from policer.classify import Classification, Classifier
-from policer.compile import TICK_BATCH
+from policer.compile import TICK_BATCH, Library, compile_policy
 from policer.decision import Decision, EngineMetrics
 from policer.log import get_logger
 from policer.metrics import worker_metrics
 from policer.policy import Policy, Reject, load_policy
-from policer.reload import PolicyWatcher
+from policer.reload import Job, PolicyWatcher
 from policer.resilience import CircuitBreaker, Pending, PendingQueue
-from policer.store import Store, StoreError, open_store
+from policer.store import RedisStore, Store, StoreError, open_store
 from policer.store.base import CallRecord, CallResult, DialogInfo, Op, StoreInfo
 from policer.store.keys import dialog_id
+from policer.store.redis_store import INLINE_LOAD_BYTES
 
 if TYPE_CHECKING:
     from policer.reconcile import ProxyDialog, Report
 
 __all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "LimitView", "NodeInUse",
-           "SkewEstimate"]
+           "Prepared", "SkewEstimate"]
 
 
 class NodeInUse(RuntimeError):
@@ -144,6 +145,19 @@ class _Current:
     classifier: Classifier
 
 
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A new policy made ready for :meth:`Engine.install` (by :meth:`Engine.prepare`,
+    in any thread): its classifier, and with a Redis store its library, compiled and
+    loaded into Redis (or the error that load met)."""
+
+    policy: Policy
+    classifier: Classifier
+    library: Library | None = None
+    policy_hash: str = ""
+    error: StoreError | None = None
+
+
 class Engine:
     """Admission decisions for one policy over one store.
 
@@ -164,8 +178,9 @@ class Engine:
         self.lease = lease
         self.breaker = CircuitBreaker()
         self.pending = PendingQueue(policy.pending_queue)
-        self._watcher = (PolicyWatcher(watch, self.reload, watch_interval,
-                                       on_result=self._reload_result)
+        self._watcher = (PolicyWatcher(watch, self.install, watch_interval,
+                                       on_result=self._reload_result, prepare=self.prepare,
+                                       files=policy.files)
                          if watch is not None else None)
         self._next_renew = 0.0
         self._loaded = False  # this engine made sure Redis decides by its policy
@@ -179,6 +194,8 @@ class Engine:
         self._epoch: str | None = None  # the store's state epoch as last seen
         self._resync_due = False
         self._waiting_for_list = False
+        self._loader: Job[str] | None = None  # a load of its library in the background
+        self._next_load = 0.0
 
     # -- construction
     @classmethod
@@ -205,29 +222,69 @@ class Engine:
     def policy(self) -> Policy:
         return self._current.policy
 
+    @property
+    def watcher(self) -> PolicyWatcher | None:
+        """The watcher of the policy file that :meth:`tick` polls (None: none)."""
+        return self._watcher
+
+    @watcher.setter
+    def watcher(self, watcher: PolicyWatcher | None) -> None:
+        """An adapter's own watcher (the native flavour swaps its htables too)."""
+        self._watcher = watcher
+
     def reload(self, policy: Policy) -> None:
-        """Swap in a new, already validated policy; the next INVITE uses it."""
+        """Swap in a new, already validated policy; the next INVITE uses it. (In this
+        thread: :meth:`prepare`, then :meth:`install`.)"""
+        self.install(self.prepare(policy))
+
+    def prepare(self, policy: Policy) -> Prepared:
+        """Everything a reload does that takes time, in any thread and changing nothing
+        this engine decides by: the classifier, and with a Redis store the library,
+        compiled and loaded into Redis (every proxy decides by it from then on; a load
+        that failed is kept in the result, to be logged and loaded again later).
+        Raises ValueError for a policy of another namespace."""
         if policy.namespace != self.store.namespace:
             raise ValueError(
                 f"the new policy's namespace {policy.namespace!r} differs from the store's "
                 f"{self.store.namespace!r}; restart to change namespaces"
             )
-        self._current = _Current(policy, Classifier(policy))
+        classifier = Classifier(policy)
+        if not isinstance(self.store, RedisStore):
+            return Prepared(policy, classifier)
+        library = compile_policy(policy, self.store.namespace)
+        try:
+            policy_hash = self.store.load_library(library, policy)
+        except StoreError as e:
+            return Prepared(policy, classifier, library, "", e)
+        return Prepared(policy, classifier, library, policy_hash)
+
+    def install(self, prepared: Prepared) -> None:
+        """Swap in a prepared policy, whole and at once (quick: nothing is compiled or
+        loaded here)."""
+        policy = prepared.policy
+        self._current = _Current(policy, prepared.classifier)
         self.pending.maxlen = policy.pending_queue
-        try:  # every proxy decides by the new policy from this instant on
-            policy_hash = self.store.load(policy)
-        except StoreError as e:  # loaded when the store answers again (tick, first call)
-            self._store_error("load", "", e)
-            policy_hash = ""
+        policy_hash = prepared.policy_hash
+        if isinstance(self.store, RedisStore) and prepared.library is not None:
+            self.store.use_library(prepared.library, policy)
+        else:
+            try:  # every proxy decides by the new policy from this instant on
+                policy_hash = self.store.load(policy)
+            except StoreError as e:
+                prepared = Prepared(policy, prepared.classifier, error=e)
+        if prepared.error is not None:  # loaded later (tick, first call)
+            self._store_error("load", "", prepared.error)
         self._loaded = bool(policy_hash)
+        self._loader = None  # a load of the previous library in flight is of no use
         self.log.info("policy_reloaded", source=policy.source, policy_hash=policy_hash)
 
-    def poll_policy(self) -> bool:
+    def poll_policy(self, wait: float | None = None) -> bool:
         """Reload the watched policy file if it changed (a ``stat`` at most once per
-        watch interval; cheap). :meth:`tick` does it; so do the Kamailio KEMI workers
-        after a dialog event, never inside an INVITE's decision. True when a new
-        policy was swapped in."""
-        return self._watcher.poll() if self._watcher is not None else False
+        watch interval; cheap): read, compiled and loaded in the background, swapped in
+        by a later poll (each waits for it at most ``wait`` seconds, default 0.5).
+        :meth:`tick` does it; so do the Kamailio KEMI workers after a dialog event,
+        never inside an INVITE's decision. True when a new policy was swapped in."""
+        return self._watcher.poll(wait) if self._watcher is not None else False
 
     def _reload_result(self, result: str) -> None:
         if self.metrics is not None:
@@ -584,9 +641,11 @@ class Engine:
     def _ensure_loaded(self) -> bool:
         """Once a tick: read the store (:meth:`_read_store`). A Redis that lost the
         library (restarted empty, failed over to a replica without it) gets it back
-        within a tick, and so does a node whose start() could not load it; else a
-        library another node loaded is the policy in force: it is never replaced here
-        (``policer load`` and a changed policy file do that).
+        within a tick, and so does a node whose start() (or whose last reload) could not
+        load it; else a library another node loaded is the policy in force: it is never
+        replaced here (``policer load`` and a changed policy file do that). A big library
+        that Redis must replace while it holds another one is loaded in the background:
+        the lease is renewed meanwhile.
 
         A store that lost its state is noticed here too: the library was gone, the
         namespace's state epoch changed (another node noticed first), or another Redis
@@ -594,19 +653,34 @@ class Engine:
         a failover). A new epoch holds admits while every node puts its live calls back
         (:meth:`resync`, this tick). False when the store did not answer."""
         try:
+            self._loader_done()
             info = self._read_store()
             known = self._epoch
+            # a load in flight (of a reload, or in the background) does the work
+            if self._loader is None and not (self._watcher is not None and self._watcher.busy):
+                held = info.policy_hash
+                if held is None or (not self._loaded and not self._big_library()):
+                    # not yet loaded by this node (its start() could not), or lost by Redis
+                    why = "the store had none" if self._loaded else "not loaded at start"
+                    op = None
+                    if held is None:
+                        op = f"missing:{known or ''}" if self._loaded or known else "init"
+                    policy_hash = self.store.load(self._current.policy, epoch=op)
+                    self._loaded = True
+                    self.log.warning("policy_library_loaded", policy_hash=policy_hash,
+                                     why=why)
+                    # a Redis that lost the library lost the node's lease and
+                    # registration too: renew them in this tick, not an interval later
+                    self._next_renew = 0.0
+                    info = self.store.info()
+                elif not self._loaded and time.monotonic() >= self._next_load:
+                    store, policy = self.store, self._current.policy
+                    assert isinstance(store, RedisStore)
+                    library = store.library
+                    self._loader = Job(lambda: store.load_library(library, policy),
+                                       "policer-load")
             if info.policy_hash is None:
-                # not yet loaded by this node (its start() could not), or lost by Redis
-                why = "the store had none" if self._loaded else "not loaded at start"
-                op = f"missing:{known or ''}" if self._loaded or known else "init"
-                policy_hash = self.store.load(self._current.policy, epoch=op)
-                self._loaded = True
-                self.log.warning("policy_library_loaded", policy_hash=policy_hash, why=why)
-                # a Redis that lost the library lost the node's lease and registration
-                # too: renew them in this tick, not a renew interval later
-                self._next_renew = 0.0
-                info = self.store.info()
+                return True  # loaded in the background: the epoch is read next tick
             epoch = info.epoch
             if not epoch:
                 epoch = self.store.tick("", 0, False, epoch=f"lost:{known}" if known
@@ -629,6 +703,26 @@ class Engine:
         if self.breaker.open:
             self._recovered()
         return True
+
+    def _big_library(self) -> bool:
+        library = getattr(self.store, "library", None)
+        return isinstance(library, Library) and len(library.text) > INLINE_LOAD_BYTES
+
+    def _loader_done(self) -> None:
+        """The end of a background load of this engine's library, if it ended."""
+        job = self._loader
+        if job is None or not job.done():
+            return
+        self._loader = None
+        try:
+            policy_hash = job.result()
+        except StoreError as e:
+            self._next_load = time.monotonic() + 5.0
+            self._store_error("load", "", e)
+            return
+        self._loaded = True
+        self.log.warning("policy_library_loaded", policy_hash=policy_hash,
+                         why="not loaded by the reload")
 
     @property
     def resync_due(self) -> bool:

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from policer.call import Call
-from policer.compile import compile_policy
+from policer.compile import attribute_sources
 from policer.decision import Decision
-from policer.engine import Engine, NodeInUse
+from policer.engine import Engine, NodeInUse, Prepared
 from policer.policy import Policy
 from policer.reconcile import ProxyDialog, parse_dialogs
 from policer.reload import PolicyWatcher
@@ -66,6 +66,7 @@ __all__ = [
     "build_call",
     "current_dialog_id",
     "dialog_event",
+    "emergency_entries",
     "engine",
     "fallback_tables",
     "flush",
@@ -105,6 +106,9 @@ BATCH_OPS = 200
 BATCH_BYTES = 32768
 #: Batches one flush applies at most (the rest waits for the next run, 100 ms later).
 FLUSH_BATCHES = 50
+#: How long a KEMI SIP worker's poll after a dialog event waits for a policy reload
+#: running in the background (its tick-less process gives the reload that much time).
+WORKER_RELOAD_WAIT_S = 0.05
 
 
 # --------------------------------------------------------------------------- engine
@@ -425,8 +429,10 @@ def dialog_event(event: str) -> int:
         else:
             log("dbg", f"policer: ignoring dialog event {event!r}")
         # a SIP worker has no tick: it picks up a changed policy file here (a stat at
-        # most once a second), after the event is queued and never inside a decision
-        engine().poll_policy()
+        # most once a second), after the event is queued and never inside a decision;
+        # a big policy is read in the background, given 50 ms per event (Kamailio
+        # holds Python's lock between calls: the reload runs while this one waits)
+        engine().poll_policy(wait=WORKER_RELOAD_WAIT_S)
     except Exception:
         _log_exception(event, split_dialog_id(did)[0])
     return OK
@@ -626,10 +632,15 @@ _EMERGENCY, _OTHER = 1, 2
 
 def fallback_tables(policy: Policy) -> dict[str, dict[str, int | str]]:
     """What the native cfg needs to decide without Redis, as htable contents: the
-    policy's ``on_store_error`` and reject answer, and its classification (exact
-    numbers, prefixes and default class, each marked emergency or not) so that the
-    cfg admits emergency numbers with the same rule as the function (exact number,
-    else longest prefix, else the default class)."""
+    policy's ``on_store_error`` and reject answer, and what of its classification tells
+    emergency numbers from the rest with the same rule as the function (exact number,
+    else longest prefix, else the default class; route POLICER_EMERGENCY).
+
+    Only the entries that rule needs are written, each marked emergency (1) or not (2):
+    an entry that gives the same answer as the entry (or default) it would fall through
+    to is left out. A class of a million premium-rate prefixes beside an emergency class
+    of exact numbers is then no entry at all, instead of a million htable writes by the
+    timer process at every reload; the answer is the same for every number."""
     settings: dict[str, int | str] = {
         "ready": 1,
         "admit_on_error": 1 if policy.on_store_error == "admit" else 0,
@@ -641,19 +652,62 @@ def fallback_tables(policy: Policy) -> dict[str, dict[str, int | str]]:
     emergency = policy.emergency_class
     if emergency is not None:
         classes["enabled"] = 1
-        maxlen = 0
-        for c in policy.classes:
-            mark = _EMERGENCY if c.name == emergency else _OTHER
-            for n in c.numbers:
-                classes[f"n:{n}"] = mark
-            for p in c.prefixes:
-                classes[f"p:{p}"] = mark
-                maxlen = max(maxlen, len(p))
-            if c.default:
-                classes["default"] = mark
+        numbers, prefixes, default = emergency_entries(policy)
+        for n, mark in numbers.items():
+            classes[f"n:{n}"] = mark
+        for p, mark in prefixes.items():
+            classes[f"p:{p}"] = mark
+        if default is not None:
+            classes["default"] = default
         # the cfg tries prefix lengths in a while loop: within the core's max_while_loops
-        classes["maxlen"] = min(maxlen, 100)
+        classes["maxlen"] = min(max(map(len, prefixes), default=0), 100)
     return {_SETTINGS: settings, _CLASSES: classes}
+
+
+def emergency_entries(policy: Policy) -> tuple[dict[str, int], dict[str, int], int | None]:
+    """The exact numbers and prefixes (each marked :data:`_EMERGENCY` or :data:`_OTHER`)
+    and the default class's mark that tell emergency numbers from the rest as the
+    policy's classification does, without the entries that would not change an answer.
+
+    With D the default's answer (no default: not emergency), a prefix is needed when
+    its answer differs from that of its nearest shorter prefix in the policy (or D),
+    and an exact number when its answer differs from that of its longest prefix (or
+    D). Only entries whose answer is not D ("exceptions", usually a few emergency
+    prefixes) can make another entry needed, so an entry is first looked up under the
+    lengths of the exceptions alone: linear in the policy, a few lookups per entry."""
+    emergency = policy.emergency_class
+    mark: dict[str, int] = {}  # class name -> mark
+    default: int | None = None
+    prefix_mark: dict[str, int] = {}
+    number_mark: dict[str, int] = {}
+    for c in policy.classes:
+        m = _EMERGENCY if c.name == emergency else _OTHER
+        mark[c.name] = m
+        prefix_mark.update(dict.fromkeys(c.prefixes, m))
+        number_mark.update(dict.fromkeys(c.numbers, m))
+        if c.default:
+            default = m
+    base = default if default is not None else _OTHER  # a number of no class: not one
+    exceptions = {p for p, m in prefix_mark.items() if m != base}
+    exception_lengths = sorted(set(map(len, exceptions)), reverse=True)
+    all_lengths = sorted(set(map(len, prefix_mark)), reverse=True)
+
+    def inherited(text: str, longest: int) -> int:
+        """The answer of the longest prefix of ``text`` no longer than ``longest``."""
+        if not any(text[:n] in exceptions for n in exception_lengths if n <= longest):
+            return base  # every prefix on the way answers as the default does
+        for n in all_lengths:
+            if n <= longest:
+                found = prefix_mark.get(text[:n])
+                if found is not None:
+                    return found
+        return base
+
+    if not exceptions:  # the usual case: every prefix answers as the default does
+        return {n: m for n, m in number_mark.items() if m != base}, {}, default
+    prefixes = {p: m for p, m in prefix_mark.items() if m != inherited(p, len(p) - 1)}
+    numbers = {n: m for n, m in number_mark.items() if m != inherited(n, len(n))}
+    return numbers, prefixes, default
 
 
 class NativeTimer:
@@ -662,9 +716,11 @@ class NativeTimer:
 
     * the engine: :meth:`Engine.start` before the fork, :meth:`Engine.tick` (lease,
       lost-node and expiry sweeps, the library back within a second when Redis lost it);
-    * the policy file: a changed, valid policy is swapped in (the library is loaded
-      again) unless it changes the call attributes the generated cfg packs, which
-      needs a restart (refused and logged, the old policy keeps deciding);
+    * the policy file (and its lists): a changed, valid policy is read, compiled and
+      loaded into Redis in the background, and swapped in by a later tick (which
+      renews the lease meanwhile), unless it changes the call attributes the generated
+      cfg packs, which needs a restart (refused and logged, the old policy keeps
+      deciding);
     * the htables the cfg's fallback reads (:func:`fallback_tables`);
     * metrics: the decisions the cfg counted (latency buckets measured by the SIP
       workers around their ``FCALL``, results, store errors, fallbacks, the event
@@ -678,13 +734,18 @@ class NativeTimer:
         self.engine = eng
         self.metrics: WorkerMetrics | None = (
             eng.metrics if isinstance(eng.metrics, WorkerMetrics) else None)
-        self.attributes = compile_policy(eng.policy).attributes
+        self.attributes = attribute_sources(eng.policy)
         path = policy_path or os.environ.get("POLICER_POLICY")
-        self.watcher = (PolicyWatcher(path, self._reload, 1.0, on_result=self._reload_result)
+        # read, compiled and loaded in the background; swapped in by a later tick (the
+        # engine's: it knows a reload is in flight and loads no library meanwhile)
+        self.watcher = (PolicyWatcher(path, self._install, 1.0, on_result=self._reload_result,
+                                      prepare=self._prepare, files=eng.policy.files)
                         if path else None)
-        self._tables: dict[str, set[str]] = {}
+        eng.watcher = self.watcher
+        self._tables: dict[str, dict[str, int | str]] = {}  # what fill_tables wrote
         self._seen: dict[str, int] = {}
         self._failing = False
+        self._deadline_terms: tuple[int, int] | None = None  # as last written
 
     # -- start and reload
     def start(self) -> None:
@@ -693,15 +754,29 @@ class NativeTimer:
         self.fill_tables(self.engine.policy)
 
     def _reload(self, policy: Policy) -> None:
-        attributes = compile_policy(policy).attributes
+        """Reload now, in this thread (the watcher does the same in two halves)."""
+        self._install(self._prepare(policy))
+
+    def _prepare(self, policy: Policy) -> tuple[Prepared, dict[str, dict[str, int | str]]]:
+        """The background half: refuse a policy whose call attributes differ from those
+        the running cfg packs; the engine's preparation (library compiled and loaded);
+        the fallback htables' new contents."""
+        attributes = attribute_sources(policy)
         if attributes != self.attributes:
             raise ValueError(
                 f"the new policy reads the call attributes {', '.join(attributes)} where the "
                 f"running cfg packs {', '.join(self.attributes)}: restart Kamailio "
                 "(deploy/kamailio/run generates the cfg again)")
+        return self.engine.prepare(policy), fallback_tables(policy)
+
+    def _install(self, prepared: tuple[Prepared, dict[str, dict[str, int | str]]]) -> None:
+        """The quick half, in the timer's tick: swap the policy in, write the htable
+        entries that changed."""
+        ready, tables = prepared
         old = self.engine.policy
-        self.engine.reload(policy)
-        self.fill_tables(policy)
+        self.engine.install(ready)
+        policy = ready.policy
+        self.fill_tables(policy, tables)
         if (policy.store_timeout_ms, policy.pending_queue) != (old.store_timeout_ms,
                                                                 old.pending_queue):
             log("warn", "policer: store_timeout and pending_queue of the new policy apply "
@@ -711,36 +786,42 @@ class NativeTimer:
         if self.metrics is not None:
             self.metrics.reload(result)
 
-    def fill_tables(self, policy: Policy) -> None:
-        """Write :func:`fallback_tables` into the cfg's htables (new values first, then
-        the keys the old policy had and the new one has not are removed), and the
-        deadline's terms (:meth:`set_deadline`)."""
+    def fill_tables(self, policy: Policy,
+                    tables: dict[str, dict[str, int | str]] | None = None) -> None:
+        """Write :func:`fallback_tables` (or ``tables``, computed already) into the cfg's
+        htables: the values that changed first, then the keys the old policy had and
+        the new one has not are removed; and the deadline's terms (:meth:`set_deadline`)."""
         ht = _ksr().htable
         self.set_deadline()
-        for table, values in fallback_tables(policy).items():
+        for table, values in (tables or fallback_tables(policy)).items():
+            written = self._tables.get(table, {})
             for key, value in values.items():
+                if written.get(key) == value and key in written:
+                    continue
                 if isinstance(value, int):
                     ht.sht_seti(table, key, value)
                 else:
                     ht.sht_sets(table, key, value)
-            for key in self._tables.get(table, set()) - set(values):
+            for key in written.keys() - values.keys():
                 ht.sht_rm(table, key)
-            self._tables[table] = set(values)
+            self._tables[table] = dict(values)
 
     def set_deadline(self) -> None:
         """What the SIP workers add to their clock for the store's (ms): ``dl_add``, the
         admit's deadline (store_timeout minus this host's measured clock skew to Redis),
         and ``now_add`` (minus the skew), which a fallback's record carries."""
-        ht = _ksr().htable
         skew = round(self.engine.store.clock_skew_ms)
-        ht.sht_seti(_SETTINGS, "dl_add", self.engine.policy.store_timeout_ms - skew)
-        ht.sht_seti(_SETTINGS, "now_add", -skew)
+        terms = (self.engine.policy.store_timeout_ms - skew, -skew)
+        if terms == self._deadline_terms:
+            return
+        ht = _ksr().htable
+        ht.sht_seti(_SETTINGS, "dl_add", terms[0])
+        ht.sht_seti(_SETTINGS, "now_add", terms[1])
+        self._deadline_terms = terms
 
     # -- once a second
     def tick(self) -> None:
-        if self.watcher is not None:
-            self.watcher.poll()
-        self.engine.tick()
+        self.engine.tick()  # (polls the policy watcher first)
         self.set_deadline()
         self._publish()
         probe(self.engine)

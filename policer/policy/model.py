@@ -50,11 +50,14 @@ WEEK_MIN = 7 * 1440
 
 
 class PolicyError(ValueError):
-    """A policy file is not valid. ``errors`` holds one line per problem."""
+    """A policy file is not valid. ``errors`` holds one line per problem; ``files``
+    the ``prefixes_file`` lists it named, as far as it was read (a reloader watches
+    them with the policy file for the next change)."""
 
-    def __init__(self, errors: list[str]) -> None:
+    def __init__(self, errors: list[str], files: tuple[str, ...] = ()) -> None:
         super().__init__("\n".join(errors))
         self.errors = errors
+        self.files = files
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +206,7 @@ class Timeouts:
         return max(1, self.dialog_ms // 1000)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Policy:
     """A validated policy. Build with :func:`load_policy` or :func:`parse_policy`."""
 
@@ -219,6 +222,9 @@ class Policy:
     reject: Reject = field(default_factory=Reject)
     on_store_error: Literal["admit", "reject"] = "admit"
     store_timeout_ms: int = 50
+    #: bound on one ``FUNCTION LOAD`` of the policy's library (a control-plane call:
+    #: ``policer load``, a reload, a node's start), apart from ``store_timeout_ms``
+    load_timeout_ms: int = 10_000
     shadow: bool = False
     near_limit_ratio: float = 0.8
     nodes: Nodes = field(default_factory=lambda: Nodes())
@@ -235,6 +241,8 @@ class Policy:
     limit_entries: Mapping[str, tuple[Limit, ...]] = field(
         default_factory=lambda: MappingProxyType({}))
     source: str = "<string>"
+    #: the ``prefixes_file`` lists the policy was read from (paths as opened)
+    files: tuple[str, ...] = ()
     version: int = 1
 
     @property

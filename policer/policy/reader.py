@@ -10,18 +10,34 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from policer.policy.bounds import MAX_ERRORS
 from policer.policy.durations import DURATION, UNIT_MS, format_ms
 from policer.policy.model import ATTRIBUTE_SOURCES, Reject
 
-__all__ = ["Reader", "kind_of"]
+__all__ = ["NUMBER", "Reader", "kind_of", "shown"]
 
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
 _DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
+#: a dialled number or prefix
+NUMBER = re.compile(r"[0-9A-Za-z+*#]{1,32}")
+#: numbers or prefixes, one per line
+_NUMBERS = re.compile(r"(?:[0-9A-Za-z+*#]{1,32}\n)*[0-9A-Za-z+*#]{1,32}")
+_NULL = "tag:yaml.org,2002:null"
+
+
+class _Invalid:
+    def __repr__(self) -> str:
+        return "INVALID"
+
+
+#: what :meth:`Reader.scalar` returns for a scalar YAML cannot build
+INVALID: Any = _Invalid()
 #: the reason phrase a reject code gets when the policy gives none
 _REASONS = {
     403: "Forbidden",
@@ -34,28 +50,50 @@ _REASONS = {
 
 
 class Reader:
-    """Typed access to YAML nodes, collecting errors with their positions."""
+    """Typed access to YAML nodes, collecting errors with their positions.
 
-    def __init__(self, source: str) -> None:
+    ``base``: the folder ``prefixes_file`` names are relative to (the policy file's).
+    """
+
+    def __init__(self, source: str, base: Path | None = None) -> None:
         self.source = source
-        self.errors: list[tuple[int, int, str]] = []
+        self.base = base if base is not None else Path(".")
+        #: (file rank, line, column, text): the policy file ranks 0, list files after it
+        self.errors: list[tuple[int, int, int, str]] = []
+        #: errors past MAX_ERRORS, counted only
+        self.more = 0
         self._constructor = yaml.SafeLoader("")
         #: every node handed out by a mapping (or list entry), by its key path
         self.nodes: dict[str, Node] = {}
         #: (profile, index among its valid entries) -> the key path it was read at
         self.entry_paths: dict[tuple[str, int], str] = {}
-
+        #: the prefixes_file lists read (or tried), in order
+        self.files: list[str] = []
 
     # -- reporting
     def error(self, node: Node, path: str, message: str) -> None:
         mark = node.start_mark
-        self.errors.append(
-            (mark.line + 1, mark.column + 1, f"{self.source}:{mark.line + 1}:{mark.column + 1}: "
-             f"{path}: {message}")
-        )
+        self.error_at(self.source, mark.line + 1, mark.column + 1, path, message)
+
+    def error_at(self, source: str, line: int, column: int, path: str, message: str) -> None:
+        """An error at a place of the policy file or of one of its list files."""
+        if len(self.errors) >= MAX_ERRORS:
+            self.more += 1
+            return
+        if source == self.source:
+            rank = 0
+        elif source in self.files:
+            rank = 1 + self.files.index(source)
+        else:
+            rank = len(self.files) + 1
+        self.errors.append((rank, line, column, f"{source}:{line}:{column}: {path}: {message}"))
 
     def sorted_errors(self) -> list[str]:
-        return [e[2] for e in sorted(self.errors, key=lambda e: (e[0], e[1]))]
+        out = [e[3] for e in sorted(self.errors, key=lambda e: (e[0], e[1], e[2]))]
+        if self.more:
+            out.append(f"{self.source}:1:1: (file): {self.more} more errors not listed "
+                       f"(the first {MAX_ERRORS} are)")
+        return out
 
     # -- node helpers
     def mapping(self, node: Node, path: str, known: Iterable[str]) -> dict[str, Node] | None:
@@ -89,7 +127,14 @@ class Reader:
         return self.mapping(node, path, ())
 
     def scalar(self, node: Node) -> Any:
-        return self._constructor.construct_object(node, deep=True)
+        """A scalar's value as YAML types it (``10`` an int, ``true`` a bool), or
+        :data:`INVALID` when its tag has no value of it (``!!binary 1``, ``!!int x``,
+        ``!!python/object:…``: the safe constructor refuses them), which every caller
+        then reports as a value of the wrong type."""
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except Exception:  # the constructor's errors are of many kinds (ValueError too)
+            return INVALID
 
     def integer(self, node: Node, path: str, lo: int, hi: int) -> int | None:
         value = self.scalar(node) if isinstance(node, ScalarNode) else None
@@ -148,23 +193,37 @@ class Reader:
         return ms
 
     def number_list(self, node: Node, path: str) -> list[str]:
-        """Numbers or prefixes, read as written (``00`` stays ``00`` even unquoted)."""
+        """Numbers or prefixes, read as written (``00`` stays ``00`` even unquoted).
+        Linear in the list's length (a million prefixes is a real list): a list of
+        plain numbers is checked whole by one regular expression and one set."""
         if not isinstance(node, SequenceNode):
             self.error(node, path, f"expected a list of numbers, got {kind_of(node)}")
             return []
+        items = node.value
+        values = [i.value for i in items if i.__class__ is ScalarNode and i.tag != _NULL]
+        if len(values) == len(items):
+            lines = "\n".join(values)
+            if ((not values or (_NUMBERS.fullmatch(lines) is not None
+                                # no value with a line break of its own ("0\n9")
+                                and lines.count("\n") == len(values) - 1))
+                    and len(set(values)) == len(values)):
+                return values
         out: list[str] = []
-        for i, item in enumerate(node.value):
-            sub = f"{path}[{i}]"
+        seen: set[str] = set()
+        number = NUMBER.fullmatch
+        for i, item in enumerate(items):
             if not isinstance(item, ScalarNode) or item.tag.endswith(":null") or item.value == "":
-                self.error(item, sub, f"expected a number, got {kind_of(item)}")
+                self.error(item, f"{path}[{i}]", f"expected a number, got {kind_of(item)}")
                 continue
             s = str(item.value).strip()
-            if not re.fullmatch(r"[0-9A-Za-z+*#]{1,32}", s):
-                self.error(item, sub, f"not a dialled number or prefix: {s!r}")
+            if number(s) is None:
+                self.error(item, f"{path}[{i}]",
+                           f"not a dialled number or prefix: {shown(s)}")
                 continue
-            if s in out:
-                self.error(item, sub, f"{s!r} is listed twice")
+            if s in seen:
+                self.error(item, f"{path}[{i}]", f"{s!r} is listed twice")
                 continue
+            seen.add(s)
             out.append(s)
         return out
 
@@ -221,6 +280,11 @@ class Reader:
             return None
         return s
 
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """A value quoted for a message, cut at ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
 
 
 def _join(path: str, key: str) -> str:

@@ -16,6 +16,13 @@ from typing import Literal
 
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from policer.policy.bounds import (
+    MAX_CLASS_ENTRIES,
+    PREFIXES_FILE_MAX_BYTES,
+    PREFIXES_FILE_MAX_BYTES_ENV,
+    TextError,
+    read_text,
+)
 from policer.policy.durations import UNIT_MS, format_ms
 from policer.policy.model import (
     ATTRIBUTE_SOURCES,
@@ -32,7 +39,7 @@ from policer.policy.model import (
     Timeouts,
     Window,
 )
-from policer.policy.reader import Reader
+from policer.policy.reader import NUMBER, Reader, kind_of, shown
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -54,7 +61,9 @@ def read_header(r: Reader, root: Node, top: Mapping[str, Node]) -> tuple[int, st
         vnode = top["version"]
         value = r.scalar(vnode) if isinstance(vnode, ScalarNode) else None
         if value not in (1, 2) or isinstance(value, bool):
-            r.error(vnode, "version", f"unsupported policy version {vnode.value!r}; this "
+            shown_version = repr(vnode.value) if isinstance(vnode, ScalarNode) \
+                else kind_of(vnode)
+            r.error(vnode, "version", f"unsupported policy version {shown_version}; this "
                     "policer reads versions 1 and 2")
         else:
             version = int(value)
@@ -114,6 +123,13 @@ def read_store_timeout(r: Reader, node: Node | None) -> int:
     if node is None:
         return _DEFAULT.store_timeout_ms
     return r.duration_ms(node, "store_timeout", 1, 10_000) or _DEFAULT.store_timeout_ms
+
+
+def read_load_timeout(r: Reader, node: Node | None) -> int:
+    """``load_timeout``: the bound on one FUNCTION LOAD of the library (control plane)."""
+    if node is None:
+        return _DEFAULT.load_timeout_ms
+    return r.duration_ms(node, "load_timeout", 100, 600_000) or _DEFAULT.load_timeout_ms
 
 
 def read_shadow(r: Reader, node: Node | None) -> bool:
@@ -214,7 +230,7 @@ def read_classes(r: Reader, node: Node | None) -> list[NumberClass]:
         if not _NAME.match(name):
             r.error(cnode, path, "class names are letters, digits, '_', '-'")
             continue
-        c = r.mapping(cnode, path, ("numbers", "prefixes", "default"))
+        c = r.mapping(cnode, path, ("numbers", "prefixes", "prefixes_file", "default"))
         if c is None:
             continue
         numbers = r.number_list(c["numbers"], f"{path}.numbers") if "numbers" in c else []
@@ -224,20 +240,84 @@ def read_classes(r: Reader, node: Node | None) -> list[NumberClass]:
                    and bool(r.boolean(c["default"], f"{path}.default")))
         for kind, items, seen, key in (("number", numbers, seen_numbers, "numbers"),
                                        ("prefix", prefixes, seen_prefixes, "prefixes")):
+            if seen.keys().isdisjoint(items):  # the usual case, at C speed
+                seen.update(dict.fromkeys(items, name))
+                continue
             for i, item in enumerate(items):
                 if item in seen:
                     r.error(c[key], f"{path}.{key}[{i}]",
                                f"{kind} {item!r} is already in class {seen[item]!r}")
                 seen[item] = name
+        if "prefixes_file" in c:
+            prefixes += read_prefixes_file(r, c["prefixes_file"], f"{path}.prefixes_file",
+                                           name, seen_prefixes)
         if default:
             if default_of is not None:
                 r.error(c["default"], f"{path}.default",
                            f"class {default_of!r} is already the default")
             default_of = name
-        if not (numbers or prefixes or default):
+        if not (numbers or prefixes or default or "prefixes_file" in c):
             r.error(cnode, path, "a class needs numbers, prefixes or default: true")
         out.append(NumberClass(name, frozenset(numbers), tuple(prefixes), default))
+    entries = len(seen_numbers) + len(seen_prefixes)
+    if entries > MAX_CLASS_ENTRIES:
+        r.error(node, "classes", f"{entries} numbers and prefixes in all, more than the "
+                f"{MAX_CLASS_ENTRIES} a policy library holds (Redis 7.0 gives a library "
+                "500 ms to build its tables when it loads it)")
     return out
+
+
+def read_prefixes_file(r: Reader, node: Node, path: str, class_name: str,
+                       seen: dict[str, str]) -> list[str]:
+    """``prefixes_file``: the prefixes of a list file beside the policy (its name is
+    relative to the policy file's folder), one per line; blank lines and comments
+    (a line starting with ``#``, or ``#`` after a blank) are skipped. Its errors are
+    reported at the list file's lines; a prefix another class (or this one) has
+    already is one of them. Linear in the file's size."""
+    name = r.string(node, path)
+    if name is None:
+        return []
+    if not name.strip() or "\x00" in name:
+        r.error(node, path, f"not a file name: {name!r}")
+        return []
+    file = r.base / name
+    source = str(file)
+    if source not in r.files:
+        r.files.append(source)
+    try:
+        text = read_text(file, PREFIXES_FILE_MAX_BYTES_ENV, PREFIXES_FILE_MAX_BYTES,
+                         "a prefixes_file")
+    except TextError as e:
+        r.error_at(source, e.line, e.column, path, e.message)
+        return []
+    out: list[str] = []
+    number = NUMBER.fullmatch
+    get = seen.get
+    for lineno, line in enumerate(text.split("\n"), 1):
+        item = line.strip()
+        if not item or item[0] == "#":
+            continue
+        if "#" in item:  # a comment after a blank (a '#' inside a prefix is a digit)
+            item = _COMMENT.sub("", item)
+        if number(item) is None:
+            col = len(line) - len(line.lstrip()) + 1
+            r.error_at(source, lineno, col, path,
+                       f"not a dialled number or prefix: {shown(item)}")
+            continue
+        owner = get(item)
+        if owner is not None:
+            col = len(line) - len(line.lstrip()) + 1
+            r.error_at(source, lineno, col, path,
+                       f"{item!r} is listed twice" if owner == class_name else
+                       f"prefix {item!r} is already in class {owner!r}")
+            continue
+        seen[item] = class_name
+        out.append(item)
+    return out
+
+
+#: a comment after the prefix on a list file's line
+_COMMENT = re.compile(r"\s+#.*$")
 
 
 def read_profiles(r: Reader, node: Node | None, attributes: Mapping[str, str],

@@ -5,7 +5,12 @@ library (``policer/store/lua/library.lua`` with the constants
 :func:`policer.compile.compile_policy` writes in front of it), sent on a connection
 of the store's own (see :meth:`RedisStore._fcall`). A Redis that lost the library
 (restarted empty, a new replica promoted before it replicated) answers "Function
-not found": the store loads the library and calls again, transparently.
+not found": the store loads the library and calls again, transparently (a library
+of more than :data:`INLINE_LOAD_BYTES` is never loaded inside a decision: the node's
+tick, its start or ``policer load`` load it). Loading a library (``FUNCTION LOAD``)
+is a control-plane call on a connection of its own, bounded by the policy's
+``load_timeout`` (10 s by default), never by the decision path's ``store_timeout``,
+and tried :data:`LOAD_ATTEMPTS` times with a growing pause (:meth:`RedisStore.load`).
 Connections are opened lazily and per process id, so a store created before a fork (as in
 Kamailio, which imports the script before forking its workers) never shares a
 socket between processes. Every Redis failure becomes a :class:`StoreError`.
@@ -13,6 +18,7 @@ socket between processes. Every Redis failure becomes a :class:`StoreError`.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import socket
@@ -32,6 +38,7 @@ from policer.compile import (
     Library,
     compile_policy,
 )
+from policer.log import get_logger
 from policer.policy import Policy, Rate
 from policer.store.base import (
     STATS_FIELDS,
@@ -53,12 +60,22 @@ from policer.store.base import (
 from policer.store.connect import connect, url_scheme
 from policer.store.keys import Keys, key_part, label_from_key, value_from_key
 
-__all__ = ["RENEW_BATCH", "RedisStore"]
+__all__ = ["INLINE_LOAD_BYTES", "LOAD_ATTEMPTS", "RENEW_BATCH", "RedisStore"]
 
 #: Dialogs one tick call ends at most (per kind: lost nodes, own earlier, expired).
 RENEW_BATCH = TICK_BATCH
 #: Memberships whose admitm arguments are remembered (per store; then start over).
 MEMBER_CACHE = 4096
+#: A library up to this size is loaded inside the call that found Redis without it (a
+#: few ms); a bigger one (a class of many prefixes) takes longer than a decision may
+#: wait, and loading it again at every call kept Redis busy: its load is left to the
+#: control plane (the node's tick, start, policer load), and the call fails over to
+#: the policy's on_store_error at once.
+INLINE_LOAD_BYTES = 256 * 1024
+#: Tries of one FUNCTION LOAD, 0.5 s then 1 s apart (each bounded by load_timeout).
+LOAD_ATTEMPTS = 3
+#: The bound on one FUNCTION LOAD when no policy says (Policy.load_timeout_ms).
+LOAD_TIMEOUT_MS = 10_000
 
 
 class _ScriptConnection(threading.local):
@@ -80,10 +97,11 @@ class RedisStore:
 
     ``url`` is any store URL (``redis://``, ``rediss://``, ``unix://``,
     ``redis+sentinel://``, ``redis+cluster://``); ``timeout_ms`` bounds every call
-    (connect and reply). ``policy``: the policy the library is compiled from (None: a
-    library for explicit memberships only, :meth:`admit`). ``clock_offset_ms``
-    shifts the store's clock: a testing aid that lets a test jump time forward on a
-    real Redis; leave it 0.
+    (connect and reply) but a library's load, which ``load_timeout_ms`` bounds (default:
+    the policy's ``load_timeout``, else 10 s). ``policy``: the policy the library is
+    compiled from (None: a library for explicit memberships only, :meth:`admit`).
+    ``clock_offset_ms`` shifts the store's clock: a testing aid that lets a test jump
+    time forward on a real Redis; leave it 0.
     """
 
     def __init__(
@@ -95,11 +113,19 @@ class RedisStore:
         policy: Policy | None = None,
         clock_offset_ms: int = 0,
         client_factory: Callable[[], redis.Redis] | None = None,
+        load_timeout_ms: int | None = None,
     ) -> None:
         self.url = url
         self.namespace = namespace
         self.keys = Keys(namespace)
         self.timeout_ms = timeout_ms
+        self._load_timeout_ms = load_timeout_ms
+        self._control: redis.Redis | None = None  # the connection loads use
+        self._control_pid = -1
+        self._control_timeout = 0
+        self._load_lock = threading.Lock()  # one load at a time in a process
+        self._tickets = itertools.count(1)  # each load_library call's turn
+        self._newest = 0  # the newest load asked for: an older one still waiting is moot
         self.clock_offset_ms = clock_offset_ms
         self._factory = client_factory
         self._pid = -1
@@ -164,40 +190,132 @@ class RedisStore:
 
     def load(self, policy: Policy | None, *, epoch: str | None = None) -> str:
         """Compile ``policy`` and make it the library every caller of this namespace
-        decides by (``FUNCTION LOAD REPLACE``; on every primary of a Cluster), with the
-        state epoch op ``epoch`` in the same transaction (see :meth:`_load_library`;
-        None: the epoch follows the reloaded library, or a fresh namespace gets one)."""
+        decides by (``FUNCTION LOAD REPLACE``; on every primary of a Cluster): a
+        control-plane call, bounded by ``load_timeout_ms`` per try, tried
+        :data:`LOAD_ATTEMPTS` times (StoreError saying so when every try failed). The
+        namespace's state epoch op ``epoch`` is done in the same transaction (see
+        :meth:`_load_library`; None: the epoch follows the reloaded library, or a fresh
+        namespace gets one)."""
         library = compile_policy(policy, self.namespace)
-        if epoch is None:
-            info = self.info()
-            epoch = f"reload:{info.mark}" if info.policy_hash is not None else "init"
-        self._load_library(library, epoch)
+        self.load_library(library, policy, epoch)
         self._set_library(library, policy)
         self._autoload = True  # loaded on purpose: loading it again when Redis lost it is too
         return library.policy_hash
 
-    def _load_library(self, library: Library, epoch: str = "init") -> None:
-        """``FUNCTION LOAD REPLACE`` and, in the same transaction, the namespace's state
-        epoch: ``init`` creates one when there is none (a fresh namespace); ``lost:<id>``
-        (Redis lost the library, so its state too) starts a new one and holds admits while
-        the nodes put their calls back (see the library's ``epoch_op``)."""
-        client: Any = self.client
-        if self._cluster:
-            self._run(lambda: client.execute_command(
-                "FUNCTION", "LOAD", "REPLACE", library.text, target_nodes="primaries"))
-            self._run(lambda: client.execute_command(
-                "FCALL", library.function("tick"), 1, library.prefix,
-                *_epoch_args(epoch, self.clock_offset_ms)))
-            return
+    @property
+    def load_timeout_ms(self) -> int:
+        """The bound on one FUNCTION LOAD: as given, else the policy's load_timeout."""
+        if self._load_timeout_ms is not None:
+            return self._load_timeout_ms
+        return self._policy.load_timeout_ms if self._policy is not None else LOAD_TIMEOUT_MS
 
-        def load() -> None:
-            pipe = client.pipeline(transaction=True)
-            pipe.execute_command("FUNCTION", "LOAD", "REPLACE", library.text)
-            pipe.execute_command("FCALL", library.function("tick"), 1, library.prefix,
-                                 *_epoch_args(epoch, self.clock_offset_ms))
-            pipe.execute()
+    def load_library(self, library: Library, policy: Policy | None = None,
+                     epoch: str | None = None) -> str:
+        """``FUNCTION LOAD REPLACE`` of a compiled library, without deciding by it here
+        yet (:meth:`use_library` does; a reload loads in the background, then swaps).
+        ``policy``: whose ``load_timeout`` bounds each try (default: this store's);
+        ``epoch``: the state epoch op done with it (None: :meth:`_reload_epoch`)."""
+        timeout_ms = (self._load_timeout_ms if self._load_timeout_ms is not None else
+                      policy.load_timeout_ms if policy is not None else self.load_timeout_ms)
+        ticket = self._newest = next(self._tickets)
+        self._load_library(library, timeout_ms, ticket, epoch)
+        return library.policy_hash
 
-        self._run(load)
+    def _reload_epoch(self, client: Any, library: Library) -> str:
+        """The epoch op of a deliberate load (read on the loading connection, within
+        its bound): the epoch follows the new library when Redis holds one
+        (``reload:<mark>``, the mark read now), a fresh namespace gets one (``init``)."""
+        try:
+            r = client.execute_command("FCALL_RO", library.function("read"), 1,
+                                       library.prefix, "info", 0)
+        except redis.ResponseError as e:
+            if _is_missing_function(e):
+                return "init"
+            raise
+        return f"reload:{_str(r[7])}" if len(r) > 7 else "init"
+
+    def use_library(self, library: Library, policy: Policy | None) -> None:
+        """Decide by a library compiled (and loaded) already: :meth:`use` without the
+        compile, for a swap that must be quick."""
+        self._set_library(library, policy)
+        self._autoload = True
+
+    def _load_library(self, library: Library, timeout_ms: int | None = None,
+                      ticket: int = 0, epoch: str | None = "init") -> None:
+        """FUNCTION LOAD REPLACE on the control connection, :data:`LOAD_ATTEMPTS` tries
+        0.5 s then 1 s apart. A try that failed may have loaded it all the same (a
+        reply later than the timeout): before trying again, Redis is asked which
+        library it holds. A library Redis refuses to compile is not tried again.
+        Loads of one process take turns; a load still waiting for its turn when a
+        newer one was asked for (``ticket``) is dropped: it would undo the newer. The
+        state epoch op ``epoch`` (the library's ``epoch_op``: ``init``, ``reload:<mark>``,
+        ``missing:<id>``, ``lost:<id>``) runs in the same transaction, so that no admit
+        is decided by a library whose epoch is not settled yet."""
+        timeout_ms = timeout_ms if timeout_ms is not None else self.load_timeout_ms
+        started = time.monotonic()
+        pause = 0.5
+        error: Exception | None = None
+        for attempt in range(1, LOAD_ATTEMPTS + 1):
+            with self._load_lock:
+                if ticket and ticket < self._newest:
+                    return
+                client: Any = self._control_client(timeout_ms)
+                try:
+                    if attempt > 1 and self._holds(client, library):
+                        return
+                    op = epoch if epoch is not None else self._reload_epoch(client, library)
+                    epoch_call = ("FCALL", library.function("tick"), 1, library.prefix,
+                                  *_epoch_args(op, self.clock_offset_ms))
+                    if self._cluster:
+                        client.execute_command("FUNCTION", "LOAD", "REPLACE", library.text,
+                                               target_nodes="primaries")
+                        client.execute_command(*epoch_call)
+                    else:
+                        pipe = client.pipeline(transaction=True)
+                        pipe.execute_command(*_load_command(library))
+                        pipe.execute_command(*epoch_call)
+                        pipe.execute()
+                    return
+                except (redis.RedisError, OSError) as e:
+                    error = e
+                    if not _retry_load(e):
+                        break
+            if attempt < LOAD_ATTEMPTS:
+                get_logger("policer.store").warning(
+                    "policy_load_retry", library=library.name, attempt=attempt,
+                    error=f"{type(error).__name__}: {_safe(str(error))}", pause_s=pause)
+                time.sleep(pause)
+                pause *= 2
+        assert error is not None
+        tries = f"after {attempt} tries" if attempt > 1 else "at once"
+        raise StoreError(
+            f"FUNCTION LOAD of library {library.name} ({len(library.text)} bytes) failed "
+            f"{tries} in {time.monotonic() - started:.1f} s: {type(error).__name__}: "
+            f"{_safe(str(error))} (each try is bounded by the policy's load_timeout, "
+            f"{timeout_ms} ms)") from error
+
+    def _control_client(self, timeout_ms: int) -> redis.Redis:
+        """This process's connection for FUNCTION LOAD, with its own timeout."""
+        if self._factory is not None:
+            return self.client
+        pid = os.getpid()
+        if self._control is None or self._control_pid != pid or \
+                self._control_timeout != timeout_ms:
+            if self._control is not None and self._control_pid == pid:
+                self._control.close()
+            self._control = connect(self.url, timeout_ms / 1000)
+            self._control_pid = pid
+            self._control_timeout = timeout_ms
+        return self._control
+
+    def _holds(self, client: Any, library: Library) -> bool:
+        """Redis holds ``library`` already (its policy hash answers ``info``)."""
+        try:
+            reply = client.execute_command("FCALL_RO", library.function("read"), 1,
+                                           library.prefix, "info")
+        except redis.ResponseError:
+            return False
+        return bool(reply) and str(reply[0]) == library.policy_hash
 
     def _load_packed(self, epoch: str) -> bytes:
         lib = self.library
@@ -250,6 +368,8 @@ class RedisStore:
                     raise
                 if not load:
                     raise _not_loaded(self.namespace) from e
+                if len(self.library.text) > INLINE_LOAD_BYTES:
+                    raise _not_loaded_inline(self.library) from e
                 self._load_library(self.library)
                 return self._run(lambda: client.execute_command(*command, **opts))
         reply = self._fcall_many(op, [args], raw=raw, load=load)[0]
@@ -293,6 +413,8 @@ class RedisStore:
                         return replies
                     if loaded or not (load and self._autoload):
                         raise missing[0] if loaded else _not_loaded(self.namespace)
+                    if len(self.library.text) > INLINE_LOAD_BYTES:
+                        raise _not_loaded_inline(self.library)
                     loaded = True
                     conn.send_packed_command([self._load_packed(self._lost_epoch())],
                                              check_health=False)
@@ -772,6 +894,10 @@ class RedisStore:
             return False
 
     def close(self) -> None:
+        if self._control is not None:
+            if self._control_pid == os.getpid():
+                self._control.close()
+            self._control = None
         if self._local.conn is not None:
             if self._local.pid == os.getpid():
                 self._local.conn.disconnect()
@@ -804,6 +930,22 @@ def store_error(e: BaseException) -> StoreError:
 def _not_loaded(namespace: str) -> StoreError:
     return StoreError(f"Function not found: Redis has no policy library for namespace "
                       f"{namespace!r} (run `policer load`, or start a proxy of that policy)")
+
+
+def _not_loaded_inline(library: Library) -> StoreError:
+    return StoreError(f"Function not found: Redis has no policy library for namespace "
+                      f"{library.namespace!r}, and this one ({len(library.text)} bytes) is "
+                      "too big to load inside a decision: the node's tick loads it (or run "
+                      "`policer load`)")
+
+
+def _retry_load(e: Exception) -> bool:
+    """A FUNCTION LOAD worth trying again: the connection failed or timed out, or
+    Redis was busy or ran out of its 500 ms to run the library's top level."""
+    if isinstance(e, redis.ResponseError):
+        text = str(e).lower()
+        return "timeout" in text or "busy" in text or "loading" in text
+    return True
 
 
 def _load_command(library: Library) -> tuple[Any, ...]:

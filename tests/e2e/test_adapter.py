@@ -11,6 +11,7 @@ the end-to-end tests cannot provoke on purpose. Not marked e2e.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import types
 from collections import deque
@@ -25,9 +26,10 @@ from prometheus_client import CollectorRegistry
 from policer.adapters import kamailio as adapter
 from policer.adapters.kamailio_cfg import bucket_counter, sum_counter
 from policer.call import Call
+from policer.classify import Classifier
 from policer.engine import Engine
 from policer.metrics import WorkerMetrics
-from policer.policy import parse_policy
+from policer.policy import NumberClass, Policy, parse_policy
 from policer.store import MemoryStore, StoreError
 from tests.support import wait_for
 
@@ -370,6 +372,92 @@ def test_fallback_tables_follow_the_classification(ksr: FakeKSR, engine: Engine)
     assert adapter.fallback_tables(no_emergency)["policer_class"]["n:112"] == 2
 
 
+def cfg_says_emergency(tables: dict[str, dict[str, int | str]], number: str) -> bool:
+    """route POLICER_EMERGENCY of deploy/kamailio/policer.cfg over the htables, in
+    Python: exact number, else the longest prefix (from maxlen down), else default."""
+    t = tables["policer_class"]
+    if t.get("enabled") != 1:
+        return False
+    found = t.get(f"n:{number}", 0)
+    if found == 0:
+        length = min(len(number), int(t["maxlen"]))
+        while length > 0 and found == 0:
+            found = t.get(f"p:{number[:length]}", 0)
+            length -= 1
+    if found == 0:
+        found = t.get("default", 0)
+    return found == 1
+
+
+_DIGITS = "012"
+_entries = st.sets(st.text(alphabet=_DIGITS, min_size=1, max_size=4), max_size=6)
+
+
+@st.composite
+def classifications(draw: st.DrawFn) -> Policy:
+    """Up to four classes over three digits (so that prefixes nest and overlap), each
+    number and each prefix in one class, an optional default, an optional emergency
+    class."""
+    count = draw(st.integers(1, 4))
+    numbers, prefixes = draw(_entries), draw(_entries)
+    # a number and a prefix of the same digits may be of different classes
+    number_of = {e: draw(st.integers(0, count - 1)) for e in sorted(numbers)}
+    prefix_of = {e: draw(st.integers(0, count - 1)) for e in sorted(prefixes)}
+    default = draw(st.none() | st.integers(0, count - 1))
+    classes = tuple(NumberClass(
+        f"c{i}", numbers=frozenset(n for n in numbers if number_of[n] == i),
+        prefixes=tuple(sorted(p for p in prefixes if prefix_of[p] == i)), default=default == i)
+        for i in range(count))
+    emergency = draw(st.none() | st.integers(0, count - 1))
+    return Policy(namespace="prop", classes=classes,
+                  emergency_class=None if emergency is None else f"c{emergency}")
+
+
+_NUMBERS = [""] + ["".join(t) for n in range(1, 6) for t in itertools.product(_DIGITS, repeat=n)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(classifications())
+def test_fallback_tables_tell_emergency_numbers_as_the_classifier_does(policy: Policy) -> None:
+    """The reduced htables answer 'emergency?' as the Python classifier does for every
+    number of up to five digits (every entry, the numbers under and between them)."""
+    tables = adapter.fallback_tables(policy)
+    classifier = Classifier(policy)
+    for number in _NUMBERS:
+        expected = (policy.emergency_class is not None
+                    and classifier.number_class(number) == policy.emergency_class)
+        assert cfg_says_emergency(tables, number) == expected, (number, tables)
+
+
+def test_fallback_tables_leave_out_a_long_list_that_changes_no_answer() -> None:
+    premium = tuple(f"0900{i:06d}" for i in range(100_000))
+    policy = Policy(namespace="big", classes=(
+        NumberClass("emergency", numbers=frozenset({"112", "110"}), prefixes=("11",)),
+        NumberClass("premium", prefixes=premium),
+        NumberClass("ported", numbers=frozenset({"1100", "0900000001"})),
+        NumberClass("other", default=True)), emergency_class="emergency")
+    # the premium prefixes answer 'not emergency' as the default does; 112 and 110
+    # answer as their prefix 11 does; 1100 is an exception under 11
+    assert adapter.fallback_tables(policy)["policer_class"] == {
+        "enabled": 1, "p:11": 1, "n:1100": 2, "default": 2, "maxlen": 2}
+
+
+def test_native_timer_writes_only_what_changed(ksr: FakeKSR, engine: Engine,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    timer = adapter.NativeTimer(engine, None)
+    timer.start()
+    written: list[tuple[str, str]] = []
+
+    def seti(table: str, key: str, value: int) -> int:
+        written.append((table, key))
+        return ksr._sht_set(table, key, value)
+
+    monkeypatch.setattr(ksr.htable, "sht_seti", seti)
+    timer.fill_tables(parse_policy(POLICY.replace('numbers: ["112"]', 'numbers: ["911"]')))
+    assert written == [("policer_class", "n:911")]
+    assert "n:112" not in ksr.tables["policer_class"]
+
+
 def test_native_timer_fills_tables_and_refuses_an_attribute_change(
         ksr: FakeKSR, engine: Engine, tmp_path: Any) -> None:
     path = tmp_path / "policy.yaml"
@@ -387,6 +475,31 @@ def test_native_timer_fills_tables_and_refuses_an_attribute_change(
                              "  callee: {value: to_user}")
     with pytest.raises(ValueError, match="restart"):
         timer._reload(parse_policy(changed))
+
+
+def test_native_timer_reloads_a_changed_list_in_the_background(ksr: FakeKSR,
+                                                               tmp_path: Any) -> None:
+    """The timer's tick notices a changed prefixes_file, reads it off the tick and
+    swaps policy and htables in together."""
+    (tmp_path / "sos.txt").write_text("99\n")
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY.replace('prefixes: ["99"]', "prefixes_file: sos.txt"))
+    policy = parse_policy(path.read_text(), str(path))
+    eng = Engine(policy, MemoryStore(policy.namespace), node="test-node")
+    timer = adapter.NativeTimer(eng, str(path))
+    assert eng.watcher is timer.watcher  # the engine's tick polls it
+    timer.start()
+    assert ksr.tables["policer_class"]["p:99"] == 1
+    timer.watcher.interval = 0  # type: ignore[union-attr]
+    (tmp_path / "sos.txt").write_text("98\n")
+
+    def reloaded() -> bool:
+        timer.tick()
+        return "p:98" in ksr.tables["policer_class"]
+
+    assert wait_for(reloaded, 10)
+    assert "p:99" not in ksr.tables["policer_class"]
+    assert eng.policy.classes[0].prefixes == ("98",)
 
 
 def test_native_timer_publishes_the_cfg_counters(ksr: FakeKSR, engine: Engine) -> None:
