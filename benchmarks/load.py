@@ -374,9 +374,9 @@ def _audit(bench: Any, store: Any, mix: list[Template],
     left = [did for r in results for did in r["left"]]
     for i in range(0, len(left), 200):
         store.apply([Op("release", did, "bye") for did in left[i:i + 200]])
-    pattern = store.keys.prefix.replace("{", "\\{").replace("}", "\\}") + "p:*"
-    profile_keys = list(bench.client.scan_iter(match=pattern, count=2000))
-    leaked = sum(store.sizes(profile_keys)) if profile_keys else 0
+    counts = bench.client.hgetall(store.keys.counts)
+    leaked = sum(int(v) for f, v in counts.items()
+                 if not f.startswith(("L|", "R|", "T|", "#", "!")))
     leaked += store.stats()["active"]
     return {
         "over_admissions": over_seen + over_interval + over_final,

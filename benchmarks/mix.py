@@ -96,7 +96,7 @@ def templates(policy: Any, store: Any, engine: Any, count: int = 1024) -> list[T
     for fields in call_fields(policy, count):
         call = Call(TEMPLATE_CALL_ID, "tag", **fields)
         explained = engine.explain(call)
-        keys = tuple(store.keys.profile(v.profile, v.value) for v in explained.limits)
+        keys = tuple(store.keys.count_field(v.profile, v.value) for v in explained.limits)
         audited = tuple((k, v.effective_max) for k, v in zip(keys, explained.limits, strict=True)
                         if v.max >= 0 and not v.shadow)
         out.append(Template(fields, tuple(store.call_arguments(call, NODE)), keys, audited))

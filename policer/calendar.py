@@ -4,7 +4,7 @@ computes it.
 Redis's Lua has no time zone database, so a policy's ``timezone`` is compiled
 into a table of UTC offsets and the instants they change (:func:`transitions`,
 2000 to 2100). :class:`LocalClock` answers from the same table with the same
-arithmetic as ``library.lua``: the in-process model store and the admin reads
+arithmetic as the library's ``lua/lib/calendar.lua``: the in-process model store and the admin reads
 use it, so they agree with Redis to the millisecond, DST days included.
 """
 

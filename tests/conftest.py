@@ -67,7 +67,9 @@ def store(request: pytest.FixtureRequest, namespace: str) -> Iterator[RedisStore
 
 @pytest.fixture
 def redis_store(redis_url: str, namespace: str) -> Iterator[RedisStore]:
-    s = RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
+    from tests.support.explicit import ExplicitRedisStore
+
+    s = ExplicitRedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
     s.load(None)
     yield s
     s.close()

@@ -139,6 +139,7 @@ def test_a_record_counts_the_call_once_from_when_it_was_decided(live: Store) -> 
     assert live.apply([op, op]) == [True, False]
     assert counts(live) == (1, 1, 1)
     jump(live, EARLY_MS - 60_000 + 1)
+    assert live.tick("n1", 0, False).expired == 1  # its deadline passed: swept
     assert counts(live) == (0, 0, 0)
 
 

@@ -23,6 +23,7 @@ from policer.engine import Decision, Engine
 from policer.policy import Rate, load_policy
 from policer.store import AdmitRequest, Member, Store
 from tests.support import POLICIES, EngineFactory, call, policy_file
+from tests.support.explicit import ExplicitStore
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -391,7 +392,7 @@ def test_emergency_bypass_is_counted_everywhere_and_never_rejected(
 
 
 def test_a_bypassed_call_asked_about_again_has_no_retry_after(engine_for: EngineFactory,
-                                                              store: Store) -> None:
+                                                              store: ExplicitStore) -> None:
     """Retry-After answers rejections only; an emergency call admitted over a rate keeps
     kind and limit, on either calling convention."""
     e = engine_for(EMERGENCY)
@@ -453,10 +454,11 @@ def test_an_answered_call_ends_at_its_max_duration_as_duration_cap(
     assert store.profile_size("account", "acme") == 1
     jump(store, 3_600_000 - 5_000)  # 2 h after the answer, 5 s before...
     assert store.profile_size("account", "acme") == 1
-    jump(store, 10_000)  # ... and 5 s after: the slot is free
+    jump(store, 10_000)  # ... and 5 s after: the next sweep frees the slot
+    assert store.profile_size("account", "acme") == 1
+    assert store.tick("test-node", 0, False)[2] == 1
     assert store.profile_size("account", "acme") == 0
     assert store.stats()["active"] == 0
-    assert store.tick("test-node", 0, False)[2] == 1
     recs = store.call_records()
     assert [(r.dialog_id, r.reason) for r in recs] == [(d.dialog_id, "duration_cap")]
     assert recs[0].answer_ms > 0
@@ -465,7 +467,7 @@ def test_an_answered_call_ends_at_its_max_duration_as_duration_cap(
 
 
 def test_the_earlier_decision_carries_its_max_duration_on_either_calling_convention(
-        engine_for: EngineFactory, store: Store) -> None:
+        engine_for: EngineFactory, store: ExplicitStore) -> None:
     """The dialog decided from its raw call, then asked about over explicit memberships
     (the store contract's convention): the same decision, max duration included."""
     e = engine_for(DURATION)
@@ -483,8 +485,9 @@ def test_an_unanswered_call_is_ended_by_its_early_timeout_not_its_cap(
     jump(store, 90_000)  # past the max duration, before the early timeout
     assert store.profile_size("account", "acme") == 1
     jump(store, 40_000)
-    assert store.profile_size("account", "acme") == 0
+    assert store.profile_size("account", "acme") == 1  # until the next sweep
     assert store.tick("test-node", 0, False)[2] == 1
+    assert store.profile_size("account", "acme") == 0
     assert [r.reason for r in store.call_records()] == ["expired"]
     assert d.max_duration == 60
 

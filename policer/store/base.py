@@ -387,9 +387,6 @@ class AdminStore(Protocol):
     def loaded_hash(self) -> str | None:
         """The hash of the policy the store decides by now (None: none loaded)."""
 
-    def admit(self, request: AdmitRequest) -> AdmitResult:
-        """Drop expired members, check every limit, join all profiles or none."""
-
     def confirm(self, dialog_id: str, dialog_ms: int) -> bool:
         """The dialog was answered: its deadline becomes now + ``dialog_ms``."""
 

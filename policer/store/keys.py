@@ -1,35 +1,38 @@
-"""The Redis key layout of one namespace, as the decision function
-(``policer/store/lua/library.lua``) writes it; Python reads with it. Every key carries
-the hash tag ``{NAMESPACE}``, so all keys of a namespace sit in one Redis Cluster slot
-and one function call may touch any of them.
+"""The Redis key layout of one namespace, as the decision library
+(``policer/store/lua/lib/``) writes it; Python reads with it. Every key carries the hash
+tag ``{NAMESPACE}``, so all keys of a namespace sit in one Redis Cluster slot and one
+function call may touch any of them.
 
 =====================================  =========  ==========================================
 key                                    type       holds
 =====================================  =========  ==========================================
-``policer:{ns}:d:<dialog id>``         hash       one dialog: state, times, keys, info, vars
-``policer:{ns}:p:<profile>``           zset       no-value profile: dialog id -> deadline ms
-``policer:{ns}:p:<profile>:<value>``   zset       valued profile, one per value
-``policer:{ns}:l:<profile>``           hash       live limits: value -> max, and
-                                                  ``value|L`` live rate and window caps
-                                                  (``,R=max:per_ms:burst``, ``,<per>=max``)
-``policer:{ns}:t``                     hash       rate and calendar state: ``<profile>``
-                                                  or ``<profile>:<value>`` -> GCRA arrival
-                                                  time (us), then ``|<per>=<id>:<count>``
-``policer:{ns}:sweep``                 string     the tick's HSCAN cursor over ``t``
+``policer:{ns}:c``                     hash       every count and every value's limits and
+                                                  state, one HMGET per call: ``<profile>``
+                                                  / ``<profile>:<value>`` live dialogs,
+                                                  ``L|<field>`` a live max, ``R|<field>``
+                                                  live rate and window caps, ``T|<field>``
+                                                  rate and window state, ``#confirmed``,
+                                                  ``!hold``
+``policer:{ns}:d:<dialog id>``         string     one dialog's record (policer.protocol
+                                                  ``DIALOG``)
+``policer:{ns}:v:<dialog id>``         hash       its variables
 ``policer:{ns}:n:<node>``              zset       a node's dialogs -> deadline ms
 ``policer:{ns}:nidx``                  set        nodes that have an ``n:<node>`` index
 ``policer:{ns}:nodes``                 zset       nodes holding a lease -> its end (ms)
-``policer:{ns}:confirmed``             zset       answered dialogs -> deadline ms
+``policer:{ns}:owner``                 hash       node -> ``<instance>:<renewed ms>``
+``policer:{ns}:skew``                  hash       node -> ``<skew ms>:<when>``
+``policer:{ns}:epoch``                 hash       the state epoch: ``id``, ``run``
+``policer:{ns}:sweep``                 string     the tick's HSCAN cursor over ``T|`` fields
 ``policer:{ns}:stats``                 hash       ``ended:<reason>``, ``nodes_lost``
 ``policer:{ns}:decisions``             hash       ``kind;result|profile,...`` -> decisions
 ``policer:{ns}:cdr``                   stream     call-end records (capped)
 ``policer:{ns}:attempts``              stream     decided attempts, one per dialog (capped)
 =====================================  =========  ==========================================
 
-Values from SIP are encoded with :func:`key_part` (the function's ``key_part`` in
-Lua) before they become part of a key or a hash field: no ``{``, ``}``, ``:``, white
-space or control characters survive, so no value can reach another value's key,
-another namespace or another slot. A dialog is named by :func:`dialog_id`.
+Values from SIP are encoded with :func:`key_part` (the library's ``key_part`` in Lua)
+before they become part of a key or a field: no ``{``, ``}``, ``:``, ``,``, ``|``,
+white space or control characters survive, so no value can reach another value's
+field, another namespace or another slot. A dialog is named by :func:`dialog_id`.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def key_part(value: str) -> str:
     ``word@host`` and most then need no encoding at all). Long values keep a prefix
     and end in ``~`` and a SHA-1 digest of the whole value, so they stay
     distinct; ``~`` itself is encoded, so no short value can spell a long one's
-    key. The decision function (``policer/store/lua/library.lua``, ``key_part``)
+    key. The decision function (``policer/store/lua/lib/encoding.lua``, ``key_part``)
     encodes exactly so: this copy serves reads (``profile size VALUE``, live
     limits); a property test holds the two to the same keys.
     """
@@ -103,25 +106,46 @@ class Keys:
     def dialog(self, dialog_id: str) -> str:
         return f"{self.prefix}d:{dialog_id}"
 
-    def profile(self, profile: str, value: str | None = None) -> str:
-        if value is None:
-            return f"{self.prefix}p:{profile}"
-        return f"{self.prefix}p:{profile}:{key_part(value)}"
+    def variables(self, dialog_id: str) -> str:
+        return f"{self.prefix}v:{dialog_id}"
 
-    def profile_pattern(self, profile: str) -> str:
-        """SCAN pattern of every value key of a valued profile."""
-        return f"policer:{{{_glob_escape(self.namespace)}}}:p:{_glob_escape(profile)}:*"
+    @property
+    def counts(self) -> str:
+        """The hash of every count, live limit and rate/window state."""
+        return f"{self.prefix}c"
+
+    @staticmethod
+    def count_field(profile: str, value: str | None = None) -> str:
+        """A profile's (a value's) count field in :attr:`counts`."""
+        return profile if value is None else f"{profile}:{key_part(value)}"
+
+    @staticmethod
+    def value_pattern(profile: str) -> str:
+        """HSCAN pattern of every value's count field of a valued profile."""
+        return f"{_glob_escape(profile)}:*"
+
+    @staticmethod
+    def limit_field(profile: str, value: str) -> str:
+        """A value's live max in :attr:`counts`."""
+        return f"L|{profile}:{key_part(value)}"
+
+    @staticmethod
+    def caps_field(profile: str, value: str) -> str:
+        """A value's live rate and window caps in :attr:`counts`."""
+        return f"R|{profile}:{key_part(value)}"
+
+    @staticmethod
+    def state_field(profile: str, value: str | None = None) -> str:
+        """A profile's (a value's) rate and window state in :attr:`counts`."""
+        return "T|" + Keys.count_field(profile, value)
 
     def node(self, node: str) -> str:
         """The index of the dialogs a node admitted."""
         return f"{self.prefix}n:{key_part(node)}"
 
-    def limits(self, profile: str) -> str:
-        return f"{self.prefix}l:{profile}"
-
     @property
-    def confirmed(self) -> str:
-        return f"{self.prefix}confirmed"
+    def nidx(self) -> str:
+        return f"{self.prefix}nidx"
 
     @property
     def stats(self) -> str:

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Literal
 
 from policer.calendar import LocalClock
 from policer.call import Call, unpack_fields, unpack_values, utf8_text
@@ -343,20 +343,16 @@ class MemoryStore:
 
     @staticmethod
     def _live(zset: dict[str, int], now: int) -> int:
-        return sum(1 for d in zset.values() if d > now)
+        """A count: the dialogs not ended yet (one past its deadline counts until a tick's
+        sweep ends it, as in the library)."""
+        return len(zset)
 
     def _prune(self, now: int) -> None:
-        """Forget records and members past their time (the Redis store's key TTLs)."""
-        for did in [did for did, d in self._dialogs.items() if d.expires <= now]:
+        """Forget decided records past their time (the Redis store's key TTLs); live
+        dialogs stay until they are ended (or forgotten on access, as in the library)."""
+        for did in [did for did, d in self._dialogs.items()
+                    if d.expires <= now and d.state not in ("early", "confirmed")]:
             del self._dialogs[did]
-        tables: tuple[dict[Any, dict[str, int]], ...] = (self._profiles, self._node_dialogs)
-        for table in tables:
-            for key in list(table):
-                zset = table[key]
-                for did in [did for did, deadline in zset.items() if deadline <= now]:
-                    del zset[did]
-                if not zset:
-                    del table[key]
 
     def _sweep_lost_nodes(self, now: int, batch: int) -> int:
         done = 0
@@ -540,7 +536,7 @@ class MemoryStore:
             self._dialogs[did] = _Dialog(
                 result, "early", now, deadline=deadline, expires=deadline + _GRACE_MS,
                 keys=tuple(keys), labels=tuple(labels), node=node,
-                info={k: utf8_text(v) for k, v in request.info.items() if v},
+                info={k: v for k, v in request.info.items() if v},
                 emergency=emergency, max_duration_ms=md, q=request.deadline_ms,
             )
             self._incr("processed")
@@ -560,7 +556,7 @@ class MemoryStore:
         self._attempts.append(Attempt(
             time_ms=now, dialog_id=request.dialog_id, admitted=admitted,
             recorded=request.record, code=code, limit=limit, kind=kind,
-            info={k: utf8_text(v) for k, v in request.info.items() if v},
+            info={k: v for k, v in request.info.items() if v},
             attributes=dict(attrs),
             record_id=f"{now}-{next(self._seq)}"))
 
@@ -718,10 +714,11 @@ class MemoryStore:
             key = (profile, "" if value is None else key_part(value))
             zset = self._profiles.get(key, {})
             out = []
-            for did, deadline in sorted(zset.items(), key=lambda kv: (kv[1], kv[0])):
+            for did, _ in sorted(zset.items(), key=lambda kv: (kv[1], kv[0])):
                 d = self._record(did, now)
-                if deadline > now and d is not None:
+                if d is not None and d.state in ("early", "confirmed"):
                     out.append(self._info(did, d))
+            out.sort(key=lambda x: (x.deadline_ms, x.dialog_id))
             return out
 
     def stats(self) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """The Redis store: dialog profiles shared by every proxy worker.
 
 Every decision and every dialog event is one ``FCALL`` of the policy's function
-library (``policer/store/lua/library.lua`` with the constants
+library (the files of ``policer/store/lua/lib/`` after the constants
 :func:`policer.compile.compile_policy` writes in front of it), sent on a connection
 of the store's own (see :meth:`RedisStore._fcall`). A Redis that lost the library
 (restarted empty, a new replica promoted before it replicated) answers "Function
@@ -18,19 +18,21 @@ socket between processes. Every Redis failure becomes a :class:`StoreError`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
 from hiredis import pack_command
 from redis.client import NEVER_DECODE
 
+from policer import protocol
 from policer.calendar import LocalClock
 from policer.call import Call, pack_fields, raw_bytes, unpack_fields, unpack_values, utf8_text
 from policer.compile import (
@@ -40,10 +42,9 @@ from policer.compile import (
 )
 from policer.log import get_logger
 from policer.policy import Policy, Rate
+from policer.protocol import unpack_record
 from policer.store.base import (
     STATS_FIELDS,
-    AdmitRequest,
-    AdmitResult,
     Attempt,
     CallRecord,
     CallResult,
@@ -64,8 +65,6 @@ __all__ = ["INLINE_LOAD_BYTES", "LOAD_ATTEMPTS", "RENEW_BATCH", "RedisStore"]
 
 #: Dialogs one tick call ends at most (per kind: lost nodes, own earlier, expired).
 RENEW_BATCH = TICK_BATCH
-#: Memberships whose admitm arguments are remembered (per store; then start over).
-MEMBER_CACHE = 4096
 #: A library up to this size is loaded inside the call that found Redis without it (a
 #: few ms); a bigger one (a class of many prefixes) takes longer than a decision may
 #: wait, and loading it again at every call kept Redis busy: its load is left to the
@@ -104,6 +103,10 @@ class RedisStore:
     time forward on a real Redis; leave it 0.
     """
 
+    #: Lua appended to the library this store compiles (none: the proxies' library;
+    #: the tests add their own entry points)
+    extra_lua: tuple[str, ...] = ()
+
     def __init__(
         self,
         url: str,
@@ -131,7 +134,7 @@ class RedisStore:
         self._pid = -1
         self._client: redis.Redis | None = None
         self._local = _ScriptConnection()
-        self._member_args: dict[Any, tuple[Any, ...]] = {}
+        self._known_sources: dict[str, list[str]] = {}
         #: a call of the library succeeded on this store (then a Redis without it lost it)
         self._worked = False
         #: the namespace's state epoch as this store last saw it (:meth:`info`, :meth:`tick`)
@@ -141,7 +144,7 @@ class RedisStore:
         self._nodes: dict[str, str] = {}
         self._policy = policy
         self._clock = LocalClock(policy.timezone if policy is not None else "UTC")
-        self._set_library(compile_policy(policy, namespace), policy)
+        self._set_library(compile_policy(policy, namespace, self.extra_lua), policy)
         # a Cluster client routes by key itself (MOVED, ASK): _fcall uses its execute_command
         self._cluster = url_scheme(url) == "redis+cluster"
         prefix = self.keys.prefix
@@ -156,7 +159,7 @@ class RedisStore:
         # decide their calls with no profile at all.
         self._autoload = policy is not None
         self._fn = {op: library.function(op) for op in ("admit", "admitm", "batch", "tick",
-                                                        "read")}
+                                                        "read")}  # (admitm: the tests')
 
     # -- connection
     @property
@@ -186,7 +189,7 @@ class RedisStore:
     def use(self, policy: Policy | None) -> None:
         """Decide by ``policy`` from now on, without contacting Redis: its library is
         loaded when Redis says it has none (or by :meth:`load`)."""
-        self._set_library(compile_policy(policy, self.namespace), policy)
+        self._set_library(compile_policy(policy, self.namespace, self.extra_lua), policy)
 
     def load(self, policy: Policy | None, *, epoch: str | None = None) -> str:
         """Compile ``policy`` and make it the library every caller of this namespace
@@ -196,7 +199,7 @@ class RedisStore:
         namespace's state epoch op ``epoch`` is done in the same transaction (see
         :meth:`_load_library`; None: the epoch follows the reloaded library, or a fresh
         namespace gets one)."""
-        library = compile_policy(policy, self.namespace)
+        library = compile_policy(policy, self.namespace, self.extra_lua)
         self.load_library(library, policy, epoch)
         self._set_library(library, policy)
         self._autoload = True  # loaded on purpose: loading it again when Redis lost it is too
@@ -510,50 +513,6 @@ class RedisStore:
             args.append(at_ms - self.now_ms())
         return _call_result(self._fcall("admit", args))
 
-    def admit_arguments(self, request: AdmitRequest) -> list[Any]:
-        """ARGV of ``policer_admitm_S`` for a request over explicit memberships."""
-        node = key_part(request.node) if request.node else ""
-        args: list[Any] = [
-            request.dialog_id,
-            request.early_ms,
-            3 if request.record else 2 if request.emergency_bypass else 1 if request.emergency
-            else 0,
-            len(request.members),
-            self.clock_offset_ms,
-            node,
-        ]
-        cache = self._member_args
-        for m in request.members:
-            known = cache.get(m)
-            if known is None:
-                known = (m.profile, 0, "", m.max, m.reserve, int(m.shadow)) \
-                    if m.value is None else \
-                    (m.profile, 1, key_part(m.value), m.max, m.reserve, int(m.shadow))
-                if len(cache) >= MEMBER_CACHE:
-                    cache.clear()
-                cache[m] = known
-            args += known
-        for k, v in request.info.items():
-            args.append(k)
-            args.append(v if v.isascii() else utf8_text(v))
-        return args
-
-    def admit(self, request: AdmitRequest) -> AdmitResult:
-        r = self._fcall("admitm", self.admit_arguments(request))
-        return AdmitResult(
-            admitted=r[0] == 1,
-            tripped=int(r[10]) - 1,
-            count=int(r[5]),
-            max=int(r[6]),
-            bypass=r[7] == 1,
-            duplicate=r[8] == 1,
-            shadow=int(r[9]) - 1,
-            kind=str(r[15]),
-            retry_after=int(r[3]) if str(r[15]) in ("rate", "calls") else -1,
-            window=str(r[16]),
-            max_duration_ms=int(r[17]) if int(r[17]) > 0 else None,
-        )
-
     # -- dialog events
     def apply(self, ops: Sequence[Op], records: bool = False) -> list[object]:
         if not ops:
@@ -597,59 +556,91 @@ class RedisStore:
 
     def get_var(self, dialog_id: str, name: str) -> str | None:
         client = self.client
-        key = self._p_dialog + dialog_id
-        v = self._run(lambda: client.hget(key, "v:" + utf8_text(name)))
+        key = self.keys.variables(dialog_id)
+        v = self._run(lambda: client.hget(key, utf8_text(name)))
         return None if v is None else str(v)
 
     # -- inspection
     def now_ms(self) -> int:
         return int(self._fcall("read", ["size", self.clock_offset_ms])[-1])
 
-    def sizes(self, keys: Sequence[str]) -> list[int]:
-        """Live members of each of these zset keys (full keys of this namespace)."""
-        plen = len(self.keys.prefix)
-        r = self._fcall("read", ["size", self.clock_offset_ms, *(k[plen:] for k in keys)])
+    def sizes(self, fields: Sequence[str]) -> list[int]:
+        """The counts of these fields of the counts hash (``Keys.count_field``)."""
+        r = self._fcall("read", ["size", self.clock_offset_ms, *fields])
         return [int(x) for x in r[:-1]]
 
     def dialog(self, dialog_id: str) -> DialogInfo | None:
         client: Any = self.client
-        h: dict[bytes, bytes] = self._run(lambda: client.execute_command(
-            "HGETALL", self._p_dialog + dialog_id, NEVER_DECODE=True))
-        # rejected dialogs, and what settles calls that never counted (a void, the
-        # release of a dialog the store did not know) are no dialogs to show
-        if not h or h.get(b"state") == b"rejected" or b"decision" not in h:
+
+        def read() -> list[Any]:
+            pipe: Any = client.pipeline(transaction=False)
+            pipe.execute_command("GET", self.keys.dialog(dialog_id), NEVER_DECODE=True)
+            pipe.execute_command("HGETALL", self.keys.variables(dialog_id), NEVER_DECODE=True)
+            return list(pipe.execute())
+
+        raw, variables = self._run(read)
+        if not raw:
             return None
-        return _dialog_info(dialog_id, h)
+        rec = unpack_record(raw)
+        return _dialog_info(dialog_id, raw, variables,
+                            self._sources(rec["sig"]) if rec else None)
 
     def profile_size(self, profile: str, value: str | None = None) -> int:
-        return self.sizes([self.keys.profile(profile, value)])[0]
+        return self.sizes([self.keys.count_field(profile, value)])[0]
 
     def profile_values(self, profile: str) -> dict[str, int]:
         client = self.client
-        pattern = self.keys.profile_pattern(profile)
-        keys = self._run(lambda: sorted(client.scan_iter(match=pattern, count=1000)))
-        if not keys:
-            return {}
-        sizes = self.sizes(keys)
-        plen = len(self.keys.profile(profile)) + 1
-        return {value_from_key(k[plen:]): n for k, n in zip(keys, sizes, strict=True) if n > 0}
+        pattern = self.keys.value_pattern(profile)
+        plen = len(profile) + 1
+        rows = self._run(lambda: list(client.hscan_iter(self.keys.counts, match=pattern,
+                                                        count=1000)))
+        return {value_from_key(f[plen:]): int(n) for f, n in sorted(rows) if int(n) > 0}
 
     def profile_list(self, profile: str, value: str | None = None) -> list[DialogInfo]:
-        key = self.keys.profile(profile, value)
-        now = self.now_ms()
-        client = self.client
-        ids: list[str] = self._run(lambda: client.zrangebyscore(key, f"({now}", "+inf"))
-        if not ids:
-            return []
+        """The live dialogs counted in a profile (a value): every node's dialogs read
+        and picked by their count fields (an operator's command: O(live dialogs))."""
+        want = self.keys.count_field(profile, value)
+        client: Any = self.client
+        prefix = self.keys.prefix
 
-        def fetch() -> list[Any]:
-            pipe: Any = client.pipeline(transaction=False)
-            for did in ids:
-                pipe.execute_command("HGETALL", self._p_dialog + did, NEVER_DECODE=True)
-            return list(pipe.execute())
+        def ids_of(node: str) -> list[str]:
+            return list(client.zrange(prefix + "n:" + node, 0, -1))
 
-        hashes = self._run(fetch)
-        return [_dialog_info(did, h) for did, h in zip(ids, hashes, strict=True) if h]
+        def records(chunk: list[str]) -> list[Any]:
+            return list(client.execute_command("MGET", *(self.keys.dialog(d) for d in chunk),
+                                               NEVER_DECODE=True))
+
+        nodes: list[str] = self._run(lambda: sorted(client.smembers(self.keys.nidx)))
+        out: list[DialogInfo] = []
+        for node in nodes:
+            ids = self._run(functools.partial(ids_of, node))
+            for start in range(0, len(ids), 1000):
+                chunk = ids[start:start + 1000]
+                raws = self._run(functools.partial(records, chunk))
+                for did, raw in zip(chunk, raws, strict=True):
+                    rec = unpack_record(raw) if raw else None
+                    if rec is None or rec["state"] not in (b"early", b"confirmed"):
+                        continue
+                    if want in _str(rec["members"]).split(","):
+                        info = _dialog_info(did, raw, {}, self._sources(rec["sig"]))
+                        if info is not None:
+                            out.append(info)
+        out.sort(key=lambda d: (d.deadline_ms, d.dialog_id))
+        return out
+
+    def _sources(self, sig: bytes | str) -> list[str]:
+        """The attribute sources a record's attributes were packed by: this library's
+        own, or those its library registered (``P sigs``); [] unknown."""
+        text = _str(sig)
+        if text == self.library.attributes_sig or not text:
+            return list(self.library.attributes)
+        known = self._known_sources.get(text)
+        if known is None:
+            client = self.client
+            names = self._run(lambda: client.hget(self.keys.prefix + "sigs", text))
+            known = _sources_of(names or "")
+            self._known_sources[text] = known
+        return known
 
     def stats(self) -> dict[str, int]:
         client = self.client
@@ -658,16 +649,22 @@ class RedisStore:
             pipe = client.pipeline(transaction=False)
             pipe.hgetall(self.keys.stats)
             pipe.hgetall(self.keys.decisions)
-            pipe.smembers(self.keys.prefix + "nidx")
+            pipe.smembers(self.keys.nidx)
+            pipe.hget(self.keys.counts, "#confirmed")
             return pipe.execute()
 
-        raw, decisions, nodes = self._run(read)
+        raw, decisions, nodes, confirmed = self._run(read)
         out = {k: 0 for k in STATS_FIELDS}
         out.update(stats_from(raw, decisions))
-        live = self.sizes([self.keys.prefix + "n:" + n for n in sorted(nodes)]
-                          + [self.keys.confirmed])
-        out["confirmed"] = live[-1]
-        out["active"] = sum(live[:-1])
+
+        def active() -> int:
+            pipe = client.pipeline(transaction=False)
+            for n in sorted(nodes):
+                pipe.zcard(self.keys.prefix + "n:" + n)
+            return sum(int(x) for x in pipe.execute())
+
+        out["active"] = self._run(active) if nodes else 0
+        out["confirmed"] = int(confirmed or 0)
         out["early"] = max(0, out["active"] - out["confirmed"])
         return out
 
@@ -681,15 +678,16 @@ class RedisStore:
         raw: dict[str, str] = self._run(lambda: client.hgetall(self.keys.decisions))
         return decisions_from(raw)
 
-    # -- live limits
+    # -- live limits (fields of the counts hash: L| live max, R| live caps, T| state)
     def limit_get(self, profile: str, value: str) -> int | None:
         client = self.client
-        v = self._run(lambda: client.hget(self.keys.limits(profile), key_part(value)))
+        v = self._run(lambda: client.hget(self.keys.counts, self.keys.limit_field(profile,
+                                                                                   value)))
         return None if v is None else int(v)
 
     def limit_set(self, profile: str, value: str, maximum: int) -> int | None:
         client = self.client
-        key, field = self.keys.limits(profile), key_part(value)
+        key, field = self.keys.counts, self.keys.limit_field(profile, value)
 
         def swap() -> Any:
             pipe = client.pipeline(transaction=True)
@@ -702,7 +700,7 @@ class RedisStore:
 
     def limit_unset(self, profile: str, value: str) -> int | None:
         client = self.client
-        key, field = self.keys.limits(profile), key_part(value)
+        key, field = self.keys.counts, self.keys.limit_field(profile, value)
 
         def pop() -> Any:
             pipe = client.pipeline(transaction=True)
@@ -715,24 +713,26 @@ class RedisStore:
 
     def limits(self, profile: str) -> dict[str, int]:
         client = self.client
-        raw: dict[str, str] = self._run(lambda: client.hgetall(self.keys.limits(profile)))
-        # fields with a '|' are rate and window state, or live rates and windows
-        return {value_from_key(k): int(v) for k, v in raw.items() if "|" not in k}
+        pattern = "L|" + self.keys.value_pattern(profile)
+        plen = len(profile) + 3
+        rows = self._run(lambda: list(client.hscan_iter(self.keys.counts, match=pattern,
+                                                        count=1000)))
+        return {value_from_key(f[plen:]): int(v) for f, v in rows}
 
     def _swap_live(self, profile: str, value: str, item: str, new: str | None) -> str | None:
-        """Set (None: remove) one item of a value's live rate and window caps (the
-        ``<enc>|L`` field: ``,R=<max>:<per ms>:<burst>`` and ``,<per>=<max>`` items);
-        returns the item's previous value. A changed rate starts afresh: the value's
-        rate state (its theoretical arrival time) is dropped in the same transaction,
-        so no debt run up under another rate carries over; its windows stay."""
+        """Set (None: remove) one item of a value's live rate and window caps (its ``R|``
+        field: ``,R=<max>:<per ms>:<burst>`` and ``,<per>=<max>`` items); returns the
+        item's previous value. A changed rate starts afresh: the value's rate state (its
+        theoretical arrival time) is dropped in the same transaction, so no debt run up
+        under another rate carries over; its windows stay."""
         client = self.client
-        enc = key_part(value)
-        key, field = self.keys.limits(profile), enc + "|L"
-        tkey, tfield = self.keys.prefix + "t", f"{profile}:{enc}"
+        key = self.keys.counts
+        field = self.keys.caps_field(profile, value)
+        tfield = self.keys.state_field(profile, value)
 
         def swap(pipe: Any) -> str | None:
             raw = pipe.hget(key, field)
-            state = pipe.hget(tkey, tfield) if item == "R" else None
+            state = pipe.hget(key, tfield) if item == "R" else None
             items = _live_items(None if raw is None else str(raw))
             old = items.pop(item, None)
             if new is not None:
@@ -745,14 +745,14 @@ class RedisStore:
             if state is not None:
                 windows = str(state).partition("|")[2]
                 if windows:
-                    pipe.hset(tkey, tfield, "|" + windows)
+                    pipe.hset(key, tfield, "|" + windows)
                 else:
-                    pipe.hdel(tkey, tfield)
+                    pipe.hdel(key, tfield)
             return old
 
         tx: Any = client  # redis-py types transaction()'s callable as returning None
         result: str | None = self._run(lambda: tx.transaction(
-            swap, key, tkey, value_from_callable=True))
+            swap, key, value_from_callable=True))
         return result
 
     def rate_limit_set(self, profile: str, value: str, rate: Rate | None) -> Rate | None:
@@ -770,22 +770,20 @@ class RedisStore:
 
     def usage(self, profile: str, value: str | None) -> Usage:
         client = self.client
-        enc = "" if value is None else key_part(value)
         policy = self._policy
         now = self.now_ms()
         entry = (policy.limit_at(profile, self._clock.minute_of_week(now))
                  if policy is not None else None)
-        field = f"{profile}:{enc}" if enc else profile
 
         def read() -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            pipe.hget(self.keys.prefix + "t", field)
-            pipe.hget(self.keys.limits(profile), enc + "|L")
-            return list(pipe.execute())
+            fields = [self.keys.state_field(profile, value)]
+            if value is not None:
+                fields.append(self.keys.caps_field(profile, value))
+            return list(client.hmget(self.keys.counts, fields))
 
         raw = self._run(read)
         tat, *parts = str(raw[0] or "").split("|")  # the library's state field
-        live = _live_items(None if raw[1] is None or not enc else str(raw[1]))
+        live = _live_items(None if len(raw) < 2 or raw[1] is None else str(raw[1]))
         live_rate = Rate(*(int(x) for x in live["R"].split(":"))) if "R" in live else None
         windows = {}
         for part in parts:
@@ -971,25 +969,35 @@ def call_result(r: list[Any]) -> CallResult:
     return _call_result(r)
 
 
+_R = protocol.ADMIT_REPLY
+_ROW = protocol.EXPLAIN_ROW
+
+
 def _call_result(r: list[Any]) -> CallResult:
+    """The :class:`CallResult` of an admit's reply (``ADMIT_REPLY``, then explain's rows)."""
+    a = _R.decode(r)
     rows: list[ExplainRow] = []
-    for i in range(18, len(r) - 11, 12):
-        enc = str(r[i + 1])
+    for i in range(len(_R), len(r) - len(_ROW) + 1, len(_ROW)):
+        x = _ROW.decode(r[i:i + len(_ROW)])
+        enc = str(x["value"])
         rows.append(ExplainRow(
-            profile=str(r[i]), value=value_from_key(enc) if enc else None, count=int(r[i + 2]),
-            max=int(r[i + 3]), effective_max=int(r[i + 4]), live_limit=r[i + 5] == 1,
-            shadow=r[i + 6] == 1, would_trip=r[i + 7] == 1, rate_owed=int(r[i + 8]),
-            rate_burst=int(r[i + 9]), windows=_windows(str(r[i + 10])), kind=str(r[i + 11])))
-    retry = int(r[3])
-    md = int(r[17])
+            profile=str(x["profile"]), value=value_from_key(enc) if enc else None,
+            count=int(x["count"]), max=int(x["max"]), effective_max=int(x["effective_max"]),
+            live_limit=x["live_limit"] == 1, shadow=x["shadow"] == 1,
+            would_trip=x["would_trip"] == 1, rate_owed=int(x["rate_owed"]),
+            rate_burst=int(x["rate_burst"]), windows=_windows(str(x["windows"])),
+            kind=str(x["kind"])))
+    retry = int(a["retry_after"])
+    md = int(a["max_duration"])
     return CallResult(
-        admitted=r[0] == 1, code=int(r[1]), reason=str(r[2]),
-        retry_after=None if retry < 0 else retry, limit=str(r[4]) or None,
-        count=int(r[5]), max=int(r[6]), bypass=r[7] == 1, duplicate=r[8] == 1,
-        shadow=int(r[9]) > 0, number_class=str(r[11]) or None,
-        memberships=tuple(label_from_key(x) for x in str(r[12]).split("\n") if x),
-        dialog_id=str(r[13]), emergency=r[14] == 1, rows=tuple(rows), kind=str(r[15]),
-        window=str(r[16]), max_duration_ms=md if md > 0 else None)
+        admitted=a["admitted"] == 1, code=int(a["code"]), reason=str(a["reason"]),
+        retry_after=None if retry < 0 else retry, limit=str(a["limit"]) or None,
+        count=int(a["count"]), max=int(a["max"]), bypass=a["bypass"] == 1,
+        duplicate=a["duplicate"] == 1, shadow=int(a["shadow"]) > 0,
+        number_class=str(a["number_class"]) or None,
+        memberships=tuple(label_from_key(x) for x in str(a["memberships"]).split("\n") if x),
+        dialog_id=str(a["dialog_id"]), emergency=a["emergency"] == 1, rows=tuple(rows),
+        kind=str(a["kind"]), window=str(a["window"]), max_duration_ms=md if md > 0 else None)
 
 
 def decisions_from(raw: dict[str, str]) -> dict[tuple[str, str], int]:
@@ -1042,50 +1050,69 @@ def _safe(message: str) -> str:
     return re.sub(r"(password=)[^,\s)>]*", r"\1***", message)
 
 
-#: The info fields the decision function packs into a dialog's ``i``, in order.
-INFO_FIELDS = ("call_id", "from", "to", "class", "node", "source_ip")
-
-
-def _info(packed: bytes) -> dict[str, str]:
-    """A dialog's info from its packed ``i`` field (empty values left out)."""
-    got = unpack_fields(packed, 0, len(INFO_FIELDS))
-    values = got[0] if got is not None else []
-    out = {}
-    for name, v in zip(INFO_FIELDS, values, strict=False):
-        text = v.decode("utf-8", "replace")
-        if text:
-            out[name] = value_from_key(text) if name == "node" else text
-    return out
-
-
-def _text_fields(h: dict[bytes, bytes]) -> dict[str, str]:
-    return {_str(k): _str(v) for k, v in h.items() if k != b"i"}
-
-
 def _str(v: object) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
 
 
-def _dialog_info(dialog_id: str, raw: dict[bytes, bytes]) -> DialogInfo:
-    h = _text_fields(raw)
+def _labels(members: bytes) -> tuple[str, ...]:
+    """A record's memberships as shown (profile, profile=value) from its count fields."""
+    return tuple(label_from_key(f.replace(":", "=", 1))
+                 for f in members.decode("utf-8", "replace").split(",") if f)
+
+
+def _tail_info(rec: Mapping[str, bytes], sources: Sequence[str]) -> dict[str, str]:
+    """call_id, from, to (the dialled number), class, node, source_ip of a record (its
+    packed tail read with the attribute sources it was packed by); empty ones left out."""
+    got = unpack_fields(rec.get("tail", b""), 0, 1)
+    out: dict[str, str] = {}
+    if got is not None:
+        out["call_id"] = _str(got[0][0])
+        values = unpack_values(rec["tail"][got[1]:], sources)
+        user, domain = values.get("from_user", ""), values.get("from_domain", "")
+        out["from"] = f"{user}@{domain}" if domain else user
+        out["to"] = values.get(sources[0], "") if sources else ""
+        out["source_ip"] = values.get("source_ip", "")
+    out["class"] = _str(rec.get("class", b""))
+    out["node"] = value_from_key(_str(rec.get("node", b"")))
+    return {k: v for k, v in out.items() if v}
+
+
+def _sources_of(names: bytes | str) -> list[str]:
+    return [x for x in _str(names).split(",") if x]
+
+
+def _dialog_info(dialog_id: str, raw: bytes, variables: Mapping[bytes, bytes],
+                 sources: Sequence[str] | None = None) -> DialogInfo | None:
+    """A dialog as shown, from its record; None for what is no dialog to show (rejected,
+    void, the release of a dialog the store did not know)."""
+    rec = unpack_record(raw)
+    if rec is None or rec["state"] in (b"rejected", b"void") or not rec["decision"]:
+        return None
+    state = _str(rec["state"])
+    ended = state == "ended"
     return DialogInfo(
         dialog_id=dialog_id,
-        state=h.get("state", ""),
-        init_ms=int(h.get("init_ms", 0)),
-        start_ms=int(h.get("start_ms", 0)),
-        end_ms=int(h.get("end_ms", 0)),
-        deadline_ms=int(h.get("deadline", 0)),
-        profiles=tuple(p for p in h.get("profiles", "").split("\n") if p),
-        info=_info(raw.get(b"i", b"")),
-        variables={k[2:]: v for k, v in h.items() if k.startswith("v:")},
-        end_reason=h.get("end_reason", ""),
+        state=state,
+        init_ms=int(rec["init"] or 0),
+        start_ms=int(rec["start"] or 0),
+        end_ms=int(rec["deadline"] or 0) if ended else 0,
+        deadline_ms=0 if ended else int(rec["deadline"] or 0),
+        profiles=_labels(rec["members"]),
+        info=_tail_info(rec, sources or ()),
+        variables={_str(k): _str(v) for k, v in variables.items()},
+        end_reason=_str(rec["reason"]),
     )
 
 
 def _attempt(record_id: bytes | str, raw: dict[bytes, bytes]) -> Attempt:
-    """An entry of the attempts stream (``library.lua``, ``P attempts``)."""
+    """An entry of the attempts stream (``lua/lib/decide.lua``, ``P attempts``)."""
     r = raw.get(b"r", b"a")
-    sources = [x for x in _str(raw.get(b"n", b"")).split(",") if x]
+    sources = _sources_of(raw.get(b"n", b""))
+    tail = raw.get(b"x", b"")
+    got = unpack_fields(tail, 0, 1)
+    attrs = tail[got[1]:] if got is not None else b""
+    info = _tail_info({"tail": tail, "class": raw.get(b"y", b""),
+                       "node": raw.get(b"o", b"")}, sources)
     return Attempt(
         time_ms=int(raw.get(b"t", b"0")),
         dialog_id=_str(raw.get(b"d", b"")),
@@ -1094,26 +1121,39 @@ def _attempt(record_id: bytes | str, raw: dict[bytes, bytes]) -> Attempt:
         code=int(raw.get(b"c", b"200") or 200),
         limit=_str(raw.get(b"l", b"")),
         kind=_str(raw.get(b"k", b"")),
-        info=_info(raw.get(b"i", b"")),
-        attributes=unpack_values(raw.get(b"a", b""), sources),
+        info=info,
+        attributes=unpack_values(attrs, sources),
         record_id=_str(record_id),
     )
 
 
-def _record(record_id: bytes | str, raw: dict[bytes, bytes]) -> CallRecord:
-    f = _text_fields(raw)
-    info = _info(raw.get(b"i", b""))
+def _unpack_vars(packed: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(packed):
+        got = unpack_fields(packed, pos, 2)
+        if got is None:
+            break
+        (k, v), pos = got
+        out[_str(k)] = _str(v)
+    return out
+
+
+def _record(record_id: bytes | str, raw: Mapping[bytes, bytes]) -> CallRecord:
+    """A call-end record (``P cdr``: d, r, e, x the dialog's record, v, n)."""
+    rec = unpack_record(raw.get(b"x", b"")) or {}
+    info = _tail_info(rec, _sources_of(raw.get(b"n", b"")))
     return CallRecord(
-        dialog_id=f.get("dialog_id", ""),
+        dialog_id=_str(raw.get(b"d", b"")),
         call_id=info.get("call_id", ""),
         from_uri=info.get("from", ""),
         to_uri=info.get("to", ""),
-        setup_ms=int(f.get("init_ms", 0)),
-        answer_ms=int(f.get("start_ms", 0)),
-        end_ms=int(f.get("end_ms", 0)),
-        reason=f.get("reason", ""),
+        setup_ms=int(rec.get("init", b"0") or 0),
+        answer_ms=int(rec.get("start", b"0") or 0),
+        end_ms=int(raw.get(b"e", b"0") or 0),
+        reason=_str(raw.get(b"r", b"")),
         node=info.get("node", ""),
-        profiles=tuple(p for p in f.get("profiles", "").split("\n") if p),
-        variables={k[2:]: v for k, v in f.items() if k.startswith("v:")},
-        record_id=record_id.decode() if isinstance(record_id, bytes) else record_id,
+        profiles=_labels(rec.get("members", b"")),
+        variables=_unpack_vars(raw.get(b"v", b"")),
+        record_id=_str(record_id),
     )

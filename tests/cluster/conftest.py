@@ -17,6 +17,7 @@ import pytest
 from policer.store import RedisStore
 from tests.support import STORE_TIMEOUT_MS
 from tests.support.cluster import Cluster, start_cluster
+from tests.support.explicit import ExplicitRedisStore
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +38,7 @@ def redis_url(redis_cluster: Cluster) -> str:
 @pytest.fixture
 def store(redis_url: str, namespace: str) -> Iterator[RedisStore]:
     """A store on the cluster, empty (a namespace nobody else uses)."""
-    s = RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
+    s = ExplicitRedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
     s.load(None)
     yield s
     s.close()

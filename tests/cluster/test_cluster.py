@@ -77,7 +77,7 @@ def test_all_keys_of_a_namespace_are_in_one_slot(redis_cluster: Cluster, namespa
     assert len(by_node) == 1, by_node  # one primary holds the whole namespace
     (port, keys), = by_node.items()
     kinds = {k.split(":")[2] for k in keys}
-    assert {"d", "p", "l", "n", "nidx", "confirmed", "stats", "decisions", "cdr"} <= kinds
+    assert {"c", "d", "v", "n", "nidx", "stats", "decisions", "cdr"} <= kinds
     c = redis_cluster.node_client(port)
     slots = {c.execute_command("CLUSTER", "KEYSLOT", k) for k in keys}
     c.close()

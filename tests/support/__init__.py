@@ -18,7 +18,8 @@ from pathlib import Path
 from policer.call import Call
 from policer.engine import Engine
 from policer.policy import Policy, load_policy, parse_policy
-from policer.store import MemoryStore, RedisStore
+from policer.store import MemoryStore
+from tests.support.explicit import ExplicitRedisStore
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "policies"
@@ -52,10 +53,11 @@ def new_namespace() -> str:
     return "t" + uuid.uuid4().hex[:16]
 
 
-def make_store(kind: str, namespace: str, redis_url: str | None) -> RedisStore | MemoryStore:
+def make_store(kind: str, namespace: str, redis_url: str | None
+               ) -> ExplicitRedisStore | MemoryStore:
     if kind == "redis":
         assert redis_url is not None
-        s = RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
+        s = ExplicitRedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
         s.load(None)  # a library for explicit memberships (no policy): the contract's calls
         return s
     return MemoryStore(namespace)

@@ -1,0 +1,188 @@
+"""The positional structures that cross the boundary between the decision library (Lua,
+in Redis), its callers (Python, Kamailio's cfg) and its stored data, each described
+once, as a table of named fields. From these tables :mod:`policer.compile` writes the
+library's constants and the functions that build and read them, the cfg generator
+writes the routes that read a reply, and the Python readers decode; a test proves that
+they agree (``tests/test_protocol.py``).
+
+Positions are 1-based in Lua, 0-based in Python and in ``$redis(...=>value[N])``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["ADMIT_REPLY", "BATCH_OPS", "DECISION", "DIALOG", "EXPLAIN_ROW", "NATIVE_REPLY",
+           "Fields", "OpSpec"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fields:
+    """An ordered list of named fields: a reply, a record, a packed string."""
+
+    name: str
+    fields: tuple[str, ...]
+    #: what each field holds (documentation, shown in the library's header)
+    about: Mapping[str, str]
+
+    def index(self, field: str) -> int:
+        """0-based position (Python, the cfg's ``value[N]``)."""
+        return self.fields.index(field)
+
+    def lua(self, field: str) -> int:
+        """1-based position (Lua)."""
+        return self.fields.index(field) + 1
+
+    def decode(self, values: Sequence[Any]) -> dict[str, Any]:
+        """The fields of a reply or record by name (missing trailing ones are absent)."""
+        return dict(zip(self.fields, values, strict=False))
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+
+def _fields(name: str, *pairs: tuple[str, str]) -> Fields:
+    return Fields(name, tuple(f for f, _ in pairs), dict(pairs))
+
+
+#: What ``policer_admit_S`` answers (modes a, r, e; explain rows follow it).
+ADMIT_REPLY = _fields(
+    "admit reply",
+    ("admitted", "1 admitted, 0 rejected"),
+    ("code", "SIP code"),
+    ("reason", "SIP reason"),
+    ("retry_after", "Retry-After seconds, -1 none"),
+    ("limit", "profile of the tripped (or bypassed, or shadow) limit, '' none"),
+    ("count", "its count (a rate: calls owed; a window: its count)"),
+    ("max", "its max (a rate: its burst; a window: its cap)"),
+    ("bypass", "1: an emergency call admitted over a limit"),
+    ("duplicate", "1: the dialog was decided before: this is that decision"),
+    ("shadow", "the shadow member that would have rejected (1-based), 0 none"),
+    ("tripped", "the tripped member (1-based), 0 none"),
+    ("number_class", "the dialled number's class, '' none"),
+    ("memberships", "the call's memberships, '\\n'-joined labels profile[=value]"),
+    ("dialog_id", "the dialog id"),
+    ("emergency", "1: an emergency call"),
+    ("kind", "what tripped: concurrent, rate, calls; ended (an ended dialog); '' none"),
+    ("window", "the calendar window of a calls trip, '' none"),
+    ("max_duration", "an answered call's max duration, ms, -1 none"),
+)
+
+#: What ``policer_admit_S`` answers in mode A (a proxy's cfg reads it).
+NATIVE_REPLY = _fields(
+    "native admit reply",
+    *((f, ADMIT_REPLY.about[f]) for f in ADMIT_REPLY.fields[:10]),
+    ("max_duration_s", "an answered call's max duration, s, -1 none"),
+)
+
+#: One membership of explain's dry run (rows follow the admit reply).
+EXPLAIN_ROW = _fields(
+    "explain row",
+    ("profile", "the profile"),
+    ("value", "its encoded value, '' none"),
+    ("count", "live calls"),
+    ("max", "its max, -1 only counted"),
+    ("effective_max", "what an ordinary call may reach (max - reserve)"),
+    ("live_limit", "1: the max is a live limit"),
+    ("shadow", "1: shadow"),
+    ("would_trip", "1: this call would trip it"),
+    ("rate_owed", "calls owed to its rate, -1 no rate"),
+    ("rate_burst", "the rate's burst, -1"),
+    ("windows", "its windows, 'per:count:max' lines"),
+    ("kind", "what would trip"),
+)
+
+#: A dialog's decision, kept in its record (what a duplicate answers).
+DECISION = _fields(
+    "decision",
+    ("admitted", "1|0"),
+    ("tripped", "member, 0 none"),
+    ("count", "its count"),
+    ("max", "its max"),
+    ("bypass", "1|0"),
+    ("shadow", "member, 0 none"),
+    ("emergency", "1|0"),
+    ("kind", "0 none, 1 concurrent, 2 rate, 3 calls"),
+    ("retry", "Retry-After of a rate or window, -1"),
+    ("max_duration", "ms, -1 none"),
+    ("entry", "the limit entry that tripped (1-based)"),
+    ("window", "the window of a calls trip"),
+    ("limit", "the tripped (or shadow) profile"),
+)
+
+#: A dialog's record (``P d:<dialog id>``, one string): the header fields, '|'-joined,
+#: then a newline and the packed tail (``<length>:<bytes>`` fields: Call-ID, the
+#: attributes as the admit carried them).
+DIALOG = _fields(
+    "dialog record",
+    ("state", "early, confirmed, ended, rejected, void"),
+    ("node", "the admitting node (encoded), '' none"),
+    ("deadline", "it counts until then (ms); ended: when it ended"),
+    ("expires", "when the record itself goes (ms, script time)"),
+    ("init", "when it was decided (ms)"),
+    ("start", "when it was answered (ms), 0 not"),
+    ("q", "the deadline of the request that admitted it (a void's: the settled one's)"),
+    ("cap", "answered: it ends here at the latest (answer + max duration), 0 none"),
+    ("reason", "why it ended"),
+    ("class", "the number class"),
+    ("sig", "the attributes' signature (ATTRS_SIG of the library that admitted it)"),
+    ("vars", "1: it has dialog variables (P v:<dialog id>)"),
+    ("members", "its count fields (profile or profile:value), ','-joined"),
+    ("decision", "its decision (DECISION), ','-joined"),
+)
+
+#: The packed tail of a dialog record, after the header's newline.
+DIALOG_TAIL = ("call_id", "attrs")
+
+
+@dataclass(frozen=True, slots=True)
+class OpSpec:
+    """One op of ``policer_batch_S``: its letter, what it does, its fields."""
+
+    letter: str
+    does: str
+    fields: tuple[str, ...]
+
+
+#: The ops a batch carries, each a letter and ``<length>:<bytes>`` fields.
+BATCH_OPS: tuple[OpSpec, ...] = (
+    OpSpec("c", "confirm (answered; ms '' = the policy's dialog timeout)",
+           ("call_id", "from_tag", "ms")),
+    OpSpec("f", "refresh: push the deadline to now + ms", ("call_id", "from_tag", "ms")),
+    OpSpec("r", "release (idempotent)", ("call_id", "from_tag", "reason")),
+    OpSpec("u", "release 'bye' by the first tag that names a live dialog",
+           ("call_id", "tag1", "tag2")),
+    OpSpec("v", "set a dialog variable", ("call_id", "from_tag", "name", "value")),
+    OpSpec("a", "record a call the fallback admitted", ("node", "call_id", "from_tag", "attrs")),
+    OpSpec("b", "the same, decided at s*1000+add (Redis's clock)",
+           ("node", "call_id", "from_tag", "attrs", "s", "add")),
+    OpSpec("x", "void: a request given up on (deadline s*1000+add) never counts",
+           ("call_id", "from_tag", "s", "add")),
+    OpSpec("C", "confirm by the encoded dialog id", ("dialog_id", "ms")),
+    OpSpec("F", "refresh by the encoded dialog id", ("dialog_id", "ms")),
+    OpSpec("R", "release by the encoded dialog id", ("dialog_id", "reason")),
+    OpSpec("V", "set a variable by the encoded dialog id", ("dialog_id", "name", "value")),
+    OpSpec("X", "void by the encoded dialog id", ("dialog_id", "s", "add")),
+)
+
+
+def unpack_record(raw: bytes) -> dict[str, bytes] | None:
+    """A dialog record's fields by name (:data:`DIALOG`, and ``tail``: the packed Call-ID
+    and attributes); None when it is not one."""
+    head, nl, tail = raw.partition(b"\n")
+    parts = head.split(b"|")
+    if not nl or len(parts) != len(DIALOG):
+        return None
+    out = dict(zip(DIALOG.fields, parts, strict=True))
+    out["tail"] = tail
+    return out
+
+
+def unpack_decision(text: str) -> dict[str, str]:
+    """A decision's fields by name (:data:`DECISION`); {} when it is not one."""
+    parts = text.split(",")
+    if len(parts) != len(DECISION):
+        return {}
+    return dict(zip(DECISION.fields, parts, strict=True))

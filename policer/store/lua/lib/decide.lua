@@ -1,0 +1,283 @@
+-- ------------------------------------------------------------------ the decision
+-- One dialog decided over its memberships and, unless a dry run, recorded: all or none.
+-- Every count, live limit and rate/window state a call needs is in P c and read with one
+-- HMGET; an admission writes them back with one HSET.
+
+local FLAG_EMERGENCY, FLAG_BYPASS, FLAG_RECORD, FLAG_REGISTER = 1, 2, 4, 8
+local KIND_NAMES = {'concurrent', 'rate', 'calls'}
+local KIND_CODES = {concurrent = 1, rate = 2, calls = 3}
+
+-- What a call needs from P c, in one HMGET: '!hold' (admits), then per member its count
+-- field; a valued member also its live max (L|), live caps (R|) and state (T|), a no-value
+-- member with a rate or windows its state (T|). Returns the values and, per member, the
+-- position of its count.
+local function read_counts(members, want_hold)
+  local f, pos = {}, {}
+  local n = 0
+  if want_hold then n = 1; f[1] = '!hold' end
+  for i = 1, #members do
+    local m = members[i]
+    local fld = m[4]
+    n = n + 1
+    f[n] = fld
+    pos[i] = n
+    if m[3] ~= '' then
+      f[n + 1] = 'L|' .. fld
+      f[n + 2] = 'R|' .. fld
+      f[n + 3] = 'T|' .. fld
+      n = n + 3
+    elseif m[1].timed then
+      n = n + 1
+      f[n] = 'T|' .. fld
+    end
+  end
+  if n == 0 then return EMPTY, pos end
+  return redis.call('HMGET', COUNTS, unpack(f, 1, n)), pos
+end
+
+-- The answer a dialog decided before gets again (a retransmission, the INVITE re-sent
+-- with credentials): its decision as it was given.
+local function repeated(did, rec, emergency_out)
+  local d = dec_unpack(rec.decision)
+  local admitted = tonumber(d.admitted)
+  local kind = KIND_NAMES[tonumber(d.kind) or 0] or ''
+  local code, reason, retry, limit = 200, 'OK', -1, d.limit or ''
+  if admitted == 0 then
+    local p = PLAN_BY_NAME[limit]
+    local e = p and p.entries[tonumber(d.entry) or 1]
+    code, reason, retry = answer_of(limit, e, kind, tonumber(d.retry) or -1)
+  end
+  return admit_reply(admitted, code, reason, retry, limit, tonumber(d.count) or 0,
+                     tonumber(d.max) or -1, tonumber(d.bypass) or 0, 1,
+                     tonumber(d.shadow) or 0, tonumber(d.tripped) or 0, rec.class,
+                     labels_of_fields(rec.members), did, tonumber(d.emergency) or 0, kind,
+                     d.window or '', tonumber(d.max_duration) or -1)
+end
+
+-- Decide one dialog over its memberships (classify) and, unless dry, record it: all or
+-- none. flags: FLAG_EMERGENCY may use reserves, FLAG_BYPASS admitted over every limit,
+-- FLAG_RECORD joins without checking (a call the fallback admitted), FLAG_REGISTER adds
+-- the node to P nidx. lnow: the instant calendar windows and schedules are read at (now,
+-- but for explain --at). md: the call's max duration (ms, -1 none). rq: the deadline of
+-- the request (string), nil none. tail: the record's packed Call-ID and attributes.
+-- Returns the reply, or nil: this request was settled (void) before it arrived.
+local function decide(did, members, all, flags, early_ms, node, now, lnow, cls, md, dry, rq,
+                      tail, attrs)
+  local emergency = flags % 2 == 1
+  local bypass_allowed = math.floor(flags / 2) % 2 == 1
+  local record = math.floor(flags / FLAG_RECORD) % 2 == 1
+  local register = flags >= FLAG_REGISTER
+  local emergency_out = 0
+  if emergency then emergency_out = 1 end
+  local dkey = P_DIALOG .. did
+
+  if not dry then
+    local raw = redis.call('GET', dkey)
+    if raw then
+      local rec = rec_unpack(raw)
+      local st = rec and rec.state
+      local anew = rec == nil or rec.expires <= now
+      if anew then
+      elseif st == 'void' then
+        -- a request its caller gave up on, settled by the caller's fallback: this very
+        -- request (or an older one) arrives late and writes nothing; a later attempt
+        -- (the INVITE re-sent after the stall) is decided normally
+        if record or rq == nil or tonumber(rq) > rec.q then anew = true
+        else return nil end
+      elseif st == 'ended' then
+        -- the dialog is over: an emergency call is always decided (counted as a new
+        -- call); a record arriving after the release counts nothing (the release
+        -- wins), unless the store ended the call itself (its node lost, its deadline
+        -- passed: the node says it is up); any other admit is a late retransmission of
+        -- an ended (cancelled) call or a re-sent Call-ID: rejected, never admitted
+        -- uncounted
+        if (emergency and not record) or (record and STORE_ENDS[rec.reason]) then
+          anew = true
+        else
+          if not record then redis.call('HINCRBY', STATS, 'resent_ended', '1') end
+          return admit_reply(0, ENDED_CODE, ENDED_REASON, -1, '', 0, -1, 0, 1, 0, 0, cls,
+                             labels_of(members), did, emergency_out, 'ended', '', -1)
+        end
+      elseif st == 'rejected' and (emergency or record) then
+        -- an emergency call is always decided, whatever an earlier attempt got; a call
+        -- the proxy's fallback admitted is up, whatever Redis answered it too late
+        anew = true
+      end
+      if not anew then return repeated(did, rec, emergency_out) end
+      -- decided anew (or the record outlived its end in script time, only when a test
+      -- moves the clock): forget it and whatever it still counts
+      forget(did, rec)
+    end
+  end
+
+  local n = #members
+  local h, pos = read_counts(members, false)
+  local tripped, tcount, tmax, bypass, shadow = 0, 0, -1, 0, 0
+  local tkind, tretry, twin = '', -1, ''
+  local rows = nil
+  if dry then rows = {} end
+  local nochecks = record and not dry
+  local spend = nil  -- member index -> its new rate/window state
+  local counts = {}
+  for i = 1, n do
+    local m = members[i]
+    local p, e, enc = m[1], m[2], m[3]
+    local k = pos[i]
+    local count = tonumber(h[k]) or 0
+    counts[i] = count
+    local max, reserve, sh = -1, 0, false
+    if e then max, reserve, sh = e.max, e.reserve, e.shadow end
+    local live, L, state = 0, nil, nil
+    if enc ~= '' then
+      local lv = h[k + 1]
+      if lv then max = tonumber(lv); live = 1 end
+      L = h[k + 2] or nil
+      state = h[k + 3] or ''
+    elseif p.timed then
+      state = h[k + 1] or ''
+    end
+    local effective, kind = max, nil
+    if not emergency then effective = max - reserve end
+    if max >= 0 and not nochecks and count >= effective then kind = 'concurrent' end
+    local kcount, kmax, kretry, kwin = count, effective, -1, ''
+    -- the rate and windows: checked unless concurrency already rejects this call (then
+    -- nothing is spent anyway), and spent when it is admitted
+    local owed, burst, shown = -1, -1, ''
+    if ((e and (e.T or e.win)) or L) and (kind == nil or dry or sh or bypass_allowed) then
+      local r, c2, c3, c4, c5, new = false, nil, nil, nil, nil, nil
+      if e and e.fast and not L and not dry then
+        r, c2, c3, c4, c5, new, owed, burst, shown = check_fast(e, state, now, lnow)
+      end
+      if r == false then
+        r, c2, c3, c4, c5, new, owed, burst, shown = check_state(e, L, state, now, lnow, dry)
+      end
+      if new then
+        if spend == nil then spend = {} end
+        spend[i] = new
+      end
+      if kind == nil and r and not nochecks then
+        kind, kcount, kmax, kretry, kwin = r, c2, c3, c4, c5
+      end
+    end
+    if dry then
+      local tr = 0
+      if kind then tr = 1 end
+      local shw = 0
+      if sh then shw = 1 end
+      rows[#rows + 1] = explain_row(p.name, enc, count, max, effective, live, shw, tr, owed,
+                                    burst, shown, kind or '')
+    end
+    if kind and not nochecks then
+      if sh then
+        if shadow == 0 then
+          shadow = i
+          if tripped == 0 then
+            tcount, tmax, tkind, tretry, twin = kcount, kmax, kind, kretry, kwin
+          end
+        end
+      elseif bypass_allowed then
+        if tripped == 0 then
+          if kind == 'concurrent' then kmax = max end
+          tripped, tcount, tmax, tkind, tretry, twin = i, kcount, kmax, kind, kretry, kwin
+        end
+        bypass = 1
+      elseif tripped == 0 then
+        tripped, tcount, tmax, tkind, tretry, twin = i, kcount, kmax, kind, kretry, kwin
+        if not dry then break end
+      end
+    end
+  end
+
+  local admitted = 1
+  if tripped > 0 and bypass == 0 then admitted = 0 end
+  local limit, lentry = '', nil
+  if tripped > 0 then limit, lentry = members[tripped][1].name, members[tripped][2]
+  elseif shadow > 0 then limit, lentry = members[shadow][1].name, members[shadow][2] end
+  local code, reason, retry = 200, 'OK', -1
+  if admitted == 0 then code, reason, retry = answer_of(limit, lentry, tkind, tretry) end
+  if dry then
+    local reply = admit_reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0,
+                              shadow, tripped, cls, labels_of(members), did, emergency_out,
+                              tkind, twin, md)
+    for i = 1, #rows do
+      local row = rows[i]
+      for j = 1, #row do reply[#reply + 1] = row[j] end
+    end
+    return reply
+  end
+
+  local fields = {}
+  for i = 1, n do fields[i] = members[i][4] end
+  local fields_s = table.concat(fields, ',')
+  local decision = PLAIN_DECISION
+  if tripped > 0 or shadow > 0 or emergency_out > 0 or tmax ~= -1 or md ~= -1 then
+    local eidx = 1
+    if lentry then eidx = lentry.idx end
+    decision = dec_pack(admitted, tripped, tcount, tmax, bypass, shadow, emergency_out,
+                        KIND_CODES[tkind] or 0, tretry, md, eidx, twin, limit)
+  end
+
+  if admitted == 0 then
+    -- remembered for the life of an INVITE transaction (64*T1); spends nothing
+    redis.call('SET', dkey, rec_pack('rejected', node, now, now + DECIDED_MS, now, 0, 0, 0,
+                                     '', cls, ATTRS_SIG, '', fields_s, decision, tail),
+               'PX', DECIDED_S)
+    redis.call('HINCRBY', DECISIONS, 'rejected;rejected|' .. limit, '1')
+    if ATTEMPTS_KEEP > 0 and attrs then
+      redis.call('XADD', ATTEMPTS, 'MAXLEN', '~', ATTEMPTS_KEEP_S, '*', 'd', did, 'r', 'j',
+                 't', NOW_S, 'c', code, 'l', limit, 'k', tkind, 'x', tail, 'y', cls,
+                 'o', node, 'n', ATTRS_NAMES)
+    end
+    return admit_reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0,
+                       shadow, tripped, cls, labels_of(members), did, emergency_out, tkind,
+                       twin, md)
+  end
+
+  local deadline = now + early_ms
+  -- the counts and spent states, one HSET
+  local w = {}
+  local wn = 0
+  for i = 1, n do
+    w[wn + 1] = fields[i]
+    w[wn + 2] = counts[i] + 1
+    wn = wn + 2
+    if spend and spend[i] then
+      w[wn + 1] = 'T|' .. fields[i]
+      w[wn + 2] = spend[i]
+      wn = wn + 2
+    end
+  end
+  if wn > 0 then redis.call('HSET', COUNTS, unpack(w, 1, wn)) end
+  redis.call('SET', dkey, rec_pack('early', node, deadline, deadline + GRACE_MS, now, 0, rq or 0,
+                                   0, '', cls, ATTRS_SIG, '', fields_s, decision, tail),
+             'PX', deadline - now + KEEP_MS)
+  -- the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
+  redis.call('ZADD', P_NODE .. node, deadline, did)
+  if register then redis.call('SADD', NIDX, node) end
+  local key
+  if record then
+    local r = {}
+    for i = 1, n do r[i] = 'store_error|' .. members[i][1].name end
+    key = 'recorded;' .. table.concat(r, ',')
+  elseif all and tripped == 0 and shadow == 0 then
+    key = PLAIN_KEY[cls]
+  else
+    local r = {}
+    for i = 1, n do
+      local result = 'admitted'
+      if i == tripped then result = 'bypassed' elseif i == shadow then result = 'shadow_rejected' end
+      r[i] = result .. '|' .. members[i][1].name
+    end
+    key = 'admitted;' .. table.concat(r, ',')
+  end
+  redis.call('HINCRBY', DECISIONS, key, '1')
+  if ATTEMPTS_KEEP > 0 and attrs then
+    -- one attempt per dialog (a duplicate returned above, a dry run wrote nothing)
+    local r = 'a'
+    if record then r = 'f' end
+    redis.call('XADD', ATTEMPTS, 'MAXLEN', '~', ATTEMPTS_KEEP_S, '*', 'd', did, 'r', r,
+               't', NOW_S, 'x', tail, 'y', cls, 'o', node, 'n', ATTRS_NAMES)
+  end
+  return admit_reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0, shadow,
+                     tripped, cls, labels_of(members), did, emergency_out, tkind, twin, md)
+end

@@ -1,0 +1,65 @@
+-- ------------------------------------------------------------------ encoding
+-- SIP values into key parts, '<length>:<bytes>' fields, Redis's clock.
+
+local EMPTY = {}
+
+-- Redis's clock in ms, shifted by a test offset (0 in production); sets NOW_S.
+local NOW_S = ''
+local function now_ms(offset)
+  local t = redis.call('TIME')
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(offset) or 0)
+  NOW_S = tostring(ms)
+  return ms
+end
+
+-- byte -> its percent-encoding, built on first use (string.* is not there at load time)
+local PCT = nil
+
+local function pct_table()
+  local t = {}
+  for b = 0, 255 do t[string.char(b)] = string.format('%%%02X', b) end
+  return t
+end
+
+-- An untrusted value as part of a key: percent-encoded, so only [A-Za-z0-9_.@-%] remain
+-- (no brace, separator, white space or newline); values longer than MAX_KEY_PART encoded
+-- characters keep a prefix and end in '~' and the SHA-1 of the whole value ('~' itself is
+-- always encoded, so no short value spells a long one's key). policer.store.keys.key_part
+-- is the same function, for reading.
+local function key_part(v)
+  if #v > MAX_VALUE_BYTES then v = string.sub(v, 1, MAX_VALUE_BYTES) end
+  if #v <= MAX_KEY_PART and not string.find(v, '[^%w_%.@%-]') then return v end
+  if PCT == nil then PCT = pct_table() end
+  local e = string.gsub(v, '[^%w_%.@%-]', PCT)
+  if #e <= MAX_KEY_PART then return e end
+  return string.sub(e, 1, 64) .. '~' .. redis.sha1hex(v)
+end
+
+local function dialog_id(call_id, from_tag)
+  return key_part(call_id) .. ';' .. key_part(from_tag)
+end
+
+-- '<len>:<bytes>' fields from position pos of s: returns the field and the next position
+-- (nil when s ends or is malformed).
+local function field_at(s, pos)
+  local colon = string.find(s, ':', pos, true)
+  if not colon or colon - pos > 9 then return nil, nil end
+  local n = tonumber(string.sub(s, pos, colon - 1))
+  if not n or n < 0 or colon + n > #s then return nil, nil end
+  return string.sub(s, colon + 1, colon + n), colon + n + 1
+end
+
+-- a text value safe to keep and show: cut to MAX_VALUE_BYTES
+local function bounded(v)
+  if #v > MAX_VALUE_BYTES then return string.sub(v, 1, MAX_VALUE_BYTES) end
+  return v
+end
+
+-- An instant in Redis's clock (ms) from a caller's clock: its time s (seconds, a
+-- fraction allowed, as the caller's clock reads) plus add ms (the caller's measured
+-- offset to Redis's clock, and its budget); nil when either is missing or malformed.
+local function redis_ms(s, add)
+  local a, b = tonumber(s), tonumber(add)
+  if a == nil or b == nil then return nil end
+  return math.floor(a * 1000 + b)
+end

@@ -1,0 +1,96 @@
+-- policer: the decision library, one per policy namespace, loaded with FUNCTION LOAD
+-- REPLACE. policer.compile writes it: a shebang line, the policy's constants, the code
+-- generated from the tables of policer.protocol (the replies, the dialog record, the
+-- decision), then the files of policer/store/lua/lib/ in the order of
+-- policer.compile.LUA_FILES (this header, encoding, calendar, classify, limits, dialogs,
+-- decide, admit, batch, tick, read, register).
+--
+-- Functions (S = the namespace as a function-name suffix). KEYS[1] is always P, the
+-- namespace prefix 'policer:{ns}:', declared so that Redis Cluster routes the call; the
+-- functions use the compiled NS_PREFIX (the same string), so no caller can reach another
+-- namespace. Every key a function touches starts with P: it sits in P's slot.
+--
+-- policer_admit_S   one initial INVITE, from its raw SIP attributes (the hot path)
+--   ARGV[1] node (encoded; '' = none)  ARGV[2] Call-ID  ARGV[3] From-tag (raw bytes)
+--   ARGV[4] the attributes the policy reads, in ATTRS order, each '<byte length>:<bytes>'
+--   ARGV[5] mode: 'a' admit (default) | 'A' admit for a node holding a lease (its tick
+--           registers it; the reply is NATIVE_REPLY: what a proxy's cfg reads) | 'r'
+--           record a call the fallback admitted (joins without a limit check) | 'e'
+--           explain (dry run, writes nothing)
+--   ARGV[6] clock offset ms (tests; default 0)
+--   ARGV[7] the caller's ATTRS_SIG (optional): a caller that packs the attributes of
+--           another policy gets an error reply, and decides by its fallback, instead of
+--           a decision over misread attributes
+--   ARGV[8] explain only: evaluate schedules and calendar windows this many ms from now
+--           (explain --at), with the counts of now ('-' or '' none)
+--   ARGV[9] ARGV[10] modes a and A: the caller's deadline in Redis's clock, as its clock
+--           reads when it sends (s, a fraction allowed) and the ms to add (its measured
+--           skew to Redis's clock and its budget); past it nothing is written and the
+--           reply is the error 'POLICER late ...' (missing or malformed: no deadline)
+--   Reply: ADMIT_REPLY (policer.protocol); explain adds an EXPLAIN_ROW per member. An
+--   error 'POLICER recovering ...' while P c's '!hold' is ahead (Redis lost its state:
+--   the nodes are putting their calls back; the caller's fallback decides).
+--
+-- policer_batch_S   answers, ends and other dialog events, many in one call
+--   ARGV[1] ops, concatenated: BATCH_OPS of policer.protocol, each one letter and its
+--           fields, each field '<byte length>:<bytes>'
+--   ARGV[2] 1: reply with call-end records  ARGV[3] clock offset ms
+--   ARGV[4] the caller's ATTRS_SIG (optional): on a mismatch the 'a' and 'b' ops (whose
+--           attributes it packed) are not applied (reply 0), the others are
+--   Reply: one entry per op: 1|0 (c f v a b x: 1 when it changed something), for r u R
+--   the call-end record {record id, field, value, ...} (with ARGV[2] = 1) or 1, or 0
+--   when the dialog was not live.
+--
+-- policer_tick_S    a node's periodic duties (never per INVITE)
+--   ARGV[1] node (encoded; '' = none)  ARGV[2] lease ms (0 = the node holds no lease)
+--   ARGV[3] 'renew' | 'start' (the node starts afresh: its earlier dialogs end, reason
+--           node_restarted, `batch` at a time) | 'epoch' (only the epoch op of ARGV[8])
+--   ARGV[4] end dialogs of lost nodes (1|0)  ARGV[5] batch (dialogs ended at most per
+--   kind)  ARGV[6] clock offset ms
+--   ARGV[7] the node's clock minus Redis's, ms ('' unknown): kept in P skew
+--   ARGV[8] the state epoch op: '' | 'init' | 'reload:<mark>' | 'missing:<id>' |
+--           'lost:<id>' (see epoch_op)
+--   ARGV[9] the renewing instance ('' none): a 'start' of a node another instance renewed
+--           within ARGV[10] ms (its renew interval) + NODE_MARGIN_MS is refused
+--   Reply: {dialogs of lost nodes ended, own dialogs still to end, expired dialogs ended,
+--   stale rate/window state fields removed, the epoch id, '' or 'owned:<ms to wait>',
+--   1 when the node's lease had lapsed before this renewal}
+--
+-- policer_read_S    read-only (no-writes: also on replicas)
+--   ARGV[1] 'size': ARGV[2] clock offset, ARGV[3..] fields of P c; reply: each count,
+--           then now (ms)
+--   ARGV[1] 'info': ARGV[2] clock offset; reply {policy hash, policy source, policy
+--           version, library format, now (ms), epoch id, epoch mark, this server's mark}
+--
+-- Data (P = 'policer:{ns}:'):
+--   P c              hash: every count and every value's limits and state, so that one
+--                    HMGET reads all a call needs and one HSET writes it:
+--                      <profile> | <profile>:<encoded value>   live dialogs (a dialog
+--                        counts until it is ended: released, or swept by a tick at most
+--                        a second after its deadline); a field at 0 is removed
+--                      L|<field>   a value's live max (policer limits set)
+--                      R|<field>   its live rate and window caps (',R=<max>:<per
+--                        ms>:<burst>', ',<per>=<max>' items)
+--                      T|<field>   its rate and window state ('<TAT us>' then
+--                        '|<per>=<window id>:<count>' per window)
+--                      #confirmed  answered dialogs;  !hold  admits held until (ms)
+--   P d:<dialog id>  string: the dialog's record (DIALOG of policer.protocol); a live
+--                    one's key lives until its deadline and KEEP_MS, a decided one's
+--                    DECIDED_MS, the release of an unknown dialog's EARLY_MS
+--   P v:<dialog id>  hash: its variables (set_var), while it lives
+--   P n:<node>       zset every recorded dialog a node admitted -> deadline
+--   P nidx           set of node names that have an n:<node> index
+--   P nodes          zset node -> end of its lease (nodes holding a lease)
+--   P owner          hash node -> '<instance>:<last renewal ms>'
+--   P skew           hash node -> '<its clock minus Redis's, ms>:<when>'
+--   P epoch          hash id, run (the VM_MARK it was confirmed with)
+--   P sweep          string: the tick's HSCAN cursor over the T| fields of P c
+--   P stats          hash ended:<reason>, nodes_lost, resent_ended
+--   P decisions      hash '<kind>;<result>|<profile>,...' -> decisions (one HINCRBY each)
+--   P cdr            stream of call-end records (MAXLEN ~ CDR_KEEP): d dialog id, r
+--                    reason, e end (ms), x the dialog's record, v its variables packed,
+--                    n the attribute sources of the record's attributes
+--   P attempts       stream of decided attempts, one per dialog (MAXLEN ~ ATTEMPTS_KEEP):
+--                    d dialog id, r (a admitted, j rejected, f recorded after a fallback),
+--                    t (ms), rejected also c code, l limit, k kind; x the record's tail
+--                    (Call-ID and attributes), y the class, n the attribute sources
