@@ -117,10 +117,12 @@ DECISION = _fields(
 #: attributes as the admit carried them).
 DIALOG = _fields(
     "dialog record",
-    ("state", "early, confirmed, ended, rejected, void"),
+    ("state", "early, confirmed, ended, rejected, void, gone (the release of a dialog the "
+              "store did not know)"),
     ("node", "the admitting node (encoded), '' none"),
-    ("deadline", "it counts until then (ms); ended: when it ended"),
-    ("expires", "when the record itself goes (ms, script time)"),
+    ("deadline", "live: it counts until then (ms); else when it was decided or ended (the "
+                 "record goes DECIDED_MS later; gone: EARLY_MS; live: GRACE_MS after its "
+                 "deadline, script time)"),
     ("init", "when it was decided (ms)"),
     ("start", "when it was answered (ms), 0 not"),
     ("q", "the deadline of the request that admitted it (a void's: the settled one's)"),

@@ -1086,7 +1086,7 @@ def _dialog_info(dialog_id: str, raw: bytes, variables: Mapping[bytes, bytes],
     """A dialog as shown, from its record; None for what is no dialog to show (rejected,
     void, the release of a dialog the store did not know)."""
     rec = unpack_record(raw)
-    if rec is None or rec["state"] in (b"rejected", b"void") or not rec["decision"]:
+    if rec is None or rec["state"] in (b"rejected", b"void", b"gone") or not rec["decision"]:
         return None
     state = _str(rec["state"])
     ended = state == "ended"

@@ -76,15 +76,15 @@ local function decide(did, members, all, flags, early_ms, node, now, lnow, cls, 
     if raw then
       local rec = rec_unpack(raw)
       local st = rec and rec.state
-      local anew = rec == nil or rec.expires <= now
+      local anew = rec == nil or expires_of(rec) <= now
       if anew then
       elseif st == 'void' then
         -- a request its caller gave up on, settled by the caller's fallback: this very
         -- request (or an older one) arrives late and writes nothing; a later attempt
         -- (the INVITE re-sent after the stall) is decided normally
-        if record or rq == nil or tonumber(rq) > rec.q then anew = true
+        if record or rq == nil or tonumber(rq) > (tonumber(rec.q) or 0) then anew = true
         else return nil end
-      elseif st == 'ended' then
+      elseif st == 'ended' or st == 'gone' then
         -- the dialog is over: an emergency call is always decided (counted as a new
         -- call); a record arriving after the release counts nothing (the release
         -- wins), unless the store ended the call itself (its node lost, its deadline
@@ -219,8 +219,8 @@ local function decide(did, members, all, flags, early_ms, node, now, lnow, cls, 
 
   if admitted == 0 then
     -- remembered for the life of an INVITE transaction (64*T1); spends nothing
-    redis.call('SET', dkey, rec_pack('rejected', node, now, now + DECIDED_MS, now, 0, 0, 0,
-                                     '', cls, ATTRS_SIG, '', fields_s, decision, tail),
+    redis.call('SET', dkey, rec_pack('rejected', node, NOW_S, NOW_S, '0', '0', '0', '', cls,
+                                     ATTRS_SIG, '', fields_s, decision, tail),
                'PX', DECIDED_S)
     redis.call('HINCRBY', DECISIONS, 'rejected;rejected|' .. limit, '1')
     if ATTEMPTS_KEEP > 0 and attrs then
@@ -233,13 +233,15 @@ local function decide(did, members, all, flags, early_ms, node, now, lnow, cls, 
                        twin, md)
   end
 
-  local deadline = now + early_ms
+  local deadline = ns(now + early_ms)
+  local ttl = LIVE_TTL_S
+  if early_ms > EARLY_MS then ttl = ns(early_ms + KEEP_MS) end
   -- the counts and spent states, one HSET
   local w = {}
   local wn = 0
   for i = 1, n do
     w[wn + 1] = fields[i]
-    w[wn + 2] = counts[i] + 1
+    w[wn + 2] = ns(counts[i] + 1)
     wn = wn + 2
     if spend and spend[i] then
       w[wn + 1] = 'T|' .. fields[i]
@@ -248,9 +250,9 @@ local function decide(did, members, all, flags, early_ms, node, now, lnow, cls, 
     end
   end
   if wn > 0 then redis.call('HSET', COUNTS, unpack(w, 1, wn)) end
-  redis.call('SET', dkey, rec_pack('early', node, deadline, deadline + GRACE_MS, now, 0, rq or 0,
-                                   0, '', cls, ATTRS_SIG, '', fields_s, decision, tail),
-             'PX', deadline - now + KEEP_MS)
+  redis.call('SET', dkey, rec_pack('early', node, deadline, NOW_S, '0', rq or '0', '0', '',
+                                   cls, ATTRS_SIG, '', fields_s, decision, tail),
+             'PX', ttl)
   -- the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
   redis.call('ZADD', P_NODE .. node, deadline, did)
   if register then redis.call('SADD', NIDX, node) end

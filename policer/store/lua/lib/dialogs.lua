@@ -32,7 +32,7 @@ local function delta_flush()
       local v = (tonumber(old[i]) or 0) + DELTA[names[i]]
       if v > 0 then
         set[#set + 1] = names[i]
-        set[#set + 1] = v
+        set[#set + 1] = ns(v)
       elseif old[i] then
         del[#del + 1] = names[i]
       end
@@ -43,13 +43,23 @@ local function delta_flush()
     DELTA_N = 0
   end
   for reason, n in pairs(ENDED) do
-    redis.call('HINCRBY', STATS, 'ended:' .. reason, n)
+    redis.call('HINCRBY', STATS, 'ended:' .. reason, ns(n))
   end
   ENDED = {}
 end
 
 local function is_live(rec)
   return rec.state == 'early' or rec.state == 'confirmed'
+end
+
+-- When a record itself goes (script time; its key's TTL goes with real time): a live
+-- one GRACE_MS after its deadline, the release of a dialog the store did not know
+-- EARLY_MS after it, any other DECIDED_MS after its decision or end.
+local function expires_of(rec)
+  local t = tonumber(rec.deadline) or 0
+  if is_live(rec) then return t + GRACE_MS end
+  if rec.state == 'gone' then return t + EARLY_MS end
+  return t + DECIDED_MS
 end
 
 -- Drop a dialog's record, and what it still counts when it was live: a record decided
@@ -72,18 +82,19 @@ local function get_record(did, now)
   if not raw then return nil end
   local rec = rec_unpack(raw)
   if rec == nil then return nil end
-  if rec.expires <= now then
+  if expires_of(rec) <= now then
     forget(did, rec)
     return nil
   end
   return rec
 end
 
-local function put_record(did, r, ttl_ms)
+-- (every field a string; ttl_s: the key's TTL in ms, a string)
+local function put_record(did, r, ttl_s)
   redis.call('SET', P_DIALOG .. did,
-             rec_pack(r.state, r.node, r.deadline, r.expires, r.init, r.start, r.q, r.cap,
-                      r.reason, r.class, r.sig, r.vars, r.members, r.decision, r.tail),
-             'PX', ttl_ms)
+             rec_pack(r.state, r.node, r.deadline, r.init, r.start, r.q, r.cap, r.reason,
+                      r.class, r.sig, r.vars, r.members, r.decision, r.tail),
+             'PX', ttl_s)
 end
 
 -- confirm (answered) or refresh a live dialog: push its deadline on, never past its max
@@ -93,9 +104,9 @@ local function extend(did, confirm, timeout, now)
   if rec == nil or not is_live(rec) then return 0 end
   -- past its deadline it stops counting at the next sweep and its slot may be taken:
   -- never revived
-  if rec.deadline <= now then return 0 end
+  if tonumber(rec.deadline) <= now then return 0 end
   local deadline = now + timeout
-  local cap = rec.cap
+  local cap = tonumber(rec.cap) or 0
   if cap == 0 and (confirm or rec.state == 'confirmed') then
     -- the call's max duration, from its decision (a plain admit has none)
     local md = PLAIN_MD
@@ -105,14 +116,14 @@ local function extend(did, confirm, timeout, now)
   if cap > 0 and cap < deadline then deadline = cap end
   if confirm and rec.state == 'early' then
     rec.state = 'confirmed'
-    rec.start = now
+    rec.start = NOW_S
     delta_one('#confirmed', 1)
   end
-  rec.cap = cap
-  rec.deadline = deadline
-  rec.expires = deadline + GRACE_MS
-  put_record(did, rec, deadline - now + KEEP_MS)
-  redis.call('ZADD', P_NODE .. rec.node, deadline, did)
+  rec.cap = ns(cap)
+  local dl = ns(deadline)
+  rec.deadline = dl
+  put_record(did, rec, ns(deadline - now + KEEP_MS))
+  redis.call('ZADD', P_NODE .. rec.node, dl, did)
   return 1
 end
 
@@ -131,8 +142,9 @@ local function set_var(did, name, value, now)
   redis.call('HSET', P_VARS .. did, name, value)
   if rec.vars ~= '1' then
     rec.vars = '1'
-    put_record(did, rec, rec.deadline - now + KEEP_MS)
-    redis.call('PEXPIRE', P_VARS .. did, rec.deadline - now + KEEP_MS)
+    local ttl = ns(tonumber(rec.deadline) - now + KEEP_MS)
+    put_record(did, rec, ttl)
+    redis.call('PEXPIRE', P_VARS .. did, ttl)
   end
   return 1
 end
@@ -153,8 +165,8 @@ local function end_dialog(did, reason, now, answered_at, quiet, tomb)
       -- The release wins: a record that arrives later finds the dialog ended and counts
       -- nothing. Kept as long as such a record could still count (EARLY_MS).
       redis.call('SET', P_DIALOG .. did,
-                 rec_pack('ended', '', now, now + EARLY_MS, 0, 0, 0, 0, reason, '', '', '',
-                          '', '', ''), 'PX', EARLY_MS)
+                 rec_pack('gone', '', NOW_S, '0', '0', '0', '0', reason, '', '', '', '', '',
+                          ''), 'PX', EARLY_S)
     end
     return nil
   end
@@ -162,18 +174,17 @@ local function end_dialog(did, reason, now, answered_at, quiet, tomb)
   delta_add(rec.members, -1)
   if rec.state == 'confirmed' then delta_one('#confirmed', -1) end
   redis.call('ZREM', P_NODE .. rec.node, did)
-  local ahead = rec.deadline > now
+  local ahead = tonumber(rec.deadline) > now
   if answered_at and rec.state == 'early' and ahead then rec.start = answered_at end
   local vars = vars_of(did, rec)
-  local was = rec_pack(rec.state, rec.node, rec.deadline, rec.expires, rec.init, rec.start,
-                       rec.q, rec.cap, reason, rec.class, rec.sig, rec.vars, rec.members,
+  local was = rec_pack(rec.state, rec.node, rec.deadline, rec.init, rec.start, rec.q,
+                       rec.cap, reason, rec.class, rec.sig, rec.vars, rec.members,
                        rec.decision, rec.tail)
   -- kept briefly so that late retransmissions see the dialog as decided, not as new
   rec.state = 'ended'
   rec.reason = reason
-  rec.deadline = now
-  rec.expires = now + DECIDED_MS
-  put_record(did, rec, DECIDED_MS)
+  rec.deadline = NOW_S
+  put_record(did, rec, DECIDED_S)
   if rec.vars == '1' then redis.call('PEXPIRE', P_VARS .. did, DECIDED_S) end
   ENDED[reason] = (ENDED[reason] or 0) + 1
   if CDR_KEEP <= 0 or quiet then return EMPTY, ahead end
@@ -194,18 +205,22 @@ end
 -- quietly (reason abandoned, no call-end record: there was no call); a request that has
 -- not arrived yet finds the dialog void and writes nothing. 1 when it changed something.
 local function void(did, rq, now)
+  rq = tonumber(rq)
+  if rq == nil then return 0 end
   local rec = get_record(did, now)
   if rec and is_live(rec) then
     -- only the request that was given up on (or an older one): a later attempt's dialog
     -- (the INVITE re-sent and admitted since) stays
-    if rec.q == 0 or rec.q > rq then return 0 end
+    local q = tonumber(rec.q) or 0
+    if q == 0 or q > rq then return 0 end
     end_dialog(did, 'abandoned', now, nil, true)
     return 1
   end
-  if rec and rec.state ~= 'void' then return 0 end  -- rejected or ended: counts nothing
-  if rec and rec.q >= rq then return 0 end
+  -- rejected, ended or gone: counts nothing
+  if rec and rec.state ~= 'void' then return 0 end
+  if rec and (tonumber(rec.q) or 0) >= rq then return 0 end
   redis.call('SET', P_DIALOG .. did,
-             rec_pack('void', '', now, now + DECIDED_MS, 0, 0, string.format('%d', rq), 0,
-                      '', '', '', '', '', '', ''), 'PX', DECIDED_MS)
+             rec_pack('void', '', NOW_S, '0', '0', ns(rq), '0', '', '', '', '', '', '', ''),
+             'PX', DECIDED_S)
   return 1
 end

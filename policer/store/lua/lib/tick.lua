@@ -39,11 +39,11 @@ local function sweep_expired(now, batch)
       local rec = get_record(did, now)
       -- (a dialog id admitted again since, by another node, is that node's now)
       local live = rec ~= nil and is_live(rec) and rec.node == node
-      if live and rec.deadline > now then
+      if live and tonumber(rec.deadline) > now then
         redis.call('ZADD', nkey, rec.deadline, did)  -- answered or refreshed since
       else
         local reason = 'expired'
-        if live and rec.cap > 0 and rec.cap == rec.deadline then reason = 'duration_cap' end
+        if live and rec.cap ~= '0' and rec.cap == rec.deadline then reason = 'duration_cap' end
         if live and end_dialog(did, reason, now) then done = done + 1 end
         redis.call('ZREM', nkey, did)
       end
