@@ -286,11 +286,20 @@ class SentinelSet:
         self.primary: RedisServer | None = None
 
     def start(self) -> SentinelSet:
-        primary = RedisServer().start()
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # whatever was started
+            raise
+
+    def _start(self) -> SentinelSet:
+        primary = RedisServer()
         self.servers.append(primary)
+        primary.start()
         self.primary = primary
         replica = RedisServer(extra_args=["--replicaof", "127.0.0.1", str(primary.port)])
-        self.servers.append(replica.start())
+        self.servers.append(replica)
+        replica.start()
 
         def linked() -> bool:
             try:
@@ -757,12 +766,13 @@ class Monitor(threading.Thread):
                     c = _client(self.world.redis_port(), 0.5)
                     with c.monitor() as m:  # type: ignore[no-untyped-call]
                         while not self.stop_event.is_set():
-                            try:
-                                e = m.next_command()
+                            try:  # the raw line: "<time> [<db> <client>] <command>"
+                                line = m.connection.read_response()
                             except redis.TimeoutError:
                                 continue
-                            out.write(f"{e['time']:.6f} {e['client_address']}:"
-                                      f"{e['client_port']} {e['command']}\n")
+                            if isinstance(line, bytes):
+                                line = line.decode(errors="replace")
+                            out.write(f"{line}\n")
                 except (redis.RedisError, OSError, ValueError):
                     self.stop_event.wait(0.1)
 
@@ -910,12 +920,15 @@ class World:
         self.max_s = max_s
         self.t_begin = time.time()
         self.write_policy()
+        # each part is kept before it is started: close() stops whatever was started
         if self.kind == "single":
-            self.redis = ChaosRedis().start()
+            self.redis = ChaosRedis()
+            self.redis.start()
             direct_url = f"redis://127.0.0.1:{self.redis.port}/0"
             url_a = url_b = direct_url
         else:
-            self.sentinel = SentinelSet().start()
+            self.sentinel = SentinelSet()
+            self.sentinel.start()
             if opts.flavour == "native":
                 # ndb_redis reaches one fixed address: a loopback port DNATed to the
                 # primary, moved by this tool when the sentinels name another one
@@ -929,18 +942,22 @@ class World:
                 url_a = url_b = self.sentinel.url()
         if self.want_netns:
             assert self.redis is not None
-            self.netns = netfault.NetNs().create()
+            self.netns = netfault.NetNs()
+            self.netns.create()
             if self.firewall is None:
                 self.firewall = netfault.Firewall()
             self.firewall.attach(self.netns.host_link)
             self.relay = netfault.Relay((self.netns.host_ip, free_port()),
-                                        ("127.0.0.1", self.redis.port), self.workdir).start()
+                                        ("127.0.0.1", self.redis.port), self.workdir)
+            self.relay.start()
             url_b = f"redis://{self.netns.host_ip}:{self.relay.listen[1]}/0"
-        uas_a = Uas("127.0.0.1", self.workdir, max_s + 300).start()
+        uas_a = Uas("127.0.0.1", self.workdir, max_s + 300)
         self.uases.append(uas_a)
+        uas_a.start()
         if self.netns is not None:
-            uas_b = Uas(self.netns.host_ip, self.workdir, max_s + 300).start()
+            uas_b = Uas(self.netns.host_ip, self.workdir, max_s + 300)
             self.uases.append(uas_b)
+            uas_b.start()
         else:
             uas_b = uas_a
         self.proxies = [self._proxy("a", "127.0.0.1", uas_a, url_a, None),
@@ -977,11 +994,13 @@ class World:
         for p in self.proxies:
             local_ip = self.netns.host_ip if p.netns and self.netns else "127.0.0.1"
             self.uacs.append(Uac(f"{self.kind}-{p.name}-ordinary", "ordinary", p, local_ip,
-                                 ordinary, opts.rate, opts.hold_s, self.workdir, max_s).start())
+                                 ordinary, opts.rate, opts.hold_s, self.workdir, max_s))
             self.uacs.append(Uac(f"{self.kind}-{p.name}-emergency", "emergency", p, local_ip,
                                  [(f"sos-{p.name}", EMERGENCY_ACCOUNT, EMERGENCY_NUMBER)],
                                  opts.emergency_rate, opts.emergency_hold_s, self.workdir,
-                                 max_s).start())
+                                 max_s))
+        for u in self.uacs:
+            u.start()
         self.t_traffic = time.time()
 
     def _proxy(self, name: str, ip: str, uas: Uas, url: str,

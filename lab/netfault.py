@@ -277,6 +277,7 @@ class Relay:
             if "listening" in self.log.read_text(errors="replace"):
                 return self
             time.sleep(0.05)
+        self.stop()
         raise RuntimeError("relay did not start in 10 s")
 
     def set_delay(self, ms: int) -> None:
