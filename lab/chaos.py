@@ -142,7 +142,7 @@ class Options:
     recovery_s: float = 9.0
     sample_s: float = 0.15
     lease_s: int = 5
-    children: int = 2
+    children: int = 4  # SIP worker processes per proxy (deploy/kamailio/run's default)
     workdir: Path | None = None
     keep: bool = False
     verbose: bool = True
@@ -845,6 +845,8 @@ class Check:
     lost: list[str] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)  # id -> Redis's dialog hash
     ok: bool = False
+    #: the ids counted or up at the second sample (only kept when a few)
+    present: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -1089,6 +1091,9 @@ class World:
         c.live = len(s2.up())
         c.ghosts = sorted((s1.ids & s2.ids) - s1.seen() - s2.seen())
         c.lost = sorted((s1.up() & s2.up()) - s1.ids - s2.ids)
+        present = s2.ids | s2.up()
+        if len(present) <= 20:
+            c.present = sorted(present)
         if c.ghosts or c.lost:
             c.detail = self.dialog_hashes([*c.ghosts, *c.lost][:50])
         return c
@@ -1672,6 +1677,8 @@ def run_world(opts: Options, kind: str, names: list[str], workdir: Path
             "cdr_records_followed": len(world.cdrs.records),
             "cdr_records_in_stream_at_end": in_stream,
             "cdr_missing_overall": len([c for c in ended if c.call_id not in cdr_calls]),
+            # calls still up (or counted) once every UAC was done: their SIP history
+            "still_up": {did: _call_summary(calls, did) for did in f.present},
             "sample_errors": sum(1 for s in world.sampler.samples if not s.redis_ok),
             "samples": len(world.sampler.samples),
             "repoints": world.repoints,
@@ -1684,6 +1691,11 @@ def run_world(opts: Options, kind: str, names: list[str], workdir: Path
     finally:
         world.close()
     return world, rows, final, errors
+
+
+def _call_summary(calls: dict[str, CallLog], did: str) -> dict[str, Any] | None:
+    c = calls.get(did.split(";", 1)[0])
+    return None if c is None else asdict(c)
 
 
 def _stream_length(world: World) -> int:
@@ -1787,6 +1799,11 @@ def report(result: FlavourResult) -> str:
            f"held {result.emergency_hold_s:g} s; limits {result.limits}; "
            f"{result.seconds:.0f} s, {result.started}", "", table(result), ""]
     for kind, f in result.final.items():
+        for did, call in (f.get("still_up") or {}).items():
+            state = ("no call of the UACs" if call is None else
+                     f"INVITE at {call['invite']:.3f}, answered {call['answered'] or '-'}, "
+                     f"ended {call['ended'] or '-'}, final answer {call['code'] or '-'}")
+            out.append(f"still up at the end ({kind}): {did}: {state}")
         out.append(f"end of the run ({kind}): Redis counts {f.get('redis_count')}, proxies "
                    f"carry {f.get('live')}, ghosts {f.get('ghosts')}, uncounted "
                    f"{f.get('uncounted')}; {f.get('calls')} calls, {f.get('emergency_calls')} "
