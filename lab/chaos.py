@@ -124,6 +124,23 @@ FAULTS: dict[str, FaultSpec] = {f.name: f for f in (
     FaultSpec("failover", "Sentinel failover: the primary killed -9, the replica promoted",
               "failover", 5, world="sentinel"),
 )}
+#: each fault as the table names it
+LABELS = {
+    "none": "none (steady load)",
+    "pause-0.2": "Redis paused 0.2 s",
+    "pause-1": "Redis paused 1 s",
+    "pause-5": "Redis paused 5 s",
+    "spikes": "DEBUG SLEEP 0.08 twice a second, 10 s",
+    "restart-empty": "Redis killed -9, started empty",
+    "restart-aof": "Redis killed -9, restarted from its AOF",
+    "client-kill": "CLIENT KILL TYPE normal",
+    "partition": "chaos-b cut off Redis, 8 s",
+    "latency-20": "chaos-b to Redis +20 ms, 5 s",
+    "latency-200": "chaos-b to Redis +200 ms, 5 s",
+    "loss-30": "chaos-b to Redis 30 % loss, 5 s",
+    "proxy-kill": "chaos-a killed -9, started 2 s later",
+    "failover": "Sentinel failover (primary killed -9)",
+}
 DEFAULT_FAULTS = list(FAULTS)
 QUICK_FAULTS = ["pause-1", "restart-empty"]
 
@@ -1773,11 +1790,11 @@ def _fmt_pair(d: dict[str, int]) -> str:
 
 def table(result: FlavourResult) -> str:
     """The fault matrix of one flavour, as a Markdown table."""
-    head = ("| fault | length | INVITEs: answered / limit / fallback / other | "
-            "over max while Redis answered (live / Redis) | emergency placed / admitted / "
+    head = ("| fault | INVITEs: answered / limit / fallback / other | "
+            "over max while Redis answered: live / Redis | emergency: placed / admitted / "
             "counted after | ghosts +1 s / +5 s / end | uncounted +1 s / +5 s / end | "
-            "count = live after (bound) | call-end records lost | clean |")
-    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "count = live after (bound) | records lost | clean |")
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result.rows:
         other = sum(r.rejected_other.values()) + r.unanswered
         conv = ("never" if r.count_equals_live_after_s is None
@@ -1785,7 +1802,8 @@ def table(result: FlavourResult) -> str:
         counted = (f"{r.emergency_counted_after}/{r.emergency_up_after}"
                    if r.emergency_up_after else "-")
         lines.append(
-            f"| {r.title} | {r.length} | {r.invites}: {r.answered} / {r.rejected_by_limit} / "
+            f"| {LABELS.get(r.fault, r.fault)} | {r.invites}: {r.answered} / "
+            f"{r.rejected_by_limit} / "
             f"{r.rejected_by_fallback} / {other} | {r.over_live} / {r.over_redis} | "
             f"{r.emergency_placed} / {r.emergency_admitted} / {counted} | {_fmt_pair(r.ghosts)} "
             f"| {_fmt_pair(r.uncounted)} | {conv} ({r.target_s:.0f} s) | {r.cdr_lost} | "
@@ -1822,6 +1840,15 @@ def report(result: FlavourResult) -> str:
     return "\n".join(out)
 
 
+def load_results(path: Path) -> list[FlavourResult]:
+    """The results a run wrote with ``--json``."""
+    out = []
+    for d in json.loads(path.read_text()):
+        rows = [RowResult(**r) for r in d.pop("rows")]
+        out.append(FlavourResult(rows=rows, **d))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m lab.chaos",
@@ -1851,7 +1878,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--monitor", action="store_true",
                    help="write Redis's MONITOR stream to the workdir (diagnostics)")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--report", type=Path, metavar="FILE",
+                   help="print the report of an earlier run's --json FILE, run nothing")
     args = p.parse_args(argv)
+    if args.report:
+        for result in load_results(args.report):
+            print(report(result), end="\n\n")
+        return 0
     faults = QUICK_FAULTS if args.quick else [f for f in args.faults.split(",") if f]
     unknown = [f for f in faults if f not in FAULTS]
     if unknown:
