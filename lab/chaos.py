@@ -49,6 +49,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -1058,31 +1059,30 @@ class World:
         self.t_drained = time.time()
 
     def close(self) -> None:
+        """Stop everything this world started; one step failing does not stop the rest."""
         self._follow_stop.set()
-        for u in self.uacs:
-            u.kill()
-        if self.sampler is not None:
-            self.sampler.stop()
+        steps: list[Callable[[], object]] = [u.kill for u in self.uacs]
+        if self._follower is not None:
+            steps.append(partial(self._follower.join, timeout=5))
+        for thread in (self.sampler, self.monitor):
+            if thread is not None:
+                steps.append(thread.stop)
         if self.cdrs is not None:
-            self.cdrs.stop_event.set()
-        if self.monitor is not None:
-            self.monitor.stop()
-        for p in self.proxies:
-            p.stop()
-        for s in self.uases:
-            s.stop()
-        if self.relay is not None:
-            self.relay.stop()
-        if self.firewall is not None:
-            self.firewall.destroy()
-        if self.netns is not None:
-            self.netns.destroy()
-        if self.redis is not None:
-            self.redis.stop()
-        if self.sentinel is not None:
-            self.sentinel.stop()
-        for p in self.proxies:
-            shutil.rmtree(p.runtime, ignore_errors=True)
+            steps.append(self.cdrs.stop_event.set)
+        steps += [p.stop for p in self.proxies]
+        steps += [s.stop for s in self.uases]
+        for part in (self.relay, self.firewall, self.netns):
+            if part is not None:
+                steps.append(part.stop if isinstance(part, netfault.Relay) else part.destroy)
+        for server in (self.redis, self.sentinel):
+            if server is not None:
+                steps.append(server.stop)
+        steps += [partial(shutil.rmtree, p.runtime, ignore_errors=True) for p in self.proxies]
+        for step in steps:
+            try:
+                step()
+            except Exception as e:
+                log(self.opts, f"clean-up step failed: {e!r}")
 
     # -- checks
     def check(self, at: float, timeout: float = 6) -> Check:
@@ -1648,7 +1648,7 @@ def _plan_seconds(opts: Options, names: Sequence[str]) -> float:
     length = {"pause-0.2": 0.2, "pause-1": 1, "pause-5": 5, "spikes": 10, "partition": 8,
               "latency-20": 5, "latency-200": 5, "loss-30": 5, "proxy-kill": 4,
               "failover": 5, "restart-empty": 1, "restart-aof": 1}
-    return opts.warmup_s + sum(length.get(n, 0.5) + opts.recovery_s + 1 for n in names) + 30
+    return opts.warmup_s + sum(length.get(n, 0.5) + opts.recovery_s + 2 for n in names) + 60
 
 
 def run_world(opts: Options, kind: str, names: list[str], workdir: Path
