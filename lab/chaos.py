@@ -61,6 +61,7 @@ from lab import netfault
 from lab.proxy import KAMAILIO, KAMCMD, RUN, proxy_env
 from lab.proxy import ready as proxy_ready
 from lab.redis_server import RedisServer, find_redis_server, free_port, free_udp_port
+from policer.protocol import unpack_record
 from policer.reconcile import fetch_dialogs
 from policer.store.keys import Keys, dialog_id
 
@@ -633,14 +634,22 @@ class Uas:
 
 # ----------------------------------------------------------------------------- sampling
 
-#: counts every live member of the total zset (its ids) and of each profile key given,
-#: in Redis's clock, in one script: one instant
+#: the ids of the dialogs Redis counts (every node's index, each record live: early or
+#: confirmed) and the count fields given (ARGV[2..]), in Redis's clock, in one script:
+#: one instant. KEYS[1] the counts hash, ARGV[1] the namespace's key prefix
 SAMPLE_SCRIPT = """
 local t = redis.call('TIME')
 local now = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+local ids = {}
+for _, node in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'nidx')) do
+  for _, did in ipairs(redis.call('ZRANGE', ARGV[1] .. 'n:' .. node, 0, -1)) do
+    local raw = redis.call('GET', ARGV[1] .. 'd:' .. did)
+    local st = raw and string.match(raw, '^([^|]*)|')
+    if st == 'early' or st == 'confirmed' then ids[#ids + 1] = did end
+  end
+end
 local counts = {}
-for i = 1, #KEYS do counts[i] = redis.call('ZCOUNT', KEYS[i], '(' .. now, '+inf') end
+for i = 2, #ARGV do counts[i - 1] = tonumber(redis.call('HGET', KEYS[1], ARGV[i])) or 0 end
 return {now, ids, counts}
 """
 
@@ -715,7 +724,8 @@ class Sampler(threading.Thread):
         self.lock = threading.Lock()
         self.labels = world.profile_labels()
         keys = Keys(world.namespace)
-        self.keys = [_key(keys, label) for label in self.labels]
+        self.counts_key = keys.counts
+        self.args = [keys.prefix, *(_field(label) for label in self.labels)]
 
     def proxies(self) -> dict[str, frozenset[str] | None]:
         return {p.name: p.dialog_ids() for p in self.world.proxies}
@@ -724,7 +734,8 @@ class Sampler(threading.Thread):
         before = self.proxies()
         t = time.time()
         try:
-            raw = self.reader.call(lambda c: c.eval(SAMPLE_SCRIPT, len(self.keys), *self.keys))
+            raw = self.reader.call(lambda c: c.eval(SAMPLE_SCRIPT, 1, self.counts_key,
+                                                             *self.args))
             ok = True
             ids = frozenset(_intern(x.decode() if isinstance(x, bytes) else str(x))
                             for x in raw[1])
@@ -753,9 +764,9 @@ class Sampler(threading.Thread):
         self.join(timeout=10)
 
 
-def _key(keys: Keys, label: str) -> str:
+def _field(label: str) -> str:
     profile, eq, value = label.partition("=")
-    return keys.profile(profile, value if eq else None)
+    return Keys.count_field(profile, value if eq else None)
 
 
 @dataclass
@@ -1112,10 +1123,10 @@ class World:
         if len(present) <= 20:
             c.present = sorted(present)
         if c.ghosts or c.lost:
-            c.detail = self.dialog_hashes([*c.ghosts, *c.lost][:50])
+            c.detail = self.dialog_records([*c.ghosts, *c.lost][:50])
         return c
 
-    def dialog_hashes(self, ids: Iterable[str]) -> dict[str, Any]:
+    def dialog_records(self, ids: Iterable[str]) -> dict[str, Any]:
         keys = Keys(self.namespace)
         reader = self.reader(1.0)
         out: dict[str, Any] = {}
@@ -1123,16 +1134,16 @@ class World:
             key = keys.dialog(did)
 
             def read(c: redis.Redis, key: str = key) -> Any:
-                return c.hgetall(key)
+                return c.execute_command("GET", key, NEVER_DECODE=True)
 
             try:
-                h = reader.call(read)
+                raw = reader.call(read)
             except (redis.RedisError, OSError) as e:
                 out[did] = {"error": str(e)}
                 continue
-            out[did] = {(k.decode() if isinstance(k, bytes) else k):
-                        (v.decode(errors="replace") if isinstance(v, bytes) else v)
-                        for k, v in h.items() if k not in (b"i", b"keys")}
+            rec = unpack_record(raw) if raw else None
+            out[did] = {k: v.decode(errors="replace") for k, v in (rec or {}).items()
+                        if k != "tail"}
         return out
 
     def sleep_until(self, t: float) -> None:

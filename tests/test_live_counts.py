@@ -244,8 +244,36 @@ def test_a_node_held_by_a_live_instance_is_not_taken(live: Store) -> None:
 
 
 def test_a_lease_that_lapsed_is_reported_on_renewal(live: Store) -> None:
-    assert not live.tick("n1", 2_000, False, start=True, instance="a").lapsed
-    assert not live.tick("n1", 2_000, False, instance="a").lapsed
-    jump(live, 2_001)
-    assert live.tick("n1", 2_000, False, instance="a").lapsed
-    assert not live.tick("n1", 2_000, False, instance="a").lapsed
+    # n1 is cut off while n2 renews every second: n1's lease lapses, n2 ends its calls
+    assert not live.tick("n1", 2_000, False, start=True, instance="a", renew_ms=1_000).lapsed
+    assert not live.tick("n2", 2_000, False, start=True, instance="b", renew_ms=1_000).lapsed
+    assert live.admit_call(acme(), "n1").admitted
+    for _ in range(3):
+        jump(live, 1_000)
+        live.tick("n2", 2_000, True, instance="b", renew_ms=1_000)
+    assert counts(live) == (0, 0, 0)
+    assert live.ended() == {"node_lost": 1}
+    assert live.tick("n1", 2_000, False, instance="a", renew_ms=1_000).lapsed
+    assert not live.tick("n1", 2_000, False, instance="a", renew_ms=1_000).lapsed
+
+
+def test_a_store_stalled_longer_than_the_lease_loses_no_node(live: Store) -> None:
+    # Redis paused 5 s (its clock moves on, nobody can renew): the first node to tick
+    # after it finds the other's lease alive, ends none of its calls, and neither node
+    # is told its lease lapsed
+    live.tick("n1", 2_000, False, start=True, instance="a", renew_ms=1_000)
+    live.tick("n2", 2_000, False, start=True, instance="b", renew_ms=1_000)
+    c = acme()
+    assert live.admit_call(c, "n1").admitted
+    jump(live, 5_000)
+    assert not live.tick("n2", 2_000, True, instance="b", renew_ms=1_000).lapsed
+    assert counts(live) == (1, 1, 1)
+    assert not live.tick("n1", 2_000, True, instance="a", renew_ms=1_000).lapsed
+    assert live.ended() == {}
+    # a node gone for good still lapses, a lease after the stall
+    for _ in range(3):
+        jump(live, 1_000)
+        live.tick("n2", 2_000, True, instance="b", renew_ms=1_000)
+    assert counts(live) == (0, 0, 0)
+    assert live.ended() == {"node_lost": 1}
+    assert live.dialog(did(c)) is not None

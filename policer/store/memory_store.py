@@ -128,6 +128,7 @@ class MemoryStore:
         self._attempts_keep = 100_000
         self._seq = itertools.count(1)
         self._nodes: dict[str, int] = {}  # encoded node -> end of its lease
+        self._ticked: int | None = None  # when a node last ticked (store clock)
         self._node_dialogs: dict[str, dict[str, int]] = {}  # node -> dialog id -> deadline
         self._admits = 0
         self._clock = LocalClock("UTC")
@@ -810,6 +811,7 @@ class MemoryStore:
             enc = key_part(node) if node else ""
             lapsed = False
             if lease_ms > 0:
+                self._stall_credit(now, renew_ms or 5000)
                 was = self._nodes.get(enc)
                 if instance:
                     if start:
@@ -841,6 +843,16 @@ class MemoryStore:
             swept = self._sweep_lost_nodes(now, _RENEW_BATCH) if sweep else 0
             expired = self._sweep_expired(now, _RENEW_BATCH)
             return TickResult(swept, left, expired, cur, "", lapsed)
+
+    def _stall_credit(self, now: int, renew_ms: int) -> None:
+        # lua/lib/tick.lua stall_credit: the time between two ticks beyond a renew
+        # interval (nobody could renew) is added to the leases alive at the earlier one
+        last, self._ticked = self._ticked, now
+        if last is None or now - last <= renew_ms:
+            return
+        for n, until in self._nodes.items():
+            if until > last:
+                self._nodes[n] = until + now - last - renew_ms
 
     def node_skews(self) -> dict[str, tuple[int, int]]:
         with self._lock:

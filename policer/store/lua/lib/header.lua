@@ -82,6 +82,8 @@
 --   P nidx           set of node names that have an n:<node> index
 --   P nodes          zset node -> end of its lease (nodes holding a lease)
 --   P owner          hash node -> '<instance>:<last renewal ms>'
+--   P ticked         string: when any node last ticked (a gap beyond a renew interval is
+--                    time nobody could renew: added to the leases alive then)
 --   P skew           hash node -> '<its clock minus Redis's, ms>:<when>'
 --   P epoch          hash id, run (the VM_MARK it was confirmed with)
 --   P sweep          string: the tick's HSCAN cursor over the T| fields of P c

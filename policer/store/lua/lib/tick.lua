@@ -163,6 +163,27 @@ local function take_node(node, inst, now, lease_end, renew_ms)
   return ''
 end
 
+-- Leases are judged by Redis's clock, which moves on while Redis itself is stopped (a
+-- pause, a stall, a restart from its AOF) and while every node is cut off: time in which
+-- no node could renew. The time between two ticks of the namespace (any node's) beyond a
+-- renew interval is such time: it is added to every lease that was alive at the earlier
+-- tick, so that no node is judged lost for it (each node's own renewal follows within a
+-- renew interval). A node that is gone for good lapses one lease after its last renewal
+-- plus the time nobody could renew.
+local function stall_credit(now, renew_ms)
+  local tkey = NS_PREFIX .. 'ticked'
+  local last = tonumber(redis.call('GET', tkey))
+  redis.call('SET', tkey, NOW_S)
+  if not last then return end
+  local excess = now - last - renew_ms
+  if excess <= 0 then return end
+  local alive = redis.call('ZRANGEBYSCORE', NODES, '(' .. ns(last), '+inf')
+  if #alive == 0 then return end
+  local credit = ns(excess)
+  for _, n in ipairs(alive) do redis.call('ZINCRBY', NODES, credit, n) end
+  redis.call('HINCRBY', STATS, 'stall_ms', credit)
+end
+
 local function fn_tick(keys, args)
   local node = args[1] or ''
   local lease = tonumber(args[2]) or 0
@@ -173,6 +194,7 @@ local function fn_tick(keys, args)
   if args[3] == 'epoch' then return {0, 0, 0, 0, epoch_op(args[8] or ''), '', 0} end
   local owner, lapsed = '', 0
   if lease > 0 then
+    stall_credit(now, renew_ms)
     local was = redis.call('ZSCORE', NODES, node)
     if inst ~= '' then
       if args[3] == 'start' then
