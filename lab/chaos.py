@@ -63,6 +63,7 @@ from lab.proxy import ready as proxy_ready
 from lab.redis_server import RedisServer, find_redis_server, free_port, free_udp_port
 from policer.protocol import unpack_record
 from policer.reconcile import fetch_dialogs
+from policer.store import RedisStore, StoreError
 from policer.store.keys import Keys, dialog_id
 
 __all__ = ["FAULTS", "FlavourResult", "Options", "RowResult", "main", "run_flavour"]
@@ -816,10 +817,10 @@ class CdrFollower(threading.Thread):
 
     def __init__(self, world: World) -> None:
         super().__init__(name="chaos-cdr", daemon=True)
-        self.reader = world.reader(timeout=1.0)
-        self.key = Keys(world.namespace).cdr
+        self.world = world
+        self.store: RedisStore | None = None
         self.records: list[CdrRecord] = []
-        self.last = "0-0"
+        self.last = ""
         self.stop_event = threading.Event()
         self.errors = 0
         self.lock = threading.Lock()
@@ -831,20 +832,21 @@ class CdrFollower(threading.Thread):
     def _poll(self) -> None:
         while True:
             try:
-                rows = self.reader.call(lambda c: c.xrange(self.key, f"({self.last}", "+",
-                                                           count=5000))
-            except (redis.RedisError, OSError):
+                if self.store is None:  # (again after a failure: the primary may have moved)
+                    self.store = RedisStore(f"redis://127.0.0.1:{self.world.redis_port()}/0",
+                                            self.world.namespace, timeout_ms=1000)
+                rows = self.store.call_records(count=5000, after=self.last)
+            except (StoreError, redis.RedisError, OSError):
                 self.errors += 1
+                if self.store is not None:
+                    with contextlib.suppress(Exception):
+                        self.store.close()
+                self.store = None
                 return
-            for rid, fields in rows:
-                rid_s = rid.decode() if isinstance(rid, bytes) else str(rid)
-                f = {(k.decode() if isinstance(k, bytes) else str(k)):
-                     (v.decode(errors="replace") if isinstance(v, bytes) else str(v))
-                     for k, v in fields.items()}
-                did = f.get("dialog_id", "")
-                self.records.append(CdrRecord(rid_s, did, did.split(";", 1)[0],
-                                              f.get("reason", ""), int(f.get("end_ms", 0) or 0)))
-                self.last = rid_s
+            for r in rows:
+                self.records.append(CdrRecord(r.record_id, r.dialog_id, r.call_id, r.reason,
+                                              r.end_ms))
+                self.last = r.record_id
             if len(rows) < 5000:
                 return
 

@@ -586,10 +586,11 @@ class Engine:
         Never raises."""
         try:
             self.poll_policy()
-            # one probe for the whole tick while the breaker is open; every success
-            # below closes it, so a process that only ticks recovers too
-            if not self.breaker.allow():
-                return
+            # The tick asks the store whatever the breaker says (once a second, beside
+            # the decisions, each call bounded by store_timeout), and its success closes
+            # the breaker: a store that came back empty gets its library from here even
+            # while the decisions' probes keep failing on the missing library (policer
+            # serve's pipelined admits took every probe: 7.5 s of fallback decisions)
             if self.lease and not self._ensure_loaded():
                 return
             if self.pending:

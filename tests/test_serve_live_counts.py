@@ -118,6 +118,49 @@ def test_a_frozen_redis_leaves_no_ghost_from_a_given_up_admit(tmp_path: Path,
             store.close()
 
 
+def test_a_redis_restarted_empty_decides_again_within_seconds(tmp_path: Path,
+                                                              namespace: str) -> None:
+    """Admits keep coming while Redis restarts empty: the decisions' probes fail on the
+    missing library, yet the service's tick loads it (whatever the breaker says) and the
+    store decides again within a few seconds (it took 7.5 s, and a whole fault-matrix row
+    of fallback decisions, while the tick waited for a probe slot the admits took)."""
+    with RedisServer() as private:
+        path = policy_copy(tmp_path, namespace, replace={
+            "on_store_error: admit": "on_store_error: reject\nstore_timeout: 50ms"})
+        s = Serve(tmp_path, {"POLICER_REDIS_URL": private.url, "POLICER_POLICY": str(path)})
+        stop = threading.Event()
+        decided: list[tuple[float, bool]] = []  # (when, by the store)
+
+        def client() -> None:
+            conn, i = s.connection(), 0
+            try:
+                while not stop.is_set():
+                    i += 1
+                    st, out = s.post("/v1/admit", body(f"r{i}", from_user=f"u{i % 50}"),
+                                     conn=conn)
+                    if st == 200:
+                        decided.append((time.monotonic(), not out["fallback"]))
+                        if out["admitted"]:
+                            s.post("/v1/release", {"dialog_id": out["dialog_id"]}, conn=conn)
+                    time.sleep(0.01)
+            finally:
+                conn.close()
+
+        t = threading.Thread(target=client)
+        try:
+            t.start()
+            assert wait_for(lambda: any(ok for _, ok in decided), 5)
+            private.restart()  # empty
+            back = time.monotonic()
+            assert wait_for(lambda: any(ok and w > back + 0.1 for w, ok in decided), 4), \
+                f"{sum(w > back for w, _ in decided)} admits since the restart, none decided " \
+                "by the store"
+        finally:
+            stop.set()
+            t.join(timeout=30)
+            s.stop()
+
+
 def test_a_second_service_with_the_same_node_name_refuses_to_start(
         tmp_path: Path, redis_url: str, namespace: str) -> None:
     path = policy_copy(tmp_path, namespace)
