@@ -33,8 +33,9 @@ import hiredis
 import redis
 
 from lab.redis_server import RedisServer
-from policer.call import Call, pack_fields
+from policer.call import Call
 from policer.policy import Policy, load_policy, parse_policy
+from policer.protocol import NATIVE_REPLY
 from policer.store import RedisStore
 
 NODE = "bench-node"
@@ -95,8 +96,9 @@ def worker(url_port: int, flavour: str, policy_text: str | None, policy_path: st
     t0 = time.monotonic()
     nxt = t0
     next_flush = t0 + 0.1
-    answered: list[tuple[float, bytes, bytes]] = []  # (admitted at, call id, tag)
-    up: list[tuple[float, bytes, bytes]] = []
+    answered: list[tuple[float, bytes]] = []  # (admitted at, dialog id)
+    up: list[tuple[float, bytes]] = []
+    did_at = NATIVE_REPLY.index("dialog_id")
     placed = admitted = 0
     seq = 0
     while True:
@@ -123,19 +125,20 @@ def worker(url_port: int, flavour: str, policy_text: str | None, policy_path: st
             r = _read(sock, reader)
             if isinstance(r, list) and r and r[0] == 1:
                 admitted += 1
-                answered.append((now, cid, b"t"))
+                answered.append((now, r[did_at]))
         if store is not None and now >= next_flush:
             next_flush = now + 0.1
+            # the native cfg's dialog events: line ops naming the dialog by the id its
+            # admit answered
             ops: list[bytes] = []
-            keep: list[tuple[float, bytes, bytes]] = []
             for item in answered:  # answered some ms after the admit
-                ops.append(b"c" + pack_fields((item[1], item[2], b"")))
+                ops.append(b"+" + item[1] + b"\n")
                 up.append(item)
-            answered = keep
-            still: list[tuple[float, bytes, bytes]] = []
+            answered = []
+            still: list[tuple[float, bytes]] = []
             for item in up:
                 if now - item[0] >= hold_ms / 1000:
-                    ops.append(b"r" + pack_fields((item[1], item[2], b"bye")))
+                    ops.append(b"-" + item[1] + b" bye\n")
                 else:
                     still.append(item)
             up = still

@@ -260,13 +260,12 @@ def _protocol_code() -> str:
     out += [f"-- the admit reply ({protocol.ADMIT_REPLY.name}), in its order",
             f"local function admit_reply({args})",
             f"  return {{{args}}}", "end", ""]
-    md = protocol.ADMIT_REPLY.lua("max_duration")
-    keep = ", ".join(f"r[{protocol.ADMIT_REPLY.lua(f)}]" for f in native[:-1])
+    nargs = ", ".join("max_duration" if f == "max_duration_s" else f for f in native)
     out += ["-- mode A: the reply a proxy's cfg reads (the max duration in seconds)",
-            "local function native_reply(r)",
-            f"  local md = r[{md}]",
-            "  if md > 0 then md = math.ceil(md / 1000) else md = -1 end",
-            f"  return {{{keep}, md}}", "end", "",
+            f"local function native_reply({nargs})",
+            "  local max_duration_s = -1",
+            "  if max_duration > 0 then max_duration_s = math.ceil(max_duration / 1000) end",
+            f"  return {{{', '.join(native)}}}", "end", "",
             f"local R_DUPLICATE = {protocol.ADMIT_REPLY.lua('duplicate')}", ""]
     row = ", ".join(protocol.EXPLAIN_ROW.fields)
     out += ["-- one row of explain's dry run", f"local function explain_row({row})",
@@ -281,6 +280,27 @@ def _protocol_code() -> str:
             f"  local {vals}, tail = string.match(s, REC_PATTERN)",
             "  if state == nil then return nil end",
             "  return {" + ", ".join(f"{f} = {f}" for f in rec) + ", tail = tail}", "end", ""]
+    for name, lead in (("answer", protocol.DIALOG_ANSWER), ("end", protocol.DIALOG_END)):
+        assert rec[:len(lead)] == lead, f"DIALOG must start with {lead}"
+        args = ", ".join(lead)
+        pat = "^" + "([^|]*)|" * len(lead) + "(.*)$"
+        out += [f"-- a record's leading fields an {name} reads ({args}) and the rest as it is",
+                f"local REC_{name.upper()} = '{pat}'",
+                f"local function rec_{name}(s) return string.match(s, REC_{name.upper()}) end",
+                f"local function rec_{name}_pack({args}, rest)",
+                "  return " + " .. '|' .. ".join(lead) + " .. '|' .. rest", "end", ""]
+    att = protocol.ATTEMPT.fields
+    out += ["-- a decided attempt's fields (ATTEMPT), '|'-joined",
+            f"local function attempt_pack({', '.join(att)})",
+            "  return " + " .. '|' .. ".join(att), "end", ""]
+    line = "".join("%" + o.letter if o.letter in "-+" else o.letter
+                   for o in protocol.BATCH_OPS if o.line)
+    packed = ", ".join(f"['{o.letter}'] = {len(o.fields)}"
+                       for o in protocol.BATCH_OPS if not o.line)
+    out += ["-- a batch's ops: a line op (letter, dialog id, argument, the next position) in one",
+            "-- match; a packed op's letter -> its number of fields",
+            f"local OP_LINE = '^([{line}])([^ \\n]*) ?([^\\n]*)\\n()'",
+            f"local OP_FIELDS = {{{packed}}}", ""]
     dvals = ", ".join(dec)
     dpattern = "^" + "([^,]*)," * (len(dec) - 1) + "([^,]*)$"
     out += ["-- a decision: its fields ','-joined",
@@ -368,10 +388,10 @@ local ATTEMPTS = NS_PREFIX .. 'attempts'
 local DECIDED_S = '' .. DECIDED_MS
 local CDR_KEEP_S = '' .. CDR_KEEP
 local ATTEMPTS_KEEP_S = '' .. ATTEMPTS_KEEP
--- a live record's key lives this long from its admission (real time; the sweeps end it
--- first), a refreshed one's from its refresh (s: its string)
+-- a live record's key lives this long from its admission, so that its answer keeps the
+-- TTL (real time; the sweeps end it first), a refreshed one's from its refresh
 local KEEP_MS = {KEEP_MS}
-local LIVE_TTL_S = '' .. ((EARLY_MS > DIALOG_MS and EARLY_MS or DIALOG_MS) + KEEP_MS)
+local LIVE_TTL_S = '' .. (EARLY_MS + DIALOG_MS + KEEP_MS)
 local EARLY_S = '' .. EARLY_MS
 local PLAIN_MD = -1
 -- integers as strings (every number handed to redis.call would be printf'ed as a double)

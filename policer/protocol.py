@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ADMIT_REPLY", "BATCH_OPS", "DECISION", "DIALOG", "EXPLAIN_ROW", "NATIVE_REPLY",
-           "Fields", "OpSpec"]
+__all__ = ["ADMIT_REPLY", "ATTEMPT", "BATCH_OPS", "DECISION", "DIALOG", "DIALOG_ANSWER",
+           "DIALOG_END", "EXPLAIN_ROW", "NATIVE_REPLY", "Fields", "OpSpec"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +73,11 @@ ADMIT_REPLY = _fields(
 #: What ``policer_admit_S`` answers in mode A (a proxy's cfg reads it).
 NATIVE_REPLY = _fields(
     "native admit reply",
-    *((f, ADMIT_REPLY.about[f]) for f in ADMIT_REPLY.fields[:10]),
+    *((f, ADMIT_REPLY.about[f]) for f in ("admitted", "code", "reason", "retry_after",
+                                          "bypass", "shadow")),
     ("max_duration_s", "an answered call's max duration, s, -1 none"),
+    ("dialog_id", "the dialog id (admitted: the cfg keeps it, and its dialog events name "
+                  "the dialog by it: the batch's +, ~ and - ops)"),
 )
 
 #: One membership of explain's dry run (rows follow the admit reply).
@@ -114,26 +117,49 @@ DECISION = _fields(
 
 #: A dialog's record (``P d:<dialog id>``, one string): the header fields, '|'-joined,
 #: then a newline and the packed tail (``<length>:<bytes>`` fields: Call-ID, the
-#: attributes as the admit carried them).
+#: attributes as the admit carried them). What an answer and an end rewrite comes first
+#: (:data:`DIALOG_ANSWER`, :data:`DIALOG_END` fields), so that they read and write the
+#: record with one match and one concatenation, the rest of it as it is.
 DIALOG = _fields(
     "dialog record",
     ("state", "early, confirmed, ended, rejected, void, gone (the release of a dialog the "
               "store did not know)"),
-    ("node", "the admitting node (encoded), '' none"),
     ("deadline", "live: it counts until then (ms); else when it was decided or ended (the "
                  "record goes DECIDED_MS later; gone: EARLY_MS; live: GRACE_MS after its "
                  "deadline, script time)"),
-    ("init", "when it was decided (ms)"),
     ("start", "when it was answered (ms), 0 not"),
-    ("q", "the deadline of the request that admitted it (a void's: the settled one's)"),
     ("cap", "answered: it ends here at the latest (answer + max duration), 0 none"),
+    ("md", "its max duration once answered (ms), -1 none"),
     ("reason", "why it ended"),
-    ("class", "the number class"),
-    ("sig", "the attributes' signature (ATTRS_SIG of the library that admitted it)"),
+    ("node", "the admitting node (encoded), '' none"),
     ("vars", "1: it has dialog variables (P v:<dialog id>)"),
     ("members", "its count fields (profile or profile:value), ','-joined"),
+    ("init", "when it was decided (ms)"),
+    ("q", "the deadline of the request that admitted it (a void's: the settled one's)"),
+    ("class", "the number class"),
+    ("sig", "the attributes' signature (ATTRS_SIG of the library that admitted it; P sigs "
+            "names them)"),
     ("decision", "its decision (DECISION), ','-joined"),
 )
+
+#: A decided attempt (``P attempts`` stream, field ``a``; ``d`` the dialog id, ``x`` the
+#: packed Call-ID and attributes), '|'-joined: what ``policer replay`` needs.
+ATTEMPT = _fields(
+    "attempt",
+    ("result", "a admitted, f recorded (a call the fallback admitted), j rejected"),
+    ("time", "when it was decided (ms)"),
+    ("class", "the number class"),
+    ("node", "the deciding node (encoded)"),
+    ("sig", "the attributes' signature (P sigs names them)"),
+    ("code", "the SIP code"),
+    ("limit", "the tripped profile, '' none"),
+    ("kind", "what tripped, '' none"),
+)
+
+#: The record's leading fields an answer (or a refresh) reads and rewrites.
+DIALOG_ANSWER = ("state", "deadline", "start", "cap", "md")
+#: The record's leading fields an end reads and rewrites.
+DIALOG_END = ("state", "deadline", "start", "cap", "md", "reason", "node", "vars", "members")
 
 #: The packed tail of a dialog record, after the header's newline.
 DIALOG_TAIL = ("call_id", "attrs")
@@ -141,15 +167,23 @@ DIALOG_TAIL = ("call_id", "attrs")
 
 @dataclass(frozen=True, slots=True)
 class OpSpec:
-    """One op of ``policer_batch_S``: its letter, what it does, its fields."""
+    """One op of ``policer_batch_S``: its letter, what it does, its fields. A packed op
+    is the letter and ``<length>:<bytes>`` fields; a line op (``line``) is the letter,
+    its first field, each further one after a space, and a newline: for fields that hold
+    neither (an encoded dialog id, digits, a reason word), read with one match."""
 
     letter: str
     does: str
     fields: tuple[str, ...]
+    line: bool = False
 
 
-#: The ops a batch carries, each a letter and ``<length>:<bytes>`` fields.
+#: The ops a batch carries.
 BATCH_OPS: tuple[OpSpec, ...] = (
+    OpSpec("+", "confirm by the encoded dialog id (ms '' = the policy's dialog timeout)",
+           ("dialog_id", "ms"), line=True),
+    OpSpec("~", "refresh by the encoded dialog id", ("dialog_id", "ms"), line=True),
+    OpSpec("-", "release by the encoded dialog id", ("dialog_id", "reason"), line=True),
     OpSpec("c", "confirm (answered; ms '' = the policy's dialog timeout)",
            ("call_id", "from_tag", "ms")),
     OpSpec("f", "refresh: push the deadline to now + ms", ("call_id", "from_tag", "ms")),

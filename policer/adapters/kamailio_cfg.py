@@ -55,6 +55,7 @@ from policer.call import KEPT_ATTRIBUTES_PREFIX, pack_fields, raw_bytes
 from policer.compile import compile_policy
 from policer.metrics import DECISION_RESULTS, LATENCY_BUCKETS
 from policer.policy import Policy, load_policy
+from policer.protocol import NATIVE_REPLY
 from policer.store.keys import key_part
 
 __all__ = [
@@ -367,6 +368,8 @@ def generate(policy: Policy, node: str, redis_url: str, *,
         "\t}",
         "}",
         "",
+        *_reply_route(),
+        "",
         "# the call's attributes, kept with Kamailio's dialog for `policer reconcile`",
         "route[POLICER_KEEP] {",
         f"\t$dlg_var(policer_call) = {_cfg_str(KEPT_PREFIX + ','.join(sources) + ';')}"
@@ -377,6 +380,37 @@ def generate(policy: Policy, node: str, redis_url: str, *,
         "",
     ]
     return GeneratedCfg("\n".join(out), defines, tuple(sources))
+
+
+#: The reply fields route[POLICER_REPLY] reads into ``$var(policer_<name>)``: those of
+#: an admitted call, of a rejected one, and those only the latency counters need.
+REPLY_VARS: dict[str, tuple[str, ...]] = {
+    "admitted": ("max_duration_s", "dialog_id"),
+    "rejected": ("code", "reason", "retry_after"),
+    "latency": ("bypass", "shadow"),
+}
+_REPLY_VAR = {"max_duration_s": "md", "dialog_id": "did", "retry_after": "retry_after"}
+
+
+def reply_var(field: str) -> str:
+    """The ``$var`` route[POLICER_REPLY] reads a NATIVE_REPLY field into."""
+    return f"$var(policer_{_REPLY_VAR.get(field, field)})"
+
+
+def _reply_route() -> list[str]:
+    """route[POLICER_REPLY]: the admit's reply (NATIVE_REPLY, positions from the protocol's
+    table) into ``$var`` s."""
+    def read(field: str) -> str:
+        return f"{reply_var(field)} = $redis(policer_admit=>value[{NATIVE_REPLY.index(field)}]);"
+
+    out = ["# the admit's reply (policer.protocol NATIVE_REPLY) into $var(policer_...)",
+           "route[POLICER_REPLY] {", "\t" + read("admitted"),
+           f"\tif ({reply_var('admitted')} == 1) {{"]
+    out += ["\t\t" + read(f) for f in REPLY_VARS["admitted"]]
+    out += ["\t} else {"] + ["\t\t" + read(f) for f in REPLY_VARS["rejected"]] + ["\t}"]
+    out += ["#!ifdef POLICER_WORKER_LATENCY"] + ["\t" + read(f) for f in REPLY_VARS["latency"]]
+    out += ["#!endif", "}"]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

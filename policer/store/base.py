@@ -10,6 +10,7 @@ their limits already resolved from the policy.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
@@ -481,13 +482,25 @@ def usage_of(entry: Limit | None, live_rate: Rate | None, tat_us: int,
     return Usage(used, calls)
 
 
+#: the line ops of the batch function (protocol.BATCH_OPS) by the event they carry, and
+#: what their fields may hold (what an encoded dialog id and a reason word hold)
+_LINE_OPS = {"confirm": "+", "refresh": "~", "release": "-"}
+_LINE_SAFE = re.compile(r"[A-Za-z0-9_.@%~;:-]*")
+
+
 def pack_ops(ops: Sequence[Op], attributes: Sequence[str]) -> bytes:
     """Dialog events as the batch function reads them (``attributes``: the call
     attributes a ``record`` op packs, in the library's order)."""
     out = bytearray()
     for op in ops:
         k = op.kind
-        if k == "confirm":
+        if k in _LINE_OPS and _LINE_SAFE.fullmatch(op.dialog_id) \
+                and _LINE_SAFE.fullmatch(str(op.arg or "")):
+            # an encoded dialog id and a plain argument: the op the function reads with
+            # one match (protocol.BATCH_OPS, line ops)
+            arg = str(op.arg or "")
+            out += (_LINE_OPS[k] + op.dialog_id + (" " + arg if arg else "") + "\n").encode()
+        elif k == "confirm":
             out += b"C" + pack_fields((op.dialog_id, str(op.arg or "")))
         elif k == "refresh":
             out += b"F" + pack_fields((op.dialog_id, str(op.arg or "")))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import threading
 import time
 from collections import deque
@@ -32,6 +33,7 @@ from policer.compile import (
     compile_policy,
 )
 from policer.policy import Limit, Policy, Rate, Reject
+from policer.protocol import BATCH_OPS
 from policer.store.base import (
     STATS_FIELDS,
     AdmitRequest,
@@ -896,13 +898,17 @@ def _text(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
-#: op letter -> (fields, kind)
-#: letter -> (fields, kind); ``bye`` is a release by either tag of the caller
+#: op letter -> (fields, kind), from the protocol's table; ``bye`` is a release by
+#: either tag of the caller. A line op stands as the packed op of its kind by dialog id.
+_KINDS: dict[str, OpKind | Literal["bye"]] = {
+    "c": "confirm", "f": "refresh", "r": "release", "u": "bye", "v": "set_var",
+    "a": "record", "b": "record", "x": "void", "C": "confirm", "F": "refresh",
+    "R": "release", "V": "set_var", "X": "void", "+": "confirm", "~": "refresh",
+    "-": "release"}
 _OPS: dict[bytes, tuple[int, OpKind | Literal["bye"]]] = {
-    b"c": (3, "confirm"), b"f": (3, "refresh"), b"r": (3, "release"), b"u": (3, "bye"),
-    b"v": (4, "set_var"), b"a": (4, "record"), b"C": (2, "confirm"), b"F": (2, "refresh"),
-    b"R": (2, "release"), b"V": (3, "set_var"), b"b": (6, "record"), b"x": (4, "void"),
-    b"X": (3, "void")}
+    o.letter.encode(): (len(o.fields), _KINDS[o.letter]) for o in BATCH_OPS if not o.line}
+_LINE = {o.letter.encode(): _KINDS[o.letter] for o in BATCH_OPS if o.line}
+_LINE_OP = re.compile(rb"([^ \n]*) ?([^\n]*)\n")
 
 
 def unpack_ops(data: bytes, attributes: Sequence[str] = ()) -> list[Op]:
@@ -913,6 +919,19 @@ def unpack_ops(data: bytes, attributes: Sequence[str] = ()) -> list[Op]:
     pos = 0
     while pos < len(data):
         letter = data[pos:pos + 1]
+        line = _LINE.get(letter)
+        if line is not None:
+            m = _LINE_OP.match(data, pos + 1)
+            if m is None:
+                break
+            pos = m.end()
+            did, arg = _text(m.group(1)), m.group(2)
+            if line == "release":
+                ops.append(Op("release", did, _text(arg)))
+            else:
+                assert line == "confirm" or line == "refresh"
+                ops.append(Op(line, did, int(arg) if arg.isdigit() else 0))
+            continue
         spec = _OPS.get(letter)
         if spec is None:
             break

@@ -42,7 +42,7 @@ from policer.compile import (
 )
 from policer.log import get_logger
 from policer.policy import Policy, Rate
-from policer.protocol import unpack_record
+from policer.protocol import ATTEMPT, unpack_record
 from policer.store.base import (
     STATS_FIELDS,
     Attempt,
@@ -523,7 +523,8 @@ class RedisStore:
         out: list[object] = []
         for op, x in zip(ops, r, strict=False):
             if isinstance(x, list):
-                out.append(_record(x[0], dict(zip(x[1::2], x[2::2], strict=False))))
+                out.append(_record(x[0], dict(zip(x[1::2], x[2::2], strict=False)),
+                                   self._sources))
             elif op.kind == "release":
                 out.append(bool(x))
             else:
@@ -799,7 +800,7 @@ class RedisStore:
         rows: list[tuple[bytes, dict[bytes, bytes]]] = self._run(
             lambda: client.execute_command("XRANGE", self.keys.cdr, start, "+", "COUNT", count,
                                            NEVER_DECODE=True))
-        return [_record(rid, fields) for rid, fields in rows]
+        return [_record(rid, fields, self._sources) for rid, fields in rows]
 
     def attempts(self, since_ms: int = 0, until_ms: int | None = None, count: int = 1000,
                  after: str = "") -> list[Attempt]:
@@ -809,7 +810,7 @@ class RedisStore:
         rows: list[tuple[bytes, dict[bytes, bytes]]] = self._run(
             lambda: client.execute_command("XRANGE", self.keys.attempts, start, end,
                                            "COUNT", count, NEVER_DECODE=True))
-        return [_attempt(rid, fields) for rid, fields in rows]
+        return [_attempt(rid, fields, self._sources) for rid, fields in rows]
 
     # -- nodes
     def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
@@ -1104,23 +1105,28 @@ def _dialog_info(dialog_id: str, raw: bytes, variables: Mapping[bytes, bytes],
     )
 
 
-def _attempt(record_id: bytes | str, raw: dict[bytes, bytes]) -> Attempt:
-    """An entry of the attempts stream (``lua/lib/decide.lua``, ``P attempts``)."""
-    r = raw.get(b"r", b"a")
-    sources = _sources_of(raw.get(b"n", b""))
+def _attempt(record_id: bytes | str, raw: dict[bytes, bytes],
+             sources_of: Callable[[bytes], list[str]]) -> Attempt:
+    """An entry of the attempts stream (``lua/lib/decide.lua``, ``P attempts``: d, a the
+    attempt's fields (ATTEMPT), x the packed Call-ID and attributes); ``sources_of``:
+    the attribute sources of a signature."""
+    head = dict(zip(ATTEMPT.fields, raw.get(b"a", b"").split(b"|", len(ATTEMPT) - 1),
+                    strict=False))
+    r = head.get("result", b"a")
+    sources = sources_of(head.get("sig", b""))
     tail = raw.get(b"x", b"")
     got = unpack_fields(tail, 0, 1)
     attrs = tail[got[1]:] if got is not None else b""
-    info = _tail_info({"tail": tail, "class": raw.get(b"y", b""),
-                       "node": raw.get(b"o", b"")}, sources)
+    info = _tail_info({"tail": tail, "class": head.get("class", b""),
+                       "node": head.get("node", b"")}, sources)
     return Attempt(
-        time_ms=int(raw.get(b"t", b"0")),
+        time_ms=int(head.get("time") or 0),
         dialog_id=_str(raw.get(b"d", b"")),
         admitted=r != b"j",
         recorded=r == b"f",
-        code=int(raw.get(b"c", b"200") or 200),
-        limit=_str(raw.get(b"l", b"")),
-        kind=_str(raw.get(b"k", b"")),
+        code=int(head.get("code") or 200),
+        limit=_str(head.get("limit", b"")),
+        kind=_str(head.get("kind", b"")),
         info=info,
         attributes=unpack_values(attrs, sources),
         record_id=_str(record_id),
@@ -1139,17 +1145,20 @@ def _unpack_vars(packed: bytes) -> dict[str, str]:
     return out
 
 
-def _record(record_id: bytes | str, raw: Mapping[bytes, bytes]) -> CallRecord:
-    """A call-end record (``P cdr``: d, r, e, x the dialog's record, v, n)."""
+def _record(record_id: bytes | str, raw: Mapping[bytes, bytes],
+            sources_of: Callable[[bytes], list[str]]) -> CallRecord:
+    """A call-end record (``P cdr``: d, r reason, e end, x the dialog's record as it was
+    when it ended, a when it was answered when the record does not show it yet, v its
+    variables); ``sources_of``: the attribute sources of a signature."""
     rec = unpack_record(raw.get(b"x", b"")) or {}
-    info = _tail_info(rec, _sources_of(raw.get(b"n", b"")))
+    info = _tail_info(rec, sources_of(rec.get("sig", b"")))
     return CallRecord(
         dialog_id=_str(raw.get(b"d", b"")),
         call_id=info.get("call_id", ""),
         from_uri=info.get("from", ""),
         to_uri=info.get("to", ""),
         setup_ms=int(rec.get("init", b"0") or 0),
-        answer_ms=int(rec.get("start", b"0") or 0),
+        answer_ms=int(raw.get(b"a") or rec.get("start") or 0),
         end_ms=int(raw.get(b"e", b"0") or 0),
         reason=_str(raw.get(b"r", b"")),
         node=info.get("node", ""),

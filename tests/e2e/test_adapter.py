@@ -340,14 +340,18 @@ def test_start_and_tick_hold_the_node_lease(ksr: FakeKSR, monkeypatch: pytest.Mo
     assert adapter.dialog_event("dialog:end") == adapter.OK
     assert store.profile_size("total") == 3 and len(ksr.queue) == 1
 
-    # 2.5 s later: both leases (2 s) have lapsed unless renewed
-    store.clock_offset_ms = 2_500
+    # 2.5 s later, this node's timer ticking every 100 ms (its renew interval): the
+    # other's lease (2 s) has lapsed, this node's was renewed
 
     def timer_renewed() -> bool:
         monkeypatch.setattr(adapter, "_next_tick", 0.0)  # the once-a-second tick now
+        monkeypatch.setattr(node, "_next_renew", 0.0)
         assert adapter.timer() == adapter.OK
         return store.nodes()["test-node"] > first_lease + 2_000
 
+    for _ in range(25):
+        store.clock_offset_ms += 100
+        timer_renewed()
     assert wait_for(timer_renewed, 5), "the tick did not renew the node's lease"
     assert not ksr.queue  # the BYE was applied
     assert store.profile_size("total") == 1  # c1 still counts; c2 ended; "gone" swept

@@ -7,6 +7,7 @@
 --   then per member (6 values): profile, valued (1|0), encoded value, max (-1 none),
 --   reserve, shadow (1|0). Reply: ADMIT_REPLY.
 local function fn_admitm(keys, args)
+  REPLY_NATIVE = false
   local now = now_ms(args[5])
   local n = tonumber(args[4])
   local members = {}
@@ -19,15 +20,17 @@ local function fn_admitm(keys, args)
                shadow = args[at + 5] == '1', idx = 1, dur = -1, rej = rej, rrej = rej}
     local fld = name
     if args[at + 1] == '1' then fld = name .. ':' .. enc else enc = '' end
-    members[i] = {p, e, enc, fld}
+    members[i] = {p, e, enc, fld, {enc, fld, 'L|' .. fld, 'R|' .. fld, 'T|' .. fld}}
     at = at + 6
   end
   local flags = tonumber(args[3])
   if flags == 3 then flags = FLAG_RECORD
   elseif flags == 2 then flags = FLAG_EMERGENCY + FLAG_BYPASS end
   flags = flags + FLAG_REGISTER
-  return decide(args[1], members, false, flags, tonumber(args[2]), args[6] or '', now, now,
-                args[7] or '', -1, false, nil, args[8] or '', nil)
+  local plan = plan_entry(members, false, '')
+  plan.md = -1
+  return decide(args[1], plan, flags, tonumber(args[2]), args[6] or '', now, now,
+                args[7] or '', false, nil, args[8] or '', nil)
 end
 
 redis.register_function('policer_admitm_' .. SUFFIX, fn_admitm)

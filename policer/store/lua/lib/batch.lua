@@ -8,55 +8,43 @@ local function released(rec, with_records)
   return 1
 end
 
--- One op of a batch, read from position pos: {letter, dialog id, arg1, arg2, raw Call-ID}
--- and the next position; nil when the batch is malformed from here on.
+-- One op of a batch from position pos: {letter, dialog id, arg1, arg2, raw Call-ID} and
+-- the next position; nil when the batch is malformed from here on. A line op (+ ~ -:
+-- the encoded dialog id and one argument, as the cfg writes them from the id its admit
+-- answered) is read with one match and stands as its letter C F R; a packed op
+-- (OP_FIELDS) field by field.
+local LINE_AS = {['+'] = 'C', ['~'] = 'F', ['-'] = 'R'}
+
 local function read_op(ops, pos)
-  local op = string.sub(ops, pos, pos)
+  local l, did, arg, nxt = string.match(ops, OP_LINE, pos)
+  if l then return {LINE_AS[l], did, arg}, nxt end
+  l = string.sub(ops, pos, pos)
+  local n = OP_FIELDS[l]
+  if n == nil then return nil end
+  local f = {}
   pos = pos + 1
-  local a, b, c, d
-  if op == 'c' or op == 'f' or op == 'r' or op == 'u' then
-    a, pos = field_at(ops, pos); if a == nil then return nil end
-    b, pos = field_at(ops, pos); if b == nil then return nil end
-    c, pos = field_at(ops, pos); if c == nil then return nil end
-    return {op, dialog_id(a, b), c, nil, a}, pos
-  elseif op == 'C' or op == 'F' or op == 'R' then
-    a, pos = field_at(ops, pos); if a == nil then return nil end
-    b, pos = field_at(ops, pos); if b == nil then return nil end
-    return {op, a, b}, pos
-  elseif op == 'v' then
-    a, pos = field_at(ops, pos); if a == nil then return nil end
-    b, pos = field_at(ops, pos); if b == nil then return nil end
-    c, pos = field_at(ops, pos); if c == nil then return nil end
-    d, pos = field_at(ops, pos); if d == nil then return nil end
-    return {op, dialog_id(a, b), c, d}, pos
-  elseif op == 'V' then
-    a, pos = field_at(ops, pos); if a == nil then return nil end
-    c, pos = field_at(ops, pos); if c == nil then return nil end
-    d, pos = field_at(ops, pos); if d == nil then return nil end
-    return {op, a, c, d}, pos
-  elseif op == 'a' or op == 'b' then
-    a, pos = field_at(ops, pos); if a == nil then return nil end
-    b, pos = field_at(ops, pos); if b == nil then return nil end
-    c, pos = field_at(ops, pos); if c == nil then return nil end
-    d, pos = field_at(ops, pos); if d == nil then return nil end
-    if op == 'a' then return {op, a, b, c, d}, pos end
-    local e, f
-    e, pos = field_at(ops, pos); if e == nil then return nil end
-    f, pos = field_at(ops, pos); if f == nil then return nil end
-    return {op, a, b, c, d, redis_ms(e, f)}, pos
-  elseif op == 'x' then
-    a, pos = field_at(ops, pos); if a == nil then return nil end
-    b, pos = field_at(ops, pos); if b == nil then return nil end
-    c, pos = field_at(ops, pos); if c == nil then return nil end
-    d, pos = field_at(ops, pos); if d == nil then return nil end
-    return {op, dialog_id(a, b), redis_ms(c, d)}, pos
-  elseif op == 'X' then
-    a, pos = field_at(ops, pos); if a == nil then return nil end
-    c, pos = field_at(ops, pos); if c == nil then return nil end
-    d, pos = field_at(ops, pos); if d == nil then return nil end
-    return {op, a, redis_ms(c, d)}, pos
+  for i = 1, n do
+    local v
+    v, pos = field_at(ops, pos)
+    if v == nil then return nil end
+    f[i] = v
   end
-  return nil  -- malformed: the rest of the batch cannot be read
+  if l == 'c' or l == 'f' or l == 'r' or l == 'u' then
+    return {l, dialog_id(f[1], f[2]), f[3], nil, f[1]}, pos
+  elseif l == 'v' then
+    return {l, dialog_id(f[1], f[2]), f[3], f[4]}, pos
+  elseif l == 'V' then
+    return {l, f[1], f[2], f[3]}, pos
+  elseif l == 'a' then
+    return {l, f[1], f[2], f[3], f[4]}, pos
+  elseif l == 'b' then
+    return {l, f[1], f[2], f[3], f[4], redis_ms(f[5], f[6])}, pos
+  elseif l == 'x' then
+    return {l, dialog_id(f[1], f[2]), redis_ms(f[3], f[4])}, pos
+  elseif l == 'X' then
+    return {l, f[1], redis_ms(f[2], f[3])}, pos
+  end
+  return {l, f[1], f[2]}, pos  -- C F R
 end
 
 local function fn_batch(keys, args)
@@ -64,6 +52,7 @@ local function fn_batch(keys, args)
   local with_records = args[2] == '1'
   local now = now_ms(args[3])
   local records_ok = args[4] == nil or args[4] == '' or args[4] == ATTRS_SIG
+  REPLY_NATIVE = false
   local list = {}
   local pos, len = 1, #ops
   while pos <= len do
@@ -93,10 +82,10 @@ local function fn_batch(keys, args)
         at[did] = i
         r = 1
       else
-        r = extend(did, true, tonumber(op[3]) or DIALOG_MS, now)
+        r = extend(did, true, num(op[3]) or DIALOG_MS, now)
       end
     elseif l == 'f' or l == 'F' then
-      r = extend(did, false, tonumber(op[3]) or DIALOG_MS, now)
+      r = extend(did, false, num(op[3]) or DIALOG_MS, now)
     elseif l == 'r' or l == 'R' or l == 'u' then
       local rec, ahead
       if l == 'u' then  -- a BYE of a dialog another proxy set up: either tag may name it

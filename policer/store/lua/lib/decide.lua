@@ -1,38 +1,26 @@
 -- ------------------------------------------------------------------ the decision
--- One dialog decided over its memberships and, unless a dry run, recorded: all or none.
--- Every count, live limit and rate/window state a call needs is in P c and read with one
--- HMGET; an admission writes them back with one HSET.
+-- One dialog decided over its plan (its memberships) and, unless a dry run, recorded:
+-- all or none. Every count, live limit and rate/window state a call needs is in P c and
+-- read with one HMGET; the record is written with one SET NX (which finds a dialog
+-- decided before); an admission writes the counts back with one HSET.
 
-local FLAG_EMERGENCY, FLAG_BYPASS, FLAG_RECORD, FLAG_REGISTER = 1, 2, 4, 8
+local FLAG_EMERGENCY, FLAG_BYPASS, FLAG_RECORD, FLAG_REGISTER, FLAG_HOLD = 1, 2, 4, 8, 16
 local KIND_NAMES = {'concurrent', 'rate', 'calls'}
 local KIND_CODES = {concurrent = 1, rate = 2, calls = 3}
 
--- What a call needs from P c, in one HMGET: '!hold' (admits), then per member its count
--- field; a valued member also its live max (L|), live caps (R|) and state (T|), a no-value
--- member with a rate or windows its state (T|). Returns the values and, per member, the
--- position of its count.
-local function read_counts(members, want_hold)
-  local f, pos = {}, {}
-  local n = 0
-  if want_hold then n = 1; f[1] = '!hold' end
-  for i = 1, #members do
-    local m = members[i]
-    local fld = m[4]
-    n = n + 1
-    f[n] = fld
-    pos[i] = n
-    if m[3] ~= '' then
-      f[n + 1] = 'L|' .. fld
-      f[n + 2] = 'R|' .. fld
-      f[n + 3] = 'T|' .. fld
-      n = n + 3
-    elseif m[1].timed then
-      n = n + 1
-      f[n] = 'T|' .. fld
-    end
+-- The reply: ADMIT_REPLY, or in mode A (REPLY_NATIVE, set per call by fn_admit) what
+-- a proxy's cfg reads (NATIVE_REPLY). labels: the memberships' labels, or the members.
+local REPLY_NATIVE = false
+local HOLD = {}  -- decide's answer while admits are held (P c '!hold')
+
+local function reply(admitted, code, reason, retry, limit, count, max, bypass, dup, shadow,
+                     tripped, cls, labels, did, emergency, kind, window, md)
+  if REPLY_NATIVE then
+    return native_reply(admitted, code, reason, retry, bypass, shadow, md, did)
   end
-  if n == 0 then return EMPTY, pos end
-  return redis.call('HMGET', COUNTS, unpack(f, 1, n)), pos
+  if type(labels) == 'table' then labels = labels_of(labels) end
+  return admit_reply(admitted, code, reason, retry, limit, count, max, bypass, dup, shadow,
+                     tripped, cls, labels, did, emergency, kind, window, md)
 end
 
 -- The answer a dialog decided before gets again (a retransmission, the INVITE re-sent
@@ -47,71 +35,77 @@ local function repeated(did, rec, emergency_out)
     local e = p and p.entries[tonumber(d.entry) or 1]
     code, reason, retry = answer_of(limit, e, kind, tonumber(d.retry) or -1)
   end
-  return admit_reply(admitted, code, reason, retry, limit, tonumber(d.count) or 0,
-                     tonumber(d.max) or -1, tonumber(d.bypass) or 0, 1,
-                     tonumber(d.shadow) or 0, tonumber(d.tripped) or 0, rec.class,
-                     labels_of_fields(rec.members), did, tonumber(d.emergency) or 0, kind,
-                     d.window or '', tonumber(d.max_duration) or -1)
+  return reply(admitted, code, reason, retry, limit, tonumber(d.count) or 0,
+               tonumber(d.max) or -1, tonumber(d.bypass) or 0, 1, tonumber(d.shadow) or 0,
+               tonumber(d.tripped) or 0, rec.class, labels_of_fields(rec.members), did,
+               tonumber(d.emergency) or 0, kind, d.window or '',
+               tonumber(d.max_duration) or -1)
 end
 
--- Decide one dialog over its memberships (classify) and, unless dry, record it: all or
--- none. flags: FLAG_EMERGENCY may use reserves, FLAG_BYPASS admitted over every limit,
+-- A dialog decided before (its key was there: SET NX found it): its answer again (a
+-- retransmission, the INVITE re-sent with credentials), nil (this request was settled
+-- before it arrived), or false: it is decided anew (the record was forgotten, with
+-- whatever it still counted).
+local function existing(did, raw, record, emergency, emergency_out, rq, now, cls, members)
+  local rec = rec_unpack(raw)
+  local st = rec and rec.state
+  local anew = rec == nil or expires_of(rec) <= now
+  if anew then
+  elseif st == 'void' then
+    -- a request its caller gave up on, settled by the caller's fallback: this very
+    -- request (or an older one) arrives late and writes nothing; a later attempt (the
+    -- INVITE re-sent after the stall) is decided normally
+    if record or rq == nil or tonumber(rq) > (tonumber(rec.q) or 0) then anew = true
+    else return nil end
+  elseif st == 'ended' or st == 'gone' then
+    -- the dialog is over: an emergency call is always decided (counted as a new call);
+    -- a record arriving after the release counts nothing (the release wins), unless the
+    -- store ended the call itself (its node lost, its deadline passed: the node says it
+    -- is up); any other admit is a late retransmission of an ended (cancelled) call or
+    -- a re-sent Call-ID: rejected, never admitted uncounted
+    if (emergency and not record) or (record and STORE_ENDS[rec.reason]) then
+      anew = true
+    else
+      if not record then redis.call('HINCRBY', STATS, 'resent_ended', '1') end
+      return reply(0, ENDED_CODE, ENDED_REASON, -1, '', 0, -1, 0, 1, 0, 0, cls, members, did,
+                   emergency_out, 'ended', '', -1)
+    end
+  elseif st == 'rejected' and (emergency or record) then
+    -- an emergency call is always decided, whatever an earlier attempt got; a call the
+    -- proxy's fallback admitted is up, whatever Redis answered it too late
+    anew = true
+  end
+  if not anew then return repeated(did, rec, emergency_out) end
+  -- decided anew (or the record outlived its end in script time, only when a test moves
+  -- the clock): forget it and whatever it still counts
+  if rec then forget(did, rec) else redis.call('DEL', P_DIALOG .. did) end
+  return false
+end
+
+-- Decide one dialog over its plan (classify) and, unless dry, record it: all or none.
+-- flags: FLAG_EMERGENCY may use reserves, FLAG_BYPASS admitted over every limit,
 -- FLAG_RECORD joins without checking (a call the fallback admitted), FLAG_REGISTER adds
--- the node to P nidx. lnow: the instant calendar windows and schedules are read at (now,
--- but for explain --at). md: the call's max duration (ms, -1 none). rq: the deadline of
--- the request (string), nil none. tail: the record's packed Call-ID and attributes.
--- Returns the reply, or nil: this request was settled (void) before it arrived.
-local function decide(did, members, all, flags, early_ms, node, now, lnow, cls, md, dry, rq,
-                      tail, attrs)
+-- the node to P nidx, FLAG_HOLD: admits are held while P c's '!hold' is ahead (then the
+-- answer is HOLD). lnow: the instant calendar windows and schedules are read at (now,
+-- but for explain --at). rq: the deadline of the request (string), nil none. tail: the
+-- record's packed Call-ID and attributes. One HMGET reads the counts; the record is
+-- written with SET NX, which finds a dialog decided before (existing) before anything
+-- else is written. Returns the reply, or nil: this request was settled (void) before it
+-- arrived.
+local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq, tail, attrs)
+  local members, md = plan.members, plan.md
   local emergency = flags % 2 == 1
   local bypass_allowed = math.floor(flags / 2) % 2 == 1
   local record = math.floor(flags / FLAG_RECORD) % 2 == 1
-  local register = flags >= FLAG_REGISTER
+  local register = math.floor(flags / FLAG_REGISTER) % 2 == 1
+  local hold = flags >= FLAG_HOLD
   local emergency_out = 0
   if emergency then emergency_out = 1 end
-  local dkey = P_DIALOG .. did
-
-  if not dry then
-    local raw = redis.call('GET', dkey)
-    if raw then
-      local rec = rec_unpack(raw)
-      local st = rec and rec.state
-      local anew = rec == nil or expires_of(rec) <= now
-      if anew then
-      elseif st == 'void' then
-        -- a request its caller gave up on, settled by the caller's fallback: this very
-        -- request (or an older one) arrives late and writes nothing; a later attempt
-        -- (the INVITE re-sent after the stall) is decided normally
-        if record or rq == nil or tonumber(rq) > (tonumber(rec.q) or 0) then anew = true
-        else return nil end
-      elseif st == 'ended' or st == 'gone' then
-        -- the dialog is over: an emergency call is always decided (counted as a new
-        -- call); a record arriving after the release counts nothing (the release
-        -- wins), unless the store ended the call itself (its node lost, its deadline
-        -- passed: the node says it is up); any other admit is a late retransmission of
-        -- an ended (cancelled) call or a re-sent Call-ID: rejected, never admitted
-        -- uncounted
-        if (emergency and not record) or (record and STORE_ENDS[rec.reason]) then
-          anew = true
-        else
-          if not record then redis.call('HINCRBY', STATS, 'resent_ended', '1') end
-          return admit_reply(0, ENDED_CODE, ENDED_REASON, -1, '', 0, -1, 0, 1, 0, 0, cls,
-                             labels_of(members), did, emergency_out, 'ended', '', -1)
-        end
-      elseif st == 'rejected' and (emergency or record) then
-        -- an emergency call is always decided, whatever an earlier attempt got; a call
-        -- the proxy's fallback admitted is up, whatever Redis answered it too late
-        anew = true
-      end
-      if not anew then return repeated(did, rec, emergency_out) end
-      -- decided anew (or the record outlived its end in script time, only when a test
-      -- moves the clock): forget it and whatever it still counts
-      forget(did, rec)
-    end
-  end
 
   local n = #members
-  local h, pos = read_counts(members, false)
+  local h = redis.call('HMGET', COUNTS, unpack(plan.hm))
+  if hold and h[1] and tonumber(h[1]) > now then return HOLD end
+  local pos = plan.pos
   local tripped, tcount, tmax, bypass, shadow = 0, 0, -1, 0, 0
   local tkind, tretry, twin = '', -1, ''
   local rows = nil
@@ -123,14 +117,14 @@ local function decide(did, members, all, flags, early_ms, node, now, lnow, cls, 
     local m = members[i]
     local p, e, enc = m[1], m[2], m[3]
     local k = pos[i]
-    local count = tonumber(h[k]) or 0
+    local count = num(h[k]) or 0
     counts[i] = count
     local max, reserve, sh = -1, 0, false
     if e then max, reserve, sh = e.max, e.reserve, e.shadow end
     local live, L, state = 0, nil, nil
     if enc ~= '' then
       local lv = h[k + 1]
-      if lv then max = tonumber(lv); live = 1 end
+      if lv then max = num(lv); live = 1 end
       L = h[k + 2] or nil
       state = h[k + 3] or ''
     elseif p.timed then
@@ -196,19 +190,17 @@ local function decide(did, members, all, flags, early_ms, node, now, lnow, cls, 
   local code, reason, retry = 200, 'OK', -1
   if admitted == 0 then code, reason, retry = answer_of(limit, lentry, tkind, tretry) end
   if dry then
-    local reply = admit_reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0,
-                              shadow, tripped, cls, labels_of(members), did, emergency_out,
-                              tkind, twin, md)
+    local out = admit_reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0,
+                            shadow, tripped, cls, labels_of(members), did, emergency_out,
+                            tkind, twin, md)
     for i = 1, #rows do
       local row = rows[i]
-      for j = 1, #row do reply[#reply + 1] = row[j] end
+      for j = 1, #row do out[#out + 1] = row[j] end
     end
-    return reply
+    return out
   end
 
-  local fields = {}
-  for i = 1, n do fields[i] = members[i][4] end
-  local fields_s = table.concat(fields, ',')
+  local fields_s = plan.fields_s
   local decision = PLAIN_DECISION
   if tripped > 0 or shadow > 0 or emergency_out > 0 or tmax ~= -1 or md ~= -1 then
     local eidx = 1
@@ -217,26 +209,42 @@ local function decide(did, members, all, flags, early_ms, node, now, lnow, cls, 
                         KIND_CODES[tkind] or 0, tretry, md, eidx, twin, limit)
   end
 
+  local dkey = P_DIALOG .. did
+  local deadline, old
   if admitted == 0 then
     -- remembered for the life of an INVITE transaction (64*T1); spends nothing
-    redis.call('SET', dkey, rec_pack('rejected', node, NOW_S, NOW_S, '0', '0', '0', '', cls,
-                                     ATTRS_SIG, '', fields_s, decision, tail),
-               'PX', DECIDED_S)
-    redis.call('HINCRBY', DECISIONS, 'rejected;rejected|' .. limit, '1')
-    if ATTEMPTS_KEEP > 0 and attrs then
-      redis.call('XADD', ATTEMPTS, 'MAXLEN', '~', ATTEMPTS_KEEP_S, '*', 'd', did, 'r', 'j',
-                 't', NOW_S, 'c', code, 'l', limit, 'k', tkind, 'x', tail, 'y', cls,
-                 'o', node, 'n', ATTRS_NAMES)
-    end
-    return admit_reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0,
-                       shadow, tripped, cls, labels_of(members), did, emergency_out, tkind,
-                       twin, md)
+    old = redis.call('SET', dkey, rec_pack('rejected', NOW_S, '0', '0', '-1', '', node, '',
+                                           fields_s, NOW_S, '0', cls, ATTRS_SIG, decision,
+                                           tail), 'NX', 'GET', 'PX', DECIDED_S)
+  else
+    deadline = ns(now + early_ms)
+    local ttl = LIVE_TTL_S
+    if early_ms > EARLY_MS then ttl = ns(early_ms + DIALOG_MS + KEEP_MS) end
+    local md_s = '-1'
+    if md > 0 then md_s = ns(md) end
+    old = redis.call('SET', dkey, rec_pack('early', deadline, '0', '0', md_s, '', node, '',
+                                           fields_s, NOW_S, rq or '0', cls, ATTRS_SIG,
+                                           decision, tail), 'NX', 'GET', 'PX', ttl)
+  end
+  if old then
+    local r = existing(did, old, record, emergency, emergency_out, rq, now, cls, members)
+    if r ~= false then return r end
+    return decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq, tail, attrs)
   end
 
-  local deadline = ns(now + early_ms)
-  local ttl = LIVE_TTL_S
-  if early_ms > EARLY_MS then ttl = ns(early_ms + KEEP_MS) end
+  if admitted == 0 then
+    redis.call('HINCRBY', DECISIONS, 'rejected;rejected|' .. limit, '1')
+    if ATTEMPTS_KEEP > 0 and attrs then
+      redis.call('XADD', ATTEMPTS, 'MAXLEN', '~', ATTEMPTS_KEEP_S, '*', 'd', did,
+                 'a', attempt_pack('j', NOW_S, cls, node, ATTRS_SIG, ns(code), limit, tkind),
+                 'x', tail)
+    end
+    return reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0, shadow,
+                 tripped, cls, members, did, emergency_out, tkind, twin, md)
+  end
+
   -- the counts and spent states, one HSET
+  local fields = plan.fields
   local w = {}
   local wn = 0
   for i = 1, n do
@@ -244,15 +252,12 @@ local function decide(did, members, all, flags, early_ms, node, now, lnow, cls, 
     w[wn + 2] = ns(counts[i] + 1)
     wn = wn + 2
     if spend and spend[i] then
-      w[wn + 1] = 'T|' .. fields[i]
+      w[wn + 1] = members[i][5][5]
       w[wn + 2] = spend[i]
       wn = wn + 2
     end
   end
   if wn > 0 then redis.call('HSET', COUNTS, unpack(w, 1, wn)) end
-  redis.call('SET', dkey, rec_pack('early', node, deadline, NOW_S, '0', rq or '0', '0', '',
-                                   cls, ATTRS_SIG, '', fields_s, decision, tail),
-             'PX', ttl)
   -- the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
   redis.call('ZADD', P_NODE .. node, deadline, did)
   if register then redis.call('SADD', NIDX, node) end
@@ -261,7 +266,7 @@ local function decide(did, members, all, flags, early_ms, node, now, lnow, cls, 
     local r = {}
     for i = 1, n do r[i] = 'store_error|' .. members[i][1].name end
     key = 'recorded;' .. table.concat(r, ',')
-  elseif all and tripped == 0 and shadow == 0 then
+  elseif plan.all and tripped == 0 and shadow == 0 then
     key = PLAIN_KEY[cls]
   else
     local r = {}
@@ -277,9 +282,9 @@ local function decide(did, members, all, flags, early_ms, node, now, lnow, cls, 
     -- one attempt per dialog (a duplicate returned above, a dry run wrote nothing)
     local r = 'a'
     if record then r = 'f' end
-    redis.call('XADD', ATTEMPTS, 'MAXLEN', '~', ATTEMPTS_KEEP_S, '*', 'd', did, 'r', r,
-               't', NOW_S, 'x', tail, 'y', cls, 'o', node, 'n', ATTRS_NAMES)
+    redis.call('XADD', ATTEMPTS, 'MAXLEN', '~', ATTEMPTS_KEEP_S, '*', 'd', did,
+               'a', attempt_pack(r, NOW_S, cls, node, ATTRS_SIG, '200', '', ''), 'x', tail)
   end
-  return admit_reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0, shadow,
-                     tripped, cls, labels_of(members), did, emergency_out, tkind, twin, md)
+  return reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0, shadow,
+               tripped, cls, members, did, emergency_out, tkind, twin, md)
 end

@@ -1,8 +1,9 @@
 -- ------------------------------------------------------------------ dialogs
--- A dialog's record (P d:<dialog id>, one string: rec_pack / rec_unpack), its counts in
--- P c, its node's index (P n:<node>), its end. Counts change in one function call by
--- deltas gathered in DELTA and written once (delta_flush): one HMGET and one HSET for a
--- whole batch of ends.
+-- A dialog's record (P d:<dialog id>, one string: DIALOG of policer.protocol), its counts
+-- in P c, its node's index (P n:<node>), its answer and its end. Counts change in one
+-- function call by deltas gathered in DELTA and written once (delta_flush): one HMGET
+-- and one HSET for a whole batch of ends. An answer and an end read and rewrite only
+-- the record's leading fields (rec_answer, rec_end), the rest as it is.
 
 local DELTA = {}
 local DELTA_N = 0
@@ -29,7 +30,7 @@ local function delta_flush()
     local old = redis.call('HMGET', COUNTS, unpack(names))
     local set, del = {}, {}
     for i = 1, #names do
-      local v = (tonumber(old[i]) or 0) + DELTA[names[i]]
+      local v = (num(old[i]) or 0) + DELTA[names[i]]
       if v > 0 then
         set[#set + 1] = names[i]
         set[#set + 1] = ns(v)
@@ -48,8 +49,19 @@ local function delta_flush()
   ENDED = {}
 end
 
+local function live_state(state)
+  return state == 'early' or state == 'confirmed'
+end
+
 local function is_live(rec)
-  return rec.state == 'early' or rec.state == 'confirmed'
+  return live_state(rec.state)
+end
+
+-- a > b for the decimal strings of two non-negative integers (no strtod: deadlines are
+-- compared as they are stored)
+local function later(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
 end
 
 -- When a record itself goes (script time; its key's TTL goes with real time): a live
@@ -92,44 +104,58 @@ end
 -- (every field a string; ttl_s: the key's TTL in ms, a string)
 local function put_record(did, r, ttl_s)
   redis.call('SET', P_DIALOG .. did,
-             rec_pack(r.state, r.node, r.deadline, r.init, r.start, r.q, r.cap, r.reason,
-                      r.class, r.sig, r.vars, r.members, r.decision, r.tail),
+             rec_pack(r.state, r.deadline, r.start, r.cap, r.md, r.reason, r.node, r.vars,
+                      r.members, r.init, r.q, r.class, r.sig, r.decision, r.tail),
              'PX', ttl_s)
 end
 
--- confirm (answered) or refresh a live dialog: push its deadline on, never past its max
--- duration (cap: answered + md). 1 when live.
+-- Answer (confirm) or refresh a live dialog: push its deadline on to now + timeout,
+-- never past its max duration (cap: answered + md). 1 when live. The node's index keeps
+-- the dialog's earlier deadline: a sweep that finds it passed reads the record and moves
+-- the dialog on (sweep_expired), so an answer writes only the record.
 local function extend(did, confirm, timeout, now)
-  local rec = get_record(did, now)
-  if rec == nil or not is_live(rec) then return 0 end
+  local key = P_DIALOG .. did
+  local raw = redis.call('GET', key)
+  if not raw then return 0 end
+  local state, dl, start, cap, md, rest = rec_answer(raw)
   -- past its deadline it stops counting at the next sweep and its slot may be taken:
   -- never revived
-  if tonumber(rec.deadline) <= now then return 0 end
-  local deadline = now + timeout
-  local cap = tonumber(rec.cap) or 0
-  if cap == 0 and (confirm or rec.state == 'confirmed') then
-    -- the call's max duration, from its decision (a plain admit has none)
-    local md = PLAIN_MD
-    if rec.decision ~= PLAIN_DECISION then md = tonumber(dec_unpack(rec.decision).max_duration) end
-    if md and md > 0 then cap = now + md end
+  if state == nil or not live_state(state) then return 0 end
+  if not later(dl, NOW_S) then
+    -- (one that outlived its end in script time, only when a test moves the clock, is
+    -- forgotten)
+    if not later(dl, NOW_GRACE_S) then forget(did, rec_unpack(raw)) end
+    return 0
   end
-  if cap > 0 and cap < deadline then deadline = cap end
-  if confirm and rec.state == 'early' then
-    rec.state = 'confirmed'
-    rec.start = NOW_S
+  local deadline = now + timeout
+  local capn = 0
+  if cap ~= '0' then capn = tonumber(cap) end
+  if capn == 0 and (confirm or state == 'confirmed') and md ~= '-1' then
+    -- answered: it ends at its max duration, counted from the answer
+    capn = now + tonumber(md)
+    cap = ns(capn)
+  end
+  if capn > 0 and capn < deadline then deadline = capn end
+  -- an answer within the dialog timeout keeps the key's TTL (a live record's key lives
+  -- EARLY_MS + DIALOG_MS + KEEP_MS from its admission)
+  local keep = confirm and state == 'early' and timeout <= DIALOG_MS
+  if confirm and state == 'early' then
+    state = 'confirmed'
+    start = NOW_S
     delta_one('#confirmed', 1)
   end
-  rec.cap = ns(cap)
-  local dl = ns(deadline)
-  rec.deadline = dl
-  put_record(did, rec, ns(deadline - now + KEEP_MS))
-  redis.call('ZADD', P_NODE .. rec.node, dl, did)
+  dl = ns(deadline)
+  if keep then
+    redis.call('SET', key, rec_answer_pack(state, dl, start, cap, md, rest), 'KEEPTTL')
+  else
+    redis.call('SET', key, rec_answer_pack(state, dl, start, cap, md, rest),
+               'PX', ns(deadline - now + KEEP_MS))
+  end
   return 1
 end
 
 -- The dialog's variables, packed ('<len>:<name><len>:<value>'...), '' none.
-local function vars_of(did, rec)
-  if rec.vars ~= '1' then return '' end
+local function vars_of(did)
   local kv = redis.call('HGETALL', P_VARS .. did)
   local out = {}
   for i = 1, #kv do out[i] = #kv[i] .. ':' .. kv[i] end
@@ -149,51 +175,65 @@ local function set_var(did, name, value, now)
   return 1
 end
 
+-- A release of a dialog the store does not know: its admission may still be on its way
+-- (a call the fallback admitted, queued in another worker, process or proxy). The
+-- release wins: a record that arrives later finds the dialog gone and counts nothing.
+-- Kept as long as such a record could still count (EARLY_MS).
+local function tombstone(did, reason)
+  redis.call('SET', P_DIALOG .. did,
+             rec_pack('gone', NOW_S, '0', '0', '-1', reason, '', '', '', '0', '0', '', '',
+                      '', ''), 'PX', EARLY_S)
+end
+
 -- End one live dialog: its counts drop (gathered: delta_flush), it leaves its node's
--- index, and (CDR_KEEP > 0, not quiet) its call-end record is written. Returns the
+-- index, and (CDR_KEEP > 0, not quiet) its call-end record is written: d dialog id, r
+-- reason, e when (ms), x its record as it was, a when it was answered (answered in this
+-- batch, which its record does not show yet), v its variables. Returns the call-end
 -- record as a flat list {record id, field, value, ...} ({} when records are off or
 -- quiet), nil when the dialog was not live; and whether its deadline was still ahead.
--- answered_at: it was answered then (in the same batch), which only its record shows.
--- tomb: a dialog the store does not know stays ended (a record of it on its way from
--- another queue counts nothing).
+-- tomb: a dialog the store does not know stays gone (tombstone).
 local function end_dialog(did, reason, now, answered_at, quiet, tomb)
-  local rec = get_record(did, now)
-  if rec == nil then
-    if tomb then
-      -- A release of a dialog the store does not know: its admission may still be on its
-      -- way (a call the fallback admitted, queued in another worker, process or proxy).
-      -- The release wins: a record that arrives later finds the dialog ended and counts
-      -- nothing. Kept as long as such a record could still count (EARLY_MS).
-      redis.call('SET', P_DIALOG .. did,
-                 rec_pack('gone', '', NOW_S, '0', '0', '0', '0', reason, '', '', '', '', '',
-                          ''), 'PX', EARLY_S)
+  local key = P_DIALOG .. did
+  local raw = redis.call('GET', key)
+  if not raw then
+    if tomb then tombstone(did, reason) end
+    return nil
+  end
+  local state, dl, start, cap, md, _, node, vars, members, rest = rec_end(raw)
+  if state == nil or not live_state(state) then
+    -- decided or ended already; a record that outlived its end in script time (only
+    -- when a test moves the clock) is as none
+    if tomb and (state == nil or expires_of(rec_unpack(raw) or EMPTY) <= now) then
+      tombstone(did, reason)
     end
     return nil
   end
-  if not is_live(rec) then return nil end
-  delta_add(rec.members, -1)
-  if rec.state == 'confirmed' then delta_one('#confirmed', -1) end
-  redis.call('ZREM', P_NODE .. rec.node, did)
-  local ahead = tonumber(rec.deadline) > now
-  if answered_at and rec.state == 'early' and ahead then rec.start = answered_at end
-  local vars = vars_of(did, rec)
-  local was = rec_pack(rec.state, rec.node, rec.deadline, rec.init, rec.start, rec.q,
-                       rec.cap, reason, rec.class, rec.sig, rec.vars, rec.members,
-                       rec.decision, rec.tail)
+  delta_add(members, -1)
+  if state == 'confirmed' then delta_one('#confirmed', -1) end
+  redis.call('ZREM', P_NODE .. node, did)
+  if not later(dl, NOW_GRACE_S) then
+    -- it outlived its end in script time (only when a test moves the clock): forgotten,
+    -- as a dialog the store does not know
+    if vars == '1' then redis.call('DEL', P_VARS .. did) end
+    if tomb then tombstone(did, reason) else redis.call('DEL', key) end
+    return nil
+  end
+  local ahead = later(dl, NOW_S)
+  local answered = nil
+  if answered_at and state == 'early' and ahead then answered = answered_at end
+  local v = ''
+  if vars == '1' then
+    v = vars_of(did)
+    redis.call('PEXPIRE', P_VARS .. did, DECIDED_S)
+  end
   -- kept briefly so that late retransmissions see the dialog as decided, not as new
-  rec.state = 'ended'
-  rec.reason = reason
-  rec.deadline = NOW_S
-  put_record(did, rec, DECIDED_S)
-  if rec.vars == '1' then redis.call('PEXPIRE', P_VARS .. did, DECIDED_S) end
+  redis.call('SET', key, rec_end_pack('ended', NOW_S, answered or start, cap, md, reason,
+                                      node, vars, members, rest), 'PX', DECIDED_S)
   ENDED[reason] = (ENDED[reason] or 0) + 1
   if CDR_KEEP <= 0 or quiet then return EMPTY, ahead end
-  local out
-  if vars ~= '' then
-    out = {'d', did, 'r', reason, 'e', NOW_S, 'x', was, 'v', vars, 'n', ATTRS_NAMES}
-  else
-    out = {'d', did, 'r', reason, 'e', NOW_S, 'x', was, 'n', ATTRS_NAMES}
-  end
+  local out = {'d', did, 'r', reason, 'e', NOW_S, 'x', raw}
+  if answered then out[9] = 'a'; out[10] = answered end
+  if v ~= '' then out[#out + 1] = 'v'; out[#out + 1] = v end
   local id = redis.call('XADD', CDR, 'MAXLEN', '~', CDR_KEEP_S, '*', unpack(out))
   table.insert(out, 1, id)
   return out, ahead
@@ -220,7 +260,7 @@ local function void(did, rq, now)
   if rec and rec.state ~= 'void' then return 0 end
   if rec and (tonumber(rec.q) or 0) >= rq then return 0 end
   redis.call('SET', P_DIALOG .. did,
-             rec_pack('void', '', NOW_S, '0', '0', ns(rq), '0', '', '', '', '', '', '', ''),
-             'PX', DECIDED_S)
+             rec_pack('void', NOW_S, '0', '0', '-1', '', '', '', '', '0', ns(rq), '', '', '',
+                      ''), 'PX', DECIDED_S)
   return 1
 end

@@ -3,12 +3,17 @@
 
 local EMPTY = {}
 
--- Redis's clock in ms, shifted by a test offset (0 in production); sets NOW_S.
+-- Redis's clock in ms, shifted by a test offset (0 in production); sets NOW_S (its
+-- decimal string) and NOW_GRACE_S (GRACE_MS before it: a live record whose deadline is
+-- not later has outlived its end).
 local NOW_S = ''
+local NOW_GRACE_S = ''
 local function now_ms(offset)
   local t = redis.call('TIME')
-  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + (tonumber(offset) or 0)
-  NOW_S = tostring(ms)
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if offset and offset ~= '' and offset ~= '0' then ms = ms + (tonumber(offset) or 0) end
+  NOW_S = string.format('%d', ms)
+  NOW_GRACE_S = string.format('%d', ms - GRACE_MS)
   return ms
 end
 
@@ -39,14 +44,27 @@ local function dialog_id(call_id, from_tag)
   return key_part(call_id) .. ';' .. key_part(from_tag)
 end
 
--- '<len>:<bytes>' fields from position pos of s: returns the field and the next position
+-- A number from its decimal string, without strtod for the small integers a call's
+-- counts and lengths are (a table of those seen, filled as they come); nil when s is no
+-- number (or nil, false).
+local INT_N = {}
+local function num(s)
+  local n = INT_N[s]
+  if n then return n end
+  n = tonumber(s)
+  if n and n >= 0 and n < 4096 and n % 1 == 0 then INT_N[s] = n end
+  return n
+end
+
+-- '<len>:<bytes>' fields from position pos of s (a length of 1 to 9 digits, as
+-- policer.call.unpack_fields reads them): returns the field and the next position
 -- (nil when s ends or is malformed).
 local function field_at(s, pos)
-  local colon = string.find(s, ':', pos, true)
-  if not colon or colon - pos > 9 then return nil, nil end
-  local n = tonumber(string.sub(s, pos, colon - 1))
-  if not n or n < 0 or colon + n > #s then return nil, nil end
-  return string.sub(s, colon + 1, colon + n), colon + n + 1
+  local len_s, start = string.match(s, '^(%d%d?%d?%d?%d?%d?%d?%d?%d?):()', pos)
+  if not len_s then return nil, nil end
+  local stop = start + num(len_s) - 1
+  if stop > #s then return nil, nil end
+  return string.sub(s, start, stop), stop + 1
 end
 
 -- a text value safe to keep and show: cut to MAX_VALUE_BYTES
