@@ -79,7 +79,7 @@ def test_two_workers_leave_no_ghost_after_a_freeze(tmp_path: Path, namespace: st
             assert answered[0] > 50
             # every queue drained (a tick a second in each worker), nothing counts
             assert wait_for(lambda: store.profile_size("total") == 0, 10), \
-                f"{store.profile_size('total')} calls still counted"
+                f"calls still counted: {store.profile_list('total')}"
             assert store.stats()["active"] == 0
             assert store.stats()["recorded"] > 0  # the fallback's calls were recorded ...
         finally:
