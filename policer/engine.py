@@ -290,9 +290,6 @@ class Engine:
         if self.metrics is not None:
             self.metrics.reload(result)
 
-    def classify(self, call: Call) -> Classification:
-        return self._current.classifier.classify(call)
-
     # -- the hot path
     def admit(self, call: Call, deadline_ms: int | None = None) -> Decision:
         """Decide one initial INVITE: one call of the store's decision function, nothing

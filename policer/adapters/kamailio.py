@@ -95,9 +95,8 @@ DURATION_CAP_EVENTS = frozenset({"dialog:timeout", DURATION_CAP_ROUTE})
 #: ``$dlg_var`` naming why the dialog module ended a call (set by the timeout route)
 END_VAR = "$dlg_var(policer_end)"
 
-#: Return values for app_python3: a cfg function returning 0 would stop the script.
+#: The return value for app_python3: a cfg function returning 0 would stop the script.
 OK = 1
-FALSE = -1
 
 #: The mqueue dialog events wait in (both flavours; policer.cfg / kemi.cfg define it).
 QUEUE = "policer"
@@ -213,14 +212,6 @@ def _header(name: str) -> str | None:
     if value is None:
         return None
     return value if isinstance(value, str) else str(value)
-
-
-def _set_var(name: str, value: int | str) -> None:
-    ksr = _ksr()
-    if isinstance(value, int):
-        ksr.pv.seti(f"$var({name})", value)
-    else:
-        ksr.pv.sets(f"$var({name})", value)
 
 
 def log(level: str, message: str) -> None:

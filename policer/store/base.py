@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "END_REASONS",
-    "LIMIT_KINDS",
     "STATS_FIELDS",
     "AdminStore",
     "AdmitRequest",
@@ -51,8 +50,6 @@ __all__ = [
 #: ``node_restarted`` are the store's own).
 END_REASONS = ("bye", "cancel", "failed", "timeout", "expired", "released_by_operator",
                "node_lost", "node_restarted", "reconciled", "duration_cap", "abandoned")
-#: What kind of limit tripped: concurrent calls, a call rate, a calendar window.
-LIMIT_KINDS = ("concurrent", "rate", "calls")
 
 #: Keys of :meth:`Store.stats`.
 STATS_FIELDS = ("active", "early", "confirmed", "processed", "expired", "failed", "rejected",

@@ -61,10 +61,8 @@ from policer.store.base import (
 from policer.store.connect import connect, url_scheme
 from policer.store.keys import Keys, key_part, label_from_key, value_from_key
 
-__all__ = ["INLINE_LOAD_BYTES", "LOAD_ATTEMPTS", "RENEW_BATCH", "RedisStore"]
+__all__ = ["INLINE_LOAD_BYTES", "LOAD_ATTEMPTS", "RedisStore"]
 
-#: Dialogs one tick call ends at most (per kind: lost nodes, own earlier, expired).
-RENEW_BATCH = TICK_BATCH
 #: A library up to this size is loaded inside the call that found Redis without it (a
 #: few ms); a bigger one (a class of many prefixes) takes longer than a decision may
 #: wait, and loading it again at every call kept Redis busy: its load is left to the
@@ -462,7 +460,7 @@ class RedisStore:
                    deadline_ms: int | None = None) -> CallResult:
         r = self._fcall("admit", self.call_arguments(call, node, "r" if record else "a",
                                                      deadline_ms))
-        return _call_result(r)
+        return call_result(r)
 
     def admit_calls(self, calls: Sequence[Call], node: str, deadline_ms: int | None = None
                     ) -> list[CallResult | StoreError]:
@@ -483,7 +481,7 @@ class RedisStore:
         replies = self._fcall_many("admit", [self.call_arguments(call, node, "a", deadline_ms)
                                              for call in calls])
         return [store_error(r) if isinstance(r, Exception)
-                else _call_result(r) for r in replies]
+                else call_result(r) for r in replies]
 
     def admit_command(self, call: Call, node: str, deadline_ms: int | None = None) -> bytes:
         """The ``FCALL`` of :meth:`admit_call`, packed (for a caller with a connection of
@@ -511,7 +509,7 @@ class RedisStore:
         args = self.call_arguments(call, "", "e")
         if at_ms is not None:
             args.append(at_ms - self.now_ms())
-        return _call_result(self._fcall("admit", args))
+        return call_result(self._fcall("admit", args))
 
     # -- dialog events
     def apply(self, ops: Sequence[Op], records: bool = False) -> list[object]:
@@ -827,7 +825,7 @@ class RedisStore:
         keep the node's measured clock skew; the epoch op (see :meth:`_load_library`)."""
         r = self._fcall("tick", [key_part(node) if node else "", lease_ms,
                                  "start" if start else "renew", 1 if sweep else 0,
-                                 RENEW_BATCH, self.clock_offset_ms,
+                                 TICK_BATCH, self.clock_offset_ms,
                                  "" if skew_ms is None else str(round(skew_ms)), epoch,
                                  instance, renew_ms])
         out = TickResult(int(r[0]), int(r[1]), int(r[2]), str(r[4]), str(r[5]), r[6] == 1)
@@ -964,16 +962,11 @@ def _windows(text: str) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
-def call_result(r: list[Any]) -> CallResult:
-    """The :class:`CallResult` of an admit's reply."""
-    return _call_result(r)
-
-
 _R = protocol.ADMIT_REPLY
 _ROW = protocol.EXPLAIN_ROW
 
 
-def _call_result(r: list[Any]) -> CallResult:
+def call_result(r: list[Any]) -> CallResult:
     """The :class:`CallResult` of an admit's reply (``ADMIT_REPLY``, then explain's rows)."""
     a = _R.decode(r)
     rows: list[ExplainRow] = []
