@@ -353,3 +353,21 @@ def test_nothing_listening_no_url_form_shows_a_password(url: str, namespace: str
         _clean(proc.stdout + proc.stderr)
     with contextlib.suppress(StoreError):
         engine.store.close()
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("redis://policer:s3cret@h:6379/0", "redis://policer:***@h:6379/0"),
+    ("redis://s3cret@h:6379", "redis://***@h:6379"),  # a password alone
+    ("rediss://:s3cret@h", "rediss://:***@h"),
+    ("redis+sentinel://u:s3cret@a:1,b:2/svc?sentinel_password=s3cret&x=1",
+     "redis+sentinel://u:***@a:1,b:2/svc?sentinel_password=***&x=1"),
+    ("Connection<host=h,port=1,password=s3cret,db=0>",
+     "Connection<host=h,port=1,password=***,db=0>"),
+    ("no credentials here: redis://h:1/0", "no credentials here: redis://h:1/0"),
+])
+def test_one_redactor_hides_every_form_of_a_password(text: str, shown: str) -> None:
+    """policer.log.redact: log lines, the store's errors, the cfg generator's messages."""
+    from policer.log import redact
+
+    assert redact(text) == shown
+    assert redact(shown) == shown

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import re
 import socket
 import threading
 import time
@@ -40,7 +39,7 @@ from policer.compile import (
     Library,
     compile_policy,
 )
-from policer.log import get_logger
+from policer.log import get_logger, redact
 from policer.policy import Policy, Rate
 from policer.protocol import unpack_record
 from policer.store.base import (
@@ -175,13 +174,13 @@ class RedisStore:
         try:  # every URL form of policer.store.connect; a Cluster client connects at once
             return connect(self.url, self.timeout_ms / 1000)
         except (redis.RedisError, OSError) as e:
-            raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
+            raise StoreError(f"{type(e).__name__}: {redact(str(e))}") from e
 
     def _run(self, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
         except (redis.RedisError, OSError) as e:
-            raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
+            raise StoreError(f"{type(e).__name__}: {redact(str(e))}") from e
 
     # -- the library
     def use(self, policy: Policy | None) -> None:
@@ -284,7 +283,7 @@ class RedisStore:
             if attempt < LOAD_ATTEMPTS:
                 get_logger("policer.store").warning(
                     "policy_load_retry", library=library.name, attempt=attempt,
-                    error=f"{type(error).__name__}: {_safe(str(error))}", pause_s=pause)
+                    error=f"{type(error).__name__}: {redact(str(error))}", pause_s=pause)
                 time.sleep(pause)
                 pause *= 2
         assert error is not None
@@ -292,7 +291,7 @@ class RedisStore:
         raise StoreError(
             f"FUNCTION LOAD of library {library.name} ({len(library.text)} bytes) failed "
             f"{tries} in {time.monotonic() - started:.1f} s: {type(error).__name__}: "
-            f"{_safe(str(error))} (each try is bounded by the policy's load_timeout, "
+            f"{redact(str(error))} (each try is bounded by the policy's load_timeout, "
             f"{timeout_ms} ms)") from error
 
     def _control_client(self, timeout_ms: int) -> redis.Redis:
@@ -917,7 +916,7 @@ def store_error(e: BaseException) -> StoreError:
     """The :class:`StoreError` of a Redis failure: marked ``late`` when the library
     refused a request that came after its caller's deadline (nothing was written), and
     ``maybe_applied`` when no reply came (the request may have been, or yet be, applied)."""
-    out = StoreError(f"{type(e).__name__}: {_safe(str(e))}")
+    out = StoreError(f"{type(e).__name__}: {redact(str(e))}")
     out.late = str(e).startswith("POLICER late")  # redis-py's or hiredis's error reply
     out.maybe_applied = isinstance(e, redis.TimeoutError | redis.ConnectionError | OSError)
     return out
@@ -1034,13 +1033,6 @@ def stats_from(stats: dict[str, str], decisions: dict[str, str]) -> dict[str, in
             if reason in ("failed", "cancel"):
                 out["failed"] += n
     return out
-
-
-def _safe(message: str) -> str:
-    """An error message without credentials (redis-py may include the URL, and some
-    versions the repr of a connection: ``password=...``)."""
-    message = re.sub(r"(\w+://)[^@/\s]*@", r"\1***@", message)
-    return re.sub(r"(password=)[^,\s)>]*", r"\1***", message)
 
 
 def _str(v: object) -> str:
