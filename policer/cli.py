@@ -34,12 +34,12 @@ from policer.log import configure, redact
 from policer.policy import Policy, PolicyError, Rate, load_policy, parse_duration_ms
 from policer.printable import printable, printable_data
 from policer.store import Store, StoreError, open_store
-from policer.store.base import DialogInfo
+from policer.store.base import DialogInfo, ExplainRow
 from policer.store.keys import dialog_id
 
 if TYPE_CHECKING:  # the engine (and prometheus-client) is imported when a command needs
     # it: `policer serve --workers N` must set PROMETHEUS_MULTIPROC_DIR first
-    from policer.engine import Engine, LimitView
+    from policer.engine import Engine
 
 __all__ = ["main"]
 
@@ -275,9 +275,9 @@ def _instant(text: str) -> int:
     return _epoch_ms(int(t.timestamp() * 1000), "--at", text)
 
 
-def _usage_text(v: LimitView) -> str:
+def _usage_text(v: ExplainRow) -> str:
     parts = []
-    if v.rate_owed is not None:
+    if v.rate_owed >= 0:
         parts.append(f"rate {v.rate_owed}/{v.rate_burst} owed")
     parts += [f"{per} {n}/{mx}" for per, n, mx in v.windows]
     return "; ".join(parts)

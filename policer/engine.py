@@ -29,14 +29,14 @@ from policer.policy import Policy, Reject, load_policy
 from policer.reload import Job, PolicyWatcher
 from policer.resilience import CircuitBreaker, Pending, PendingQueue
 from policer.store import RedisStore, Store, StoreError, open_store
-from policer.store.base import CallRecord, CallResult, DialogInfo, Op, StoreInfo
+from policer.store.base import CallRecord, CallResult, DialogInfo, ExplainRow, Op, StoreInfo
 from policer.store.keys import dialog_id
 from policer.store.redis_store import INLINE_LOAD_BYTES
 
 if TYPE_CHECKING:
     from policer.reconcile import ProxyDialog, Report
 
-__all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "LimitView", "NodeInUse",
+__all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "NodeInUse",
            "Prepared", "SkewEstimate"]
 
 
@@ -85,29 +85,14 @@ _BATCH = 200
 
 
 @dataclass(frozen=True, slots=True)
-class LimitView:
-    """One membership as ``policer explain`` shows it."""
-
-    profile: str
-    value: str | None
-    count: int
-    max: int  # -1 when the profile is only counted
-    effective_max: int  # what an ordinary call may reach (max - reserve), emergency: max
-    live_limit: bool  # max comes from a live limit set at run time
-    shadow: bool
-    would_trip: bool
-    kind: str | None = None  # of the limit that would trip
-    rate_owed: int | None = None  # calls owed to the rate now (None: no rate)
-    rate_burst: int | None = None
-    windows: tuple[tuple[str, int, int], ...] = ()  # (per, count, max)
-
-
-@dataclass(frozen=True, slots=True)
 class Explanation:
+    """What ``admit`` would decide now (``policer explain``, ``POST /v1/explain``): the
+    number, its class, every membership as the store's dry run saw it, the decision."""
+
     number: str
     number_class: str | None
     emergency: bool
-    limits: tuple[LimitView, ...]
+    limits: tuple[ExplainRow, ...]
     decision: Decision
 
     def as_dict(self) -> dict[str, Any]:
@@ -125,8 +110,8 @@ class Explanation:
                     "live_limit": v.live_limit,
                     "shadow": v.shadow,
                     "would_trip": v.would_trip,
-                    "kind": v.kind,
-                    "rate": None if v.rate_owed is None else
+                    "kind": v.kind or None,
+                    "rate": None if v.rate_owed < 0 else
                     {"owed": v.rate_owed, "burst": v.rate_burst},
                     "calls": [{"window": per, "count": n, "max": mx}
                               for per, n, mx in v.windows],
@@ -773,13 +758,8 @@ class Engine:
         run of the store's decision function (one atomic call). ``at_ms``: schedules and
         calendar windows as at that instant (Unix ms), counts of now."""
         r = self.store.explain_call(call, at_ms)
-        views = tuple(LimitView(v.profile, v.value, v.count, v.max, v.effective_max,
-                                v.live_limit, v.shadow, v.would_trip, v.kind or None,
-                                v.rate_owed if v.rate_owed >= 0 else None,
-                                v.rate_burst if v.rate_burst >= 0 else None, v.windows)
-                      for v in r.rows)
         number = call.attribute(self._current.policy.number_source)
-        return Explanation(number, r.number_class, r.emergency, views, _decision(r))
+        return Explanation(number, r.number_class, r.emergency, r.rows, _decision(r))
 
     def dialog(self, dialog_id: str) -> DialogInfo | None:
         return self.store.dialog(dialog_id)
