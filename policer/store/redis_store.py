@@ -144,8 +144,6 @@ class RedisStore:
         self._set_library(compile_policy(policy, namespace, self.extra_lua), policy)
         # a Cluster client routes by key itself (MOVED, ASK): _fcall uses its execute_command
         self._cluster = url_scheme(url) == "redis+cluster"
-        prefix = self.keys.prefix
-        self._p_dialog = prefix + "d:"
 
     def _set_library(self, library: Library, policy: Policy | None) -> None:
         self.library = library
@@ -598,10 +596,9 @@ class RedisStore:
         and picked by their count fields (an operator's command: O(live dialogs))."""
         want = self.keys.count_field(profile, value)
         client: Any = self.client
-        prefix = self.keys.prefix
 
         def ids_of(node: str) -> list[str]:
-            return list(client.zrange(prefix + "n:" + node, 0, -1))
+            return list(client.zrange(self.keys.node_of_part(node), 0, -1))
 
         def records(chunk: list[str]) -> list[Any]:
             return list(client.execute_command("MGET", *(self.keys.dialog(d) for d in chunk),
@@ -634,7 +631,7 @@ class RedisStore:
         known = self._known_sources.get(text)
         if known is None:
             client = self.client
-            names = self._run(lambda: client.hget(self.keys.prefix + "sigs", text))
+            names = self._run(lambda: client.hget(self.keys.sigs, text))
             known = _sources_of(names or "")
             self._known_sources[text] = known
         return known
@@ -657,7 +654,7 @@ class RedisStore:
         def active() -> int:
             pipe = client.pipeline(transaction=False)
             for n in sorted(nodes):
-                pipe.zcard(self.keys.prefix + "n:" + n)
+                pipe.zcard(self.keys.node_of_part(n))
             return sum(int(x) for x in pipe.execute())
 
         out["active"] = self._run(active) if nodes else 0
@@ -861,7 +858,7 @@ class RedisStore:
 
     def nodes(self) -> dict[str, int]:
         client = self.client
-        rows = self._run(lambda: client.zrange(self.keys.prefix + "nodes", 0, -1,
+        rows = self._run(lambda: client.zrange(self.keys.nodes, 0, -1,
                                                withscores=True))
         return {value_from_key(n): int(score) for n, score in rows}
 
