@@ -172,7 +172,7 @@ def test_lost_node_dialogs_stop_counting_after_the_lease(redis_url: str, namespa
     # clock), proxy-b's tick ends proxy-a's dialogs
     for _ in range(7):
         b_store.clock_offset_ms += 5_000
-        b._next_renew = 0  # the tick is due
+        b.lifecycle.renew_soon()  # the tick is due
         b.tick()
     assert b_store.profile_size("total") == 1
     assert b_store.ended().get("node_lost") == 4
@@ -199,7 +199,7 @@ def test_on_node_loss_keep_leaves_dialogs_until_their_deadline(redis_url: str,
     # past k0's early deadline, not yet k1's: the tick ends k0 (it counted until then)
     b_store.clock_offset_ms += 94_000
     assert b_store.profile_size("total") == 2
-    b._next_renew = 0  # the tick is due
+    b.lifecycle.renew_soon()  # the tick is due
     b.tick()
     assert b_store.ended() == {"expired": 1}
     assert [(r.call_id, r.reason) for r in b_store.call_records()] == [(k0.call_id, "expired")]

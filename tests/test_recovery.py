@@ -234,7 +234,7 @@ def test_a_node_whose_clock_is_off_has_its_calls_decided(
     decisions = [p.engine.admit(acme(f"u{i}")) for i in range(4)]
     assert all(d.admitted and not d.fallback for d in decisions), decisions[0].error
     p.engine.tick()
-    p.engine._next_renew = 0.0  # renew now (writes the skew)
+    p.engine.lifecycle.renew_soon()  # renew now (writes the skew)
     p.engine.tick()
     skews = p.store.node_skews()
     assert abs(skews["proxy-a"][0] - skew_s * 1000) < 100
@@ -254,7 +254,7 @@ def test_a_second_instance_with_the_same_node_name_refuses_to_start(
 
     def renew() -> None:  # a is alive: its timer ticks
         while not stop.wait(0.2):
-            a.engine._next_renew = 0.0
+            a.engine.lifecycle.renew_soon()
             a.engine.tick()
 
     t = threading.Thread(target=renew, daemon=True)

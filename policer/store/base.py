@@ -20,6 +20,7 @@ from policer.classify import Member
 if TYPE_CHECKING:
     from policer.calendar import LocalClock
     from policer.call import Call
+    from policer.compile import Library
     from policer.policy import Limit, Policy, Rate
 
 __all__ = [
@@ -34,9 +35,11 @@ __all__ = [
     "DecisionStore",
     "DialogInfo",
     "ExplainRow",
+    "LibraryStore",
     "Member",
     "Op",
     "OpKind",
+    "PipelinedStore",
     "Store",
     "StoreError",
     "StoreInfo",
@@ -460,6 +463,33 @@ class AdminStore(Protocol):
 @runtime_checkable
 class Store(DecisionStore, AdminStore, Protocol):
     """Every store (Redis, in-process) implements both protocols with the same meaning."""
+
+
+@runtime_checkable
+class PipelinedStore(Protocol):
+    """A store that decides calls that arrived together in one round trip (Redis: their
+    ``FCALL``s pipelined), each as :meth:`DecisionStore.admit_call` would."""
+
+    def admit_calls(self, calls: Sequence[Call], node: str, deadline_ms: int | None = None
+                    ) -> list[CallResult | StoreError]:
+        """Per call its result, or the StoreError of its own reply; a broken connection
+        or a timeout raises for all of them."""
+
+
+@runtime_checkable
+class LibraryStore(Protocol):
+    """A store whose server holds the compiled policy (Redis: its function library), so
+    that a reload can compile and load it away from the decisions, then swap it in."""
+
+    library: Library
+
+    def load_library(self, library: Library, policy: Policy | None = None,
+                     epoch: str | None = None) -> str:
+        """Load a compiled library into the server without deciding by it here yet;
+        returns its policy hash."""
+
+    def use_library(self, library: Library, policy: Policy | None) -> None:
+        """Decide by a library compiled (and loaded) already."""
 
 
 def usage_of(entry: Limit | None, live_rate: Rate | None, tat_us: int,
