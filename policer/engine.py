@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +56,8 @@ _DRAIN_BEFORE_EVENT = 200
 _DRAIN_PER_TICK = 5_000
 #: Queued operations per store call.
 _BATCH = 200
+#: The call of :meth:`Engine.probe`'s dry run.
+_PROBE_CALL = Call.from_raw("policer-probe", "probe")
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +399,72 @@ class Engine:
         if not packed:
             return True
         return self._event(packed) is not None
+
+    # -- a proxy's own queue of dialog events (Kamailio's mqueue)
+    def pack(self, ops: Sequence[Op]) -> bytes:
+        """Dialog events in the batch function's format: what a proxy queues, and applies
+        with :meth:`apply_packed` or :meth:`apply_batch`."""
+        return self.store.pack_ops(ops)
+
+    def apply_batch(self, packed: bytes) -> int:
+        """Apply a proxy's batch of packed dialog events now; how many it held. When the
+        store does not take it, StoreError is raised (counted as a ``batch`` store error)
+        and nothing is queued here: unlike :meth:`apply_packed`, the caller keeps the
+        batch and sends it again."""
+        try:
+            return self.store.apply_packed(packed)
+        except StoreError:
+            if self.metrics is not None:
+                self.metrics.store_error("batch")
+            raise
+
+    def hand_off(self, take: Callable[[bytes], object]) -> int:
+        """Hand what this engine queued for the store (a call its fallback admitted, to be
+        recorded), in order and each op packed, to ``take``: another process's queue,
+        which applies it as soon as the store answers (Kamailio's timer), not at this
+        process's next call. ``take`` raising stops the hand-off (and raises): what it did
+        not take stays queued here. Returns how many were handed."""
+
+        def move(items: list[Pending]) -> None:
+            for item in items:
+                take(item if isinstance(item, bytes) else self.store.pack_ops([item]))
+
+        try:
+            return self.pending.drain(move, len(self.pending), 1)
+        finally:
+            if self.metrics is not None:
+                self.metrics.pending(len(self.pending), self.pending.dropped)
+
+    @property
+    def queued(self) -> int:
+        """Operations waiting in this engine's queue for the store."""
+        return len(self.pending)
+
+    @property
+    def dropped(self) -> int:
+        """Operations this engine's queue dropped, full (oldest first)."""
+        return self.pending.dropped
+
+    @property
+    def store_failing(self) -> bool:
+        """The circuit breaker is open: decisions go to the fallback (one probe per
+        interval)."""
+        return self.breaker.open
+
+    @property
+    def clock_skew_ms(self) -> float:
+        """This process's clock minus the store's (ms), as this node measured it."""
+        return self.store.clock_skew_ms
+
+    def probe(self) -> float | None:
+        """Seconds one dry-run decision (the store's explain: it writes nothing) takes
+        from here now (``policer_probe_seconds``); None while the circuit breaker is open.
+        Raises StoreError."""
+        if self.breaker.open:
+            return None
+        t0 = time.perf_counter()
+        self.store.explain_call(_PROBE_CALL)
+        return time.perf_counter() - t0
 
     def _event(self, item: Pending) -> object:
         """Apply a dialog event, or queue it (in order) while the store is down."""
