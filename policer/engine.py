@@ -1,10 +1,14 @@
-"""The engine: the one API adapters call (Kamailio, the command line, the
-simulation). It classifies a call with the policy, asks the store in one atomic
-operation, and turns the answer into a :class:`Decision`.
+"""The engine: the decision API the proxies' adapters call (Kamailio's KEMI glue and
+native timer, ``policer serve``; also the command line's ``admit`` and ``explain``, and
+``policer simulate``). An INVITE is one call of the store's decision function, which
+classifies the call, checks every limit and joins all profiles or none; the engine
+turns its answer into a :class:`Decision`. Dialog events are applied in order, or
+queued while the store fails. The node's start, lease and tick are composed from
+:mod:`policer.node`.
 
 The engine never raises at the proxy: when the store fails or is too slow, the
-policy's ``on_store_error`` decides (emergency calls are always admitted) and
-the decision says it came from that fallback.
+policy's ``on_store_error`` decides (the engine classifies the call itself then:
+emergency calls are always admitted) and the decision says it came from that fallback.
 """
 
 from __future__ import annotations

@@ -247,7 +247,8 @@ def manage_current(verdict: Verdict) -> None:
 
 @functools.lru_cache(maxsize=1024)
 def _dialog_id(call_id: str, from_tag: str) -> str:
-    # a dialog's events (start, end) arrive in the same worker more often than not
+    # cached per process: a worker encodes a dialog's id once for the events of that
+    # dialog it handles (of its INVITE, 2xx, BYE, each reaches any worker)
     return dialog_id(call_id, from_tag)
 
 
