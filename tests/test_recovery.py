@@ -18,34 +18,20 @@ from policer.call import Call
 from policer.compile import RECOVERY_MS
 from policer.engine import Engine, NodeInUse
 from policer.metrics import ClusterCollector
-from policer.policy import Policy, parse_policy
+from policer.policy import Policy
 from policer.reconcile import ProxyDialog
 from policer.store import Op, RedisStore, StoreError
 from policer.store.keys import dialog_id
 from tests.support import call, ticked, wait_for
-
-POLICY = """
-version: 1
-namespace: {ns}
-call: {{attributes: {{account: header:X-Account}}}}
-classes:
-  emergency: {{numbers: ["112"]}}
-  other: {{default: true}}
-profiles:
-  total: {{}}
-  account: {{value: account}}
-limits:
-  total: {{max: 20}}
-  account: {{max: 4}}
-on_store_error: {on_error}
-store_timeout: 50ms
-timeouts: {{early: 120s}}
-nodes: {{lease: {lease}, renew: 1s}}
-"""
+from tests.support.policies import ACCOUNT, EMERGENCY_112, build_policy
 
 
 def make_policy(ns: str, on_error: str = "reject", lease: str = "30s") -> Policy:
-    return parse_policy(POLICY.format(ns=ns, on_error=on_error, lease=lease))
+    return build_policy(ns, attributes=ACCOUNT, classes=EMERGENCY_112,
+                        profiles={"total": {}, "account": "account"},
+                        limits={"total": 20, "account": 4}, on_store_error=on_error,
+                        store_timeout="50ms", timeouts={"early": "120s"},
+                        nodes={"lease": lease, "renew": "1s"})
 
 
 @pytest.fixture

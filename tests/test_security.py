@@ -30,6 +30,7 @@ from policer.engine import Engine
 from policer.policy import parse_policy
 from policer.store import RedisStore, StoreError, open_store
 from tests.support.cli import EXAMPLE, policy_copy, run_cli
+from tests.support.policies import policy_yaml
 
 #: Passwords chosen to be unmistakable in any output (and to need URL quoting).
 ADMIN_PW = "Adm1n-s3cret-XQZ"
@@ -42,20 +43,11 @@ ACL_RULES = ("on", "resetkeys", "~policer:*", "resetchannels", "-@all", "+@read"
              "+@scripting", "+@connection", "+@transaction", "+time", "-@dangerous",
              "-script|flush", "-script|kill", "-function", "+function|load")
 
-POLICY = """
-version: 1
-namespace: {ns}
-classes:
-  international: {{prefixes: ["00"]}}
-  local: {{default: true}}
-profiles:
-  total: {{}}
-  user: {{value: from_user}}
-limits:
-  total: {{max: 2}}
-on_store_error: {on_error}
-store_timeout: 2s
-"""
+def policy_text(namespace: str, on_error: str) -> str:
+    return policy_yaml(namespace, classes={"international": {"prefixes": ["00"]},
+                                           "local": {"default": True}},
+                       profiles={"total": {}, "user": "from_user"}, limits={"total": 2},
+                       on_store_error=on_error, store_timeout="2s")
 
 
 def _clean(text: str) -> None:
@@ -72,12 +64,12 @@ def _policy_file(tmp_path: Path, namespace: str, on_error: str = "admit") -> Pat
     """The policy ``_engine`` decides by, as a file for the command line: the CLI calls the
     library the engine loaded, and packs the attributes that policy reads."""
     path = tmp_path / f"{namespace}.yaml"
-    path.write_text(POLICY.format(ns=namespace, on_error=on_error))
+    path.write_text(policy_text(namespace, on_error))
     return path
 
 
 def _engine(url: str, namespace: str, on_error: str = "admit") -> Engine:
-    policy = parse_policy(POLICY.format(ns=namespace, on_error=on_error), "<test>")
+    policy = parse_policy(policy_text(namespace, on_error), "<test>")
     return Engine(policy, open_store(url, namespace, timeout_ms=policy.store_timeout_ms),
                   node="sec")
 
