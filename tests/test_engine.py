@@ -13,19 +13,23 @@ from policer.engine import Engine
 from policer.policy import Policy
 from policer.store import RedisStore, Store, StoreError
 from tests.support import STORE_TIMEOUT_MS, EngineFactory, call
-from tests.support.policies import ACCOUNT, build_policy
+from tests.support.policies import (
+    ACCOUNT,
+    INTERNATIONAL,
+    INTERNATIONAL_CLASSES,
+    build_policy,
+    when,
+)
 
 
 def engine_policy(on_store_error: str = "admit", total: int = 2,
                   namespace: str = "eng") -> Policy:
     return build_policy(
         namespace, attributes=ACCOUNT,
-        classes={"emergency": {"numbers": ["112"]}, "international": {"prefixes": ["00"]},
-                 "local": {"default": True}},
-        profiles={"total": {}, "international": {"when": {"class": "international"}},
-                  "user": "from_user", "account": "account"},
-        limits={"total": total, "international": {
-            "max": 1, "reject": {"code": 403, "reason": "International Limit"}}},
+        classes=INTERNATIONAL_CLASSES,
+        profiles={"total": {}, "international": when("international"), "user": "from_user",
+                  "account": "account"},
+        limits={"total": total, "international": {"max": 1, "reject": INTERNATIONAL}},
         reject={"code": 503, "reason": "Call Limit Reached", "retry_after": 30},
         on_store_error=on_store_error)
 

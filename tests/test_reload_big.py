@@ -22,7 +22,7 @@ from policer.store import RedisStore, StoreError
 from policer.store.redis_store import INLINE_LOAD_BYTES, LOAD_ATTEMPTS
 from tests.support import call, new_namespace, wait_for
 from tests.support.cli import run_cli
-from tests.support.policies import policy_yaml
+from tests.support.policies import policy_yaml, when
 
 
 def write(tmp: Path, ns: str, prefixes: list[str], premium_max: int = 0,
@@ -33,7 +33,7 @@ def write(tmp: Path, ns: str, prefixes: list[str], premium_max: int = 0,
     path.write_text(policy_yaml(
         ns, classes={"emergency": {"numbers": ["112"]},
                      "premium": {"prefixes_file": "premium.txt"}, "other": {"default": True}},
-        profiles={"total": {}, "premium": {"when": {"class": "premium"}}},
+        profiles={"total": {}, "premium": when("premium")},
         limits={"total": 100,
                 "premium": {"max": premium_max, "reject": {"code": 403, "reason": "Barred"}}},
         store_timeout=store_timeout, load_timeout=load_timeout,

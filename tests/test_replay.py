@@ -17,21 +17,23 @@ from policer.store.keys import dialog_id
 from policer.store.redis_store import RedisStore
 from tests.support import call
 from tests.support.cli import cli_json, run_cli
-from tests.support.policies import ACCOUNT, policy_yaml
-
-INTERNATIONAL_REJECT = {"code": 403, "reason": "International Limit"}
+from tests.support.policies import (
+    ACCOUNT,
+    INTERNATIONAL,
+    INTERNATIONAL_CLASSES,
+    policy_yaml,
+    when,
+)
 
 
 def policy_text(namespace: str = "rp", total: int = 4, intl: int = 1, user: int = 2,
                 **sections: Any) -> str:
     return policy_yaml(
         namespace, attributes=ACCOUNT,
-        classes={"emergency": {"numbers": ["112"]}, "international": {"prefixes": ["00"]},
-                 "local": {"default": True}},
-        profiles={"total": {}, "international": {"when": {"class": "international"}},
-                  "account": "account", "user": "from_user"},
-        limits={"total": total,
-                "international": {"max": intl, "reject": INTERNATIONAL_REJECT},
+        classes=INTERNATIONAL_CLASSES,
+        profiles={"total": {}, "international": when("international"), "account": "account",
+                  "user": "from_user"},
+        limits={"total": total, "international": {"max": intl, "reject": INTERNATIONAL},
                 "user": user},
         emergency={"class": "emergency", "bypass": True}, **sections)
 

@@ -32,7 +32,7 @@ from policer.policy import parse_policy
 from policer.reconcile import ProxyDialog, reconcile
 from policer.store import RedisStore, StoreError
 from tests.support import new_namespace, wait_for
-from tests.support.policies import ACCOUNT, policy_yaml
+from tests.support.policies import ACCOUNT, INTERNATIONAL, policy_yaml, when
 
 SECONDS = float(os.environ.get("POLICER_SOAK_SECONDS", "300"))
 HERE = Path(__file__).resolve().parent
@@ -42,12 +42,11 @@ def soak_policy(namespace: str) -> str:
         namespace, attributes=ACCOUNT,
         classes={"emergency": {"numbers": ["112"]}, "international": {"prefixes": ["00"]},
                  "domestic": {"prefixes": ["0"]}, "local": {"default": True}},
-        profiles={"total": {}, "emergency": {"when": {"class": "emergency"}},
-                  "international": {"when": {"class": "international"}},
-                  "user": "from_user", "account": "account"},
+        profiles={"total": {}, "emergency": when("emergency"),
+                  "international": when("international"), "user": "from_user",
+                  "account": "account"},
         limits={"total": {"max": 40, "reserve_for_emergency": 2},
-                "international": {"max": 10, "reject": {"code": 403,
-                                                        "reason": "International Limit"}},
+                "international": {"max": 10, "reject": INTERNATIONAL},
                 "account": {"max": 9, "reject": {"code": 486, "reason": "Account Call Limit"}},
                 "user": 3},
         timeouts={"early": "10s", "dialog": "20s"}, store_timeout="100ms",

@@ -11,14 +11,13 @@ from policer.policy import Policy
 from policer.store import open_store
 from policer.store.keys import Keys
 from tests.support.cluster import Cluster
-from tests.support.policies import build_policy
+from tests.support.policies import build_policy, when
 
 
 def cluster_policy(namespace: str) -> Policy:
     return build_policy(
         namespace, classes={"international": {"prefixes": ["00"]}, "local": {"default": True}},
-        profiles={"total": {}, "international": {"when": {"class": "international"}},
-                  "user": "from_user"},
+        profiles={"total": {}, "international": when("international"), "user": "from_user"},
         limits={"total": 5, "user": 2})
 
 

@@ -16,13 +16,25 @@ from typing import Any
 
 from policer.policy import Policy, parse_policy
 
-__all__ = ["ACCOUNT", "EMERGENCY_112", "build_policy", "policy_yaml"]
+__all__ = ["ACCOUNT", "EMERGENCY_112", "INTERNATIONAL", "INTERNATIONAL_CLASSES",
+           "build_policy", "policy_yaml", "when"]
 
 #: ``call.attributes`` of the tests' account profiles
 ACCOUNT: Mapping[str, str] = {"account": "header:X-Account"}
 #: an emergency class (112) beside a default class
 EMERGENCY_112: Mapping[str, Mapping[str, Any]] = {"emergency": {"numbers": ["112"]},
                                                   "other": {"default": True}}
+#: emergency (112), international (00) and a default class, local
+INTERNATIONAL_CLASSES: Mapping[str, Mapping[str, Any]] = {
+    "emergency": {"numbers": ["112"]}, "international": {"prefixes": ["00"]},
+    "local": {"default": True}}
+#: a limit's answer for calls abroad
+INTERNATIONAL: Mapping[str, Any] = {"code": 403, "reason": "International Limit"}
+
+
+def when(number_class: str) -> dict[str, Any]:
+    """A profile counting the calls of one number class."""
+    return {"when": {"class": number_class}}
 
 
 def policy_yaml(namespace: str = "test", *, version: int = 1,
