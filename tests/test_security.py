@@ -11,6 +11,7 @@ certificates are made with ``openssl`` in the test's temporary directory.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,8 @@ from policer.engine import Engine
 from policer.policy import parse_policy
 from policer.store import RedisStore, StoreError, open_store
 from tests.support.cli import EXAMPLE, policy_copy, run_cli
+from tests.support.serve import Serve
+from tests.support.serve import body as serve_body
 from tests.support.tls import TLSRedisServer, make_certificates, tls_url
 
 #: Passwords chosen to be unmistakable in any output (and to need URL quoting).
@@ -235,6 +238,27 @@ def test_tls(tls_redis: TLSRedisServer, namespace: str, tmp_path: Path) -> None:
     d = _engine(f"redis://:{ADMIN_PW}@127.0.0.1:{tls_redis.port}/0", namespace).admit(_call(7))
     assert d.fallback
     _clean(d.error)
+
+
+def test_policer_serve_over_tls(tls_redis: TLSRedisServer, namespace: str,
+                                tmp_path: Path) -> None:
+    """The decision service's admits take the same pipelined path over TLS: a
+    connection of the worker's own, opened with the URL's certificates and password."""
+    env = {"POLICER_REDIS_URL": tls_url(tls_redis, ADMIN_PW),
+           "POLICER_POLICY": str(_policy_file(tmp_path, namespace))}
+    s = Serve(tmp_path, env)
+    try:
+        answers = [s.post("/v1/admit", serve_body(f"tls-{i}", number="5551234"))[1]
+                   for i in range(3)]
+        assert [(a["admitted"], a["fallback"]) for a in answers] == [
+            (True, False), (True, False), (False, False)]
+        assert s.post("/v1/release", {"dialog_id": answers[0]["dialog_id"]})[1]["ok"]
+    finally:
+        s.stop()
+    opened = [json.loads(line) for line in s.log.read_text().splitlines()
+              if "admit_pipeline_open" in line]
+    assert opened and opened[0]["tls"] is True
+    _clean(s.log.read_text())
 
 
 def test_tls_wrong_password(tls_redis: TLSRedisServer, namespace: str, tmp_path: Path) -> None:
