@@ -49,27 +49,14 @@ excepted). The parts, one job each:
 
 from __future__ import annotations
 
-from policer.serve.http_server import (
-    HEAD_TIMEOUT_S,
-    IDLE_S,
-    MAX_BODY,
-    MAX_CONNECTIONS,
-    MAX_HEAD,
-    SYNC_MAX_BODY,
-    Limits,
-)
+from policer.serve.http_server import MAX_BODY, Limits
 from policer.serve.listener import ServeError, bind, check_listener, is_loopback, read_token
 from policer.serve.service import Response, Service
 from policer.serve.supervisor import prepare_metrics, run
 from policer.serve.worker import serve_forever
 
 __all__ = [
-    "HEAD_TIMEOUT_S",
-    "IDLE_S",
     "MAX_BODY",
-    "MAX_CONNECTIONS",
-    "MAX_HEAD",
-    "SYNC_MAX_BODY",
     "Limits",
     "Response",
     "ServeError",

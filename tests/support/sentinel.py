@@ -15,6 +15,8 @@ FAILOVER_TIMEOUT_MS = 5000
 class SentinelServer(RedisServer):
     """One ``redis-server --sentinel`` process with its own config file."""
 
+    log_name = "sentinel.log"
+
     def __init__(self, primary_port: int, quorum: int = 2,
                  service: str = SENTINEL_SERVICE) -> None:
         super().__init__()
@@ -25,7 +27,7 @@ class SentinelServer(RedisServer):
             f"protected-mode no\n"
             f"daemonize no\n"
             f"dir {self.dir}\n"
-            f"logfile {self.dir / 'sentinel.log'}\n"
+            f"logfile {self.dir / self.log_name}\n"
             f"sentinel monitor {service} 127.0.0.1 {primary_port} {quorum}\n"
             f"sentinel down-after-milliseconds {service} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {service} {FAILOVER_TIMEOUT_MS}\n"
@@ -35,10 +37,3 @@ class SentinelServer(RedisServer):
     def command(self) -> list[str]:
         assert self.binary is not None
         return [self.binary, str(self.conf), "--sentinel"]
-
-    def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = (self.dir / "sentinel.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
