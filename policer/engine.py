@@ -640,6 +640,28 @@ class Engine:
     def dialog(self, dialog_id: str) -> DialogInfo | None:
         return self.store.dialog(dialog_id)
 
+    # -- for a caller that sends the store's admits itself (policer serve's pipeline):
+    #    what admit() does before and instead of asking the store
+    @property
+    def circuit_open(self) -> bool:
+        """The store failed repeatedly: calls go to the fallback but for a probe."""
+        return self.breaker.open
+
+    def store_allowed(self) -> bool:
+        """May a call ask the store now (the circuit is closed, or this is its probe)?"""
+        return self.breaker.allow()
+
+    def fallback(self, call: Call, error: str, t0: float) -> Decision:
+        """The policy's ``on_store_error`` decision for a call the store was not asked
+        about (the circuit is open, or the failure that stopped it was counted), as
+        :meth:`admit` decides then: admitted calls are recorded once the store answers."""
+        return self._fallback(call, error, t0)
+
+    def queue_event(self, op: Op) -> None:
+        """Queue a dialog event without trying the store (its circuit is open): applied
+        in order once it answers (the next event or :meth:`tick`)."""
+        self._queue(op)
+
 
 def _decision(r: CallResult) -> Decision:
     return Decision(

@@ -39,42 +39,9 @@ from policer.store import RedisStore, StoreError, open_store
 from policer.store.connect import parse_store_url
 from tests.support import wait_for
 from tests.support.policies import build_policy
+from tests.support.sentinel import SENTINEL_SERVICE, SentinelServer
 
-SERVICE = "policer"
-#: Sentinel timings: the primary is "down" after 1 s without an answer.
-DOWN_AFTER_MS = 1000
-FAILOVER_TIMEOUT_MS = 5000
-
-
-class SentinelServer(RedisServer):
-    """One ``redis-server --sentinel`` process with its own config file."""
-
-    def __init__(self, primary_port: int, quorum: int = 2) -> None:
-        super().__init__()
-        self.conf = self.dir / "sentinel.conf"
-        self.conf.write_text(
-            f"port {self.port}\n"
-            f"bind 127.0.0.1\n"
-            f"protected-mode no\n"
-            f"daemonize no\n"
-            f"dir {self.dir}\n"
-            f"logfile {self.dir / 'sentinel.log'}\n"
-            f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} {quorum}\n"
-            f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
-            f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
-            f"sentinel parallel-syncs {SERVICE} 1\n"
-        )
-
-    def command(self) -> list[str]:
-        assert self.binary is not None
-        return [self.binary, str(self.conf), "--sentinel"]
-
-    def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = (self.dir / "sentinel.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
+SERVICE = SENTINEL_SERVICE
 
 
 @dataclass

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -205,3 +207,28 @@ def test_the_layer_checker_itself() -> None:
     assert _covers("policer/__init__.py", "policer")
     assert _covers("policer/cli.py", "policer.cli")
     assert not _covers("policer/cli.py", "policer.client")
+def test_the_decision_service_reaches_the_store_through_its_public_api() -> None:
+    """policer.serve's modules (issue 17): the store through its contract
+    (``policer.store``, ``base``, ``keys``, the admit pipeline), never a store's
+    implementation or a Redis client of their own."""
+    edges = graph()
+    serve = sorted(m for m in edges if m == "policer.serve" or m.startswith("policer.serve."))
+    assert len(serve) >= 8
+    inside = {"policer.store.redis_store", "policer.store.memory_store",
+              "policer.store.connect"}
+    for m in serve:
+        assert not edges[m] & inside, f"{m} imports {sorted(edges[m] & inside)}"
+        path = PACKAGE.parent.joinpath(*m.split(".")).with_suffix(".py")
+        if not path.exists():
+            path = path.with_suffix("") / "__init__.py"
+        clients = sorted(i for i in _imports(path) if i.split(".")[0] in ("redis", "hiredis"))
+        assert not clients, f"{m} imports {clients}"
+
+
+def test_importing_the_decision_service_leaves_prometheus_client_alone() -> None:
+    """``policer serve --workers N`` sets PROMETHEUS_MULTIPROC_DIR after importing
+    policer.serve and before prometheus-client is first imported."""
+    code = ("import sys, policer.serve; "
+            "sys.exit('prometheus_client' in sys.modules or 'policer.engine' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent,
+                          timeout=60).returncode == 0

@@ -11,10 +11,7 @@ certificates are made with ``openssl`` in the test's temporary directory.
 from __future__ import annotations
 
 import contextlib
-import shutil
-import socket
-import ssl
-import subprocess
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +28,9 @@ from policer.policy import parse_policy
 from policer.store import RedisStore, StoreError, open_store
 from tests.support.cli import EXAMPLE, policy_copy, run_cli
 from tests.support.policies import policy_yaml
+from tests.support.serve import Serve
+from tests.support.serve import body as serve_body
+from tests.support.tls import TLSRedisServer, make_certificates, tls_url
 
 #: Passwords chosen to be unmistakable in any output (and to need URL quoting).
 ADMIN_PW = "Adm1n-s3cret-XQZ"
@@ -200,69 +200,6 @@ def test_a_disabled_acl_user_is_a_store_error(auth_redis: RedisServer, namespace
 # ----------------------------------------------------------------------------- TLS
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_certificates(d: Path) -> dict[str, Path]:
-    """A private CA, a server certificate for 127.0.0.1/localhost and a client one."""
-    if shutil.which("openssl") is None:
-        pytest.fail("openssl is needed for the TLS tests")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-             "-subj", "/CN=policer test CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-    for name, usage, alt in (("server", "serverAuth", "IP:127.0.0.1,DNS:localhost"),
-                             ("client", "clientAuth", "DNS:policer-client")):
-        (d / f"{name}.ext").write_text(
-            "basicConstraints=critical,CA:FALSE\n"
-            "keyUsage=critical,digitalSignature,keyAgreement\n"
-            f"extendedKeyUsage={usage}\n"
-            f"subjectAltName={alt}\n"
-            "authorityKeyIdentifier=keyid\n"
-            "subjectKeyIdentifier=hash\n")
-        _openssl("req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN=policer {name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "2",
-                 "-extfile", f"{name}.ext", cwd=d)
-    return {n: d / n for n in ("ca.crt", "server.crt", "server.key", "client.crt",
-                               "client.key")}
-
-
-class TLSRedisServer(RedisServer):
-    """A redis-server that listens on a TLS port only (``--port 0``) and asks
-    clients for a certificate signed by the CA (``tls-auth-clients yes``)."""
-
-    def __init__(self, certs: dict[str, Path], extra_args: tuple[str, ...] = ()) -> None:
-        super().__init__(extra_args=[
-            "--port", "0",
-            "--tls-port", "0",  # replaced below
-            "--tls-cert-file", str(certs["server.crt"]),
-            "--tls-key-file", str(certs["server.key"]),
-            "--tls-ca-cert-file", str(certs["ca.crt"]),
-            "--tls-auth-clients", "yes",
-            *extra_args,
-        ])
-        self.extra_args[3] = str(self.port)
-        self.certs = certs
-
-    def client_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.certs["ca.crt"]))
-        ctx.load_cert_chain(str(self.certs["client.crt"]), str(self.certs["client.key"]))
-        return ctx
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.5) as raw, \
-                    self.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
-        except OSError:
-            return False
-
-
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRedisServer]:
     certs = make_certificates(tmp_path_factory.mktemp("certs"))
@@ -274,16 +211,8 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRedisServ
         server.stop()
 
 
-def _tls_url(server: TLSRedisServer, password: str, **extra: str) -> str:
-    c = server.certs
-    args = {"ssl_ca_certs": str(c["ca.crt"]), "ssl_certfile": str(c["client.crt"]),
-            "ssl_keyfile": str(c["client.key"]), "ssl_cert_reqs": "required", **extra}
-    query = "&".join(f"{k}={v}" for k, v in args.items() if v)
-    return f"rediss://:{quote(password, safe='')}@127.0.0.1:{server.port}/0?{query}"
-
-
 def test_tls(tls_redis: TLSRedisServer, namespace: str, tmp_path: Path) -> None:
-    url = _tls_url(tls_redis, ADMIN_PW)
+    url = tls_url(tls_redis, ADMIN_PW)
     _admit_and_release(url, namespace)
     store = open_store(url, namespace)
     assert isinstance(store, RedisStore)
@@ -303,8 +232,29 @@ def test_tls(tls_redis: TLSRedisServer, namespace: str, tmp_path: Path) -> None:
     _clean(d.error)
 
 
+def test_policer_serve_over_tls(tls_redis: TLSRedisServer, namespace: str,
+                                tmp_path: Path) -> None:
+    """The decision service's admits take the same pipelined path over TLS: a
+    connection of the worker's own, opened with the URL's certificates and password."""
+    env = {"POLICER_REDIS_URL": tls_url(tls_redis, ADMIN_PW),
+           "POLICER_POLICY": str(_policy_file(tmp_path, namespace))}
+    s = Serve(tmp_path, env)
+    try:
+        answers = [s.post("/v1/admit", serve_body(f"tls-{i}", number="5551234"))[1]
+                   for i in range(3)]
+        assert [(a["admitted"], a["fallback"]) for a in answers] == [
+            (True, False), (True, False), (False, False)]
+        assert s.post("/v1/release", {"dialog_id": answers[0]["dialog_id"]})[1]["ok"]
+    finally:
+        s.stop()
+    opened = [json.loads(line) for line in s.log.read_text().splitlines()
+              if "admit_pipeline_open" in line]
+    assert opened and opened[0]["tls"] is True
+    _clean(s.log.read_text())
+
+
 def test_tls_wrong_password(tls_redis: TLSRedisServer, namespace: str, tmp_path: Path) -> None:
-    _wrong_password_is_clean(_tls_url(tls_redis, WRONG_PW), namespace, tmp_path)
+    _wrong_password_is_clean(tls_url(tls_redis, WRONG_PW), namespace, tmp_path)
 
 
 @pytest.mark.parametrize("change", [
@@ -312,7 +262,7 @@ def test_tls_wrong_password(tls_redis: TLSRedisServer, namespace: str, tmp_path:
     {"ssl_ca_certs": ""},                     # the server's CA not trusted
 ])
 def test_tls_refused(tls_redis: TLSRedisServer, namespace: str, change: dict[str, str]) -> None:
-    url = _tls_url(tls_redis, ADMIN_PW, **change)
+    url = tls_url(tls_redis, ADMIN_PW, **change)
     d = _engine(url, namespace, "reject").admit(_call(8))
     assert d.fallback and not d.admitted
     _clean(d.error)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -479,28 +478,6 @@ class RedisStore:
                                              for call in calls])
         return [store_error(r) if isinstance(r, Exception)
                 else call_result(r) for r in replies]
-
-    def admit_command(self, call: Call, node: str, deadline_ms: int | None = None) -> bytes:
-        """The ``FCALL`` of :meth:`admit_call`, packed (for a caller with a connection of
-        its own: :meth:`pipeline_socket`); its reply goes to :func:`call_result`."""
-        packed: bytes = pack_command(("FCALL", self._fn["admit"], 1, self.library.prefix,
-                                      *self.call_arguments(call, node, "a", deadline_ms)))
-        return packed
-
-    def pipeline_socket(self) -> Any:
-        """A new connection's socket, connected (Sentinel asked, AUTH and SELECT done),
-        handed to the caller to pipeline :meth:`admit_command` on; None when the URL
-        is not served by a plain socket (TLS, Cluster). Raises StoreError."""
-        if self._cluster:
-            return None
-        conn: Any = self.client.connection_pool.make_connection()
-        self._run(conn.connect)
-        sock = getattr(conn, "_sock", None)
-        if type(sock) is not socket.socket:
-            conn.disconnect()
-            return None
-        conn._sock = None  # the caller owns it now
-        return sock
 
     def explain_call(self, call: Call, at_ms: int | None = None) -> CallResult:
         args = self.call_arguments(call, "", "e")
