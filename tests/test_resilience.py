@@ -97,6 +97,29 @@ def test_the_queue_drops_its_oldest_when_full_and_counts_them() -> None:
     assert seen == ops[2:] and len(q) == 0
 
 
+def test_a_full_queue_drops_a_record_before_any_release() -> None:
+    """A lost release counts a call that is over until its deadline (a ghost); a lost
+    record only counts a live call for less: full, the queue gives up records and
+    answers first, oldest first, and keeps the rest in order."""
+    q = PendingQueue(maxlen=4)
+    rec = [Op("record", f"r{i}", 0) for i in range(3)]
+    rel = [Op("release", f"d{i}", "bye") for i in range(3)]
+    for op in (rel[0], rec[0], rel[1], rec[1]):
+        assert q.push(op)
+    assert not q.push(rec[2])  # rec[0] goes
+    assert not q.push(rel[2])  # rec[1] goes
+    assert len(q) == 4 and q.dropped == 2
+    seen: list[Pending] = []
+    assert q.drain(seen.extend, limit=10, batch=3) == 4
+    assert seen == [rel[0], rel[1], rec[2], rel[2]] and len(q) == 0
+    for op in rel + rel[:1]:  # only releases left to drop: the oldest goes
+        q.push(op)
+    assert q.push(Op("release", "late", "bye")) is False
+    seen.clear()
+    q.drain(seen.extend, limit=10)
+    assert [op.dialog_id for op in seen if isinstance(op, Op)] == ["d1", "d2", "d0", "late"]
+
+
 def test_a_drain_that_fails_keeps_its_batch_at_the_head() -> None:
     q = PendingQueue()
     ops = [Op("confirm", f"d{i}") for i in range(5)]
