@@ -152,7 +152,12 @@ def test_a_deeply_nested_policy_in_a_reload_is_a_reload_error_not_a_tick_error(
     e.start()
     with capture_logs() as logs:
         path.write_text("a: " + "[" * 5000)
-        e.tick()
+
+        def reload_failed() -> bool:  # the reload runs in the background; a tick
+            e.tick()                  # waits for it only so long
+            return any(x["event"] == "policy_reload_failed" for x in logs)
+
+        wait_for(reload_failed, 20)
     events = [x["event"] for x in logs]
     assert "tick_failed" not in events
     failed = [x for x in logs if x["event"] == "policy_reload_failed"]
