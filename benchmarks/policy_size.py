@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lab.redis_server import RedisServer  # noqa: E402
-from policer.adapters.kamailio import fallback_tables  # noqa: E402
+from policer.adapters.kamailio_native import fallback_tables  # noqa: E402
 from policer.call import Call  # noqa: E402
 from policer.classify import Classifier  # noqa: E402
 from policer.compile import _compile  # noqa: E402

@@ -176,9 +176,10 @@ def expiry(bench: Any, total_members: int, repeat: int = 3) -> dict[str, Any]:
     that the machine preempts shows a slow call; the least disturbed repetition's
     maximum is the function's own bound."""
     from policer.call import Call
+    from policer.compile import TICK_BATCH
     from policer.engine import Engine
     from policer.store.base import Op
-    from policer.store.redis_store import RENEW_BATCH, RedisStore
+    from policer.store.redis_store import RedisStore
 
     policy = bench.policy
     client = bench.client
@@ -217,7 +218,7 @@ def expiry(bench: Any, total_members: int, repeat: int = 3) -> dict[str, Any]:
                     admits += 1
                     if d.admitted:
                         late.apply([Op("release", d.dialog_id, "bye")])
-                if expired < RENEW_BATCH or ticks > dialogs:
+                if expired < TICK_BATCH or ticks > dialogs:
                     break
             times = function_times(client)
         sweep_s = time.monotonic() - t0
@@ -239,14 +240,14 @@ def expiry(bench: Any, total_members: int, repeat: int = 3) -> dict[str, Any]:
     first = reps[0]
     return {
         "expired_members": first["members_before"], "keys": first["keys"],
-        "dialogs": first["dialogs"], "sweep_batch": RENEW_BATCH,
+        "dialogs": first["dialogs"], "sweep_batch": TICK_BATCH,
         "admits_per_tick": ADMITS_PER_TICK, "repetitions": repeat,
         "max_us": max(maxima) if maxima else None,
         "max_us_per_repetition": maxima,
         "max_us_least_disturbed": min(maxima) if maxima else None,
         "tick_max_us_least_disturbed": min(tick_maxima) if tick_maxima else None,
         "tick_p50_us": first["tick_p50_us"],
-        "tick_us_per_dialog": round(first["tick_p50_us"] / RENEW_BATCH, 1)
+        "tick_us_per_dialog": round(first["tick_p50_us"] / TICK_BATCH, 1)
         if first["tick_p50_us"] else None,
         "left_after": sum(r["members_left"] for r in reps),
         "runs": reps,

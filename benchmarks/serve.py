@@ -3,7 +3,8 @@
 the in-process engine, with the same policy, the same Redis and the same calls.
 
     .venv/bin/python benchmarks/serve.py                  # the figures of docs/benchmarks.md
-    .venv/bin/python benchmarks/serve.py --stacks uvicorn,aiohttp,threaded   # compare stacks
+    .venv/bin/python benchmarks/serve.py --stacks httptools,uvicorn,threaded --wrk --repeats 5
+                                                          # HTTP servers, interleaved
     .venv/bin/python benchmarks/serve.py --freeze 2 --connections 32 --repeats 5  # store stall
     .venv/bin/python benchmarks/serve.py --hostile 1000 --workers 1  # memory, hostile clients
 
@@ -38,6 +39,16 @@ What it runs (everything on 127.0.0.1, a private ``redis-server`` unless ``--red
   of a header line: stopped at MAX_HEAD); how many the server closed, and whether a
   new request is answered meanwhile.
 
+- **stacks** (``--stacks``): the same figures for each HTTP server, interleaved (run
+  r measures every stack in turn, the order turned by one each run; medians of
+  ``--repeats``): ``httptools`` is ``policer serve`` (its own HTTP/1.1 server on
+  httptools' parser); ``uvicorn`` (httptools, uvloop) and ``aiohttp`` run a raw app
+  over the same worker (its admits pipelined on the store's connection, its store
+  thread), so that only the HTTP server differs; ``threaded`` is the standard library's
+  ``ThreadingHTTPServer``, a thread per connection calling the engine (its blocking
+  client, a store connection per thread). uvicorn and aiohttp are the extra ``bench``
+  (``pip install -e '.[bench]'``), not a dependency of policer.
+
 Every measurement is bounded (``--seconds`` each, ``--repeats`` times; the whole run
 takes about ``repeats x (4 x seconds + 10)`` seconds per stack) and everything it
 starts is stopped when it ends. The machine is shared with the clients: the figures
@@ -71,6 +82,8 @@ sys.path.insert(0, str(ROOT))
 
 from lab.redis_server import RedisServer, free_port  # noqa: E402
 from policer import serve  # noqa: E402
+from policer.serve.http_server import TOO_LARGE, UNAUTHORIZED  # noqa: E402
+from policer.serve.service import JSON, Response  # noqa: E402
 
 UNREACHED = 10_000_000
 STACKS = ("httptools", "uvicorn", "aiohttp", "threaded")
@@ -280,8 +293,8 @@ def run_jobs(jobs: list[tuple[Any, ...]], until: float) -> dict[str, list[Any]]:
 
 
 class Server:
-    """``policer serve`` (stack uvicorn) or the same Service on another stack, as a
-    process group of its own."""
+    """``policer serve`` (stack ``httptools``: its own HTTP/1.1 server) or the same
+    Service on another stack, as a process group of its own."""
 
     def __init__(self, stack: str, url: str, policy: Path, workers: int, log: Path,
                  root: Path = ROOT) -> None:
@@ -336,39 +349,89 @@ class Server:
 
 
 def _alt_server(stack: str, listen: str, workers: int) -> int:
-    """Serve the same :class:`policer.serve.Service` on another stack (for the
-    comparison only; ``policer serve`` runs its own HTTP/1.1 server on httptools'
-    parser). These answer each request on the spot (:meth:`Service.handle`, the store
-    called in the server's own thread) and have none of policer serve's bounds
-    (MAX_HEAD counted as it arrives, head deadline, connection cap)."""
+    """Serve the same :class:`policer.serve.Service` on another stack, ``workers``
+    processes sharing one socket as ``policer serve --workers`` does (for the
+    comparison only). uvicorn and aiohttp run the worker's own admits and store thread
+    (:class:`policer.serve.admits.Admits`: the store's admit pipeline, several calls in
+    flight) in their event loop, so that only the HTTP server differs; the threaded
+    server answers each request in its connection's thread (:meth:`Service.handle`,
+    the engine's blocking calls, a store connection per thread). None has policer
+    serve's bounds (MAX_HEAD counted as it arrives, head deadline, connection cap)."""
     from policer.engine import Engine
     from policer.exporter import parse_listen
-    from policer.serve import Service, _Ticker, bind
+    from policer.serve.ticker import Ticker
 
     host, port = parse_listen(listen)
     engine = Engine.from_env()
     engine.start()
-    sock = bind(host, port)
-    service = Service(engine)
-    serve = {"uvicorn": _uvicorn, "aiohttp": _aiohttp, "threaded": _threaded}[stack]
+    sock = serve.bind(host, port)
+    service = serve.Service(engine)
+    run = {"uvicorn": _uvicorn, "aiohttp": _aiohttp, "threaded": _threaded}[stack]
     children = []
     for _ in range(workers - 1):
         pid = os.fork()
         if pid == 0:
-            ticker = _Ticker(engine)
-            ticker.start()
-            serve(service, sock)
+            Ticker(engine).start()
+            run(service, sock)
             os._exit(0)
         children.append(pid)
-    ticker = _Ticker(engine)
-    ticker.start()
+    Ticker(engine).start()
     try:
-        serve(service, sock)
+        run(service, sock)
     finally:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
     return 0
+
+
+class LoopWorker:
+    """A worker's admits and store thread in the event loop another server runs: the
+    answer of one request (its credentials, its body read whole) as an awaitable."""
+
+    def __init__(self, service: serve.Service) -> None:
+        import asyncio
+
+        from policer.serve.admits import Admits
+        from policer.serve.store_thread import StoreThread
+
+        self.service = service
+        self.loop = asyncio.get_running_loop()
+        self.store = StoreThread(service, self.loop)
+        self.admits = Admits(service, self.loop, self.store)
+        self.admits.start()
+
+    async def answer(self, method: str, path: str, body: bytes,
+                     authorization: bytes | None) -> Response:
+        from policer.serve.bodies import BadRequest, admit_of
+        from policer.serve.service import Job, error
+
+        service = self.service
+        if not service.authorized(authorization):
+            return UNAUTHORIZED
+        fut = self.loop.create_future()
+
+        def done(r: Response) -> None:
+            if not fut.done():
+                fut.set_result(r)
+
+        if method == "POST" and path == "/v1/admit":
+            try:
+                call, deadline = admit_of(body, service.engine)
+            except BadRequest as e:
+                return error(400, str(e))
+            self.admits.add(call, done, deadline)
+        else:
+            r = service.route(method, path, body)
+            if not isinstance(r, Job):
+                return r
+            self.store.job(done, r, path, head=method == "HEAD")
+        response: Response = await fut
+        return response
+
+    def close(self) -> None:
+        self.admits.close()
+        self.store.close()
 
 
 Scope = dict[str, Any]
@@ -377,18 +440,24 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-def asgi_app(service: Any, on_startup: Callable[[], None] | None = None,
-             on_shutdown: Callable[[], None] | None = None
-             ) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+def asgi_app(service: serve.Service) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The raw ASGI application (no framework): reads the body (at most
-    :data:`serve.MAX_BODY`), hands it to :meth:`Service.handle`, writes the answer."""
-    handle, authorized = service.handle, service.authorized
-    json_header = (b"content-type", serve.JSON)
+    :data:`serve.MAX_BODY`) and answers it through the worker's admits and store
+    thread (:class:`LoopWorker`, made at the lifespan's start, in uvicorn's loop)."""
+    json_header = (b"content-type", JSON)
+    worker: list[LoopWorker] = []
+
+    def start() -> None:
+        worker.append(LoopWorker(service))
+
+    def stop() -> None:
+        if worker:
+            worker[0].close()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
-            await _lifespan(receive, send, on_startup, on_shutdown)
+            await _lifespan(receive, send, start, stop)
             return
         if kind != "http":
             return
@@ -399,10 +468,8 @@ def asgi_app(service: Any, on_startup: Callable[[], None] | None = None,
                 length = int(value) if value.isdigit() else serve.MAX_BODY + 1
             elif name == b"authorization":
                 authorization = value
-        if not authorized(authorization):
-            response = serve._UNAUTHORIZED
-        elif length > serve.MAX_BODY:
-            response = serve._TOO_LARGE
+        if length > serve.MAX_BODY:
+            response = TOO_LARGE
         else:
             message = await receive()
             body: bytes = message.get("body", b"")
@@ -411,11 +478,11 @@ def asgi_app(service: Any, on_startup: Callable[[], None] | None = None,
                 body += message.get("body", b"")
                 if len(body) > serve.MAX_BODY:
                     break
-            response = (serve._TOO_LARGE if len(body) > serve.MAX_BODY
-                        else handle(scope["method"], scope["path"], body))
+            response = (TOO_LARGE if len(body) > serve.MAX_BODY else await worker[0].answer(
+                scope["method"], scope["path"], body, authorization))
         body_out = response.body
         length_header = (b"content-length", b"%d" % len(body_out))
-        if response.content_type is serve.JSON and not response.close:
+        if response.content_type is JSON and not response.close:
             headers = [json_header, length_header]
         else:
             headers = [(b"content-type", response.content_type), length_header]
@@ -443,7 +510,7 @@ async def _lifespan(receive: Receive, send: Send, on_startup: Callable[[], None]
             return
 
 
-def _uvicorn(service: Any, sock: socket.socket) -> None:
+def _uvicorn(service: serve.Service, sock: socket.socket) -> None:
     """A raw ASGI app (no framework) on uvicorn, with its httptools parser and uvloop."""
     import uvicorn
 
@@ -453,28 +520,25 @@ def _uvicorn(service: Any, sock: socket.socket) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def _aiohttp(service: Any, sock: socket.socket) -> None:
+def _aiohttp(service: serve.Service, sock: socket.socket) -> None:
     """aiohttp's low-level server (no router, no middlewares) with uvloop."""
     import asyncio
 
     import uvloop
     from aiohttp import web
 
-    from policer.serve import MAX_BODY
-
-    handle, authorized = service.handle, service.authorized
-
-    async def handler(request: web.BaseRequest) -> web.StreamResponse:
-        auth = request.headers.get("Authorization")
-        if not authorized(auth.encode() if auth is not None else None):
-            return web.Response(status=401)
-        if (request.content_length or 0) > MAX_BODY:
-            return web.Response(status=413)
-        body = await request.read()
-        r = handle(request.method, request.path, body)
-        return web.Response(status=r.status, body=r.body, content_type="application/json")
-
     async def main() -> None:
+        worker = LoopWorker(service)
+
+        async def handler(request: web.BaseRequest) -> web.StreamResponse:
+            if (request.content_length or 0) > serve.MAX_BODY:
+                return web.Response(status=413)
+            auth = request.headers.get("Authorization")
+            r = await worker.answer(request.method, request.path, await request.read(),
+                                    auth.encode() if auth is not None else None)
+            return web.Response(status=r.status, body=r.body,
+                                content_type=r.content_type.decode().split(";")[0])
+
         server = web.Server(handler, access_log=None)
         loop = asyncio.get_running_loop()
         await loop.create_server(server, sock=sock)
@@ -484,14 +548,14 @@ def _aiohttp(service: Any, sock: socket.socket) -> None:
     asyncio.run(main())
 
 
-def _threaded(service: Any, sock: socket.socket) -> None:
+def _threaded(service: serve.Service, sock: socket.socket) -> None:
     """The standard library's ThreadingHTTPServer, HTTP/1.1 keep-alive, a thread per
-    connection."""
+    connection, each request answered in it (:meth:`Service.handle`: the engine's
+    blocking calls on the thread's own store connection)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from policer.serve import MAX_BODY
-
-    handle = service.handle
+    MAX_BODY = serve.MAX_BODY
+    handle, authorized = service.handle, service.authorized
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -509,9 +573,11 @@ def _threaded(service: Any, sock: socket.socket) -> None:
                 self.end_headers()
                 return
             body = self.rfile.read(n) if n else b""
-            r = handle(self.command, self.path, body)
+            auth = self.headers.get("Authorization")
+            r = handle(self.command, self.path, body) if authorized(
+                auth.encode() if auth is not None else None) else UNAUTHORIZED
             self.send_response(r.status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", r.content_type.decode())
             self.send_header("Content-Length", str(len(r.body)))
             self.end_headers()
             self.wfile.write(r.body)
@@ -852,13 +918,13 @@ def wrk_script(directory: Path) -> Path:
     return path
 
 
-def measure_throughput_wrk(url: str, policy: Path, workers: int, connections: int,
-                           seconds: float, warmup: float, log: Path,
+def measure_throughput_wrk(stack: str, url: str, policy: Path, workers: int,
+                           connections: int, seconds: float, warmup: float, log: Path,
                            script: Path) -> dict[str, float]:
     """As :func:`measure_throughput`, the HTTP side driven by wrk (a C client: the
     server's capacity with little client CPU on the machine) in 1 s slices: wrk runs
     for each of the HTTP side's two slices in four."""
-    server = Server("httptools", url, policy, workers, log)
+    server = Server(stack, url, policy, workers, log)
     slice_s = 1.0
     try:
         now = time.perf_counter()
@@ -946,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=("latency", "throughput"), default=None)
     p.add_argument("--wrk", action="store_true",
                    help="also measure the throughput with wrk as the HTTP client (Debian "
-                        "package wrk; policer serve only)")
+                        "package wrk)")
     p.add_argument("--freeze", type=float, default=None, metavar="SECONDS",
                    help="instead: answer times of admits sent while the private "
                         "redis-server is frozen (SIGSTOP) this long, under load from "
@@ -1004,29 +1070,36 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.platform()}, "
                    f"Python {platform.python_version()}",
         "load_before": loadavg(), "stacks": {}}
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {
+        stack: {"latency": [], "throughput": []} for stack in stacks}
     try:
-        for stack in stacks:
-            runs: dict[str, list[dict[str, float]]] = {"latency": [], "throughput": []}
-            for r in range(args.repeats):
+        # interleaved: run r measures every stack, the order turned by one each run, so
+        # that no stack always meets the machine first or last
+        for r in range(args.repeats):
+            k = r % len(stacks)
+            for stack in stacks[k:] + stacks[:k]:
+                mine = runs[stack]
+                root = Path(args.serve_root)
+                log = tmp / f"{stack}.log"
                 if args.only != "throughput":
-                    runs["latency"].append(measure_latency(
-                        stack, url, policy, args.seconds, args.warmup, tmp / f"{stack}.log",
-                        Path(args.serve_root)))
+                    mine["latency"].append(measure_latency(
+                        stack, url, policy, args.seconds, args.warmup, log, root))
                 if args.only != "latency":
-                    runs["throughput"].append(measure_throughput(
+                    mine["throughput"].append(measure_throughput(
                         stack, url, policy, args.workers, args.connections, args.seconds,
-                        args.warmup, tmp / f"{stack}.log", Path(args.serve_root)))
-                if args.wrk and stack == "httptools" and args.only != "latency":
-                    runs.setdefault("throughput_wrk", []).append(measure_throughput_wrk(
-                        url, policy, args.workers, args.connections, args.seconds,
-                        args.warmup, tmp / f"{stack}.log", wrk_script(tmp)))
+                        args.warmup, log, root))
+                if args.wrk and args.only != "latency":
+                    mine.setdefault("throughput_wrk", []).append(measure_throughput_wrk(
+                        stack, url, policy, args.workers, args.connections, args.seconds,
+                        args.warmup, log, wrk_script(tmp)))
                 if not args.json:
                     print(f"{stack} run {r + 1}: " + json.dumps(
-                        {k: {m: round(x, 3) for m, x in v[-1].items()} for k, v in runs.items()
-                         if v}), flush=True)
+                        {k: {m: round(x, 3) for m, x in v[-1].items()}
+                         for k, v in mine.items() if v}), flush=True)
+        for stack in stacks:
             med = {kind: {k: statistics.median(x[k] for x in v) for k in v[0]}
-                   for kind, v in runs.items() if v}
-            report["stacks"][stack] = {"median": med, "runs": runs}
+                   for kind, v in runs[stack].items() if v}
+            report["stacks"][stack] = {"median": med, "runs": runs[stack]}
     finally:
         if redis_server is not None:
             redis_server.stop()

@@ -68,6 +68,9 @@ class RedisServer:
     redis://127.0.0.1:40123/0
     """
 
+    #: the server's log file, in its directory
+    log_name = "redis.log"
+
     def __init__(
         self,
         port: int | None = None,
@@ -103,7 +106,7 @@ class RedisServer:
             "--appendonly", "no",
             "--daemonize", "no",
             "--protected-mode", "no",
-            "--logfile", str(self.dir / "redis.log"),
+            "--logfile", str(self.dir / self.log_name),
             *self.extra_args,
         ]
 
@@ -132,7 +135,7 @@ class RedisServer:
 
     def log_tail(self, lines: int = 5) -> str:
         try:
-            text = (self.dir / "redis.log").read_text(errors="replace")
+            text = (self.dir / self.log_name).read_text(errors="replace")
         except OSError:
             return ""
         return " | ".join(text.strip().splitlines()[-lines:])

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from policer import live_limits
 from policer.call import Call
 from policer.compile import compile_policy
 from policer.decision import Decision
@@ -34,12 +35,12 @@ from policer.log import configure, redact
 from policer.policy import Policy, PolicyError, Rate, load_policy, parse_duration_ms
 from policer.printable import printable, printable_data
 from policer.store import Store, StoreError, open_store
-from policer.store.base import DialogInfo
+from policer.store.base import DialogInfo, ExplainRow
 from policer.store.keys import dialog_id
 
 if TYPE_CHECKING:  # the engine (and prometheus-client) is imported when a command needs
     # it: `policer serve --workers N` must set PROMETHEUS_MULTIPROC_DIR first
-    from policer.engine import Engine, LimitView
+    from policer.engine import Engine
 
 __all__ = ["main"]
 
@@ -275,9 +276,9 @@ def _instant(text: str) -> int:
     return _epoch_ms(int(t.timestamp() * 1000), "--at", text)
 
 
-def _usage_text(v: LimitView) -> str:
+def _usage_text(v: ExplainRow) -> str:
     parts = []
-    if v.rate_owed is not None:
+    if v.rate_owed >= 0:
         parts.append(f"rate {v.rate_owed}/{v.rate_burst} owed")
     parts += [f"{per} {n}/{mx}" for per, n, mx in v.windows]
     return "; ".join(parts)
@@ -488,15 +489,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_limits(args: argparse.Namespace) -> int:
     policy = _policy(args)
-    if not _check_profile(policy, args.profile):
-        raise CliError(f"profile {args.profile!r} has no value: live limits are per value "
-                       "(change its limit in the policy)")
+    _check_profile(policy, args.profile)
+    try:
+        live_limits.valued_profile(policy, args.profile)
+    except live_limits.LiveLimitError as e:
+        raise CliError(str(e)) from None
     store = _store(args, policy)
-    default = policy.limits.get(args.profile)
-    default_max = default.max if default else None
     if args.action == "get":
         if args.value is None:
-            table = store.limits(args.profile)
+            default_max = live_limits.default_max(policy, args.profile)
+            table = live_limits.table(store, args.profile)
             if args.json:
                 _print_json({"profile": args.profile, "default": default_max, "limits": table})
             else:
@@ -504,94 +506,59 @@ def cmd_limits(args: argparse.Namespace) -> int:
                 for v, n in sorted(table.items()):
                     print(f"{printable(v)}\t{n}")
             return EXIT_OK
-        live = store.limit_get(args.profile, args.value)
-        effective = live if live is not None else default_max
+        reading = live_limits.read(policy, store, args.profile, args.value)
         if args.json:
-            _print_json({"profile": args.profile, "value": args.value, "live": live,
-                         "default": default_max, "effective": effective})
+            _print_json(reading.as_dict())
         else:
-            src = "live" if live is not None else "policy default"
+            src = "live" if reading.live is not None else "policy default"
+            effective = reading.effective
             print(f"{effective if effective is not None else 'unlimited'} ({src})")
         return EXIT_OK
     if args.value is None:
         raise CliError(f"limits {args.action}: VALUE is required")
     if args.rate is not None or args.calls is not None:
-        return _timed_limit(args, policy, store)
-    log = _audit_logger()
-    if args.action == "set":
-        if args.max is None:
+        change = _timed_limit(args, policy, store)
+    else:
+        if args.action == "set" and args.max is None:
             raise CliError(f"limits set: MAX (0 to {MAX_CONCURRENT}) is required")
-        old = store.limit_set(args.profile, args.value, args.max)
-        new: int | None = args.max
-    else:
-        old = store.limit_unset(args.profile, args.value)
-        new = None
-    log.info("live_limit_changed", namespace=policy.namespace, profile=args.profile,
-             value=args.value, old=old, new=new, policy_default=default_max,
-             user=os.environ.get("SUDO_USER") or os.environ.get("USER", ""))
+        change = live_limits.set_max(policy, store, args.profile, args.value,
+                                     args.max if args.action == "set" else None)
     if args.json:
-        _print_json({"profile": args.profile, "value": args.value, "old": old, "new": new,
-                     "default": default_max})
+        _print_json(change.as_dict())
     else:
-        print(f"{args.profile} {printable(args.value)}: {old if old is not None else '-'} -> "
-              f"{new if new is not None else f'policy default ({default_max})'}")
+        what = f" {change.kind}" if change.kind else ""
+        print(f"{change.profile} {printable(change.value)}{what}: "
+              f"{change.old if change.old is not None else '-'} -> "
+              f"{change.new if change.new is not None else f'policy default ({change.default})'}")
     return EXIT_OK
 
 
-def _timed_limit(args: argparse.Namespace, policy: Policy, store: Store) -> int:
+def _timed_limit(args: argparse.Namespace, policy: Policy, store: Store
+                 ) -> live_limits.LimitChange:
     """``limits set|unset PROFILE VALUE --rate N/PER [--burst B]`` or ``--calls N/PER``:
     a live call rate or calendar cap for one value (audited like a live max)."""
-    entries = policy.entries(args.profile)
-    log = _audit_logger()
-    old: object
-    new: object
     if args.rate is not None:
-        what = "rate"
-        default: object = next((e.rate.text() for e in entries if e.rate is not None), None)
+        rate = None
         if args.action == "set":
             mx, per_ms = _per(args.rate, "--rate", "10/s")
-            burst = args.burst if args.burst is not None else mx
-            rate = Rate(mx, per_ms, burst)
-            if rate.interval_us < 1 or per_ms * 1000 // mx < 1:
-                raise CliError(f"--rate {args.rate}: more than one call per microsecond")
-            prev = store.rate_limit_set(args.profile, args.value, rate)
-            new = f"{rate.text()} burst {rate.burst}"
-        else:
-            prev = store.rate_limit_set(args.profile, args.value, None)
-            new = None
-        old = None if prev is None else f"{prev.text()} burst {prev.burst}"
-    else:
-        what = "calls"
-        text = str(args.calls)
-        per = text.rpartition("/")[2]
-        windows = {w.per: w.max for e in entries for w in e.calls}
-        if per not in windows:
-            have = ", ".join(sorted(windows)) or "none"
-            raise CliError(f"--calls {text}: profile {args.profile!r} has no {per!r} window "
-                           f"in the policy (its windows: {have}); add it to the policy first")
-        default = f"{windows[per]}/{per}"
-        if args.action == "set":
-            try:
-                calls_max = _whole(text.rpartition("/")[0], 0, MAX_WINDOW_CALLS)
-            except ValueError as e:
-                raise CliError(f"--calls {text}: MAX/WINDOW, MAX {e}, e.g. 500/1d") from None
-            prev_calls = store.calls_limit_set(args.profile, args.value, per, calls_max)
-            new = f"{calls_max}/{per}"
-        else:
-            prev_calls = store.calls_limit_set(args.profile, args.value, per, None)
-            new = None
-        old = None if prev_calls is None else f"{prev_calls}/{per}"
-    log.info("live_limit_changed", namespace=policy.namespace, profile=args.profile,
-             value=args.value, kind=what, old=old, new=new, policy_default=default,
-             user=os.environ.get("SUDO_USER") or os.environ.get("USER", ""))
-    if args.json:
-        _print_json({"profile": args.profile, "value": args.value, "kind": what, "old": old,
-                     "new": new, "default": default})
-    else:
-        print(f"{args.profile} {printable(args.value)} {what}: "
-              f"{old if old is not None else '-'} -> "
-              f"{new if new is not None else f'policy default ({default})'}")
-    return EXIT_OK
+            rate = Rate(mx, per_ms, args.burst if args.burst is not None else mx)
+        try:
+            return live_limits.set_rate(policy, store, args.profile, args.value, rate)
+        except live_limits.LiveLimitError as e:
+            raise CliError(f"--rate {args.rate}: {e}") from None
+    text = str(args.calls)
+    per = text.rpartition("/")[2]
+    try:
+        live_limits.window_max(policy, args.profile, per)
+    except live_limits.LiveLimitError as e:
+        raise CliError(f"--calls {text}: {e}") from None
+    calls_max = None
+    if args.action == "set":
+        try:
+            calls_max = _whole(text.rpartition("/")[0], 0, MAX_WINDOW_CALLS)
+        except ValueError as e:
+            raise CliError(f"--calls {text}: MAX/WINDOW, MAX {e}, e.g. 500/1d") from None
+    return live_limits.set_calls(policy, store, args.profile, args.value, per, calls_max)
 
 
 def _per(text: str, option: str, example: str) -> tuple[int, int]:

@@ -1,10 +1,14 @@
-"""The engine: the one API adapters call (Kamailio, the command line, the
-simulation). It classifies a call with the policy, asks the store in one atomic
-operation, and turns the answer into a :class:`Decision`.
+"""The engine: the decision API the proxies' adapters call (Kamailio's KEMI glue and
+native timer, ``policer serve``; also the command line's ``admit`` and ``explain``, and
+``policer simulate``). An INVITE is one call of the store's decision function, which
+classifies the call, checks every limit and joins all profiles or none; the engine
+turns its answer into a :class:`Decision`. Dialog events are applied in order, or
+queued while the store fails. The node's start, lease and tick are composed from
+:mod:`policer.node`.
 
 The engine never raises at the proxy: when the store fails or is too slow, the
-policy's ``on_store_error`` decides (emergency calls are always admitted) and
-the decision says it came from that fallback.
+policy's ``on_store_error`` decides (the engine classifies the call itself then:
+emergency calls are always admitted) and the decision says it came from that fallback.
 """
 
 from __future__ import annotations
@@ -12,102 +16,63 @@ from __future__ import annotations
 import os
 import socket
 import time
-import uuid
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from policer.call import Call
 from policer.classify import Classification, Classifier
-from policer.compile import TICK_BATCH, Library, compile_policy
+from policer.compile import Library, compile_policy
 from policer.decision import Decision, EngineMetrics
 from policer.log import get_logger
 from policer.metrics import worker_metrics
+from policer.node import NodeInUse, NodeLifecycle, SkewEstimate
 from policer.policy import Policy, Reject, load_policy
-from policer.reload import Job, PolicyWatcher
+from policer.reload import PolicyWatcher
 from policer.resilience import CircuitBreaker, Pending, PendingQueue
-from policer.store import RedisStore, Store, StoreError, open_store
-from policer.store.base import CallRecord, CallResult, DialogInfo, Op, StoreInfo
+from policer.store import Store, StoreError, open_store
+from policer.store.base import (
+    CallRecord,
+    CallResult,
+    DialogInfo,
+    ExplainRow,
+    LibraryStore,
+    Op,
+    PipelinedStore,
+)
 from policer.store.keys import dialog_id
-from policer.store.redis_store import INLINE_LOAD_BYTES
 
 if TYPE_CHECKING:
     from policer.reconcile import ProxyDialog, Report
 
-__all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "LimitView", "NodeInUse",
+__all__ = ["Decision", "Engine", "EngineMetrics", "Explanation", "NodeInUse",
            "Prepared", "SkewEstimate"]
 
-
-class NodeInUse(RuntimeError):
-    """Another live instance renews this node's lease: this one must not start."""
-
-    def __init__(self, node: str) -> None:
-        super().__init__(
-            f"node {node!r} is in use: another live process renews its lease (a second "
-            "proxy or decision service with the same node name would end its calls); "
-            "give this one another name with --node or POLICER_NODE")
-        self.node = node
-
-
-class SkewEstimate:
-    """This process's clock minus the store's (ms), from readings of the store's clock
-    (each: the offset at the midpoint of its round trip, and the round trip): the
-    reading with the shortest round trip among the last few, whose error is at most
-    half of it."""
-
-    def __init__(self, keep: int = 8) -> None:
-        self._samples: deque[tuple[float, float]] = deque(maxlen=keep)
-        self.value = 0.0
-
-    def add(self, skew_ms: float, rtt_ms: float) -> float:
-        self._samples.append((rtt_ms, skew_ms))
-        self.value = min(self._samples)[1]
-        return self.value
 
 #: The store an engine built from the environment uses without ``POLICER_REDIS_URL``.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 _OK = Reject(code=200, reason="OK", retry_after=None)
-#: A clock skew to the store beyond this (ms) is logged (decisions stay right: every
-#: deadline is corrected by the measured skew); policer_node_clock_skew_seconds shows it.
-SKEW_WARN_MS = 500
-#: A resync leaves alone what was admitted within this long before its dialog list was
-#: taken (a call admitted while its dialog is being created in the proxy).
-RESYNC_MARGIN_MS = 1_000
 #: Queued operations applied before a dialog event (the rest wait for later events or
 #: tick()).
 _DRAIN_BEFORE_EVENT = 200
 _DRAIN_PER_TICK = 5_000
 #: Queued operations per store call.
 _BATCH = 200
-
-
-@dataclass(frozen=True, slots=True)
-class LimitView:
-    """One membership as ``policer explain`` shows it."""
-
-    profile: str
-    value: str | None
-    count: int
-    max: int  # -1 when the profile is only counted
-    effective_max: int  # what an ordinary call may reach (max - reserve), emergency: max
-    live_limit: bool  # max comes from a live limit set at run time
-    shadow: bool
-    would_trip: bool
-    kind: str | None = None  # of the limit that would trip
-    rate_owed: int | None = None  # calls owed to the rate now (None: no rate)
-    rate_burst: int | None = None
-    windows: tuple[tuple[str, int, int], ...] = ()  # (per, count, max)
+#: The call of :meth:`Engine.probe`'s dry run.
+_PROBE_CALL = Call.from_raw("policer-probe", "probe")
 
 
 @dataclass(frozen=True, slots=True)
 class Explanation:
+    """What ``admit`` would decide now (``policer explain``, ``POST /v1/explain``): the
+    number, its class, every membership as the store's dry run saw it, the decision."""
+
     number: str
     number_class: str | None
     emergency: bool
-    limits: tuple[LimitView, ...]
+    limits: tuple[ExplainRow, ...]
     decision: Decision
 
     def as_dict(self) -> dict[str, Any]:
@@ -125,8 +90,8 @@ class Explanation:
                     "live_limit": v.live_limit,
                     "shadow": v.shadow,
                     "would_trip": v.would_trip,
-                    "kind": v.kind,
-                    "rate": None if v.rate_owed is None else
+                    "kind": v.kind or None,
+                    "rate": None if v.rate_owed < 0 else
                     {"owed": v.rate_owed, "burst": v.rate_burst},
                     "calls": [{"window": per, "count": n, "max": mx}
                               for per, n, mx in v.windows],
@@ -182,20 +147,11 @@ class Engine:
                                        on_result=self._reload_result, prepare=self.prepare,
                                        files=policy.files)
                          if watch is not None else None)
-        self._next_renew = 0.0
-        self._loaded = False  # this engine made sure Redis decides by its policy
-        #: this process's instance of the node (its lease's owner)
-        self.instance = uuid.uuid4().hex[:16]
-        #: the node's live calls (Kamailio's dlg.list), to put back when the store lost
-        #: them (:meth:`resync`); None: this node cannot
-        self.dialog_source: Callable[[], Iterable[ProxyDialog]] | None = None
-        self._skew = SkewEstimate()
-        self._next_skew_warning = 0.0
-        self._epoch: str | None = None  # the store's state epoch as last seen
-        self._resync_due = False
-        self._waiting_for_list = False
-        self._loader: Job[str] | None = None  # a load of its library in the background
-        self._next_load = 0.0
+        #: the node's start, lease, tick, library and resync (not its decisions)
+        self.lifecycle = NodeLifecycle(
+            self.node, store, lambda: self._current.policy, self.log, failed=self._failed,
+            answered=self._answered, store_error=self._store_error,
+            reloading=lambda: self._watcher is not None and self._watcher.busy)
 
     # -- construction
     @classmethod
@@ -249,11 +205,12 @@ class Engine:
                 f"{self.store.namespace!r}; restart to change namespaces"
             )
         classifier = Classifier(policy)
-        if not isinstance(self.store, RedisStore):
+        store = self.store
+        if not isinstance(store, LibraryStore):
             return Prepared(policy, classifier)
         library = compile_policy(policy, self.store.namespace)
         try:
-            policy_hash = self.store.load_library(library, policy)
+            policy_hash = store.load_library(library, policy)
         except StoreError as e:
             return Prepared(policy, classifier, library, "", e)
         return Prepared(policy, classifier, library, policy_hash)
@@ -265,8 +222,9 @@ class Engine:
         self._current = _Current(policy, prepared.classifier)
         self.pending.maxlen = policy.pending_queue
         policy_hash = prepared.policy_hash
-        if isinstance(self.store, RedisStore) and prepared.library is not None:
-            self.store.use_library(prepared.library, policy)
+        store = self.store
+        if isinstance(store, LibraryStore) and prepared.library is not None:
+            store.use_library(prepared.library, policy)
         else:
             try:  # every proxy decides by the new policy from this instant on
                 policy_hash = self.store.load(policy)
@@ -274,8 +232,7 @@ class Engine:
                 prepared = Prepared(policy, prepared.classifier, error=e)
         if prepared.error is not None:  # loaded later (tick, first call)
             self._store_error("load", "", prepared.error)
-        self._loaded = bool(policy_hash)
-        self._loader = None  # a load of the previous library in flight is of no use
+        self.lifecycle.installed(policy_hash)
         self.log.info("policy_reloaded", source=policy.source, policy_hash=policy_hash)
 
     def poll_policy(self, wait: float | None = None) -> bool:
@@ -289,9 +246,6 @@ class Engine:
     def _reload_result(self, result: str) -> None:
         if self.metrics is not None:
             self.metrics.reload(result)
-
-    def classify(self, call: Call) -> Classification:
-        return self._current.classifier.classify(call)
 
     # -- the hot path
     def admit(self, call: Call, deadline_ms: int | None = None) -> Decision:
@@ -317,8 +271,8 @@ class Engine:
         worker): one round trip for all of them when the store can pipeline, each
         decided as :meth:`admit` would (``deadline_ms``: when the caller stops waiting,
         the store's clock; default the store's timeout from now). Never raises."""
-        many = getattr(self.store, "admit_calls", None)
-        if many is None or len(calls) == 1:
+        store = self.store
+        if not isinstance(store, PipelinedStore) or len(calls) == 1:
             return [self.admit(call, deadline_ms) for call in calls]
         t0 = time.perf_counter()
         if not self.breaker.allow():
@@ -326,7 +280,7 @@ class Engine:
                     for call in calls]
         deadline = self.store.deadline_ms() if deadline_ms is None else deadline_ms
         try:
-            results = many(calls, self.node, deadline)
+            results = store.admit_calls(calls, self.node, deadline)
         except StoreError as e:  # one failure of the store, every call decided by fallback
             first = self.admit_failed(calls[0], e, t0, deadline)
             return [first, *(self._fallback(call, str(e), t0, e, deadline)
@@ -340,8 +294,7 @@ class Engine:
     def admit_reply(self, call: Call, result: CallResult, t0: float) -> Decision:
         """The end of :meth:`admit` for a caller that sent the store's call itself (the
         decision service's pipelined admits): the store answered ``result``."""
-        if self.breaker.open:
-            self._recovered()
+        self._answered()
         d = _decision(result)
         self._decided(call, d, t0)
         return d
@@ -451,6 +404,72 @@ class Engine:
             return True
         return self._event(packed) is not None
 
+    # -- a proxy's own queue of dialog events (Kamailio's mqueue)
+    def pack(self, ops: Sequence[Op]) -> bytes:
+        """Dialog events in the batch function's format: what a proxy queues, and applies
+        with :meth:`apply_packed` or :meth:`apply_batch`."""
+        return self.store.pack_ops(ops)
+
+    def apply_batch(self, packed: bytes) -> int:
+        """Apply a proxy's batch of packed dialog events now; how many it held. When the
+        store does not take it, StoreError is raised (counted as a ``batch`` store error)
+        and nothing is queued here: unlike :meth:`apply_packed`, the caller keeps the
+        batch and sends it again."""
+        try:
+            return self.store.apply_packed(packed)
+        except StoreError:
+            if self.metrics is not None:
+                self.metrics.store_error("batch")
+            raise
+
+    def hand_off(self, take: Callable[[bytes], object]) -> int:
+        """Hand what this engine queued for the store (a call its fallback admitted, to be
+        recorded), in order and each op packed, to ``take``: another process's queue,
+        which applies it as soon as the store answers (Kamailio's timer), not at this
+        process's next call. ``take`` raising stops the hand-off (and raises): what it did
+        not take stays queued here. Returns how many were handed."""
+
+        def move(items: list[Pending]) -> None:
+            for item in items:
+                take(item if isinstance(item, bytes) else self.store.pack_ops([item]))
+
+        try:
+            return self.pending.drain(move, len(self.pending), 1)
+        finally:
+            if self.metrics is not None:
+                self.metrics.pending(len(self.pending), self.pending.dropped)
+
+    @property
+    def queued(self) -> int:
+        """Operations waiting in this engine's queue for the store."""
+        return len(self.pending)
+
+    @property
+    def dropped(self) -> int:
+        """Operations this engine's queue dropped, full (oldest first)."""
+        return self.pending.dropped
+
+    @property
+    def store_failing(self) -> bool:
+        """The circuit breaker is open: decisions go to the fallback (one probe per
+        interval)."""
+        return self.breaker.open
+
+    @property
+    def clock_skew_ms(self) -> float:
+        """This process's clock minus the store's (ms), as this node measured it."""
+        return self.store.clock_skew_ms
+
+    def probe(self) -> float | None:
+        """Seconds one dry-run decision (the store's explain: it writes nothing) takes
+        from here now (``policer_probe_seconds``); None while the circuit breaker is open.
+        Raises StoreError."""
+        if self.breaker.open:
+            return None
+        t0 = time.perf_counter()
+        self.store.explain_call(_PROBE_CALL)
+        return time.perf_counter() - t0
+
     def _event(self, item: Pending) -> object:
         """Apply a dialog event, or queue it (in order) while the store is down."""
         if self.pending and self.breaker.allow():
@@ -465,8 +484,7 @@ class Engine:
             self._store_error(_kind(item), _did(item), e)
             self._queue(item)
             return None
-        if self.breaker.open:
-            self._recovered()
+        self._answered()
         return result
 
     def _apply(self, items: list[Pending]) -> list[object]:
@@ -525,6 +543,11 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.breaker(True)
 
+    def _answered(self) -> None:
+        """The store answered: an open breaker closes."""
+        if self.breaker.open:
+            self._recovered()
+
     def _recovered(self) -> None:
         if self.breaker.success():
             self.log.info("circuit_closed", pending=len(self.pending))
@@ -536,7 +559,22 @@ class Engine:
             self.metrics.store_error(op)
         self.log.error("store_error", op=op, dialog_id=dialog_id, error=str(e))
 
-    # -- the node's life
+    # -- the node's life (policer.node)
+    @property
+    def dialog_source(self) -> Callable[[], Iterable[ProxyDialog]] | None:
+        """The node's live calls (Kamailio's dlg.list), to put back when the store lost
+        them (:meth:`resync`); None: this node cannot."""
+        return self.lifecycle.dialog_source
+
+    @dialog_source.setter
+    def dialog_source(self, source: Callable[[], Iterable[ProxyDialog]] | None) -> None:
+        self.lifecycle.dialog_source = source
+
+    @property
+    def instance(self) -> str:
+        """This process's instance of the node (its lease's owner)."""
+        return self.lifecycle.instance
+
     def start(self) -> None:
         """This node (proxy) starts afresh: end the dialogs it left behind in an
         earlier run (their process is gone; reason ``node_restarted``) and take its
@@ -547,36 +585,7 @@ class Engine:
         instance that crashed renews no more: its node is taken over within one renew
         interval (and a tick). Never raises anything else; a store that does not answer
         is logged, and the tick takes the lease when it answers."""
-        nodes = self._current.policy.nodes
-        try:
-            self._read_store()
-            self.store.load(self._current.policy)
-            self._loaded = True
-            waited = False
-            for _ in range(100_000):  # each round ends a bounded batch
-                r = self.store.tick(self.node, nodes.lease_ms,
-                                    nodes.on_node_loss == "release", start=True,
-                                    skew_ms=self._skew.value, instance=self.instance,
-                                    renew_ms=nodes.renew_ms)
-                if r.owner:
-                    wait_ms = int(r.owner.partition(":")[2] or 0)
-                    if waited:
-                        raise NodeInUse(self.node)
-                    # its last renewal may be the crashed owner's last: wait until a live
-                    # owner would have renewed again, then ask once more
-                    self.log.warning("node_in_use_waiting", wait_ms=wait_ms)
-                    time.sleep(wait_ms / 1000)
-                    waited = True
-                    continue
-                self._epoch = r.epoch or self._epoch
-                if r.left == 0:
-                    break
-        except StoreError as e:
-            self._store_error("start", "", e)
-            return
-        self._next_renew = time.monotonic() + nodes.renew_ms / 1000
-        self.log.info("node_started", lease_ms=nodes.lease_ms, renew_ms=nodes.renew_ms,
-                      instance=self.instance)
+        self.lifecycle.start()
 
     def tick(self) -> None:
         """Periodic duties, about once a second (Kamailio: from an rtimer route):
@@ -584,6 +593,7 @@ class Engine:
         (then put this node's live calls back), renew this node's lease and end dialogs
         of lost nodes, apply queued operations, reload the policy file if it changed.
         Never raises."""
+        life = self.lifecycle
         try:
             self.poll_policy()
             # The tick asks the store whatever the breaker says (once a second, beside
@@ -591,144 +601,21 @@ class Engine:
             # the breaker: a store that came back empty gets its library from here even
             # while the decisions' probes keep failing on the missing library (policer
             # serve's pipelined admits took every probe: 7.5 s of fallback decisions)
-            if self.lease and not self._ensure_loaded():
+            if self.lease and not life.ensure_loaded():
                 return
             if self.pending:
                 self._drain(_DRAIN_PER_TICK)
-            now = time.monotonic()
-            if self.lease and (now >= self._next_renew or self._resync_due):
-                nodes = self._current.policy.nodes
-                self._next_renew = now + nodes.renew_ms / 1000
-                swept = 0
-                try:
-                    for _ in range(100):  # each call ends a bounded batch
-                        r = self.store.tick(self.node, nodes.lease_ms,
-                                            nodes.on_node_loss == "release",
-                                            skew_ms=self._skew.value, instance=self.instance,
-                                            renew_ms=nodes.renew_ms)
-                        swept += r.swept
-                        if r.lapsed:
-                            self.log.warning("lease_lapsed", lease_ms=nodes.lease_ms)
-                            self._resync_due = True
-                        if r.swept < TICK_BATCH and r.expired < TICK_BATCH:
-                            break
-                except StoreError as e:
-                    self._failed()
-                    self._store_error("renew", "", e)
-                else:
-                    if self.breaker.open:
-                        self._recovered()
-                if swept:
-                    self.log.warning("lost_node_dialogs_ended", count=swept)
-            if self._resync_due:
+            if self.lease:
+                life.renew()
+            if life.resync_due:
                 self.resync()
         except Exception as e:  # a periodic duty must never take the timer process down
             self.log.error("tick_failed", error=repr(e))
 
-    def _read_store(self) -> StoreInfo:
-        """One reading of the store (raises StoreError): its clock (this node's skew to
-        it is kept, and logged when beyond :data:`SKEW_WARN_MS`), library and epoch."""
-        info = self.store.info()
-        skew = self._skew.add(info.skew_ms, info.rtt_ms)
-        self.store.clock_skew_ms = skew
-        if abs(skew) > SKEW_WARN_MS and time.monotonic() >= self._next_skew_warning:
-            self._next_skew_warning = time.monotonic() + 60
-            self.log.warning("clock_skew", skew_ms=round(skew),
-                             bound_ms=SKEW_WARN_MS,
-                             hint="this host's clock differs from Redis's; decisions stay "
-                                  "right (deadlines are corrected), fix NTP")
-        return info
-
-    def _ensure_loaded(self) -> bool:
-        """Once a tick: read the store (:meth:`_read_store`). A Redis that lost the
-        library (restarted empty, failed over to a replica without it) gets it back
-        within a tick, and so does a node whose start() (or whose last reload) could not
-        load it; else a library another node loaded is the policy in force: it is never
-        replaced here (``policer load`` and a changed policy file do that). A big library
-        that Redis must replace while it holds another one is loaded in the background:
-        the lease is renewed meanwhile.
-
-        A store that lost its state is noticed here too: the library was gone, the
-        namespace's state epoch changed (another node noticed first), or another Redis
-        server answers than the one the epoch was confirmed on (a restart from its AOF,
-        a failover). A new epoch holds admits while every node puts its live calls back
-        (:meth:`resync`, this tick). False when the store did not answer."""
-        try:
-            self._loader_done()
-            info = self._read_store()
-            known = self._epoch
-            # a load in flight (of a reload, or in the background) does the work
-            if self._loader is None and not (self._watcher is not None and self._watcher.busy):
-                held = info.policy_hash
-                if held is None or (not self._loaded and not self._big_library()):
-                    # not yet loaded by this node (its start() could not), or lost by Redis
-                    why = "the store had none" if self._loaded else "not loaded at start"
-                    op = None
-                    if held is None:
-                        op = f"missing:{known or ''}" if self._loaded or known else "init"
-                    policy_hash = self.store.load(self._current.policy, epoch=op)
-                    self._loaded = True
-                    self.log.warning("policy_library_loaded", policy_hash=policy_hash,
-                                     why=why)
-                    # a Redis that lost the library lost the node's lease and
-                    # registration too: renew them in this tick, not an interval later
-                    self._next_renew = 0.0
-                    info = self.store.info()
-                elif not self._loaded and time.monotonic() >= self._next_load:
-                    store, policy = self.store, self._current.policy
-                    assert isinstance(store, RedisStore)
-                    library = store.library
-                    self._loader = Job(lambda: store.load_library(library, policy),
-                                       "policer-load")
-            if info.policy_hash is None:
-                return True  # loaded in the background: the epoch is read next tick
-            epoch = info.epoch
-            if not epoch:
-                epoch = self.store.tick("", 0, False, epoch=f"lost:{known}" if known
-                                        else "init").epoch
-            elif info.mark and info.epoch_mark != info.mark:
-                # another server than the epoch's (a restart from RDB or AOF, a failover):
-                # its state may lack the last writes
-                self.log.warning("store_server_changed", mark=info.mark,
-                                 epoch_mark=info.epoch_mark)
-                epoch = self.store.tick("", 0, False, epoch=f"lost:{epoch}").epoch
-            if known is not None and epoch != known:
-                self.log.warning("store_state_lost", epoch=epoch, was=known)
-                self._resync_due = True
-                self._next_renew = 0.0
-            self._epoch = epoch
-        except StoreError as e:
-            self._failed()
-            self._store_error("load", "", e)
-            return False
-        if self.breaker.open:
-            self._recovered()
-        return True
-
-    def _big_library(self) -> bool:
-        library = getattr(self.store, "library", None)
-        return isinstance(library, Library) and len(library.text) > INLINE_LOAD_BYTES
-
-    def _loader_done(self) -> None:
-        """The end of a background load of this engine's library, if it ended."""
-        job = self._loader
-        if job is None or not job.done():
-            return
-        self._loader = None
-        try:
-            policy_hash = job.result()
-        except StoreError as e:
-            self._next_load = time.monotonic() + 5.0
-            self._store_error("load", "", e)
-            return
-        self._loaded = True
-        self.log.warning("policy_library_loaded", policy_hash=policy_hash,
-                         why="not loaded by the reload")
-
     @property
     def resync_due(self) -> bool:
         """The store lost this node's calls and they are not back yet (:meth:`resync`)."""
-        return self._resync_due
+        return self.lifecycle.resync_due
 
     def resync(self, dialogs: Iterable[ProxyDialog] | None = None) -> Report | None:
         """Put this node's live calls back into a store that lost them (and end what it
@@ -739,36 +626,7 @@ class Engine:
         when its client sends the list); None when there is no list yet (a node whose
         client sends it: :attr:`resync_due` stays true until it does) or the store did
         not answer (tried again)."""
-        from policer.reconcile import reconcile
-
-        source = self.dialog_source
-        if dialogs is None and source is None:
-            if not self._waiting_for_list:
-                self._waiting_for_list = True
-                self.log.warning("store_state_lost_waiting_for_dialogs",
-                                 why="this node's calls come back when its proxy sends its "
-                                     "dialog list (policer serve: POST /v1/sync; or "
-                                     "policer reconcile --proxy)")
-            return None
-        try:
-            listed_at = self.store.now_ms() - RESYNC_MARGIN_MS
-            if dialogs is None:
-                assert source is not None
-                dialogs = source()
-            report = reconcile(self._current.policy, self.store, self.node, dialogs,
-                               listed_at_ms=listed_at)
-        except StoreError as e:
-            self._store_error("resync", "", e)
-            return None
-        except Exception as e:  # the dialog list could not be read: next tick
-            self.log.error("resync_failed", error=repr(e))
-            return None
-        self._resync_due = False
-        self._waiting_for_list = False
-        self.log.warning("resynced", proxy_dialogs=report.proxy_dialogs, kept=report.kept,
-                         added=len(report.added), removed=len(report.removed),
-                         partial=len(report.partial))
-        return report
+        return self.lifecycle.resync(dialogs)
 
     # -- inspection (may raise StoreError: these are for operators, not proxies)
     def explain(self, call: Call, at_ms: int | None = None) -> Explanation:
@@ -776,16 +634,33 @@ class Engine:
         run of the store's decision function (one atomic call). ``at_ms``: schedules and
         calendar windows as at that instant (Unix ms), counts of now."""
         r = self.store.explain_call(call, at_ms)
-        views = tuple(LimitView(v.profile, v.value, v.count, v.max, v.effective_max,
-                                v.live_limit, v.shadow, v.would_trip, v.kind or None,
-                                v.rate_owed if v.rate_owed >= 0 else None,
-                                v.rate_burst if v.rate_burst >= 0 else None, v.windows)
-                      for v in r.rows)
         number = call.attribute(self._current.policy.number_source)
-        return Explanation(number, r.number_class, r.emergency, views, _decision(r))
+        return Explanation(number, r.number_class, r.emergency, r.rows, _decision(r))
 
     def dialog(self, dialog_id: str) -> DialogInfo | None:
         return self.store.dialog(dialog_id)
+
+    # -- for a caller that sends the store's admits itself (policer serve's pipeline):
+    #    what admit() does before and instead of asking the store
+    @property
+    def circuit_open(self) -> bool:
+        """The store failed repeatedly: calls go to the fallback but for a probe."""
+        return self.breaker.open
+
+    def store_allowed(self) -> bool:
+        """May a call ask the store now (the circuit is closed, or this is its probe)?"""
+        return self.breaker.allow()
+
+    def fallback(self, call: Call, error: str, t0: float) -> Decision:
+        """The policy's ``on_store_error`` decision for a call the store was not asked
+        about (the circuit is open, or the failure that stopped it was counted), as
+        :meth:`admit` decides then: admitted calls are recorded once the store answers."""
+        return self._fallback(call, error, t0)
+
+    def queue_event(self, op: Op) -> None:
+        """Queue a dialog event without trying the store (its circuit is open): applied
+        in order once it answers (the next event or :meth:`tick`)."""
+        self._queue(op)
 
 
 def _decision(r: CallResult) -> Decision:

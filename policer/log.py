@@ -28,19 +28,25 @@ _configured = False
 _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://)([^@/\s:]*:)?[^@/\s]*@", re.I)
 # a password in a URL's query: ?sentinel_password=secret, &password=secret
 _QUERY_PASSWORD = re.compile(r"([?&][a-z0-9_]*password=)[^&#\s]*", re.I)
+# a password in the repr of a connection (some redis-py versions): password=secret,
+_REPR_PASSWORD = re.compile(r"(\b[a-z0-9_]*password=)(?!\*\*\*)[^,\s)>&#]*", re.I)
 
 
 def redact(value: str) -> str:
-    """``redis://user:secret@host`` -> ``redis://user:***@host``; also
-    ``?sentinel_password=secret`` -> ``?sentinel_password=***``."""
+    """A text without credentials, wherever it goes (log lines, error messages, the
+    command line's output): ``redis://user:secret@host`` -> ``redis://user:***@host``
+    (``redis://secret@host``, a password alone: ``redis://***@host``);
+    ``?sentinel_password=secret`` -> ``?sentinel_password=***``; and ``password=secret``
+    in the repr of a connection -> ``password=***``."""
     value = _URL_PASSWORD.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}***@", value)
-    return _QUERY_PASSWORD.sub(r"\1***", value)
+    value = _QUERY_PASSWORD.sub(r"\1***", value)
+    return _REPR_PASSWORD.sub(r"\1***", value)
 
 
 def _redact_processor(_: Any, __: str, event: MutableMapping[str, Any]
                       ) -> MutableMapping[str, Any]:
     for k, v in event.items():
-        if isinstance(v, str) and "://" in v:
+        if isinstance(v, str) and ("://" in v or "password=" in v.lower()):
             event[k] = redact(v)
     return event
 

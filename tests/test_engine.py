@@ -10,35 +10,33 @@ import redis
 from lab.redis_server import RedisServer, free_port
 from policer.compile import RECOVERY_MS
 from policer.engine import Engine
+from policer.policy import Policy
 from policer.store import RedisStore, Store, StoreError
-from tests.support import STORE_TIMEOUT_MS, EngineFactory, call, policy_text
+from tests.support import STORE_TIMEOUT_MS, EngineFactory, call
+from tests.support.policies import (
+    ACCOUNT,
+    INTERNATIONAL,
+    INTERNATIONAL_CLASSES,
+    build_policy,
+    when,
+)
 
-POLICY = """
-version: 1
-namespace: eng
-call:
-  attributes:
-    account: header:X-Account
-classes:
-  emergency: {numbers: ["112"]}
-  international: {prefixes: ["00"]}
-  local: {default: true}
-profiles:
-  total: {}
-  international: {when: {class: international}}
-  user: {value: from_user}
-  account: {value: account}
-limits:
-  total: {max: 2}
-  international: {max: 1, reject: {code: 403, reason: "International Limit"}}
-reject: {code: 503, reason: "Call Limit Reached", retry_after: 30}
-on_store_error: %s
-"""
+
+def engine_policy(on_store_error: str = "admit", total: int = 2,
+                  namespace: str = "eng") -> Policy:
+    return build_policy(
+        namespace, attributes=ACCOUNT,
+        classes=INTERNATIONAL_CLASSES,
+        profiles={"total": {}, "international": when("international"), "user": "from_user",
+                  "account": "account"},
+        limits={"total": total, "international": {"max": 1, "reject": INTERNATIONAL}},
+        reject={"code": 503, "reason": "Call Limit Reached", "retry_after": 30},
+        on_store_error=on_store_error)
 
 
 def test_an_invite_resent_with_credentials_is_one_call(
         engine_for: EngineFactory, store: Store) -> None:
-    e = engine_for(POLICY % "admit")
+    e = engine_for(engine_policy())
     first = call("5551234", "alice", call_id="auth@x", from_tag="ft1")
     d1 = e.admit(first)
     d2 = e.admit(call("5551234", "alice", call_id="auth@x", from_tag="ft1"))  # after a 407
@@ -52,7 +50,7 @@ def test_an_invite_resent_with_credentials_is_one_call(
 
 
 def test_a_rejected_invite_resent_stays_rejected(engine_for: EngineFactory) -> None:
-    e = engine_for(POLICY % "admit")
+    e = engine_for(engine_policy())
     assert e.admit(call("0049301", "a")).admitted
     d = e.admit(call("0049302", "b", call_id="intl2@x"))
     assert (d.admitted, d.code, d.reason, d.retry_after) == (False, 403, "International Limit",
@@ -63,7 +61,7 @@ def test_a_rejected_invite_resent_stays_rejected(engine_for: EngineFactory) -> N
 
 
 def test_a_dialog_records_the_call_and_the_node(engine_for: EngineFactory) -> None:
-    e = engine_for(POLICY % "admit")
+    e = engine_for(engine_policy())
     c = call("0049301", "alice", call_id="rec@x", headers={"X-Account": "acme"},
              source_ip="192.0.2.7")
     d = e.admit(c)
@@ -90,7 +88,7 @@ def test_a_dialog_records_the_call_and_the_node(engine_for: EngineFactory) -> No
 def test_the_node_defaults_to_policer_node(monkeypatch: pytest.MonkeyPatch,
                                            store: Store) -> None:
     monkeypatch.setenv("POLICER_NODE", "proxy-7")
-    policy = policy_text(POLICY % "admit", store.namespace)
+    policy = engine_policy(namespace=store.namespace)
     e = Engine(policy, store)
     store.load(policy)
     d = e.admit(call("5551234"))
@@ -100,7 +98,7 @@ def test_the_node_defaults_to_policer_node(monkeypatch: pytest.MonkeyPatch,
 
 def test_explain_changes_nothing_and_predicts_admit(engine_for: EngineFactory,
                                                     store: Store) -> None:
-    e = engine_for(POLICY % "admit")
+    e = engine_for(engine_policy())
     assert e.admit(call("5551234", "a")).admitted
     before = store.stats()
     x = e.explain(call("0049301", "b", call_id="x@x"))
@@ -115,15 +113,14 @@ def test_explain_changes_nothing_and_predicts_admit(engine_for: EngineFactory,
 
 
 def test_reload_applies_a_new_limit_on_the_next_invite(engine_for: EngineFactory) -> None:
-    e = engine_for(POLICY % "admit")
+    e = engine_for(engine_policy())
     for i in range(2):
         assert e.admit(call("5551234", f"u{i}")).admitted
     assert not e.admit(call("5551234", "late")).admitted
-    e.reload(policy_text((POLICY % "admit").replace("total: {max: 2}", "total: {max: 3}"),
-                         e.store.namespace))
+    e.reload(engine_policy(total=3, namespace=e.store.namespace))
     assert e.admit(call("5551234", "later")).admitted
     with pytest.raises(ValueError, match="namespace"):
-        e.reload(policy_text(POLICY % "admit", "another"))
+        e.reload(engine_policy(namespace="another"))
 
 
 # ----------------------------------------------------------------------------- store failures
@@ -138,7 +135,7 @@ def dead_store() -> RedisStore:
 @pytest.mark.parametrize("mode", ["admit", "reject"])
 def test_a_store_failure_is_answered_by_on_store_error(dead_store: RedisStore,
                                                        mode: str) -> None:
-    e = Engine(policy_text(POLICY % mode, "dead"), dead_store, node="n")
+    e = Engine(engine_policy(mode, namespace="dead"), dead_store, node="n")
     d = e.admit(call("5551234", "alice"))
     assert d.fallback and d.error
     if mode == "admit":
@@ -158,7 +155,7 @@ def test_a_store_failure_is_answered_by_on_store_error(dead_store: RedisStore,
 
 def test_a_library_deleted_from_redis_is_loaded_again(redis_url: str, namespace: str) -> None:
     store = RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
-    e = Engine(policy_text(POLICY % "reject", namespace), store, node="n")
+    e = Engine(engine_policy("reject", namespace=namespace), store, node="n")
     d = e.admit(call("5551234", "a"))
     assert d.admitted
     client = redis.Redis.from_url(redis_url)
@@ -181,7 +178,7 @@ def test_a_store_without_the_policy_never_loads_a_library_of_its_own(
     with pytest.raises(StoreError, match="policer load"):
         reader.profile_size("total")
     assert reader.loaded_hash() is None
-    e = Engine(policy_text(POLICY % "reject", namespace),
+    e = Engine(engine_policy("reject", namespace=namespace),
                RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS), node="n")
     assert e.admit(call("5551234", "a")).admitted  # the engine loads its policy's library
     assert reader.profile_size("total") == 1
@@ -190,7 +187,7 @@ def test_a_store_without_the_policy_never_loads_a_library_of_its_own(
 def test_a_restarted_redis_is_used_again() -> None:
     with RedisServer() as server:
         store = RedisStore(server.url, "restart", timeout_ms=STORE_TIMEOUT_MS)
-        e = Engine(policy_text(POLICY % "reject", "restart"), store, node="n")
+        e = Engine(engine_policy("reject", namespace="restart"), store, node="n")
         assert not e.admit(call("5551234", "a")).fallback
         server.restart()  # empty, library gone, connections broken
         # the broken connection is reopened and the library loaded again inside the

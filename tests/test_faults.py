@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -16,34 +16,20 @@ import pytest
 from lab.redis_server import RedisServer
 from policer.compile import RECOVERY_MS
 from policer.engine import Engine
-from policer.policy import Policy, load_policy, parse_policy
+from policer.policy import Policy, load_policy
 from policer.store import RedisStore
 from tests.support import call, ticked, wait_for
 from tests.support.cli import policy_copy
-
-POLICY = """
-version: 1
-namespace: {ns}
-call: {{attributes: {{account: header:X-Account}}}}
-classes:
-  emergency: {{numbers: ["112"]}}
-  other: {{default: true}}
-profiles:
-  total: {{}}
-  account: {{value: account}}
-limits:
-  total: {{max: 5}}
-  account: {{max: 2}}
-on_store_error: {on_error}
-store_timeout: 100ms
-pending_queue: {queue}
-nodes: {{lease: 30s, renew: 5s, on_node_loss: {loss}}}
-"""
+from tests.support.policies import ACCOUNT, EMERGENCY_112, build_policy
 
 
-def make_policy(ns: str, on_error: str = "admit", queue: int = 1000, loss: str = "release"
-                ) -> Policy:
-    return parse_policy(POLICY.format(ns=ns, on_error=on_error, queue=queue, loss=loss))
+def make_policy(ns: str, on_error: str = "admit", queue: int = 1000, loss: str = "release",
+                attributes: Mapping[str, str] = ACCOUNT) -> Policy:
+    return build_policy(ns, attributes=attributes, classes=EMERGENCY_112,
+                        profiles={"total": {}, "account": "account"},
+                        limits={"total": 5, "account": 2}, on_store_error=on_error,
+                        store_timeout="100ms", pending_queue=queue,
+                        nodes={"lease": "30s", "renew": "5s", "on_node_loss": loss})
 
 
 @pytest.fixture
@@ -172,7 +158,7 @@ def test_lost_node_dialogs_stop_counting_after_the_lease(redis_url: str, namespa
     # clock), proxy-b's tick ends proxy-a's dialogs
     for _ in range(7):
         b_store.clock_offset_ms += 5_000
-        b._next_renew = 0  # the tick is due
+        b.lifecycle.renew_soon()  # the tick is due
         b.tick()
     assert b_store.profile_size("total") == 1
     assert b_store.ended().get("node_lost") == 4
@@ -199,7 +185,7 @@ def test_on_node_loss_keep_leaves_dialogs_until_their_deadline(redis_url: str,
     # past k0's early deadline, not yet k1's: the tick ends k0 (it counted until then)
     b_store.clock_offset_ms += 94_000
     assert b_store.profile_size("total") == 2
-    b._next_renew = 0  # the tick is due
+    b.lifecycle.renew_soon()  # the tick is due
     b.tick()
     assert b_store.ended() == {"expired": 1}
     assert [(r.call_id, r.reason) for r in b_store.call_records()] == [(k0.call_id, "expired")]
@@ -303,8 +289,8 @@ def test_a_caller_packing_another_policys_attributes_is_refused_not_misread(
     """A proxy generated for one policy while another (reading other attributes) is
     loaded must fall back, not have its attributes read as the other policy's."""
     loaded = make_policy(namespace)
-    other = parse_policy(POLICY.format(ns=namespace, on_error="reject", queue=10, loss="keep")
-                         .replace("header:X-Account", "from_user"))
+    other = make_policy(namespace, on_error="reject", queue=10, loss="keep",
+                        attributes={"account": "from_user"})
     proxy = Engine(loaded, RedisStore(redis_url, namespace, timeout_ms=2000), node="a")
     proxy.start()
     stale = Engine(other, RedisStore(redis_url, namespace, timeout_ms=2000), node="b")

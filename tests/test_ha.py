@@ -34,46 +34,14 @@ import redis
 from lab.redis_server import RedisServer, find_redis_server, free_port
 from policer.call import Call
 from policer.engine import Engine
-from policer.policy import parse_policy
+from policer.policy import Policy
 from policer.store import RedisStore, StoreError, open_store
 from policer.store.connect import parse_store_url
 from tests.support import wait_for
+from tests.support.policies import build_policy
+from tests.support.sentinel import SENTINEL_SERVICE, SentinelServer
 
-SERVICE = "policer"
-#: Sentinel timings: the primary is "down" after 1 s without an answer.
-DOWN_AFTER_MS = 1000
-FAILOVER_TIMEOUT_MS = 5000
-
-
-class SentinelServer(RedisServer):
-    """One ``redis-server --sentinel`` process with its own config file."""
-
-    def __init__(self, primary_port: int, quorum: int = 2) -> None:
-        super().__init__()
-        self.conf = self.dir / "sentinel.conf"
-        self.conf.write_text(
-            f"port {self.port}\n"
-            f"bind 127.0.0.1\n"
-            f"protected-mode no\n"
-            f"daemonize no\n"
-            f"dir {self.dir}\n"
-            f"logfile {self.dir / 'sentinel.log'}\n"
-            f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} {quorum}\n"
-            f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
-            f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
-            f"sentinel parallel-syncs {SERVICE} 1\n"
-        )
-
-    def command(self) -> list[str]:
-        assert self.binary is not None
-        return [self.binary, str(self.conf), "--sentinel"]
-
-    def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = (self.dir / "sentinel.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join(text.strip().splitlines()[-lines:])
+SERVICE = SENTINEL_SERVICE
 
 
 @dataclass
@@ -166,19 +134,10 @@ def sentinel_set() -> Iterator[SentinelSet]:
         ss.stop()
 
 
-POLICY = """
-version: 1
-namespace: {ns}
-classes:
-  local: {{default: true}}
-profiles:
-  total: {{}}
-limits:
-  total: {{max: {max}}}
-timeouts: {{early: 120s, dialog: 1h}}
-on_store_error: {on_error}
-store_timeout: 250ms
-"""
+def ha_policy(namespace: str, maximum: int, on_error: str) -> Policy:
+    return build_policy(namespace, limits={"total": maximum},
+                        timeouts={"early": "120s", "dialog": "1h"}, on_store_error=on_error,
+                        store_timeout="250ms")
 
 
 @dataclass
@@ -268,7 +227,7 @@ class Load:
 def test_sentinel_failover_under_load(sentinel_set: SentinelSet, namespace: str,
                                       on_error: str, replica_behind_s: float) -> None:
     maximum = 40
-    policy = parse_policy(POLICY.format(ns=namespace, max=maximum, on_error=on_error), "<test>")
+    policy = ha_policy(namespace, maximum, on_error)
     store = open_store(sentinel_set.url(), namespace, timeout_ms=policy.store_timeout_ms)
     assert isinstance(store, RedisStore)
     engine = Engine(policy, store, node="ha-node")
@@ -396,7 +355,7 @@ def test_a_sentinel_url_naming_no_known_service_is_a_store_error(
         sentinel_set: SentinelSet, namespace: str) -> None:
     url = sentinel_set.url().replace(f"/{SERVICE}/", "/nosuchservice/")
     store = open_store(url, namespace, timeout_ms=500)
-    policy = parse_policy(POLICY.format(ns=namespace, max=1, on_error="admit"), "<test>")
+    policy = ha_policy(namespace, 1, "admit")
     d = Engine(policy, store, node="n").admit(
         Call.from_raw("x@test", "ft", from_user="a", from_domain="d", ruri_user="1"))
     assert d.fallback and d.admitted and "MasterNotFound" in d.error
@@ -447,7 +406,7 @@ def test_malformed_urls_are_refused_without_the_password(url: str) -> None:
 def test_a_cluster_nobody_listens_on_is_a_store_error(namespace: str) -> None:
     store = open_store(f"redis+cluster://policer:topsecret@127.0.0.1:{free_port()}",
                        namespace, timeout_ms=200)
-    policy = parse_policy(POLICY.format(ns=namespace, max=1, on_error="admit"), "<test>")
+    policy = ha_policy(namespace, 1, "admit")
     d = Engine(policy, store, node="n").admit(
         Call.from_raw("x@test", "ft", from_user="a", from_domain="d", ruri_user="1"))
     assert d.fallback and d.admitted and d.error
@@ -511,7 +470,7 @@ def test_the_sentinel_example_of_deploy_redis(namespace: str) -> None:
         sentinels = ",".join(f"127.0.0.1:{ports[p]}" for p in (26379, 26380, 26381))
         url = (f"redis+sentinel://policer:change-me-policer@{sentinels}/policer/0"
                "?sentinel_password=change-me-sentinel")
-        policy = parse_policy(POLICY.format(ns=namespace, max=1, on_error="reject"), "<t>")
+        policy = ha_policy(namespace, 1, "reject")
         engine = Engine(policy, open_store(url, namespace, timeout_ms=2000), node="n")
 
         def admitted(n: int) -> bool:
@@ -594,7 +553,7 @@ def test_the_cluster_example_of_deploy_redis(namespace: str) -> None:
             return all(_cluster_info(p).get("cluster_state") == "ok" for p in ports.values())
 
         _wait("the cluster", ready, 30)
-        policy = parse_policy(POLICY.format(ns=namespace, max=1, on_error="reject"), "<t>")
+        policy = ha_policy(namespace, 1, "reject")
         engine = Engine(policy, open_store(url, namespace, timeout_ms=2000), node="n")
         calls = [Call.from_raw(f"cl-{n}@t", "ft", from_user="a", from_domain="d",
                                ruri_user="1") for n in range(3)]

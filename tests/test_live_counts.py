@@ -12,32 +12,20 @@ from policer.call import Call
 from policer.compile import ENDED_CODE, RECOVERY_MS
 from policer.store import Op, Store, StoreError
 from policer.store.keys import dialog_id
-from tests.support import call, policy_text
+from tests.support import call, with_namespace
+from tests.support.policies import ACCOUNT, INTERNATIONAL_CLASSES, build_policy, when
 
-POLICY = """
-version: 1
-namespace: lc
-call: {attributes: {account: header:X-Account}}
-classes:
-  emergency: {numbers: ["112"]}
-  international: {prefixes: ["00"]}
-  local: {default: true}
-profiles:
-  total: {}
-  international: {when: {class: international}}
-  user: {value: from_user}
-  account: {value: account}
-limits:
-  total: {max: 10}
-  account: {max: 3}
-timeouts: {early: 120s}
-"""
+POLICY = build_policy(
+    "lc", attributes=ACCOUNT, classes=INTERNATIONAL_CLASSES,
+    profiles={"total": {}, "international": when("international"), "user": "from_user",
+              "account": "account"},
+    limits={"total": 10, "account": 3}, timeouts={"early": "120s"})
 EARLY_MS = 120_000
 
 
 @pytest.fixture
 def live(store: Store) -> Store:
-    store.load(policy_text(POLICY, store.namespace))
+    store.load(with_namespace(POLICY, store.namespace))
     return store
 
 

@@ -267,14 +267,15 @@ def test_serve_answers_and_metrics_are_strict_in_the_printable_form(
     with an ESC sequence."""
     from policer.engine import Engine
     from policer.policy import load_policy
-    from policer.serve import Service, _metrics_renderer
+    from policer.serve import Service
+    from policer.serve.supervisor import metrics_renderer
     from policer.store import RedisStore
 
     policy = load_policy(policy_copy(tmp_path, namespace))
     store = RedisStore(redis_url, namespace, timeout_ms=STORE_TIMEOUT_MS)
     try:
         engine = Engine(policy, store, node="serve-test")
-        service = Service(engine, metrics=_metrics_renderer(engine))
+        service = Service(engine, metrics=metrics_renderer(engine))
         answers = []
         for cid, user in (("s1", "m\\udcffx"), ("s2\\u001b[31m", "\\u001b[2J"),
                           ("s3", "back\\\\slash")):

@@ -19,23 +19,16 @@ import redis
 from policer.call import Call
 from policer.engine import Engine
 from policer.store import RedisStore
-from tests.support import STORE_TIMEOUT_MS, new_namespace, policy_text
+from tests.support import STORE_TIMEOUT_MS, new_namespace, with_namespace
+from tests.support.policies import build_policy
 
 PROCESSES = 16
 N = 10
 DECISIONS = 10_000
 
-POLICY = f"""
-version: 1
-namespace: race
-classes:
-  local: {{default: true}}
-profiles:
-  total: {{}}
-  user: {{value: from_user}}
-limits:
-  total: {{max: {N}, reject: {{code: 503, reason: "Busy", retry_after: 5}}}}
-"""
+#: at most N calls, each user's counted
+POLICY = build_policy("race", profiles={"total": {}, "user": "from_user"}, limits={
+    "total": {"max": N, "reject": {"code": 503, "reason": "Busy", "retry_after": 5}}})
 
 
 @dataclass
@@ -50,7 +43,7 @@ class Result:
 
 
 def _engine(url: str, namespace: str) -> Engine:
-    return Engine(policy_text(POLICY, namespace), RedisStore(url, namespace, STORE_TIMEOUT_MS),
+    return Engine(with_namespace(POLICY, namespace), RedisStore(url, namespace, STORE_TIMEOUT_MS),
                   node="race")
 
 

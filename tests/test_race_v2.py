@@ -12,6 +12,7 @@ window's calls only if it ran past it).
 from __future__ import annotations
 
 import multiprocessing as mp
+from collections.abc import Mapping
 from typing import Any
 
 import redis
@@ -20,38 +21,27 @@ from policer.call import Call
 from policer.engine import Engine
 from policer.store import RedisStore
 from tests.support import STORE_TIMEOUT_MS, new_namespace, policy_text
+from tests.support.policies import ACCOUNT, policy_yaml
 
 PROCESSES = 16
 ATTEMPTS = 4  # per process: 64 calls against a limit of N
 N = 10
 T_MS = 60_000 // N  # the rate's emission interval: 6 s
 
-BASE = """
-version: 2
-namespace: race
-call: {attributes: {account: "header:X-Account"}}
-classes:
-  local: {default: true}
-profiles:
-  total: {}
-  account: {value: account}
-  user: {value: from_user}
-limits:
-"""
-RATE = BASE + f"""  account:
-    rate: {{max: {N}, per: 1m}}
-    rate_reject: {{code: 503, reason: "Call Rate Exceeded"}}
-"""
-WINDOW = BASE + f"""  account:
-    calls: [{{max: {N}, per: 1m}}]
-    reject: {{code: 486, reason: "Minute Cap"}}
-"""
+def race_policy(**limits: Mapping[str, Any] | int) -> str:
+    return policy_yaml("race", version=2, attributes=ACCOUNT,
+                       profiles={"total": {}, "account": "account", "user": "from_user"},
+                       limits=limits)
+
+
+RATE = race_policy(account={"rate": {"max": N, "per": "1m"},
+                            "rate_reject": {"code": 503, "reason": "Call Rate Exceeded"}})
+WINDOW = race_policy(account={"calls": [{"max": N, "per": "1m"}],
+                              "reject": {"code": 486, "reason": "Minute Cap"}})
 #: the account's rate and window are checked before the user's cap (profile order)
-SPEND = BASE + """  account:
-    rate: {max: 100, per: 1h}
-    calls: [{max: 1000, per: 1d}]
-  user: {max: 1}
-"""
+SPEND = race_policy(account={"rate": {"max": 100, "per": "1h"},
+                             "calls": [{"max": 1000, "per": "1d"}]},
+                    user=1)
 
 
 def _call(worker: int, i: int, user: str) -> Call:

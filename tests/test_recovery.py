@@ -18,34 +18,20 @@ from policer.call import Call
 from policer.compile import RECOVERY_MS
 from policer.engine import Engine, NodeInUse
 from policer.metrics import ClusterCollector
-from policer.policy import Policy, parse_policy
+from policer.policy import Policy
 from policer.reconcile import ProxyDialog
 from policer.store import Op, RedisStore, StoreError
 from policer.store.keys import dialog_id
 from tests.support import call, ticked, wait_for
-
-POLICY = """
-version: 1
-namespace: {ns}
-call: {{attributes: {{account: header:X-Account}}}}
-classes:
-  emergency: {{numbers: ["112"]}}
-  other: {{default: true}}
-profiles:
-  total: {{}}
-  account: {{value: account}}
-limits:
-  total: {{max: 20}}
-  account: {{max: 4}}
-on_store_error: {on_error}
-store_timeout: 50ms
-timeouts: {{early: 120s}}
-nodes: {{lease: {lease}, renew: 1s}}
-"""
+from tests.support.policies import ACCOUNT, EMERGENCY_112, build_policy
 
 
 def make_policy(ns: str, on_error: str = "reject", lease: str = "30s") -> Policy:
-    return parse_policy(POLICY.format(ns=ns, on_error=on_error, lease=lease))
+    return build_policy(ns, attributes=ACCOUNT, classes=EMERGENCY_112,
+                        profiles={"total": {}, "account": "account"},
+                        limits={"total": 20, "account": 4}, on_store_error=on_error,
+                        store_timeout="50ms", timeouts={"early": "120s"},
+                        nodes={"lease": lease, "renew": "1s"})
 
 
 @pytest.fixture
@@ -234,7 +220,7 @@ def test_a_node_whose_clock_is_off_has_its_calls_decided(
     decisions = [p.engine.admit(acme(f"u{i}")) for i in range(4)]
     assert all(d.admitted and not d.fallback for d in decisions), decisions[0].error
     p.engine.tick()
-    p.engine._next_renew = 0.0  # renew now (writes the skew)
+    p.engine.lifecycle.renew_soon()  # renew now (writes the skew)
     p.engine.tick()
     skews = p.store.node_skews()
     assert abs(skews["proxy-a"][0] - skew_s * 1000) < 100
@@ -254,7 +240,7 @@ def test_a_second_instance_with_the_same_node_name_refuses_to_start(
 
     def renew() -> None:  # a is alive: its timer ticks
         while not stop.wait(0.2):
-            a.engine._next_renew = 0.0
+            a.engine.lifecycle.renew_soon()
             a.engine.tick()
 
     t = threading.Thread(target=renew, daemon=True)

@@ -22,23 +22,7 @@ from policer.store import RedisStore, StoreError
 from policer.store.redis_store import INLINE_LOAD_BYTES, LOAD_ATTEMPTS
 from tests.support import call, new_namespace, wait_for
 from tests.support.cli import run_cli
-
-POLICY = """version: 1
-namespace: {ns}
-classes:
-  emergency: {{numbers: ["112"]}}
-  premium: {{prefixes_file: premium.txt}}
-  other: {{default: true}}
-profiles:
-  total: {{}}
-  premium: {{when: {{class: premium}}}}
-limits:
-  total: {{max: 100}}
-  premium: {{max: {premium_max}, reject: {{code: 403, reason: Barred}}}}
-store_timeout: {store_timeout}
-load_timeout: {load_timeout}
-nodes: {{lease: {lease}, renew: {renew}}}
-"""
+from tests.support.policies import policy_yaml, when
 
 
 def write(tmp: Path, ns: str, prefixes: list[str], premium_max: int = 0,
@@ -46,8 +30,14 @@ def write(tmp: Path, ns: str, prefixes: list[str], premium_max: int = 0,
           renew: str = "500ms") -> Path:
     (tmp / "premium.txt").write_text("# test list\n" + "\n".join(prefixes) + "\n")
     path = tmp / "policy.yaml"
-    path.write_text(POLICY.format(ns=ns, premium_max=premium_max, store_timeout=store_timeout,
-                                  load_timeout=load_timeout, lease=lease, renew=renew))
+    path.write_text(policy_yaml(
+        ns, classes={"emergency": {"numbers": ["112"]},
+                     "premium": {"prefixes_file": "premium.txt"}, "other": {"default": True}},
+        profiles={"total": {}, "premium": when("premium")},
+        limits={"total": 100,
+                "premium": {"max": premium_max, "reject": {"code": 403, "reason": "Barred"}}},
+        store_timeout=store_timeout, load_timeout=load_timeout,
+        nodes={"lease": lease, "renew": renew}))
     return path
 
 
@@ -162,7 +152,12 @@ def test_a_deeply_nested_policy_in_a_reload_is_a_reload_error_not_a_tick_error(
     e.start()
     with capture_logs() as logs:
         path.write_text("a: " + "[" * 5000)
-        e.tick()
+
+        def reload_failed() -> bool:  # the reload runs in the background; a tick
+            e.tick()                  # waits for it only so long
+            return any(x["event"] == "policy_reload_failed" for x in logs)
+
+        wait_for(reload_failed, 20)
     events = [x["event"] for x in logs]
     assert "tick_failed" not in events
     failed = [x for x in logs if x["event"] == "policy_reload_failed"]

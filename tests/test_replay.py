@@ -7,42 +7,40 @@ time moves only through the stores' ``clock_offset_ms``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from policer.call import Call
-from policer.policy import Policy
+from policer.policy import Policy, parse_policy
 from policer.replay import replay_store
 from policer.store import Op, Store
 from policer.store.keys import dialog_id
 from policer.store.redis_store import RedisStore
-from tests.support import call, policy_text
+from tests.support import call
 from tests.support.cli import cli_json, run_cli
+from tests.support.policies import (
+    ACCOUNT,
+    INTERNATIONAL,
+    INTERNATIONAL_CLASSES,
+    policy_yaml,
+    when,
+)
 
-POLICY = """
-version: 1
-namespace: rp
-call: {attributes: {account: "header:X-Account"}}
-classes:
-  emergency: {numbers: ["112"]}
-  international: {prefixes: ["00"]}
-  local: {default: true}
-profiles:
-  total: {}
-  international: {when: {class: international}}
-  account: {value: account}
-  user: {value: from_user}
-limits:
-  total: {max: TOTAL}
-  international: {max: INTL, reject: {code: 403, reason: "International Limit"}}
-  user: {max: USER}
-emergency: {class: emergency, bypass: true}
-"""
+
+def policy_text(namespace: str = "rp", total: int = 4, intl: int = 1, user: int = 2,
+                **sections: Any) -> str:
+    return policy_yaml(
+        namespace, attributes=ACCOUNT,
+        classes=INTERNATIONAL_CLASSES,
+        profiles={"total": {}, "international": when("international"), "account": "account",
+                  "user": "from_user"},
+        limits={"total": total, "international": {"max": intl, "reject": INTERNATIONAL},
+                "user": user},
+        emergency={"class": "emergency", "bypass": True}, **sections)
 
 
 def policy(namespace: str, total: int = 4, intl: int = 1, user: int = 2,
-           extra: str = "") -> Policy:
-    text = (POLICY.replace("TOTAL", str(total)).replace("INTL", str(intl))
-            .replace("USER", str(user)) + extra)
-    return policy_text(text, namespace)
+           **sections: Any) -> Policy:
+    return parse_policy(policy_text(namespace, total, intl, user, **sections))
 
 
 def jump(store: Store, ms: int) -> None:
@@ -91,7 +89,7 @@ def test_every_decided_attempt_is_recorded_once_with_what_a_policy_reads(store: 
 
 
 def test_attempts_keep_0_records_none(store: Store) -> None:
-    store.load(policy(store.namespace, extra="attempts: {keep: 0}\n"))
+    store.load(policy(store.namespace, attempts={"keep": 0}))
     assert store.admit_call(acme("alice"), "n").admitted
     assert store.attempts() == []
 
@@ -204,13 +202,12 @@ def test_replay_under_a_looser_policy_admits_every_attempt(redis_store: RedisSto
 
 def test_policer_replay_json(redis_url: str, namespace: str, tmp_path: Path) -> None:
     live = tmp_path / "live.yaml"
-    live.write_text(POLICY.replace("rp", namespace).replace("TOTAL", "4")
-                    .replace("INTL", "1").replace("USER", "1"))
+    live.write_text(policy_text(namespace, user=1))
     cand = tmp_path / "cand.yaml"
-    cand.write_text(POLICY.replace("TOTAL", "4").replace("INTL", "1").replace("USER", "2"))
+    cand.write_text(policy_text())
     s = RedisStore(redis_url, namespace)
     try:
-        s.load(policy_text(live.read_text()))
+        s.load(parse_policy(live.read_text()))
         assert s.admit_call(acme("alice", call_id="x1"), "n").admitted
         assert not s.admit_call(acme("alice", call_id="x2"), "n").admitted
     finally:

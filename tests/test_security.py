@@ -11,10 +11,7 @@ certificates are made with ``openssl`` in the test's temporary directory.
 from __future__ import annotations
 
 import contextlib
-import shutil
-import socket
-import ssl
-import subprocess
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +27,10 @@ from policer.engine import Engine
 from policer.policy import parse_policy
 from policer.store import RedisStore, StoreError, open_store
 from tests.support.cli import EXAMPLE, policy_copy, run_cli
+from tests.support.policies import policy_yaml
+from tests.support.serve import Serve
+from tests.support.serve import body as serve_body
+from tests.support.tls import TLSRedisServer, make_certificates, tls_url
 
 #: Passwords chosen to be unmistakable in any output (and to need URL quoting).
 ADMIN_PW = "Adm1n-s3cret-XQZ"
@@ -42,20 +43,11 @@ ACL_RULES = ("on", "resetkeys", "~policer:*", "resetchannels", "-@all", "+@read"
              "+@scripting", "+@connection", "+@transaction", "+time", "-@dangerous",
              "-script|flush", "-script|kill", "-function", "+function|load")
 
-POLICY = """
-version: 1
-namespace: {ns}
-classes:
-  international: {{prefixes: ["00"]}}
-  local: {{default: true}}
-profiles:
-  total: {{}}
-  user: {{value: from_user}}
-limits:
-  total: {{max: 2}}
-on_store_error: {on_error}
-store_timeout: 2s
-"""
+def policy_text(namespace: str, on_error: str) -> str:
+    return policy_yaml(namespace, classes={"international": {"prefixes": ["00"]},
+                                           "local": {"default": True}},
+                       profiles={"total": {}, "user": "from_user"}, limits={"total": 2},
+                       on_store_error=on_error, store_timeout="2s")
 
 
 def _clean(text: str) -> None:
@@ -72,12 +64,12 @@ def _policy_file(tmp_path: Path, namespace: str, on_error: str = "admit") -> Pat
     """The policy ``_engine`` decides by, as a file for the command line: the CLI calls the
     library the engine loaded, and packs the attributes that policy reads."""
     path = tmp_path / f"{namespace}.yaml"
-    path.write_text(POLICY.format(ns=namespace, on_error=on_error))
+    path.write_text(policy_text(namespace, on_error))
     return path
 
 
 def _engine(url: str, namespace: str, on_error: str = "admit") -> Engine:
-    policy = parse_policy(POLICY.format(ns=namespace, on_error=on_error), "<test>")
+    policy = parse_policy(policy_text(namespace, on_error), "<test>")
     return Engine(policy, open_store(url, namespace, timeout_ms=policy.store_timeout_ms),
                   node="sec")
 
@@ -208,69 +200,6 @@ def test_a_disabled_acl_user_is_a_store_error(auth_redis: RedisServer, namespace
 # ----------------------------------------------------------------------------- TLS
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_certificates(d: Path) -> dict[str, Path]:
-    """A private CA, a server certificate for 127.0.0.1/localhost and a client one."""
-    if shutil.which("openssl") is None:
-        pytest.fail("openssl is needed for the TLS tests")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-             "-subj", "/CN=policer test CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-    for name, usage, alt in (("server", "serverAuth", "IP:127.0.0.1,DNS:localhost"),
-                             ("client", "clientAuth", "DNS:policer-client")):
-        (d / f"{name}.ext").write_text(
-            "basicConstraints=critical,CA:FALSE\n"
-            "keyUsage=critical,digitalSignature,keyAgreement\n"
-            f"extendedKeyUsage={usage}\n"
-            f"subjectAltName={alt}\n"
-            "authorityKeyIdentifier=keyid\n"
-            "subjectKeyIdentifier=hash\n")
-        _openssl("req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN=policer {name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "2",
-                 "-extfile", f"{name}.ext", cwd=d)
-    return {n: d / n for n in ("ca.crt", "server.crt", "server.key", "client.crt",
-                               "client.key")}
-
-
-class TLSRedisServer(RedisServer):
-    """A redis-server that listens on a TLS port only (``--port 0``) and asks
-    clients for a certificate signed by the CA (``tls-auth-clients yes``)."""
-
-    def __init__(self, certs: dict[str, Path], extra_args: tuple[str, ...] = ()) -> None:
-        super().__init__(extra_args=[
-            "--port", "0",
-            "--tls-port", "0",  # replaced below
-            "--tls-cert-file", str(certs["server.crt"]),
-            "--tls-key-file", str(certs["server.key"]),
-            "--tls-ca-cert-file", str(certs["ca.crt"]),
-            "--tls-auth-clients", "yes",
-            *extra_args,
-        ])
-        self.extra_args[3] = str(self.port)
-        self.certs = certs
-
-    def client_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.certs["ca.crt"]))
-        ctx.load_cert_chain(str(self.certs["client.crt"]), str(self.certs["client.key"]))
-        return ctx
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.5) as raw, \
-                    self.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
-        except OSError:
-            return False
-
-
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRedisServer]:
     certs = make_certificates(tmp_path_factory.mktemp("certs"))
@@ -282,16 +211,8 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRedisServ
         server.stop()
 
 
-def _tls_url(server: TLSRedisServer, password: str, **extra: str) -> str:
-    c = server.certs
-    args = {"ssl_ca_certs": str(c["ca.crt"]), "ssl_certfile": str(c["client.crt"]),
-            "ssl_keyfile": str(c["client.key"]), "ssl_cert_reqs": "required", **extra}
-    query = "&".join(f"{k}={v}" for k, v in args.items() if v)
-    return f"rediss://:{quote(password, safe='')}@127.0.0.1:{server.port}/0?{query}"
-
-
 def test_tls(tls_redis: TLSRedisServer, namespace: str, tmp_path: Path) -> None:
-    url = _tls_url(tls_redis, ADMIN_PW)
+    url = tls_url(tls_redis, ADMIN_PW)
     _admit_and_release(url, namespace)
     store = open_store(url, namespace)
     assert isinstance(store, RedisStore)
@@ -311,8 +232,29 @@ def test_tls(tls_redis: TLSRedisServer, namespace: str, tmp_path: Path) -> None:
     _clean(d.error)
 
 
+def test_policer_serve_over_tls(tls_redis: TLSRedisServer, namespace: str,
+                                tmp_path: Path) -> None:
+    """The decision service's admits take the same pipelined path over TLS: a
+    connection of the worker's own, opened with the URL's certificates and password."""
+    env = {"POLICER_REDIS_URL": tls_url(tls_redis, ADMIN_PW),
+           "POLICER_POLICY": str(_policy_file(tmp_path, namespace))}
+    s = Serve(tmp_path, env)
+    try:
+        answers = [s.post("/v1/admit", serve_body(f"tls-{i}", number="5551234"))[1]
+                   for i in range(3)]
+        assert [(a["admitted"], a["fallback"]) for a in answers] == [
+            (True, False), (True, False), (False, False)]
+        assert s.post("/v1/release", {"dialog_id": answers[0]["dialog_id"]})[1]["ok"]
+    finally:
+        s.stop()
+    opened = [json.loads(line) for line in s.log.read_text().splitlines()
+              if "admit_pipeline_open" in line]
+    assert opened and opened[0]["tls"] is True
+    _clean(s.log.read_text())
+
+
 def test_tls_wrong_password(tls_redis: TLSRedisServer, namespace: str, tmp_path: Path) -> None:
-    _wrong_password_is_clean(_tls_url(tls_redis, WRONG_PW), namespace, tmp_path)
+    _wrong_password_is_clean(tls_url(tls_redis, WRONG_PW), namespace, tmp_path)
 
 
 @pytest.mark.parametrize("change", [
@@ -320,7 +262,7 @@ def test_tls_wrong_password(tls_redis: TLSRedisServer, namespace: str, tmp_path:
     {"ssl_ca_certs": ""},                     # the server's CA not trusted
 ])
 def test_tls_refused(tls_redis: TLSRedisServer, namespace: str, change: dict[str, str]) -> None:
-    url = _tls_url(tls_redis, ADMIN_PW, **change)
+    url = tls_url(tls_redis, ADMIN_PW, **change)
     d = _engine(url, namespace, "reject").admit(_call(8))
     assert d.fallback and not d.admitted
     _clean(d.error)
@@ -353,3 +295,21 @@ def test_nothing_listening_no_url_form_shows_a_password(url: str, namespace: str
         _clean(proc.stdout + proc.stderr)
     with contextlib.suppress(StoreError):
         engine.store.close()
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("redis://policer:s3cret@h:6379/0", "redis://policer:***@h:6379/0"),
+    ("redis://s3cret@h:6379", "redis://***@h:6379"),  # a password alone
+    ("rediss://:s3cret@h", "rediss://:***@h"),
+    ("redis+sentinel://u:s3cret@a:1,b:2/svc?sentinel_password=s3cret&x=1",
+     "redis+sentinel://u:***@a:1,b:2/svc?sentinel_password=***&x=1"),
+    ("Connection<host=h,port=1,password=s3cret,db=0>",
+     "Connection<host=h,port=1,password=***,db=0>"),
+    ("no credentials here: redis://h:1/0", "no credentials here: redis://h:1/0"),
+])
+def test_one_redactor_hides_every_form_of_a_password(text: str, shown: str) -> None:
+    """policer.log.redact: log lines, the store's errors, the cfg generator's messages."""
+    from policer.log import redact
+
+    assert redact(text) == shown
+    assert redact(shown) == shown

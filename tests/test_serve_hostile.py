@@ -20,6 +20,7 @@ import pytest
 from lab.redis_server import RedisServer
 from tests.support import wait_for
 from tests.support.cli import policy_copy, run_cli
+from tests.support.relay import HoldingRelay
 from tests.support.serve import Serve, body, read_answers
 
 MAX_HEAD = 16 * 1024
@@ -367,6 +368,15 @@ def test_a_frozen_store_holds_up_no_other_request(tmp_path: Path, namespace: str
             s.stop()
 
 
+def _request(port: int, path: bytes, payload: bytes) -> socket.socket:
+    """A connection with one request sent on it (POST with a payload, else GET)."""
+    c = socket.create_connection(("127.0.0.1", port), timeout=30)
+    method = b"POST" if payload else b"GET"
+    c.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+        method, path, len(payload), payload))
+    return c
+
+
 def _while_frozen(port: int) -> None:
     blockers = {
         "explain": (b"/v1/explain", json.dumps(body("x-1")).encode(), 503),
@@ -375,11 +385,7 @@ def _while_frozen(port: int) -> None:
     }
 
     def request(path: bytes, payload: bytes) -> socket.socket:
-        c = socket.create_connection(("127.0.0.1", port), timeout=30)
-        method = b"POST" if payload else b"GET"
-        c.sendall(b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
-            method, path, len(payload), payload))
-        return c
+        return _request(port, path, payload)
 
     for name, (path, payload, status) in blockers.items():
         with request(path, payload) as a, request(b"/v1/nothing", b"") as b:
@@ -414,3 +420,42 @@ def _while_frozen(port: int) -> None:
         assert got == 202 and json.loads(out)["queued"] is True
         assert not _ready(a), "the release waited behind a request for the store"
         assert read_answers(a, 1)[0][0] == 503
+
+
+def test_an_admit_is_answered_while_an_explain_waits_for_the_store(tmp_path: Path,
+                                                                   namespace: str) -> None:
+    """Issue 17: explain, health and dialog events wait for the store in the worker's
+    store thread, never in its event loop. A relay between policer serve and Redis
+    holds what the explain's connection sends (a paused store connection), a health
+    check and a release wait behind it in the store thread; meanwhile an admit goes
+    out on the admits' own connection, is decided by the store and answered. Then the
+    relay lets the explain through, and the three are answered by the store."""
+    policy = policy_copy(tmp_path, namespace, replace={
+        "on_store_error: admit": "on_store_error: admit\nstore_timeout: 10s"})
+    with RedisServer() as private, HoldingRelay(private.port) as relay:
+        s = Serve(tmp_path, {"POLICER_REDIS_URL": relay.url, "POLICER_POLICY": str(policy)})
+        try:
+            # both connections open: the admits' and the store thread's
+            assert s.post("/v1/admit", body("warm"))[1]["fallback"] is False
+            assert s.post("/v1/explain", body("warm-x"))[0] == 200
+            relay.hold(b"explain-held-by-the-relay")
+            explain = json.dumps(body("explain-held-by-the-relay")).encode()
+            with _request(s.port, b"/v1/explain", explain) as a:
+                assert relay.held.wait(20), "the explain did not reach the relay"
+                with _request(s.port, b"/v1/health", b"") as h, \
+                        _request(s.port, b"/v1/release", b'{"dialog_id": "warm;ft"}') as r, \
+                        _request(s.port, b"/v1/admit", json.dumps(body("during")).encode()) as b:
+                    (got, out), = read_answers(b, 1)
+                    decision = json.loads(out)
+                    assert got == 200 and decision["fallback"] is False, decision
+                    assert decision["admitted"] is True
+                    for name, c in (("explain", a), ("health", h), ("release", r)):
+                        assert not _ready(c), f"{name} answered while the store was held"
+                    relay.release()
+                    (got, out), = read_answers(a, 1)
+                    assert got == 200 and json.loads(out)["decision"]["admitted"] is True
+                    assert read_answers(h, 1)[0][0] == 200
+                    (got, out), = read_answers(r, 1)
+                    assert got == 200 and json.loads(out)["ok"] is True
+        finally:
+            s.stop()

@@ -32,35 +32,27 @@ from policer.policy import parse_policy
 from policer.reconcile import ProxyDialog, reconcile
 from policer.store import RedisStore, StoreError
 from tests.support import new_namespace, wait_for
+from tests.support.policies import ACCOUNT, INTERNATIONAL, policy_yaml, when
 
 SECONDS = float(os.environ.get("POLICER_SOAK_SECONDS", "300"))
 HERE = Path(__file__).resolve().parent
 
-POLICY = """
-version: 1
-namespace: {ns}
-call: {{attributes: {{account: header:X-Account}}}}
-classes:
-  emergency: {{numbers: ["112"]}}
-  international: {{prefixes: ["00"]}}
-  domestic: {{prefixes: ["0"]}}
-  local: {{default: true}}
-profiles:
-  total: {{}}
-  emergency: {{when: {{class: emergency}}}}
-  international: {{when: {{class: international}}}}
-  user: {{value: from_user}}
-  account: {{value: account}}
-limits:
-  total: {{max: 40, reserve_for_emergency: 2}}
-  international: {{max: 10, reject: {{code: 403, reason: "International Limit"}}}}
-  account: {{max: 9, reject: {{code: 486, reason: "Account Call Limit"}}}}
-  user: {{max: 3}}
-timeouts: {{early: 10s, dialog: 20s}}
-store_timeout: 100ms
-on_store_error: admit
-nodes: {{lease: 6s, renew: 1s}}
-"""
+def soak_policy(namespace: str) -> str:
+    return policy_yaml(
+        namespace, attributes=ACCOUNT,
+        classes={"emergency": {"numbers": ["112"]}, "international": {"prefixes": ["00"]},
+                 "domestic": {"prefixes": ["0"]}, "local": {"default": True}},
+        profiles={"total": {}, "emergency": when("emergency"),
+                  "international": when("international"), "user": "from_user",
+                  "account": "account"},
+        limits={"total": {"max": 40, "reserve_for_emergency": 2},
+                "international": {"max": 10, "reject": INTERNATIONAL},
+                "account": {"max": 9, "reject": {"code": 486, "reason": "Account Call Limit"}},
+                "user": 3},
+        timeouts={"early": "10s", "dialog": "20s"}, store_timeout="100ms",
+        on_store_error="admit", nodes={"lease": "6s", "renew": "1s"})
+
+
 TOTAL_ORDINARY_MAX = 38  # total max - reserve
 INTERNATIONAL_MAX = 10
 MAX_HOLD = 5.0
@@ -70,7 +62,7 @@ class Soak:
     def __init__(self, tmp: Path) -> None:
         self.ns = new_namespace()
         self.policy_path = tmp / "soak.yaml"
-        self.policy_path.write_text(POLICY.format(ns=self.ns))
+        self.policy_path.write_text(soak_policy(self.ns))
         self.policy = parse_policy(self.policy_path.read_text())
         self.state = tmp / "state"
         self.state.mkdir()

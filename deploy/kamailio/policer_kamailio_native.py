@@ -4,7 +4,7 @@ Loaded with ``modparam("app_python3", "load", ".../policer_kamailio_native.py")`
 app_python3 imports this file as a module named after it (so it must not be
 called like a package it imports) before Kamailio forks and calls ``mod_init()``
 once: it starts policer's node and fills the htables the cfg's fallback reads
-(``policer.adapters.kamailio.start_native``). The only ``python_exec`` is the
+(``policer.adapters.kamailio_native.start_native``). The only ``python_exec`` is the
 timer's ``python_exec("tick")``, once a second: SIP workers run no Python.
 
 Debian's app_python3 embeds /usr/bin/python3: policer and its dependencies come
@@ -23,7 +23,7 @@ import policer_paths
 
 policer_paths.add_paths()
 
-from policer.adapters.kamailio import NativeHandler, start_native  # noqa: E402
+from policer.adapters.kamailio_native import NativeHandler, start_native  # noqa: E402
 
 
 def mod_init() -> NativeHandler:

@@ -53,6 +53,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from policer.call import KEPT_ATTRIBUTES_PREFIX, pack_fields, raw_bytes
 from policer.compile import compile_policy
+from policer.log import redact
 from policer.metrics import DECISION_RESULTS, LATENCY_BUCKETS
 from policer.policy import Policy, load_policy
 from policer.protocol import NATIVE_REPLY
@@ -139,43 +140,39 @@ def ndb_server(url: str, name: str = "policer") -> str:
         try:
             port = parts.port or 6379
         except ValueError:
-            raise ValueError(f"{_redacted(url)}: bad port") from None
+            raise ValueError(f"{redact(url)}: bad port") from None
         attrs += [f"addr={host}", f"port={port}"]
         path = parts.path.strip("/")
         db = path or query.get("db", ["0"])[0]
     elif scheme == "unix":
         if not parts.path:
-            raise ValueError(f"{_redacted(url)}: no socket path")
+            raise ValueError(f"{redact(url)}: no socket path")
         attrs.append(f"unix={unquote(parts.path)}")
         db = query.get("db", ["0"])[0]
     else:
         raise ValueError(
-            f"{_redacted(url)}: the native flavour's ndb_redis reaches one Redis only "
+            f"{redact(url)}: the native flavour's ndb_redis reaches one Redis only "
             "(redis:// or unix://); use the kemi flavour for rediss://, "
             "redis+sentinel:// or redis+cluster://")
     if not db.isdigit():
-        raise ValueError(f"{_redacted(url)}: database must be a number")
+        raise ValueError(f"{redact(url)}: database must be a number")
     attrs.append(f"db={int(db)}")
     user = unquote(parts.username) if parts.username else ""
     password = unquote(parts.password) if parts.password is not None else ""
     if parts.password is None and user:  # redis://secret@host: a password alone
         user, password = "", user
     if user and user != "default":
-        raise ValueError(f"{_redacted(url)}: ndb_redis 5.6 authenticates with a password "
+        raise ValueError(f"{redact(url)}: ndb_redis 5.6 authenticates with a password "
                          "only (AUTH password): no ACL user")
     if password:
         if any(c in password for c in ';"\\\n\r') or not password.isprintable():
-            raise ValueError(f"{_redacted(url)}: this password cannot be written into "
+            raise ValueError(f"{redact(url)}: this password cannot be written into "
                              "an ndb_redis server parameter")
         attrs.append(f"pass={password}")
     for value in attrs:
         if any(c in value for c in '";\n\r'):
-            raise ValueError(f"{_redacted(url)}: unusable characters for ndb_redis")
+            raise ValueError(f"{redact(url)}: unusable characters for ndb_redis")
     return ";".join(attrs)
-
-
-def _redacted(url: str) -> str:
-    return re.sub(r"(\w+://)[^@/\s]*@", r"\1***@", url)
 
 
 def bucket_counter(result: str, index: int) -> str:

@@ -20,7 +20,7 @@ from policer.policy.bounds import MAX_ERRORS
 from policer.policy.durations import DURATION, UNIT_MS, format_ms
 from policer.policy.model import ATTRIBUTE_SOURCES, Reject
 
-__all__ = ["NUMBER", "Reader", "kind_of", "shown"]
+__all__ = ["NUMBER", "Reader", "did_you_mean", "kind_of", "shown"]
 
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
 _DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d)")
@@ -47,6 +47,13 @@ _REASONS = {
     600: "Busy Everywhere",
     603: "Decline",
 }
+
+
+def did_you_mean(word: str, known: Iterable[str], otherwise: str = "") -> str:
+    """The hint after an unknown name: `` (did you mean 'x'?)`` with the closest of
+    ``known``, else ``otherwise``."""
+    near = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean '{near[0]}'?)" if near else otherwise
 
 
 class Reader:
@@ -115,9 +122,7 @@ class Reader:
                 self.error(key_node, sub, "duplicate key")
                 continue
             if known_list and key not in known_list:
-                near = difflib.get_close_matches(key, known_list, n=1)
-                hint = f" (did you mean '{near[0]}'?)" if near else ""
-                self.error(key_node, sub, f"unknown key{hint}")
+                self.error(key_node, sub, f"unknown key{did_you_mean(key, known_list)}")
                 continue
             out[key] = value_node
             self.nodes[sub] = value_node
@@ -169,9 +174,8 @@ class Reader:
         if value is None:
             return None
         if value not in choices:
-            near = difflib.get_close_matches(value, choices, n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            self.error(node, path, f"must be one of {', '.join(choices)}, got {value!r}{hint}")
+            self.error(node, path, f"must be one of {', '.join(choices)}, got {value!r}"
+                                   f"{did_you_mean(value, choices)}")
             return None
         return value
 
@@ -257,9 +261,7 @@ class Reader:
 
     def unknown_ref(self, node: Node, path: str, what: str, name: str,
                     known: Iterable[str]) -> None:
-        near = difflib.get_close_matches(name, sorted(known), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        self.error(node, path, f"unknown {what} {name!r}{hint}")
+        self.error(node, path, f"unknown {what} {name!r}{did_you_mean(name, sorted(known))}")
 
     def source_ref(self, node: Node, path: str) -> str | None:
         """An attribute source: a built-in one or ``header:<Name>``."""
@@ -273,8 +275,7 @@ class Reader:
                 return None
             return "header:" + name.lower()
         if s not in ATTRIBUTE_SOURCES:
-            near = difflib.get_close_matches(s, ATTRIBUTE_SOURCES, n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            hint = did_you_mean(s, ATTRIBUTE_SOURCES)
             self.error(node, path, f"unknown attribute source {s!r}{hint}; use one of "
                        f"{', '.join(ATTRIBUTE_SOURCES)} or header:<Name>")
             return None

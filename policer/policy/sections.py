@@ -7,7 +7,6 @@ Checks that span sections run afterwards, over the built tree
 
 from __future__ import annotations
 
-import difflib
 import re
 import zoneinfo
 from collections.abc import Mapping
@@ -39,7 +38,7 @@ from policer.policy.model import (
     Timeouts,
     Window,
 )
-from policer.policy.reader import NUMBER, Reader, kind_of, shown
+from policer.policy.reader import NUMBER, Reader, did_you_mean, kind_of, shown
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -352,10 +351,8 @@ def read_profiles(r: Reader, node: Node | None, attributes: Mapping[str, str],
                     continue
             else:
                 known = list(attributes) + list(ATTRIBUTE_SOURCES)
-                near = difflib.get_close_matches(raw, known, n=1)
-                hint = (f" (did you mean '{near[0]}'?)" if near else
-                        f"; use one of {', '.join(known)}, or header:<Name> "
-                        "(define others under call.attributes)")
+                hint = did_you_mean(raw, known, f"; use one of {', '.join(known)}, or "
+                                    "header:<Name> (define others under call.attributes)")
                 r.error(vnode, f"{path}.value", f"unknown attribute {raw!r}{hint}")
                 continue
         when: frozenset[str] | None = None
@@ -389,9 +386,7 @@ def read_timezone(r: Reader, node: Node) -> str | None:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         known = sorted(zoneinfo.available_timezones())
-        near = difflib.get_close_matches(name, known, n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else " (an IANA name such as " \
-            "Europe/Berlin)"
+        hint = did_you_mean(name, known, " (an IANA name such as Europe/Berlin)")
         r.error(node, "timezone", f"unknown time zone {name!r}{hint}")
         return None
     return name

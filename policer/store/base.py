@@ -21,11 +21,11 @@ from policer.classify import Member
 if TYPE_CHECKING:
     from policer.calendar import LocalClock
     from policer.call import Call
+    from policer.compile import Library
     from policer.policy import Limit, Policy, Rate
 
 __all__ = [
     "END_REASONS",
-    "LIMIT_KINDS",
     "STATS_FIELDS",
     "AdminStore",
     "AdmitRequest",
@@ -36,9 +36,11 @@ __all__ = [
     "DecisionStore",
     "DialogInfo",
     "ExplainRow",
+    "LibraryStore",
     "Member",
     "Op",
     "OpKind",
+    "PipelinedStore",
     "Store",
     "StoreError",
     "StoreInfo",
@@ -52,8 +54,6 @@ __all__ = [
 #: ``node_restarted`` are the store's own).
 END_REASONS = ("bye", "cancel", "failed", "timeout", "expired", "released_by_operator",
                "node_lost", "node_restarted", "reconciled", "duration_cap", "abandoned")
-#: What kind of limit tripped: concurrent calls, a call rate, a calendar window.
-LIMIT_KINDS = ("concurrent", "rate", "calls")
 
 #: Keys of :meth:`Store.stats`.
 STATS_FIELDS = ("active", "early", "confirmed", "processed", "expired", "failed", "rejected",
@@ -464,6 +464,33 @@ class AdminStore(Protocol):
 @runtime_checkable
 class Store(DecisionStore, AdminStore, Protocol):
     """Every store (Redis, in-process) implements both protocols with the same meaning."""
+
+
+@runtime_checkable
+class PipelinedStore(Protocol):
+    """A store that decides calls that arrived together in one round trip (Redis: their
+    ``FCALL``s pipelined), each as :meth:`DecisionStore.admit_call` would."""
+
+    def admit_calls(self, calls: Sequence[Call], node: str, deadline_ms: int | None = None
+                    ) -> list[CallResult | StoreError]:
+        """Per call its result, or the StoreError of its own reply; a broken connection
+        or a timeout raises for all of them."""
+
+
+@runtime_checkable
+class LibraryStore(Protocol):
+    """A store whose server holds the compiled policy (Redis: its function library), so
+    that a reload can compile and load it away from the decisions, then swap it in."""
+
+    library: Library
+
+    def load_library(self, library: Library, policy: Policy | None = None,
+                     epoch: str | None = None) -> str:
+        """Load a compiled library into the server without deciding by it here yet;
+        returns its policy hash."""
+
+    def use_library(self, library: Library, policy: Policy | None) -> None:
+        """Decide by a library compiled (and loaded) already."""
 
 
 def usage_of(entry: Limit | None, live_rate: Rate | None, tat_us: int,

@@ -19,6 +19,7 @@ key                                    type       holds
 ``policer:{ns}:n:<node>``              zset       a node's dialogs -> deadline ms
 ``policer:{ns}:nidx``                  set        nodes that have an ``n:<node>`` index
 ``policer:{ns}:nodes``                 zset       nodes holding a lease -> its end (ms)
+``policer:{ns}:sigs``                  hash       attribute signature -> attribute sources
 ``policer:{ns}:owner``                 hash       node -> ``<instance>:<renewed ms>``
 ``policer:{ns}:skew``                  hash       node -> ``<skew ms>:<when>``
 ``policer:{ns}:epoch``                 hash       the state epoch: ``id``, ``run``
@@ -141,11 +142,27 @@ class Keys:
 
     def node(self, node: str) -> str:
         """The index of the dialogs a node admitted."""
-        return f"{self.prefix}n:{key_part(node)}"
+        return self.node_of_part(key_part(node))
+
+    def node_of_part(self, part: str) -> str:
+        """:meth:`node` of a node named by its :func:`key_part`, as :attr:`nidx` and
+        :attr:`nodes` hold it."""
+        return f"{self.prefix}n:{part}"
 
     @property
     def nidx(self) -> str:
+        """The nodes that have a :meth:`node` index (each by its key part)."""
         return f"{self.prefix}nidx"
+
+    @property
+    def nodes(self) -> str:
+        """The nodes holding a lease (each by its key part) -> the end of the lease."""
+        return f"{self.prefix}nodes"
+
+    @property
+    def sigs(self) -> str:
+        """Attribute signatures the libraries registered -> their attribute sources."""
+        return f"{self.prefix}sigs"
 
     @property
     def stats(self) -> str:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import re
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +38,7 @@ from policer.compile import (
     Library,
     compile_policy,
 )
-from policer.log import get_logger
+from policer.log import get_logger, redact
 from policer.policy import Policy, Rate
 from policer.protocol import ATTEMPT, unpack_record
 from policer.store.base import (
@@ -61,10 +59,8 @@ from policer.store.base import (
 from policer.store.connect import connect, url_scheme
 from policer.store.keys import Keys, key_part, label_from_key, value_from_key
 
-__all__ = ["INLINE_LOAD_BYTES", "LOAD_ATTEMPTS", "RENEW_BATCH", "RedisStore"]
+__all__ = ["INLINE_LOAD_BYTES", "LOAD_ATTEMPTS", "RedisStore"]
 
-#: Dialogs one tick call ends at most (per kind: lost nodes, own earlier, expired).
-RENEW_BATCH = TICK_BATCH
 #: A library up to this size is loaded inside the call that found Redis without it (a
 #: few ms); a bigger one (a class of many prefixes) takes longer than a decision may
 #: wait, and loading it again at every call kept Redis busy: its load is left to the
@@ -147,8 +143,6 @@ class RedisStore:
         self._set_library(compile_policy(policy, namespace, self.extra_lua), policy)
         # a Cluster client routes by key itself (MOVED, ASK): _fcall uses its execute_command
         self._cluster = url_scheme(url) == "redis+cluster"
-        prefix = self.keys.prefix
-        self._p_dialog = prefix + "d:"
 
     def _set_library(self, library: Library, policy: Policy | None) -> None:
         self.library = library
@@ -177,13 +171,13 @@ class RedisStore:
         try:  # every URL form of policer.store.connect; a Cluster client connects at once
             return connect(self.url, self.timeout_ms / 1000)
         except (redis.RedisError, OSError) as e:
-            raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
+            raise StoreError(f"{type(e).__name__}: {redact(str(e))}") from e
 
     def _run(self, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
         except (redis.RedisError, OSError) as e:
-            raise StoreError(f"{type(e).__name__}: {_safe(str(e))}") from e
+            raise StoreError(f"{type(e).__name__}: {redact(str(e))}") from e
 
     # -- the library
     def use(self, policy: Policy | None) -> None:
@@ -286,7 +280,7 @@ class RedisStore:
             if attempt < LOAD_ATTEMPTS:
                 get_logger("policer.store").warning(
                     "policy_load_retry", library=library.name, attempt=attempt,
-                    error=f"{type(error).__name__}: {_safe(str(error))}", pause_s=pause)
+                    error=f"{type(error).__name__}: {redact(str(error))}", pause_s=pause)
                 time.sleep(pause)
                 pause *= 2
         assert error is not None
@@ -294,7 +288,7 @@ class RedisStore:
         raise StoreError(
             f"FUNCTION LOAD of library {library.name} ({len(library.text)} bytes) failed "
             f"{tries} in {time.monotonic() - started:.1f} s: {type(error).__name__}: "
-            f"{_safe(str(error))} (each try is bounded by the policy's load_timeout, "
+            f"{redact(str(error))} (each try is bounded by the policy's load_timeout, "
             f"{timeout_ms} ms)") from error
 
     def _control_client(self, timeout_ms: int) -> redis.Redis:
@@ -462,7 +456,7 @@ class RedisStore:
                    deadline_ms: int | None = None) -> CallResult:
         r = self._fcall("admit", self.call_arguments(call, node, "r" if record else "a",
                                                      deadline_ms))
-        return _call_result(r)
+        return call_result(r)
 
     def admit_calls(self, calls: Sequence[Call], node: str, deadline_ms: int | None = None
                     ) -> list[CallResult | StoreError]:
@@ -483,35 +477,13 @@ class RedisStore:
         replies = self._fcall_many("admit", [self.call_arguments(call, node, "a", deadline_ms)
                                              for call in calls])
         return [store_error(r) if isinstance(r, Exception)
-                else _call_result(r) for r in replies]
-
-    def admit_command(self, call: Call, node: str, deadline_ms: int | None = None) -> bytes:
-        """The ``FCALL`` of :meth:`admit_call`, packed (for a caller with a connection of
-        its own: :meth:`pipeline_socket`); its reply goes to :func:`call_result`."""
-        packed: bytes = pack_command(("FCALL", self._fn["admit"], 1, self.library.prefix,
-                                      *self.call_arguments(call, node, "a", deadline_ms)))
-        return packed
-
-    def pipeline_socket(self) -> Any:
-        """A new connection's socket, connected (Sentinel asked, AUTH and SELECT done),
-        handed to the caller to pipeline :meth:`admit_command` on; None when the URL
-        is not served by a plain socket (TLS, Cluster). Raises StoreError."""
-        if self._cluster:
-            return None
-        conn: Any = self.client.connection_pool.make_connection()
-        self._run(conn.connect)
-        sock = getattr(conn, "_sock", None)
-        if type(sock) is not socket.socket:
-            conn.disconnect()
-            return None
-        conn._sock = None  # the caller owns it now
-        return sock
+                else call_result(r) for r in replies]
 
     def explain_call(self, call: Call, at_ms: int | None = None) -> CallResult:
         args = self.call_arguments(call, "", "e")
         if at_ms is not None:
             args.append(at_ms - self.now_ms())
-        return _call_result(self._fcall("admit", args))
+        return call_result(self._fcall("admit", args))
 
     # -- dialog events
     def apply(self, ops: Sequence[Op], records: bool = False) -> list[object]:
@@ -602,10 +574,9 @@ class RedisStore:
         and picked by their count fields (an operator's command: O(live dialogs))."""
         want = self.keys.count_field(profile, value)
         client: Any = self.client
-        prefix = self.keys.prefix
 
         def ids_of(node: str) -> list[str]:
-            return list(client.zrange(prefix + "n:" + node, 0, -1))
+            return list(client.zrange(self.keys.node_of_part(node), 0, -1))
 
         def records(chunk: list[str]) -> list[Any]:
             return list(client.execute_command("MGET", *(self.keys.dialog(d) for d in chunk),
@@ -638,7 +609,7 @@ class RedisStore:
         known = self._known_sources.get(text)
         if known is None:
             client = self.client
-            names = self._run(lambda: client.hget(self.keys.prefix + "sigs", text))
+            names = self._run(lambda: client.hget(self.keys.sigs, text))
             known = _sources_of(names or "")
             self._known_sources[text] = known
         return known
@@ -661,7 +632,7 @@ class RedisStore:
         def active() -> int:
             pipe = client.pipeline(transaction=False)
             for n in sorted(nodes):
-                pipe.zcard(self.keys.prefix + "n:" + n)
+                pipe.zcard(self.keys.node_of_part(n))
             return sum(int(x) for x in pipe.execute())
 
         out["active"] = self._run(active) if nodes else 0
@@ -828,7 +799,7 @@ class RedisStore:
         keep the node's measured clock skew; the epoch op (see :meth:`_load_library`)."""
         r = self._fcall("tick", [key_part(node) if node else "", lease_ms,
                                  "start" if start else "renew", 1 if sweep else 0,
-                                 RENEW_BATCH, self.clock_offset_ms,
+                                 TICK_BATCH, self.clock_offset_ms,
                                  "" if skew_ms is None else str(round(skew_ms)), epoch,
                                  instance, renew_ms])
         out = TickResult(int(r[0]), int(r[1]), int(r[2]), str(r[4]), str(r[5]), r[6] == 1)
@@ -865,7 +836,7 @@ class RedisStore:
 
     def nodes(self) -> dict[str, int]:
         client = self.client
-        rows = self._run(lambda: client.zrange(self.keys.prefix + "nodes", 0, -1,
+        rows = self._run(lambda: client.zrange(self.keys.nodes, 0, -1,
                                                withscores=True))
         return {value_from_key(n): int(score) for n, score in rows}
 
@@ -920,7 +891,7 @@ def store_error(e: BaseException) -> StoreError:
     """The :class:`StoreError` of a Redis failure: marked ``late`` when the library
     refused a request that came after its caller's deadline (nothing was written), and
     ``maybe_applied`` when no reply came (the request may have been, or yet be, applied)."""
-    out = StoreError(f"{type(e).__name__}: {_safe(str(e))}")
+    out = StoreError(f"{type(e).__name__}: {redact(str(e))}")
     out.late = str(e).startswith("POLICER late")  # redis-py's or hiredis's error reply
     out.maybe_applied = isinstance(e, redis.TimeoutError | redis.ConnectionError | OSError)
     return out
@@ -965,16 +936,11 @@ def _windows(text: str) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
-def call_result(r: list[Any]) -> CallResult:
-    """The :class:`CallResult` of an admit's reply."""
-    return _call_result(r)
-
-
 _R = protocol.ADMIT_REPLY
 _ROW = protocol.EXPLAIN_ROW
 
 
-def _call_result(r: list[Any]) -> CallResult:
+def call_result(r: list[Any]) -> CallResult:
     """The :class:`CallResult` of an admit's reply (``ADMIT_REPLY``, then explain's rows)."""
     a = _R.decode(r)
     rows: list[ExplainRow] = []
@@ -1042,13 +1008,6 @@ def stats_from(stats: dict[str, str], decisions: dict[str, str]) -> dict[str, in
             if reason in ("failed", "cancel"):
                 out["failed"] += n
     return out
-
-
-def _safe(message: str) -> str:
-    """An error message without credentials (redis-py may include the URL, and some
-    versions the repr of a connection: ``password=...``)."""
-    message = re.sub(r"(\w+://)[^@/\s]*@", r"\1***@", message)
-    return re.sub(r"(password=)[^,\s)>]*", r"\1***", message)
 
 
 def _str(v: object) -> str:

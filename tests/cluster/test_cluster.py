@@ -7,25 +7,18 @@ import itertools
 
 from policer.call import Call
 from policer.engine import Engine
-from policer.policy import parse_policy
+from policer.policy import Policy
 from policer.store import open_store
 from policer.store.keys import Keys
 from tests.support.cluster import Cluster
+from tests.support.policies import build_policy, when
 
-POLICY = """
-version: 1
-namespace: {ns}
-classes:
-  international: {{prefixes: ["00"]}}
-  local: {{default: true}}
-profiles:
-  total: {{}}
-  international: {{when: {{class: international}}}}
-  user: {{value: from_user}}
-limits:
-  total: {{max: 5}}
-  user: {{max: 2}}
-"""
+
+def cluster_policy(namespace: str) -> Policy:
+    return build_policy(
+        namespace, classes={"international": {"prefixes": ["00"]}, "local": {"default": True}},
+        profiles={"total": {}, "international": when("international"), "user": "from_user"},
+        limits={"total": 5, "user": 2})
 
 
 def _slot_owner(cluster: Cluster) -> dict[int, int]:
@@ -58,7 +51,7 @@ def _call(i: int, user: str, number: str) -> Call:
 
 def test_all_keys_of_a_namespace_are_in_one_slot(redis_cluster: Cluster, namespace: str) -> None:
     store = open_store(redis_cluster.url, namespace, timeout_ms=5000)
-    engine = Engine(parse_policy(POLICY.format(ns=namespace), "<test>"), store, node="n1")
+    engine = Engine(cluster_policy(namespace), store, node="n1")
     ids = []
     for i, (user, number) in enumerate([("alice", "0049301"), ("bob", "5551"), ("bob", "5552"),
                                         ("bob", "5553"), ("carol", "5554")]):
@@ -100,7 +93,7 @@ def test_two_namespaces_can_live_on_different_primaries(redis_cluster: Cluster) 
     stores = {port: open_store(redis_cluster.url, ns, timeout_ms=5000)
               for port, ns in chosen.items()}
     for port, s in stores.items():
-        engine = Engine(parse_policy(POLICY.format(ns=s.namespace), "<test>"), s, node="n1")
+        engine = Engine(cluster_policy(s.namespace), s, node="n1")
         for i in range(3):
             d = engine.admit(_call(i, f"u{i}", "5551"))
             assert d.admitted and not d.fallback, d.error

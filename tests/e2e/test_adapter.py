@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from policer.adapters import kamailio as adapter
+from policer.adapters import kamailio_ksr, kamailio_native, kamailio_queue
 from policer.adapters.kamailio_cfg import bucket_counter, sum_counter
 from policer.call import Call
 from policer.classify import Classifier
@@ -136,14 +137,14 @@ class FakeKSR(types.ModuleType):
 def ksr() -> Iterator[FakeKSR]:
     fake = FakeKSR()
     sys.modules["KSR"] = fake
-    adapter._ksr_module = None
-    adapter._held.batch, adapter._held.ops, adapter._held.failing = b"", 0, False
+    kamailio_ksr._module = None
+    kamailio_queue._held = kamailio_queue._Held()
     try:
         yield fake
     finally:
         sys.modules.pop("KSR", None)
-        adapter._ksr_module = None
-        adapter._native = None
+        kamailio_ksr._module = None
+        kamailio_native._native = None
         adapter.set_engine_factory(None)
 
 
