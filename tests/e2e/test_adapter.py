@@ -346,7 +346,7 @@ def test_start_and_tick_hold_the_node_lease(ksr: FakeKSR, monkeypatch: pytest.Mo
 
     def timer_renewed() -> bool:
         monkeypatch.setattr(adapter, "_next_tick", 0.0)  # the once-a-second tick now
-        monkeypatch.setattr(node, "_next_renew", 0.0)
+        node.lifecycle.renew_soon()
         assert adapter.timer() == adapter.OK
         return store.nodes()["test-node"] > first_lease + 2_000
 
