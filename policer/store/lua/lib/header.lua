@@ -32,8 +32,10 @@
 --   the nodes are putting their calls back; the caller's fallback decides).
 --
 -- policer_batch_S   answers, ends and other dialog events, many in one call
---   ARGV[1] ops, concatenated: BATCH_OPS of policer.protocol, each one letter and its
---           fields, each field '<byte length>:<bytes>'
+--   ARGV[1] ops, concatenated: BATCH_OPS of policer.protocol. A packed op is one letter
+--           and its fields, each '<byte length>:<bytes>'; a line op (+ confirm, ~
+--           refresh, - release, by the encoded dialog id an admit answered) is
+--           '<letter><dialog id>[ <arg>]\n', read with one match (OP_LINE)
 --   ARGV[2] 1: reply with call-end records  ARGV[3] clock offset ms
 --   ARGV[4] the caller's ATTRS_SIG (optional): on a mismatch the 'a' and 'b' ops (whose
 --           attributes it packed) are not applied (reply 0), the others are
@@ -74,11 +76,17 @@
 --                      T|<field>   its rate and window state ('<TAT us>' then
 --                        '|<per>=<window id>:<count>' per window)
 --                      #confirmed  answered dialogs;  !hold  admits held until (ms)
---   P d:<dialog id>  string: the dialog's record (DIALOG of policer.protocol); a live
---                    one's key lives until its deadline and KEEP_MS, a decided one's
---                    DECIDED_MS, the release of an unknown dialog's EARLY_MS
+--   P d:<dialog id>  string: the dialog's record (DIALOG of policer.protocol: a
+--                    newline-free header of '|'-joined fields, then the tail); written
+--                    by the admit with SET NX GET, so a dialog decided before is found
+--                    before anything is written. A live one's key lives until its
+--                    deadline and KEEP_MS (an answer within the early timeout keeps the
+--                    TTL), a decided or ended one's DECIDED_MS, the release of a dialog
+--                    the store did not know ('gone') EARLY_MS
 --   P v:<dialog id>  hash: its variables (set_var), while it lives
---   P n:<node>       zset every recorded dialog a node admitted -> deadline
+--   P n:<node>       zset every recorded dialog a node admitted -> its deadline at
+--                    admission (an answer does not rewrite it: the sweep reads the
+--                    record of a dialog whose score passed and re-scores it if live)
 --   P nidx           set of node names that have an n:<node> index
 --   P nodes          zset node -> end of its lease (nodes holding a lease)
 --   P owner          hash node -> '<instance>:<last renewal ms>'
@@ -90,9 +98,11 @@
 --   P stats          hash ended:<reason>, nodes_lost, resent_ended
 --   P decisions      hash '<kind>;<result>|<profile>,...' -> decisions (one HINCRBY each)
 --   P cdr            stream of call-end records (MAXLEN ~ CDR_KEEP): d dialog id, r
---                    reason, e end (ms), x the dialog's record, v its variables packed,
---                    n the attribute sources of the record's attributes
+--                    reason, e end (ms), x the dialog's record as it was (its sig names
+--                    the attributes' sources in P sigs), a when it was answered (a call
+--                    answered in the batch that ended it), v its variables packed
 --   P attempts       stream of decided attempts, one per dialog (MAXLEN ~ ATTEMPTS_KEEP):
---                    d dialog id, r (a admitted, j rejected, f recorded after a fallback),
---                    t (ms), rejected also c code, l limit, k kind; x the record's tail
---                    (Call-ID and attributes), y the class, n the attribute sources
+--                    d dialog id, a the attempt (ATTEMPT of policer.protocol, '|'-joined:
+--                    result, time, class, node, sig, code, limit, kind), x the record's
+--                    tail (Call-ID and attributes)
+--   P sigs           hash ATTRS_SIG -> the attribute names and sources it stands for
