@@ -70,6 +70,8 @@ __all__ = [
     "kept_value",
     "ndb_server",
     "ndb_timeouts",
+    "number_route",
+    "reply_var",
     "sum_counter",
 ]
 
@@ -352,18 +354,11 @@ def generate(policy: Policy, node: str, redis_url: str, *,
             f'\t\t$var(policer_attrs) = $var(policer_attrs) + $({pv[1:]}{{s.len}}) + ":" + {pv};',
             "\t}",
         ]
-    number_pv = pvs[0]
     out += [
         "}",
         "",
         "# the dialled number (the emergency check when Redis does not answer)",
-        "route[POLICER_NUMBER] {",
-        f"\tif ({number_pv} == $null) {{",
-        '\t\t$var(policer_number) = "";',
-        "\t} else {",
-        f"\t\t$var(policer_number) = {number_pv};",
-        "\t}",
-        "}",
+        *number_route("POLICER_NUMBER", pvs[0]),
         "",
         *_reply_route(),
         "",
@@ -387,6 +382,19 @@ REPLY_VARS: dict[str, tuple[str, ...]] = {
     "latency": ("bypass", "shadow"),
 }
 _REPLY_VAR = {"max_duration_s": "md", "dialog_id": "did", "retry_after": "retry_after"}
+
+
+def number_route(name: str, pv: str) -> list[str]:
+    """``route[name]``: the dialled number (pseudo-variable ``pv``) into
+    ``$var(policer_number)``, '' when the message has none (the native and the http
+    flavours' cfg both write it so)."""
+    return [f"route[{name}] {{",
+            f"\tif ({pv} == $null) {{",
+            '\t\t$var(policer_number) = "";',
+            "\t} else {",
+            f"\t\t$var(policer_number) = {pv};",
+            "\t}",
+            "}"]
 
 
 def reply_var(field: str) -> str:

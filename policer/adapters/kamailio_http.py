@@ -34,7 +34,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from policer.adapters.kamailio_cfg import _cfg_str
+from policer.adapters.kamailio_cfg import _cfg_str, number_route
 from policer.policy import Policy, load_policy
 
 __all__ = ["GENERATED_NAME", "generate", "main"]
@@ -101,13 +101,7 @@ def generate(policy: Policy, serve_url: str) -> str:
         "",
         *_headers_route(policy),
         "",
-        "route[POLICER_HTTP_NUMBER] {",
-        f"\tif ({number_pv} == $null) {{",
-        '\t\t$var(policer_number) = "";',
-        "\t} else {",
-        f"\t\t$var(policer_number) = {number_pv};",
-        "\t}",
-        "}",
+        *number_route("POLICER_HTTP_NUMBER", number_pv),
         "",
         *_emergency_route(policy),
         "",
