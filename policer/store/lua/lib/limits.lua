@@ -21,6 +21,21 @@ local function check_rate(T, tau, tat_s, now)
   return math.ceil((tat - now_us) / T), retry, string.format('%d', tat + T)
 end
 
+-- A rate's part of a member's check (T nil: no rate): the trip (kind, count, max, retry;
+-- nil kind: it passes), the arrival time this call moves it to (ts when no rate), the
+-- calls owed and the burst (-1, -1: no rate).
+local function rate_trip(T, tau, burst, ts, now)
+  if not T then return nil, 0, -1, -1, ts, -1, -1 end
+  local owed, retry, new = check_rate(T, tau, ts, now)
+  if retry ~= -1 then return 'rate', owed, burst, retry, new, owed, burst end
+  return nil, 0, -1, -1, new, owed, burst
+end
+
+-- A calendar window's trip: its count n reached its max (the window ends at ends).
+local function calls_trip(n, wmax, per, ends, lnow)
+  return 'calls', n, wmax, per, ceil_s(ends - lnow)
+end
+
 -- check_state's common case in fewer steps: an entry with at most two windows, no live
 -- caps, and a state this entry wrote in the current windows (or none): one match of a
 -- pattern that spells the current window ids (kept in the entry until a window
@@ -48,20 +63,13 @@ local function check_fast(e, state, now, lnow)
     ts, n1, n2 = string.match(state, pat)
     if ts == nil then return false end
   end
-  local T, burst = e.T, e.burst
-  local kind, count, max, retry, window, owed = nil, 0, -1, -1, '', -1
-  local new = ts  -- a rate that does not apply now keeps its time
-  if T then
-    owed, retry, new = check_rate(T, e.tau, ts, now)
-    if retry ~= -1 then kind, count, max = 'rate', owed, burst end
-  else
-    burst = -1
-  end
+  local kind, count, max, retry, new, owed, burst = rate_trip(e.T, e.tau, e.burst, ts, now)
+  local window = ''
   if not win then return kind, count, max, retry, window, new, owed, burst, '' end
   local c1 = tonumber(n1) or 0
   local wj = win[1]
   if kind == nil and c1 >= wj[2] then
-    kind, count, max, window, retry = 'calls', c1, wj[2], wj[1], ceil_s(w1[2] - lnow)
+    kind, count, max, window, retry = calls_trip(c1, wj[2], wj[1], w1[2], lnow)
   end
   if not w2 then
     return kind, count, max, retry, window, new .. w1[3] .. (c1 + 1), owed, burst, ''
@@ -69,7 +77,7 @@ local function check_fast(e, state, now, lnow)
   local c2 = tonumber(n2) or 0
   wj = win[2]
   if kind == nil and c2 >= wj[2] then
-    kind, count, max, window, retry = 'calls', c2, wj[2], wj[1], ceil_s(w2[2] - lnow)
+    kind, count, max, window, retry = calls_trip(c2, wj[2], wj[1], w2[2], lnow)
   end
   return kind, count, max, retry, window, new .. w1[3] .. (c1 + 1) .. w2[3] .. (c2 + 1),
          owed, burst, ''
@@ -94,16 +102,12 @@ local function check_state(e, L, state, now, lnow, want_rows)
   end
   if not T and not win then return nil, 0, -1, -1, '', nil, -1, -1, '' end
   state = state or ''
-  local kind, count, max, retry, window, owed, shown = nil, 0, -1, -1, '', -1, ''
   local tat_old = string.match(state, '^%d*')
-  local parts = {tat_old}  -- a rate that does not apply now keeps its time
+  local kind, count, max, retry, new, owed
+  kind, count, max, retry, new, owed, burst = rate_trip(T, tau, burst, tat_old, now)
+  local window, shown = '', ''
+  local parts = {new}  -- a rate that does not apply now keeps its time
   local kept = #tat_old  -- bytes of the old state this call rewrites
-  if T then
-    owed, retry, parts[1] = check_rate(T, tau, tat_old, now)
-    if retry ~= -1 then kind, count, max = 'rate', owed, burst end
-  else
-    burst = -1
-  end
   local mine = nil
   if win then
     local rows = nil
@@ -124,8 +128,7 @@ local function check_state(e, L, state, now, lnow, want_rows)
       end
       if rows then rows[#rows + 1] = per .. ':' .. n .. ':' .. wmax end
       if kind == nil and n >= wmax then
-        kind, count, max, window = 'calls', n, wmax, per
-        retry = ceil_s(w[2] - lnow)
+        kind, count, max, window, retry = calls_trip(n, wmax, per, w[2], lnow)
       end
       parts[#parts + 1] = w[3] .. (n + 1)
     end
@@ -147,8 +150,6 @@ local function check_state(e, L, state, now, lnow, want_rows)
   return kind, count, max, retry, window, table.concat(parts), owed, burst, shown
 end
 
--- The answer to a rejection: {code, reason, retry} of the entry that tripped (its
--- rate_reject for rates), with the computed Retry-After of rates and windows.
 -- The answer to a rejection: {code, reason, retry} of the entry that tripped (its
 -- rate_reject for rates), with the computed Retry-After of rates and windows.
 local function answer_of(profile, e, kind, retry)
