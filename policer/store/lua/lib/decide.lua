@@ -82,6 +82,14 @@ local function existing(did, raw, record, emergency, emergency_out, rq, now, cls
   return false
 end
 
+-- One decided attempt in P attempts (one per dialog: a duplicate is answered before
+-- anything is written, a dry run writes nothing).
+local function attempt(did, result, cls, node, code, limit, kind, tail)
+  if ATTEMPTS_KEEP <= 0 then return end
+  redis.call('XADD', ATTEMPTS, 'MAXLEN', '~', ATTEMPTS_KEEP_S, '*', 'd', did,
+             'a', attempt_pack(result, NOW_S, cls, node, ATTRS_SIG, code, limit, kind), 'x', tail)
+end
+
 -- Decide one dialog over its plan (classify) and, unless dry, record it: all or none.
 -- flags: FLAG_EMERGENCY may use reserves, FLAG_BYPASS admitted over every limit,
 -- FLAG_RECORD joins without checking (a call the fallback admitted), FLAG_REGISTER adds
@@ -234,56 +242,49 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
 
   if admitted == 0 then
     redis.call('HINCRBY', DECISIONS, 'rejected;rejected|' .. limit, '1')
-    if ATTEMPTS_KEEP > 0 and attrs then
-      redis.call('XADD', ATTEMPTS, 'MAXLEN', '~', ATTEMPTS_KEEP_S, '*', 'd', did,
-                 'a', attempt_pack('j', NOW_S, cls, node, ATTRS_SIG, ns(code), limit, tkind),
-                 'x', tail)
-    end
-    return reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0, shadow,
-                 tripped, cls, members, did, emergency_out, tkind, twin, md)
-  end
-
-  -- the counts and spent states, one HSET
-  local fields = plan.fields
-  local w = {}
-  local wn = 0
-  for i = 1, n do
-    w[wn + 1] = fields[i]
-    w[wn + 2] = ns(counts[i] + 1)
-    wn = wn + 2
-    if spend and spend[i] then
-      w[wn + 1] = members[i][5][5]
-      w[wn + 2] = spend[i]
-      wn = wn + 2
-    end
-  end
-  if wn > 0 then redis.call('HSET', COUNTS, unpack(w, 1, wn)) end
-  -- the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
-  redis.call('ZADD', P_NODE .. node, deadline, did)
-  if register then redis.call('SADD', NIDX, node) end
-  local key
-  if record then
-    local r = {}
-    for i = 1, n do r[i] = 'store_error|' .. members[i][1].name end
-    key = 'recorded;' .. table.concat(r, ',')
-  elseif plan.all and tripped == 0 and shadow == 0 then
-    key = PLAIN_KEY[cls]
+    if attrs then attempt(did, 'j', cls, node, ns(code), limit, tkind, tail) end
   else
-    local r = {}
+    -- the counts and spent states, one HSET
+    local fields = plan.fields
+    local w = {}
+    local wn = 0
     for i = 1, n do
-      local result = 'admitted'
-      if i == tripped then result = 'bypassed' elseif i == shadow then result = 'shadow_rejected' end
-      r[i] = result .. '|' .. members[i][1].name
+      w[wn + 1] = fields[i]
+      w[wn + 2] = ns(counts[i] + 1)
+      wn = wn + 2
+      if spend and spend[i] then
+        w[wn + 1] = members[i][5][5]
+        w[wn + 2] = spend[i]
+        wn = wn + 2
+      end
     end
-    key = 'admitted;' .. table.concat(r, ',')
-  end
-  redis.call('HINCRBY', DECISIONS, key, '1')
-  if ATTEMPTS_KEEP > 0 and attrs then
-    -- one attempt per dialog (a duplicate returned above, a dry run wrote nothing)
-    local r = 'a'
-    if record then r = 'f' end
-    redis.call('XADD', ATTEMPTS, 'MAXLEN', '~', ATTEMPTS_KEEP_S, '*', 'd', did,
-               'a', attempt_pack(r, NOW_S, cls, node, ATTRS_SIG, '200', '', ''), 'x', tail)
+    if wn > 0 then redis.call('HSET', COUNTS, unpack(w, 1, wn)) end
+    -- the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
+    redis.call('ZADD', P_NODE .. node, deadline, did)
+    if register then redis.call('SADD', NIDX, node) end
+    local key
+    if record then
+      local r = {}
+      for i = 1, n do r[i] = 'store_error|' .. members[i][1].name end
+      key = 'recorded;' .. table.concat(r, ',')
+    elseif plan.all and tripped == 0 and shadow == 0 then
+      key = PLAIN_KEY[cls]
+    else
+      local r = {}
+      for i = 1, n do
+        local result = 'admitted'
+        if i == tripped then result = 'bypassed'
+        elseif i == shadow then result = 'shadow_rejected' end
+        r[i] = result .. '|' .. members[i][1].name
+      end
+      key = 'admitted;' .. table.concat(r, ',')
+    end
+    redis.call('HINCRBY', DECISIONS, key, '1')
+    if attrs then
+      local r = 'a'
+      if record then r = 'f' end
+      attempt(did, r, cls, node, '200', '', '', tail)
+    end
   end
   return reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0, shadow,
                tripped, cls, members, did, emergency_out, tkind, twin, md)
