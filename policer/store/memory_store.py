@@ -75,7 +75,7 @@ class _Dialog:
     end_ms: int = 0
     end_reason: str = ""
     keys: tuple[tuple[str, str], ...] = ()  # (profile, encoded value or "")
-    node: str = ""  # encoded node name, "" when the admitting node holds no lease
+    node: str = ""  # the admitting node, encoded ("" none named): whose index holds it
     labels: tuple[str, ...] = ()
     info: dict[str, str] = field(default_factory=dict)
     variables: dict[str, str] = field(default_factory=dict)
@@ -88,7 +88,10 @@ class _Dialog:
 
 @dataclass(slots=True)
 class _Check:
-    """One member's limits as the decision sees them (the Lua ``check_member``)."""
+    """One member's limits as the decision reads them: its max (``live``: a live limit
+    set), and its rate and calendar windows as limits.lua's ``check_state`` checks them
+    (the first that trips; owed calls, burst and windows for a dry run's rows; the state
+    an admission spends)."""
 
     max_live: int
     live: bool
@@ -211,7 +214,7 @@ class MemoryStore:
         self.clock_skew_ms = 0.0
         self.epoch: str | None = None
         self._epoch: str | None = None  # the namespace's state epoch (library's P epoch)
-        self._hold_until = 0  # admits held until then (P hold)
+        self._hold_until = 0  # admits held until then (P c's '!hold')
         self._owners: dict[str, tuple[str, int]] = {}  # node -> (instance, renewed at)
         self._skews: dict[str, tuple[int, int]] = {}  # node -> (skew ms, measured at)
         if policy is not None:
@@ -978,8 +981,10 @@ def _text(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
-#: op letter -> (fields, kind), from the protocol's table; ``bye`` is a release by
-#: either tag of the caller. A line op stands as the packed op of its kind by dialog id.
+#: op letter -> the kind of op it unpacks to; ``bye`` is a release by either tag of the
+#: caller. A line op stands as the packed op of its kind by dialog id. _OPS: a packed
+#: op's letter -> (its number of fields, from the protocol's table; its kind); _LINE: a
+#: line op's letter -> its kind.
 _KINDS: dict[str, OpKind | Literal["bye"]] = {
     "c": "confirm", "f": "refresh", "r": "release", "u": "bye", "v": "set_var",
     "a": "record", "b": "record", "x": "void", "C": "confirm", "F": "refresh",
