@@ -75,7 +75,7 @@ class _Dialog:
     end_ms: int = 0
     end_reason: str = ""
     keys: tuple[tuple[str, str], ...] = ()  # (profile, encoded value or "")
-    node: str = ""  # encoded node name, "" when the admitting node holds no lease
+    node: str = ""  # the admitting node, encoded ("" none named): whose index holds it
     labels: tuple[str, ...] = ()
     info: dict[str, str] = field(default_factory=dict)
     variables: dict[str, str] = field(default_factory=dict)
@@ -88,7 +88,10 @@ class _Dialog:
 
 @dataclass(slots=True)
 class _Check:
-    """One member's limits as the decision sees them (the Lua ``check_member``)."""
+    """One member's limits as the decision reads them: its max (``live``: a live limit
+    set), and its rate and calendar windows as limits.lua's ``check_state`` checks them
+    (the first that trips; owed calls, burst and windows for a dry run's rows; the state
+    an admission spends)."""
 
     max_live: int
     live: bool
@@ -106,6 +109,76 @@ class _Check:
 
 def _ceil_s(ms: float) -> int:
     return max(1, math.ceil(ms / 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class _Trip:
+    """What a member's limits say of this call (decide.lua's ``kind, kcount, kmax,
+    kretry, kwin``)."""
+
+    kind: str = ""  # concurrent | rate | calls; "" it passes
+    count: int = 0
+    max: int = -1
+    retry: int = -1
+    window: str = ""
+
+
+def _trip(count: int, effective: int, chk: _Check) -> _Trip:
+    """A member's trip: its concurrency first (its count against the effective max),
+    else the rate or calendar window ``check_state`` found tripped (the first half of
+    the member loop in decide.lua's ``decide``)."""
+    if chk.max_live >= 0 and count >= effective:
+        return _Trip("concurrent", count, effective)
+    if chk.kind:
+        return _Trip(chk.kind, chk.count, chk.max, chk.retry, chk.window)
+    return _Trip()
+
+
+def _decide(request: AdmitRequest, keys: Sequence[tuple[str, str]], counts: Sequence[int],
+            checks: Sequence[_Check], dry: bool
+            ) -> tuple[AdmitResult, tuple[ExplainRow, ...]]:
+    """The decision over a call's members from what was read, writing nothing: the
+    member loop of decide.lua's ``decide``. The first member whose limit trips rejects
+    (a dry run goes on, for its rows); a shadow limit only reports (the first: shadow);
+    an emergency call with the bypass is admitted over every limit (the first tripped
+    shown, a concurrency trip with its max without the reserve); a record (a call the
+    fallback admitted) trips nothing. How a rejection is answered is ``answer_of``'s
+    (:func:`_answer`)."""
+    emergency = request.emergency or request.emergency_bypass
+    tripped, shadow, bypass, shown = -1, -1, False, _Trip()
+    rows: list[ExplainRow] = []
+    for i, (m, (profile, enc), count, chk) in enumerate(
+            zip(request.members, keys, counts, checks, strict=True)):
+        effective = chk.max_live if emergency else chk.max_live - m.reserve
+        t = _trip(count, effective, chk)
+        if dry:
+            rows.append(ExplainRow(
+                profile, value_from_key(enc) if enc else None, count, chk.max_live,
+                effective, chk.live, m.shadow, bool(t.kind), chk.owed, chk.burst,
+                tuple(chk.windows), t.kind))
+        if not t.kind or request.record:
+            continue
+        if m.shadow:
+            if shadow < 0:
+                shadow = i
+                if tripped < 0:
+                    shown = t
+        elif request.emergency_bypass:
+            if tripped < 0:
+                tripped = i
+                shown = replace(t, max=chk.max_live) if t.kind == "concurrent" else t
+            bypass = True
+        elif tripped < 0:
+            tripped, shown = i, t
+            if not dry:
+                break
+    admitted = tripped < 0 or bypass
+    limit = tripped if tripped >= 0 else shadow
+    # a Retry-After answers a rejection only (the function's reply has none else)
+    return AdmitResult(
+        admitted, tripped, shown.count, shown.max, bypass, False, shadow, shown.kind,
+        -1 if admitted else shown.retry, shown.window, request.max_duration_ms,
+        request.entries[limit] if limit >= 0 and request.entries else None), tuple(rows)
 
 
 class MemoryStore:
@@ -141,7 +214,7 @@ class MemoryStore:
         self.clock_skew_ms = 0.0
         self.epoch: str | None = None
         self._epoch: str | None = None  # the namespace's state epoch (library's P epoch)
-        self._hold_until = 0  # admits held until then (P hold)
+        self._hold_until = 0  # admits held until then (P c's '!hold')
         self._owners: dict[str, tuple[str, int]] = {}  # node -> (instance, renewed at)
         self._skews: dict[str, tuple[int, int]] = {}  # node -> (skew ms, measured at)
         if policy is not None:
@@ -376,13 +449,92 @@ class MemoryStore:
                 self._incr("nodes_lost")
         return done
 
-    # -- admission
+    # -- admission: decide.lua's ``decide``, step by step
     def admit(self, request: AdmitRequest) -> AdmitResult:
         return self._admit(request)[0]
 
-    def _check_member(self, m: Member, entry: Limit | None, enc: str, now: int, at: int,
-                      rows: bool) -> _Check:
-        """A member's live max, rate and calendar windows (the Lua ``check_member``)."""
+    def _admit(self, request: AdmitRequest, dry: bool = False, at_ms: int | None = None,
+               attrs: dict[str, str] | None = None
+               ) -> tuple[AdmitResult, tuple[ExplainRow, ...]]:
+        """One dialog decided over its members and, unless ``dry``, recorded: all or
+        none (decide.lua's ``decide``). A dialog decided before is found first
+        (:meth:`_existing`); then what the one HMGET reads (:meth:`_read`), the decision
+        over it (:func:`_decide`, which writes nothing) and its writes (:meth:`_write`).
+        The library decides before its SET NX finds a dialog decided before, and decides
+        again once ``existing`` forgot it: the same answer. ``at_ms``: the instant
+        calendar windows are read at (explain ``--at``); ``attrs``: the call's attributes,
+        kept with its attempt. A dry run returns its rows."""
+        with self._lock:
+            now = self.now_ms()
+            if not dry:
+                self._admits += 1
+                if self._admits % 1000 == 0:
+                    self._prune(now)
+                prev = self._record(request.dialog_id, now)
+                if prev is not None:
+                    again = self._existing(prev, request)
+                    if again is not None:
+                        return again, ()
+            keys, counts, checks = self._read(request, now, now if at_ms is None else at_ms,
+                                              dry)
+            result, rows = _decide(request, keys, counts, checks, dry)
+            if not dry:
+                self._write(request, keys, checks, result, now, attrs)
+            return result, rows
+
+    def _existing(self, prev: _Dialog, request: AdmitRequest) -> AdmitResult | None:
+        """A dialog decided before (decide.lua's ``existing``): its answer again (a
+        retransmission, the INVITE re-sent with credentials), or None: it is decided
+        anew, its record forgotten with whatever it still counts. Raises the late error
+        when this request was settled (void) before it arrived. The model's tombstone
+        (the release of a dialog it did not know) is an ended record: the library's
+        ``gone``."""
+        emergency = request.emergency or request.emergency_bypass
+        record = request.record
+        if prev.state == "void":
+            # a request its caller gave up on, settled by the caller's fallback: this very
+            # request (or an older one) arrives late and writes nothing; a later attempt
+            # (the INVITE re-sent after the stall) is decided normally
+            rq = request.deadline_ms
+            if not (record or rq is None or rq > (prev.q or 0)):
+                raise _late()
+        elif prev.state == "ended":
+            # over: an emergency call is always decided (counted as a new call); a record
+            # arriving after the release counts nothing, unless the store ended the call
+            # itself (_STORE_ENDS); any other admit is a late retransmission or a re-sent
+            # Call-ID: rejected, never admitted uncounted
+            if not ((emergency and not record)
+                    or (record and prev.end_reason in _STORE_ENDS)):
+                if not record:
+                    self._incr("resent_ended")
+                return AdmitResult(False, duplicate=True, kind="ended")
+        elif not (prev.state == "rejected" and (emergency or record)):
+            # live, or rejected: its decision again (decide.lua's ``repeated``); but an
+            # emergency call is always decided, and a call the proxy's fallback admitted
+            # (a record) is up, whatever an earlier attempt got
+            return replace(prev.decision, duplicate=True)
+        self._forget(request.dialog_id, prev)
+        return None
+
+    def _read(self, request: AdmitRequest, now: int, at: int, dry: bool
+              ) -> tuple[list[tuple[str, str]], list[int], list[_Check]]:
+        """What decide.lua's one HMGET reads, member by member: its key (profile,
+        encoded value), its count, and its live max, rate and calendar windows as
+        limits.lua's ``check_state`` checks them (the windows listed for a dry run's
+        rows)."""
+        members = request.members
+        entries = request.entries or (None,) * len(members)
+        keys = [(m.profile, "" if m.value is None else key_part(m.value)) for m in members]
+        counts = [self._live(self._profiles.get(key, {}), now) for key in keys]
+        checks = [self._check_state(m, entry, key[1], now, at, dry)
+                  for m, entry, key in zip(members, entries, keys, strict=True)]
+        return keys, counts, checks
+
+    def _check_state(self, m: Member, entry: Limit | None, enc: str, now: int, at: int,
+                     rows: bool) -> _Check:
+        """A member's live max, and its rate and calendar windows checked at ``now``
+        (windows at ``at``) with their spent state: limits.lua's ``check_state`` (the
+        live max and caps: the member's live fields in decide.lua's HMGET)."""
         mx, live = m.max, False
         if enc and enc in self._limits.get(m.profile, {}):
             mx, live = self._limits[m.profile][enc], True
@@ -417,141 +569,72 @@ class MemoryStore:
             chk.spend_windows.append((w.per, wid, n + 1))
         return chk
 
-    def _admit(self, request: AdmitRequest, dry: bool = False, at_ms: int | None = None,
-               attrs: dict[str, str] | None = None
-               ) -> tuple[AdmitResult, tuple[ExplainRow, ...]]:
-        with self._lock:
-            now = self.now_ms()
-            at = now if at_ms is None else at_ms
-            did = request.dialog_id
-            if not dry:
-                self._admits += 1
-                if self._admits % 1000 == 0:
-                    self._prune(now)
-            emergency = request.emergency or request.emergency_bypass
-            if not dry:
-                prev = self._record(did, now)
-                if prev is not None:
-                    anew = False
-                    if prev.state == "void":
-                        if request.record or request.deadline_ms is None \
-                                or request.deadline_ms > (prev.q or 0):
-                            anew = True
-                        else:
-                            raise _late()
-                    elif prev.state == "ended":
-                        if (emergency and not request.record) or (
-                                request.record and prev.end_reason in _STORE_ENDS):
-                            anew = True
-                        else:
-                            if not request.record:
-                                self._incr("resent_ended")
-                            return AdmitResult(False, duplicate=True, kind="ended"), ()
-                    elif prev.state == "rejected" and (emergency or request.record):
-                        anew = True
-                    if not anew:
-                        return replace(prev.decision, duplicate=True), ()
-                    self._forget(did, prev)
-            node = key_part(request.node) if request.node else ""
-            tripped, tcount, tmax, bypass, shadow = -1, 0, -1, False, -1
-            tkind, tretry, twin = "", -1, ""
-            keys: list[tuple[str, str]] = []
-            checks: list[_Check] = []
-            rows: list[ExplainRow] = []
-            entries = request.entries or (None,) * len(request.members)
-            for i, (m, entry) in enumerate(zip(request.members, entries, strict=True)):
-                enc = "" if m.value is None else key_part(m.value)
-                keys.append((m.profile, enc))
-                chk = self._check_member(m, entry, enc, now, at, dry)
-                checks.append(chk)
-                mx = chk.max_live
-                if not (((mx >= 0 or chk.kind) and not request.record) or dry):
-                    continue
-                count, effective, kind = 0, mx, chk.kind
-                if mx >= 0 or dry:
-                    count = self._live(self._profiles.get((m.profile, enc), {}), now)
-                    if not emergency:
-                        effective = mx - m.reserve
-                    if mx >= 0 and count >= effective:
-                        kind = "concurrent"
-                kcount, kmax, kretry, kwin = count, effective, -1, ""
-                if kind not in ("concurrent", ""):
-                    kcount, kmax, kretry, kwin = chk.count, chk.max, chk.retry, chk.window
-                if dry:
-                    rows.append(ExplainRow(
-                        m.profile, value_from_key(enc) if enc else None, count, mx, effective,
-                        chk.live, m.shadow, bool(kind), chk.owed, chk.burst,
-                        tuple(chk.windows), kind))
-                if not kind or request.record:
-                    continue
-                if m.shadow:
-                    if shadow < 0:
-                        shadow = i
-                        if tripped < 0:
-                            tcount, tmax, tkind, tretry, twin = kcount, kmax, kind, kretry, kwin
-                elif request.emergency_bypass:
-                    if tripped < 0:
-                        if kind == "concurrent":
-                            kmax = mx
-                        tripped, tcount, tmax, tkind, tretry, twin = \
-                            i, kcount, kmax, kind, kretry, kwin
-                    bypass = True
-                elif tripped < 0:
-                    tripped, tcount, tmax, tkind, tretry, twin = i, kcount, kmax, kind, kretry, kwin
-                    if not dry:
-                        break
-            shown = tripped if tripped >= 0 else shadow
-            entry_shown = entries[shown] if shown >= 0 else None
-            md = request.max_duration_ms
-            admitted = tripped < 0 or bypass
-            # a Retry-After answers a rejection only (the function's reply has none else)
-            result = AdmitResult(admitted, tripped, tcount, tmax, bypass, False, shadow, tkind,
-                                 -1 if admitted else tretry, twin, md, entry_shown)
-            if dry:
-                return result, tuple(rows)
-            if not result.admitted:
-                self._dialogs[did] = _Dialog(
-                    result, "rejected", now, expires=now + _DECIDED_MS,
-                    labels=tuple(m.profile if m.value is None else
-                                 f"{m.profile}={key_part(m.value)}" for m in request.members),
-                    info={"class": utf8_text(request.info.get("class", ""))},
-                    emergency=emergency)
-                self._incr("rejected")
-                prof = request.members[tripped].profile
-                if attrs is not None and self._attempts_keep > 0 and self._policy is not None:
-                    rej = _answer(self._policy, prof, entry_shown, tkind)
-                    self._attempt(request, now, attrs, False, rej.code, prof, tkind)
-                self._decisions[("rejected", prof)] = self._decisions.get(("rejected", prof), 0) + 1
-                return result, ()
-            deadline = now + request.early_ms
-            labels = []
-            for i, (m, key, chk) in enumerate(zip(request.members, keys, checks, strict=True)):
-                self._profiles.setdefault(key, {})[did] = deadline
-                if chk.spend_tat:
-                    self._tat[key] = chk.spend_tat
-                for per, wid, n in chk.spend_windows:
-                    self._windows[(key[0], key[1], per)] = (wid, n)
-                labels.append(m.profile if m.value is None else f"{m.profile}={key[1]}")
-                res = ("store_error" if request.record else "bypassed" if i == tripped
-                       else "shadow_rejected" if i == shadow else "admitted")
-                self._decisions[(res, m.profile)] = self._decisions.get((res, m.profile), 0) + 1
-            self._node_dialogs.setdefault(node, {})[did] = deadline
+    def _write(self, request: AdmitRequest, keys: Sequence[tuple[str, str]],
+               checks: Sequence[_Check], result: AdmitResult, now: int,
+               attrs: dict[str, str] | None) -> None:
+        """The decision written (decide.lua's ``decide`` from its SET NX on): a rejection
+        is remembered for the life of an INVITE transaction and spends nothing; an
+        admission counts in every member and spends its rates and windows
+        (:meth:`_spend`), enters its node's index and counts its decisions
+        (:meth:`_count_decisions`); either keeps its attempt (``XADD P attempts``)."""
+        did = request.dialog_id
+        emergency = request.emergency or request.emergency_bypass
+        labels = tuple(m.profile if m.value is None else f"{m.profile}={enc}"
+                       for m, (_, enc) in zip(request.members, keys, strict=True))
+        if not result.admitted:
             self._dialogs[did] = _Dialog(
-                result, "early", now, deadline=deadline, expires=deadline + _GRACE_MS,
-                keys=tuple(keys), labels=tuple(labels), node=node,
-                info={k: v for k, v in request.info.items() if v},
-                emergency=emergency, max_duration_ms=md, q=request.deadline_ms,
-            )
-            self._incr("processed")
-            if attrs is not None and self._attempts_keep > 0:
-                self._attempt(request, now, attrs, True)
-            if request.record:
-                self._incr("recorded")
-            if bypass:
-                self._incr("bypassed")
-            if shadow >= 0:
-                self._incr("shadow_rejected")
-            return result, ()
+                result, "rejected", now, expires=now + _DECIDED_MS, labels=labels,
+                info={"class": utf8_text(request.info.get("class", ""))},
+                emergency=emergency)
+            self._incr("rejected")
+            prof = request.members[result.tripped].profile
+            self._decisions[("rejected", prof)] = self._decisions.get(("rejected", prof), 0) + 1
+            if attrs is not None and self._attempts_keep > 0 and self._policy is not None:
+                rej = _answer(self._policy, prof, result.entry, result.kind)
+                self._attempt(request, now, attrs, False, rej.code, prof, result.kind)
+            return
+        deadline = now + request.early_ms
+        node = key_part(request.node) if request.node else ""
+        self._dialogs[did] = _Dialog(
+            result, "early", now, deadline=deadline, expires=deadline + _GRACE_MS,
+            keys=tuple(keys), labels=labels, node=node,
+            info={k: v for k, v in request.info.items() if v},
+            emergency=emergency, max_duration_ms=request.max_duration_ms,
+            q=request.deadline_ms,
+        )
+        self._spend(did, keys, checks, deadline)
+        # the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
+        self._node_dialogs.setdefault(node, {})[did] = deadline
+        self._count_decisions(request, result)
+        self._incr("processed")
+        if attrs is not None and self._attempts_keep > 0:
+            self._attempt(request, now, attrs, True)
+        if request.record:
+            self._incr("recorded")
+        if result.bypass:
+            self._incr("bypassed")
+        if result.shadow >= 0:
+            self._incr("shadow_rejected")
+
+    def _spend(self, did: str, keys: Sequence[tuple[str, str]], checks: Sequence[_Check],
+               deadline: int) -> None:
+        """Every member counts the dialog and spends its rate and windows: decide.lua's
+        one HSET of the counts and spent states."""
+        for key, chk in zip(keys, checks, strict=True):
+            self._profiles.setdefault(key, {})[did] = deadline
+            if chk.spend_tat:
+                self._tat[key] = chk.spend_tat
+            for per, wid, n in chk.spend_windows:
+                self._windows[(key[0], key[1], per)] = (wid, n)
+
+    def _count_decisions(self, request: AdmitRequest, result: AdmitResult) -> None:
+        """An admission's decisions, one per member (decide.lua's ``HINCRBY
+        DECISIONS``): store_error when recorded, bypassed (the member tripped),
+        shadow_rejected (the first shadow limit), else admitted."""
+        for i, m in enumerate(request.members):
+            res = ("store_error" if request.record else "bypassed" if i == result.tripped
+                   else "shadow_rejected" if i == result.shadow else "admitted")
+            self._decisions[(res, m.profile)] = self._decisions.get((res, m.profile), 0) + 1
 
     def _attempt(self, request: AdmitRequest, now: int, attrs: dict[str, str],
                  admitted: bool, code: int = 200, limit: str = "", kind: str = "") -> None:
@@ -898,8 +981,10 @@ def _text(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
-#: op letter -> (fields, kind), from the protocol's table; ``bye`` is a release by
-#: either tag of the caller. A line op stands as the packed op of its kind by dialog id.
+#: op letter -> the kind of op it unpacks to; ``bye`` is a release by either tag of the
+#: caller. A line op stands as the packed op of its kind by dialog id. _OPS: a packed
+#: op's letter -> (its number of fields, from the protocol's table; its kind); _LINE: a
+#: line op's letter -> its kind.
 _KINDS: dict[str, OpKind | Literal["bye"]] = {
     "c": "confirm", "f": "refresh", "r": "release", "u": "bye", "v": "set_var",
     "a": "record", "b": "record", "x": "void", "C": "confirm", "F": "refresh",
