@@ -57,9 +57,6 @@ from policer.store.keys import dialog_id, key_part, label_from_key, value_from_k
 
 __all__ = ["MemoryStore"]
 
-_GRACE_MS = GRACE_MS
-_DECIDED_MS = DECIDED_MS
-_RENEW_BATCH = TICK_BATCH
 #: ends the store decided on its own, which a node's record of the call overrides
 _STORE_ENDS = frozenset({"node_lost", "expired"})
 
@@ -411,7 +408,7 @@ class MemoryStore:
             if d is not None and (d.state != "void" or (d.q or 0) >= deadline_ms):
                 return False
             self._dialogs[dialog_id] = _Dialog(AdmitResult(False), "void", now,
-                                               expires=now + _DECIDED_MS, q=deadline_ms)
+                                               expires=now + DECIDED_MS, q=deadline_ms)
             return True
 
     def _incr(self, key: str, n: int = 1) -> None:
@@ -583,7 +580,7 @@ class MemoryStore:
                        for m, (_, enc) in zip(request.members, keys, strict=True))
         if not result.admitted:
             self._dialogs[did] = _Dialog(
-                result, "rejected", now, expires=now + _DECIDED_MS, labels=labels,
+                result, "rejected", now, expires=now + DECIDED_MS, labels=labels,
                 info={"class": utf8_text(request.info.get("class", ""))},
                 emergency=emergency)
             self._incr("rejected")
@@ -596,7 +593,7 @@ class MemoryStore:
         deadline = now + request.early_ms
         node = key_part(request.node) if request.node else ""
         self._dialogs[did] = _Dialog(
-            result, "early", now, deadline=deadline, expires=deadline + _GRACE_MS,
+            result, "early", now, deadline=deadline, expires=deadline + GRACE_MS,
             keys=tuple(keys), labels=labels, node=node,
             info={k: v for k, v in request.info.items() if v},
             emergency=emergency, max_duration_ms=request.max_duration_ms,
@@ -677,7 +674,7 @@ class MemoryStore:
             if d.state == "confirmed":
                 self._confirmed[did] = deadline
             d.deadline = deadline
-            d.expires = deadline + _GRACE_MS
+            d.expires = deadline + GRACE_MS
             return True
 
     def confirm(self, dialog_id: str, dialog_ms: int) -> bool:
@@ -728,7 +725,7 @@ class MemoryStore:
         self._node_dialogs.get(d.node, {}).pop(dialog_id, None)
         self._confirmed.pop(dialog_id, None)
         d.state, d.end_ms, d.end_reason = "ended", now, reason
-        d.expires = now + _DECIDED_MS
+        d.expires = now + DECIDED_MS
         self._incr("ended")
         self._incr("ended:" + reason)
         if reason in ("failed", "cancel"):
@@ -920,13 +917,13 @@ class MemoryStore:
             left = 0
             if start:
                 mine = self._node_dialogs.get(enc, {})
-                for did in sorted(mine, key=lambda x: (mine[x], x))[:_RENEW_BATCH]:
+                for did in sorted(mine, key=lambda x: (mine[x], x))[:TICK_BATCH]:
                     d = self._record(did, now)
                     if d is None or self._end(did, d, "node_restarted", now) is None:
                         mine.pop(did, None)
                 left = len(mine)
-            swept = self._sweep_lost_nodes(now, _RENEW_BATCH) if sweep else 0
-            expired = self._sweep_expired(now, _RENEW_BATCH)
+            swept = self._sweep_lost_nodes(now, TICK_BATCH) if sweep else 0
+            expired = self._sweep_expired(now, TICK_BATCH)
             return TickResult(swept, left, expired, cur, "", lapsed)
 
     def _stall_credit(self, now: int, renew_ms: int) -> None:

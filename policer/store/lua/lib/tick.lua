@@ -103,7 +103,7 @@ end
 -- it was confirmed with <mark>, else the server had changed already (as 'lost'). op
 -- 'lost:<id>': the caller saw epoch <id> and found the state lost since (Redis
 -- restarted, failed over): a new epoch, and admits are held for RECOVERY_MS while every
--- node puts its calls back (P hold), unless another node did so already. op
+-- node puts its calls back (P c '!hold'), unless another node did so already. op
 -- 'missing:<id>': a caller that decided by the library found it gone and loaded it:
 -- as 'lost' when the epoch is gone too (restarted empty), else only the library was
 -- (the epoch follows the new mark). Returns the id.
