@@ -1,0 +1,206 @@
+"""Redis's instructions per call of the decision function, counted by callgrind: where
+the time of a call goes inside Redis, free of the machine's noise (issue 16).
+
+A private ``redis-server`` runs under ``valgrind --tool=callgrind``; each figure is the
+instructions Redis executed for N requests sent one at a time, divided by N (user space
+only: the system calls of a request, most of a PING's cost, are not counted). Rows:
+
+- ``ping``: one ``PING``;
+- ``empty fcall``: a library function that returns 1, called with the admit's number
+  of arguments (the fixed cost of a function call);
+- ``admit's commands``: a function that makes the admit's Redis commands (TIME, HMGET
+  of the fields a 4-membership call reads, SET NX GET of a record, HSET of 4 counts,
+  ZADD, HINCRBY, XADD of an attempt) with fixed arguments and no other Lua: the floor
+  of an admit written in Lua over this data model;
+- ``admit``, ``confirm``, ``release``: policer's library, a call joining
+  ``--memberships`` profiles (warm: its user's plan cached, as in steady traffic), the
+  answers and ends sent as a proxy does, 100 line ops per batch (per op).
+
+    .venv/bin/python -m benchmarks.instructions --memberships 4
+    .venv/bin/python -m benchmarks.instructions --memberships 1 --calls 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import hiredis
+
+from benchmarks.function_cost import membership_policy
+from lab.redis_server import free_port
+from policer.call import Call
+from policer.policy import parse_policy
+from policer.store import RedisStore
+from policer.store.keys import dialog_id
+
+FLOOR = r"""#!lua name=floor
+local P = 'policer:{floor}:'
+local n = 0
+redis.register_function('empty', function(keys, args) return 1 end)
+redis.register_function('cmds', function(keys, args)
+  n = n + 1
+  local did = args[2] .. n
+  redis.call('TIME')
+  redis.call('HMGET', P .. 'c', '!hold', 'total', 'domestic', 'user:u1', 'L|user:u1',
+             'R|user:u1', 'T|user:u1', 'account:a1', 'L|account:a1', 'R|account:a1',
+             'T|account:a1')
+  redis.call('SET', P .. 'd:' .. did, 'early|1796400000000|0|0|-1||node|0|total,domestic,' ..
+             'user:u1,account:a1|1796400000000|1796400000000|domestic|abcdef|1,0,0,-1,0,0,' ..
+             '0,0,-1,-1,1,,\n5:c1-2@b9:555123402:u111:b.example', 'NX', 'GET', 'PX', '86520000')
+  redis.call('HSET', P .. 'c', 'total', '5', 'domestic', '5', 'user:u1', '3', 'account:a1', '3')
+  redis.call('ZADD', P .. 'n:node', '1796400120000', did)
+  redis.call('HINCRBY', P .. 'decisions', 'admitted;admitted|total', '1')
+  redis.call('XADD', P .. 'attempts', 'MAXLEN', '~', '100000', '*', 'd', did,
+             'a', 'a|1796400000000|domestic|node|abcdef|200||',
+             'x', '5:c1-2@b9:555123402:u111:b.example')
+  return {1, 200, 'OK', -1, 0, 0, -1, did}
+end)
+"""
+
+
+def pack(*args: Any) -> bytes:
+    """One command in RESP."""
+    return cast(bytes, hiredis.pack_command(args))
+
+
+class Callgrind:
+    """A redis-server under callgrind, and one connection to it."""
+
+    def __init__(self) -> None:
+        if shutil.which("valgrind") is None:
+            sys.exit("valgrind is not installed (apt install valgrind)")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="policer-cg-")
+        self.out = os.path.join(self.dir, "cg.out")
+        self.proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}",
+             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(600):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        self.sock = socket.create_connection(("127.0.0.1", self.port))
+        self.reader = hiredis.Reader()
+        self.dumps = 0
+
+    def send(self, packed: bytes) -> Any:
+        self.sock.sendall(packed)
+        while True:
+            reply = self.reader.gets()
+            if reply is not False:
+                return reply
+            self.reader.feed(self.sock.recv(1 << 20))
+
+    def cmd(self, *args: Any) -> Any:
+        return self.send(pack(*args))
+
+    def count(self, packed: list[bytes]) -> float:
+        """Instructions per request of sending these one at a time."""
+        subprocess.run(["callgrind_control", "-z", str(self.proc.pid)], capture_output=True,
+                       check=False)
+        for p in packed:
+            self.send(p)
+        self.dumps += 1
+        subprocess.run(["callgrind_control", "-d", f"d{self.dumps}", str(self.proc.pid)],
+                       capture_output=True, check=False)
+        path = f"{self.out}.{self.dumps}"
+        text = ""
+        for _ in range(100):
+            text = Path(path).read_text() if os.path.exists(path) else ""
+            if "totals:" in text:
+                break
+            time.sleep(0.1)
+        m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+        assert m, path
+        return int(m.group(1)) / len(packed)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.terminate()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--memberships", type=int, default=4, choices=(1, 2, 3, 4, 5, 6))
+    p.add_argument("--calls", type=int, default=300, help="requests per figure")
+    p.add_argument("--users", type=int, default=400)
+    a = p.parse_args()
+    cg = Callgrind()
+    try:
+        n = a.calls
+        cg.cmd("FUNCTION", "LOAD", "REPLACE", FLOOR)
+        rows: list[tuple[str, float]] = []
+        rows.append(("ping", cg.count([pack("PING")] * n)))
+        empty = pack("FCALL", "empty", 1, "k", *[f"a{i}" for i in range(10)])
+        rows.append(("empty fcall", cg.count([empty] * n)))
+        floor = pack("FCALL", "cmds", 1, "k", "node", "c1-2@b", "t", "x" * 60, "A", "", "sig",
+                     "", "1796400000", "50")
+        rows.append(("admit's commands", cg.count([floor] * n)))
+
+        policy = parse_policy(membership_policy(a.memberships, a.users), "<bench>")
+        store = RedisStore(f"redis://127.0.0.1:{cg.port}/0", policy.namespace,
+                           timeout_ms=120_000, policy=policy)
+        store.load(policy)
+        lib = store.library
+        gen = [0]
+
+        def calls() -> list[Call]:
+            gen[0] += 1
+            return [Call.from_raw(f"c{i}-{gen[0]}@b", "t", from_user=f"u{i % a.users}",
+                                  from_domain="b.example", ruri_user="5551234",
+                                  source_ip="10.0.0.1",
+                                  headers={"X-Account": f"a{i % a.users}", "X-Tenant": "t"})
+                    for i in range(n)]
+
+        def admits(cs: list[Call]) -> list[bytes]:
+            return [pack("FCALL", lib.function("admit"), 1, lib.prefix,
+                         *store.call_arguments(c, "node", "A", store.deadline_ms(3_600_000)))
+                    for c in cs]
+
+        def batches(cs: list[Call], op: bytes, arg: bytes) -> list[bytes]:
+            out = []
+            for i in range(0, len(cs), 100):
+                ops = b"".join(op + dialog_id(c.call_id, "t").encode() + arg + b"\n"
+                               for c in cs[i:i + 100])
+                out.append(pack("FCALL", lib.function("batch"), 1, lib.prefix, ops, 0, 0,
+                                lib.attributes_sig))
+            return out
+
+        for c in admits(calls()):  # warm: the plans of these users cached
+            cg.send(c)
+        cs = calls()
+        rows.append((f"admit ({a.memberships} memberships)", cg.count(admits(cs))))
+        confirms = batches(cs, b"+", b"")
+        rows.append(("confirm (per op)", cg.count(confirms) * len(confirms) / n))
+        releases = batches(cs, b"-", b" bye")
+        rows.append(("release (per op)", cg.count(releases) * len(releases) / n))
+        store.close()
+    finally:
+        cg.close()
+    print(f"instructions per request, {n} requests each (callgrind, user space: a "
+          "request's system calls, most of a PING's time, are not counted)")
+    for label, v in rows:
+        print(f"  {label:<28}{v:>10,.0f}")
+    whole = sum(v for _, v in rows[3:])
+    print(f"  {'whole call':<28}{whole:>10,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
