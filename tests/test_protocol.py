@@ -51,21 +51,22 @@ def _call(n: int) -> Call:
                          headers={"X-Account": "acme"})
 
 
-def _fcall(store: RedisStore, mode: str, call: Call) -> list[object]:
-    """The admit function's reply as the store's client reads it (strings decoded)."""
-    reply: list[object] = store.client.fcall(
+def _reply(store: RedisStore, mode: str, call: Call, table: protocol.Fields
+           ) -> dict[str, object]:
+    """The admit function's reply as the store's client reads it (strings decoded),
+    named by the table it must have the fields of, in order."""
+    raw: list[object] = store.client.fcall(
         store.library.function("admit"), 1, store.library.prefix,
         *store.call_arguments(call, "node-1", mode))
-    return reply
+    assert len(raw) == len(table.fields)
+    return dict(zip(table.fields, raw, strict=True))
 
 
 def test_the_admit_reply_has_the_tables_fields_in_its_order(redis_url: str,
                                                             namespace: str) -> None:
     store = _store(redis_url, namespace)
     try:
-        raw = _fcall(store, "a", _call(1))
-        assert len(raw) == len(protocol.ADMIT_REPLY.fields)
-        named = dict(zip(protocol.ADMIT_REPLY.fields, raw, strict=True))
+        named = _reply(store, "a", _call(1), protocol.ADMIT_REPLY)
         assert named["admitted"] == 1 and named["code"] == 200
         assert named["dialog_id"] == dialog_id("cid-1", "ft")
         assert named["number_class"] == "domestic"
@@ -86,9 +87,7 @@ def test_the_native_reply_is_what_the_generated_cfg_reads(redis_url: str,
     field at the table's position into the $var the shipped policer.cfg uses."""
     store = _store(redis_url, namespace)
     try:
-        raw = _fcall(store, "A", _call(3))
-        assert len(raw) == len(protocol.NATIVE_REPLY.fields)
-        named = dict(zip(protocol.NATIVE_REPLY.fields, raw, strict=True))
+        named = _reply(store, "A", _call(3), protocol.NATIVE_REPLY)
         assert named["admitted"] == 1 and named["code"] == 200
         assert named["max_duration_s"] == 90
         assert named["dialog_id"] == dialog_id("cid-3", "ft")
