@@ -7,6 +7,7 @@ the table's names."""
 from __future__ import annotations
 
 import re
+from typing import cast
 
 import redis
 
@@ -111,7 +112,7 @@ def test_a_dialog_record_and_an_attempt_split_into_their_tables_fields(
     try:
         store.admit_call(_call(4), "node-1")
         did = dialog_id("cid-4", "ft")
-        raw = c.get(f"{store.library.prefix}d:{did}")
+        raw = cast(bytes | None, c.get(f"{store.library.prefix}d:{did}"))
         assert raw is not None
         header, tail = raw.split(b"\n", 1)
         rec = dict(zip(protocol.DIALOG.fields, header.decode().split("|"), strict=True))
@@ -121,7 +122,8 @@ def test_a_dialog_record_and_an_attempt_split_into_their_tables_fields(
         assert b"cid-4" in tail
         info = store.dialog(did)
         assert info is not None and info.state == "early" and info.info["class"] == "domestic"
-        (_, fields), = c.xrange(f"{store.library.prefix}attempts")
+        (_, fields), = cast(list[tuple[bytes, dict[bytes, bytes]]],
+                            c.xrange(f"{store.library.prefix}attempts"))
         attempt = dict(zip(protocol.ATTEMPT.fields, fields[b"a"].decode().split("|"),
                            strict=True))
         assert attempt["result"] == "a" and attempt["class"] == "domestic"
