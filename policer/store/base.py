@@ -362,17 +362,13 @@ class DecisionStore(Protocol):
     def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False, *,
              skew_ms: float | None = None, epoch: str = "", instance: str = "",
              renew_ms: int = 0) -> TickResult:
-        """:meth:`renew` (as ``instance``: with ``start``, a node another live instance
-        renewed within ``renew_ms`` is not taken, :attr:`TickResult.owner` says so), and
-        end a bounded number of dialogs past their deadline (reason ``expired``); keep
-        the node's clock skew; the state epoch op (see :meth:`load`)."""
-
-    def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
-              ) -> tuple[int, int]:
-        """Renew a node's lease (register it) and, with ``sweep``, end a bounded number
-        of dialogs of nodes whose lease lapsed. ``start``: the node starts afresh, so
-        a bounded number of its own earlier dialogs end (reason ``node_restarted``).
-        Returns (dialogs of lost nodes ended, own earlier dialogs still to end)."""
+        """A node's periodic duties in one call: renew its lease (register it; as
+        ``instance``: with ``start``, a node another live instance renewed within
+        ``renew_ms`` is not taken, :attr:`TickResult.owner` says so); with ``sweep``, end
+        a bounded number of dialogs of nodes whose lease lapsed; with ``start``, a bounded
+        number of this node's earlier dialogs (reason ``node_restarted``); end a bounded
+        number of dialogs past their deadline (reason ``expired``); keep the node's clock
+        skew; the state epoch op (see :meth:`load`)."""
 
     def close(self) -> None: ...
 

@@ -880,11 +880,6 @@ class MemoryStore:
         return records[:count]
 
     # -- nodes
-    def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
-              ) -> tuple[int, int]:
-        r = self.tick(node, lease_ms, sweep, start)
-        return r.swept, r.left
-
     def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False, *,
              skew_ms: float | None = None, epoch: str = "", instance: str = "",
              renew_ms: int = 0) -> TickResult:

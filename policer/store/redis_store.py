@@ -784,11 +784,6 @@ class RedisStore:
         return [_attempt(rid, fields, self._sources) for rid, fields in rows]
 
     # -- nodes
-    def renew(self, node: str, lease_ms: int, sweep: bool, start: bool = False
-              ) -> tuple[int, int]:
-        r = self.tick(node, lease_ms, sweep, start)
-        return r.swept, r.left
-
     def tick(self, node: str, lease_ms: int, sweep: bool, start: bool = False, *,
              skew_ms: float | None = None, epoch: str = "", instance: str = "",
              renew_ms: int = 0) -> TickResult:
