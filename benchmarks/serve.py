@@ -80,6 +80,7 @@ from typing import Any, cast
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lab.processes import stop_group  # noqa: E402
 from lab.redis_server import RedisServer, free_port  # noqa: E402
 from policer import serve  # noqa: E402
 from policer.serve.http_server import TOO_LARGE, UNAUTHORIZED  # noqa: E402
@@ -336,16 +337,7 @@ class Server:
         raise RuntimeError(f"{stack} server not ready in 20 s")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_group(self.proc)
 
 
 def _alt_server(stack: str, listen: str, workers: int) -> int:

@@ -7,7 +7,6 @@ import contextlib
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lab.processes import stop_group
 from lab.redis_server import free_port
 from tests.support.cli import ROOT
 
@@ -69,16 +69,7 @@ class Serve:
         return self.request("POST", path, body, **kw)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_group(self.proc)
 
 
 def body(call_id: str, from_user: str = "alice", number: str = "0301234567",
@@ -106,3 +97,11 @@ def read_answers(s: socket.socket, n: int) -> list[tuple[int, bytes]]:
         assert chunk, f"connection closed after {len(out)} answers"
         buf += chunk
     return out
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set of a process (KiB), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
