@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,8 @@ from tests.support import (
     policy_text,
     with_namespace,
 )
+from tests.support.cli import policy_copy
+from tests.support.serve import Serve
 
 # Rejections are logged at info: thousands of them would only slow the suite.
 os.environ.setdefault("POLICER_LOG_LEVEL", "warning")
@@ -88,3 +91,21 @@ def engine_for(store: Store) -> EngineFactory:
         return engine
 
     return make
+
+
+@pytest.fixture
+def env(tmp_path: Path, redis_url: str, namespace: str) -> dict[str, str]:
+    """The command line's and policer serve's environment: this test's Redis and a copy
+    of policies/example.yaml in a namespace of its own (a module may override it)."""
+    return {"POLICER_REDIS_URL": redis_url,
+            "POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
+
+
+@pytest.fixture
+def serve(tmp_path: Path, env: dict[str, str]) -> Iterator[Serve]:
+    """A policer serve over ``env``, stopped after the test."""
+    s = Serve(tmp_path, env)
+    try:
+        yield s
+    finally:
+        s.stop()

@@ -5,15 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from tests.support.cli import EXAMPLE, ROOT, cli_json, log_events, policy_copy, run_cli
-
-
-@pytest.fixture
-def env(tmp_path: Path, redis_url: str, namespace: str) -> dict[str, str]:
-    return {"POLICER_REDIS_URL": redis_url,
-            "POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
+from tests.support.cli import EXAMPLE, ROOT, cli_json, log_events, run_cli
 
 
 def test_check_accepts_every_shipped_policy() -> None:

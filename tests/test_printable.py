@@ -107,12 +107,6 @@ C1 = "\x9b31m"
 
 
 @pytest.fixture
-def env(tmp_path: Path, redis_url: str, namespace: str) -> dict[str, str]:
-    return {"POLICER_REDIS_URL": redis_url,
-            "POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
-
-
-@pytest.fixture
 def hostile(env: dict[str, str]) -> dict[str, str]:
     """Two live dialogs whose values are not printable as they are."""
     run_cli("admit", "--from", ODD, "--to", "5551234", "--call-id", "c1", "--from-tag",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +14,6 @@ import pytest
 from lab.redis_server import RedisServer, free_port
 from tests.support.cli import cli_json, policy_copy, run_cli
 from tests.support.serve import Serve, body, read_answers
-
-
-@pytest.fixture
-def env(tmp_path: Path, redis_url: str, namespace: str) -> dict[str, str]:
-    return {"POLICER_REDIS_URL": redis_url,
-            "POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
-
-
-@pytest.fixture
-def serve(tmp_path: Path, env: dict[str, str]) -> Iterator[Serve]:
-    s = Serve(tmp_path, env)
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def cli_admit(env: dict[str, str], call_id: str, from_user: str = "alice",

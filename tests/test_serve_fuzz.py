@@ -15,7 +15,6 @@ import json
 import re
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,7 +22,7 @@ from hypothesis import strategies as st
 
 from tests.support import new_namespace
 from tests.support.cli import policy_copy
-from tests.support.serve import Serve, body
+from tests.support.serve import Serve, body, rss_kib
 
 ADMIT = json.dumps(body("fz-1")).encode()
 #: Well-formed requests the mutations start from.
@@ -124,13 +123,6 @@ def served(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator
         yield s
     finally:
         s.stop()
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def exchange(port: int, data: bytes, cuts: list[int]) -> bytes:

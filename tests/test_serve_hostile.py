@@ -12,7 +12,6 @@ import json
 import select
 import signal
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,32 +20,9 @@ from lab.redis_server import RedisServer
 from tests.support import wait_for
 from tests.support.cli import policy_copy, run_cli
 from tests.support.relay import HoldingRelay
-from tests.support.serve import Serve, body, read_answers
+from tests.support.serve import Serve, body, read_answers, rss_kib
 
 MAX_HEAD = 16 * 1024
-
-
-@pytest.fixture
-def env(tmp_path: Path, redis_url: str, namespace: str) -> dict[str, str]:
-    return {"POLICER_REDIS_URL": redis_url,
-            "POLICER_POLICY": str(policy_copy(tmp_path, namespace))}
-
-
-@pytest.fixture
-def serve(tmp_path: Path, env: dict[str, str]) -> Iterator[Serve]:
-    s = Serve(tmp_path, env)
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-def rss_kib(pid: int) -> int:
-    """The resident set of a process (KiB), from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def until_closed(s: socket.socket) -> bytes:
