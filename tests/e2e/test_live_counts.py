@@ -78,6 +78,9 @@ def test_redis_restarted_empty_gets_the_live_calls_back(lab: Lab) -> None:
         assert lab.wait_size("total", 16, timeout=8) == 16
         assert time.monotonic() - t0 < 5
         assert lab.size("account", "acme") == 2 and lab.size("user", "alice") == 1
+        # every profile back, not only the one the test watched
+        assert [lab.size(p) for p in ("local", "domestic", "user", "account")] == \
+            [15, 1, 16, 16]
         # the account is full again: a third call of acme is rejected by its limit
         res = lab.run_uac(proxy, [("carol", "acme", "5552")], timeout=20)
         assert [code for _, code, _ in res.rejected_calls()] in ([486], [503])
