@@ -271,3 +271,68 @@ def test_the_void_op_packs_and_applies_through_the_batch_format(
     assert p.store.apply_packed(packed) == 1
     with pytest.raises(StoreError, match="late"):
         p.store.admit_call(c, "proxy-a", deadline_ms=deadline)
+
+
+def _held(store: RedisStore) -> bool:
+    """Admits are held (a new state epoch after a loss): P c's '!hold' is set."""
+    return store.client.hget(store.keys.counts, "!hold") is not None
+
+
+def test_nodes_starting_together_on_a_fresh_namespace_hold_no_admit(
+        own_redis: RedisServer, namespace: str) -> None:
+    """Proxies started at the same moment each load the library: none takes another's
+    load for a Redis that lost its state, so none holds admits (a hold sends every
+    INVITE to the fallback for seconds)."""
+    proxies = [Proxy(own_redis, namespace, node=f"proxy-{i}") for i in range(6)]
+    barrier = threading.Barrier(len(proxies))
+
+    def start(p: Proxy) -> None:
+        barrier.wait()
+        p.engine.start()
+
+    for _ in range(3):  # a restart of them all, on the namespace they left
+        threads = [threading.Thread(target=start, args=(p,)) for p in proxies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for p in proxies:
+            p.engine.tick()
+        assert not _held(proxies[0].store)
+        for i, p in enumerate(proxies):
+            d = p.engine.admit(acme(f"{len(p.calls)}-{i}"))
+            assert not d.fallback, d.error
+            if d.admitted:
+                p.calls[d.dialog_id] = acme(f"{len(p.calls)}-{i}")
+
+
+def test_reloads_racing_each_other_hold_no_admit(own_redis: RedisServer,
+                                                 namespace: str) -> None:
+    """Every node's policy file changed at once: each loads the new library, each load
+    resets the library's Lua memory under the others' feet; none is taken for a lost
+    state."""
+    proxies = [Proxy(own_redis, namespace, node=f"proxy-{i}") for i in range(6)]
+    for p in proxies:
+        p.engine.start()
+    for round_ in range(4):
+        policy = build_policy(namespace, attributes=ACCOUNT, classes=EMERGENCY_112,
+                              profiles={"total": {}, "account": "account"},
+                              limits={"total": 20 + round_, "account": 4},
+                              store_timeout="50ms", timeouts={"early": "120s"},
+                              nodes={"lease": "30s", "renew": "1s"})
+        barrier = threading.Barrier(len(proxies))
+
+        def reload(p: Proxy, barrier: threading.Barrier = barrier,
+                   policy: Policy = policy) -> None:
+            barrier.wait()
+            p.store.load(policy)
+
+        threads = [threading.Thread(target=reload, args=(p,)) for p in proxies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for p in proxies:
+            p.engine.tick()
+        assert not _held(proxies[0].store)
+        assert not proxies[0].engine.admit(acme(f"r{round_}")).fallback

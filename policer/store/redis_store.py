@@ -218,10 +218,13 @@ class RedisStore:
         self._load_library(library, timeout_ms, ticket, epoch)
         return library.policy_hash
 
-    def _reload_epoch(self, client: Any, library: Library) -> str:
+    def _reload_epoch(self, client: Any, library: Library) -> str | None:
         """The epoch op of a deliberate load (read on the loading connection, within
         its bound): the epoch follows the new library when Redis holds one
-        (``reload:<mark>``, the mark read now), a fresh namespace gets one (``init``)."""
+        (``reload:<mark>:<run>``, the server's mark and the epoch's read now), a fresh
+        namespace gets one (``init``). None: Redis holds this very library already, on
+        the server its epoch was confirmed on; loading it again would only reset its
+        Lua memory (nodes starting together load the same library at once)."""
         try:
             r = client.execute_command("FCALL_RO", library.function("read"), 1,
                                        library.prefix, "info", 0)
@@ -229,7 +232,12 @@ class RedisStore:
             if _is_missing_function(e):
                 return "init"
             raise
-        return f"reload:{_str(r[7])}" if len(r) > 7 else "init"
+        if len(r) <= 7:
+            return "init"
+        mark, run = _str(r[7]), _str(r[6])
+        if _str(r[0]) == library.policy_hash and _str(r[5]) and run == mark:
+            return None
+        return f"reload:{mark}:{run}"
 
     def use_library(self, library: Library, policy: Policy | None) -> None:
         """Decide by a library compiled (and loaded) already: :meth:`use` without the
@@ -261,6 +269,8 @@ class RedisStore:
                     if attempt > 1 and self._holds(client, library):
                         return
                     op = epoch if epoch is not None else self._reload_epoch(client, library)
+                    if op is None:
+                        return
                     epoch_call = ("FCALL", library.function("tick"), 1, library.prefix,
                                   *_epoch_args(op, self.clock_offset_ms))
                     if self._cluster:

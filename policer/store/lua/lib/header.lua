@@ -50,7 +50,7 @@
 --   ARGV[4] end dialogs of lost nodes (1|0)  ARGV[5] batch (dialogs ended at most per
 --   kind)  ARGV[6] clock offset ms
 --   ARGV[7] the node's clock minus Redis's, ms ('' unknown): kept in P skew
---   ARGV[8] the state epoch op: '' | 'init' | 'reload:<mark>' | 'missing:<id>' |
+--   ARGV[8] the state epoch op: '' | 'init' | 'reload:<mark>:<run>' | 'missing:<id>' |
 --           'lost:<id>' (see epoch_op)
 --   ARGV[9] the renewing instance ('' none): a 'start' of a node another instance renewed
 --           within ARGV[10] ms (its renew interval) + NODE_MARGIN_MS is refused

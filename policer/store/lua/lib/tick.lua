@@ -98,9 +98,12 @@ end
 
 -- The namespace's state epoch (P epoch: id, and the VM_MARK it was last confirmed
 -- with). op 'init': create one when there is none (a fresh namespace: a node's start,
--- policer load into a Redis without the library). op 'reload:<mark>': the library was
--- just loaded again; the caller read <mark> before: the epoch follows the new mark if
--- it was confirmed with <mark>, else the server had changed already (as 'lost'). op
+-- policer load into a Redis without the library); one there is (another caller's load
+-- made it meanwhile) follows the new mark. op 'reload:<mark>:<run>': the library was
+-- just loaded again; the caller read the server's <mark> and the epoch's <run> before:
+-- the epoch follows the new mark if it was confirmed with <mark>, or if another load
+-- confirmed it since (its run is no longer <run>: loads racing each other), else the
+-- server had changed already (as 'lost'). op
 -- 'lost:<id>': the caller saw epoch <id> and found the state lost since (Redis
 -- restarted, failed over): a new epoch, and admits are held for RECOVERY_MS while every
 -- node puts its calls back (P c '!hold'), unless another node did so already. op
@@ -116,11 +119,12 @@ local function epoch_op(op)
   redis.call('HSET', NS_PREFIX .. 'sigs', ATTRS_SIG, ATTRS_NAMES)
   local renew, hold = false, false
   if op == 'init' then
-    renew = not cur
+    if cur then redis.call('HSET', ekey, 'run', vm_mark()) else renew = true end
   elseif string.sub(op, 1, 7) == 'reload:' then
+    local mark, run = string.match(op, '^reload:([^:]*):?(.*)$')
     if not cur then
       renew = true
-    elseif e[2] == string.sub(op, 8) then
+    elseif e[2] == mark or e[2] ~= run then
       redis.call('HSET', ekey, 'run', vm_mark())
     else
       renew, hold = true, true
