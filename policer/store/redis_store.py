@@ -274,14 +274,19 @@ class RedisStore:
                     epoch_call = ("FCALL", library.function("tick"), 1, library.prefix,
                                   *_epoch_args(op, self.clock_offset_ms))
                     if self._cluster:
-                        client.execute_command("FUNCTION", "LOAD", "REPLACE", library.text,
-                                               target_nodes="primaries")
-                        client.execute_command(*epoch_call)
-                    else:
-                        pipe = client.pipeline(transaction=True)
-                        pipe.execute_command(*_load_command(library))
-                        pipe.execute_command(*epoch_call)
-                        pipe.execute()
+                        # every other primary first; then the namespace's own, in one
+                        # transaction with the epoch op (a reader in between would see
+                        # the new library's mark before the epoch follows it)
+                        owner = client.get_node_from_key(library.prefix)
+                        for node in client.get_primaries():
+                            if node.name != owner.name:
+                                client.execute_command(*_load_command(library),
+                                                       target_nodes=node)
+                        client = client.get_redis_connection(owner)
+                    pipe = client.pipeline(transaction=True)
+                    pipe.execute_command(*_load_command(library))
+                    pipe.execute_command(*epoch_call)
+                    pipe.execute()
                     return
                 except (redis.RedisError, OSError) as e:
                     error = e

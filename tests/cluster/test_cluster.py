@@ -4,6 +4,7 @@ the primaries, and the engine unchanged on a cluster URL."""
 from __future__ import annotations
 
 import itertools
+import threading
 
 from policer.call import Call
 from policer.engine import Engine
@@ -102,3 +103,38 @@ def test_two_namespaces_can_live_on_different_primaries(redis_cluster: Cluster) 
         s.limit_set("user", "u0", 1)
         s.close()
     assert len(set(stores)) == 2
+
+
+def test_a_reload_on_a_cluster_is_never_read_as_another_server(redis_cluster: Cluster,
+                                                               namespace: str) -> None:
+    """A node reads the store once a second; a reading that finds the library's mark
+    unlike the epoch's makes it start a new epoch and hold admits for 3 s. A reload
+    (a changed policy file) on a cluster loads every primary: no reading in between
+    may see the new library before its epoch follows it."""
+    loader = open_store(redis_cluster.url, namespace, timeout_ms=5000)
+    reader = open_store(redis_cluster.url, namespace, timeout_ms=5000)
+    loader.load(cluster_policy(namespace))
+    seen: list[tuple[str, str]] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            info = reader.info()
+            if info.mark and info.mark != info.epoch_mark:
+                seen.append((info.mark, info.epoch_mark))
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        for limit in range(6, 26):
+            policy = build_policy(
+                namespace, classes={"local": {"default": True}},
+                profiles={"total": {}, "user": "from_user"},
+                limits={"total": limit, "user": 2})
+            loader.load(policy)
+    finally:
+        stop.set()
+        t.join()
+    assert seen == []
+    loader.close()
+    reader.close()
