@@ -32,45 +32,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, cast
-
-import hiredis
 
 from benchmarks.function_cost import membership_policy
+from benchmarks.resp import Conn, pack
 from lab.redis_server import free_port
 from policer.call import Call
 from policer.policy import parse_policy
 from policer.store import RedisStore
 from policer.store.keys import dialog_id
 
-FLOOR = r"""#!lua name=floor
-local P = 'policer:{floor}:'
-local n = 0
-redis.register_function('empty', function(keys, args) return 1 end)
-redis.register_function('cmds', function(keys, args)
-  n = n + 1
-  local did = args[2] .. n
-  redis.call('TIME')
-  redis.call('HMGET', P .. 'c', '!hold', 'total', 'domestic', 'user:u1', 'L|user:u1',
-             'R|user:u1', 'T|user:u1', 'account:a1', 'L|account:a1', 'R|account:a1',
-             'T|account:a1')
-  redis.call('SET', P .. 'd:' .. did, 'early|1796400000000|0|0|-1||node|0|total,domestic,' ..
-             'user:u1,account:a1|1796400000000|1796400000000|domestic|abcdef|1,0,0,-1,0,0,' ..
-             '0,0,-1,-1,1,,\n5:c1-2@b9:555123402:u111:b.example', 'NX', 'GET', 'PX', '86520000')
-  redis.call('HSET', P .. 'c', 'total', '5', 'domestic', '5', 'user:u1', '3', 'account:a1', '3')
-  redis.call('ZADD', P .. 'n:node', '1796400120000', did)
-  redis.call('HINCRBY', P .. 'decisions', 'admitted;admitted|total', '1')
-  redis.call('XADD', P .. 'attempts', 'MAXLEN', '~', '100000', '*', 'd', did,
-             'a', 'a|1796400000000|domestic|node|abcdef|200||',
-             'x', '5:c1-2@b9:555123402:u111:b.example')
-  return {1, 200, 'OK', -1, 0, 0, -1, did}
-end)
-"""
-
-
-def pack(*args: Any) -> bytes:
-    """One command in RESP."""
-    return cast(bytes, hiredis.pack_command(args))
+#: the admit's commands in Lua, no other logic (and their twin in C: floor/floor.c)
+FLOOR = (Path(__file__).parent / "floor" / "floor.lua").read_text()
 
 
 class Callgrind:
@@ -93,20 +65,10 @@ class Callgrind:
                 break
             except OSError:
                 time.sleep(0.2)
-        self.sock = socket.create_connection(("127.0.0.1", self.port))
-        self.reader = hiredis.Reader()
+        self.conn = Conn(self.port)
+        self.send = self.conn.send
+        self.cmd = self.conn.cmd
         self.dumps = 0
-
-    def send(self, packed: bytes) -> Any:
-        self.sock.sendall(packed)
-        while True:
-            reply = self.reader.gets()
-            if reply is not False:
-                return reply
-            self.reader.feed(self.sock.recv(1 << 20))
-
-    def cmd(self, *args: Any) -> Any:
-        return self.send(pack(*args))
 
     def count(self, packed: list[bytes]) -> float:
         """Instructions per request of sending these one at a time."""
@@ -129,10 +91,56 @@ class Callgrind:
         return int(m.group(1)) / len(packed)
 
     def close(self) -> None:
-        self.sock.close()
+        self.conn.close()
         self.proc.terminate()
         self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Traffic:
+    """policer's library for a call joining ``memberships`` profiles, loaded into the
+    Redis at ``port``, and the requests of whole calls as a proxy sends them: one admit
+    per call, its answer and its end as line ops, 100 to a batch."""
+
+    def __init__(self, port: int, memberships: int, users: int) -> None:
+        policy = parse_policy(membership_policy(memberships, users), "<bench>")
+        self.store = RedisStore(f"redis://127.0.0.1:{port}/0", policy.namespace,
+                                timeout_ms=120_000, policy=policy)
+        self.store.load(policy)
+        self.lib = self.store.library
+        self.users = users
+        self.gen = 0
+
+    def calls(self, n: int) -> list[Call]:
+        """``n`` new calls of ``users`` users and accounts."""
+        self.gen += 1
+        u = self.users
+        return [Call.from_raw(f"c{i}-{self.gen}@b", "t", from_user=f"u{i % u}",
+                              from_domain="b.example", ruri_user="5551234",
+                              source_ip="10.0.0.1",
+                              headers={"X-Account": f"a{i % u}", "X-Tenant": "t"})
+                for i in range(n)]
+
+    def admits(self, cs: list[Call]) -> list[bytes]:
+        lib, store = self.lib, self.store
+        return [pack("FCALL", lib.function("admit"), 1, lib.prefix,
+                     *store.call_arguments(c, "node", "A", store.deadline_ms(3_600_000)))
+                for c in cs]
+
+    def batches(self, cs: list[Call], op: bytes, arg: bytes) -> list[bytes]:
+        """Line ops ``op``DIALOG``arg`` for these calls (b"+": answered, b"-" with
+        b" bye": ended), 100 to a batch."""
+        lib = self.lib
+        out = []
+        for i in range(0, len(cs), 100):
+            ops = b"".join(op + dialog_id(c.call_id, "t").encode() + arg + b"\n"
+                           for c in cs[i:i + 100])
+            out.append(pack("FCALL", lib.function("batch"), 1, lib.prefix, ops, 0, 0,
+                            lib.attributes_sig))
+        return out
+
+    def close(self) -> None:
+        self.store.close()
 
 
 def main() -> int:
@@ -153,44 +161,17 @@ def main() -> int:
                      "", "1796400000", "50")
         rows.append(("admit's commands", cg.count([floor] * n)))
 
-        policy = parse_policy(membership_policy(a.memberships, a.users), "<bench>")
-        store = RedisStore(f"redis://127.0.0.1:{cg.port}/0", policy.namespace,
-                           timeout_ms=120_000, policy=policy)
-        store.load(policy)
-        lib = store.library
-        gen = [0]
-
-        def calls() -> list[Call]:
-            gen[0] += 1
-            return [Call.from_raw(f"c{i}-{gen[0]}@b", "t", from_user=f"u{i % a.users}",
-                                  from_domain="b.example", ruri_user="5551234",
-                                  source_ip="10.0.0.1",
-                                  headers={"X-Account": f"a{i % a.users}", "X-Tenant": "t"})
-                    for i in range(n)]
-
-        def admits(cs: list[Call]) -> list[bytes]:
-            return [pack("FCALL", lib.function("admit"), 1, lib.prefix,
-                         *store.call_arguments(c, "node", "A", store.deadline_ms(3_600_000)))
-                    for c in cs]
-
-        def batches(cs: list[Call], op: bytes, arg: bytes) -> list[bytes]:
-            out = []
-            for i in range(0, len(cs), 100):
-                ops = b"".join(op + dialog_id(c.call_id, "t").encode() + arg + b"\n"
-                               for c in cs[i:i + 100])
-                out.append(pack("FCALL", lib.function("batch"), 1, lib.prefix, ops, 0, 0,
-                                lib.attributes_sig))
-            return out
-
-        for c in admits(calls()):  # warm: the plans of these users cached
+        traffic = Traffic(cg.port, a.memberships, a.users)
+        calls, admits, batches = traffic.calls, traffic.admits, traffic.batches
+        for c in admits(calls(n)):  # warm: the plans of these users cached
             cg.send(c)
-        cs = calls()
+        cs = calls(n)
         rows.append((f"admit ({a.memberships} memberships)", cg.count(admits(cs))))
         confirms = batches(cs, b"+", b"")
         rows.append(("confirm (per op)", cg.count(confirms) * len(confirms) / n))
         releases = batches(cs, b"-", b" bye")
         rows.append(("release (per op)", cg.count(releases) * len(releases) / n))
-        store.close()
+        traffic.close()
     finally:
         cg.close()
     print(f"instructions per request, {n} requests each (callgrind, user space: a "
