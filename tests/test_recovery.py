@@ -9,11 +9,13 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from lab.redis_server import RedisServer
+from lab.netfault import Relay
+from lab.redis_server import RedisServer, free_port
 from policer.call import Call
 from policer.compile import RECOVERY_MS
 from policer.engine import Engine, NodeInUse
@@ -46,9 +48,9 @@ class Proxy:
     the list of calls it carries (what ``dlg.list`` gives)."""
 
     def __init__(self, server: RedisServer, ns: str, node: str = "proxy-a",
-                 **kw: str) -> None:
+                 url: str = "", **kw: str) -> None:
         policy = make_policy(ns, **kw)
-        self.store = RedisStore(server.url, ns, timeout_ms=policy.store_timeout_ms)
+        self.store = RedisStore(url or server.url, ns, timeout_ms=policy.store_timeout_ms)
         self.engine = Engine(policy, self.store, node=node, lease=True)
         self.calls: dict[str, Call] = {}
         self.engine.dialog_source = lambda: [ProxyDialog(c, False, True)
@@ -336,3 +338,42 @@ def test_reloads_racing_each_other_hold_no_admit(own_redis: RedisServer,
             p.engine.tick()
         assert not _held(proxies[0].store)
         assert not proxies[0].engine.admit(acme(f"r{round_}")).fallback
+
+
+def test_a_link_slower_than_store_timeout_keeps_the_lease(
+        own_redis: RedisServer, namespace: str, tmp_path: Path) -> None:
+    """One node's link to Redis 150 ms slow, for longer than its lease: its admits
+    (store_timeout 50 ms) go to the fallback, but its periodic calls wait longer, so
+    its lease does not lapse: its calls stay counted, the other node does not end them
+    as a lost node's, and no slot they hold is given to another call (they would be put
+    back over the max when the link recovers)."""
+    relay = Relay(("127.0.0.1", free_port()), ("127.0.0.1", own_redis.port), tmp_path)
+    relay.start()
+    try:
+        a = Proxy(own_redis, namespace, node="proxy-a", lease="2s",
+                  url=f"redis://127.0.0.1:{relay.listen[1]}/0")
+        b = Proxy(own_redis, namespace, node="proxy-b", lease="2s")
+        a.engine.start()
+        b.engine.start()
+        up = [acme(f"up{i}") for i in range(4)]
+        assert all(a.place(c) for c in up)
+        relay.set_delay(150)
+        for _ in range(4):  # 3.6 s of script time, each node due to renew every 0.9 s
+            for p in (a, b):
+                p.store.clock_offset_ms += 900
+                p.engine.lifecycle.renew_soon()
+                p.engine.tick()
+        assert a.engine.admit(acme("slow")).fallback  # an admit times out
+        relay.set_delay(0)
+        a.engine.breaker.success()
+        b.engine.lifecycle.renew_soon()
+        b.engine.tick()  # a sweep: a lapsed lease would end a's calls now
+        for c in up:
+            info = b.store.dialog(dialog_id(c.call_id, c.from_tag))
+            assert info is not None and info.state != "ended", info
+        assert b.counted() == 4 and b.store.profile_size("account", "acme") == 4
+        # the account is full: its limit still holds
+        d = b.engine.admit(acme("over"))
+        assert not d.fallback and not d.admitted and d.limit == "account"
+    finally:
+        relay.stop()

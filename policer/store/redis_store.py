@@ -71,6 +71,12 @@ INLINE_LOAD_BYTES = 256 * 1024
 LOAD_ATTEMPTS = 3
 #: The bound on one FUNCTION LOAD when no policy says (Policy.load_timeout_ms).
 LOAD_TIMEOUT_MS = 10_000
+#: The bound on a node's periodic calls (its reading of the store, its lease renewal and
+#: sweeps: :meth:`RedisStore.info`, :meth:`RedisStore.tick`) when the store's timeout is
+#: shorter: a link slower than ``store_timeout`` sends INVITEs to the fallback, but must
+#: not let the node's lease lapse (its calls would be ended, others admitted in their
+#: place, and put back over the max when the link recovers).
+PERIODIC_TIMEOUT_MS = 1_000
 
 
 class _ScriptConnection(threading.local):
@@ -130,6 +136,8 @@ class RedisStore:
         self._pid = -1
         self._client: redis.Redis | None = None
         self._local = _ScriptConnection()
+        #: the same for a node's periodic calls, bounded by PERIODIC_TIMEOUT_MS
+        self._periodic = _ScriptConnection()
         self._known_sources: dict[str, list[str]] = {}
         #: a call of the library succeeded on this store (then a Redis without it lost it)
         self._worked = False
@@ -353,7 +361,7 @@ class RedisStore:
         return str(r[0])
 
     def _fcall(self, op: str, args: Sequence[Any], *, load: bool = True,
-               raw: bool = False) -> Any:
+               raw: bool = False, periodic: bool = False) -> Any:
         """Call one of the library's functions: ``FCALL`` on this thread's own connection.
 
         The hot path skips redis-py's pool and command machinery (taking a pooled
@@ -384,24 +392,25 @@ class RedisStore:
                     raise _not_loaded_inline(self.library) from e
                 self._load_library(self.library)
                 return self._run(lambda: client.execute_command(*command, **opts))
-        reply = self._fcall_many(op, [args], raw=raw, load=load)[0]
+        reply = self._fcall_many(op, [args], raw=raw, load=load, periodic=periodic)[0]
         if isinstance(reply, redis.ResponseError):
             raise store_error(reply) from reply
         return reply
 
     def _fcall_many(self, op: str, argss: Sequence[Sequence[Any]], *, raw: bool = False,
-                    load: bool = True) -> list[Any]:
+                    load: bool = True, periodic: bool = False) -> list[Any]:
         """Calls of one function on this process's own connection, pipelined: one write,
         then every reply read in order (an error reply comes back as its exception).
         Loads the library when Redis has none (``load``, and a store that knows its
         policy) and sends them all again (every function is idempotent); a connection
-        that broke while idle is reopened once."""
+        that broke while idle is reopened once. ``periodic``: a node's periodic call,
+        on a connection of its own bounded by :data:`PERIODIC_TIMEOUT_MS`."""
         name = self._fn[op]
         prefix = self.library.prefix
         verb = "FCALL_RO" if op == "read" else "FCALL"
         packed = [b"".join(pack_command((verb, name, 1, prefix, *args)) for args in argss)]
-        local = self._local
-        conn = local.conn if local.pid == os.getpid() else self._new_connection()
+        local = self._periodic if periodic else self._local
+        conn = local.conn if local.pid == os.getpid() else self._new_connection(local)
         loaded = reconnected = False
         try:
             while True:
@@ -443,12 +452,17 @@ class RedisStore:
                 local.open = False
             raise store_error(e) from e
 
-    def _new_connection(self) -> Any:
-        """This process's and thread's connection for functions (opened on first use)."""
-        conn = self.client.connection_pool.make_connection()
-        self._local.conn = conn
-        self._local.pid = os.getpid()
-        self._local.open = False
+    def _new_connection(self, local: _ScriptConnection) -> Any:
+        """This process's and thread's connection for functions (opened on first use):
+        for decisions (``self._local``, the store's timeout) or for a node's periodic
+        calls (``self._periodic``, at least :data:`PERIODIC_TIMEOUT_MS`)."""
+        conn: Any = self.client.connection_pool.make_connection()
+        if local is self._periodic:
+            timeout_s = max(self.timeout_ms, PERIODIC_TIMEOUT_MS) / 1000
+            conn.socket_timeout = conn.socket_connect_timeout = timeout_s
+        local.conn = conn
+        local.pid = os.getpid()
+        local.open = False
         return conn
 
     # -- admission
@@ -811,7 +825,7 @@ class RedisStore:
                                  "start" if start else "renew", 1 if sweep else 0,
                                  TICK_BATCH, self.clock_offset_ms,
                                  "" if skew_ms is None else str(round(skew_ms)), epoch,
-                                 instance, renew_ms])
+                                 instance, renew_ms], periodic=True)
         out = TickResult(int(r[0]), int(r[1]), int(r[2]), str(r[4]), str(r[5]), r[6] == 1)
         if out.epoch:
             self.epoch = out.epoch
@@ -822,7 +836,7 @@ class RedisStore:
         measured here), the state epoch and the server's run id; raises StoreError."""
         t0 = time.time()
         try:
-            r = self._fcall("read", ["info", 0], load=False)
+            r = self._fcall("read", ["info", 0], load=False, periodic=True)
         except StoreError as e:
             if "function not found" not in str(e).lower():
                 raise
@@ -878,10 +892,11 @@ class RedisStore:
             if self._control_pid == os.getpid():
                 self._control.close()
             self._control = None
-        if self._local.conn is not None:
-            if self._local.pid == os.getpid():
-                self._local.conn.disconnect()
-            self._local.conn = None
+        for local in (self._local, self._periodic):
+            if local.conn is not None:
+                if local.pid == os.getpid():
+                    local.conn.disconnect()
+                local.conn = None
         if self._client is not None:
             self._client.close()
             self._client = None
