@@ -58,6 +58,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from lab import netfault
+from lab.processes import stop_group
 from lab.proxy import KAMAILIO, KAMCMD, RUN, proxy_env
 from lab.proxy import ready as proxy_ready
 from lab.redis_server import RedisServer, find_redis_server, free_port, free_udp_port
@@ -217,24 +218,6 @@ nodes: {{lease: {lease}s, renew: 1s}}
 def log(opts: Options, message: str) -> None:
     if opts.verbose:
         print(f"[chaos {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _stop_group(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM,
-                timeout: float = 10) -> None:
-    """Stop a process started in a session of its own, and its whole group."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=timeout)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -433,7 +416,7 @@ class ProxyProc:
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        _stop_group(self.process)
+        stop_group(self.process)
 
     def dialog_ids(self) -> frozenset[str] | None:
         """The ids of the dialogs it carries now (empty when it is not running); None
@@ -562,11 +545,11 @@ class Uac:
             p.wait(timeout=max(0.1, timeout))
             return True
         except subprocess.TimeoutExpired:
-            _stop_group(p, signal.SIGKILL)
+            stop_group(p, signal.SIGKILL)
             return False
 
     def kill(self) -> None:
-        _stop_group(self.process, signal.SIGKILL)
+        stop_group(self.process, signal.SIGKILL)
 
     def parse(self) -> dict[str, CallLog]:
         """Every call it logged, by Call-ID."""
@@ -630,7 +613,7 @@ class Uas:
         return self
 
     def stop(self) -> None:
-        _stop_group(self.process, timeout=5)
+        stop_group(self.process, timeout=5)
 
 
 # ----------------------------------------------------------------------------- sampling

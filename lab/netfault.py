@@ -32,6 +32,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from lab.processes import stop_group
+
 __all__ = ["Firewall", "NetNs", "Relay", "cleanup_leftovers", "run"]
 
 IP = "/usr/sbin/ip"
@@ -287,15 +289,7 @@ class Relay:
         self.delay_ms = ms
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=5)
+        stop_group(self.process, timeout=5)
         self.process = None
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lab import proxy as proxy_tool
+from lab.processes import stop_group
 from lab.proxy import DEPLOY, KAMAILIO, KAMCMD
 from lab.redis_server import find_redis_server, free_udp_port
 from tests.support import wait_for
@@ -64,24 +65,6 @@ def udp_port_bound(port: int, host: str = "127.0.0.1") -> bool:
     except OSError:
         return False
     return any(line.split()[1] in (want, anywhere) for line in lines)
-
-
-def _stop_group(
-    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10
-) -> None:
-    """Stop a process started with start_new_session=True, and its children."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=timeout)
-    # Kamailio's workers may outlive the main process for a moment.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -140,7 +123,7 @@ class Proxy:
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        _stop_group(self.process)
+        stop_group(self.process)
 
 
 @dataclass
@@ -216,7 +199,7 @@ class Uac:
         try:
             rc = self.process.wait(timeout=max(0.1, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _stop_group(self.process, signal.SIGKILL)
+            stop_group(self.process, signal.SIGKILL)
             rc = -9
         parsed = parse_uac_log(self.log)
         return UacResult(returncode=rc, output=tail(self.screen, 60), calls=self.calls, **parsed)
@@ -236,7 +219,7 @@ class Uas:
             return []
 
     def stop(self) -> None:
-        _stop_group(self.process, timeout=5)
+        stop_group(self.process, timeout=5)
 
 
 class Lab:
@@ -472,7 +455,7 @@ class Lab:
     def close(self) -> None:
         for uac in self.uacs:
             if uac.process.poll() is None:
-                _stop_group(uac.process, signal.SIGKILL)
+                stop_group(uac.process, signal.SIGKILL)
         for uas in self.uases:
             uas.stop()
         for proxy in self.proxies:
