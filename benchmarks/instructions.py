@@ -42,7 +42,7 @@ from policer.store import RedisStore
 from policer.store.keys import dialog_id
 
 #: the admit's commands in Lua, no other logic (and their twin in C: floor/floor.c)
-FLOOR = (Path(__file__).parent / "floor" / "floor.lua").read_text()
+FLOOR_LUA = Path(__file__).parent / "floor" / "floor.lua"
 
 
 class Callgrind:
@@ -152,7 +152,7 @@ def main() -> int:
     cg = Callgrind()
     try:
         n = a.calls
-        cg.cmd("FUNCTION", "LOAD", "REPLACE", FLOOR)
+        cg.cmd("FUNCTION", "LOAD", "REPLACE", FLOOR_LUA.read_text())
         rows: list[tuple[str, float]] = []
         rows.append(("ping", cg.count([pack("PING")] * n)))
         empty = pack("FCALL", "empty", 1, "k", *[f"a{i}" for i in range(10)])

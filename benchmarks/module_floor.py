@@ -32,12 +32,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.instructions import Traffic
+from benchmarks.instructions import FLOOR_LUA, Traffic
 from benchmarks.resp import Conn, pack
 from lab.redis_server import RedisServer
 
 SOURCE = Path(__file__).parent / "floor" / "floor.c"
-FLOOR_LUA = Path(__file__).parent / "floor" / "floor.lua"
 BATCH = 100
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,10 +28,11 @@ from tests.support import call, ticked, wait_for
 from tests.support.policies import ACCOUNT, EMERGENCY_112, build_policy
 
 
-def make_policy(ns: str, on_error: str = "reject", lease: str = "30s") -> Policy:
+def make_policy(ns: str, on_error: str = "reject", lease: str = "30s",
+                total: int = 20) -> Policy:
     return build_policy(ns, attributes=ACCOUNT, classes=EMERGENCY_112,
                         profiles={"total": {}, "account": "account"},
-                        limits={"total": 20, "account": 4}, on_store_error=on_error,
+                        limits={"total": total, "account": 4}, on_store_error=on_error,
                         store_timeout="50ms", timeouts={"early": "120s"},
                         nodes={"lease": lease, "renew": "1s"})
 
@@ -48,8 +49,8 @@ class Proxy:
     the list of calls it carries (what ``dlg.list`` gives)."""
 
     def __init__(self, server: RedisServer, ns: str, node: str = "proxy-a",
-                 url: str = "", **kw: str) -> None:
-        policy = make_policy(ns, **kw)
+                 url: str = "", on_error: str = "reject", lease: str = "30s") -> None:
+        policy = make_policy(ns, on_error, lease)
         self.store = RedisStore(url or server.url, ns, timeout_ms=policy.store_timeout_ms)
         self.engine = Engine(policy, self.store, node=node, lease=True)
         self.calls: dict[str, Call] = {}
@@ -280,32 +281,36 @@ def _held(store: RedisStore) -> bool:
     return store.client.hget(store.keys.counts, "!hold") is not None
 
 
+def _all_at_once(proxies: list[Proxy], act: Callable[[Proxy], object]) -> None:
+    """``act`` on every proxy at the same moment (a thread each, behind a barrier), then
+    a tick of each."""
+    barrier = threading.Barrier(len(proxies))
+
+    def run(p: Proxy) -> None:
+        barrier.wait()
+        act(p)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in proxies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in proxies:
+        p.engine.tick()
+
+
 def test_nodes_starting_together_on_a_fresh_namespace_hold_no_admit(
         own_redis: RedisServer, namespace: str) -> None:
     """Proxies started at the same moment each load the library: none takes another's
     load for a Redis that lost its state, so none holds admits (a hold sends every
     INVITE to the fallback for seconds)."""
     proxies = [Proxy(own_redis, namespace, node=f"proxy-{i}") for i in range(6)]
-    barrier = threading.Barrier(len(proxies))
-
-    def start(p: Proxy) -> None:
-        barrier.wait()
-        p.engine.start()
-
-    for _ in range(3):  # a restart of them all, on the namespace they left
-        threads = [threading.Thread(target=start, args=(p,)) for p in proxies]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for p in proxies:
-            p.engine.tick()
+    for round_ in range(3):  # a restart of them all, on the namespace they left
+        _all_at_once(proxies, lambda p: p.engine.start())
         assert not _held(proxies[0].store)
         for i, p in enumerate(proxies):
-            d = p.engine.admit(acme(f"{len(p.calls)}-{i}"))
+            d = p.engine.admit(acme(f"s{round_}-{i}"))
             assert not d.fallback, d.error
-            if d.admitted:
-                p.calls[d.dialog_id] = acme(f"{len(p.calls)}-{i}")
 
 
 def test_reloads_racing_each_other_hold_no_admit(own_redis: RedisServer,
@@ -317,25 +322,12 @@ def test_reloads_racing_each_other_hold_no_admit(own_redis: RedisServer,
     for p in proxies:
         p.engine.start()
     for round_ in range(4):
-        policy = build_policy(namespace, attributes=ACCOUNT, classes=EMERGENCY_112,
-                              profiles={"total": {}, "account": "account"},
-                              limits={"total": 20 + round_, "account": 4},
-                              store_timeout="50ms", timeouts={"early": "120s"},
-                              nodes={"lease": "30s", "renew": "1s"})
-        barrier = threading.Barrier(len(proxies))
+        policy = make_policy(namespace, total=21 + round_)
 
-        def reload(p: Proxy, barrier: threading.Barrier = barrier,
-                   policy: Policy = policy) -> None:
-            barrier.wait()
+        def load(p: Proxy, policy: Policy = policy) -> None:
             p.store.load(policy)
 
-        threads = [threading.Thread(target=reload, args=(p,)) for p in proxies]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for p in proxies:
-            p.engine.tick()
+        _all_at_once(proxies, load)
         assert not _held(proxies[0].store)
         assert not proxies[0].engine.admit(acme(f"r{round_}")).fallback
 
