@@ -8,12 +8,13 @@ and then answers each call with a few dictionary look-ups.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import NamedTuple
 
 from policer.call import Call
 from policer.policy import Policy
 
-__all__ = ["Classification", "Classifier", "Member"]
+__all__ = ["Classification", "Classifier", "Member", "parse_ip"]
 
 
 class Member(NamedTuple):
@@ -42,6 +43,29 @@ class Classification:
     number_class: str | None
     emergency: bool
     members: tuple[Member, ...]
+    #: where the call comes from (``directions``, by its source IP); None: no direction
+    direction: str | None = None
+
+
+def parse_ip(text: str) -> IPv4Address | IPv6Address | None:
+    """A source IP as the proxy reports it (``[...]`` around an IPv6 address and a
+    ``%zone`` after it are dropped; an IPv4-mapped IPv6 address is its IPv4 address);
+    None when it is no address. The library's ``parse_ip`` reads the same strings."""
+    if len(text) > 64:
+        return None
+    if text[:1] == "[" and text[-1:] == "]":
+        text = text[1:-1]
+    if ":" in text:
+        text = text.partition("%")[0]
+    if not text.isascii():
+        return None
+    try:
+        addr = ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
 
 
 class Classifier:
@@ -69,8 +93,24 @@ class Classifier:
             else:
                 template = Member(prof.name, None, limit.max, limit.reserve_for_emergency,
                                   policy.shadow or limit.shadow)
-            plan.append((prof.value, prof.when_classes, template))
+            plan.append((prof.value, prof.when_classes, prof.when_directions, template))
         self._plan = tuple(plan)
+        self._default_direction = next((d.name for d in policy.directions if d.default),
+                                       None)
+        self._networks = tuple((net, d.name) for d in policy.directions
+                               for net in d.networks)
+
+    def direction(self, source_ip: str) -> str | None:
+        """The call's direction: the first listed direction with a network holding its
+        source IP, else the default direction (None: the policy has none)."""
+        if not self._networks:
+            return self._default_direction
+        addr = parse_ip(source_ip)
+        if addr is not None:
+            for net, name in self._networks:
+                if addr in net:
+                    return name
+        return self._default_direction
 
     def number_class(self, number: str) -> str | None:
         """The class of a dialled number, or None when nothing matches and there is no default."""
@@ -88,9 +128,12 @@ class Classifier:
     def classify(self, call: Call) -> Classification:
         number = call.attribute(self.policy.number_source)
         cls = self.number_class(number)
+        direction = self.direction(call.source_ip) if self.policy.directions else None
         members: list[Member] = []
-        for source, when, template in self._plan:
+        for source, when, when_dir, template in self._plan:
             if when is not None and cls not in when:
+                continue
+            if when_dir is not None and direction not in when_dir:
                 continue
             if source is None:
                 members.append(template)
@@ -99,4 +142,4 @@ class Classifier:
             if value:  # calls without a value join no count of that profile
                 members.append(template._replace(value=value))
         emergency = cls is not None and cls == self.policy.emergency_class
-        return Classification(number, cls, emergency, tuple(members))
+        return Classification(number, cls, emergency, tuple(members), direction)

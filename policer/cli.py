@@ -293,6 +293,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"number      {printable(x.number) or '(none)'}")
     print(f"class       {x.number_class or '(none)'}{'  [emergency]' if x.emergency else ''}")
+    if x.decision.direction is not None:
+        print(f"direction   {x.decision.direction}")
     print("memberships")
     for v in x.limits:
         name = v.profile if v.value is None else f"{v.profile}={printable(v.value)}"

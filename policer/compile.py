@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from ipaddress import IPv4Network, IPv6Network
 
 from policer import protocol
 from policer.calendar import transitions
@@ -60,7 +61,7 @@ __all__ = [
 #: (policer.store.keys.key_part and the library's key_part).
 MAX_KEY_PART = 200
 #: The calling convention's version (``policer_read_S info``); bump on a change.
-LIBRARY_FORMAT = 5
+LIBRARY_FORMAT = 6
 #: A decided (rejected or ended) dialog is remembered this long: late retransmissions of
 #: its INVITE get the same answer (an INVITE transaction lives 64*T1 = 32 s).
 DECIDED_MS = 32_000
@@ -313,6 +314,21 @@ def _protocol_code() -> str:
     return "\n".join(out)
 
 
+def _net(name: str, net: IPv4Network | IPv6Network) -> list[object]:
+    """A network of a direction as the library's in_net reads it: {direction, family,
+    whole 16-bit groups, the divisor of the partial group (0: none), the groups (the
+    partial one divided)}."""
+    bits = 32 if net.version == 4 else 128
+    value = int(net.network_address)
+    groups = [(value >> (bits - 16 * (i + 1))) & 0xFFFF for i in range(bits // 16)]
+    full, rem = divmod(net.prefixlen, 16)
+    out: list[object] = [name, net.version, full, 1 << (16 - rem) if rem else 0]
+    out += groups[:full]
+    if rem:
+        out.append(groups[full] >> (16 - rem))
+    return out
+
+
 def plain_decision() -> str:
     """The decision of a plain admission (every profile joined, nothing tripped or
     shadowed, no max duration), as the library packs it."""
@@ -433,6 +449,8 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
                 "name": prof.name,
                 "attr": index[prof.value] if prof.value is not None else 0,
                 "when": when,
+                "dirs": ({name: True for name in sorted(prof.when_directions)}
+                         if prof.when_directions is not None else None),
                 # reads its state (rates, windows) from its l: hash
                 "state": any(lim.rate is not None or lim.calls for lim in entries),
                 "sched": any(lim.schedule is not None for lim in entries),
@@ -486,6 +504,12 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
         ("NATTRS", len(attrs)),
         ("PLAIN_DECISION", plain_decision()),
         ("CLASSES", [c.name for c in policy.classes] if policy else []),
+        ("DIRECTIONS", bool(policy and policy.directions)),
+        ("DIR_NAMES", [d.name for d in policy.directions] if policy else []),
+        ("DIR_DEFAULT", next((d.name for d in policy.directions if d.default), None)
+         if policy else None),
+        ("DIR_NETS", [_net(d.name, net) for d in policy.directions for net in d.networks]
+         if policy else []),
         ("POLICY_VERSION", policy.version if policy else 0),
         ("LIBRARY_FORMAT", LIBRARY_FORMAT),
     )

@@ -36,6 +36,7 @@ class Decision:
     kind: str | None = None  # concurrent | rate | calls: the limit that tripped (or shadowed)
     window: str | None = None  # a calls limit's calendar window (1d)
     max_duration: int | None = None  # seconds an answered call may last (None: no cap)
+    direction: str | None = None  # where the call comes from (directions), None none
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +58,7 @@ class Decision:
             "kind": self.kind,
             "window": self.window,
             "max_duration": self.max_duration,
+            "direction": self.direction,
         }
 
 

@@ -80,6 +80,7 @@ class Explanation:
             "number": self.number,
             "class": self.number_class,
             "emergency": self.emergency,
+            "direction": self.decision.direction,
             "limits": [
                 {
                     "profile": v.profile,
@@ -332,7 +333,7 @@ class Engine:
             dialog_id=_safe_dialog_id(call), fallback=True,
             number_class=c.number_class if c else None,
             memberships=tuple(m.label() for m in c.members) if c else (),
-            error=error,
+            error=error, direction=c.direction if c else None,
         )
         if admit and d.dialog_id:
             # counted as soon as the store answers again, so counts are right afterwards
@@ -669,7 +670,8 @@ def _decision(r: CallResult) -> Decision:
         dialog_id=r.dialog_id, limit=r.limit, count=r.count, max=r.max, bypass=r.bypass,
         shadow=r.shadow, duplicate=r.duplicate, number_class=r.number_class,
         memberships=r.memberships, kind=r.kind or None, window=r.window or None,
-        max_duration=None if r.max_duration_ms is None else -(-r.max_duration_ms // 1000))
+        max_duration=None if r.max_duration_ms is None else -(-r.max_duration_ms // 1000),
+        direction=r.direction)
 
 
 def _kind(item: Pending) -> str:

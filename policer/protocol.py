@@ -68,6 +68,7 @@ ADMIT_REPLY = _fields(
     ("kind", "what tripped: concurrent, rate, calls; ended (an ended dialog); '' none"),
     ("window", "the calendar window of a calls trip, '' none"),
     ("max_duration", "an answered call's max duration, ms, -1 none"),
+    ("direction", "where the call comes from (directions, by source IP), '' none"),
 )
 
 #: What ``policer_admit_S`` answers in mode A (a proxy's cfg reads it).

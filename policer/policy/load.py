@@ -39,6 +39,7 @@ from policer.policy.reader import Reader
 from policer.policy.sections import (
     read_call,
     read_classes,
+    read_directions,
     read_emergency,
     read_header,
     read_keep,
@@ -63,7 +64,7 @@ _TOP_KEYS = (
     "version", "namespace", "call", "classes", "profiles", "limits", "emergency",
     "timeouts", "reject", "on_store_error", "store_timeout", "load_timeout", "shadow",
     "near_limit", "nodes", "pending_queue", "call_records", "attempts", "timezone",
-    "schedules",
+    "schedules", "directions",
 )
 _INT = "tag:yaml.org,2002:int"
 _STR = "tag:yaml.org,2002:str"
@@ -286,7 +287,9 @@ def build(r: Reader, root: Node) -> Policy | None:
     number_source, attributes = read_call(r, top.get("call"))
     classes = read_classes(r, top.get("classes"))
     class_names = {c.name for c in classes}
-    profiles, profile_names = read_profiles(r, top.get("profiles"), attributes, class_names)
+    directions = read_directions(r, top.get("directions"))
+    profiles, profile_names = read_profiles(r, top.get("profiles"), attributes, class_names,
+                                            {d.name for d in directions})
     default_reject = read_reject(r, top.get("reject"))
     timezone = Policy(namespace="").timezone
     if "timezone" in top:
@@ -300,6 +303,7 @@ def build(r: Reader, root: Node) -> Policy | None:
         number_source=number_source,
         attributes=MappingProxyType(attributes),
         classes=tuple(classes),
+        directions=tuple(directions),
         profiles=tuple(profiles),
         limits=MappingProxyType({name: e[0] for name, e in limit_entries.items()}),
         emergency_class=emergency_class,

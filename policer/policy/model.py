@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 from types import MappingProxyType
 from typing import Literal
 
@@ -17,6 +18,7 @@ __all__ = [
     "ATTRIBUTE_SOURCES",
     "DAYS",
     "WINDOWS",
+    "Direction",
     "Limit",
     "Nodes",
     "NumberClass",
@@ -80,12 +82,25 @@ class NumberClass:
 
 
 @dataclass(frozen=True, slots=True)
+class Direction:
+    """Where calls come from, by their source IP: ``networks`` (the first direction
+    listed with a match wins), or the ``default`` direction of every other call."""
+
+    name: str
+    networks: tuple[IPv4Network | IPv6Network, ...] = ()
+    default: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Profile:
-    """A dialog profile: no value (one count) or valued (one count per value)."""
+    """A dialog profile: no value (one count) or valued (one count per value). A call
+    joins it when its class is one of ``when_classes`` and its direction one of
+    ``when_directions`` (None: any)."""
 
     name: str
     value: str | None = None  # attribute source, e.g. "from_user" or "header:x-account"
     when_classes: frozenset[str] | None = None
+    when_directions: frozenset[str] | None = None
 
     @property
     def valued(self) -> bool:
@@ -214,6 +229,8 @@ class Policy:
     number_source: str = "ruri_user"
     attributes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     classes: tuple[NumberClass, ...] = ()
+    #: call directions by source IP, in the order listed (the first match wins)
+    directions: tuple[Direction, ...] = ()
     profiles: tuple[Profile, ...] = ()
     limits: Mapping[str, Limit] = field(default_factory=lambda: MappingProxyType({}))
     emergency_class: str | None = None

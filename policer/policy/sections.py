@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import zoneinfo
 from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from types import MappingProxyType
 from typing import Literal
 
@@ -27,6 +28,7 @@ from policer.policy.model import (
     ATTRIBUTE_SOURCES,
     DAYS,
     WINDOWS,
+    Direction,
     Limit,
     Nodes,
     NumberClass,
@@ -46,6 +48,9 @@ _HOURS = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 #: Keys of one limit (or of one entry of a scheduled list).
 _LIMIT_KEYS = ("max", "reserve_for_emergency", "reject", "shadow", "rate", "calls",
                "max_duration", "rate_reject", "schedule")
+#: Networks ``directions`` may list in all: a call from an address not seen recently
+#: is matched against each in turn.
+MAX_DIRECTION_SOURCES = 1_000
 #: The language's defaults, as the model has them.
 _DEFAULT = Policy(namespace="")
 
@@ -320,7 +325,8 @@ _COMMENT = re.compile(r"\s+#.*$")
 
 
 def read_profiles(r: Reader, node: Node | None, attributes: Mapping[str, str],
-                  class_names: set[str]) -> tuple[list[Profile], set[str]]:
+                  class_names: set[str], direction_names: set[str]
+                  ) -> tuple[list[Profile], set[str]]:
     """The profiles, and the names of every profile the file defines (also those with
     errors: a limit on one is not reported again as a limit on an unknown profile)."""
     names_seen: set[str] = set()
@@ -356,26 +362,117 @@ def read_profiles(r: Reader, node: Node | None, attributes: Mapping[str, str],
                 r.error(vnode, f"{path}.value", f"unknown attribute {raw!r}{hint}")
                 continue
         when: frozenset[str] | None = None
+        when_dirs: frozenset[str] | None = None
         if "when" in p:
-            w = r.mapping(p["when"], f"{path}.when", ("class",)) or {}
+            w = r.mapping(p["when"], f"{path}.when", ("class", "direction")) or {}
             if "class" in w:
-                cnode = w["class"]
-                names: list[str] = []
-                if isinstance(cnode, SequenceNode):
-                    for i, item in enumerate(cnode.value):
-                        s = r.string(item, f"{path}.when.class[{i}]")
-                        if s is not None:
-                            names.append(s)
-                else:
-                    s = r.string(cnode, f"{path}.when.class")
-                    if s is not None:
-                        names.append(s)
-                for n in names:
-                    if n not in class_names:
-                        r.unknown_ref(cnode, f"{path}.when.class", "class", n, class_names)
-                when = frozenset(names)
-        out.append(Profile(name=name, value=value, when_classes=when))
+                when = _names(r, w["class"], f"{path}.when.class", "class", class_names)
+            if "direction" in w:
+                when_dirs = _names(r, w["direction"], f"{path}.when.direction",
+                                   "direction", direction_names)
+        out.append(Profile(name=name, value=value, when_classes=when,
+                           when_directions=when_dirs))
     return out, names_seen
+
+
+def _names(r: Reader, node: Node, path: str, what: str, known: set[str]) -> frozenset[str]:
+    """One name or a list of names, each one of ``known`` (``when.class``,
+    ``when.direction``)."""
+    names: list[str] = []
+    if isinstance(node, SequenceNode):
+        for i, item in enumerate(node.value):
+            s = r.string(item, f"{path}[{i}]")
+            if s is not None:
+                names.append(s)
+    else:
+        s = r.string(node, path)
+        if s is not None:
+            names.append(s)
+    for n in names:
+        if n not in known:
+            r.unknown_ref(node, path, what, n, known)
+    return frozenset(names)
+
+
+def read_directions(r: Reader, node: Node | None) -> list[Direction]:
+    """``directions``: per name, ``{sources: [CIDR, ...]}`` or ``{default: true}``. A
+    call's source IP picks the first direction listed with a network that holds it; a
+    network that an earlier one covers is never matched, and is an error."""
+    if node is None:
+        return []
+    m = r.free_mapping(node, "directions") or {}
+    out: list[Direction] = []
+    seen: list[tuple[IPv4Network | IPv6Network, str]] = []
+    default_of: str | None = None
+    for name, dnode in m.items():
+        path = f"directions.{name}"
+        if not _NAME.match(name):
+            r.error(dnode, path, "direction names are letters, digits, '_', '-'")
+            continue
+        d = r.mapping(dnode, path, ("sources", "default"))
+        if d is None:
+            continue
+        default = "default" in d and bool(r.boolean(d["default"], f"{path}.default"))
+        networks: list[IPv4Network | IPv6Network] = []
+        if "sources" in d:
+            snode = d["sources"]
+            items = snode.value if isinstance(snode, SequenceNode) else [snode]
+            for i, item in enumerate(items):
+                ipath = f"{path}.sources[{i}]" if isinstance(snode, SequenceNode) \
+                    else f"{path}.sources"
+                net = _network(r, item, ipath)
+                if net is None:
+                    continue
+                for earlier, where in seen:
+                    if _inside(net, earlier):
+                        r.error(item, ipath, f"unreachable: {net} is inside {earlier} of "
+                                f"{where} (the first listed match wins)")
+                        break
+                else:
+                    seen.append((net, path))
+                    networks.append(net)
+            total = len(seen)
+            if total > MAX_DIRECTION_SOURCES:
+                r.error(snode, f"{path}.sources", f"{total} networks in all, more than "
+                        f"the {MAX_DIRECTION_SOURCES} directions may list")
+        if default:
+            if default_of is not None:
+                r.error(d["default"], f"{path}.default",
+                        f"direction {default_of!r} is already the default")
+            else:
+                default_of = name
+        if default and "sources" in d:
+            r.error(d["default"], f"{path}.default",
+                    "a direction has sources or is the default, not both")
+        elif not default and "sources" not in d:
+            r.error(dnode, path, "a direction needs sources (CIDR networks) or default: true")
+        out.append(Direction(name, tuple(networks), default))
+    return out
+
+
+def _inside(net: IPv4Network | IPv6Network, other: IPv4Network | IPv6Network) -> bool:
+    if isinstance(net, IPv4Network) and isinstance(other, IPv4Network):
+        return net.subnet_of(other)
+    if isinstance(net, IPv6Network) and isinstance(other, IPv6Network):
+        return net.subnet_of(other)
+    return False
+
+
+def _network(r: Reader, node: Node, path: str) -> IPv4Network | IPv6Network | None:
+    """One CIDR network (an address alone is its /32 or /128)."""
+    text = r.string(node, path)
+    if text is None:
+        return None
+    try:
+        return ip_network(text.strip())
+    except ValueError as e:
+        try:
+            loose = ip_network(text.strip(), strict=False)
+        except ValueError:
+            r.error(node, path, f"not a CIDR network: {shown(text)} ({e})")
+            return None
+        r.error(node, path, f"{text.strip()} has host bits set; did you mean {loose}?")
+        return None
 
 
 def read_timezone(r: Reader, node: Node) -> str | None:

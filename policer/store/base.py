@@ -206,6 +206,7 @@ class CallResult:
     kind: str = ""  # concurrent | rate | calls: what tripped (or was bypassed / shadowed)
     window: str = ""  # the calendar window of a ``calls`` trip (``1d``)
     max_duration_ms: int | None = None  # answered calls end after this
+    direction: str | None = None  # where the call comes from (directions), None none
 
 
 @dataclass(frozen=True, slots=True)

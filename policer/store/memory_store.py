@@ -328,7 +328,7 @@ class MemoryStore:
             count=r.count, max=r.max, bypass=r.bypass, duplicate=r.duplicate,
             shadow=r.shadow >= 0, number_class=cls, memberships=labels, dialog_id=did,
             emergency=emergency, rows=rows, kind=r.kind, window=r.window,
-            max_duration_ms=r.max_duration_ms)
+            max_duration_ms=r.max_duration_ms, direction=c.direction)
 
     def admit_call(self, call: Call, node: str, record: bool = False,
                    deadline_ms: int | None = None) -> CallResult:

@@ -989,7 +989,8 @@ def call_result(r: list[Any]) -> CallResult:
         number_class=str(a["number_class"]) or None,
         memberships=tuple(label_from_key(x) for x in str(a["memberships"]).split("\n") if x),
         dialog_id=str(a["dialog_id"]), emergency=a["emergency"] == 1, rows=tuple(rows),
-        kind=str(a["kind"]), window=str(a["window"]), max_duration_ms=md if md > 0 else None)
+        kind=str(a["kind"]), window=str(a["window"]), max_duration_ms=md if md > 0 else None,
+        direction=str(a.get("direction", "")) or None)
 
 
 def decisions_from(raw: dict[str, str]) -> dict[tuple[str, str], int]:

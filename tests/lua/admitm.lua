@@ -8,6 +8,7 @@
 --   reserve, shadow (1|0). Reply: ADMIT_REPLY.
 local function fn_admitm(keys, args)
   REPLY_NATIVE = false
+  CALL_DIR = ''
   local now = now_ms(args[5])
   local n = tonumber(args[4])
   local members = {}

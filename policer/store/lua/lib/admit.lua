@@ -7,6 +7,7 @@
 local function admit_call(node, call_id, from_tag, attrs, mode, now, at, early_ms, rq)
   local values = read_attrs(attrs)
   local cls, _, plan = classify(values, at)
+  CALL_DIR = plan.dir
   local flags = 0
   if cls ~= '' and cls == EMERGENCY_CLASS then
     flags = FLAG_EMERGENCY

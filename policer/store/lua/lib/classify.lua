@@ -26,29 +26,150 @@ end
 local PLAN_BY_NAME = {}
 for i = 1, #PLAN do PLAN_BY_NAME[PLAN[i].name] = PLAN[i] end
 
--- the profiles a call of each class joins, in policy order ('' : no class), the
--- decisions-hash field of such a call admitted plainly (every profile joined), and the
--- attributes their values come from (the key of a call's plan in PLANS)
+-- A call's situation: its class and, when the policy has directions, its direction
+-- ('' none of either); what decides which profiles it joins.
+local function situation(cls, dir)
+  if DIRECTIONS then return cls .. '|' .. dir end
+  return cls
+end
+
+-- the profiles a call of each situation joins, in policy order, the decisions-hash
+-- field of such a call admitted plainly (every profile joined), and the attributes their
+-- values come from (the key of a call's plan in PLANS)
 local PLAN_OF = {}
 local PLAIN_KEY = {}
 local KEY_ATTRS = {}
-local function plan_for(cls)
+local function plan_for(cls, dir)
   local ps, key, ka = {}, 'admitted;', {}
   for i = 1, #PLAN do
     local p = PLAN[i]
-    if p.when == nil or (cls ~= '' and p.when[cls]) then
+    if (p.when == nil or (cls ~= '' and p.when[cls]))
+        and (p.dirs == nil or (dir ~= '' and p.dirs[dir])) then
       ps[#ps + 1] = p
       if #ps > 1 then key = key .. ',' end
       key = key .. 'admitted|' .. p.name
       if p.attr ~= 0 then ka[#ka + 1] = p.attr end
     end
   end
-  PLAN_OF[cls] = ps
-  PLAIN_KEY[cls] = key
-  KEY_ATTRS[cls] = ka
+  local sk = situation(cls, dir)
+  PLAN_OF[sk] = ps
+  PLAIN_KEY[sk] = key
+  KEY_ATTRS[sk] = ka
 end
-plan_for('')
-for i = 1, #CLASSES do plan_for(CLASSES[i]) end
+for d = 0, #DIR_NAMES do
+  local dir = DIR_NAMES[d] or ''
+  plan_for('', dir)
+  for i = 1, #CLASSES do plan_for(CLASSES[i], dir) end
+end
+
+-- ------------------------------------------------------------------ direction
+-- A source IP as 16-bit groups (IPv4: 2, IPv6: 8; an IPv4-mapped IPv6 address is its
+-- IPv4 address) and its family (4, 6); nil when it is no address. policer.classify's
+-- parse_ip is the same rule in Python (what ipaddress.ip_address reads).
+
+local function v4_groups(s, out)
+  local a, b, c, d = string.match(s, '^(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)$')
+  if a == nil then return false end
+  local o = {a, b, c, d}
+  for i = 1, 4 do
+    local x = o[i]
+    if #x > 1 and string.sub(x, 1, 1) == '0' then return false end
+    x = tonumber(x)
+    if x > 255 then return false end
+    o[i] = x
+  end
+  out[#out + 1] = o[1] * 256 + o[2]
+  out[#out + 1] = o[3] * 256 + o[4]
+  return true
+end
+
+-- hex groups 'a:b:c' ('' none) appended to out; false when one is not 1-4 hex digits
+local function hex_groups(s, out)
+  if s == '' then return true end
+  for g in string.gmatch(s .. ':', '([^:]*):') do
+    if #g < 1 or #g > 4 or string.find(g, '[^%x]') then return false end
+    out[#out + 1] = tonumber(g, 16)
+  end
+  return true
+end
+
+local function parse_ip(s)
+  if #s > 64 then return nil end
+  if string.sub(s, 1, 1) == '[' and string.sub(s, -1) == ']' then s = string.sub(s, 2, -2) end
+  if not string.find(s, ':', 1, true) then
+    local g = {}
+    if v4_groups(s, g) then return 4, g end
+    return nil
+  end
+  local zone = string.find(s, '%', 1, true)
+  if zone then s = string.sub(s, 1, zone - 1) end
+  local tail = {}
+  local head, v4 = string.match(s, '^(.*:)(%d+%.%d+%.%d+%.%d+)$')
+  if head then
+    if not v4_groups(v4, tail) then return nil end
+    if string.sub(head, -2) ~= '::' then head = string.sub(head, 1, -2) end
+    s = head
+  end
+  local left, right = {}, {}
+  local gap = string.find(s, '::', 1, true)
+  if gap then
+    if string.find(s, '::', gap + 1, true) then return nil end
+    if not hex_groups(string.sub(s, 1, gap - 1), left) then return nil end
+    if not hex_groups(string.sub(s, gap + 2), right) then return nil end
+  elseif not hex_groups(s, left) then
+    return nil
+  end
+  for i = 1, #tail do right[#right + 1] = tail[i] end
+  local n = #left + #right
+  if (gap and n > 7) or (not gap and n ~= 8) then return nil end
+  local g = left
+  for _ = 1, 8 - n do g[#g + 1] = 0 end
+  for i = 1, #right do g[#g + 1] = right[i] end
+  if g[1] == 0 and g[2] == 0 and g[3] == 0 and g[4] == 0 and g[5] == 0 and g[6] == 65535 then
+    return 4, {g[7], g[8]}
+  end
+  return 6, g
+end
+
+-- DIR_NETS: {direction, family, whole groups, divisor of the partial group (0 none),
+-- the groups...}, in the order listed
+local function in_net(fam, g, net)
+  if fam ~= net[2] then return false end
+  local full = net[3]
+  for i = 1, full do
+    if g[i] ~= net[4 + i] then return false end
+  end
+  local div = net[4]
+  if div > 0 then return math.floor(g[full + 1] / div) == net[5 + full] end
+  return true
+end
+
+-- directions by source IP, remembered (DIR_CACHE_MAX in all, then forgotten at once)
+local DIR_CACHE = {}
+local DIR_CACHE_N = 0
+local DIR_CACHE_MAX = 20000
+
+local function direction_of(ip)
+  local d = DIR_CACHE[ip]
+  if d then return d end
+  d = DIR_DEFAULT
+  local fam, g = parse_ip(ip)
+  if fam then
+    for i = 1, #DIR_NETS do
+      if in_net(fam, g, DIR_NETS[i]) then
+        d = DIR_NETS[i][1]
+        break
+      end
+    end
+  end
+  if DIR_CACHE_N >= DIR_CACHE_MAX then
+    DIR_CACHE = {}
+    DIR_CACHE_N = 0
+  end
+  DIR_CACHE[ip] = d
+  DIR_CACHE_N = DIR_CACHE_N + 1
+  return d
+end
 
 local function number_class(num)
   local c = EXACT[num]
@@ -115,7 +236,7 @@ end
 -- and state; a no-value member with a rate or windows its state), pos[i] member i's
 -- count in that reply, fields the count fields (fields_s ','-joined), all: every
 -- profile of its class joined, md its max duration.
-local function plan_entry(members, all, cls)
+local function plan_entry(members, all, cls, dir)
   local hm, pos, fields = {'!hold'}, {}, {}
   local n = 1
   for i = 1, #members do
@@ -136,13 +257,14 @@ local function plan_entry(members, all, cls)
     end
   end
   return {members = members, all = all, hm = hm, pos = pos, fields = fields,
-          fields_s = table.concat(fields, ','), md = max_duration(members, cls)}
+          fields_s = table.concat(fields, ','), md = max_duration(members, cls),
+          dir = dir or '', plain = PLAIN_KEY[situation(cls, dir or '')]}
 end
 
 -- The call's memberships in policy order; a call without a value for a valued profile
 -- joins no count of it. mow: the minute of the week schedules pick entries at.
-local function build_plan(values, cls, mow)
-  local ps = PLAN_OF[cls] or PLAN_OF['']
+local function build_plan(values, cls, dir, mow)
+  local ps = PLAN_OF[situation(cls, dir)] or PLAN_OF[situation('', '')]
   local members = {}
   local n = 0
   for i = 1, #ps do
@@ -161,10 +283,10 @@ local function build_plan(values, cls, mow)
       end
     end
   end
-  return plan_entry(members, n == #ps, cls)
+  return plan_entry(members, n == #ps, cls, dir)
 end
 
--- Plans by class, then by the values of its KEY_ATTRS (nested tables; false: no value),
+-- Plans by situation, then by the values of its KEY_ATTRS (nested tables; false: no value),
 -- PLANS_MAX in all, then forgotten at once: a call like an earlier one (the same class,
 -- user, account...) costs a few table lookups. A policy with schedules picks entries by
 -- the minute: its plans are built per call.
@@ -177,12 +299,15 @@ local PLANS_MAX = 20000
 local function classify(values, at)
   local number = values[NUMBER_ATTR] or ''
   local cls = number_class(number) or ''
-  if SCHEDULED then return cls, number, build_plan(values, cls, minute_of_week(at)) end
-  local ka = KEY_ATTRS[cls] or KEY_ATTRS['']
-  local t = PLANS[cls]
+  local dir = ''
+  if DIRECTIONS then dir = direction_of(values[SOURCE_IP_ATTR] or '') or '' end
+  if SCHEDULED then return cls, number, build_plan(values, cls, dir, minute_of_week(at)) end
+  local sk = situation(cls, dir)
+  local ka = KEY_ATTRS[sk] or KEY_ATTRS[situation('', '')]
+  local t = PLANS[sk]
   if t == nil then
     t = {}
-    PLANS[cls] = t
+    PLANS[sk] = t
   end
   local last = #ka
   for i = 1, last - 1 do
@@ -202,7 +327,7 @@ local function classify(values, at)
       PLANS = {}
       PLANS_N = 0
     end
-    plan = build_plan(values, cls, 0)
+    plan = build_plan(values, cls, dir, 0)
     t[leaf] = plan
     PLANS_N = PLANS_N + 1
   end

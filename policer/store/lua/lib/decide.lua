@@ -11,6 +11,8 @@ local KIND_CODES = {concurrent = 1, rate = 2, calls = 3}
 -- The reply: ADMIT_REPLY, or in mode A (REPLY_NATIVE, set per call by fn_admit) what
 -- a proxy's cfg reads (NATIVE_REPLY). labels: the memberships' labels, or the members.
 local REPLY_NATIVE = false
+-- the call's direction ('' none), set per call by admit_call: the reply carries it
+local CALL_DIR = ''
 local HOLD = {}  -- decide's answer while admits are held (P c '!hold')
 
 local function reply(admitted, code, reason, retry, limit, count, max, bypass, dup, shadow,
@@ -20,7 +22,7 @@ local function reply(admitted, code, reason, retry, limit, count, max, bypass, d
   end
   if type(labels) == 'table' then labels = labels_of(labels) end
   return admit_reply(admitted, code, reason, retry, limit, count, max, bypass, dup, shadow,
-                     tripped, cls, labels, did, emergency, kind, window, md)
+                     tripped, cls, labels, did, emergency, kind, window, md, CALL_DIR)
 end
 
 -- The answer a dialog decided before gets again (a retransmission, the INVITE re-sent
@@ -200,7 +202,7 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
   if dry then
     local out = admit_reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0,
                             shadow, tripped, cls, labels_of(members), did, emergency_out,
-                            tkind, twin, md)
+                            tkind, twin, md, CALL_DIR)
     for i = 1, #rows do
       local row = rows[i]
       for j = 1, #row do out[#out + 1] = row[j] end
@@ -268,7 +270,7 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
       for i = 1, n do r[i] = 'store_error|' .. members[i][1].name end
       key = 'recorded;' .. table.concat(r, ',')
     elseif plan.all and tripped == 0 and shadow == 0 then
-      key = PLAIN_KEY[cls]
+      key = plan.plain
     else
       local r = {}
       for i = 1, n do
