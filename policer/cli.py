@@ -551,7 +551,7 @@ def _timed_limit(args: argparse.Namespace, policy: Policy, store: Store
     text = str(args.calls)
     per = text.rpartition("/")[2]
     try:
-        live_limits.window_max(policy, args.profile, per)
+        live_limits.window_max(policy, args.profile, per, args.value)
     except live_limits.LiveLimitError as e:
         raise CliError(f"--calls {text}: {e}") from None
     calls_max = None

@@ -445,6 +445,16 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
             entries = policy.entries(prof.name)
             lua_entries = [_entry(lim, i + 1, policy.shadow, sched_index)
                            for i, lim in enumerate(entries)]
+            # a value's own entries: numbered after the profile's (a decision names the
+            # entry that tripped by its number)
+            own: dict[str, str] = {}
+            idx = len(entries)
+            for value, ves in policy.value_entries.get(prof.name, {}).items():
+                own[value] = "{" + ", ".join(_entry(lim, idx + i + 1, policy.shadow,
+                                                    sched_index)
+                                             for i, lim in enumerate(ves)) + "}"
+                idx += len(ves)
+            every = policy.all_entries(prof.name)
             entry = {
                 "name": prof.name,
                 "attr": index[prof.value] if prof.value is not None else 0,
@@ -452,11 +462,14 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
                 "dirs": ({name: True for name in sorted(prof.when_directions)}
                          if prof.when_directions is not None else None),
                 # reads its state (rates, windows) from its l: hash
-                "state": any(lim.rate is not None or lim.calls for lim in entries),
-                "sched": any(lim.schedule is not None for lim in entries),
+                "state": any(lim.rate is not None or lim.calls for lim in every),
+                "sched": any(lim.schedule is not None for lim in every),
             }
+            values = ("{" + ", ".join(f"[{_lua_str(v)}] = {es}" for v, es in own.items())
+                      + "}") if own else "nil"
             plan.append("{" + ", ".join(f"{k} = {_lua(v)}" for k, v in entry.items())
-                        + ", entries = {" + ", ".join(lua_entries) + "}}")
+                        + ", entries = {" + ", ".join(lua_entries) + "}"
+                        + f", values = {values}}}")
             if entries:
                 rejects[prof.name] = _reject(entries[0].reject)
     lengths = sorted(set().union(*(map(len, keys) for _, keys in prefix)), reverse=True)
@@ -486,7 +499,8 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
         ("SCHED", [[x for interval in sch.intervals() for x in interval]
                    for sch in (policy.schedules.values() if policy else ())]),
         ("SCHEDULED", policy is not None and any(
-            lim.schedule is not None for es in policy.limit_entries.values() for lim in es)),
+            lim.schedule is not None for p in policy.profiles
+            for lim in policy.all_entries(p.name))),
         ("MD_DEFAULT", -1 if policy is None or policy.timeouts.max_duration_ms is None
          else policy.timeouts.max_duration_ms),
         ("MD_CLASS", dict(policy.timeouts.max_duration_by_class) if policy else {}),

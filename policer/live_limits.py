@@ -68,10 +68,11 @@ def valued_profile(policy: Policy, profile: str) -> None:
                              "(change its limit in the policy)")
 
 
-def default_max(policy: Policy, profile: str) -> int | None:
-    """The policy's max of concurrent calls for a profile (None: no limit)."""
-    lim = policy.limits.get(profile)
-    return lim.max if lim else None
+def default_max(policy: Policy, profile: str, value: str | None = None) -> int | None:
+    """The policy's max of concurrent calls for a profile, or for one of its values
+    (``limits.PROFILE.values``) (None: no limit)."""
+    es = policy.entries(profile, value)
+    return es[0].max if es and es[0].max >= 0 else None
 
 
 def table(store: Store, profile: str) -> dict[str, int]:
@@ -82,7 +83,7 @@ def table(store: Store, profile: str) -> dict[str, int]:
 def read(policy: Policy, store: Store, profile: str, value: str) -> LimitReading:
     """One value's max of concurrent calls, live and in force."""
     live = store.limit_get(profile, value)
-    default = default_max(policy, profile)
+    default = default_max(policy, profile, value)
     return LimitReading(profile, value, live, default, live if live is not None else default)
 
 
@@ -93,7 +94,8 @@ def set_max(policy: Policy, store: Store, profile: str, value: str, maximum: int
         old = store.limit_unset(profile, value)
     else:
         old = store.limit_set(profile, value, maximum)
-    change = LimitChange(profile, value, None, old, maximum, default_max(policy, profile))
+    change = LimitChange(profile, value, None, old, maximum,
+                         default_max(policy, profile, value))
     _audit(policy, change)
     return change
 
@@ -103,8 +105,8 @@ def set_rate(policy: Policy, store: Store, profile: str, value: str, rate: Rate 
     """Set (None: unset) a value's live call rate, audited."""
     if rate is not None and (rate.interval_us < 1 or rate.per_ms * 1000 // rate.max < 1):
         raise LiveLimitError("more than one call per microsecond")
-    default = next((e.rate.text() for e in policy.entries(profile) if e.rate is not None),
-                   None)
+    default = next((e.rate.text() for e in policy.entries(profile, value)
+                    if e.rate is not None), None)
     prev = store.rate_limit_set(profile, value, rate)
     change = LimitChange(profile, value, "rate", _rate_text(prev), _rate_text(rate), default)
     _audit(policy, change)
@@ -115,7 +117,7 @@ def set_calls(policy: Policy, store: Store, profile: str, value: str, per: str,
               maximum: int | None) -> LimitChange:
     """Set (None: unset) a value's live cap of a calendar window (``per``: one the policy
     gives the profile), audited."""
-    default = window_max(policy, profile, per)
+    default = window_max(policy, profile, per, value)
     prev = store.calls_limit_set(profile, value, per, maximum)
     change = LimitChange(profile, value, "calls",
                          None if prev is None else f"{prev}/{per}",
@@ -125,10 +127,10 @@ def set_calls(policy: Policy, store: Store, profile: str, value: str, per: str,
     return change
 
 
-def window_max(policy: Policy, profile: str, per: str) -> int:
-    """The policy's cap of a profile's ``per`` window; raises when it has no such
-    window (a live cap changes a window the policy gives, it adds none)."""
-    windows = {w.per: w.max for e in policy.entries(profile) for w in e.calls}
+def window_max(policy: Policy, profile: str, per: str, value: str | None = None) -> int:
+    """The policy's cap of a profile's (or one value's) ``per`` window; raises when it
+    has no such window (a live cap changes a window the policy gives, it adds none)."""
+    windows = {w.per: w.max for e in policy.entries(profile, value) for w in e.calls}
     if per not in windows:
         have = ", ".join(sorted(windows)) or "none"
         raise LiveLimitError(f"profile {profile!r} has no {per!r} window in the policy "

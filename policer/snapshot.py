@@ -81,15 +81,19 @@ def take_snapshot(policy: Policy, store: AdminStore, top: int = 5,
             continue
         counts = store.profile_values(p.name)
         rows.append(ProfileRow(p.name, None, sum(counts.values()), None, shadow))
-        live_limits = store.limits(p.name) if limit else {}
+        own = policy.value_entries.get(p.name, {})
+        live_limits = store.limits(p.name) if limit or own else {}
         chosen = sorted(counts, key=lambda v: (-counts[v], v))[:max(0, top)]
-        for v in (listed or {}).get(p.name, ()):
+        for v in (*(listed or {}).get(p.name, ()), *own):
             if v not in chosen:
                 chosen.append(v)
         for v in chosen:
             n = counts[v] if v in counts else store.profile_size(p.name, v)
-            mx = live_limits.get(v, default_max)
-            values.append(_row(store, p.name, limit, shadow, v, n, mx))
+            vlimit = policy.limit_at(p.name, minute, v) if v in own else limit
+            vmax = vlimit.max if vlimit and vlimit.max >= 0 else None
+            vshadow = bool(vlimit and (vlimit.shadow or policy.shadow))
+            mx = live_limits.get(v, vmax)
+            values.append(_row(store, p.name, vlimit, vshadow, v, n, mx))
     leased = store.nodes()
     skews = {n: ms for n, (ms, _) in store.node_skews().items() if n in leased}
     return Snapshot(tuple(rows), tuple(values), store.stats(), store.decisions(), store.ended(),

@@ -295,8 +295,9 @@ def build(r: Reader, root: Node) -> Policy | None:
     if "timezone" in top:
         timezone = read_timezone(r, top["timezone"]) or timezone
     schedules = read_schedules(r, top.get("schedules"))
-    limit_entries = read_limits(r, top.get("limits"), profile_names, default_reject,
-                                  schedules)
+    limit_entries, value_entries = read_limits(
+        r, top.get("limits"), profile_names, default_reject, schedules,
+        {p.name for p in profiles if p.valued})
     emergency_class, bypass = read_emergency(r, top.get("emergency"), class_names)
     return Policy(
         namespace=namespace,
@@ -324,6 +325,8 @@ def build(r: Reader, root: Node) -> Policy | None:
         timezone=timezone,
         schedules=MappingProxyType(schedules),
         limit_entries=MappingProxyType(limit_entries),
+        value_entries=MappingProxyType({name: MappingProxyType(own)
+                                        for name, own in value_entries.items()}),
         source=r.source,
         files=tuple(r.files),
         version=version or 1,
@@ -334,7 +337,10 @@ def cross_checks(r: Reader, policy: Policy) -> None:
     """The checks that span sections, in one pass over the built tree: a reserve needs
     an emergency class; the entries of a scheduled list must each be reachable, and
     scheduled entries must not share hours (the first match wins)."""
-    for name, entries in policy.limit_entries.items():
+    lists = list(policy.limit_entries.items())
+    lists += [(f"{name}.values.{value}", entries)
+              for name, own in policy.value_entries.items() for value, entries in own.items()]
+    for name, entries in lists:
         covered: set[int] = set()
         for i, lim in enumerate(entries):
             path = r.entry_paths.get((name, i), f"limits.{name}")

@@ -257,6 +257,10 @@ class Policy:
     #: the first whose schedule matches applies). ``limits`` holds each first entry.
     limit_entries: Mapping[str, tuple[Limit, ...]] = field(
         default_factory=lambda: MappingProxyType({}))
+    #: per valued profile, the limits of single values (``limits.PROFILE.values``): a
+    #: value's entries stand instead of the profile's for that value
+    value_entries: Mapping[str, Mapping[str, tuple[Limit, ...]]] = field(
+        default_factory=lambda: MappingProxyType({}))
     source: str = "<string>"
     #: the ``prefixes_file`` lists the policy was read from (paths as opened)
     files: tuple[str, ...] = ()
@@ -281,17 +285,31 @@ class Policy:
                 return p
         return None
 
-    def entries(self, profile: str) -> tuple[Limit, ...]:
-        """Every entry of a profile's limit (none: the profile is only counted)."""
+    def entries(self, profile: str, value: str | None = None) -> tuple[Limit, ...]:
+        """Every entry of a profile's limit (none: the profile is only counted); with a
+        value, that value's own entries when the policy gives it some."""
+        if value is not None and self.value_entries:
+            own = self.value_entries.get(profile, {}).get(value)
+            if own is not None:
+                return own
         found = self.limit_entries.get(profile)
         if found is not None:
             return found
         lim = self.limits.get(profile)
         return (lim,) if lim is not None else ()
 
-    def limit_at(self, profile: str, minute_of_week: int) -> Limit | None:
-        """The entry that applies at a local minute of the week (Monday 00:00 = 0)."""
-        for lim in self.entries(profile):
+    def all_entries(self, profile: str) -> tuple[Limit, ...]:
+        """The profile's entries, then every value's own (each entry once)."""
+        out = self.entries(profile)
+        for es in self.value_entries.get(profile, {}).values():
+            out += es
+        return out
+
+    def limit_at(self, profile: str, minute_of_week: int,
+                 value: str | None = None) -> Limit | None:
+        """The entry that applies at a local minute of the week (Monday 00:00 = 0), for
+        one value of a valued profile when given."""
+        for lim in self.entries(profile, value):
             if lim.schedule is None or self.schedules[lim.schedule].matches(minute_of_week):
                 return lim
         return None
@@ -300,6 +318,6 @@ class Policy:
     def timed(self) -> bool:
         """Some limit has a rate, a calendar window or a schedule."""
         return any(lim.rate is not None or lim.calls or lim.schedule is not None
-                   for entries in self.limit_entries.values() for lim in entries)
+                   for p in self.profiles for lim in self.all_entries(p.name))
 
 

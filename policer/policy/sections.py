@@ -639,33 +639,69 @@ def read_windows(r: Reader, node: Node, path: str) -> tuple[Window, ...] | None:
 
 
 def read_limits(r: Reader, node: Node | None, profile_names: set[str], default_reject: Reject,
-           schedules: Mapping[str, Schedule]) -> dict[str, tuple[Limit, ...]]:
-    if node is None:
-        return {}
-    m = r.free_mapping(node, "limits") or {}
+                schedules: Mapping[str, Schedule], valued: set[str]) -> tuple[
+        dict[str, tuple[Limit, ...]], dict[str, dict[str, tuple[Limit, ...]]]]:
+    """Each profile's limit entries, and the entries of single values of valued profiles
+    (``values: {VALUE: limit}``, standing instead of the profile's for that value)."""
     out: dict[str, tuple[Limit, ...]] = {}
-    for name, lnode in m.items():
+    by_value: dict[str, dict[str, tuple[Limit, ...]]] = {}
+    if node is None:
+        return out, by_value
+    m = r.free_mapping(node, "limits") or {}
+    for name, given in m.items():
         path = f"limits.{name}"
         if name not in profile_names:
-            r.unknown_ref(lnode, path, "profile", name, profile_names)
+            r.unknown_ref(given, path, "profile", name, profile_names)
             continue
-        if isinstance(lnode, SequenceNode):
-            entries: list[Limit] = []
-            if not lnode.value:
-                r.error(lnode, path, "a list of limits needs at least one entry")
-            for i, item in enumerate(lnode.value):
-                r.nodes[f"{path}[{i}]"] = item
-                lim = read_limit(r, item, f"{path}[{i}]", name, default_reject, schedules)
-                if lim is not None:
-                    r.entry_paths[(name, len(entries))] = f"{path}[{i}]"
-                    entries.append(lim)
-            if entries:  # (with an entry missing the file has errors: kept for the checks)
-                out[name] = tuple(entries)
+        lnode: Node | None = given
+        values_node: Node | None = None
+        if isinstance(given, MappingNode) and any(
+                isinstance(k, ScalarNode) and k.value == "values" for k, _ in given.value):
+            values_node = next(v for k, v in given.value
+                               if isinstance(k, ScalarNode) and k.value == "values")
+            r.nodes[f"{path}.values"] = values_node
+            rest = [(k, v) for k, v in given.value
+                    if not (isinstance(k, ScalarNode) and k.value == "values")]
+            lnode = MappingNode(given.tag, rest, given.start_mark, given.end_mark,
+                                given.flow_style) if rest else None
+        if values_node is not None:
+            if name not in valued:
+                r.error(values_node, f"{path}.values", "limits of single values need a "
+                        f"valued profile (profiles.{name}.value)")
+            else:
+                vm = r.free_mapping(values_node, f"{path}.values") or {}
+                own: dict[str, tuple[Limit, ...]] = {}
+                for value, vnode in vm.items():
+                    es = _entries(r, vnode, f"{path}.values.{value}", name,
+                                  f"{name}.values.{value}", default_reject, schedules)
+                    if es:
+                        own[value] = es
+                by_value[name] = own
+        if lnode is None:
             continue
+        es = _entries(r, lnode, path, name, name, default_reject, schedules)
+        if es:  # (with an entry missing the file has errors: kept for the checks)
+            out[name] = es
+    return out, by_value
+
+
+def _entries(r: Reader, lnode: Node, path: str, name: str, key: str, default_reject: Reject,
+             schedules: Mapping[str, Schedule]) -> tuple[Limit, ...]:
+    """One limit or a scheduled list of them (``key``: where the cross-section checks
+    find the entries' paths)."""
+    if not isinstance(lnode, SequenceNode):
         lim = read_limit(r, lnode, path, name, default_reject, schedules)
+        return (lim,) if lim is not None else ()
+    entries: list[Limit] = []
+    if not lnode.value:
+        r.error(lnode, path, "a list of limits needs at least one entry")
+    for i, item in enumerate(lnode.value):
+        r.nodes[f"{path}[{i}]"] = item
+        lim = read_limit(r, item, f"{path}[{i}]", name, default_reject, schedules)
         if lim is not None:
-            out[name] = (lim,)
-    return out
+            r.entry_paths[(key, len(entries))] = f"{path}[{i}]"
+            entries.append(lim)
+    return tuple(entries)
 
 
 def read_limit(r: Reader, lnode: Node, path: str, name: str, default_reject: Reject,

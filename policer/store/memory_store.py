@@ -276,7 +276,7 @@ class MemoryStore:
         did = dialog_id(call.call_id, call.from_tag)
         at = now if at_ms is None else at_ms
         mow = self._clock.minute_of_week(at)
-        entries = tuple(policy.limit_at(m.profile, mow) for m in c.members)
+        entries = tuple(policy.limit_at(m.profile, mow, m.value) for m in c.members)
         members = tuple(
             m._replace(max=e.max, reserve=e.reserve_for_emergency,
                        shadow=policy.shadow or e.shadow) if e is not None
@@ -864,7 +864,7 @@ class MemoryStore:
             now = self.now_ms()
             policy = self._policy
             enc = "" if value is None else key_part(value)
-            entry = (policy.limit_at(profile, self._clock.minute_of_week(now))
+            entry = (policy.limit_at(profile, self._clock.minute_of_week(now), value)
                      if policy is not None else None)
             windows = {w.per: self._windows.get((profile, enc, w.per), (-1, 0))
                        for w in (entry.calls if entry is not None else ())}

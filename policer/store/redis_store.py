@@ -773,7 +773,7 @@ class RedisStore:
         client = self.client
         policy = self._policy
         now = self.now_ms()
-        entry = (policy.limit_at(profile, self._clock.minute_of_week(now))
+        entry = (policy.limit_at(profile, self._clock.minute_of_week(now), value)
                  if policy is not None else None)
 
         def read() -> list[Any]:

@@ -92,8 +92,8 @@ end
 
 -- The entry of a profile's limit that applies at local minute of week mow: the first
 -- whose schedule matches (nil: none does, the profile is only counted then).
-local function pick_entry(p, mow)
-  local es = p.entries
+local function pick_entry(p, mow, es)
+  es = es or p.entries
   if not p.sched then return es[1] end
   for j = 1, #es do
     local e = es[j]

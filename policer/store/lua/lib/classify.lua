@@ -22,6 +22,18 @@ for i = 1, #PLAN do
   end
 end
 
+-- A profile's limit entry by its number: the profile's entries, then its values' own
+-- (a decision given again names the entry that tripped by it).
+local function entry_by_idx(p, idx)
+  if idx <= #p.entries then return p.entries[idx] end
+  for _, es in pairs(p.values or EMPTY) do
+    for j = 1, #es do
+      if es[j].idx == idx then return es[j] end
+    end
+  end
+  return nil
+end
+
 -- profiles by name (the answer of a repeated decision names its profile)
 local PLAN_BY_NAME = {}
 for i = 1, #PLAN do PLAN_BY_NAME[PLAN[i].name] = PLAN[i] end
@@ -277,6 +289,11 @@ local function build_plan(values, cls, dir, mow)
     else
       local v = values[p.attr]
       if v and v ~= '' then
+        if p.values then
+          -- a value with limits of its own (limits.PROFILE.values): they stand instead
+          local own = p.values[v]
+          if own then e = pick_entry(p, mow, own) end
+        end
         local c = value_fields(p, v)
         n = n + 1
         members[n] = {p, e, c[1], c[2], c}

@@ -34,7 +34,7 @@ local function repeated(did, rec, emergency_out)
   local code, reason, retry, limit = 200, 'OK', -1, d.limit or ''
   if admitted == 0 then
     local p = PLAN_BY_NAME[limit]
-    local e = p and p.entries[tonumber(d.entry) or 1]
+    local e = p and entry_by_idx(p, tonumber(d.entry) or 1)
     code, reason, retry = answer_of(limit, e, kind, tonumber(d.retry) or -1)
   end
   return reply(admitted, code, reason, retry, limit, tonumber(d.count) or 0,
