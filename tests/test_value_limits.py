@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from policer.call import Call
 from policer.policy import Policy, PolicyError, load_policy
 from policer.store import Store
 from tests.support import EngineFactory, call
@@ -22,7 +23,7 @@ def trunk_policy(limit: object) -> Policy:
                         limits={"trunk": limit})
 
 
-def via(trunk: str, **kw: str) -> object:
+def via(trunk: str, **kw: str) -> Call:
     return call("5551000", headers={"X-Trunk": trunk}, **kw)
 
 
