@@ -7,6 +7,7 @@ and then answers each call with a few dictionary look-ups.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import NamedTuple
@@ -14,7 +15,11 @@ from typing import NamedTuple
 from policer.call import Call
 from policer.policy import Policy
 
-__all__ = ["Classification", "Classifier", "Member", "parse_ip"]
+__all__ = ["Classification", "Classifier", "Member", "ParentOf", "parse_ip"]
+
+#: The parent registered for a value of a hierarchy level: (level profile, the value of
+#: the profile it is the parent of) -> the parent, None: none registered.
+ParentOf = Callable[[str, str], "str | None"]
 
 
 class Member(NamedTuple):
@@ -45,6 +50,9 @@ class Classification:
     members: tuple[Member, ...]
     #: where the call comes from (``directions``, by its source IP); None: no direction
     direction: str | None = None
+    #: a hierarchy level (``on_missing_parent: reject``) whose parent of the call's value
+    #: is unknown: the call is rejected by it
+    missing_parent: str | None = None
 
 
 def parse_ip(text: str) -> IPv4Address | IPv6Address | None:
@@ -93,8 +101,15 @@ class Classifier:
             else:
                 template = Member(prof.name, None, limit.max, limit.reserve_for_emergency,
                                   policy.shadow or limit.shadow)
-            plan.append((prof.value, prof.when_classes, prof.when_directions, template))
+            plan.append((prof.name, prof.value, prof.when_classes, prof.when_directions,
+                         template))
         self._plan = tuple(plan)
+        #: hierarchy levels: profile -> the profile it is the parent of
+        self._levels = {p.name: p.parent_of for p in policy.profiles
+                        if p.parent_of is not None}
+        self._sources = {p.name: p.value for p in policy.profiles if p.value is not None}
+        self._reject_missing = {p.name for p in policy.profiles
+                                if p.on_missing_parent == "reject"}
         self._default_direction = next((d.name for d in policy.directions if d.default),
                                        None)
         self._networks = tuple((net, d.name) for d in policy.directions
@@ -125,21 +140,42 @@ class Classifier:
                     return found
         return self._default
 
-    def classify(self, call: Call) -> Classification:
+    def classify(self, call: Call, parent: ParentOf | None = None) -> Classification:
+        """The call's class, direction and memberships. ``parent(profile, value)``: the
+        parent registered for a value (the store's live parents, then the file's); a
+        hierarchy level's value comes from it (without it, levels join nothing)."""
         number = call.attribute(self.policy.number_source)
         cls = self.number_class(number)
         direction = self.direction(call.source_ip) if self.policy.directions else None
+        values: dict[str, str | None] = {}
+        missing: list[str] = []
+
+        def value_of(name: str, depth: int = 0) -> str | None:
+            if name in values:
+                return values[name]
+            source = self._sources.get(name)
+            v: str | None = call.attribute(source) if source is not None else None
+            child_profile = self._levels.get(name)
+            if child_profile is not None:
+                child = value_of(child_profile, depth + 1) if depth < 64 else None
+                v = parent(name, child) if parent is not None and child else None
+            values[name] = v or None
+            return v or None
+
         members: list[Member] = []
-        for source, when, when_dir, template in self._plan:
+        for name, source, when, when_dir, template in self._plan:
             if when is not None and cls not in when:
                 continue
             if when_dir is not None and direction not in when_dir:
                 continue
-            if source is None:
+            if source is None and name not in self._levels:
                 members.append(template)
                 continue
-            value = call.attribute(source)
+            value = value_of(name)
             if value:  # calls without a value join no count of that profile
                 members.append(template._replace(value=value))
+            elif name in self._reject_missing and values.get(self._levels[name]):
+                missing.append(name)  # a value whose parent is unknown
         emergency = cls is not None and cls == self.policy.emergency_class
-        return Classification(number, cls, emergency, tuple(members), direction)
+        return Classification(number, cls, emergency, tuple(members), direction,
+                              missing[0] if missing and parent is not None else None)

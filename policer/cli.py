@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from policer import live_limits
+from policer import live_limits, parents
 from policer.call import Call
 from policer.compile import compile_policy
 from policer.decision import Decision
@@ -334,6 +334,8 @@ def _kind_text(d: Decision) -> str:
         return f"calls {d.count}/{d.max} per {d.window}"
     if d.kind == "rate":
         return f"rate, {d.count} owed of burst {d.max}"
+    if d.kind == "parent":
+        return "no parent registered for the call's value"
     return f"{d.count}/{d.max}"
 
 
@@ -532,6 +534,45 @@ def cmd_limits(args: argparse.Namespace) -> int:
         print(f"{change.profile} {printable(change.value)}{what}: "
               f"{change.old if change.old is not None else '-'} -> "
               f"{change.new if change.new is not None else f'policy default ({change.default})'}")
+    return EXIT_OK
+
+
+def cmd_parent(args: argparse.Namespace) -> int:
+    policy = _policy(args)
+    _check_profile(policy, args.profile)
+    try:
+        parents.level(policy, args.profile)
+    except parents.ParentError as e:
+        raise CliError(str(e)) from None
+    store = _store(args, policy)
+    if args.action == "list":
+        if args.value is not None:
+            raise CliError("parent list: takes PROFILE only")
+        table = parents.listing(policy, store, args.profile)
+        if args.json:
+            _print_json({"profile": args.profile, "parents": table})
+        else:
+            for v, row in sorted(table.items()):
+                print(f"{printable(v)}\t{printable(row['parent'])}\t{row['source']}")
+        return EXIT_OK
+    if args.value is None:
+        raise CliError(f"parent {args.action}: VALUE is required")
+    if args.action == "set" and args.parent is None:
+        raise CliError("parent set: PARENT is required")
+    if args.action == "unset" and args.parent is not None:
+        raise CliError("parent unset: takes PROFILE VALUE only")
+    try:
+        change = parents.set_parent(policy, store, args.profile, args.value,
+                                    args.parent if args.action == "set" else None)
+    except parents.ParentError as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        _print_json(change.as_dict())
+    else:
+        new = change.new if change.new is not None else \
+            f"policy default ({change.default})" if change.default is not None else "none"
+        print(f"{change.profile} {printable(change.value)}: "
+              f"{printable(change.old) if change.old is not None else '-'} -> {printable(new)}")
     return EXIT_OK
 
 
@@ -919,6 +960,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(unset: --calls 1d)")
     _common(p)
     p.set_defaults(func=cmd_limits)
+
+    p = sub.add_parser("parent", help="live parents of a hierarchy's levels (override the "
+                                      "policy's parents)")
+    p.add_argument("action", choices=("set", "unset", "list"))
+    p.add_argument("profile", metavar="PROFILE", help="a level of a hierarchy")
+    p.add_argument("value", nargs="?", default=None, metavar="VALUE",
+                   help="a value of the profile PROFILE is the parent of")
+    p.add_argument("parent", nargs="?", default=None, metavar="PARENT")
+    _common(p)
+    p.set_defaults(func=cmd_parent)
 
     p = sub.add_parser("dialog", help="show or end one dialog")
     p.add_argument("action", choices=("show", "end"))

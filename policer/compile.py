@@ -432,6 +432,7 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
     default: str | None = None
     plan: list[str] = []
     rejects: dict[str, list[object]] = {}
+    parent_tables: list[str] = []  # the file's parents of each hierarchy level
     if policy is not None:
         for c in policy.classes:
             exact.append((c.name, sorted(c.numbers)))
@@ -455,9 +456,16 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
                                              for i, lim in enumerate(ves)) + "}"
                 idx += len(ves)
             every = policy.all_entries(prof.name)
+            root = policy.root_source(prof) if prof.parent_of is not None else prof.value
             entry = {
                 "name": prof.name,
-                "attr": index[prof.value] if prof.value is not None else 0,
+                # the attribute its value comes from (a hierarchy level: at its root; the
+                # key its plans are kept by)
+                "attr": index[root] if root is not None else 0,
+                # a hierarchy level: the profile it is the parent of, and whether a call
+                # whose value has no parent is rejected
+                "of": prof.parent_of,
+                "miss": prof.on_missing_parent == "reject" if prof.parent_of else None,
                 "when": when,
                 "dirs": ({name: True for name in sorted(prof.when_directions)}
                          if prof.when_directions is not None else None),
@@ -467,9 +475,18 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
             }
             values = ("{" + ", ".join(f"[{_lua_str(v)}] = {es}" for v, es in own.items())
                       + "}") if own else "nil"
+            fpar = "nil"
+            if prof.parent_of is not None:
+                fpar = f"PARENTS[{len(parent_tables) + 1}]"
+                by_parent: dict[str, list[str]] = {}
+                for child, parent in policy.parents.get(prof.name, {}).items():
+                    by_parent.setdefault(parent, []).append(child)
+                # (a block of its own: the library's top level may have 200 locals)
+                parent_tables.append(f"do\n{_table('T', list(by_parent.items()))}\n"
+                                     f"{fpar} = T\nend")
             plan.append("{" + ", ".join(f"{k} = {_lua(v)}" for k, v in entry.items())
                         + ", entries = {" + ", ".join(lua_entries) + "}"
-                        + f", values = {values}}}")
+                        + f", values = {values}, fpar = {fpar}}}")
             if entries:
                 rejects[prof.name] = _reject(entries[0].reject)
     lengths = sorted(set().union(*(map(len, keys) for _, keys in prefix)), reverse=True)
@@ -519,17 +536,20 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
         ("PLAIN_DECISION", plain_decision()),
         ("CLASSES", [c.name for c in policy.classes] if policy else []),
         ("DIRECTIONS", bool(policy and policy.directions)),
-        ("DIR_NAMES", [d.name for d in policy.directions] if policy else []),
-        ("DIR_DEFAULT", next((d.name for d in policy.directions if d.default), None)
-         if policy else None),
-        ("DIR_NETS", [_net(d.name, net) for d in policy.directions for net in d.networks]
-         if policy else []),
+        # the directions' names, their networks (in_net's), the default direction
+        ("DIRS", {"names": [d.name for d in policy.directions],
+                  "nets": [_net(d.name, net) for d in policy.directions
+                           for net in d.networks],
+                  "default": next((d.name for d in policy.directions if d.default), None)}
+         if policy else {"names": [], "nets": []}),
         ("POLICY_VERSION", policy.version if policy else 0),
         ("LIBRARY_FORMAT", LIBRARY_FORMAT),
     )
     tables = {"EXACT": exact, "PREFIX": prefix}
     lines = [_table(name, tables[name]) if name in tables else f"local {name} = {_lua(value)}"
              for name, value in consts]
+    lines.append("local PARENTS = {}")
+    lines += parent_tables
     lines.append("local PLAN = {" + ",\n  ".join(plan) + "}")
     lines.append(_DERIVED)
     body = "\n".join(lines) + "\n" + _library_code() + "".join("\n" + x for x in extra)

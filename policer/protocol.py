@@ -65,7 +65,8 @@ ADMIT_REPLY = _fields(
     ("memberships", "the call's memberships, '\\n'-joined labels profile[=value]"),
     ("dialog_id", "the dialog id"),
     ("emergency", "1: an emergency call"),
-    ("kind", "what tripped: concurrent, rate, calls; ended (an ended dialog); '' none"),
+    ("kind", "what tripped: concurrent, rate, calls; parent (a hierarchy level with no "
+             "parent for the call's value); ended (an ended dialog); '' none"),
     ("window", "the calendar window of a calls trip, '' none"),
     ("max_duration", "an answered call's max duration, ms, -1 none"),
     ("direction", "where the call comes from (directions, by source IP), '' none"),
@@ -108,7 +109,7 @@ DECISION = _fields(
     ("bypass", "1|0"),
     ("shadow", "member, 0 none"),
     ("emergency", "1|0"),
-    ("kind", "0 none, 1 concurrent, 2 rate, 3 calls"),
+    ("kind", "0 none, 1 concurrent, 2 rate, 3 calls, 4 parent"),
     ("retry", "Retry-After of a rate or window, -1"),
     ("max_duration", "ms, -1 none"),
     ("entry", "the limit entry that tripped (1-based)"),

@@ -48,6 +48,7 @@ from policer.policy.sections import (
     read_near_limit,
     read_nodes,
     read_on_store_error,
+    read_parents,
     read_pending_queue,
     read_profiles,
     read_reject,
@@ -64,7 +65,7 @@ _TOP_KEYS = (
     "version", "namespace", "call", "classes", "profiles", "limits", "emergency",
     "timeouts", "reject", "on_store_error", "store_timeout", "load_timeout", "shadow",
     "near_limit", "nodes", "pending_queue", "call_records", "attempts", "timezone",
-    "schedules", "directions",
+    "schedules", "directions", "parents",
 )
 _INT = "tag:yaml.org,2002:int"
 _STR = "tag:yaml.org,2002:str"
@@ -295,6 +296,7 @@ def build(r: Reader, root: Node) -> Policy | None:
     if "timezone" in top:
         timezone = read_timezone(r, top["timezone"]) or timezone
     schedules = read_schedules(r, top.get("schedules"))
+    parents = read_parents(r, top.get("parents"), profiles)
     limit_entries, value_entries = read_limits(
         r, top.get("limits"), profile_names, default_reject, schedules,
         {p.name for p in profiles if p.valued})
@@ -325,6 +327,8 @@ def build(r: Reader, root: Node) -> Policy | None:
         timezone=timezone,
         schedules=MappingProxyType(schedules),
         limit_entries=MappingProxyType(limit_entries),
+        parents=MappingProxyType({name: MappingProxyType(own)
+                                  for name, own in parents.items()}),
         value_entries=MappingProxyType({name: MappingProxyType(own)
                                         for name, own in value_entries.items()}),
         source=r.source,

@@ -101,10 +101,16 @@ class Profile:
     value: str | None = None  # attribute source, e.g. "from_user" or "header:x-account"
     when_classes: frozenset[str] | None = None
     when_directions: frozenset[str] | None = None
+    #: a level of a hierarchy (``value: {parent: PROFILE}``): this profile's value is the
+    #: parent registered for the call's value of that profile
+    parent_of: str | None = None
+    #: a call whose value of ``parent_of`` has no parent: ``skip`` joins no count of this
+    #: profile, ``reject`` rejects the call
+    on_missing_parent: Literal["skip", "reject"] = "skip"
 
     @property
     def valued(self) -> bool:
-        return self.value is not None
+        return self.value is not None or self.parent_of is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +263,10 @@ class Policy:
     #: the first whose schedule matches applies). ``limits`` holds each first entry.
     limit_entries: Mapping[str, tuple[Limit, ...]] = field(
         default_factory=lambda: MappingProxyType({}))
+    #: the file's parents (``parents.PROFILE: {VALUE: PARENT}``): per hierarchy profile,
+    #: the parent of each value of the profile it is the parent of (a live entry wins)
+    parents: Mapping[str, Mapping[str, str]] = field(
+        default_factory=lambda: MappingProxyType({}))
     #: per valued profile, the limits of single values (``limits.PROFILE.values``): a
     #: value's entries stand instead of the profile's for that value
     value_entries: Mapping[str, Mapping[str, tuple[Limit, ...]]] = field(
@@ -278,6 +288,16 @@ class Policy:
         for p in self.profiles:
             if p.value is not None:
                 yield p.value
+
+    def root_source(self, profile: Profile) -> str | None:
+        """The attribute a profile's value comes from at the root of its hierarchy (its
+        own ``value`` when it is no hierarchy level)."""
+        seen: set[str] = set()
+        p: Profile | None = profile
+        while p is not None and p.parent_of is not None and p.name not in seen:
+            seen.add(p.name)
+            p = self.profile(p.parent_of)
+        return p.value if p is not None else None
 
     def profile(self, name: str) -> Profile | None:
         for p in self.profiles:

@@ -340,11 +340,21 @@ def read_profiles(r: Reader, node: Node | None, attributes: Mapping[str, str],
             r.error(pnode, path, "profile names are letters, digits, '_', '-'")
             continue
         names_seen.add(name)
-        p = r.mapping(pnode, path, ("value", "when"))
+        p = r.mapping(pnode, path, ("value", "when", "on_missing_parent"))
         if p is None:
             continue
         value: str | None = None
-        if "value" in p:
+        parent_of: str | None = None
+        if "value" in p and isinstance(p["value"], MappingNode):
+            pm = r.mapping(p["value"], f"{path}.value", ("parent",)) or {}
+            if "parent" not in pm:
+                r.error(p["value"], f"{path}.value", "expected an attribute, or {parent: "
+                        "PROFILE} (a level of a hierarchy)")
+                continue
+            parent_of = r.string(pm["parent"], f"{path}.value.parent")
+            if parent_of is None:
+                continue
+        elif "value" in p:
             vnode = p["value"]
             raw = r.string(vnode, f"{path}.value")
             if raw is None:
@@ -370,9 +380,81 @@ def read_profiles(r: Reader, node: Node | None, attributes: Mapping[str, str],
             if "direction" in w:
                 when_dirs = _names(r, w["direction"], f"{path}.when.direction",
                                    "direction", direction_names)
+        missing: Literal["skip", "reject"] = "skip"
+        if "on_missing_parent" in p:
+            if parent_of is None:
+                r.error(p["on_missing_parent"], f"{path}.on_missing_parent",
+                        "only a level of a hierarchy (value: {parent: PROFILE}) has parents")
+            elif r.choice(p["on_missing_parent"], f"{path}.on_missing_parent",
+                          ("skip", "reject")) == "reject":
+                missing = "reject"
         out.append(Profile(name=name, value=value, when_classes=when,
-                           when_directions=when_dirs))
+                           when_directions=when_dirs, parent_of=parent_of,
+                           on_missing_parent=missing))
+    _check_hierarchy(r, out, names_seen)
     return out, names_seen
+
+
+def read_parents(r: Reader, node: Node | None, profiles: list[Profile]
+                 ) -> dict[str, dict[str, str]]:
+    """``parents.PROFILE: {VALUE: PARENT}``: the file's parents of a hierarchy level (a
+    live one, ``policer parent set``, wins)."""
+    out: dict[str, dict[str, str]] = {}
+    if node is None:
+        return out
+    levels = {p.name for p in profiles if p.parent_of is not None}
+    m = r.free_mapping(node, "parents") or {}
+    total = 0
+    for name, pnode in m.items():
+        path = f"parents.{name}"
+        if name not in levels:
+            r.error(pnode, path, f"not a level of a hierarchy: give profiles.{name} "
+                    "value: {parent: PROFILE}" if any(p.name == name for p in profiles)
+                    else f"unknown profile {name!r}{did_you_mean(name, sorted(levels))}")
+            continue
+        own: dict[str, str] = {}
+        for value, vnode in (r.free_mapping(pnode, path) or {}).items():
+            parent = r.string(vnode, f"{path}.{value}")
+            if parent is None:
+                continue
+            if not parent or len(parent) > 4096:
+                r.error(vnode, f"{path}.{value}", "a parent is 1 to 4096 characters")
+                continue
+            own[value] = parent
+        total += len(own)
+        out[name] = own
+    if total > MAX_CLASS_ENTRIES:
+        r.error(node, "parents", f"{total} parents in all, more than the "
+                f"{MAX_CLASS_ENTRIES} a policy library holds (register more with policer "
+                "parent set)")
+    return out
+
+
+def _check_hierarchy(r: Reader, profiles: list[Profile], names_seen: set[str]) -> None:
+    """Each level's ``parent`` is a valued profile, and no level is its own ancestor."""
+    by_name = {p.name: p for p in profiles}
+    for p in profiles:
+        if p.parent_of is None:
+            continue
+        where = f"profiles.{p.name}.value.parent"
+        node = r.nodes[where]
+        child = by_name.get(p.parent_of)
+        if child is None:
+            if p.parent_of not in names_seen:
+                r.unknown_ref(node, where, "profile", p.parent_of, names_seen)
+            continue
+        if not child.valued:
+            r.error(node, where, f"profile {child.name!r} has no value: a parent is "
+                    "registered per value of a valued profile")
+            continue
+        seen = {p.name}
+        while child is not None and child.parent_of is not None:
+            if child.name in seen:
+                r.error(node, where, f"a hierarchy without a root: {p.name!r} is its own "
+                        "ancestor")
+                break
+            seen.add(child.name)
+            child = by_name.get(child.parent_of)
 
 
 def _names(r: Reader, node: Node, path: str, what: str, known: set[str]) -> frozenset[str]:

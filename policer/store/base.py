@@ -143,6 +143,9 @@ class AdmitRequest:
     max_duration_ms: int | None = None
     #: when the caller stops waiting (the store's clock): past it nothing is written
     deadline_ms: int | None = None
+    #: a hierarchy level (``on_missing_parent: reject``) that has no parent for the
+    #: call's value: an ordinary call is rejected by it (kind ``parent``)
+    missing_parent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,12 +159,14 @@ class AdmitResult:
     bypass: bool = False  # emergency call admitted over a limit
     duplicate: bool = False  # the dialog was decided before: this is that decision
     shadow: int = -1  # the first shadow limit that would have rejected, -1 for none
-    kind: str = ""  # concurrent | rate | calls, of the tripped (or shadow) limit
+    kind: str = ""  # concurrent | rate | calls (| parent), of the tripped (or shadow) limit
     retry_after: int = -1  # seconds, computed for rate and calls trips
     window: str = ""  # the calendar window of a calls trip
     max_duration_ms: int | None = None
     #: the limit entry that tripped (or shadowed): the model's own bookkeeping
     entry: Limit | None = field(default=None, compare=False)
+    #: kind ``parent``: the hierarchy level whose parent of the call's value is unknown
+    parent: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,6 +427,16 @@ class AdminStore(Protocol):
     def limit_unset(self, profile: str, value: str) -> int | None: ...
 
     def limits(self, profile: str) -> dict[str, int]: ...
+
+    def parent_set(self, profile: str, value: str, parent: str) -> str | None:
+        """Register ``parent`` (a value of the hierarchy level ``profile``) for ``value``
+        (a value of the profile it is the parent of); returns the previous live one."""
+
+    def parent_unset(self, profile: str, value: str) -> str | None:
+        """Remove a live parent (the file's, if any, applies again); returns it."""
+
+    def parents(self, profile: str) -> dict[str, str]:
+        """Every live parent of a hierarchy level: value -> parent."""
 
     def rate_limit_set(self, profile: str, value: str, rate: Rate | None) -> Rate | None:
         """Set (None: remove) a live call rate for one value; returns the previous one."""

@@ -131,6 +131,12 @@ class Keys:
         return f"L|{profile}:{key_part(value)}"
 
     @staticmethod
+    def parent_field(profile: str, value: str) -> str:
+        """The live parent (a value of the hierarchy level ``profile``) of ``value`` in
+        :attr:`counts`."""
+        return f"^{profile}:{key_part(value)}"
+
+    @staticmethod
     def caps_field(profile: str, value: str) -> str:
         """A value's live rate and window caps in :attr:`counts`."""
         return f"R|{profile}:{key_part(value)}"

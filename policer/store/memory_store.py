@@ -169,6 +169,10 @@ def _decide(request: AdmitRequest, keys: Sequence[tuple[str, str]], counts: Sequ
             tripped, shown = i, t
             if not dry:
                 break
+    if request.missing_parent and tripped < 0 and not emergency and not request.record:
+        # a value whose parent is unknown, at a level that rejects such calls
+        return AdmitResult(False, kind="parent", parent=request.missing_parent,
+                           max_duration_ms=request.max_duration_ms), tuple(rows)
     admitted = tripped < 0 or bypass
     limit = tripped if tripped >= 0 else shadow
     # a Retry-After answers a rejection only (the function's reply has none else)
@@ -195,6 +199,7 @@ class MemoryStore:
         self._stats: dict[str, int] = {}
         self._decisions: dict[tuple[str, str], int] = {}
         self._limits: dict[str, dict[str, int]] = {}
+        self._parents: dict[tuple[str, str], str] = {}  # (level, encoded value) -> parent
         self._cdr: deque[CallRecord] = deque(maxlen=cdr_maxlen)
         self._attempts: deque[Attempt] = deque(maxlen=100_000)
         self._attempts_keep = 100_000
@@ -272,7 +277,8 @@ class MemoryStore:
                 raise _late()
             if now < self._hold_until:
                 raise StoreError("POLICER recovering: the counts are being restored")
-        c = classifier.classify(call)
+        with self._lock:
+            c = classifier.classify(call, self._parent_of)
         did = dialog_id(call.call_id, call.from_tag)
         at = now if at_ms is None else at_ms
         mow = self._clock.minute_of_week(at)
@@ -300,11 +306,13 @@ class MemoryStore:
             info={"call_id": call.call_id, "from": frm, "to": c.number,
                   "class": c.number_class or "", "node": node,
                   "source_ip": call.source_ip},
-            entries=entries, max_duration_ms=md)
+            entries=entries, max_duration_ms=md, missing_parent=c.missing_parent)
         attrs = {s: call.attribute(s) for s in attribute_sources(policy)}
         r, rows = self._admit(req, dry=dry, at_ms=at, attrs=attrs)
         limit_i = r.tripped if r.tripped >= 0 else r.shadow
         limit = members[limit_i].profile if 0 <= limit_i < len(members) else None
+        if r.kind == "parent":
+            limit = r.parent
         cls = c.number_class
         emergency = c.emergency
         if r.duplicate and r.kind != "ended":  # the answer given before, as it was given
@@ -315,7 +323,7 @@ class MemoryStore:
                 cls = d.info.get("class") or None
                 emergency = d.emergency
                 limit = labels[limit_i].partition("=")[0] if 0 <= limit_i < len(labels) \
-                    else None
+                    else r.parent or None
         code, reason, retry = 200, "OK", None
         if r.kind == "ended":
             code, reason = ENDED_CODE, ENDED_REASON
@@ -584,7 +592,7 @@ class MemoryStore:
                 info={"class": utf8_text(request.info.get("class", ""))},
                 emergency=emergency)
             self._incr("rejected")
-            prof = request.members[result.tripped].profile
+            prof = result.parent or request.members[result.tripped].profile
             self._decisions[("rejected", prof)] = self._decisions.get(("rejected", prof), 0) + 1
             if attrs is not None and self._attempts_keep > 0 and self._policy is not None:
                 rej = _answer(self._policy, prof, result.entry, result.kind)
@@ -840,6 +848,31 @@ class MemoryStore:
     def limits(self, profile: str) -> dict[str, int]:
         with self._lock:
             return {value_from_key(k): v for k, v in self._limits.get(profile, {}).items()}
+
+    def parent_set(self, profile: str, value: str, parent: str) -> str | None:
+        with self._lock:
+            key = (profile, key_part(value))
+            old = self._parents.get(key)
+            self._parents[key] = parent
+            return old
+
+    def parent_unset(self, profile: str, value: str) -> str | None:
+        with self._lock:
+            return self._parents.pop((profile, key_part(value)), None)
+
+    def parents(self, profile: str) -> dict[str, str]:
+        with self._lock:
+            return {value_from_key(enc): v for (p, enc), v in self._parents.items()
+                    if p == profile}
+
+    def _parent_of(self, profile: str, value: str) -> str | None:
+        """The parent a call's value gets: the live one, else the policy file's (what
+        the library's HMGET and its PARENTS tables give)."""
+        live = self._parents.get((profile, key_part(value)))
+        if live is not None:
+            return live
+        policy = self._policy
+        return policy.parents.get(profile, {}).get(value) if policy is not None else None
 
     def rate_limit_set(self, profile: str, value: str, rate: Rate | None) -> Rate | None:
         with self._lock:

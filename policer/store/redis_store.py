@@ -720,6 +720,36 @@ class RedisStore:
                                                         count=1000)))
         return {value_from_key(f[plen:]): int(v) for f, v in rows}
 
+    def parent_set(self, profile: str, value: str, parent: str) -> str | None:
+        return self._swap_parent(profile, value, parent)
+
+    def parent_unset(self, profile: str, value: str) -> str | None:
+        return self._swap_parent(profile, value, None)
+
+    def _swap_parent(self, profile: str, value: str, parent: str | None) -> str | None:
+        client = self.client
+        key, field = self.keys.counts, self.keys.parent_field(profile, value)
+
+        def swap() -> Any:
+            pipe = client.pipeline(transaction=True)
+            pipe.hget(key, field)
+            if parent is None:
+                pipe.hdel(key, field)
+            else:
+                pipe.hset(key, field, raw_bytes(parent))
+            return pipe.execute()[0]
+
+        old = self._run(swap)
+        return None if old is None else _str(old)
+
+    def parents(self, profile: str) -> dict[str, str]:
+        client = self.client
+        pattern = "^" + self.keys.value_pattern(profile)
+        plen = len(profile) + 2
+        rows = self._run(lambda: list(client.hscan_iter(self.keys.counts, match=pattern,
+                                                        count=1000)))
+        return {value_from_key(_str(f)[plen:]): _str(v) for f, v in rows}
+
     def _swap_live(self, profile: str, value: str, item: str, new: str | None) -> str | None:
         """Set (None: remove) one item of a value's live rate and window caps (its ``R|``
         field: ``,R=<max>:<per ms>:<burst>`` and ``,<per>=<max>`` items); returns the

@@ -22,8 +22,16 @@ local function admit_call(node, call_id, from_tag, attrs, mode, now, at, early_m
     call_id = bounded(call_id)
     tail = ns(#call_id) .. ':' .. call_id .. attrs
   end
-  return decide(did, plan, flags, early_ms or EARLY_MS, node, now, at, cls, mode == 'e', rq,
-                tail, attrs)
+  local r = decide(did, plan, flags, early_ms or EARLY_MS, node, now, at, cls, mode == 'e',
+                   rq, tail, attrs)
+  if r == STALE then
+    -- a live parent changed since the plan was built: built again on what is there now
+    cls, _, plan = classify(values, at, true)
+    CALL_DIR = plan.dir
+    r = decide(did, plan, flags, early_ms or EARLY_MS, node, now, at, cls, mode == 'e', rq,
+               tail, attrs)
+  end
+  return r
 end
 
 local function late_reply(now, rq)

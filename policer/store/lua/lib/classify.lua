@@ -68,8 +68,8 @@ local function plan_for(cls, dir)
   PLAIN_KEY[sk] = key
   KEY_ATTRS[sk] = ka
 end
-for d = 0, #DIR_NAMES do
-  local dir = DIR_NAMES[d] or ''
+for d = 0, #DIRS.names do
+  local dir = DIRS.names[d] or ''
   plan_for('', dir)
   for i = 1, #CLASSES do plan_for(CLASSES[i], dir) end
 end
@@ -79,7 +79,9 @@ end
 -- IPv4 address) and its family (4, 6); nil when it is no address. policer.classify's
 -- parse_ip is the same rule in Python (what ipaddress.ip_address reads).
 
-local function v4_groups(s, out)
+local IP = {}  -- (a table of functions: the library's top level may have 200 locals)
+
+function IP.v4_groups(s, out)
   local a, b, c, d = string.match(s, '^(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)%.(%d%d?%d?)$')
   if a == nil then return false end
   local o = {a, b, c, d}
@@ -96,7 +98,7 @@ local function v4_groups(s, out)
 end
 
 -- hex groups 'a:b:c' ('' none) appended to out; false when one is not 1-4 hex digits
-local function hex_groups(s, out)
+function IP.hex_groups(s, out)
   if s == '' then return true end
   for g in string.gmatch(s .. ':', '([^:]*):') do
     if #g < 1 or #g > 4 or string.find(g, '[^%x]') then return false end
@@ -105,12 +107,12 @@ local function hex_groups(s, out)
   return true
 end
 
-local function parse_ip(s)
+function IP.parse(s)
   if #s > 64 then return nil end
   if string.sub(s, 1, 1) == '[' and string.sub(s, -1) == ']' then s = string.sub(s, 2, -2) end
   if not string.find(s, ':', 1, true) then
     local g = {}
-    if v4_groups(s, g) then return 4, g end
+    if IP.v4_groups(s, g) then return 4, g end
     return nil
   end
   local zone = string.find(s, '%', 1, true)
@@ -118,7 +120,7 @@ local function parse_ip(s)
   local tail = {}
   local head, v4 = string.match(s, '^(.*:)(%d+%.%d+%.%d+%.%d+)$')
   if head then
-    if not v4_groups(v4, tail) then return nil end
+    if not IP.v4_groups(v4, tail) then return nil end
     if string.sub(head, -2) ~= '::' then head = string.sub(head, 1, -2) end
     s = head
   end
@@ -126,9 +128,9 @@ local function parse_ip(s)
   local gap = string.find(s, '::', 1, true)
   if gap then
     if string.find(s, '::', gap + 1, true) then return nil end
-    if not hex_groups(string.sub(s, 1, gap - 1), left) then return nil end
-    if not hex_groups(string.sub(s, gap + 2), right) then return nil end
-  elseif not hex_groups(s, left) then
+    if not IP.hex_groups(string.sub(s, 1, gap - 1), left) then return nil end
+    if not IP.hex_groups(string.sub(s, gap + 2), right) then return nil end
+  elseif not IP.hex_groups(s, left) then
     return nil
   end
   for i = 1, #tail do right[#right + 1] = tail[i] end
@@ -143,9 +145,9 @@ local function parse_ip(s)
   return 6, g
 end
 
--- DIR_NETS: {direction, family, whole groups, divisor of the partial group (0 none),
+-- DIRS.nets: {direction, family, whole groups, divisor of the partial group (0 none),
 -- the groups...}, in the order listed
-local function in_net(fam, g, net)
+function IP.in_net(fam, g, net)
   if fam ~= net[2] then return false end
   local full = net[3]
   for i = 1, full do
@@ -156,30 +158,29 @@ local function in_net(fam, g, net)
   return true
 end
 
--- directions by source IP, remembered (DIR_CACHE_MAX in all, then forgotten at once)
-local DIR_CACHE = {}
-local DIR_CACHE_N = 0
-local DIR_CACHE_MAX = 20000
+-- directions by source IP, remembered (IP.MAX in all, then forgotten at once)
+IP.cache, IP.n, IP.MAX = {}, 0, 20000
 
-local function direction_of(ip)
-  local d = DIR_CACHE[ip]
+-- the direction of a source IP ('' none)
+function IP.direction(ip)
+  local d = IP.cache[ip]
   if d then return d end
-  d = DIR_DEFAULT
-  local fam, g = parse_ip(ip)
+  d = DIRS.default or ''
+  local fam, g = IP.parse(ip)
   if fam then
-    for i = 1, #DIR_NETS do
-      if in_net(fam, g, DIR_NETS[i]) then
-        d = DIR_NETS[i][1]
+    local nets = DIRS.nets
+    for i = 1, #nets do
+      if IP.in_net(fam, g, nets[i]) then
+        d = nets[i][1]
         break
       end
     end
   end
-  if DIR_CACHE_N >= DIR_CACHE_MAX then
-    DIR_CACHE = {}
-    DIR_CACHE_N = 0
+  if IP.n >= IP.MAX then
+    IP.cache, IP.n = {}, 0
   end
-  DIR_CACHE[ip] = d
-  DIR_CACHE_N = DIR_CACHE_N + 1
+  IP.cache[ip] = d
+  IP.n = IP.n + 1
   return d
 end
 
@@ -248,7 +249,7 @@ end
 -- and state; a no-value member with a rate or windows its state), pos[i] member i's
 -- count in that reply, fields the count fields (fields_s ','-joined), all: every
 -- profile of its class joined, md its max duration.
-local function plan_entry(members, all, cls, dir)
+local function plan_entry(members, all, cls, dir, looked, missing)
   local hm, pos, fields = {'!hold'}, {}, {}
   local n = 1
   for i = 1, #members do
@@ -268,9 +269,46 @@ local function plan_entry(members, all, cls, dir)
       hm[n] = c[5]
     end
   end
+  -- the live parents the plan was built on, read again with the counts: {position in
+  -- the reply, the value then (false: none)}; a change makes the plan stale
+  local chk = nil
+  if looked and #looked > 0 then
+    chk = {}
+    for i = 1, #looked do
+      n = n + 1
+      hm[n] = looked[i][1]
+      chk[i] = {n, looked[i][2]}
+    end
+  end
   return {members = members, all = all, hm = hm, pos = pos, fields = fields,
           fields_s = table.concat(fields, ','), md = max_duration(members, cls),
-          dir = dir or '', plain = PLAIN_KEY[situation(cls, dir or '')]}
+          dir = dir or '', plain = PLAIN_KEY[situation(cls, dir or '')], chk = chk,
+          missing = missing}
+end
+
+-- A profile's value for a call (false: none): its attribute's, or for a level of a
+-- hierarchy the parent registered for the value of the profile it is the parent of (the
+-- live one in P c, else the file's). pv: the values found so far, by profile; looked:
+-- the live parents read ({field, value or false}).
+local function value_of(p, values, pv, looked)
+  local v = pv[p.name]
+  if v ~= nil then return v end
+  if p.of == nil then
+    v = values[p.attr] or false
+    if v == '' then v = false end
+  else
+    v = false
+    local child = value_of(PLAN_BY_NAME[p.of], values, pv, looked)
+    if child then
+      local f = '^' .. p.name .. ':' .. key_part(child)
+      local live = redis.call('HGET', COUNTS, f)
+      looked[#looked + 1] = {f, live}
+      if live and live ~= '' then v = live
+      elseif p.fpar then v = p.fpar[child] or false end
+    end
+  end
+  pv[p.name] = v
+  return v
 end
 
 -- The call's memberships in policy order; a call without a value for a valued profile
@@ -279,6 +317,7 @@ local function build_plan(values, cls, dir, mow)
   local ps = PLAN_OF[situation(cls, dir)] or PLAN_OF[situation('', '')]
   local members = {}
   local n = 0
+  local pv, looked, missing = nil, nil, nil
   for i = 1, #ps do
     local p = ps[i]
     local e = p.entries[1]
@@ -288,6 +327,12 @@ local function build_plan(values, cls, dir, mow)
       members[n] = {p, e, '', p.fld, p.fields}
     else
       local v = values[p.attr]
+      if p.of then
+        if pv == nil then pv, looked = {}, {} end
+        v = value_of(p, values, pv, looked)
+        -- a value whose parent is unknown, at a level that rejects such calls
+        if not v and p.miss and pv[p.of] and missing == nil then missing = p end
+      end
       if v and v ~= '' then
         if p.values then
           -- a value with limits of its own (limits.PROFILE.values): they stand instead
@@ -300,7 +345,7 @@ local function build_plan(values, cls, dir, mow)
       end
     end
   end
-  return plan_entry(members, n == #ps, cls, dir)
+  return plan_entry(members, n == #ps, cls, dir, looked, missing)
 end
 
 -- Plans by situation, then by the values of its KEY_ATTRS (nested tables; false: no value),
@@ -313,11 +358,11 @@ local PLANS_MAX = 20000
 
 -- The dialled number's class, the number, and the call's plan (at: the UTC ms schedules
 -- are evaluated at).
-local function classify(values, at)
+local function classify(values, at, fresh)
   local number = values[NUMBER_ATTR] or ''
   local cls = number_class(number) or ''
   local dir = ''
-  if DIRECTIONS then dir = direction_of(values[SOURCE_IP_ATTR] or '') or '' end
+  if DIRECTIONS then dir = IP.direction(values[SOURCE_IP_ATTR] or '') end
   if SCHEDULED then return cls, number, build_plan(values, cls, dir, minute_of_week(at)) end
   local sk = situation(cls, dir)
   local ka = KEY_ATTRS[sk] or KEY_ATTRS[situation('', '')]
@@ -339,7 +384,7 @@ local function classify(values, at)
   local leaf = true
   if last > 0 then leaf = values[ka[last]] or false end
   local plan = t[leaf]
-  if plan == nil then
+  if plan == nil or fresh then
     if PLANS_N >= PLANS_MAX then
       PLANS = {}
       PLANS_N = 0

@@ -5,8 +5,8 @@
 -- decided before); an admission writes the counts back with one HSET.
 
 local FLAG_EMERGENCY, FLAG_BYPASS, FLAG_RECORD, FLAG_REGISTER, FLAG_HOLD = 1, 2, 4, 8, 16
-local KIND_NAMES = {'concurrent', 'rate', 'calls'}
-local KIND_CODES = {concurrent = 1, rate = 2, calls = 3}
+local KIND_NAMES = {'concurrent', 'rate', 'calls', 'parent'}
+local KIND_CODES = {concurrent = 1, rate = 2, calls = 3, parent = 4}
 
 -- The reply: ADMIT_REPLY, or in mode A (REPLY_NATIVE, set per call by fn_admit) what
 -- a proxy's cfg reads (NATIVE_REPLY). labels: the memberships' labels, or the members.
@@ -14,6 +14,7 @@ local REPLY_NATIVE = false
 -- the call's direction ('' none), set per call by admit_call: the reply carries it
 local CALL_DIR = ''
 local HOLD = {}  -- decide's answer while admits are held (P c '!hold')
+local STALE = {}  -- decide's answer when a live parent its plan was built on changed
 
 local function reply(admitted, code, reason, retry, limit, count, max, bypass, dup, shadow,
                      tripped, cls, labels, did, emergency, kind, window, md)
@@ -115,6 +116,12 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
   local n = #members
   local h = redis.call('HMGET', COUNTS, unpack(plan.hm))
   if hold and h[1] and tonumber(h[1]) > now then return HOLD end
+  local chk = plan.chk
+  if chk then
+    for i = 1, #chk do
+      if h[chk[i][1]] ~= chk[i][2] then return STALE end
+    end
+  end
   local pos = plan.pos
   local tripped, tcount, tmax, bypass, shadow = 0, 0, -1, 0, 0
   local tkind, tretry, twin = '', -1, ''
@@ -197,6 +204,11 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
   local limit, lentry = '', nil
   if tripped > 0 then limit, lentry = members[tripped][1].name, members[tripped][2]
   elseif shadow > 0 then limit, lentry = members[shadow][1].name, members[shadow][2] end
+  if plan.missing and tripped == 0 and not emergency and not nochecks then
+    -- a value whose parent is unknown, at a level that rejects such calls
+    admitted, shadow, limit, lentry = 0, 0, plan.missing.name, plan.missing.entries[1]
+    tcount, tmax, tkind, tretry, twin = 0, -1, 'parent', -1, ''
+  end
   local code, reason, retry = 200, 'OK', -1
   if admitted == 0 then code, reason, retry = answer_of(limit, lentry, tkind, tretry) end
   if dry then
@@ -212,7 +224,8 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
 
   local fields_s = plan.fields_s
   local decision = PLAIN_DECISION
-  if tripped > 0 or shadow > 0 or emergency_out > 0 or tmax ~= -1 or md ~= -1 then
+  if tripped > 0 or shadow > 0 or emergency_out > 0 or tmax ~= -1 or md ~= -1
+      or tkind ~= '' then
     local eidx = 1
     if lentry then eidx = lentry.idx end
     decision = dec_pack(admitted, tripped, tcount, tmax, bypass, shadow, emergency_out,

@@ -71,6 +71,8 @@
 --                        counts until it is ended: released, or swept by a tick at most
 --                        a second after its deadline); a field at 0 is removed
 --                      L|<field>   a value's live max (policer limits set)
+--                      ^<level>:<encoded value>  the live parent of a value (the raw
+--                        value of the hierarchy level <level>: policer parent set)
 --                      R|<field>   its live rate and window caps (',R=<max>:<per
 --                        ms>:<burst>', ',<per>=<max>' items)
 --                      T|<field>   its rate and window state ('<TAT us>' then
