@@ -35,7 +35,8 @@ _EMPTY: Mapping[str, str] = MappingProxyType({})
 #: How a call's attributes kept by the native Kamailio cfg start (``$dlg_var(policer_call)``):
 #: ``policer-attrs;<source>,<source>...;<base64 of the packed attributes>``.
 KEPT_ATTRIBUTES_PREFIX = "policer-attrs;"
-_FIELDS = ("from_user", "from_domain", "ruri_user", "to_user", "source_ip", "auth_user")
+_FIELDS = ("from_user", "from_domain", "ruri_user", "to_user", "source_ip", "auth_user",
+           "gateway")
 
 
 def text(value: object, limit: int = MAX_VALUE) -> str:
@@ -143,6 +144,9 @@ class Call:
     source_ip: str = ""
     auth_user: str = ""
     headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    #: where the call is sent (a gateway's host:port, Kamailio's ``$du``): usually
+    #: unknown at admission and given per attempt (:meth:`policer.engine.Engine.egress`)
+    gateway: str = ""
 
     @classmethod
     def from_raw(
@@ -157,6 +161,7 @@ class Call:
         source_ip: object = None,
         auth_user: object = None,
         headers: Mapping[str, object] | None = None,
+        gateway: object = None,
     ) -> Call:
         """Build a Call from untrusted values (``str``, ``bytes`` or ``None``); never raises."""
         hdrs = {text(k, 256).lower(): text(v) for k, v in (headers or {}).items() if v is not None}
@@ -170,6 +175,7 @@ class Call:
             source_ip=text(source_ip),
             auth_user=text(auth_user),
             headers=MappingProxyType(hdrs),
+            gateway=text(gateway),
         )
 
     def to_json(self) -> str:
@@ -178,7 +184,8 @@ class Call:
         reconcile`` can count the call again after Redis lost it."""
         d = {k: v for k, v in (
             ("f", self.from_user), ("fd", self.from_domain), ("r", self.ruri_user),
-            ("t", self.to_user), ("s", self.source_ip), ("a", self.auth_user)) if v}
+            ("t", self.to_user), ("s", self.source_ip), ("a", self.auth_user),
+            ("g", self.gateway)) if v}
         if self.headers:
             d["h"] = dict(self.headers)  # type: ignore[assignment]
         return json.dumps(d, separators=(",", ":"), ensure_ascii=True)
@@ -204,7 +211,8 @@ class Call:
         h = d.get("h")
         return cls.from_raw(call_id, from_tag, from_user=d.get("f"), from_domain=d.get("fd"),
                             ruri_user=d.get("r"), to_user=d.get("t"), source_ip=d.get("s"),
-                            auth_user=d.get("a"), headers=h if isinstance(h, dict) else None)
+                            auth_user=d.get("a"), headers=h if isinstance(h, dict) else None,
+                            gateway=d.get("g"))
 
     @classmethod
     def from_attributes(cls, call_id: object, from_tag: object,

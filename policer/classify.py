@@ -110,6 +110,9 @@ class Classifier:
         self._sources = {p.name: p.value for p in policy.profiles if p.value is not None}
         self._reject_missing = {p.name for p in policy.profiles
                                 if p.on_missing_parent == "reject"}
+        #: the profiles joined per attempt (their value is where the call is sent)
+        self._gateway = {p.name for p in policy.profiles
+                         if policy.root_source(p) == "gateway"}
         self._default_direction = next((d.name for d in policy.directions if d.default),
                                        None)
         self._networks = tuple((net, d.name) for d in policy.directions
@@ -147,6 +150,22 @@ class Classifier:
         number = call.attribute(self.policy.number_source)
         cls = self.number_class(number)
         direction = self.direction(call.source_ip) if self.policy.directions else None
+        members, missing = self._members(cls, direction, call.attribute, parent, False)
+        emergency = cls is not None and cls == self.policy.emergency_class
+        return Classification(number, cls, emergency, members, direction, missing)
+
+    def egress(self, number_class: str | None, source_ip: str, gateway: str,
+               parent: ParentOf | None = None) -> tuple[tuple[Member, ...], str | None]:
+        """The memberships a call of this class from this source IP takes at ``gateway``
+        (the profiles whose value is where the call is sent, and the levels above them),
+        and the level whose parent is unknown when the call is to be refused for it."""
+        direction = self.direction(source_ip) if self.policy.directions else None
+        return self._members(number_class, direction,
+                             lambda s: gateway if s == "gateway" else "", parent, True)
+
+    def _members(self, cls: str | None, direction: str | None,
+                 attribute: Callable[[str], str], parent: ParentOf | None, gw: bool
+                 ) -> tuple[tuple[Member, ...], str | None]:
         values: dict[str, str | None] = {}
         missing: list[str] = []
 
@@ -154,7 +173,7 @@ class Classifier:
             if name in values:
                 return values[name]
             source = self._sources.get(name)
-            v: str | None = call.attribute(source) if source is not None else None
+            v: str | None = attribute(source) if source is not None else None
             child_profile = self._levels.get(name)
             if child_profile is not None:
                 child = value_of(child_profile, depth + 1) if depth < 64 else None
@@ -168,6 +187,8 @@ class Classifier:
                 continue
             if when_dir is not None and direction not in when_dir:
                 continue
+            if gw and name not in self._gateway:
+                continue
             if source is None and name not in self._levels:
                 members.append(template)
                 continue
@@ -176,6 +197,4 @@ class Classifier:
                 members.append(template._replace(value=value))
             elif name in self._reject_missing and values.get(self._levels[name]):
                 missing.append(name)  # a value whose parent is unknown
-        emergency = cls is not None and cls == self.policy.emergency_class
-        return Classification(number, cls, emergency, tuple(members), direction,
-                              missing[0] if missing and parent is not None else None)
+        return tuple(members), missing[0] if missing and parent is not None else None

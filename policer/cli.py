@@ -142,6 +142,8 @@ def _call_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--to", default="", metavar="NUMBER", help="the dialled number")
     g.add_argument("--source-ip", default="")
     g.add_argument("--auth-user", default="")
+    g.add_argument("--gateway", default="", metavar="GW",
+                   help="where the call is sent (a policy's gateway profiles)")
     g.add_argument("--header", action="append", default=[], metavar="'Name: value'",
                    help="a SIP header the policy reads (repeatable)")
 
@@ -193,6 +195,7 @@ def _call(args: argparse.Namespace) -> Call:
         source_ip=args.source_ip,
         auth_user=args.auth_user,
         headers=headers,
+        gateway=args.gateway,
     )
 
 
@@ -356,6 +359,25 @@ def cmd_admit(args: argparse.Namespace) -> int:
     return EXIT_OK if d.admitted else EXIT_REJECTED
 
 
+def cmd_egress(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    r = engine.egress(args.dialog_id, args.gateway)
+    if r.fallback:
+        raise CliError(f"store error: {r.error}", EXIT_STORE)
+    if args.json:
+        _print_json(r.as_dict())
+    elif r.taken:
+        held = ", ".join(printable(m) for m in r.memberships) or "no gateway profile"
+        extra = "" if r.known else " (a dialog the store does not know: nothing counted)"
+        print(f"taken {printable(args.gateway)}: {held}{extra}")
+    else:
+        ra = f" Retry-After: {r.retry_after}" if r.retry_after is not None else ""
+        what = "no parent registered" if r.kind == "parent" else \
+            f"{r.kind} {r.count}/{r.max}"
+        print(f"full {r.code} {r.reason} (limit {r.limit}: {what}){ra}")
+    return EXIT_OK if r.taken else EXIT_REJECTED
+
+
 def _dialog_event(args: argparse.Namespace, fn: Callable[[Store, str], object]) -> int:
     policy = _policy(args)
     store = _store(args, policy)
@@ -454,7 +476,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         "policy_hash": policy_hash,
         "previous_hash": before,
         "changed": before != policy_hash,
-        "functions": [library.function(op) for op in ("admit", "batch", "tick", "read",
+        "functions": [library.function(op) for op in ("admit", "egress", "batch", "tick", "read",
                                                        "admitm")],
         "attributes": list(library.attributes),
     }
@@ -960,6 +982,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(unset: --calls 1d)")
     _common(p)
     p.set_defaults(func=cmd_limits)
+
+    p = sub.add_parser("egress", help="send an admitted call to a gateway if it has room "
+                                      "(exit 0 taken, 1 full)")
+    p.add_argument("dialog_id", metavar="DIALOG_ID", help="as admit answered it")
+    p.add_argument("--gateway", required=True, metavar="GW",
+                   help="where the call is sent (host:port); '' leaves the gateway")
+    _common(p)
+    p.set_defaults(func=cmd_egress)
 
     p = sub.add_parser("parent", help="live parents of a hierarchy's levels (override the "
                                       "policy's parents)")

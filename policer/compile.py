@@ -232,7 +232,7 @@ def _entry(lim: Limit, idx: int, policy_shadow: bool, sched_index: dict[str, int
 #: the constants and the code generated from policer.protocol: each uses only what the
 #: files before it define.
 LUA_FILES = ("header", "encoding", "calendar", "classify", "limits", "dialogs", "decide",
-             "admit", "batch", "tick", "read", "register")
+             "admit", "egress", "batch", "tick", "read", "register")
 
 
 @cache
@@ -269,6 +269,9 @@ def _protocol_code() -> str:
             f"  return {{{', '.join(native)}}}", "end", "",
             f"local R_DUPLICATE = {protocol.ADMIT_REPLY.lua('duplicate')}", ""]
     row = ", ".join(protocol.EXPLAIN_ROW.fields)
+    eg = ", ".join(protocol.EGRESS_REPLY.fields)
+    out += [f"-- the egress reply ({protocol.EGRESS_REPLY.name}), in its order",
+            f"local function egress_reply({eg})", f"  return {{{eg}}}", "end", ""]
     out += ["-- one row of explain's dry run", f"local function explain_row({row})",
             f"  return {{{row}}}", "end", ""]
     pattern = "^" + "([^|]*)|" * (len(rec) - 1) + "([^\\n]*)\\n(.*)$"
@@ -465,6 +468,8 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
                 # a hierarchy level: the profile it is the parent of, and whether a call
                 # whose value has no parent is rejected
                 "of": prof.parent_of,
+                # its value comes from where the call is sent: joined per attempt (egress)
+                "gw": root == "gateway" or None,
                 "miss": prof.on_missing_parent == "reject" if prof.parent_of else None,
                 "when": when,
                 "dirs": ({name: True for name in sorted(prof.when_directions)}
@@ -509,6 +514,7 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
         ("FROM_USER_ATTR", index["from_user"]),
         ("FROM_DOMAIN_ATTR", index["from_domain"]),
         ("SOURCE_IP_ATTR", index["source_ip"]),
+        ("GATEWAY_ATTR", index.get("gateway", 0)),
         ("REJECT_BY_PROFILE", rejects),
         ("DEFAULT_REJECT", _reject(policy.reject if policy else Reject())),
         ("TZ_AT", list(tz_at)),

@@ -36,6 +36,7 @@ from policer.store.base import (
     CallRecord,
     CallResult,
     DialogInfo,
+    EgressResult,
     ExplainRow,
     LibraryStore,
     Op,
@@ -299,6 +300,39 @@ class Engine:
         d = _decision(result)
         self._decided(call, d, t0)
         return d
+
+    def egress(self, dialog_id: str, gateway: str, deadline_ms: int | None = None
+               ) -> EgressResult:
+        """May an admitted call be sent to ``gateway`` (one call of the store's egress
+        function)? Taken, the dialog holds the gateway (and no earlier attempt's); full,
+        the proxy tries its next gateway. When the store fails, the policy's
+        ``on_store_error`` decides (admit: the call goes, uncounted). Never raises."""
+        if not self.breaker.allow():
+            return self.egress_fallback(dialog_id, "circuit open: the store failed "
+                                         "repeatedly")
+        deadline = self.store.deadline_ms() if deadline_ms is None else deadline_ms
+        try:
+            r = self.store.egress(dialog_id, gateway, deadline)
+        except StoreError as e:
+            self._failed()
+            self._store_error("egress", dialog_id, e)
+            return self.egress_fallback(dialog_id, str(e))
+        except Exception as e:  # defensive: a bug here must not drop the call
+            return self.egress_fallback(dialog_id, f"egress: {e!r}")
+        self._answered()
+        if not r.taken:
+            self.log.info("egress_full", dialog_id=dialog_id, gateway=gateway, code=r.code,
+                          limit=r.limit, count=r.count, max=r.max, kind=r.kind)
+        return r
+
+    def egress_fallback(self, dialog_id: str, error: str) -> EgressResult:
+        """What :meth:`egress` answers when the store does not: the policy's
+        ``on_store_error`` (admit: the call goes, uncounted)."""
+        policy = self._current.policy
+        go = policy.on_store_error == "admit"
+        rej = _OK if go else policy.reject
+        return EgressResult(go, rej.code, rej.reason, rej.retry_after, None, 0, -1, "", (),
+                            False, fallback=True, error=error)
 
     def admit_failed(self, call: Call, error: str | StoreError, t0: float,
                      deadline_ms: int | None = None) -> Decision:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["ADMIT_REPLY", "ATTEMPT", "BATCH_OPS", "DECISION", "DIALOG", "DIALOG_ANSWER",
-           "DIALOG_END", "EXPLAIN_ROW", "NATIVE_REPLY", "Fields", "OpSpec"]
+           "DIALOG_END", "EGRESS_REPLY", "EXPLAIN_ROW", "NATIVE_REPLY", "Fields", "OpSpec"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +80,23 @@ NATIVE_REPLY = _fields(
     ("max_duration_s", "an answered call's max duration, s, -1 none"),
     ("dialog_id", "the dialog id (admitted: the cfg keeps it, and its dialog events name "
                   "the dialog by it: the batch's +, ~ and - ops)"),
+)
+
+#: What ``policer_egress_S`` answers: may a live dialog be sent to a gateway?
+EGRESS_REPLY = _fields(
+    "egress reply",
+    ("taken", "1 the gateway had room and the dialog holds it now, 0 full"),
+    ("code", "SIP code (full: the gateway limit's reject)"),
+    ("reason", "SIP reason"),
+    ("retry_after", "Retry-After seconds, -1 none"),
+    ("limit", "profile of the tripped (or bypassed, or shadow) limit, '' none"),
+    ("count", "its count (a rate: calls owed; a window: its count)"),
+    ("max", "its max (a rate: its burst; a window: its cap)"),
+    ("kind", "what tripped: concurrent, rate, calls, parent; '' none"),
+    ("memberships", "the dialog's gateway memberships now, '\\n'-joined labels"),
+    ("known", "1 a live dialog; 0 the store does not know it (taken, nothing counted)"),
+    ("bypass", "1: an emergency call sent over a limit"),
+    ("shadow", "1: a shadow limit would have refused it"),
 )
 
 #: One membership of explain's dry run (rows follow the admit reply).

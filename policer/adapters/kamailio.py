@@ -186,6 +186,7 @@ def build_call(headers: Mapping[str, str] | None = None) -> Call:
         source_ip=pv("$si"),
         auth_user=pv("$au"),
         headers=headers,
+        gateway=pv("$du"),
     )
 
 

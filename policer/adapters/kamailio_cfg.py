@@ -92,6 +92,7 @@ _PV = {
     "to_user": "$tU",
     "source_ip": "$si",
     "auth_user": "$au",
+    "gateway": "$du",
 }
 #: The admit's deadline as ndb_redis expands it into the command (ARGV 9 and 10 of the
 #: admit function): the SIP worker's clock when it sent the command (``$TV(Sn)``, taken

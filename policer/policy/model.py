@@ -40,6 +40,7 @@ ATTRIBUTE_SOURCES = (
     "to_user",
     "source_ip",
     "auth_user",
+    "gateway",
 )
 #: Calendar windows of ``calls`` limits: their length in ms (``1mo``: a calendar month).
 WINDOWS: Mapping[str, int] = MappingProxyType({

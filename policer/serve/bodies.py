@@ -26,7 +26,8 @@ __all__ = ["MAX_DIALOG_ID", "BadRequest", "admit_of", "call_from_body", "call_of
 MAX_DIALOG_ID = 401
 #: What a dialog id policer handed out is made of (``policer.call.key_part`` twice).
 _DIALOG_ID = re.compile(r"[A-Za-z0-9_.@%~-]*;[A-Za-z0-9_.@%~-]*")
-_CALL_FIELDS = ("from_user", "from_domain", "ruri_user", "to_user", "source_ip", "auth_user")
+_CALL_FIELDS = ("from_user", "from_domain", "ruri_user", "to_user", "source_ip", "auth_user",
+                "gateway")
 
 
 class BadRequest(Exception):

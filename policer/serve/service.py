@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from policer.call import MAX_VALUE
 from policer.decision import Decision
 from policer.log import get_logger
 from policer.serve.bodies import (
@@ -91,6 +92,7 @@ class Service:
         self._post: dict[str, Callable[[bytes], Response | Job]] = {
             "/v1/admit": self.admit,
             "/v1/explain": self.explain,
+            "/v1/egress": self.egress,
             "/v1/confirm": self.confirm,
             "/v1/refresh": self.refresh,
             "/v1/release": self.release,
@@ -174,6 +176,22 @@ class Service:
                 return error(503, f"store error: {e}")
 
         return Job(run, lambda: error(503, f"store error: {self.no_answer()}"))
+
+    def egress(self, body: bytes) -> Job:
+        """``{"dialog_id", "gateway", ["sent", "timeout_ms"]}``: may the admitted call go
+        to this gateway? ``{"taken": true|false, ...}`` (``policer egress --json``); a
+        store that does not answer in time: the policy's ``on_store_error``."""
+        data = object_of(body)
+        did = dialog_id_from_body(data)
+        gateway = text(data, "gateway", True) or ""
+        if len(gateway) > MAX_VALUE:
+            raise BadRequest(f"'gateway' is longer than {MAX_VALUE} characters")
+        engine = self.engine
+        deadline = client_deadline(data, engine)
+        return Job(lambda: Response(200, dumps(engine.egress(did, gateway, deadline)
+                                               .as_dict())),
+                   lambda: Response(200, dumps(engine.egress_fallback(
+                       did, self.no_answer()).as_dict())))
 
     def confirm(self, body: bytes) -> Response | Job:
         did = dialog_id_from_body(object_of(body))

@@ -35,6 +35,7 @@ __all__ = [
     "CallResult",
     "DecisionStore",
     "DialogInfo",
+    "EgressResult",
     "ExplainRow",
     "LibraryStore",
     "Member",
@@ -215,6 +216,36 @@ class CallResult:
 
 
 @dataclass(frozen=True, slots=True)
+class EgressResult:
+    """May a live dialog be sent to a gateway (``policer_egress_S``)? Taken: the dialog
+    holds the gateway's memberships now (and no earlier attempt's); full: it holds none,
+    and ``code``/``reason`` are the tripped limit's answer."""
+
+    taken: bool
+    code: int
+    reason: str
+    retry_after: int | None
+    limit: str | None  # the tripped (or bypassed, or shadow) profile
+    count: int
+    max: int
+    kind: str  # concurrent | rate | calls | parent, '' none
+    memberships: tuple[str, ...]  # the dialog's gateway memberships now
+    known: bool  # False: the store does not know the dialog (taken, nothing counted)
+    bypass: bool = False
+    shadow: bool = False
+    fallback: bool = False  # the store failed: the policy's on_store_error decided
+    error: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {"taken": self.taken, "code": self.code, "reason": self.reason,
+                "retry_after": self.retry_after, "limit": self.limit, "count": self.count,
+                "max": self.max, "kind": self.kind or None,
+                "memberships": list(self.memberships), "known": self.known,
+                "bypass": self.bypass, "shadow": self.shadow, "fallback": self.fallback,
+                "error": self.error}
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     """Rate and calendar usage of one profile (value) at the store's clock."""
 
@@ -333,6 +364,12 @@ class DecisionStore(Protocol):
     def deadline_ms(self, budget_ms: int | None = None) -> int:
         """When a request sent now stops being waited for (the store's clock; default
         budget: the store's timeout)."""
+
+    def egress(self, dialog_id: str, gateway: str, deadline_ms: int | None = None
+               ) -> EgressResult:
+        """Send a live dialog to ``gateway`` if its gateway limits have room (its last
+        attempt's gateway is left either way; ``''`` only leaves it). ``deadline_ms``:
+        past it (the store's clock) nothing is written."""
 
     def admit_call(self, call: Call, node: str, record: bool = False,
                    deadline_ms: int | None = None) -> CallResult:

@@ -42,6 +42,7 @@ from policer.store.base import (
     CallRecord,
     CallResult,
     DialogInfo,
+    EgressResult,
     ExplainRow,
     Member,
     Op,
@@ -848,6 +849,73 @@ class MemoryStore:
     def limits(self, profile: str) -> dict[str, int]:
         with self._lock:
             return {value_from_key(k): v for k, v in self._limits.get(profile, {}).items()}
+
+    def egress(self, dialog_id: str, gateway: str, deadline_ms: int | None = None
+               ) -> EgressResult:
+        """The library's ``egress``: the dialog leaves its last attempt's gateway and
+        takes this one's if its limits have room, all or none."""
+        with self._lock:
+            now = self.now_ms()
+            if deadline_ms is not None and now > deadline_ms:
+                raise _late()
+            d = self._record(dialog_id, now)
+            policy, classifier = self._policy, self._classifier
+            if d is None or d.state not in ("early", "confirmed") or policy is None \
+                    or classifier is None:
+                return EgressResult(True, 200, "OK", None, None, 0, -1, "", (), False)
+            gw_profiles = {p.name for p in policy.profiles
+                           if policy.root_source(p) == "gateway"}
+            held = [k for k in d.keys if k[0] in gw_profiles]
+            members: tuple[Member, ...] = ()
+            missing: str | None = None
+            if gateway and "gateway" in attribute_sources(policy):
+                members, missing = classifier.egress(d.info.get("class") or None,
+                                                     d.info.get("source_ip", ""), gateway,
+                                                     self._parent_of)
+            mow = self._clock.minute_of_week(now)
+            entries = tuple(policy.limit_at(m.profile, mow, m.value) for m in members)
+            members = tuple(
+                m._replace(max=e.max, reserve=e.reserve_for_emergency,
+                           shadow=policy.shadow or e.shadow) if e is not None
+                else m._replace(max=-1, reserve=0, shadow=False)
+                for m, e in zip(members, entries, strict=True))
+            result = AdmitResult(True)
+            keys: list[tuple[str, str]] = []
+            checks: list[_Check] = []
+            if members:
+                if self._hold_until > now:
+                    raise StoreError("POLICER recovering: the counts are being restored")
+                req = AdmitRequest(dialog_id, members, 0, emergency=d.emergency,
+                                   emergency_bypass=d.emergency and policy.emergency_bypass,
+                                   entries=entries, missing_parent=missing)
+                keys, counts, checks = self._read(req, now, now, False)
+                counts = [c - 1 if k in held else c for k, c in zip(keys, counts, strict=True)]
+                result, _ = _decide(req, keys, counts, checks, False)
+            new = keys if result.admitted else []
+            for key in held:
+                if key not in new:
+                    self._profiles.get(key, {}).pop(dialog_id, None)
+                    if not self._profiles.get(key, True):
+                        del self._profiles[key]
+            fresh = [(k, c) for k, c in zip(new, checks, strict=False) if k not in held]
+            self._spend(dialog_id, [k for k, _ in fresh], [c for _, c in fresh], d.deadline)
+            d.keys = tuple(k for k in d.keys if k not in held) + tuple(new)
+            d.labels = tuple(p if not enc else f"{p}={enc}" for p, enc in d.keys)
+            limit_i = result.tripped if result.tripped >= 0 else result.shadow
+            limit = members[limit_i].profile if 0 <= limit_i < len(members) else None
+            if result.kind == "parent":
+                limit = result.parent
+            if not result.admitted:
+                rej = _answer(policy, limit, result.entry, result.kind)
+                retry = result.retry_after if result.kind in ("rate", "calls") \
+                    else rej.retry_after
+                return EgressResult(False, rej.code, rej.reason,
+                                    retry if retry is not None and retry >= 0 else None,
+                                    limit, result.count, result.max, result.kind, (), True)
+            return EgressResult(
+                True, 200, "OK", None, limit, result.count, result.max, result.kind,
+                tuple(f"{p}={value_from_key(enc)}" for p, enc in new), True,
+                result.bypass, result.shadow >= 0)
 
     def parent_set(self, profile: str, value: str, parent: str) -> str | None:
         with self._lock:

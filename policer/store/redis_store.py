@@ -47,6 +47,7 @@ from policer.store.base import (
     CallRecord,
     CallResult,
     DialogInfo,
+    EgressResult,
     ExplainRow,
     Op,
     StoreError,
@@ -160,8 +161,8 @@ class RedisStore:
         # has none: a policy-less library loaded into a namespace the proxies use would
         # decide their calls with no profile at all.
         self._autoload = policy is not None
-        self._fn = {op: library.function(op) for op in ("admit", "admitm", "batch", "tick",
-                                                        "read")}  # (admitm: the tests')
+        self._fn = {op: library.function(op) for op in (
+            "admit", "admitm", "egress", "batch", "tick", "read")}  # (admitm: the tests')
 
     # -- connection
     @property
@@ -507,6 +508,13 @@ class RedisStore:
                                              for call in calls])
         return [store_error(r) if isinstance(r, Exception)
                 else call_result(r) for r in replies]
+
+    def egress(self, dialog_id: str, gateway: str, deadline_ms: int | None = None
+               ) -> EgressResult:
+        args: list[Any] = [dialog_id, raw_bytes(gateway), self.clock_offset_ms]
+        if deadline_ms is not None:
+            args += [0, deadline_ms]
+        return egress_result(self._fcall("egress", args))
 
     def explain_call(self, call: Call, at_ms: int | None = None) -> CallResult:
         args = self.call_arguments(call, "", "e")
@@ -1021,6 +1029,18 @@ def call_result(r: list[Any]) -> CallResult:
         dialog_id=str(a["dialog_id"]), emergency=a["emergency"] == 1, rows=tuple(rows),
         kind=str(a["kind"]), window=str(a["window"]), max_duration_ms=md if md > 0 else None,
         direction=str(a.get("direction", "")) or None)
+
+
+def egress_result(r: list[Any]) -> EgressResult:
+    """The :class:`EgressResult` of an egress reply (``EGRESS_REPLY``)."""
+    a = protocol.EGRESS_REPLY.decode(r)
+    retry = int(a["retry_after"])
+    return EgressResult(
+        taken=a["taken"] == 1, code=int(a["code"]), reason=str(a["reason"]),
+        retry_after=None if retry < 0 else retry, limit=str(a["limit"]) or None,
+        count=int(a["count"]), max=int(a["max"]), kind=str(a["kind"]),
+        memberships=tuple(label_from_key(x) for x in str(a["memberships"]).split("\n") if x),
+        known=a["known"] == 1, bypass=a["bypass"] == 1, shadow=a["shadow"] == 1)
 
 
 def decisions_from(raw: dict[str, str]) -> dict[tuple[str, str], int]:

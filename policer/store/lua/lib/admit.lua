@@ -41,6 +41,14 @@ local function late_reply(now, rq)
                            '); nothing was written, its fallback decides')
 end
 
+-- Redis lost its state and the proxies are putting their calls back: the counts are not
+-- whole yet, so no limit is decided on them (the callers' fallback decides)
+local function recovering_reply()
+  return redis.error_reply('POLICER recovering: the counts are being restored from ' ..
+                           'the proxies after Redis lost its state; the caller\'s ' ..
+                           'fallback decides for a few seconds')
+end
+
 local function fn_admit(keys, args)
   if args[7] and args[7] ~= '' and args[7] ~= ATTRS_SIG then
     return redis.error_reply('POLICER the call\'s attributes were packed for another ' ..
@@ -68,12 +76,6 @@ local function fn_admit(keys, args)
                        at, nil, rq_s)
   REPLY_NATIVE = false
   if r == nil then return late_reply(now, rq or now) end
-  if r == HOLD then
-    -- Redis lost its state and the proxies are putting their calls back: the counts
-    -- are not whole yet, so no limit is decided on them (the callers' fallback decides)
-    return redis.error_reply('POLICER recovering: the counts are being restored from ' ..
-                             'the proxies after Redis lost its state; the caller\'s ' ..
-                             'fallback decides for a few seconds')
-  end
+  if r == HOLD then return recovering_reply() end
   return r
 end

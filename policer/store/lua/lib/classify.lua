@@ -312,8 +312,9 @@ local function value_of(p, values, pv, looked)
 end
 
 -- The call's memberships in policy order; a call without a value for a valued profile
--- joins no count of it. mow: the minute of the week schedules pick entries at.
-local function build_plan(values, cls, dir, mow)
+-- joins no count of it. mow: the minute of the week schedules pick entries at; gw: only
+-- the profiles whose value is where the call is sent (an egress attempt's).
+local function build_plan(values, cls, dir, mow, gw)
   local ps = PLAN_OF[situation(cls, dir)] or PLAN_OF[situation('', '')]
   local members = {}
   local n = 0
@@ -322,7 +323,8 @@ local function build_plan(values, cls, dir, mow)
     local p = ps[i]
     local e = p.entries[1]
     if p.sched then e = pick_entry(p, mow) end
-    if p.attr == 0 then
+    if gw and not p.gw then
+    elseif p.attr == 0 then
       n = n + 1
       members[n] = {p, e, '', p.fld, p.fields}
     else

@@ -93,41 +93,21 @@ local function attempt(did, result, cls, node, code, limit, kind, tail)
              'a', attempt_pack(result, NOW_S, cls, node, ATTRS_SIG, code, limit, kind), 'x', tail)
 end
 
--- Decide one dialog over its plan (classify) and, unless dry, record it: all or none.
--- flags: FLAG_EMERGENCY may use reserves, FLAG_BYPASS admitted over every limit,
--- FLAG_RECORD joins without checking (a call the fallback admitted), FLAG_REGISTER adds
--- the node to P nidx, FLAG_HOLD: admits are held while P c's '!hold' is ahead (then the
--- answer is HOLD). lnow: the instant calendar windows and schedules are read at (now,
--- but for explain --at). rq: the deadline of the request (string), nil none. tail: the
--- record's packed Call-ID and attributes. One HMGET reads the counts; the record is
--- written with SET NX, which finds a dialog decided before (existing) before anything
--- else is written. Returns the reply, or nil: this request was settled (void) before it
--- arrived.
-local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq, tail, attrs)
-  local members, md = plan.members, plan.md
-  local emergency = flags % 2 == 1
-  local bypass_allowed = math.floor(flags / 2) % 2 == 1
-  local record = math.floor(flags / FLAG_RECORD) % 2 == 1
-  local register = math.floor(flags / FLAG_REGISTER) % 2 == 1
-  local hold = flags >= FLAG_HOLD
-  local emergency_out = 0
-  if emergency then emergency_out = 1 end
-
+-- The members of a plan checked over what its HMGET read (h), writing nothing: the
+-- first member whose limit trips rejects (a dry run goes on, for its rows); a shadow
+-- limit only reports (the first: shadow); an emergency call with the bypass is admitted
+-- over every limit; nochecks (a record) trips nothing. Returns the tripped member (0
+-- none), its count, max, kind, Retry-After and window, bypass (1|0), the shadow member
+-- (0 none), each member's count, the states to spend (member -> state, nil none) and a
+-- dry run's rows.
+local function check_members(plan, h, emergency, bypass_allowed, nochecks, dry, now, lnow)
+  local members = plan.members
   local n = #members
-  local h = redis.call('HMGET', COUNTS, unpack(plan.hm))
-  if hold and h[1] and tonumber(h[1]) > now then return HOLD end
-  local chk = plan.chk
-  if chk then
-    for i = 1, #chk do
-      if h[chk[i][1]] ~= chk[i][2] then return STALE end
-    end
-  end
   local pos = plan.pos
   local tripped, tcount, tmax, bypass, shadow = 0, 0, -1, 0, 0
   local tkind, tretry, twin = '', -1, ''
   local rows = nil
   if dry then rows = {} end
-  local nochecks = record and not dry
   local spend = nil  -- member index -> its new rate/window state
   local counts = {}
   for i = 1, n do
@@ -198,6 +178,42 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
       end
     end
   end
+
+  return tripped, tcount, tmax, tkind, tretry, twin, bypass, shadow, counts, spend, rows
+end
+
+-- Decide one dialog over its plan (classify) and, unless dry, record it: all or none.
+-- flags: FLAG_EMERGENCY may use reserves, FLAG_BYPASS admitted over every limit,
+-- FLAG_RECORD joins without checking (a call the fallback admitted), FLAG_REGISTER adds
+-- the node to P nidx, FLAG_HOLD: admits are held while P c's '!hold' is ahead (then the
+-- answer is HOLD). lnow: the instant calendar windows and schedules are read at (now,
+-- but for explain --at). rq: the deadline of the request (string), nil none. tail: the
+-- record's packed Call-ID and attributes. One HMGET reads the counts; the record is
+-- written with SET NX, which finds a dialog decided before (existing) before anything
+-- else is written. Returns the reply, or nil: this request was settled (void) before it
+-- arrived.
+local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq, tail, attrs)
+  local members, md = plan.members, plan.md
+  local emergency = flags % 2 == 1
+  local bypass_allowed = math.floor(flags / 2) % 2 == 1
+  local record = math.floor(flags / FLAG_RECORD) % 2 == 1
+  local register = math.floor(flags / FLAG_REGISTER) % 2 == 1
+  local hold = flags >= FLAG_HOLD
+  local emergency_out = 0
+  if emergency then emergency_out = 1 end
+
+  local n = #members
+  local h = redis.call('HMGET', COUNTS, unpack(plan.hm))
+  if hold and h[1] and tonumber(h[1]) > now then return HOLD end
+  local chk = plan.chk
+  if chk then
+    for i = 1, #chk do
+      if h[chk[i][1]] ~= chk[i][2] then return STALE end
+    end
+  end
+  local nochecks = record and not dry
+  local tripped, tcount, tmax, tkind, tretry, twin, bypass, shadow, counts, spend, rows =
+    check_members(plan, h, emergency, bypass_allowed, nochecks, dry, now, lnow)
 
   local admitted = 1
   if tripped > 0 and bypass == 0 then admitted = 0 end

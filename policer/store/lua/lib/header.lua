@@ -3,7 +3,7 @@
 -- generated from the tables of policer.protocol (the replies, the dialog record, the
 -- decision), then the files of policer/store/lua/lib/ in the order of
 -- policer.compile.LUA_FILES (this header, encoding, calendar, classify, limits, dialogs,
--- decide, admit, batch, tick, read, register).
+-- decide, admit, egress, batch, tick, read, register).
 --
 -- Functions (S = the namespace as a function-name suffix). KEYS[1] is always P, the
 -- namespace prefix 'policer:{ns}:', declared so that Redis Cluster routes the call; the
@@ -30,6 +30,13 @@
 --   Reply: ADMIT_REPLY (policer.protocol); explain adds an EXPLAIN_ROW per member. An
 --   error 'POLICER recovering ...' while P c's '!hold' is ahead (Redis lost its state:
 --   the nodes are putting their calls back; the caller's fallback decides).
+--
+-- policer_egress_S  may an admitted dialog be sent to a gateway (one call per attempt)
+--   ARGV[1] the dialog id (encoded)  ARGV[2] the gateway (raw; '' leaves the dialog's)
+--   ARGV[3] clock offset ms  ARGV[4] ARGV[5] the caller's deadline (as the admit's
+--   ARGV[9] ARGV[10])
+--   Reply: EGRESS_REPLY (policer.protocol). The profiles whose value is the gateway (and
+--   the levels above them) are left and joined per attempt, all or none.
 --
 -- policer_batch_S   answers, ends and other dialog events, many in one call
 --   ARGV[1] ops, concatenated: BATCH_OPS of policer.protocol. A packed op is one letter
