@@ -100,3 +100,12 @@ def test_value_limit_errors_name_the_place(tmp_path: Path) -> None:
         "'rate_reject'?)",
         "13:12: limits.trunk.values.gw3: a list of limits needs at least one entry",
     )]
+
+
+def test_a_values_answer_is_the_profiles_unless_it_gives_its_own(
+        engine_for: EngineFactory) -> None:
+    e = engine_for(trunk_policy({"max": 5, "reject": {"code": 480, "reason": "Trunk Busy"},
+                                 "values": {"gw1": {"max": 0},
+                                            "gw2": {"max": 0, "reject": {"code": 486}}}}))
+    assert (e.admit(via("gw1")).code, e.admit(via("gw1")).reason) == (480, "Trunk Busy")
+    assert e.admit(via("gw2")).code == 486

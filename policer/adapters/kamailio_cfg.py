@@ -56,7 +56,7 @@ from policer.compile import compile_policy
 from policer.log import redact
 from policer.metrics import DECISION_RESULTS, LATENCY_BUCKETS
 from policer.policy import Policy, load_policy
-from policer.protocol import NATIVE_REPLY
+from policer.protocol import EGRESS_REPLY, NATIVE_REPLY
 from policer.store.keys import key_part
 
 __all__ = [
@@ -92,7 +92,9 @@ _PV = {
     "to_user": "$tU",
     "source_ip": "$si",
     "auth_user": "$au",
-    "gateway": "$du",
+    # where the call is sent: set by route(POLICER_EGRESS) from $du (host:port), so
+    # unset ($null) when the call is admitted
+    "gateway": "$avp(policer_gw)",
 }
 #: The admit's deadline as ndb_redis expands it into the command (ARGV 9 and 10 of the
 #: admit function): the SIP worker's clock when it sent the command (``$TV(Sn)``, taken
@@ -192,6 +194,7 @@ def sum_counter(result: str) -> str:
 CFG_COUNTERS = {
     "policer_store_error_admit": "admits Redis did not answer (error, timeout, no function)",
     "policer_store_error_batch": "dialog-event batches Redis did not apply (kept, retried)",
+    "policer_store_error_egress": "gateway attempts Redis did not answer (on_store_error)",
     "policer_fallback_admitted": "calls admitted by on_store_error or as emergency calls",
     "policer_fallback_rejected": "calls rejected by on_store_error",
     "policer_batches": "dialog-event batches applied",
@@ -302,8 +305,15 @@ def generate(policy: Policy, node: str, redis_url: str, *,
         # the node as the batch function's 'a' op carries it (raw: the function encodes it)
         "POLICER_NODE_FIELD": _cfg_str(pack_fields([node]).decode("utf-8", "surrogateescape")),
         "POLICER_QUEUE_SIZE": str(max(1, policy.pending_queue)),
+        # one attempt to send an admitted dialog to a gateway: its id, the gateway, the
+        # clock offset (0) and the deadline, as the admit's
+        "POLICER_EGRESS_CMD": _cfg_str(f"FCALL {library.function('egress')} 1 "
+                                       f"{library.prefix} %s %s 0 {_DEADLINE_PVS}"),
     }
-    for name in ("POLICER_ADMIT_CMD", "POLICER_BATCH_CMD"):
+    if "gateway" in sources:
+        # route(POLICER_EGRESS) asks Redis only when the policy has a gateway profile
+        defines["POLICER_WITH_EGRESS"] = "1"
+    for name in ("POLICER_ADMIT_CMD", "POLICER_BATCH_CMD", "POLICER_EGRESS_CMD"):
         # never: key_part and namespaces leave no '$' (only the deadline's own variables)
         if "$" in defines[name].replace(_DEADLINE_PVS, ""):
             raise ValueError(f"{name} would hold a '$'")
@@ -363,6 +373,8 @@ def generate(policy: Policy, node: str, redis_url: str, *,
         "",
         *_reply_route(),
         "",
+        *_egress_reply_route(),
+        "",
         "# the call's attributes, kept with Kamailio's dialog for `policer reconcile`",
         "route[POLICER_KEEP] {",
         f"\t$dlg_var(policer_call) = {_cfg_str(KEPT_PREFIX + ','.join(sources) + ';')}"
@@ -417,6 +429,20 @@ def _reply_route() -> list[str]:
     out += ["#!ifdef POLICER_WORKER_LATENCY"] + ["\t" + read(f) for f in REPLY_VARS["latency"]]
     out += ["#!endif", "}"]
     return out
+
+
+def _egress_reply_route() -> list[str]:
+    """route[POLICER_EGRESS_REPLY]: the egress reply (EGRESS_REPLY) into
+    ``$var(policer_egress)`` (1 taken, 0 full) and, full, ``$var(policer_code)``,
+    ``$var(policer_reason)``, ``$var(policer_retry_after)``."""
+    def read(var: str, field: str) -> str:
+        return f"$var({var}) = $redis(policer_egress=>value[{EGRESS_REPLY.index(field)}]);"
+
+    return ["# the egress reply (policer.protocol EGRESS_REPLY) into $var(policer_...)",
+            "route[POLICER_EGRESS_REPLY] {", "	" + read("policer_egress", "taken"),
+            "	if ($var(policer_egress) != 1) {",
+            "		" + read("policer_code", "code"), "		" + read("policer_reason", "reason"),
+            "		" + read("policer_retry_after", "retry_after"), "	}", "}"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

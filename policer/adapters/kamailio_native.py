@@ -267,6 +267,7 @@ class NativeTimer:
                 m.observed(result, buckets, us / 1e6)
         admit_errors = self._counter("policer_store_error_admit")
         batch_errors = self._counter("policer_store_error_batch")
+        egress_errors = self._counter("policer_store_error_egress")
         applied = self._counter("policer_batches")
         admitted = self._counter("policer_fallback_admitted")
         rejected = self._counter("policer_fallback_rejected")
@@ -281,6 +282,7 @@ class NativeTimer:
         m.fallbacks(False, rejected)
         m.store_error("admit", admit_errors)
         m.store_error("batch", batch_errors)
+        m.store_error("egress", egress_errors)
         k = ksr()
         try:
             queued = int(k.pv.get(f"$mq_size({QUEUE})") or 0)

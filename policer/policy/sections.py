@@ -746,24 +746,26 @@ def read_limits(r: Reader, node: Node | None, profile_names: set[str], default_r
                     if not (isinstance(k, ScalarNode) and k.value == "values")]
             lnode = MappingNode(given.tag, rest, given.start_mark, given.end_mark,
                                 given.flow_style) if rest else None
+        es: tuple[Limit, ...] = ()
+        if lnode is not None:
+            es = _entries(r, lnode, path, name, name, default_reject, schedules)
+            if es:  # (with an entry missing the file has errors: kept for the checks)
+                out[name] = es
         if values_node is not None:
             if name not in valued:
                 r.error(values_node, f"{path}.values", "limits of single values need a "
                         f"valued profile (profiles.{name}.value)")
-            else:
-                vm = r.free_mapping(values_node, f"{path}.values") or {}
-                own: dict[str, tuple[Limit, ...]] = {}
-                for value, vnode in vm.items():
-                    es = _entries(r, vnode, f"{path}.values.{value}", name,
-                                  f"{name}.values.{value}", default_reject, schedules)
-                    if es:
-                        own[value] = es
-                by_value[name] = own
-        if lnode is None:
-            continue
-        es = _entries(r, lnode, path, name, name, default_reject, schedules)
-        if es:  # (with an entry missing the file has errors: kept for the checks)
-            out[name] = es
+                continue
+            # a value's answer is the profile's unless it gives its own
+            value_reject = es[0].reject if es else default_reject
+            vm = r.free_mapping(values_node, f"{path}.values") or {}
+            own: dict[str, tuple[Limit, ...]] = {}
+            for value, vnode in vm.items():
+                ves = _entries(r, vnode, f"{path}.values.{value}", name,
+                               f"{name}.values.{value}", value_reject, schedules)
+                if ves:
+                    own[value] = ves
+            by_value[name] = own
     return out, by_value
 
 

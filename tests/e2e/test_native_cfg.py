@@ -127,6 +127,10 @@ def test_kamailio_accepts_the_native_cfg(policy: Path, tmp_path: Path,
             "-A", f'POLICER_PYTHON_SCRIPT="{ROOT}/deploy/kamailio/policer_kamailio_native.py"']
     for d in defines:
         args += ["-A", d]
+    if "POLICER_WITH_EGRESS=1" in defines:  # and the example proxy's gateways
+        (tmp_path / "gateways.list").write_text("1 sip:127.0.0.1:15061 0 1\n")
+        args += ["-A", "WITH_GATEWAYS",
+                 "-A", f'POLICER_DISPATCHER_LIST="{tmp_path / "gateways.list"}"']
     done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=30,
                           check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -240,7 +240,12 @@ class Lab:
     # -- policy and CLI
     def use_policy(self, name: str) -> Path:
         """Copy tests/e2e/policies/NAME.yaml with a namespace of its own."""
-        text = (POLICIES / f"{name}.yaml").read_text()
+        return self.use_policy_file(POLICIES / f"{name}.yaml")
+
+    def use_policy_file(self, source: Path) -> Path:
+        """Copy a policy file with a namespace of its own."""
+        name = source.stem
+        text = source.read_text()
         self.namespace = f"e2e{os.getpid()}{time.monotonic_ns() % 10**9}"
         text, n = re.subn(r"(?m)^namespace:.*$", f"namespace: {self.namespace}", text)
         assert n == 1, f"{name}.yaml needs one top-level namespace line"
