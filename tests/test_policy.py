@@ -259,8 +259,8 @@ ERRORS: dict[str, list[str]] = {
     "value_source.yaml": [
         "7:17: profiles.user.value: unknown attribute 'from_usr' (did you mean 'from_user'?)",
         "8:19: profiles.tenant.value: unknown attribute 'tenant'; use one of account, "
-        "from_user, from_domain, ruri_user, to_user, source_ip, auth_user, gateway, or header:<Name> "
-        "(define others under call.attributes)",
+        "from_user, from_domain, ruri_user, to_user, source_ip, auth_user, gateway, or "
+        "header:<Name> (define others under call.attributes)",
         "9:18: profiles.empty.value: expected a string, got nothing",
         "10:18: profiles.trunk.value: not a SIP header name: 'X Trunk'",
     ],

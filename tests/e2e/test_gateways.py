@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.redis_server import RedisServer
-from tests.support.e2e import POLICIES, Lab, Proxy, Uas, free_udp_port
+from lab.redis_server import RedisServer, free_udp_port
+from tests.support.e2e import POLICIES, Lab, Proxy, Uas
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
