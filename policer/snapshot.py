@@ -54,6 +54,9 @@ class Snapshot:
     policy_file_hash: str = ""
     #: each node holding a lease: its clock minus the store's (ms), as it measured it
     skews: Mapping[str, int] = field(default_factory=dict)
+    #: per hierarchy level, the parent of each value shown of the profile below it
+    #: (live parents over the file's)
+    parents: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def decided(self, result: str, profile: str) -> int:
         return self.decisions.get((result, profile), 0)
@@ -65,7 +68,10 @@ def take_snapshot(policy: Policy, store: AdminStore, top: int = 5,
 
     For valued profiles, the ``top`` busiest values and every value in
     ``listed[profile]`` get a row of their own (bounded label cardinality for
-    the exporter); the profile's own row holds the sum over all values.
+    the exporter); the profile's own row holds the sum over all values. A gateway
+    profile (its value is where calls are sent: few values) shows every gateway that
+    has calls or limits of its own. For each hierarchy level, the parents of the values
+    shown of the level below are read too (``Snapshot.parents``).
     """
     rows: list[ProfileRow] = []
     values: list[ProfileRow] = []
@@ -82,8 +88,13 @@ def take_snapshot(policy: Policy, store: AdminStore, top: int = 5,
         counts = store.profile_values(p.name)
         rows.append(ProfileRow(p.name, None, sum(counts.values()), None, shadow))
         own = policy.value_entries.get(p.name, {})
-        live_limits = store.limits(p.name) if limit or own else {}
-        chosen = sorted(counts, key=lambda v: (-counts[v], v))[:max(0, top)]
+        gateway = policy.root_source(p) == "gateway"
+        live_limits = store.limits(p.name) if limit or own or gateway else {}
+        chosen = sorted(counts, key=lambda v: (-counts[v], v))
+        if gateway:
+            chosen += [v for v in live_limits if v not in counts]
+        else:
+            chosen = chosen[:max(0, top)]
         for v in (*(listed or {}).get(p.name, ()), *own):
             if v not in chosen:
                 chosen.append(v)
@@ -96,8 +107,15 @@ def take_snapshot(policy: Policy, store: AdminStore, top: int = 5,
             values.append(_row(store, p.name, vlimit, vshadow, v, n, mx))
     leased = store.nodes()
     skews = {n: ms for n, (ms, _) in store.node_skews().items() if n in leased}
+    parents: dict[str, dict[str, str]] = {}
+    for p in policy.profiles:
+        if p.parent_of is not None:
+            live = store.parents(p.name)
+            known = {**policy.parents.get(p.name, {}), **live}
+            parents[p.name] = {v.value: known[v.value] for v in values
+                               if v.profile == p.parent_of and v.value in known}
     return Snapshot(tuple(rows), tuple(values), store.stats(), store.decisions(), store.ended(),
-                    store.loaded_hash(), compile_policy(policy).policy_hash, skews)
+                    store.loaded_hash(), compile_policy(policy).policy_hash, skews, parents)
 
 
 def _row(store: AdminStore, profile: str, limit: Limit | None, shadow: bool, value: str | None,

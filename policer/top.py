@@ -78,10 +78,19 @@ def render(policy: Policy, now: Snapshot, before: Snapshot | None = None,
     by_profile: dict[str, list[ProfileRow]] = {}
     for v in now.values:
         by_profile.setdefault(v.profile, []).append(v)
+    below = {p.name: p.parent_of for p in policy.profiles if p.parent_of is not None}
     for r in now.rows:
         lines.append(row_line(r, r.profile))
         for v in by_profile.get(r.profile, []):
             lines.append(row_line(v, f"  {r.profile}={printable(v.value or '')}"))
+            child = below.get(r.profile)
+            if child is None:
+                continue
+            # a hierarchy level: the values shown of the level below, under their parent
+            of = now.parents.get(r.profile, {})
+            for c in by_profile.get(child, []):
+                if c.value is not None and of.get(c.value) == v.value:
+                    lines.append(row_line(c, f"    {child}={printable(c.value)}"))
     return "\n".join(lines)
 
 

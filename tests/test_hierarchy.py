@@ -12,7 +12,9 @@ import pytest
 
 from policer.call import Call
 from policer.policy import Policy, PolicyError, load_policy
+from policer.snapshot import take_snapshot
 from policer.store import Store
+from policer.top import render
 from tests.support import EngineFactory, call
 from tests.support.cli import cli_json, log_events, run_cli
 from tests.support.policies import build_policy, policy_yaml
@@ -176,3 +178,29 @@ def test_parents_from_the_command_line_are_audited(tmp_path: Path,
     assert listed["acme"] == {"parent": "r-file", "source": "policy"}
     bad = run_cli("parent", "set", "customer", "acme", "x", *base, env=env)
     assert bad.returncode != 0 and "not a level of a hierarchy" in bad.stderr
+
+
+def test_top_shows_customers_under_their_reseller_and_every_gateway(
+        engine_for: EngineFactory, store: Store) -> None:
+    policy = build_policy(
+        "hier", version=2, attributes=ACCOUNT,
+        profiles={"customer": "account", "reseller": {"value": {"parent": "customer"}},
+                  "trunk": "gateway"},
+        limits={"reseller": 10, "trunk": {"values": {"gw-idle:5060": {"max": 2}}}},
+        parents={"reseller": {"acme": "r1", "bolt": "r2"}})
+    e = engine_for(policy)
+    store.parent_set("reseller", "core", "r1")
+    for acct in ("acme", "acme", "core", "bolt"):
+        d = e.admit(by("u", acct))
+        assert d.admitted
+    for i, gw in enumerate(("gw-a:5060", "gw-b:5060", "gw-c:5060")):
+        store.egress(e.admit(by(f"g{i}", "acme")).dialog_id, gw)
+    snap = take_snapshot(policy, store, top=1)
+    assert snap.parents["reseller"].get("acme") == "r1"
+    frame = render(policy, snap).splitlines()
+    names = [line.split()[0] for line in frame if line.startswith("  ")]
+    r1 = names.index("reseller=r1")
+    assert names[r1 + 1] == "customer=acme"  # the busiest customer, under its reseller
+    # every gateway has a row (few values: no top-N cut), also one with no calls yet
+    assert {"trunk=gw-a:5060", "trunk=gw-b:5060", "trunk=gw-c:5060",
+            "trunk=gw-idle:5060"} <= set(names)

@@ -6,6 +6,10 @@ The same stateful proxy as kamailio.cfg + policer.cfg, routed in Python:
   tracking; a call with a max duration is ended with a BYE to each side when it
   reaches it, released as duration_cap) or rejects (reply with the decision's code,
   reason, Retry-After);
+* with POLICER_GATEWAYS (run: the dispatcher's list, kemi.cfg WITH_GATEWAYS) an
+  admitted INVITE goes to the first gateway of set 1, in priority order, that has room
+  under policer's egress limits (one store call per attempt); a gateway that fails
+  (5xx, 408) is left for the next one; none left: the gateway limit's reject;
 * in-dialog requests follow the Record-Route set;
 * 401/407 from the upstream: answered once with uac_auth() when
   POLICER_UPSTREAM_AUTH_USER is set (same dialog, counted once);
@@ -50,6 +54,7 @@ class PolicerKemi:
         self.auth_realm = os.environ.get("POLICER_UPSTREAM_AUTH_REALM", "")
         rr = os.environ.get("POLICER_RECORD_ROUTE", "").removeprefix("sip:")
         self.record_route = rr
+        self.gateways = bool(os.environ.get("POLICER_GATEWAYS"))
 
     def child_init(self, rank: int) -> int:
         return 0
@@ -110,9 +115,41 @@ class PolicerKemi:
             policer_kamailio.manage_current(verdict)
             # the call's attributes, for `policer reconcile` if Redis ever loses the call
             KSR.pv.sets("$dlg_var(policer_call)", verdict.call_json)
+            if self.gateways:
+                self.to_gateway()
+                return
 
         KSR.setdsturi(self.upstream)
         self.relay()
+
+    def to_gateway(self) -> None:
+        """The admitted INVITE to the first gateway of set 1 (priority order) with room;
+        none: the gateway limit's reject."""
+        if KSR.dispatcher.ds_select_dst(1, 8) < 0:
+            KSR.sl.send_reply(503, "No Gateway")
+            policer_kamailio.release_current("failed")
+            return
+        r = self.gateway_with_room()
+        if r.taken:
+            self.relay()
+            return
+        self.reply_full(r, KSR.sl.send_reply)
+        policer_kamailio.release_current("failed")
+
+    def gateway_with_room(self) -> policer_kamailio.EgressResult:
+        """$du if it has room for the call, else the next gateway that has
+        (ds_next_dst): the last attempt's answer."""
+        r = policer_kamailio.egress_current()
+        while not r.taken and KSR.dispatcher.ds_next_dst() > 0:
+            r = policer_kamailio.egress_current()
+        return r
+
+    @staticmethod
+    def reply_full(r: policer_kamailio.EgressResult, send: object) -> None:
+        if r.retry_after is not None:
+            KSR.hdr.append_to_reply(f"Retry-After: {r.retry_after}\r\n")
+        code = r.code if 300 <= r.code <= 699 else 503
+        send(code, r.reason)  # type: ignore[operator]
 
     def route_within_dialog(self) -> None:
         # a BYE for a dialog another (perhaps dead) proxy set up: still release it
@@ -150,6 +187,16 @@ class PolicerKemi:
                 KSR.pv.sets("$avp(policer_auth_realm)", self.auth_realm)
                 if KSR.uac.uac_auth() > 0:
                     KSR.tm.t_relay()
+                return OK
+            if self.gateways and KSR.tm.t_check_status("5[0-9][0-9]|408") > 0 \
+                    and KSR.dispatcher.ds_next_dst() > 0:
+                # the gateway failed: the next one with room (its egress leaves this one)
+                r = self.gateway_with_room()
+                if r.taken:
+                    KSR.tm.t_on_failure("ksr_failure_upstream")
+                    KSR.tm.t_relay()
+                else:
+                    self.reply_full(r, KSR.tm.t_reply)
         except Exception:
             self.on_exception("failure_route")
         return OK

@@ -67,8 +67,9 @@ from policer.adapters.kamailio_queue import (
     waiting,
 )
 from policer.call import Call
+from policer.compile import attribute_sources
 from policer.decision import Decision
-from policer.store import Op
+from policer.store import EgressResult, Op
 from policer.store.keys import dialog_id, split_dialog_id
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "DURATION_CAP_ROUTE",
     "OK",
     "QUEUE",
+    "EgressResult",
     "NativeHandler",
     "NativeTimer",
     "Verdict",
@@ -85,10 +87,12 @@ __all__ = [
     "build_call",
     "current_dialog_id",
     "dialog_event",
+    "egress_current",
     "emergency_entries",
     "engine",
     "fallback_tables",
     "flush",
+    "gateway_of",
     "log",
     "manage_current",
     "probe",
@@ -186,8 +190,34 @@ def build_call(headers: Mapping[str, str] | None = None) -> Call:
         source_ip=pv("$si"),
         auth_user=pv("$au"),
         headers=headers,
-        gateway=pv("$du"),
+        gateway=gateway_of(pv("$du")),
     )
+
+
+def gateway_of(uri: str | None) -> str:
+    """A gateway as policer names it: the ``host:port`` of a destination URI (``$du``,
+    e.g. ``sip:10.0.0.1:5060;transport=udp`` -> ``10.0.0.1:5060``); '' none."""
+    if not uri:
+        return ""
+    rest = uri.split(":", 1)[1] if uri[:4].lower() in ("sip:", "sips") else uri
+    return rest.split(";", 1)[0].split("?", 1)[0].rsplit("@", 1)[-1]
+
+
+def egress_current() -> EgressResult:
+    """May the current admitted INVITE go to ``$du`` (the gateway a dispatcher chose)?
+    One store call per attempt, none when the policy has no gateway profile. Taken:
+    relay it; full: try the next gateway (``ds_next_dst``), and when none is left answer
+    with the result's ``code`` and ``reason``. Never raises (the policy's
+    ``on_store_error`` decides when the store does not answer)."""
+    eng = engine()
+    gw = gateway_of(pv("$du"))
+    try:
+        if "gateway" not in attribute_sources(eng.policy):
+            return EgressResult(True, 200, "OK", None, None, 0, -1, "", (), False)
+        return eng.egress(current_dialog_id(), gw)
+    except Exception:
+        log_exception("egress", pv("$ci"))
+        return eng.egress_fallback(current_dialog_id(), "egress: internal error")
 
 
 def admit_current() -> Verdict:

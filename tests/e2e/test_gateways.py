@@ -1,5 +1,5 @@
-"""Egress gateways through Kamailio's dispatcher (native flavour, kamailio.cfg
-WITH_GATEWAYS): three SIPp gateways in priority order, capped at 2, 2 and (almost)
+"""Egress gateways through Kamailio's dispatcher (kamailio.cfg and kemi.cfg
+WITH_GATEWAYS, the native and KEMI flavours): three SIPp gateways in priority order, capped at 2, 2 and (almost)
 none by policer. A call goes to the first gateway with room; a gateway that fails (503)
 frees its slot at once and the call moves on; when every gateway is full the call gets
 the gateway limit's reject. Every count equals the calls up, and returns to 0."""
@@ -20,9 +20,10 @@ HOLD_MS = 6000
 PLACEHOLDERS = ("127.0.0.1:15061", "127.0.0.1:15062", "127.0.0.1:15063")
 
 
-@pytest.fixture
-def native(e2e_redis: RedisServer, tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab("native", e2e_redis.url, tmp_path)
+@pytest.fixture(params=["native", "kemi"])
+def lab(request: pytest.FixtureRequest, e2e_redis: RedisServer,
+           tmp_path: Path) -> Iterator[Lab]:
+    lab = Lab(str(request.param), e2e_redis.url, tmp_path)
     try:
         yield lab
     finally:
@@ -51,8 +52,7 @@ def invites(uas: Uas) -> int:
 
 
 def test_calls_fill_the_gateways_in_order_and_the_rest_get_the_limits_reject(
-        native: Lab) -> None:
-    lab = native
+        lab: Lab) -> None:
     proxy, uases, gws = start(lab, ("uas.xml", "uas.xml", "uas.xml"))
     lab.policer("limits", "set", "trunk", gws[2], "1")  # the last gateway: one call
     uac = lab.start_uac(proxy, [(f"u{i}", "", "5551000") for i in range(6)],
@@ -74,8 +74,7 @@ def test_calls_fill_the_gateways_in_order_and_the_rest_get_the_limits_reject(
     assert proxy.active_dialogs() == 0
 
 
-def test_a_failing_gateway_frees_its_slot_at_once(native: Lab) -> None:
-    lab = native
+def test_a_failing_gateway_frees_its_slot_at_once(lab: Lab) -> None:
     proxy, uases, gws = start(lab, ("uas_unavailable.xml", "uas.xml", "uas.xml"))
     uac = lab.start_uac(proxy, [(f"u{i}", "", "5551000") for i in range(4)],
                         hold_ms=HOLD_MS, rate=5)
