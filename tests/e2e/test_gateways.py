@@ -1,8 +1,9 @@
 """Egress gateways through Kamailio's dispatcher (kamailio.cfg and kemi.cfg
-WITH_GATEWAYS, the native and KEMI flavours): three SIPp gateways in priority order, capped at 2, 2 and (almost)
-none by policer. A call goes to the first gateway with room; a gateway that fails (503)
-frees its slot at once and the call moves on; when every gateway is full the call gets
-the gateway limit's reject. Every count equals the calls up, and returns to 0."""
+WITH_GATEWAYS, the native and KEMI flavours): three SIPp gateways in priority order,
+capped at 2, 2 and (almost) none by policer. A call goes to the first gateway with room;
+a gateway that fails (503) frees its slot at once and the call moves on; when every
+gateway is full the call gets the gateway limit's reject. Every count equals the calls
+up, and returns to 0."""
 
 from __future__ import annotations
 
