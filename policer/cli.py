@@ -748,6 +748,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("rejections per value:")
         for name, n in a.by_value.most_common(args.top):
             print(f"  {printable(name):<30} {n:>8}")
+    if a.gateway_full:
+        print("calls a gateway's caps would have refused (the proxy tries the next one):")
+        for name, n in a.gateway_full.most_common(args.top):
+            print(f"  {printable(name):<30} {n:>8}")
     if a.peak:
         print("peak concurrency:")
         for name, n in sorted(a.peak.items(), key=lambda kv: (-kv[1], kv[0]))[:args.top]:

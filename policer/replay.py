@@ -15,6 +15,14 @@ them until now (answered when the live dialog says so). A call that was rejected
 hold time of its own: if the candidate admits it, it is held for the mean hold time of
 the calls that ended in the replayed range (an estimate, said as such in the report).
 Events at the same millisecond: ends first, then answers, then attempts.
+
+Directions come from each attempt's source IP, as the candidate's ``directions`` say.
+Hierarchy levels use the candidate's file parents and the store's live parents as they
+are now (the parents at the time of each call are not kept). Gateways: a call whose
+call-end record shows it was sent to a gateway (a membership of a gateway profile of the
+candidate's name, ``trunk=10.0.0.1:5060``) is sent there again after its admission; a
+candidate under whose caps that gateway would have been full counts it in
+``gateway_full`` (the proxy would have tried its next gateway, which replay cannot know).
 """
 
 from __future__ import annotations
@@ -55,6 +63,9 @@ class ReplayReport:
     changed_total: int = 0
     estimated_holds: int = 0  # admitted here, rejected in fact: held for the mean
     mean_hold_ms: int = 0
+    #: profile=gateway -> calls the candidate's caps would have refused at the gateway
+    #: they were sent to (the proxy would have tried its next one)
+    gateway_full: Counter[str] = field(default_factory=Counter)
     missing_attributes: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -67,6 +78,7 @@ class ReplayReport:
             "actual": {"admitted": self.actual_admitted, "rejected": self.actual_rejected},
             "peak": dict(sorted(self.peak.items())),
             "changed": self.changed,
+            "gateway_full": dict(self.gateway_full.most_common()),
         }
 
 
@@ -108,18 +120,23 @@ def _call(a: Attempt) -> Call:
 
 
 def replay(candidate: Policy, attempts: Sequence[Attempt], records: Iterable[CallRecord],
-           now_ms: int, answered: Mapping[str, int] | None = None) -> ReplayReport:
+           now_ms: int, answered: Mapping[str, int] | None = None,
+           parents: Mapping[str, Mapping[str, str]] | None = None) -> ReplayReport:
     """Run ``attempts`` through ``candidate`` in a fresh in-process store.
 
     ``records``: call-end records (joined to attempts by dialog id and setup time);
     ``now_ms``: the end of the replay (calls still live hold until then); ``answered``:
-    dialog id -> answer time of admitted calls still live (0: unanswered)."""
+    dialog id -> answer time of admitted calls still live (0: unanswered); ``parents``:
+    live parents per hierarchy level (value -> parent), over the candidate's file's."""
     answered = answered or {}
     ends = {(r.dialog_id, r.setup_ms): r for r in records}
     held = [r.end_ms - r.setup_ms for r in ends.values() if r.end_ms >= r.setup_ms]
     mean_hold = sum(held) // len(held) if held else 0
     report = ReplayReport(mean_hold_ms=mean_hold)
-    needed = set(_sources(candidate))
+    needed = set(_sources(candidate)) - {"gateway"}  # (joined per attempt, not recorded)
+    gateway_profiles = {p.name for p in candidate.profiles
+                        if candidate.root_source(p) == "gateway" and p.value is not None}
+    gateways: dict[int, str] = {}  # seq -> the gateway its call was sent to
     # events: (ms, order, seq, kind arg); seq keeps the stream's order within a millisecond
     events: list[tuple[int, int, int, Attempt]] = []
     plan: dict[int, tuple[int, int]] = {}  # seq -> (answer ms or 0, end ms or -1)
@@ -128,6 +145,11 @@ def replay(candidate: Policy, attempts: Sequence[Attempt], records: Iterable[Cal
         rec = ends.get((a.dialog_id, a.time_ms))
         if rec is not None:
             plan[seq] = (rec.answer_ms, rec.end_ms)
+            for label in rec.profiles:
+                name, eq, value = label.partition("=")
+                if eq and name in gateway_profiles:
+                    gateways[seq] = value
+                    break
         elif a.admitted:
             plan[seq] = (answered.get(a.dialog_id, 0), -1)  # still live: until now
         else:
@@ -140,12 +162,17 @@ def replay(candidate: Policy, attempts: Sequence[Attempt], records: Iterable[Cal
     events = sorted((e for e in events if e[0] <= now_ms), key=lambda e: (e[0], e[1], e[2]))
 
     store = MemoryStore(candidate.namespace, policy=candidate)
+    for level, table in (parents or {}).items():
+        for value, parent in table.items():
+            store.parent_set(level, value, parent)
     live: Counter[str] = Counter()
     admitted_here: dict[int, tuple[str, tuple[str, ...]]] = {}  # seq -> (did, labels)
     for ms, kind, seq, a in events:
         store.clock_offset_ms = ms - int(time.time() * 1000)
         if kind == _ATTEMPT:
             _attempt(report, store, live, admitted_here, needed, seq, a)
+            if seq in admitted_here and seq in gateways:
+                _egress(report, store, live, admitted_here, seq, gateways[seq])
         elif seq in admitted_here:
             did, labels = admitted_here[seq]
             if kind == _ANSWER:
@@ -156,6 +183,22 @@ def replay(candidate: Policy, attempts: Sequence[Attempt], records: Iterable[Cal
                 for label in labels:
                     live[label] -= 1
     return report
+
+
+def _egress(report: ReplayReport, store: MemoryStore, live: Counter[str],
+            admitted_here: dict[int, tuple[str, tuple[str, ...]]], seq: int,
+            gateway: str) -> None:
+    """An admitted call sent to the gateway it went to in fact."""
+    did, labels = admitted_here[seq]
+    r = store.egress(did, gateway)
+    if not r.taken:
+        report.gateway_full[f"{r.limit or '-'}={gateway}"] += 1
+        return
+    admitted_here[seq] = (did, labels + r.memberships)
+    for label in r.memberships:
+        live[label] += 1
+        if live[label] > report.peak.get(label, 0):
+            report.peak[label] = live[label]
 
 
 def _sources(policy: Policy) -> list[str]:
@@ -217,4 +260,6 @@ def replay_store(candidate: Policy, store: Store, since_ms: int = 0,
             if d is not None and d.init_ms == a.time_ms and d.start_ms:
                 answered[a.dialog_id] = d.start_ms
     end = now if until_ms is None else min(now, until_ms)
-    return replay(candidate, attempts, records, end, answered)
+    parents = {p.name: store.parents(p.name) for p in candidate.profiles
+               if p.parent_of is not None}
+    return replay(candidate, attempts, records, end, answered, parents)

@@ -21,6 +21,7 @@ from tests.support.policies import (
     ACCOUNT,
     INTERNATIONAL,
     INTERNATIONAL_CLASSES,
+    build_policy,
     policy_yaml,
     when,
 )
@@ -215,7 +216,7 @@ def test_policer_replay_json(redis_url: str, namespace: str, tmp_path: Path) -> 
     env = {"POLICER_REDIS_URL": redis_url, "POLICER_POLICY": str(live)}
     r = cli_json("replay", "--policy", str(cand), "--since", "1h", env=env)
     assert list(r) == ["attempts", "admitted", "rejected", "by_limit", "actual", "peak",
-                       "changed"]
+                       "changed", "gateway_full"]
     assert (r["attempts"], r["admitted"], r["rejected"]) == (2, 2, 0)
     assert r["actual"] == {"admitted": 1, "rejected": 1}
     assert [c["call_id"] for c in r["changed"]] == ["x2"]
@@ -224,3 +225,37 @@ def test_policer_replay_json(redis_url: str, namespace: str, tmp_path: Path) -> 
     assert "call-id=x2 actual=503 user (concurrent) candidate=admitted" in text
     bad = run_cli("replay", "--policy", str(cand), "--since", "yesterday", env=env)
     assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
+
+
+def test_replay_understands_directions_parents_and_gateways(redis_store: RedisStore) -> None:
+    """A candidate with directions, a reseller level (the store's live parents) and a
+    gateway cap, over calls the live policy admitted and sent to one gateway."""
+    s = redis_store
+    s.load(build_policy(s.namespace, version=2, attributes={"account": "header:X-Account"},
+                        profiles={"total": {}, "customer": "account", "trunk": "gateway"}))
+    s.parent_set("reseller", "acme", "r1")
+    s.parent_set("reseller", "bolt", "r1")
+    base = s.clock_offset_ms
+    calls = [call("5551000", u, call_id=f"G{i}", source_ip=ip, headers={"X-Account": acct})
+             for i, (u, acct, ip) in enumerate((("a", "acme", "192.0.2.5"),
+                                                ("b", "bolt", "10.0.0.9"),
+                                                ("c", "core", "192.0.2.6")))]
+    for i, c in enumerate(calls):
+        s.clock_offset_ms = base + i * 1000
+        did = s.admit_call(c, "node-1").dialog_id
+        assert s.egress(did, "gw1:5060").taken
+    s.clock_offset_ms = base + 5000
+    s.apply([Op("release", dialog_id(c.call_id, c.from_tag), "bye") for c in calls])
+    s.clock_offset_ms = base + 6000
+    candidate = build_policy(
+        "cand", version=2, attributes={"account": "header:X-Account"},
+        directions={"inbound": {"sources": ["192.0.2.0/24"]}, "outbound": {"default": True}},
+        profiles={"inbound": {"when": {"direction": "inbound"}}, "customer": "account",
+                  "reseller": {"value": {"parent": "customer"}}, "trunk": "gateway"},
+        limits={"inbound": 1, "trunk": 1})
+    r = replay_store(candidate, s).as_dict()
+    assert (r["admitted"], r["rejected"]) == (2, 1)
+    assert r["by_limit"] == {"inbound": 1}  # the third call came in from the trunks again
+    assert r["peak"]["reseller=r1"] == 2  # acme and bolt, by the store's live parents
+    assert r["peak"]["trunk=gw1:5060"] == 1
+    assert r["gateway_full"] == {"trunk=gw1:5060": 1}  # bolt's call found it full
