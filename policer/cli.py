@@ -513,14 +513,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_limits(args: argparse.Namespace) -> int:
+def _live_profile(args: argparse.Namespace, check: Callable[[Policy, str], object]
+                  ) -> tuple[Policy, Store]:
+    """The policy and store of a command that changes a profile's live state
+    (``limits``, ``parent``): ``check`` raises ValueError when the profile cannot have
+    it."""
     policy = _policy(args)
     _check_profile(policy, args.profile)
     try:
-        live_limits.valued_profile(policy, args.profile)
-    except live_limits.LiveLimitError as e:
+        check(policy, args.profile)
+    except ValueError as e:
         raise CliError(str(e)) from None
-    store = _store(args, policy)
+    return policy, _store(args, policy)
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    policy, store = _live_profile(args, live_limits.valued_profile)
     if args.action == "get":
         if args.value is None:
             default_max = live_limits.default_max(policy, args.profile)
@@ -560,13 +568,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
 
 
 def cmd_parent(args: argparse.Namespace) -> int:
-    policy = _policy(args)
-    _check_profile(policy, args.profile)
-    try:
-        parents.level(policy, args.profile)
-    except parents.ParentError as e:
-        raise CliError(str(e)) from None
-    store = _store(args, policy)
+    policy, store = _live_profile(args, parents.level)
     if args.action == "list":
         if args.value is not None:
             raise CliError("parent list: takes PROFILE only")

@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policer.classify import Classifier, parse_ip
-from policer.policy import Policy, PolicyError, load_policy
+from policer.policy import Policy
 from policer.store import RedisStore, Store
 from tests.support import EngineFactory, call
 from tests.support.cli import run_cli
-from tests.support.policies import build_policy, policy_yaml
+from tests.support.policies import build_policy, policy_errors, policy_yaml
 
 DIRECTIONS = {
     "inbound": {"sources": ["192.0.2.0/24", "2001:db8:1::/48", "198.51.100.7"]},
@@ -101,8 +101,7 @@ def test_the_first_listed_direction_wins(engine_for: EngineFactory) -> None:
 
 
 def test_policy_errors_name_the_place(tmp_path: Path) -> None:
-    path = tmp_path / "dir.yaml"
-    path.write_text(
+    assert policy_errors(tmp_path / "dir.yaml", (
         "version: 2\nnamespace: x\n"
         "directions:\n"
         "  inbound: {sources: [10.0.0.1/8, 192.0.2.0/24, nonsense]}\n"
@@ -111,10 +110,7 @@ def test_policy_errors_name_the_place(tmp_path: Path) -> None:
         "  also: {default: true}\n"
         "  both: {default: true, sources: [10.9.0.0/16]}\n"
         "  empty: {}\n"
-        "profiles:\n  t: {when: {direction: [outbund]}}\n")
-    with pytest.raises(PolicyError) as exc:
-        load_policy(path)
-    assert exc.value.errors == [f"{path}:{e}" for e in (
+        "profiles:\n  t: {when: {direction: [outbund]}}\n")) == [
         "4:23: directions.inbound.sources[0]: 10.0.0.1/8 has host bits set; did you mean "
         "10.0.0.0/8?",
         "4:49: directions.inbound.sources[2]: not a CIDR network: 'nonsense' ('nonsense' "
@@ -127,7 +123,7 @@ def test_policy_errors_name_the_place(tmp_path: Path) -> None:
         "9:10: directions.empty: a direction needs sources (CIDR networks) or default: true",
         "11:25: profiles.t.when.direction: unknown direction 'outbund' (did you mean "
         "'out'?)",
-    )]
+    ]
 
 
 #: most specific first (a network inside an earlier one is an error)

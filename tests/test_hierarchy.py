@@ -8,16 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from policer.call import Call
-from policer.policy import Policy, PolicyError, load_policy
+from policer.policy import Policy
 from policer.snapshot import take_snapshot
 from policer.store import Store
 from policer.top import render
 from tests.support import EngineFactory, call
 from tests.support.cli import cli_json, log_events, run_cli
-from tests.support.policies import build_policy, policy_yaml
+from tests.support.policies import build_policy, policy_errors, policy_yaml
 
 ACCOUNT = {"account": "header:X-Account"}
 
@@ -114,8 +112,7 @@ def test_explain_shows_every_level(engine_for: EngineFactory, store: Store) -> N
 
 
 def test_hierarchy_errors_name_the_place(tmp_path: Path) -> None:
-    path = tmp_path / "h.yaml"
-    path.write_text(
+    assert policy_errors(tmp_path / "h.yaml", (
         "version: 2\nnamespace: x\n"
         "profiles:\n"
         "  total: {}\n"
@@ -129,10 +126,7 @@ def test_hierarchy_errors_name_the_place(tmp_path: Path) -> None:
         "  g: {value: {parnet: customer}}\n"
         "parents:\n"
         "  customer: {x: y}\n"
-        "  f: {acme: ''}\n")
-    with pytest.raises(PolicyError) as exc:
-        load_policy(path)
-    assert exc.value.errors == [f"{path}:{e}" for e in (
+        "  f: {acme: ''}\n")) == [
         "6:23: profiles.a.value.parent: a hierarchy without a root: 'a' is its own ancestor",
         "7:23: profiles.b.value.parent: a hierarchy without a root: 'b' is its own ancestor",
         "8:23: profiles.c.value.parent: profile 'total' has no value: a parent is "
@@ -148,7 +142,7 @@ def test_hierarchy_errors_name_the_place(tmp_path: Path) -> None:
         "14:13: parents.customer: not a level of a hierarchy: give profiles.customer value: "
         "{parent: PROFILE}",
         "15:13: parents.f.acme: a parent is 1 to 4096 characters",
-    )]
+    ]
 
 
 def test_parents_from_the_command_line_are_audited(tmp_path: Path,

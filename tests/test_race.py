@@ -9,7 +9,6 @@ Redis counter that every process increments while it holds a call.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +20,8 @@ from policer.engine import Engine
 from policer.store import RedisStore
 from tests.support import STORE_TIMEOUT_MS, new_namespace, with_namespace
 from tests.support.policies import build_policy
+from tests.support.race import PROCESSES, run_workers
 
-PROCESSES = 16
 N = 10
 DECISIONS = 10_000
 
@@ -108,24 +107,9 @@ def _churn(url: str, namespace: str, worker: int, decisions: int, barrier: Any,
     out.put(res)
 
 
-def _run(target: Any, url: str, namespace: str, per_worker: int) -> list[Any]:
-    ctx = mp.get_context("fork")
-    barrier = ctx.Barrier(PROCESSES)
-    out = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(url, namespace, w, per_worker, barrier, out))
-             for w in range(PROCESSES)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    return results
-
-
 def test_a_burst_admits_exactly_n(redis_url: str) -> None:
     ns = new_namespace()
-    results = _run(_burst, redis_url, ns, 4)
+    results = run_workers(_burst, redis_url, ns, 4)
     admitted = [did for ids, _ in results for did in ids]
     assert len(admitted) == N
     assert sum(bad for _, bad in results) == 0  # every rejection saw exactly N of N
@@ -141,7 +125,7 @@ def test_a_burst_admits_exactly_n(redis_url: str) -> None:
 
 def test_concurrent_admit_and_release_never_exceeds_n(redis_url: str) -> None:
     ns = new_namespace()
-    results: list[Result] = _run(_churn, redis_url, ns, DECISIONS // PROCESSES)
+    results: list[Result] = run_workers(_churn, redis_url, ns, DECISIONS // PROCESSES)
     admitted = sum(r.admitted for r in results)
     rejected = sum(r.rejected for r in results)
     assert sum(r.errors for r in results) == 0

@@ -10,7 +10,6 @@ process increments while its call holds it.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,8 +22,8 @@ from policer.policy import Policy
 from policer.store import RedisStore
 from tests.support import STORE_TIMEOUT_MS, new_namespace, with_namespace
 from tests.support.policies import build_policy
+from tests.support.race import PROCESSES, run_workers
 
-PROCESSES = 16
 DECISIONS = 4_000
 GATEWAYS = {"10.0.0.1:5060": 3, "10.0.0.2:5060": 3, "10.0.0.3:5060": 2}
 CARRIER_MAX = 6  # fewer than the gateways' 8: the level above them trips too
@@ -181,24 +180,9 @@ def _hierarchy(url: str, namespace: str, worker: int, decisions: int, barrier: A
     out.put(res)
 
 
-def _run(target: Any, url: str, namespace: str, per_worker: int) -> list[Result]:
-    ctx = mp.get_context("fork")
-    barrier = ctx.Barrier(PROCESSES)
-    out = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(url, namespace, w, per_worker, barrier, out))
-             for w in range(PROCESSES)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=180) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    return results
-
-
 def test_gateways_and_their_carrier_are_never_over_their_max(redis_url: str) -> None:
     ns = new_namespace()
-    results = _run(_gateways, redis_url, ns, DECISIONS // PROCESSES)
+    results = run_workers(_gateways, redis_url, ns, DECISIONS // PROCESSES)
     assert sum(r.errors for r in results) == 0
     assert sum(r.over for r in results) == 0
     seen = {k: max(r.max_seen.get(k, 0) for r in results) for k in (*GATEWAYS, "carrier")}
@@ -217,7 +201,7 @@ def test_resellers_are_never_over_their_max_while_customers_move(redis_url: str)
     store = RedisStore(redis_url, ns, STORE_TIMEOUT_MS)
     for i, c in enumerate(CUSTOMERS):
         store.parent_set("reseller", c, RESELLERS[i % 2])
-    results = _run(_hierarchy, redis_url, ns, DECISIONS // PROCESSES)
+    results = run_workers(_hierarchy, redis_url, ns, DECISIONS // PROCESSES)
     assert sum(r.errors for r in results) == 0
     assert sum(r.over for r in results) == 0
     assert max(r.max_seen.get(x, 0) for r in results for x in RESELLERS) == RESELLER_MAX

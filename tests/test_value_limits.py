@@ -6,13 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from policer.call import Call
-from policer.policy import Policy, PolicyError, load_policy
+from policer.policy import Policy
 from policer.store import Store
 from tests.support import EngineFactory, call
-from tests.support.policies import build_policy
+from tests.support.policies import build_policy, policy_errors
 
 TRUNK = {"trunk": "header:X-Trunk"}
 
@@ -78,8 +76,7 @@ def test_explain_shows_the_values_max(engine_for: EngineFactory) -> None:
 
 
 def test_value_limit_errors_name_the_place(tmp_path: Path) -> None:
-    path = tmp_path / "v.yaml"
-    path.write_text(
+    assert policy_errors(tmp_path / "v.yaml", (
         "version: 2\nnamespace: x\n"
         "profiles:\n  total: {}\n  trunk: {value: header:X-Trunk}\n"
         "limits:\n"
@@ -89,17 +86,14 @@ def test_value_limit_errors_name_the_place(tmp_path: Path) -> None:
         "    values:\n"
         "      gw1: {max: -1}\n"
         "      gw2: {rate: {max: 2, per: 1s}, rate_rejct: {code: 429}}\n"
-        "      gw3: []\n")
-    with pytest.raises(PolicyError) as exc:
-        load_policy(path)
-    assert exc.value.errors == [f"{path}:{e}" for e in (
+        "      gw3: []\n")) == [
         "7:27: limits.total.values: limits of single values need a valued profile "
         "(profiles.total.value)",
         "11:18: limits.trunk.values.gw1.max: must be between 0 and 10000000, got -1",
         "12:38: limits.trunk.values.gw2.rate_rejct: unknown key (did you mean "
         "'rate_reject'?)",
         "13:12: limits.trunk.values.gw3: a list of limits needs at least one entry",
-    )]
+    ]
 
 
 def test_a_values_answer_is_the_profiles_unless_it_gives_its_own(

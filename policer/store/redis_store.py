@@ -695,65 +695,50 @@ class RedisStore:
         return None if v is None else int(v)
 
     def limit_set(self, profile: str, value: str, maximum: int) -> int | None:
-        client = self.client
-        key, field = self.keys.counts, self.keys.limit_field(profile, value)
-
-        def swap() -> Any:
-            pipe = client.pipeline(transaction=True)
-            pipe.hget(key, field)
-            pipe.hset(key, field, maximum)
-            return pipe.execute()[0]
-
-        old = self._run(swap)
+        old = self._swap_field(self.keys.limit_field(profile, value), maximum)
         return None if old is None else int(old)
 
     def limit_unset(self, profile: str, value: str) -> int | None:
-        client = self.client
-        key, field = self.keys.counts, self.keys.limit_field(profile, value)
-
-        def pop() -> Any:
-            pipe = client.pipeline(transaction=True)
-            pipe.hget(key, field)
-            pipe.hdel(key, field)
-            return pipe.execute()[0]
-
-        old = self._run(pop)
+        old = self._swap_field(self.keys.limit_field(profile, value), None)
         return None if old is None else int(old)
 
     def limits(self, profile: str) -> dict[str, int]:
-        client = self.client
-        pattern = "L|" + self.keys.value_pattern(profile)
-        plen = len(profile) + 3
-        rows = self._run(lambda: list(client.hscan_iter(self.keys.counts, match=pattern,
-                                                        count=1000)))
-        return {value_from_key(f[plen:]): int(v) for f, v in rows}
+        return {v: int(n) for v, n in self._value_fields("L|", profile).items()}
 
     def parent_set(self, profile: str, value: str, parent: str) -> str | None:
-        return self._swap_parent(profile, value, parent)
+        old = self._swap_field(self.keys.parent_field(profile, value), raw_bytes(parent))
+        return None if old is None else _str(old)
 
     def parent_unset(self, profile: str, value: str) -> str | None:
-        return self._swap_parent(profile, value, None)
+        old = self._swap_field(self.keys.parent_field(profile, value), None)
+        return None if old is None else _str(old)
 
-    def _swap_parent(self, profile: str, value: str, parent: str | None) -> str | None:
+    def parents(self, profile: str) -> dict[str, str]:
+        return self._value_fields("^", profile)
+
+    def _swap_field(self, field: str, new: bytes | int | None) -> Any:
+        """Set (None: remove) one field of the counts hash, in a transaction; returns
+        its previous value."""
         client = self.client
-        key, field = self.keys.counts, self.keys.parent_field(profile, value)
+        key = self.keys.counts
 
         def swap() -> Any:
             pipe = client.pipeline(transaction=True)
             pipe.hget(key, field)
-            if parent is None:
+            if new is None:
                 pipe.hdel(key, field)
             else:
-                pipe.hset(key, field, raw_bytes(parent))
+                pipe.hset(key, field, new)
             return pipe.execute()[0]
 
-        old = self._run(swap)
-        return None if old is None else _str(old)
+        return self._run(swap)
 
-    def parents(self, profile: str) -> dict[str, str]:
+    def _value_fields(self, marker: str, profile: str) -> dict[str, str]:
+        """Every value's field of one kind (``L|`` live max, ``^`` parent) of a profile,
+        by value."""
         client = self.client
-        pattern = "^" + self.keys.value_pattern(profile)
-        plen = len(profile) + 2
+        pattern = marker + self.keys.value_pattern(profile)
+        plen = len(marker) + len(profile) + 1
         rows = self._run(lambda: list(client.hscan_iter(self.keys.counts, match=pattern,
                                                         count=1000)))
         return {value_from_key(_str(f)[plen:]): _str(v) for f, v in rows}

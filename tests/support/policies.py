@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from policer.policy import Policy, parse_policy
+from policer.policy import Policy, PolicyError, load_policy, parse_policy
 
 __all__ = ["ACCOUNT", "EMERGENCY_112", "INTERNATIONAL", "INTERNATIONAL_CLASSES",
-           "build_policy", "policy_yaml", "when"]
+           "build_policy", "policy_errors", "policy_yaml", "when"]
 
 #: ``call.attributes`` of the tests' account profiles
 ACCOUNT: Mapping[str, str] = {"account": "header:X-Account"}
@@ -68,3 +69,16 @@ def policy_yaml(namespace: str = "test", *, version: int = 1,
 def build_policy(namespace: str = "test", **kw: Any) -> Policy:
     """:func:`policy_yaml`, parsed."""
     return parse_policy(policy_yaml(namespace, **kw), "<test>")
+
+
+def policy_errors(path: Path, text: str) -> list[str]:
+    """What ``load_policy`` reports for ``text`` written to ``path``: each error without
+    the file name (``LINE:COL: key: message``); fails when the text loads."""
+    path.write_text(text)
+    try:
+        load_policy(path)
+    except PolicyError as e:
+        prefix = f"{path}:"
+        assert all(x.startswith(prefix) for x in e.errors), e.errors
+        return [x[len(prefix):] for x in e.errors]
+    raise AssertionError(f"{path} loaded")
