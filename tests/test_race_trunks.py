@@ -61,6 +61,16 @@ def _engine(policy: Policy, url: str, namespace: str) -> Engine:
                   node="race")
 
 
+def _worker(policy: Policy, url: str, namespace: str, worker: int
+            ) -> tuple[Engine, RedisStore, redis.Redis, random.Random]:
+    """A worker's engine, its store, a connection for the witness counters, its dice."""
+    engine = _engine(policy, url, namespace)
+    store = engine.store
+    assert isinstance(store, RedisStore)
+    return (engine, store, redis.Redis.from_url(url, decode_responses=True),
+            random.Random(worker))
+
+
 def _seen(res: Result, key: str, n: int) -> None:
     res.max_seen[key] = max(res.max_seen.get(key, 0), n)
 
@@ -69,11 +79,7 @@ def _gateways(url: str, namespace: str, worker: int, decisions: int, barrier: An
               out: Any) -> None:
     """Admit, then take the first gateway with room; now and then a gateway fails and
     the call moves on; release at random."""
-    engine = _engine(TRUNKS, url, namespace)
-    store = engine.store
-    assert isinstance(store, RedisStore)
-    witness = redis.Redis.from_url(url, decode_responses=True)
-    rng = random.Random(worker)
+    engine, store, witness, rng = _worker(TRUNKS, url, namespace, worker)
     held: list[tuple[str, str]] = []  # (dialog id, gateway)
     res = Result()
     order = list(GATEWAYS)
@@ -140,11 +146,7 @@ def _hierarchy(url: str, namespace: str, worker: int, decisions: int, barrier: A
                out: Any) -> None:
     """Calls of every customer at once while worker 0 moves customers between resellers:
     each call holds the reseller it joined until it ends."""
-    engine = _engine(HIERARCHY, url, namespace)
-    store = engine.store
-    assert isinstance(store, RedisStore)
-    witness = redis.Redis.from_url(url, decode_responses=True)
-    rng = random.Random(worker)
+    engine, store, witness, rng = _worker(HIERARCHY, url, namespace, worker)
     held: list[tuple[str, str]] = []  # (dialog id, reseller)
     res = Result()
     barrier.wait()
