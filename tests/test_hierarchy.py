@@ -198,3 +198,17 @@ def test_top_shows_customers_under_their_reseller_and_every_gateway(
     # every gateway has a row (few values: no top-N cut), also one with no calls yet
     assert {"trunk=gw-a:5060", "trunk=gw-b:5060", "trunk=gw-c:5060",
             "trunk=gw-idle:5060"} <= set(names)
+
+
+def test_the_files_parents_share_the_librarys_bound_with_the_classes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from policer.policy import sections
+
+    monkeypatch.setattr(sections, "MAX_CLASS_ENTRIES", 3)
+    assert policy_errors(tmp_path / "big.yaml", (
+        "version: 2\nnamespace: x\nclasses: {a: {numbers: ['1', '2']}}\n"
+        "profiles:\n  customer: {value: from_user}\n"
+        "  reseller: {value: {parent: customer}}\n"
+        "parents:\n  reseller: {u1: r1, u2: r1}\n")) == [
+        "8:3: parents: 2 parents and 2 numbers and prefixes in all, more than the 3 a "
+        "policy library holds (register parents with policer parent set instead)"]

@@ -296,7 +296,8 @@ def build(r: Reader, root: Node) -> Policy | None:
     if "timezone" in top:
         timezone = read_timezone(r, top["timezone"]) or timezone
     schedules = read_schedules(r, top.get("schedules"))
-    parents = read_parents(r, top.get("parents"), profiles)
+    parents = read_parents(r, top.get("parents"), profiles,
+                           sum(len(c.numbers) + len(c.prefixes) for c in classes))
     limit_entries, value_entries = read_limits(
         r, top.get("limits"), profile_names, default_reject, schedules,
         {p.name for p in profiles if p.valued})

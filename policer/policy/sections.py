@@ -395,10 +395,11 @@ def read_profiles(r: Reader, node: Node | None, attributes: Mapping[str, str],
     return out, names_seen
 
 
-def read_parents(r: Reader, node: Node | None, profiles: list[Profile]
+def read_parents(r: Reader, node: Node | None, profiles: list[Profile], used: int = 0
                  ) -> dict[str, dict[str, str]]:
     """``parents.PROFILE: {VALUE: PARENT}``: the file's parents of a hierarchy level (a
-    live one, ``policer parent set``, wins)."""
+    live one, ``policer parent set``, wins). ``used``: the classes' numbers and prefixes,
+    which the library's tables hold too (one bound for both)."""
     out: dict[str, dict[str, str]] = {}
     if node is None:
         return out
@@ -423,10 +424,10 @@ def read_parents(r: Reader, node: Node | None, profiles: list[Profile]
             own[value] = parent
         total += len(own)
         out[name] = own
-    if total > MAX_CLASS_ENTRIES:
-        r.error(node, "parents", f"{total} parents in all, more than the "
-                f"{MAX_CLASS_ENTRIES} a policy library holds (register more with policer "
-                "parent set)")
+    if total + used > MAX_CLASS_ENTRIES:
+        r.error(node, "parents", f"{total} parents and {used} numbers and prefixes in "
+                f"all, more than the {MAX_CLASS_ENTRIES} a policy library holds (register "
+                "parents with policer parent set instead)")
     return out
 
 
