@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from policer.call import Call
 from policer.policy import Policy
 from policer.snapshot import take_snapshot
