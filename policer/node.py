@@ -123,6 +123,10 @@ class NodeLifecycle:
             self._read_store()
             self.store.load(policy)
             self._loaded = True
+            # a second reading of the store's clock: the first may have waited on a Redis
+            # just started (or busy), and the skew's error is half the round trip of the
+            # best reading; the node's first deadlines are computed from it
+            self._read_store()
             waited = False
             for _ in range(100_000):  # each round ends a bounded batch
                 r = self.store.tick(self.name, nodes.lease_ms,
