@@ -57,6 +57,10 @@ def test_a_full_gateway_sends_the_call_to_the_next(engine_for: EngineFactory,
                 break
             assert (r.code, r.kind, r.limit) == (503, "concurrent", "trunk")
     assert placed == [GW[0], GW[0], GW[1], GW[1], GW[2]]
+    # each full gateway counted, cluster-wide (the exporter's policer_decisions); the
+    # calls themselves were decided once each
+    assert store.decisions()[("egress_full", "trunk")] == 4  # calls 3 and 4 once, 5 twice
+    assert store.stats()["processed"] == 5
     assert gateway_counts(store) == {GW[0]: 2, GW[1]: 2, GW[2]: 1}
     assert store.profile_size("carrier", "acme-carrier") == 4
     assert store.profile_size("total") == 5

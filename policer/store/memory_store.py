@@ -906,6 +906,8 @@ class MemoryStore:
             if result.kind == "parent":
                 limit = result.parent
             if not result.admitted:
+                key = ("egress_full", limit or "")
+                self._decisions[key] = self._decisions.get(key, 0) + 1
                 rej = _answer(policy, limit, result.entry, result.kind)
                 retry = result.retry_after if result.kind in ("rate", "calls") \
                     else rej.retry_after

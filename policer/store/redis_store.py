@@ -1053,6 +1053,8 @@ def stats_from(stats: dict[str, str], decisions: dict[str, str]) -> dict[str, in
         if kind == "rejected":
             out["rejected"] += n
             continue
+        if kind == "egress":  # a gateway full for an admitted call: no decision of its own
+            continue
         out["processed"] += n
         if kind == "recorded":
             out["recorded"] += n

@@ -115,6 +115,9 @@ local function egress(did, gw, now)
   local shw = 0
   if shadow > 0 then shw = 1 end
   if not taken then
+    -- counted per tripped profile, cluster-wide (the exporter's policer_decisions,
+    -- result egress_full): a gateway that is full all the time shows
+    redis.call('HINCRBY', DECISIONS, 'egress;egress_full|' .. limit, '1')
     local code, reason, retry = answer_of(limit, lentry, tkind, tretry)
     return egress_reply(0, code, reason, retry, limit, tcount, tmax, tkind, '', 1, 0, 0)
   end

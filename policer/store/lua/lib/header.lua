@@ -105,7 +105,9 @@
 --   P epoch          hash id, run (the VM_MARK it was confirmed with)
 --   P sweep          string: the tick's HSCAN cursor over the T| fields of P c
 --   P stats          hash ended:<reason>, nodes_lost, resent_ended
---   P decisions      hash '<kind>;<result>|<profile>,...' -> decisions (one HINCRBY each)
+--   P decisions      hash '<kind>;<result>|<profile>,...' -> decisions (one HINCRBY each;
+--                    kind egress: 'egress;egress_full|<profile>', a gateway full for an
+--                    admitted call, not a decision of its own)
 --   P cdr            stream of call-end records (MAXLEN ~ CDR_KEEP): d dialog id, r
 --                    reason, e end (ms), x the dialog's record as it was (its sig names
 --                    the attributes' sources in P sigs), a when it was answered (a call
