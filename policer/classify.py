@@ -111,12 +111,17 @@ class Classifier:
         self._reject_missing = {p.name for p in policy.profiles
                                 if p.on_missing_parent == "reject"}
         #: the profiles joined per attempt (their value is where the call is sent)
-        self._gateway = {p.name for p in policy.profiles
-                         if policy.root_source(p) == "gateway"}
+        self._gateway = frozenset(p.name for p in policy.profiles
+                                  if policy.root_source(p) == "gateway")
         self._default_direction = next((d.name for d in policy.directions if d.default),
                                        None)
         self._networks = tuple((net, d.name) for d in policy.directions
                                for net in d.networks)
+
+    @property
+    def gateway_profiles(self) -> frozenset[str]:
+        """The profiles joined per attempt: their value is where the call is sent."""
+        return self._gateway
 
     def direction(self, source_ip: str) -> str | None:
         """The call's direction: the first listed direction with a network holding its

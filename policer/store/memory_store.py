@@ -282,13 +282,7 @@ class MemoryStore:
             c = classifier.classify(call, self._parent_of)
         did = dialog_id(call.call_id, call.from_tag)
         at = now if at_ms is None else at_ms
-        mow = self._clock.minute_of_week(at)
-        entries = tuple(policy.limit_at(m.profile, mow, m.value) for m in c.members)
-        members = tuple(
-            m._replace(max=e.max, reserve=e.reserve_for_emergency,
-                       shadow=policy.shadow or e.shadow) if e is not None
-            else m._replace(max=-1, reserve=0, shadow=False)
-            for m, e in zip(c.members, entries, strict=True))
+        members, entries = _with_limits(policy, c.members, self._clock.minute_of_week(at))
         md = policy.timeouts.max_duration_by_class.get(c.number_class or "",
                                                        policy.timeouts.max_duration_ms)
         for e in entries:
@@ -311,9 +305,7 @@ class MemoryStore:
         attrs = {s: call.attribute(s) for s in attribute_sources(policy)}
         r, rows = self._admit(req, dry=dry, at_ms=at, attrs=attrs)
         limit_i = r.tripped if r.tripped >= 0 else r.shadow
-        limit = members[limit_i].profile if 0 <= limit_i < len(members) else None
-        if r.kind == "parent":
-            limit = r.parent
+        limit = _limit_of(r, members)
         cls = c.number_class
         emergency = c.emergency
         if r.duplicate and r.kind != "ended":  # the answer given before, as it was given
@@ -329,9 +321,7 @@ class MemoryStore:
         if r.kind == "ended":
             code, reason = ENDED_CODE, ENDED_REASON
         elif not r.admitted:
-            rej = _answer(policy, limit, r.entry, r.kind)
-            code, reason = rej.code, rej.reason
-            retry = r.retry_after if r.kind in ("rate", "calls") else rej.retry_after
+            code, reason, retry = _rejection(policy, limit, r)
         return CallResult(
             admitted=r.admitted, code=code, reason=reason, retry_after=retry, limit=limit,
             count=r.count, max=r.max, bypass=r.bypass, duplicate=r.duplicate,
@@ -863,22 +853,14 @@ class MemoryStore:
             if d is None or d.state not in ("early", "confirmed") or policy is None \
                     or classifier is None:
                 return EgressResult(True, 200, "OK", None, None, 0, -1, "", (), False)
-            gw_profiles = {p.name for p in policy.profiles
-                           if policy.root_source(p) == "gateway"}
-            held = [k for k in d.keys if k[0] in gw_profiles]
+            held = [k for k in d.keys if k[0] in classifier.gateway_profiles]
             members: tuple[Member, ...] = ()
             missing: str | None = None
-            if gateway and "gateway" in attribute_sources(policy):
+            if gateway and classifier.gateway_profiles:
                 members, missing = classifier.egress(d.info.get("class") or None,
                                                      d.info.get("source_ip", ""), gateway,
                                                      self._parent_of)
-            mow = self._clock.minute_of_week(now)
-            entries = tuple(policy.limit_at(m.profile, mow, m.value) for m in members)
-            members = tuple(
-                m._replace(max=e.max, reserve=e.reserve_for_emergency,
-                           shadow=policy.shadow or e.shadow) if e is not None
-                else m._replace(max=-1, reserve=0, shadow=False)
-                for m, e in zip(members, entries, strict=True))
+            members, entries = _with_limits(policy, members, self._clock.minute_of_week(now))
             result = AdmitResult(True)
             keys: list[tuple[str, str]] = []
             checks: list[_Check] = []
@@ -901,19 +883,13 @@ class MemoryStore:
             self._spend(dialog_id, [k for k, _ in fresh], [c for _, c in fresh], d.deadline)
             d.keys = tuple(k for k in d.keys if k not in held) + tuple(new)
             d.labels = tuple(p if not enc else f"{p}={enc}" for p, enc in d.keys)
-            limit_i = result.tripped if result.tripped >= 0 else result.shadow
-            limit = members[limit_i].profile if 0 <= limit_i < len(members) else None
-            if result.kind == "parent":
-                limit = result.parent
+            limit = _limit_of(result, members)
             if not result.admitted:
                 key = ("egress_full", limit or "")
                 self._decisions[key] = self._decisions.get(key, 0) + 1
-                rej = _answer(policy, limit, result.entry, result.kind)
-                retry = result.retry_after if result.kind in ("rate", "calls") \
-                    else rej.retry_after
-                return EgressResult(False, rej.code, rej.reason,
-                                    retry if retry is not None and retry >= 0 else None,
-                                    limit, result.count, result.max, result.kind, (), True)
+                code, reason, retry = _rejection(policy, limit, result)
+                return EgressResult(False, code, reason, retry, limit, result.count,
+                                    result.max, result.kind, (), True)
             return EgressResult(
                 True, 200, "OK", None, limit, result.count, result.max, result.kind,
                 tuple(f"{p}={value_from_key(enc)}" for p, enc in new), True,
@@ -1164,6 +1140,35 @@ def _late() -> StoreError:
 def _call_from_fields(call_id: bytes, from_tag: bytes, attrs: bytes,
                       attributes: Sequence[str]) -> Call:
     return Call.from_attributes(call_id, from_tag, unpack_values(attrs, attributes))
+
+
+def _with_limits(policy: Policy, members: Sequence[Member], mow: int
+                 ) -> tuple[tuple[Member, ...], tuple[Limit | None, ...]]:
+    """The members with the limit entry that applies at local minute of week ``mow``
+    (a value's own, else the profile's; schedules picked), and those entries."""
+    entries = tuple(policy.limit_at(m.profile, mow, m.value) for m in members)
+    return tuple(
+        m._replace(max=e.max, reserve=e.reserve_for_emergency,
+                   shadow=policy.shadow or e.shadow) if e is not None
+        else m._replace(max=-1, reserve=0, shadow=False)
+        for m, e in zip(members, entries, strict=True)), entries
+
+
+def _limit_of(r: AdmitResult, members: Sequence[Member]) -> str | None:
+    """The profile a decision names: the tripped member's (a missing parent's level),
+    else the shadow member's (decide.lua's ``named_limit``)."""
+    if r.kind == "parent":
+        return r.parent
+    i = r.tripped if r.tripped >= 0 else r.shadow
+    return members[i].profile if 0 <= i < len(members) else None
+
+
+def _rejection(policy: Policy, limit: str | None, r: AdmitResult
+               ) -> tuple[int, str, int | None]:
+    """A rejection's code, reason and Retry-After (a rate's or window's computed one)."""
+    rej = _answer(policy, limit, r.entry, r.kind)
+    retry = r.retry_after if r.kind in ("rate", "calls") else rej.retry_after
+    return rej.code, rej.reason, retry if retry is not None and retry >= 0 else None
 
 
 def _answer(policy: Policy, profile: str | None, entry: Limit | None, kind: str) -> Reject:

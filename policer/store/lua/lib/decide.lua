@@ -96,8 +96,10 @@ end
 -- The members of a plan checked over what its HMGET read (h), writing nothing: the
 -- first member whose limit trips rejects (a dry run goes on, for its rows); a shadow
 -- limit only reports (the first: shadow); an emergency call with the bypass is admitted
--- over every limit; nochecks (a record) trips nothing. Returns the tripped member (0
--- none), its count, max, kind, Retry-After and window, bypass (1|0), the shadow member
+-- over every limit; nochecks (a record) trips nothing; a value whose parent is unknown,
+-- at a level that rejects such calls (plan.missing), trips an ordinary call when nothing
+-- else did (tripped -1, kind parent). Returns the tripped member (0 none, -1 the missing
+-- parent), its count, max, kind, Retry-After and window, bypass (1|0), the shadow member
 -- (0 none), each member's count, the states to spend (member -> state, nil none) and a
 -- dry run's rows.
 local function check_members(plan, h, emergency, bypass_allowed, nochecks, dry, now, lnow)
@@ -179,7 +181,20 @@ local function check_members(plan, h, emergency, bypass_allowed, nochecks, dry, 
     end
   end
 
+  if plan.missing and tripped == 0 and not emergency and not nochecks then
+    tripped, tcount, tmax, tkind, tretry, twin, shadow = -1, 0, -1, 'parent', -1, '', 0
+  end
   return tripped, tcount, tmax, tkind, tretry, twin, bypass, shadow, counts, spend, rows
+end
+
+-- The limit a decision over a plan names, and its entry: the tripped member's (the
+-- missing parent's level), else the shadow member's; '' none.
+local function named_limit(plan, tripped, shadow)
+  local members = plan.members
+  if tripped > 0 then return members[tripped][1].name, members[tripped][2] end
+  if tripped < 0 then return plan.missing.name, plan.missing.entries[1] end
+  if shadow > 0 then return members[shadow][1].name, members[shadow][2] end
+  return '', nil
 end
 
 -- Decide one dialog over its plan (classify) and, unless dry, record it: all or none.
@@ -216,15 +231,8 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
     check_members(plan, h, emergency, bypass_allowed, nochecks, dry, now, lnow)
 
   local admitted = 1
-  if tripped > 0 and bypass == 0 then admitted = 0 end
-  local limit, lentry = '', nil
-  if tripped > 0 then limit, lentry = members[tripped][1].name, members[tripped][2]
-  elseif shadow > 0 then limit, lentry = members[shadow][1].name, members[shadow][2] end
-  if plan.missing and tripped == 0 and not emergency and not nochecks then
-    -- a value whose parent is unknown, at a level that rejects such calls
-    admitted, shadow, limit, lentry = 0, 0, plan.missing.name, plan.missing.entries[1]
-    tcount, tmax, tkind, tretry, twin = 0, -1, 'parent', -1, ''
-  end
+  if tripped ~= 0 and bypass == 0 then admitted = 0 end
+  local limit, lentry = named_limit(plan, tripped, shadow)
   local code, reason, retry = 200, 'OK', -1
   if admitted == 0 then code, reason, retry = answer_of(limit, lentry, tkind, tretry) end
   if dry then
@@ -240,8 +248,7 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
 
   local fields_s = plan.fields_s
   local decision = PLAIN_DECISION
-  if tripped > 0 or shadow > 0 or emergency_out > 0 or tmax ~= -1 or md ~= -1
-      or tkind ~= '' then
+  if tripped ~= 0 or shadow > 0 or emergency_out > 0 or tmax ~= -1 or md ~= -1 then
     local eidx = 1
     if lentry then eidx = lentry.idx end
     decision = dec_pack(admitted, tripped, tcount, tmax, bypass, shadow, emergency_out,

@@ -61,13 +61,7 @@ local function egress(did, gw, now)
     tripped, tcount, tmax, tkind, tretry, twin, bypass, shadow, counts, spend =
       check_members(plan, h, emergency, emergency and EMERGENCY_BYPASS, false, false, now,
                     now)
-    if tripped > 0 then limit, lentry = members[tripped][1].name, members[tripped][2]
-    elseif shadow > 0 then limit, lentry = members[shadow][1].name, members[shadow][2] end
-    if plan.missing and tripped == 0 and not emergency then
-      tripped, bypass, shadow, limit, lentry = -1, 0, 0, plan.missing.name,
-        plan.missing.entries[1]
-      tcount, tmax, tkind, tretry, twin = 0, -1, 'parent', -1, ''
-    end
+    limit, lentry = named_limit(plan, tripped, shadow)
   end
   local taken = tripped == 0 or bypass == 1
   -- the gateway of the last attempt is left, whatever this one gets
