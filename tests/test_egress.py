@@ -7,13 +7,17 @@ every step."""
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lab.redis_server import RedisServer
+from policer.engine import Engine
 from policer.policy import Policy, load_policy
-from policer.store import Store
+from policer.store import RedisStore, Store
 from tests.support import EngineFactory, call
 from tests.support.cli import run_cli
 from tests.support.policies import build_policy, policy_yaml
@@ -179,3 +183,43 @@ def test_egress_over_http_and_the_command_line(tmp_path: Path, env: dict[str, st
         assert run_cli("profile", "size", "trunk", GW[0], env=env).stdout == "0\n"
     finally:
         serve.stop()
+
+
+@pytest.mark.parametrize("on_error", ["admit", "reject"])
+def test_a_paused_redis_leaves_egress_to_on_store_error_and_no_ghost_gateway(
+        on_error: str) -> None:
+    """Redis paused during an attempt: the policy's on_store_error decides (admit: the
+    call goes, uncounted); the request that reaches Redis after its caller gave up
+    writes nothing, so afterwards every profile equals the calls up."""
+    server = RedisServer().start()
+    try:
+        policy = build_policy("egr-fault", version=2, profiles={"total": {},
+                                                                 "trunk": "gateway"},
+                              limits={"trunk": 5}, on_store_error=on_error,
+                              store_timeout="50ms")
+        store = RedisStore(server.url, policy.namespace, timeout_ms=50)
+        engine = Engine(policy, store, node="egr-fault")
+        store.load(policy)
+        d = engine.admit(call("5551000"))
+        assert d.admitted
+        server.signal(signal.SIGSTOP)
+        try:
+            r = engine.egress(d.dialog_id, GW[0])
+            time.sleep(0.2)  # the attempt waits in Redis's socket, well past its deadline
+        finally:
+            server.signal(signal.SIGCONT)
+        time.sleep(0.1)  # Redis reads it (and refuses it as late) before anything else
+        assert (r.fallback, r.taken, r.known) == (True, on_error == "admit", False)
+        if on_error == "reject":
+            assert (r.code, r.reason) == (policy.reject.code, policy.reject.reason)
+        engine.breaker.success()
+        # the attempt Redis read late wrote nothing: the call up is counted, no gateway
+        assert store.profile_size("total") == 1
+        assert store.profile_values("trunk") == {}
+        assert store.egress(d.dialog_id, GW[0]).taken  # the next attempt counts
+        assert store.profile_values("trunk") == {GW[0]: 1}
+        engine.release(d.dialog_id)
+        assert store.profile_size("total") == 0 and store.profile_values("trunk") == {}
+        store.close()
+    finally:
+        server.stop()
