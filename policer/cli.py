@@ -36,7 +36,7 @@ from policer.policy import Policy, PolicyError, Rate, load_policy, parse_duratio
 from policer.printable import printable, printable_data
 from policer.store import Store, StoreError, open_store
 from policer.store.base import DialogInfo, ExplainRow
-from policer.store.keys import dialog_id
+from policer.store.keys import dialog_id, is_dialog_id
 
 if TYPE_CHECKING:  # the engine (and prometheus-client) is imported when a command needs
     # it: `policer serve --workers N` must set PROMETHEUS_MULTIPROC_DIR first
@@ -360,6 +360,9 @@ def cmd_admit(args: argparse.Namespace) -> int:
 
 
 def cmd_egress(args: argparse.Namespace) -> int:
+    if not is_dialog_id(args.dialog_id):
+        raise CliError(f"DIALOG_ID {printable(args.dialog_id[:80])!r} is not a dialog id "
+                       "policer gave (admit --json prints it: dialog_id)")
     engine = _engine(args)
     r = engine.egress(args.dialog_id, args.gateway)
     if r.fallback:

@@ -174,6 +174,10 @@ def test_egress_over_http_and_the_command_line(tmp_path: Path, env: dict[str, st
         assert http_full == json.loads(full.stdout)
         ok = run_cli("egress", b["dialog_id"], "--gateway", GW[1], env=env)
         assert ok.returncode == 0 and ok.stdout.startswith(f"taken {GW[1]}")
+        # an id policer never gave (another key, a huge one) is refused before Redis
+        for bad_id in ("x}{y;z", "a;" + "b" * 5000):
+            refused = run_cli("egress", bad_id, "--gateway", GW[0], env=env)
+            assert refused.returncode == 2 and "not a dialog id" in refused.stderr
         for bad in ({"dialog_id": a["dialog_id"]}, {"dialog_id": "{x}", "gateway": "g"},
                     {"dialog_id": a["dialog_id"], "gateway": 5},
                     {"dialog_id": a["dialog_id"], "gateway": "x" * 5000}):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,7 @@ import orjson
 
 from policer.call import Call
 from policer.printable import printable_data
-from policer.store.keys import dialog_id
+from policer.store.keys import MAX_DIALOG_ID, dialog_id, is_dialog_id
 
 if TYPE_CHECKING:
     from policer.engine import Engine
@@ -22,10 +21,6 @@ if TYPE_CHECKING:
 __all__ = ["MAX_DIALOG_ID", "BadRequest", "admit_of", "call_from_body", "call_of",
            "client_deadline", "dialog_id_from_body", "dumps", "loads", "object_of", "text"]
 
-#: Longest dialog id accepted: two key parts of at most 200 characters and a ';'.
-MAX_DIALOG_ID = 401
-#: What a dialog id policer handed out is made of (``policer.call.key_part`` twice).
-_DIALOG_ID = re.compile(r"[A-Za-z0-9_.@%~-]*;[A-Za-z0-9_.@%~-]*")
 _CALL_FIELDS = ("from_user", "from_domain", "ruri_user", "to_user", "source_ip", "auth_user",
                 "gateway")
 
@@ -173,6 +168,6 @@ def dialog_id_from_body(data: Mapping[str, Any]) -> str:
         return dialog_id(_call_id(data), text(data, "from_tag", True))
     did = text(data, "dialog_id", True)
     assert did is not None
-    if len(did) > MAX_DIALOG_ID or not _DIALOG_ID.fullmatch(did):
+    if not is_dialog_id(did):
         raise BadRequest("'dialog_id' is not a dialog id policer gave")
     return did

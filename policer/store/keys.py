@@ -39,14 +39,20 @@ field, another namespace or another slot. A dialog is named by :func:`dialog_id`
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
 from policer.call import MAX_VALUE, raw_bytes, text
 from policer.compile import MAX_KEY_PART
 
-__all__ = ["MAX_KEY_PART", "Keys", "dialog_id", "key_part", "label_from_key",
-           "split_dialog_id", "value_from_key"]
+__all__ = ["MAX_DIALOG_ID", "MAX_KEY_PART", "Keys", "dialog_id", "is_dialog_id", "key_part",
+           "label_from_key", "split_dialog_id", "value_from_key"]
+
+#: Longest dialog id: two key parts of at most 200 characters and a ';'.
+MAX_DIALOG_ID = 401
+#: What a dialog id policer handed out is made of (key_part twice).
+_DIALOG_ID = re.compile(r"[A-Za-z0-9_.@%~-]*;[A-Za-z0-9_.@%~-]*")
 
 
 
@@ -88,6 +94,13 @@ def key_part(value: str) -> str:
 def dialog_id(call_id: object, from_tag: object) -> str:
     """The dialog id: Call-ID and From-tag, each encoded, joined by ``;``."""
     return f"{key_part(text(call_id))};{key_part(text(from_tag))}"
+
+
+def is_dialog_id(did: str) -> bool:
+    """Whether ``did`` is a dialog id policer could have handed out: ids from outside
+    (an HTTP client, the command line) that are not are refused, so none names another
+    key or grows one without bound."""
+    return len(did) <= MAX_DIALOG_ID and _DIALOG_ID.fullmatch(did) is not None
 
 
 def split_dialog_id(did: str) -> tuple[str, str]:
