@@ -9,7 +9,10 @@ all depend on it and not on each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # the store's answer, carried as it is (no import at run time)
+    from policer.store.base import EgressResult
 
 __all__ = ["Decision", "EngineMetrics"]
 
@@ -37,6 +40,11 @@ class Decision:
     window: str | None = None  # a calls limit's calendar window (1d)
     max_duration: int | None = None  # seconds an answered call may last (None: no cap)
     direction: str | None = None  # where the call comes from (directions), None none
+    #: the call's first gateway (its attribute ``gateway``) as the admit decided it:
+    #: taken with the call, or full (the call is admitted without it: ask the egress for
+    #: the next gateway); None: not decided (no gateway, a duplicate, a rejection, the
+    #: fallback)
+    egress: EgressResult | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +67,7 @@ class Decision:
             "window": self.window,
             "max_duration": self.max_duration,
             "direction": self.direction,
+            "egress": None if self.egress is None else self.egress.as_dict(),
         }
 
 

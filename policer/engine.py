@@ -299,6 +299,10 @@ class Engine:
         self._answered()
         d = _decision(result)
         self._decided(call, d, t0)
+        g = d.egress
+        if g is not None and not g.taken:
+            self.log.info("egress_full", dialog_id=d.dialog_id, gateway=call.gateway,
+                          code=g.code, limit=g.limit, count=g.count, max=g.max, kind=g.kind)
         return d
 
     def egress(self, dialog_id: str, gateway: str, deadline_ms: int | None = None
@@ -705,7 +709,7 @@ def _decision(r: CallResult) -> Decision:
         shadow=r.shadow, duplicate=r.duplicate, number_class=r.number_class,
         memberships=r.memberships, kind=r.kind or None, window=r.window or None,
         max_duration=None if r.max_duration_ms is None else -(-r.max_duration_ms // 1000),
-        direction=r.direction)
+        direction=r.direction, egress=r.egress)
 
 
 def _kind(item: Pending) -> str:

@@ -70,6 +70,16 @@ ADMIT_REPLY = _fields(
     ("window", "the calendar window of a calls trip, '' none"),
     ("max_duration", "an answered call's max duration, ms, -1 none"),
     ("direction", "where the call comes from (directions, by source IP), '' none"),
+    ("egress", "the call's gateway (its first attempt, the attribute gateway): 1 taken "
+               "with the call, 0 full (the call is admitted without it: try the next "
+               "gateway), -1 not decided (no gateway, a duplicate, a rejection)"),
+    ("egress_code", "full: the gateway limit's SIP code (else 200 or 0)"),
+    ("egress_reason", "full: its SIP reason"),
+    ("egress_retry_after", "full: its Retry-After seconds, -1 none"),
+    ("egress_limit", "full: the gateway profile whose limit tripped"),
+    ("egress_kind", "full: what tripped (concurrent, rate, calls, parent)"),
+    ("egress_count", "full: its count"),
+    ("egress_max", "full: its max"),
 )
 
 #: What ``policer_admit_S`` answers in mode A (a proxy's cfg reads it).
@@ -80,6 +90,9 @@ NATIVE_REPLY = _fields(
     ("max_duration_s", "an answered call's max duration, s, -1 none"),
     ("dialog_id", "the dialog id (admitted: the cfg keeps it, and its dialog events name "
                   "the dialog by it: the batch's +, ~ and - ops)"),
+    ("egress", "the call's gateway ($du when admitted): 1 taken, 0 full (admitted; code, "
+               "reason and retry_after are the gateway limit's: try the next gateway), -1 "
+               "not decided (ask the egress function)"),
 )
 
 #: What ``policer_egress_S`` answers: may a live dialog be sent to a gateway?

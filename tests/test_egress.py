@@ -115,6 +115,113 @@ def test_a_gateway_may_have_a_rate(engine_for: EngineFactory, store: Store) -> N
     assert (got[2].kind, got[2].limit) == ("rate", "trunk")
 
 
+def test_the_admit_decides_the_first_gateway_with_the_call(engine_for: EngineFactory,
+                                                          store: Store) -> None:
+    """The proxy chose its first gateway before asking (``$du``, the attribute gateway):
+    the admit takes it with the call, or admits the call without it and says the
+    gateway is full (with the gateway limit's answer); only the next gateways cost an
+    egress call. Every count equals the calls up after every step."""
+    e = engine_for(gateway_policy())
+    took = [e.admit(call("5551000", gateway=GW[0])) for _ in range(2)]
+    for d in took:
+        assert d.admitted and d.egress is not None and d.egress.taken
+        assert f"trunk={GW[0]}" in d.memberships
+    full = e.admit(call("5551000", gateway=GW[0]))
+    assert full.admitted and full.code == 200
+    g = full.egress
+    assert g is not None and not g.taken
+    assert (g.code, g.reason, g.limit, g.kind, g.count, g.max) == (
+        503, "Trunk Full", "trunk", "concurrent", 2, 2)
+    assert full.memberships == ("total",)  # no gateway, no carrier
+    assert gateway_counts(store) == {GW[0]: 2, GW[1]: 0, GW[2]: 0}
+    assert store.profile_size("carrier", "acme-carrier") == 2
+    assert store.profile_size("total") == 3
+    assert store.decisions()[("egress_full", "trunk")] == 1
+    assert store.decisions()[("admitted", "total")] == 3
+    assert store.decisions().get(("admitted", "trunk")) == 2
+    # the next gateway: one egress call
+    r = store.egress(full.dialog_id, GW[1])
+    assert r.taken and gateway_counts(store) == {GW[0]: 2, GW[1]: 1, GW[2]: 0}
+    assert store.profile_size("carrier", "acme-carrier") == 3
+    # a retransmission of an admitted call: its decision again, the gateway not decided
+    # (the proxy asks egress, which counts a gateway it holds once)
+    again = e.admit(call("5551000", gateway=GW[0], call_id=took[0].dialog_id.split(";")[0]))
+    assert again.duplicate and again.egress is None
+    for d in (*took, full):
+        e.release(d.dialog_id)
+    assert gateway_counts(store) == {GW[0]: 0, GW[1]: 0, GW[2]: 0}
+    assert store.profile_size("carrier", "acme-carrier") == 0
+    assert store.profile_size("total") == 0
+
+
+def test_a_full_gateway_never_rejects_a_call_a_limit_rejects_it(
+        engine_for: EngineFactory, store: Store) -> None:
+    e = engine_for(gateway_policy(total=1, trunk={"values": {GW[0]: {"max": 0}}}))
+    a = e.admit(call("5551000", gateway=GW[0]))
+    assert a.admitted and a.egress is not None and not a.egress.taken
+    b = e.admit(call("5551000", gateway=GW[0]))  # total is full: rejected by it
+    assert (b.admitted, b.limit, b.egress) == (False, "total", None)
+    # no gateway in the call: nothing decided for it
+    e.release(a.dialog_id)
+    c = e.admit(call("5551000"))
+    assert c.admitted and c.egress is None
+    e.release(c.dialog_id)
+    assert store.profile_size("total") == 0 and sum(store.profile_values("trunk").values()) == 0
+
+
+def test_a_full_gateway_spends_none_of_its_rate(engine_for: EngineFactory,
+                                                store: Store) -> None:
+    """A gateway with a rate and a cap: a call admitted without it spends nothing of
+    its rate (it was not sent there)."""
+    e = engine_for(gateway_policy(trunk={"max": 1, "rate": {"max": 2, "per": "1m",
+                                                            "burst": 2}}))
+    a = e.admit(call("1", gateway=GW[2]))
+    b = e.admit(call("1", gateway=GW[2]))  # full by its cap
+    assert a.egress and a.egress.taken and b.egress and not b.egress.taken
+    assert b.egress.kind == "concurrent"
+    e.release(a.dialog_id)
+    # the rate had one call spent: the second call of the minute still goes
+    c = e.admit(call("1", gateway=GW[2]))
+    assert c.egress and c.egress.taken
+    for d in (b, c):
+        e.release(d.dialog_id)
+    assert sum(store.profile_values("trunk").values()) == 0
+
+
+def test_an_emergency_call_takes_its_first_gateway_over_its_limit(
+        engine_for: EngineFactory, store: Store) -> None:
+    e = engine_for(build_policy(
+        "egr", version=2, classes={"emergency": {"numbers": ["112"]},
+                                   "other": {"default": True}},
+        profiles={"trunk": "gateway"}, limits={"trunk": 1}))
+    assert e.admit(call("5551000", gateway=GW[0])).egress.taken  # type: ignore[union-attr]
+    sos = e.admit(call("112", gateway=GW[0]))
+    assert sos.admitted and sos.bypass and sos.egress is not None and sos.egress.taken
+    assert gateway_counts(store)[GW[0]] == 2
+
+
+def test_the_admit_with_a_gateway_over_http(tmp_path: Path, env: dict[str, str]) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(policy_yaml(env_namespace(env), version=2,
+                                profiles={"trunk": "gateway"},
+                                limits={"trunk": {"values": {GW[0]: {"max": 1}}}}))
+    env = {**env, "POLICER_POLICY": str(path)}
+    serve = Serve(tmp_path, env)
+    try:
+        a = serve.post("/v1/admit", {**serve_body("eg-1"), "gateway": GW[0]})[1]
+        b = serve.post("/v1/admit", {**serve_body("eg-2"), "gateway": GW[0]})[1]
+        assert a["egress"]["taken"] is True
+        assert (b["admitted"], b["egress"]["taken"], b["egress"]["limit"]) == (
+            True, False, "trunk")
+        c = serve.post("/v1/admit", serve_body("eg-3"))[1]
+        assert c["egress"] is None
+        for d in (a, b, c):
+            serve.post("/v1/release", {"dialog_id": d["dialog_id"]})
+        assert run_cli("profile", "size", "trunk", GW[0], env=env).stdout == "0\n"
+    finally:
+        serve.stop()
+
+
 def test_an_unknown_dialog_may_go_and_counts_nothing(engine_for: EngineFactory,
                                                      store: Store) -> None:
     engine_for(gateway_policy())

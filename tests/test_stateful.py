@@ -66,10 +66,12 @@ profiles:
   international: {when: {class: international}}
   emergency: {when: {class: emergency}}
   user: {value: from_user}
+  trunk: {value: gateway}
 limits:
   total: {max: 4, reserve_for_emergency: 1}
   international: {max: 2}
   user: {max: 2}
+  trunk: {max: 1}
 emergency: {class: emergency, bypass: true}
 timeouts: {early: 25s, dialog: 65s}
 """
@@ -78,6 +80,11 @@ NUMBERS = {"local": "5551234", "international": "0044123", "sos-bypass": "112"}
 
 def user(v: str) -> Member:
     return Member("user", v, max=2)
+
+
+#: The one gateway raw calls may carry: a full gateway never rejects a call, the call is
+#: admitted without it (the admit's egress)
+TRUNK = Member("trunk", "gw1:5060", max=1)
 
 
 @dataclass
@@ -190,21 +197,33 @@ class StoreComparison(RuleBasedStateMachine):
             self.dialogs[did] = Live(members, self.offset + EARLY, "early", r.bypass, emergency)
 
     @rule(i=st.integers(0, len(DIDS) - 1), who=st.sampled_from(USERS),
-          kind=st.sampled_from(["local", "local", "international", "sos-bypass"]))
-    def admit_call(self, i: int, who: str, kind: str) -> None:
+          kind=st.sampled_from(["local", "local", "international", "sos-bypass"]),
+          gateway=st.booleans())
+    def admit_call(self, i: int, who: str, kind: str, gateway: bool) -> None:
         """A raw call, classified by the decision function (the model: the Python
-        classifier over the same policy)."""
+        classifier over the same policy); with a gateway, its first attempt is decided
+        with it."""
         call = Call.from_raw(f"call-{i}", "tag", from_user=who, from_domain="example.net",
-                             ruri_user=NUMBERS[kind])
+                             ruri_user=NUMBERS[kind],
+                             gateway=TRUNK.value if gateway else None)
         self._touch(dialog_id(call.call_id, call.from_tag))
         r = self._both("admit_call", call, "n1")
         assert isinstance(r, CallResult)
         members = {"local": (TOTAL, user(who)), "international": (TOTAL, INTL, user(who)),
                    "sos-bypass": (TOTAL, EMERG, user(who))}[kind]
+        if f"trunk={TRUNK.value}" in r.memberships:
+            members = (*members, TRUNK)
         self._admitted_call(call, who, kind, r)
         if not r.duplicate:
             self._decided(r.admitted, r.limit, r.bypass,
                           [label.partition("=")[0] for label in r.memberships])
+            # the gateway decided with the call: taken when it had room (or the call is
+            # an emergency one, over it), never the reason a call is rejected
+            assert (r.egress is not None) == (gateway and r.admitted
+                                              and "trunk:" in self.policy_yaml)
+            if r.egress is not None and not r.egress.taken:
+                assert (r.egress.limit, r.egress.kind) == ("trunk", "concurrent")
+                self.decided["egress_full", "trunk"] += 1
         if r.admitted and not r.duplicate:
             did = dialog_id(call.call_id, call.from_tag)
             self.dialogs[did] = Live(members, self.offset + EARLY, "early", r.bypass,
@@ -316,7 +335,7 @@ class StoreComparison(RuleBasedStateMachine):
             return
         live = self._counted()
         keys = [("total", None), ("international", None), ("emergency", None),
-                *(("user", u) for u in USERS)]
+                *(("user", u) for u in USERS), ("trunk", TRUNK.value)]
         for profile, value in keys:
             expected = sum(1 for d in live.values()
                            if any(m.profile == profile and m.value == value for m in d.members))
@@ -341,7 +360,7 @@ class StoreComparison(RuleBasedStateMachine):
         if not hasattr(self, "redis"):
             return
         live = self._live()
-        for m in (TOTAL, INTL, user("alice"), user("bob")):
+        for m in (TOTAL, INTL, user("alice"), user("bob"), TRUNK):
             inside = [d for d in live.values() if m in d.members]
             # only bypassed emergency calls may go over the max ...
             assert sum(1 for d in inside if not d.bypass) <= m.max
@@ -516,7 +535,7 @@ class RatesAndWindows(StoreComparison):
         """Calls at one instant: bursts that trip rates and fill windows."""
         for i, who, kind in calls:
             self.keep_the_clock_near()
-            self.admit_call(i, who, kind)
+            self.admit_call(i, who, kind, False)
 
     @rule(per=st.sampled_from(BOUNDARIES))
     def jump_across(self, per: str) -> None:

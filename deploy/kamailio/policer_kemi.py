@@ -8,8 +8,9 @@ The same stateful proxy as kamailio.cfg + policer.cfg, routed in Python:
   reason, Retry-After);
 * with POLICER_GATEWAYS (run: the dispatcher's list, kemi.cfg WITH_GATEWAYS) an
   admitted INVITE goes to the first gateway of set 1, in priority order, that has room
-  under policer's egress limits (one store call per attempt); a gateway that fails
-  (5xx, 408) is left for the next one; none left: the gateway limit's reject;
+  under policer's egress limits (the first attempt decided with the admit, one store
+  call per further attempt); a gateway that fails (5xx, 408) is left for the next
+  one; none left: the gateway limit's reject;
 * in-dialog requests follow the Record-Route set;
 * 401/407 from the upstream: answered once with uac_auth() when
   POLICER_UPSTREAM_AUTH_USER is set (same dialog, counted once);
@@ -107,6 +108,11 @@ class PolicerKemi:
                 KSR.rr.record_route()
 
         if KSR.is_INVITE():
+            # the first gateway of set 1 in priority order: $du, packed with the call's
+            # attributes (the admit takes it, or says it is full)
+            if self.gateways and KSR.dispatcher.ds_select_dst(1, 8) < 0:
+                KSR.sl.send_reply(503, "No Gateway")
+                return
             verdict = policer_kamailio.admit_current()
             if not verdict.admitted:
                 policer_kamailio.reject_current(verdict)
@@ -116,20 +122,22 @@ class PolicerKemi:
             # the call's attributes, for `policer reconcile` if Redis ever loses the call
             KSR.pv.sets("$dlg_var(policer_call)", verdict.call_json)
             if self.gateways:
-                self.to_gateway()
+                self.to_gateway(verdict.egress)
                 return
 
         KSR.setdsturi(self.upstream)
         self.relay()
 
-    def to_gateway(self) -> None:
+    def to_gateway(self, first: policer_kamailio.EgressResult | None) -> None:
         """The admitted INVITE to the first gateway of set 1 (priority order) with room;
-        none: the gateway limit's reject."""
-        if KSR.dispatcher.ds_select_dst(1, 8) < 0:
-            KSR.sl.send_reply(503, "No Gateway")
-            policer_kamailio.release_current("failed")
-            return
-        r = self.gateway_with_room()
+        none: the gateway limit's reject. ``first``: $du as the admit decided it (full:
+        the next ones are asked; None: not decided, $du is asked first)."""
+        if first is None:
+            r = self.gateway_with_room()
+        else:
+            r = first
+            while not r.taken and KSR.dispatcher.ds_next_dst() > 0:
+                r = policer_kamailio.egress_current()
         if r.taken:
             self.relay()
             return

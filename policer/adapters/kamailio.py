@@ -145,6 +145,10 @@ class Verdict:
     call_json: str = ""
     #: seconds the admitted call may last once answered (None: no cap)
     max_duration: int | None = None
+    #: the admitted call's first gateway (``$du`` when admitted) as the admit decided
+    #: it: taken, relay; full, try the next (:func:`egress_current` each); None: not
+    #: decided, ask :func:`egress_current` for ``$du``
+    egress: EgressResult | None = None
 
     @classmethod
     def from_decision(cls, decision: Decision, did: str, call_json: str = "") -> Verdict:
@@ -163,6 +167,7 @@ class Verdict:
             max_duration=(int(decision.max_duration)
                           if admitted and decision.max_duration is not None
                           and decision.max_duration > 0 else None),
+            egress=decision.egress if admitted else None,
         )
 
 

@@ -92,8 +92,9 @@ _PV = {
     "to_user": "$tU",
     "source_ip": "$si",
     "auth_user": "$au",
-    # where the call is sent: set by route(POLICER_EGRESS) from $du (host:port), so
-    # unset ($null) when the call is admitted
+    # where the call is sent: $du's host:port (route(POLICER_GATEWAY_OF)), set before
+    # the admit (a dispatcher chose $du already: the admit decides that first attempt)
+    # and again by route(POLICER_EGRESS) for each further attempt
     "gateway": "$avp(policer_gw)",
 }
 #: The admit's deadline as ndb_redis expands it into the command (ARGV 9 and 10 of the
@@ -391,6 +392,7 @@ def generate(policy: Policy, node: str, redis_url: str, *,
 #: an admitted call, of a rejected one, and those only the latency counters need.
 REPLY_VARS: dict[str, tuple[str, ...]] = {
     "admitted": ("max_duration_s", "dialog_id"),
+    "gateway": ("egress",),  # only when the policy has a gateway profile
     "rejected": ("code", "reason", "retry_after"),
     "latency": ("bypass", "shadow"),
 }
@@ -425,6 +427,11 @@ def _reply_route() -> list[str]:
            "route[POLICER_REPLY] {", "\t" + read("admitted"),
            f"\tif ({reply_var('admitted')} == 1) {{"]
     out += ["\t\t" + read(f) for f in REPLY_VARS["admitted"]]
+    # admitted, its gateway ($du) full: the gateway limit's answer, for when no other
+    # gateway has room (route(POLICER) set $var(policer_egress) to -1, not decided)
+    out += ["#!ifdef POLICER_WITH_EGRESS"] + ["\t\t" + read(f) for f in REPLY_VARS["gateway"]]
+    out += [f"\t\tif ({reply_var('egress')} == 0) {{"]
+    out += ["\t\t\t" + read(f) for f in REPLY_VARS["rejected"]] + ["\t\t}", "#!endif"]
     out += ["\t} else {"] + ["\t\t" + read(f) for f in REPLY_VARS["rejected"]] + ["\t}"]
     out += ["#!ifdef POLICER_WORKER_LATENCY"] + ["\t" + read(f) for f in REPLY_VARS["latency"]]
     out += ["#!endif", "}"]

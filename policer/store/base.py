@@ -147,6 +147,9 @@ class AdmitRequest:
     #: a hierarchy level (``on_missing_parent: reject``) that has no parent for the
     #: call's value: an ordinary call is rejected by it (kind ``parent``)
     missing_parent: str | None = None
+    #: the profiles whose value is where the call is sent (an admit's first attempt):
+    #: their trip refuses the gateway, not the call (``AdmitResult.gateway``)
+    gateway_profiles: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +171,9 @@ class AdmitResult:
     entry: Limit | None = field(default=None, compare=False)
     #: kind ``parent``: the hierarchy level whose parent of the call's value is unknown
     parent: str = ""
+    #: admitted with its gateway full: that gateway's trip (as a rejection); the call
+    #: holds none of the gateway profiles' memberships
+    gateway: AdmitResult | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +219,11 @@ class CallResult:
     window: str = ""  # the calendar window of a ``calls`` trip (``1d``)
     max_duration_ms: int | None = None  # answered calls end after this
     direction: str | None = None  # where the call comes from (directions), None none
+    #: the call's first attempt (its attribute ``gateway``) as the admit decided it:
+    #: taken with the call, or full (the call is admitted without it: the next gateway
+    #: is asked with an egress call); None: not decided (no gateway, a duplicate, a
+    #: rejection)
+    egress: EgressResult | None = None
 
 
 @dataclass(frozen=True, slots=True)

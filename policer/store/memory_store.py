@@ -144,6 +144,8 @@ def _decide(request: AdmitRequest, keys: Sequence[tuple[str, str]], counts: Sequ
     (:func:`_answer`)."""
     emergency = request.emergency or request.emergency_bypass
     tripped, shadow, bypass, shown = -1, -1, False, _Trip()
+    soft = request.gateway_profiles
+    gateway: AdmitResult | None = None
     rows: list[ExplainRow] = []
     for i, (m, (profile, enc), count, chk) in enumerate(
             zip(request.members, keys, counts, checks, strict=True)):
@@ -166,21 +168,31 @@ def _decide(request: AdmitRequest, keys: Sequence[tuple[str, str]], counts: Sequ
                 tripped = i
                 shown = replace(t, max=chk.max_live) if t.kind == "concurrent" else t
             bypass = True
+        elif m.profile in soft:
+            # the call's gateway is full: refused, not the call
+            if gateway is None:
+                gateway = AdmitResult(False, i, t.count, t.max, kind=t.kind,
+                                      retry_after=t.retry, window=t.window,
+                                      entry=request.entries[i] if request.entries else None)
         elif tripped < 0:
             tripped, shown = i, t
             if not dry:
                 break
     if request.missing_parent and tripped < 0 and not emergency and not request.record:
         # a value whose parent is unknown, at a level that rejects such calls
-        return AdmitResult(False, kind="parent", parent=request.missing_parent,
-                           max_duration_ms=request.max_duration_ms), tuple(rows)
+        missing = AdmitResult(False, kind="parent", parent=request.missing_parent,
+                              max_duration_ms=request.max_duration_ms)
+        if request.missing_parent not in soft:
+            return missing, tuple(rows)
+        gateway = gateway or missing
     admitted = tripped < 0 or bypass
     limit = tripped if tripped >= 0 else shadow
     # a Retry-After answers a rejection only (the function's reply has none else)
     return AdmitResult(
         admitted, tripped, shown.count, shown.max, bypass, False, shadow, shown.kind,
         -1 if admitted else shown.retry, shown.window, request.max_duration_ms,
-        request.entries[limit] if limit >= 0 and request.entries else None), tuple(rows)
+        request.entries[limit] if limit >= 0 and request.entries else None,
+        gateway=gateway if admitted else None), tuple(rows)
 
 
 class MemoryStore:
@@ -301,7 +313,8 @@ class MemoryStore:
             info={"call_id": call.call_id, "from": frm, "to": c.number,
                   "class": c.number_class or "", "node": node,
                   "source_ip": call.source_ip},
-            entries=entries, max_duration_ms=md, missing_parent=c.missing_parent)
+            entries=entries, max_duration_ms=md, missing_parent=c.missing_parent,
+            gateway_profiles=classifier.gateway_profiles)
         attrs = {s: call.attribute(s) for s in attribute_sources(policy)}
         r, rows = self._admit(req, dry=dry, at_ms=at, attrs=attrs)
         limit_i = r.tripped if r.tripped >= 0 else r.shadow
@@ -322,12 +335,23 @@ class MemoryStore:
             code, reason = ENDED_CODE, ENDED_REASON
         elif not r.admitted:
             code, reason, retry = _rejection(policy, limit, r)
+        egress: EgressResult | None = None
+        if r.admitted and not r.duplicate and call.gateway and classifier.gateway_profiles:
+            egress = EgressResult(True, 200, "OK", None, None, 0, -1, "", (), True)
+            if r.gateway is not None:
+                g = r.gateway
+                glimit = _limit_of(g, members)
+                gcode, greason, gretry = _rejection(policy, glimit, g)
+                egress = EgressResult(False, gcode, greason, gretry, glimit, g.count, g.max,
+                                      g.kind, (), True)
+                labels = tuple(x for x, m in zip(labels, members, strict=True)
+                               if m.profile not in classifier.gateway_profiles)
         return CallResult(
             admitted=r.admitted, code=code, reason=reason, retry_after=retry, limit=limit,
             count=r.count, max=r.max, bypass=r.bypass, duplicate=r.duplicate,
             shadow=r.shadow >= 0, number_class=cls, memberships=labels, dialog_id=did,
             emergency=emergency, rows=rows, kind=r.kind, window=r.window,
-            max_duration_ms=r.max_duration_ms, direction=c.direction)
+            max_duration_ms=r.max_duration_ms, direction=c.direction, egress=egress)
 
     def admit_call(self, call: Call, node: str, record: bool = False,
                    deadline_ms: int | None = None) -> CallResult:
@@ -591,6 +615,16 @@ class MemoryStore:
             return
         deadline = now + request.early_ms
         node = key_part(request.node) if request.node else ""
+        if result.gateway is not None:
+            # its gateway full: the call holds none of the gateway's memberships
+            keep = [i for i, m in enumerate(request.members)
+                    if m.profile not in request.gateway_profiles]
+            keys = [keys[i] for i in keep]
+            checks = [checks[i] for i in keep]
+            labels = tuple(labels[i] for i in keep)
+            limit = _limit_of(result.gateway, request.members) or ""
+            self._decisions[("egress_full", limit)] = \
+                self._decisions.get(("egress_full", limit), 0) + 1
         self._dialogs[did] = _Dialog(
             result, "early", now, deadline=deadline, expires=deadline + GRACE_MS,
             keys=tuple(keys), labels=labels, node=node,
@@ -628,6 +662,8 @@ class MemoryStore:
         DECISIONS``): store_error when recorded, bypassed (the member tripped),
         shadow_rejected (the first shadow limit), else admitted."""
         for i, m in enumerate(request.members):
+            if result.gateway is not None and m.profile in request.gateway_profiles:
+                continue
             res = ("store_error" if request.record else "bypassed" if i == result.tripped
                    else "shadow_rejected" if i == result.shadow else "admitted")
             self._decisions[(res, m.profile)] = self._decisions.get((res, m.profile), 0) + 1
@@ -741,7 +777,7 @@ class MemoryStore:
             end_ms=now,
             reason=reason,
             node=d.info.get("node", ""),
-            profiles=d.labels,
+            profiles=tuple(label_from_key(x) for x in d.labels),
             variables=dict(d.variables),
             record_id=f"{now}-{next(self._seq)}",
         )
@@ -765,7 +801,8 @@ class MemoryStore:
 
     # -- inspection
     def _info(self, did: str, d: _Dialog) -> DialogInfo:
-        return DialogInfo(did, d.state, d.init_ms, d.start_ms, d.end_ms, d.deadline, d.labels,
+        return DialogInfo(did, d.state, d.init_ms, d.start_ms, d.end_ms, d.deadline,
+                          tuple(label_from_key(x) for x in d.labels),
                           dict(d.info), dict(d.variables), d.end_reason)
 
     def dialog(self, dialog_id: str) -> DialogInfo | None:

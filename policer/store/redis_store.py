@@ -1013,7 +1013,22 @@ def call_result(r: list[Any]) -> CallResult:
         memberships=tuple(label_from_key(x) for x in str(a["memberships"]).split("\n") if x),
         dialog_id=str(a["dialog_id"]), emergency=a["emergency"] == 1, rows=tuple(rows),
         kind=str(a["kind"]), window=str(a["window"]), max_duration_ms=md if md > 0 else None,
-        direction=str(a.get("direction", "")) or None)
+        direction=str(a.get("direction", "")) or None, egress=admit_egress(a))
+
+
+def admit_egress(a: dict[str, Any]) -> EgressResult | None:
+    """The call's first gateway as its admit decided it (``ADMIT_REPLY``'s egress
+    fields), None: not decided."""
+    taken = int(a.get("egress", -1))
+    if taken < 0:
+        return None
+    if taken == 1:
+        return EgressResult(True, 200, "OK", None, None, 0, -1, "", (), True)
+    retry = int(a["egress_retry_after"])
+    return EgressResult(
+        False, int(a["egress_code"]), str(a["egress_reason"]),
+        None if retry < 0 else retry, str(a["egress_limit"]) or None,
+        int(a["egress_count"]), int(a["egress_max"]), str(a["egress_kind"]), (), True)
 
 
 def egress_result(r: list[Any]) -> EgressResult:

@@ -7,8 +7,7 @@
 --   then per member (6 values): profile, valued (1|0), encoded value, max (-1 none),
 --   reserve, shadow (1|0). Reply: ADMIT_REPLY.
 local function fn_admitm(keys, args)
-  REPLY_NATIVE = false
-  CALL_DIR = ''
+  CALL.native, CALL.dir, CALL.gw = false, '', false
   local now = now_ms(args[5])
   local n = tonumber(args[4])
   local members = {}

@@ -7,7 +7,8 @@
 local function admit_call(node, call_id, from_tag, attrs, mode, now, at, early_ms, rq)
   local values = read_attrs(attrs)
   local cls, _, plan = classify(values, at)
-  CALL_DIR = plan.dir
+  CALL.dir = plan.dir
+  CALL.gw = GATEWAY_ATTR > 0 and (values[GATEWAY_ATTR] or '') ~= ''
   local flags = 0
   if cls ~= '' and cls == EMERGENCY_CLASS then
     flags = FLAG_EMERGENCY
@@ -27,7 +28,7 @@ local function admit_call(node, call_id, from_tag, attrs, mode, now, at, early_m
   if r == STALE then
     -- a live parent changed since the plan was built: built again on what is there now
     cls, _, plan = classify(values, at, true)
-    CALL_DIR = plan.dir
+    CALL.dir = plan.dir
     r = decide(did, plan, flags, early_ms or EARLY_MS, node, now, at, cls, mode == 'e', rq,
                tail, attrs)
   end
@@ -71,10 +72,10 @@ local function fn_admit(keys, args)
   end
   local rq_s = nil
   if rq then rq_s = ns(rq) end
-  REPLY_NATIVE = mode == 'A'
+  CALL.native = mode == 'A'
   local r = admit_call(args[1] or '', args[2] or '', args[3] or '', args[4] or '', mode, now,
                        at, nil, rq_s)
-  REPLY_NATIVE = false
+  CALL.native = false
   if r == nil then return late_reply(now, rq or now) end
   if r == HOLD then return recovering_reply() end
   return r

@@ -52,7 +52,7 @@ local function fn_batch(keys, args)
   local with_records = args[2] == '1'
   local now = now_ms(args[3])
   local records_ok = args[4] == nil or args[4] == '' or args[4] == ATTRS_SIG
-  REPLY_NATIVE = false
+  CALL.native = false
   local list = {}
   local pos, len = 1, #ops
   while pos <= len do

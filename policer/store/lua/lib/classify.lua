@@ -280,10 +280,26 @@ local function plan_entry(members, all, cls, dir, looked, missing)
       chk[i] = {n, looked[i][2]}
     end
   end
+  -- the members whose value is where the call is sent (member -> true, nil none), and
+  -- the count fields without them (a call admitted while its gateway is full)
+  local gws, nogw = nil, nil
+  for i = 1, #members do
+    if members[i][1].gw then
+      if gws == nil then gws = {} end
+      gws[i] = true
+    end
+  end
+  if missing and missing.gw and gws == nil then gws = {} end
+  if gws then
+    nogw = {}
+    for i = 1, #members do
+      if not gws[i] then nogw[#nogw + 1] = fields[i] end
+    end
+  end
   return {members = members, all = all, hm = hm, pos = pos, fields = fields,
           fields_s = table.concat(fields, ','), md = max_duration(members, cls),
           dir = dir or '', plain = PLAIN_KEY[situation(cls, dir or '')], chk = chk,
-          missing = missing}
+          missing = missing, gws = gws, nogw_s = nogw and table.concat(nogw, ',') or ''}
 end
 
 -- A profile's value for a call (false: none): its attribute's, or for a level of a

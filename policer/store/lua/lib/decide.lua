@@ -8,22 +8,31 @@ local FLAG_EMERGENCY, FLAG_BYPASS, FLAG_RECORD, FLAG_REGISTER, FLAG_HOLD = 1, 2,
 local KIND_NAMES = {'concurrent', 'rate', 'calls', 'parent'}
 local KIND_CODES = {concurrent = 1, rate = 2, calls = 3, parent = 4}
 
--- The reply: ADMIT_REPLY, or in mode A (REPLY_NATIVE, set per call by fn_admit) what
--- a proxy's cfg reads (NATIVE_REPLY). labels: the memberships' labels, or the members.
-local REPLY_NATIVE = false
--- the call's direction ('' none), set per call by admit_call: the reply carries it
-local CALL_DIR = ''
+-- The call being decided, set per call (the library's top level is at Lua's 200 locals:
+-- one table): native, the reply is what a proxy's cfg reads (NATIVE_REPLY, mode A, set
+-- by fn_admit), else ADMIT_REPLY; dir, the call's direction ('' none: the reply carries
+-- it); gw, the call carries where it is sent (its gateway: the admit decides that first
+-- attempt, the reply's egress 1 taken, 0 full). The reply's egress fields (egress, its
+-- code, reason, Retry-After, limit, kind, count, max): EG.none, the admit did not decide
+-- the call's gateway (none, a duplicate, a rejection); EG.taken, it took it.
+local CALL = {native = false, dir = '', gw = false}
+local EG = {none = {-1, 0, '', -1, '', '', 0, -1}, taken = {1, 200, 'OK', -1, '', '', 0, -1}}
 local HOLD = {}  -- decide's answer while admits are held (P c '!hold')
 local STALE = {}  -- decide's answer when a live parent its plan was built on changed
 
 local function reply(admitted, code, reason, retry, limit, count, max, bypass, dup, shadow,
-                     tripped, cls, labels, did, emergency, kind, window, md)
-  if REPLY_NATIVE then
-    return native_reply(admitted, code, reason, retry, bypass, shadow, md, did)
+                     tripped, cls, labels, did, emergency, kind, window, md, eg)
+  eg = eg or EG.none
+  if CALL.native then
+    -- admitted with its gateway full: the code, reason and Retry-After are the gateway
+    -- limit's (what the proxy answers when no other gateway has room)
+    if eg[1] == 0 then code, reason, retry = eg[2], eg[3], eg[4] end
+    return native_reply(admitted, code, reason, retry, bypass, shadow, md, did, eg[1])
   end
   if type(labels) == 'table' then labels = labels_of(labels) end
   return admit_reply(admitted, code, reason, retry, limit, count, max, bypass, dup, shadow,
-                     tripped, cls, labels, did, emergency, kind, window, md, CALL_DIR)
+                     tripped, cls, labels, did, emergency, kind, window, md, CALL.dir,
+                     eg[1], eg[2], eg[3], eg[4], eg[5], eg[6], eg[7], eg[8])
 end
 
 -- The answer a dialog decided before gets again (a retransmission, the INVITE re-sent
@@ -100,9 +109,12 @@ end
 -- at a level that rejects such calls (plan.missing), trips an ordinary call when nothing
 -- else did (tripped -1, kind parent). Returns the tripped member (0 none, -1 the missing
 -- parent), its count, max, kind, Retry-After and window, bypass (1|0), the shadow member
--- (0 none), each member's count, the states to spend (member -> state, nil none) and a
--- dry run's rows.
-local function check_members(plan, h, emergency, bypass_allowed, nochecks, dry, now, lnow)
+-- (0 none), each member's count, the states to spend (member -> state, nil none), a
+-- dry run's rows, and with soft (an admit) the gateway's trip: a member whose value is
+-- where the call is sent (p.gw) refuses that gateway, not the call ({member (-1 its
+-- level's missing parent), count, max, kind, Retry-After, window}, nil none).
+local function check_members(plan, h, emergency, bypass_allowed, nochecks, dry, now, lnow,
+                             soft)
   local members = plan.members
   local n = #members
   local pos = plan.pos
@@ -110,6 +122,7 @@ local function check_members(plan, h, emergency, bypass_allowed, nochecks, dry, 
   local tkind, tretry, twin = '', -1, ''
   local rows = nil
   if dry then rows = {} end
+  local gtrip = nil
   local spend = nil  -- member index -> its new rate/window state
   local counts = {}
   for i = 1, n do
@@ -174,6 +187,8 @@ local function check_members(plan, h, emergency, bypass_allowed, nochecks, dry, 
           tripped, tcount, tmax, tkind, tretry, twin = i, kcount, kmax, kind, kretry, kwin
         end
         bypass = 1
+      elseif soft and p.gw then
+        if gtrip == nil then gtrip = {i, kcount, kmax, kind, kretry, kwin} end
       elseif tripped == 0 then
         tripped, tcount, tmax, tkind, tretry, twin = i, kcount, kmax, kind, kretry, kwin
         if not dry then break end
@@ -182,9 +197,14 @@ local function check_members(plan, h, emergency, bypass_allowed, nochecks, dry, 
   end
 
   if plan.missing and tripped == 0 and not emergency and not nochecks then
-    tripped, tcount, tmax, tkind, tretry, twin, shadow = -1, 0, -1, 'parent', -1, '', 0
+    if soft and plan.missing.gw then
+      if gtrip == nil then gtrip = {-1, 0, -1, 'parent', -1, ''} end
+    else
+      tripped, tcount, tmax, tkind, tretry, twin, shadow = -1, 0, -1, 'parent', -1, '', 0
+    end
   end
-  return tripped, tcount, tmax, tkind, tretry, twin, bypass, shadow, counts, spend, rows
+  return tripped, tcount, tmax, tkind, tretry, twin, bypass, shadow, counts, spend, rows,
+         gtrip
 end
 
 -- The limit a decision over a plan names, and its entry: the tripped member's (the
@@ -193,6 +213,7 @@ local function named_limit(plan, tripped, shadow)
   local members = plan.members
   if tripped > 0 then return members[tripped][1].name, members[tripped][2] end
   if tripped < 0 then return plan.missing.name, plan.missing.entries[1] end
+  if shadow == nil then return '', nil end
   if shadow > 0 then return members[shadow][1].name, members[shadow][2] end
   return '', nil
 end
@@ -227,18 +248,32 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
     end
   end
   local nochecks = record and not dry
-  local tripped, tcount, tmax, tkind, tretry, twin, bypass, shadow, counts, spend, rows =
-    check_members(plan, h, emergency, bypass_allowed, nochecks, dry, now, lnow)
+  local tripped, tcount, tmax, tkind, tretry, twin, bypass, shadow, counts, spend, rows,
+        gtrip = check_members(plan, h, emergency, bypass_allowed, nochecks, dry, now, lnow,
+                              true)
 
   local admitted = 1
   if tripped ~= 0 and bypass == 0 then admitted = 0 end
   local limit, lentry = named_limit(plan, tripped, shadow)
   local code, reason, retry = 200, 'OK', -1
   if admitted == 0 then code, reason, retry = answer_of(limit, lentry, tkind, tretry) end
+  -- the call's first attempt: its gateway taken with the call, or full (the call is
+  -- admitted without it: the proxy tries the next gateway, one egress call each)
+  local eg, glimit = nil, nil
+  if admitted == 1 and gtrip then
+    local gentry
+    glimit, gentry = named_limit(plan, gtrip[1], nil)
+    local gcode, greason, gretry = answer_of(glimit, gentry, gtrip[4], gtrip[5])
+    eg = {0, gcode, greason, gretry, glimit, gtrip[4], gtrip[2], gtrip[3]}
+  elseif admitted == 1 and CALL.gw then
+    eg = EG.taken
+  end
   if dry then
+    local eg_ = eg or EG.none
     local out = admit_reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0,
                             shadow, tripped, cls, labels_of(members), did, emergency_out,
-                            tkind, twin, md, CALL_DIR)
+                            tkind, twin, md, CALL.dir, eg_[1], eg_[2], eg_[3], eg_[4],
+                            eg_[5], eg_[6], eg_[7], eg_[8])
     for i = 1, #rows do
       local row = rows[i]
       for j = 1, #row do out[#out + 1] = row[j] end
@@ -247,6 +282,9 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
   end
 
   local fields_s = plan.fields_s
+  -- its gateway full: the call holds none of the gateway's memberships
+  local nogw = glimit and plan.gws
+  if nogw then fields_s = plan.nogw_s end
   local decision = PLAIN_DECISION
   if tripped ~= 0 or shadow > 0 or emergency_out > 0 or tmax ~= -1 or md ~= -1 then
     local eidx = 1
@@ -287,13 +325,15 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
     local w = {}
     local wn = 0
     for i = 1, n do
-      w[wn + 1] = fields[i]
-      w[wn + 2] = ns(counts[i] + 1)
-      wn = wn + 2
-      if spend and spend[i] then
-        w[wn + 1] = members[i][5][5]
-        w[wn + 2] = spend[i]
+      if not (nogw and nogw[i]) then
+        w[wn + 1] = fields[i]
+        w[wn + 2] = ns(counts[i] + 1)
         wn = wn + 2
+        if spend and spend[i] then
+          w[wn + 1] = members[i][5][5]
+          w[wn + 2] = spend[i]
+          wn = wn + 2
+        end
       end
     end
     if wn > 0 then redis.call('HSET', COUNTS, unpack(w, 1, wn)) end
@@ -305,25 +345,36 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
       local r = {}
       for i = 1, n do r[i] = 'store_error|' .. members[i][1].name end
       key = 'recorded;' .. table.concat(r, ',')
-    elseif plan.all and tripped == 0 and shadow == 0 then
+    elseif plan.all and tripped == 0 and shadow == 0 and not nogw then
       key = plan.plain
     else
       local r = {}
       for i = 1, n do
-        local result = 'admitted'
-        if i == tripped then result = 'bypassed'
-        elseif i == shadow then result = 'shadow_rejected' end
-        r[i] = result .. '|' .. members[i][1].name
+        if not (nogw and nogw[i]) then
+          local result = 'admitted'
+          if i == tripped then result = 'bypassed'
+          elseif i == shadow then result = 'shadow_rejected' end
+          r[#r + 1] = result .. '|' .. members[i][1].name
+        end
       end
       key = 'admitted;' .. table.concat(r, ',')
     end
     redis.call('HINCRBY', DECISIONS, key, '1')
+    -- a full gateway, counted per tripped profile as the egress counts it
+    if glimit then redis.call('HINCRBY', DECISIONS, 'egress;egress_full|' .. glimit, '1') end
     if attrs then
       local r = 'a'
       if record then r = 'f' end
       attempt(did, r, cls, node, '200', '', '', tail)
     end
   end
+  local labels = members
+  if nogw then
+    labels = {}
+    for i = 1, n do
+      if not nogw[i] then labels[#labels + 1] = members[i] end
+    end
+  end
   return reply(admitted, code, reason, retry, limit, tcount, tmax, bypass, 0, shadow,
-               tripped, cls, members, did, emergency_out, tkind, twin, md)
+               tripped, cls, labels, did, emergency_out, tkind, twin, md, eg)
 end
