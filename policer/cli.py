@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from policer import live_limits, parents
+from policer import fraud_admin, live_limits, parents
 from policer.call import Call
 from policer.compile import compile_policy
 from policer.decision import Decision
@@ -703,6 +703,79 @@ def cmd_cdr(args: argparse.Namespace) -> int:
             last = records[-1].record_id
 
 
+def cmd_alerts(args: argparse.Namespace) -> int:
+    """``alerts tail [--follow] [--json]``: the fraud events, oldest first."""
+    import time
+
+    policy = _policy(args)
+    store = _store(args, policy)
+    events = store.fraud_events(count=args.count or 1_000_000)
+    last = events[-1].id if events else ""
+    while True:
+        for e in events:
+            if args.json:
+                _print_json({k: v for k, v in e.as_dict().items() if k != "id"})
+            else:
+                print(f"{_ts(e.at_ms)} {e.level:<8} {e.rule} {e.key}={printable(e.value)} "
+                      f"{e.stat} {e.count}>={e.threshold} per {e.window} {e.action}")
+        sys.stdout.flush()
+        if not args.follow:
+            return EXIT_OK
+        time.sleep(args.interval)
+        events = store.fraud_events(count=10_000, after=last)
+        if events:
+            last = events[-1].id
+
+
+def cmd_blocks(args: argparse.Namespace) -> int:
+    """``blocks list [--json]``, ``blocks lift KEY VALUE``."""
+    policy = _policy(args)
+    if args.action == "list":
+        if args.key is not None:
+            raise CliError("blocks list: takes no KEY")
+        rows = _store(args, policy).fraud_blocks()
+        if args.json:
+            _print_json({"blocks": [b.as_dict() for b in rows]})
+        else:
+            for b in rows:
+                print(f"{b.rule}\t{printable(b.value)}\tuntil {_ts(b.until_ms)}")
+        return EXIT_OK
+    if args.key is None or args.value is None:
+        raise CliError("blocks lift: KEY and VALUE are required")
+    try:
+        fraud_admin.rules_of_key(policy, args.key)
+    except fraud_admin.FraudError as e:
+        raise CliError(str(e)) from None
+    done = fraud_admin.lift(policy, _store(args, policy), args.key, args.value)
+    if args.json:
+        _print_json(done.as_dict())
+    else:
+        print(f"{args.key} {printable(args.value)}: "
+              + (f"lifted ({', '.join(done.rules)})" if done.rules else "was not blocked"))
+    return EXIT_OK
+
+
+def cmd_fraud(args: argparse.Namespace) -> int:
+    """``fraud status [--json]``: per rule, the values closest to their thresholds."""
+    policy = _policy(args)
+    if not policy.fraud:
+        raise CliError("the policy has no fraud rules (fraud: in the policy file)")
+    rows = fraud_admin.status(policy, _store(args, policy), args.top)
+    if args.json:
+        _print_json({"rules": rows})
+        return EXIT_OK
+    for r in rows:
+        print(f"{r['rule']} (key {r['key']}, per {r['window']}"
+              f"{', shadow' if r['shadow'] else ''})")
+        for v in r["values"]:
+            stats = " ".join(f"{k}={s['count']}/{s['critical'] or s['warning']}"
+                             for k, s in v["stats"].items())
+            blocked = f" blocked until {_ts(v['blocked_until'])}" if v["blocked_until"] \
+                else ""
+            print(f"  {printable(v['value'])}\t{v['closest']:.2f}\t{stats}{blocked}")
+    return EXIT_OK
+
+
 def _time_ms(text: str, now_ms: int, what: str) -> int:
     """A time: a duration before now (``24h``), epoch ms, or ISO 8601 (UTC if no zone)."""
     ago = parse_duration_ms(text)
@@ -1009,6 +1082,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("parent", nargs="?", default=None, metavar="PARENT")
     _common(p)
     p.set_defaults(func=cmd_parent)
+
+    p = sub.add_parser("alerts", help="the fraud guard's events (a capped stream in the "
+                                      "store)")
+    p.add_argument("action", choices=("tail",))
+    p.add_argument("-n", "--count", type=_whole_type(0), default=20,
+                   help="the last N events (0: all)")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--interval", type=_seconds_type(0.1), default=1.0, help=argparse.SUPPRESS)
+    _common(p)
+    p.set_defaults(func=cmd_alerts)
+
+    p = sub.add_parser("blocks", help="values the fraud rules block: list, lift (audited)")
+    p.add_argument("action", choices=("list", "lift"))
+    p.add_argument("key", nargs="?", default=None, metavar="KEY",
+                   help="a fraud rule's key (as in the policy: user, account, ...)")
+    p.add_argument("value", nargs="?", default=None, metavar="VALUE")
+    _common(p)
+    p.set_defaults(func=cmd_blocks)
+
+    p = sub.add_parser("fraud", help="the fraud rules' values closest to their thresholds")
+    p.add_argument("action", choices=("status",))
+    p.add_argument("--top", type=_whole_type(1), default=10,
+                   help="values shown per rule [10]")
+    _common(p)
+    p.set_defaults(func=cmd_fraud)
 
     p = sub.add_parser("dialog", help="show or end one dialog")
     p.add_argument("action", choices=("show", "end"))

@@ -27,7 +27,7 @@ import hashlib
 import re
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -37,6 +37,7 @@ from policer import protocol
 from policer.calendar import transitions
 from policer.call import MAX_VALUE
 from policer.policy import Limit, Policy, Reject
+from policer.policy.model import FRAUD_STATS, FraudRule
 
 __all__ = [
     "ATTEMPTS_KEEP_DEFAULT",
@@ -153,6 +154,7 @@ def attribute_sources(policy: Policy | None) -> tuple[str, ...]:
     sources += _RECORD_SOURCES
     if policy is not None:
         sources += [p.value for p in policy.profiles if p.value is not None]
+        sources += [rule.source for rule in policy.fraud]
     return tuple(dict.fromkeys(sources))
 
 
@@ -202,6 +204,26 @@ def _reject(r: Reject) -> list[object]:
     return [r.code, r.reason, -1 if r.retry_after is None else r.retry_after]
 
 
+def _fraud_rule(rule: FraudRule, index: Mapping[str, int], sched_index: Mapping[str, int]
+                ) -> dict[str, object]:
+    """One fraud rule as fraud.lua reads it: its key's attribute (and profile), when
+    (classes, prefixes, schedule index), window, per statistic {warning, critical} (-1
+    none), short calls' bound, block (ms), answer, shadow."""
+    return {
+        "name": rule.name, "key": rule.key, "attr": index[rule.source], "prof": rule.profile,
+        "when": ({c: True for c in sorted(rule.when_classes)}
+                 if rule.when_classes is not None else None),
+        "pre": list(rule.when_prefixes) or None,
+        "sched": sched_index[rule.when_schedule] if rule.when_schedule else None,
+        "per": rule.per,
+        "st": [[-1 if t.warning is None else t.warning, -1 if t.critical is None
+                else t.critical] if (t := rule.stats.get(stat)) is not None else False
+               for stat in FRAUD_STATS],
+        "under": rule.short_under_ms, "block": rule.block_ms, "rej": _reject(rule.reject),
+        "shadow": rule.shadow,
+    }
+
+
 def _entry(lim: Limit, idx: int, policy_shadow: bool, sched_index: dict[str, int]) -> str:
     """One entry of a profile's limit as a Lua table: concurrent max, reserve, shadow,
     schedule (index into SCHED), rate (T and tau in microseconds), calendar windows
@@ -231,7 +253,8 @@ def _entry(lim: Limit, idx: int, policy_shadow: bool, sched_index: dict[str, int
 #: The library's Lua files (policer/store/lua/lib/), concatenated in this order after
 #: the constants and the code generated from policer.protocol: each uses only what the
 #: files before it define.
-LUA_FILES = ("header", "encoding", "calendar", "classify", "limits", "dialogs", "decide",
+LUA_FILES = ("header", "encoding", "calendar", "classify", "limits", "fraud", "dialogs",
+             "decide",
              "admit", "egress", "batch", "tick", "read", "register")
 
 
@@ -436,6 +459,7 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
     plan: list[str] = []
     rejects: dict[str, list[object]] = {}
     parent_tables: list[str] = []  # the file's parents of each hierarchy level
+    sched_index: dict[str, int] = {}
     if policy is not None:
         for c in policy.classes:
             exact.append((c.name, sorted(c.numbers)))
@@ -548,12 +572,18 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
                            for net in d.networks],
                   "default": next((d.name for d in policy.directions if d.default), None)}
          if policy else {"names": [], "nets": []}),
+        # the fraud rules (policer.store.lua.lib fraud.lua), in order
+        ("FRAUD", [_fraud_rule(rule, index, sched_index) for rule in policy.fraud]
+         if policy else []),
         ("POLICY_VERSION", policy.version if policy else 0),
         ("LIBRARY_FORMAT", LIBRARY_FORMAT),
     )
     tables = {"EXACT": exact, "PREFIX": prefix}
     lines = [_table(name, tables[name]) if name in tables else f"local {name} = {_lua(value)}"
              for name, value in consts]
+    # the fraud events the stream keeps (a field: the library's top level is at Lua's
+    # 200 locals)
+    lines.append(f"FRAUD.keep = {policy.fraud_events_keep if policy else 10_000}")
     lines.append("local PARENTS = {}")
     lines += parent_tables
     lines.append("local PLAN = {" + ",\n  ".join(plan) + "}")

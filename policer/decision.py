@@ -9,12 +9,33 @@ all depend on it and not on each other.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # the store's answer, carried as it is (no import at run time)
-    from policer.store.base import EgressResult
+__all__ = ["Decision", "EgressAnswer", "EngineMetrics"]
 
-__all__ = ["Decision", "EngineMetrics"]
+
+class EgressAnswer(Protocol):
+    """May the call be sent to its gateway (the store's ``EgressResult``, carried as
+    it is)."""
+
+    @property
+    def taken(self) -> bool: ...
+    @property
+    def code(self) -> int: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def retry_after(self) -> int | None: ...
+    @property
+    def limit(self) -> str | None: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def max(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+
+    def as_dict(self) -> dict[str, object]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +65,7 @@ class Decision:
     #: taken with the call, or full (the call is admitted without it: ask the egress for
     #: the next gateway); None: not decided (no gateway, a duplicate, a rejection, the
     #: fallback)
-    egress: EgressResult | None = None
+    egress: EgressAnswer | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -37,6 +37,7 @@ from policer.printable import printable
 from policer.snapshot import take_snapshot
 from policer.store import StoreError
 from policer.store.base import END_REASONS
+from policer.store.fraud import LEVELS
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -199,6 +200,36 @@ class ClusterCollector(Collector):
         self.listed = {k: list(v) for k, v in (listed or {}).items()}
         self.log = get_logger("policer.exporter")
         self._near: set[tuple[str, str]] = set()
+        self._last_event: str | None = None  # the last fraud event logged
+
+    def _fraud(self) -> Iterator[Metric]:
+        """The fraud guard: events per rule, level and statistic (every one the policy
+        can raise, from 0: a first event is an increase), the values blocked now per
+        rule; each new event is logged once by this exporter (fraud_event)."""
+        store, policy = self.store, self.policy
+        events = CounterMetricFamily(
+            "policer_fraud_events", "Fraud events: a statistic that reached a level "
+            "(cluster-wide, once per value and window).", labels=["rule", "level", "stat"])
+        counts = store.fraud_counts()
+        for rule in policy.fraud:
+            for stat in rule.stats:
+                for level in LEVELS:
+                    events.add_metric([rule.name, level, stat],
+                                      counts.get((rule.name, level, stat), 0))
+        yield events
+        blocked = GaugeMetricFamily("policer_fraud_blocked", "Values a fraud rule blocks now.",
+                                    labels=["rule"])
+        now_blocked = store.fraud_blocks()
+        for rule in policy.fraud:
+            blocked.add_metric([rule.name], sum(1 for b in now_blocked if b.rule == rule.name))
+        yield blocked
+        if self._last_event is None:  # at start: only what comes next is logged
+            last = store.fraud_events(count=1)
+            self._last_event = last[-1].id if last else "0-0"
+        for e in store.fraud_events(count=1000, after=self._last_event):
+            self._last_event = e.id
+            log = self.log.warning if e.level == "critical" else self.log.info
+            log("fraud_event", **{k: v for k, v in e.as_dict().items() if k != "id"})
 
     def collect(self) -> Iterator[Metric]:
         policy = self.policy
@@ -305,6 +336,8 @@ class ClusterCollector(Collector):
         for node, ms in sorted(snap.skews.items()):
             skew.add_metric([printable(node)], ms / 1000)
         yield skew
+        if policy.fraud:
+            yield from self._fraud()
         took = GaugeMetricFamily("policer_scrape_seconds", "Time to read the store.")
         took.add_metric([], time.perf_counter() - t0)
         yield took

@@ -68,7 +68,7 @@ from policer.adapters.kamailio_queue import (
 )
 from policer.call import Call
 from policer.compile import attribute_sources
-from policer.decision import Decision
+from policer.decision import Decision, EgressAnswer
 from policer.store import EgressResult, Op
 from policer.store.keys import dialog_id, split_dialog_id
 
@@ -148,7 +148,7 @@ class Verdict:
     #: the admitted call's first gateway (``$du`` when admitted) as the admit decided
     #: it: taken, relay; full, try the next (:func:`egress_current` each); None: not
     #: decided, ask :func:`egress_current` for ``$du``
-    egress: EgressResult | None = None
+    egress: EgressAnswer | None = None
 
     @classmethod
     def from_decision(cls, decision: Decision, did: str, call_json: str = "") -> Verdict:

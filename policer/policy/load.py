@@ -34,6 +34,7 @@ from policer.policy.bounds import (
     read_text,
     too_big,
 )
+from policer.policy.fraud import read_fraud, read_fraud_events
 from policer.policy.model import WEEK_MIN, Policy, PolicyError
 from policer.policy.reader import Reader
 from policer.policy.sections import (
@@ -65,7 +66,7 @@ _TOP_KEYS = (
     "version", "namespace", "call", "classes", "profiles", "limits", "emergency",
     "timeouts", "reject", "on_store_error", "store_timeout", "load_timeout", "shadow",
     "near_limit", "nodes", "pending_queue", "call_records", "attempts", "timezone",
-    "schedules", "directions", "parents",
+    "schedules", "directions", "parents", "fraud", "fraud_events",
 )
 _INT = "tag:yaml.org,2002:int"
 _STR = "tag:yaml.org,2002:str"
@@ -332,6 +333,10 @@ def build(r: Reader, root: Node) -> Policy | None:
                                   for name, own in parents.items()}),
         value_entries=MappingProxyType({name: MappingProxyType(own)
                                         for name, own in value_entries.items()}),
+        fraud=tuple(read_fraud(r, top.get("fraud"), attributes, profiles, class_names,
+                               set(schedules))),
+        fraud_events_keep=read_fraud_events(r, top.get("fraud_events"),
+                                            Policy(namespace="").fraud_events_keep),
         source=r.source,
         files=tuple(r.files),
         version=version or 1,

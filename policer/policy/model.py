@@ -17,8 +17,10 @@ from policer.policy.durations import format_ms
 __all__ = [
     "ATTRIBUTE_SOURCES",
     "DAYS",
+    "FRAUD_STATS",
     "WINDOWS",
     "Direction",
+    "FraudRule",
     "Limit",
     "Nodes",
     "NumberClass",
@@ -28,6 +30,7 @@ __all__ = [
     "Rate",
     "Reject",
     "Schedule",
+    "Threshold",
     "Timeouts",
     "Window",
 ]
@@ -201,6 +204,45 @@ class Limit:
         return self.rate_reject if self.rate_reject is not None else self.reject
 
 
+#: The statistics a fraud rule may watch, in the order they are evaluated.
+FRAUD_STATS = ("calls", "distinct_numbers", "sequential", "concurrent", "short_calls")
+
+
+@dataclass(frozen=True, slots=True)
+class Threshold:
+    """A fraud statistic's levels: ``warning`` only reports, ``critical`` acts (None:
+    no such level)."""
+
+    warning: int | None = None
+    critical: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FraudRule:
+    """One rule of the ``fraud`` section: statistics per value of ``key`` over a
+    calendar window ``per``, each with a warning and a critical level. The call that
+    crosses ``critical`` is answered ``reject`` and its value is blocked for
+    ``block_ms`` (``shadow``: only reported)."""
+
+    name: str
+    #: the key as written: a profile's name or an attribute (alias or source)
+    key: str
+    #: the attribute the key's value comes from
+    source: str
+    #: the key is a profile: ``concurrent`` counts its live calls of the value
+    profile: str | None = None
+    when_classes: frozenset[str] | None = None
+    when_prefixes: tuple[str, ...] = ()
+    when_schedule: str | None = None
+    per: str = "1h"
+    stats: Mapping[str, Threshold] = field(default_factory=lambda: MappingProxyType({}))
+    #: ``short_calls``: an answered call shorter than this counts
+    short_under_ms: int = 0
+    block_ms: int = 3_600_000
+    reject: Reject = field(default_factory=lambda: Reject(403, "Fraud Suspected", None))
+    shadow: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Nodes:
     """Per-node leases: a proxy that stops renewing loses its dialogs' counts."""
@@ -272,6 +314,10 @@ class Policy:
     #: value's entries stand instead of the profile's for that value
     value_entries: Mapping[str, Mapping[str, tuple[Limit, ...]]] = field(
         default_factory=lambda: MappingProxyType({}))
+    #: the ``fraud`` section's rules, in order
+    fraud: tuple[FraudRule, ...] = ()
+    #: fraud events kept in Redis (a capped stream)
+    fraud_events_keep: int = 10_000
     source: str = "<string>"
     #: the ``prefixes_file`` lists the policy was read from (paths as opened)
     files: tuple[str, ...] = ()
@@ -289,6 +335,8 @@ class Policy:
         for p in self.profiles:
             if p.value is not None:
                 yield p.value
+        for rule in self.fraud:
+            yield rule.source
 
     def root_source(self, profile: Profile) -> str | None:
         """The attribute a profile's value comes from at the root of its hierarchy (its

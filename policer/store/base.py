@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from policer.call import pack_fields, raw_bytes, utf8_text
 from policer.classify import Member
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from policer.call import Call
     from policer.compile import Library
     from policer.policy import Limit, Policy, Rate
+    from policer.store.fraud import FraudBlock, FraudEvent, FraudState
 
 __all__ = [
     "END_REASONS",
@@ -150,6 +151,10 @@ class AdmitRequest:
     #: the profiles whose value is where the call is sent (an admit's first attempt):
     #: their trip refuses the gateway, not the call (``AdmitResult.gateway``)
     gateway_profiles: frozenset[str] = frozenset()
+    #: the fraud rules the call has a value of the key for (policer.store.fraud.FraudEntry),
+    #: and its dialled number: evaluated with the decision (the in-process store)
+    fraud: tuple[Any, ...] = ()
+    number: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +179,8 @@ class AdmitResult:
     #: admitted with its gateway full: that gateway's trip (as a rejection); the call
     #: holds none of the gateway profiles' memberships
     gateway: AdmitResult | None = None
+    #: kind ``fraud``: the fraud rule that rejected the call
+    rule: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,6 +511,22 @@ class AdminStore(Protocol):
                  after: str = "") -> list[Attempt]:
         """Decided attempts, oldest first, recorded from ``since_ms`` to ``until_ms``
         (inclusive; None: now), at most ``count``, after record id ``after`` (paging)."""
+
+    def fraud_events(self, count: int = 100, after: str = "") -> list[FraudEvent]:
+        """The last ``count`` fraud events, oldest first; with ``after`` (an event id),
+        the first ``count`` after it."""
+
+    def fraud_blocks(self) -> list[FraudBlock]:
+        """The values the fraud rules block now."""
+
+    def fraud_lift(self, rules: Sequence[str], value: str) -> list[str]:
+        """Lift a value's blocks by these rules; returns those that had one in force."""
+
+    def fraud_states(self, rule: str) -> dict[str, FraudState]:
+        """A fraud rule's statistics per value, in their current windows."""
+
+    def fraud_counts(self) -> dict[tuple[str, str, str], int]:
+        """Fraud events per (rule, level, statistic), cluster-wide."""
 
     def nodes(self) -> dict[str, int]:
         """Registered nodes and the end of their lease (ms, the store's clock)."""

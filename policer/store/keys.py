@@ -128,6 +128,26 @@ class Keys:
         """The hash of every count, live limit and rate/window state."""
         return f"{self.prefix}c"
 
+    @property
+    def fraud_events(self) -> str:
+        """The fraud events (a capped stream)."""
+        return f"{self.prefix}fraud"
+
+    @property
+    def fraud_counts(self) -> str:
+        """The fraud events per ``rule|level|stat``."""
+        return f"{self.prefix}fstats"
+
+    @property
+    def fraud_blocks(self) -> str:
+        """The blocks in force (a sorted set: block field -> until)."""
+        return f"{self.prefix}fblocks"
+
+    @staticmethod
+    def fraud_field(kind: str, rule: str, value: str) -> str:
+        """A rule's state (``F``) or block (``B``) field of a value in :attr:`counts`."""
+        return f"{kind}|{rule}:{key_part(value)}"
+
     @staticmethod
     def count_field(profile: str, value: str | None = None) -> str:
         """A profile's (a value's) count field in :attr:`counts`."""

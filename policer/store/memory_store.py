@@ -54,6 +54,14 @@ from policer.store.base import (
     pack_ops,
     usage_of,
 )
+from policer.store.fraud import (
+    FraudBlock,
+    FraudBook,
+    FraudEntry,
+    FraudEvent,
+    FraudState,
+    entries_for,
+)
 from policer.store.keys import dialog_id, key_part, label_from_key, value_from_key
 
 __all__ = ["MemoryStore"]
@@ -82,6 +90,9 @@ class _Dialog:
     cap: int = 0  # answered: it ends here at the latest (answer + max duration)
     #: the deadline of the request that admitted it; of a void: the settled request's
     q: int | None = None
+    #: the fraud rules it met and its number (its short calls are counted at the end)
+    fraud: tuple[FraudEntry, ...] = ()
+    number: str = ""
 
 
 @dataclass(slots=True)
@@ -232,6 +243,7 @@ class MemoryStore:
         self._hold_until = 0  # admits held until then (P c's '!hold')
         self._owners: dict[str, tuple[str, int]] = {}  # node -> (instance, renewed at)
         self._skews: dict[str, tuple[int, int]] = {}  # node -> (skew ms, measured at)
+        self._fraud = FraudBook()
         if policy is not None:
             self.load(policy)
 
@@ -245,6 +257,7 @@ class MemoryStore:
             self._hash = (compile_policy(policy, self.namespace).policy_hash
                           if policy is not None else None)
             if policy is not None:
+                self._fraud.keep = policy.fraud_events_keep
                 self._cdr = deque(self._cdr, maxlen=max(1, policy.call_records_keep))
                 self._attempts_keep = policy.attempts_keep
                 self._attempts = deque(self._attempts, maxlen=max(1, policy.attempts_keep))
@@ -314,7 +327,10 @@ class MemoryStore:
                   "class": c.number_class or "", "node": node,
                   "source_ip": call.source_ip},
             entries=entries, max_duration_ms=md, missing_parent=c.missing_parent,
-            gateway_profiles=classifier.gateway_profiles)
+            gateway_profiles=classifier.gateway_profiles,
+            fraud=entries_for(policy, call, c.number_class, (m.profile for m in members))
+            if policy.fraud and not c.emergency and not record else (),
+            number=c.number)
         attrs = {s: call.attribute(s) for s in attribute_sources(policy)}
         r, rows = self._admit(req, dry=dry, at_ms=at, attrs=attrs)
         limit_i = r.tripped if r.tripped >= 0 else r.shadow
@@ -329,7 +345,7 @@ class MemoryStore:
                 cls = d.info.get("class") or None
                 emergency = d.emergency
                 limit = labels[limit_i].partition("=")[0] if 0 <= limit_i < len(labels) \
-                    else r.parent or None
+                    else r.rule or r.parent or None
         code, reason, retry = 200, "OK", None
         if r.kind == "ended":
             code, reason = ENDED_CODE, ENDED_REASON
@@ -495,11 +511,23 @@ class MemoryStore:
                     again = self._existing(prev, request)
                     if again is not None:
                         return again, ()
-            keys, counts, checks = self._read(request, now, now if at_ms is None else at_ms,
-                                              dry)
+            at = now if at_ms is None else at_ms
+            keys, counts, checks = self._read(request, now, at, dry)
             result, rows = _decide(request, keys, counts, checks, dry)
+            pending = None
+            if request.fraud and self._policy is not None:
+                # the fraud rules: a block in force, or a critical level reached, rejects
+                # with the rule's answer whatever the limits said (fraud.lua's FR.check)
+                rule, pending = self._fraud.check(
+                    request.fraud, request.number, now, at, self._clock,
+                    self._policy.schedules, lambda i: counts[i], dry)
+                if rule is not None:
+                    result = AdmitResult(False, kind="fraud", rule=rule.name,
+                                         max_duration_ms=request.max_duration_ms)
             if not dry:
                 self._write(request, keys, checks, result, now, attrs)
+                if pending is not None:
+                    self._fraud.write(pending, now)
             return result, rows
 
     def _existing(self, prev: _Dialog, request: AdmitRequest) -> AdmitResult | None:
@@ -607,8 +635,9 @@ class MemoryStore:
                 info={"class": utf8_text(request.info.get("class", ""))},
                 emergency=emergency)
             self._incr("rejected")
-            prof = result.parent or request.members[result.tripped].profile
-            self._decisions[("rejected", prof)] = self._decisions.get(("rejected", prof), 0) + 1
+            prof = result.rule or result.parent or request.members[result.tripped].profile
+            res = "fraud" if result.rule else "rejected"
+            self._decisions[(res, prof)] = self._decisions.get((res, prof), 0) + 1
             if attrs is not None and self._attempts_keep > 0 and self._policy is not None:
                 rej = _answer(self._policy, prof, result.entry, result.kind)
                 self._attempt(request, now, attrs, False, rej.code, prof, result.kind)
@@ -630,7 +659,7 @@ class MemoryStore:
             keys=tuple(keys), labels=labels, node=node,
             info={k: v for k, v in request.info.items() if v},
             emergency=emergency, max_duration_ms=request.max_duration_ms,
-            q=request.deadline_ms,
+            q=request.deadline_ms, fraud=request.fraud, number=request.number,
         )
         self._spend(did, keys, checks, deadline)
         # the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
@@ -759,6 +788,10 @@ class MemoryStore:
                     del self._profiles[key]
         self._node_dialogs.get(d.node, {}).pop(dialog_id, None)
         self._confirmed.pop(dialog_id, None)
+        if d.fraud and d.start_ms and self._policy is not None:
+            # an answered call that ended short: the fraud rules' short calls
+            self._fraud.short(d.fraud, d.number, d.start_ms, now, self._clock,
+                              self._policy.schedules)
         d.state, d.end_ms, d.end_reason = "ended", now, reason
         d.expires = now + DECIDED_MS
         self._incr("ended")
@@ -932,6 +965,31 @@ class MemoryStore:
                 tuple(f"{p}={value_from_key(enc)}" for p, enc in new), True,
                 result.bypass, result.shadow >= 0)
 
+    # -- the fraud guard
+    def fraud_events(self, count: int = 100, after: str = "") -> list[FraudEvent]:
+        with self._lock:
+            events = self._fraud.events
+            if after:
+                events = [e for e in events if _event_after(e.id, after)]
+            return list(events[:count]) if after else list(events[-count:])
+
+    def fraud_blocks(self) -> list[FraudBlock]:
+        with self._lock:
+            return self._fraud.blocks_now(self.now_ms())
+
+    def fraud_lift(self, rules: Sequence[str], value: str) -> list[str]:
+        with self._lock:
+            return self._fraud.lift(rules, value, self.now_ms())
+
+    def fraud_states(self, rule: str) -> dict[str, FraudState]:
+        with self._lock:
+            return {value_from_key(enc): st for (r, enc), st in self._fraud.states.items()
+                    if r == rule}
+
+    def fraud_counts(self) -> dict[tuple[str, str, str], int]:
+        with self._lock:
+            return dict(self._fraud.counts)
+
     def parent_set(self, profile: str, value: str, parent: str) -> str | None:
         with self._lock:
             key = (profile, key_part(value))
@@ -1035,6 +1093,7 @@ class MemoryStore:
                 left = len(mine)
             swept = self._sweep_lost_nodes(now, TICK_BATCH) if sweep else 0
             expired = self._sweep_expired(now, TICK_BATCH)
+            self._fraud.sweep(now)
             return TickResult(swept, left, expired, cur, "", lapsed)
 
     def _stall_credit(self, now: int, renew_ms: int) -> None:
@@ -1191,11 +1250,21 @@ def _with_limits(policy: Policy, members: Sequence[Member], mow: int
         for m, e in zip(members, entries, strict=True)), entries
 
 
+def _event_after(event_id: str, after: str) -> bool:
+    """A stream id (``ms-seq``) after another."""
+    def parts(x: str) -> tuple[int, int]:
+        a, _, b = x.partition("-")
+        return (int(a) if a.isdigit() else 0, int(b) if b.isdigit() else 0)
+    return parts(event_id) > parts(after)
+
+
 def _limit_of(r: AdmitResult, members: Sequence[Member]) -> str | None:
-    """The profile a decision names: the tripped member's (a missing parent's level),
-    else the shadow member's (decide.lua's ``named_limit``)."""
+    """The profile a decision names: the tripped member's (a missing parent's level, a
+    fraud rule), else the shadow member's (decide.lua's ``named_limit``)."""
     if r.kind == "parent":
         return r.parent
+    if r.kind == "fraud":
+        return r.rule
     i = r.tripped if r.tripped >= 0 else r.shadow
     return members[i].profile if 0 <= i < len(members) else None
 
@@ -1211,6 +1280,8 @@ def _rejection(policy: Policy, limit: str | None, r: AdmitResult
 def _answer(policy: Policy, profile: str | None, entry: Limit | None, kind: str) -> Reject:
     """How a rejection is answered: the tripped entry's ``reject`` (``rate_reject`` for
     a rate); without an entry (explicit memberships) the profile's first."""
+    if kind == "fraud":
+        return next((r.reject for r in policy.fraud if r.name == profile), policy.reject)
     lim = entry if entry is not None else (policy.limits.get(profile) if profile else None)
     if lim is None:
         return policy.reject

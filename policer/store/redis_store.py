@@ -58,6 +58,7 @@ from policer.store.base import (
     usage_of,
 )
 from policer.store.connect import connect, url_scheme
+from policer.store.fraud import FraudBlock, FraudEvent, FraudState
 from policer.store.keys import Keys, key_part, label_from_key, value_from_key
 
 __all__ = ["INLINE_LOAD_BYTES", "LOAD_ATTEMPTS", "RedisStore"]
@@ -824,6 +825,72 @@ class RedisStore:
             lambda: client.execute_command("XRANGE", self.keys.cdr, start, "+", "COUNT", count,
                                            NEVER_DECODE=True))
         return [_record(rid, fields, self._sources) for rid, fields in rows]
+
+    # -- the fraud guard
+    def fraud_events(self, count: int = 100, after: str = "") -> list[FraudEvent]:
+        """The last ``count`` fraud events, oldest first; with ``after`` (an event id),
+        the first ``count`` after it."""
+        client: Any = self.client
+        key = self.keys.fraud_events
+        if after:
+            rows = self._run(lambda: client.xrange(key, f"({after}", "+", count=count))
+        else:
+            rows = list(reversed(self._run(lambda: client.xrevrange(key, "+", "-",
+                                                                    count=count))))
+        return [FraudEvent.from_fields(_str(rid), {_str(k): _str(v) for k, v in f.items()})
+                for rid, f in rows]
+
+    def fraud_blocks(self) -> list[FraudBlock]:
+        """The values blocked now, by rule."""
+        client: Any = self.client
+        now = self.now_ms()
+        rows = self._run(lambda: client.zrangebyscore(self.keys.fraud_blocks, f"({now}",
+                                                      "+inf", withscores=True))
+        out = []
+        for member, till in rows:
+            rule, _, enc = _str(member)[2:].partition(":")
+            out.append(FraudBlock(rule, value_from_key(enc), int(till)))
+        return sorted(out, key=lambda b: (b.rule, b.value))
+
+    def fraud_lift(self, rules: Sequence[str], value: str) -> list[str]:
+        """Lift the blocks of ``value`` by these rules; returns the rules that had one
+        in force."""
+        client: Any = self.client
+        now = self.now_ms()
+        fields = [self.keys.fraud_field("B", rule, value) for rule in rules]
+        if not fields:
+            return []
+
+        def lift() -> list[Any]:
+            pipe = client.pipeline(transaction=True)
+            pipe.hmget(self.keys.counts, fields)
+            pipe.hdel(self.keys.counts, *fields)
+            pipe.zrem(self.keys.fraud_blocks, *fields)
+            return list(pipe.execute())
+
+        till = self._run(lift)[0]
+        return [rule for rule, t in zip(rules, till, strict=True)
+                if t is not None and int(t) > now]
+
+    def fraud_states(self, rule: str) -> dict[str, FraudState]:
+        """A rule's statistics per value in their current windows."""
+        out: dict[str, FraudState] = {}
+        for v, packed in self._value_fields("F|", rule).items():
+            st = FraudState.unpack(packed)
+            if st is not None:
+                out[v] = st
+        return out
+
+    def fraud_counts(self) -> dict[tuple[str, str, str], int]:
+        """The fraud events per (rule, level, statistic), cluster-wide."""
+        client: Any = self.client
+        raw = self._run(lambda: client.hgetall(self.keys.fraud_counts))
+        out: dict[tuple[str, str, str], int] = {}
+        for k, v in raw.items():
+            parts = _str(k).split("|")
+            if len(parts) == 3:
+                out[(parts[0], parts[1], parts[2])] = int(v)
+        return out
 
     def attempts(self, since_ms: int = 0, until_ms: int | None = None, count: int = 1000,
                  after: str = "") -> list[Attempt]:

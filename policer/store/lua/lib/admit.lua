@@ -6,7 +6,8 @@
 -- HOLD: admits are held).
 local function admit_call(node, call_id, from_tag, attrs, mode, now, at, early_ms, rq)
   local values = read_attrs(attrs)
-  local cls, _, plan = classify(values, at)
+  local cls, number, plan = classify(values, at)
+  CALL.number = number
   CALL.dir = plan.dir
   CALL.gw = GATEWAY_ATTR > 0 and (values[GATEWAY_ATTR] or '') ~= ''
   local flags = 0
@@ -25,9 +26,9 @@ local function admit_call(node, call_id, from_tag, attrs, mode, now, at, early_m
   end
   local r = decide(did, plan, flags, early_ms or EARLY_MS, node, now, at, cls, mode == 'e',
                    rq, tail, attrs)
-  if r == STALE then
+  if r == ANSWER.stale then
     -- a live parent changed since the plan was built: built again on what is there now
-    cls, _, plan = classify(values, at, true)
+    cls, number, plan = classify(values, at, true)
     CALL.dir = plan.dir
     r = decide(did, plan, flags, early_ms or EARLY_MS, node, now, at, cls, mode == 'e', rq,
                tail, attrs)
@@ -77,6 +78,6 @@ local function fn_admit(keys, args)
                        at, nil, rq_s)
   CALL.native = false
   if r == nil then return late_reply(now, rq or now) end
-  if r == HOLD then return recovering_reply() end
+  if r == ANSWER.hold then return recovering_reply() end
   return r
 end

@@ -51,8 +51,15 @@ end
 local PLAN_OF = {}
 local PLAIN_KEY = {}
 local KEY_ATTRS = {}
+-- the fraud rules by name (FRAUD.by), and per situation every rule with whether a call
+-- of it may count (FRAUD.of: {rule, by its class}; prefixes and schedules are per call;
+-- a block stops every call of its value): their keys' attributes are part of a plan's
+-- key too
+FRAUD.by, FRAUD.of = {}, {}
+for i = 1, #FRAUD do FRAUD.by[FRAUD[i].name] = FRAUD[i] end
 local function plan_for(cls, dir)
   local ps, key, ka = {}, 'admitted;', {}
+  local seen = {}
   for i = 1, #PLAN do
     local p = PLAN[i]
     if (p.when == nil or (cls ~= '' and p.when[cls]))
@@ -60,13 +67,26 @@ local function plan_for(cls, dir)
       ps[#ps + 1] = p
       if #ps > 1 then key = key .. ',' end
       key = key .. 'admitted|' .. p.name
-      if p.attr ~= 0 then ka[#ka + 1] = p.attr end
+      if p.attr ~= 0 and not seen[p.attr] then
+        ka[#ka + 1] = p.attr
+        seen[p.attr] = true
+      end
+    end
+  end
+  local fr = {}
+  for i = 1, #FRAUD do
+    local r = FRAUD[i]
+    fr[i] = {r, r.when == nil or (cls ~= '' and r.when[cls] == true)}
+    if not seen[r.attr] then
+      ka[#ka + 1] = r.attr
+      seen[r.attr] = true
     end
   end
   local sk = situation(cls, dir)
   PLAN_OF[sk] = ps
   PLAIN_KEY[sk] = key
   KEY_ATTRS[sk] = ka
+  FRAUD.of[sk] = fr
 end
 for d = 0, #DIRS.names do
   local dir = DIRS.names[d] or ''
@@ -249,7 +269,7 @@ end
 -- and state; a no-value member with a rate or windows its state), pos[i] member i's
 -- count in that reply, fields the count fields (fields_s ','-joined), all: every
 -- profile of its class joined, md its max duration.
-local function plan_entry(members, all, cls, dir, looked, missing)
+local function plan_entry(members, all, cls, dir, looked, missing, fraud)
   local hm, pos, fields = {'!hold'}, {}, {}
   local n = 1
   for i = 1, #members do
@@ -267,6 +287,18 @@ local function plan_entry(members, all, cls, dir, looked, missing)
     elseif m[1].timed then
       n = n + 1
       hm[n] = c[5]
+    end
+  end
+  -- the fraud rules with a value of their key in the call ({rule, encoded value, state
+  -- field, block field, the member of the rule's key profile (nil none), whether its class
+  -- counts}): their state and block fields read with the counts (positions pf, pb)
+  if fraud then
+    for i = 1, #fraud do
+      local fe = fraud[i]
+      hm[n + 1] = fe[3]
+      hm[n + 2] = fe[4]
+      fe.pf, fe.pb = n + 1, n + 2
+      n = n + 2
     end
   end
   -- the live parents the plan was built on, read again with the counts: {position in
@@ -299,7 +331,8 @@ local function plan_entry(members, all, cls, dir, looked, missing)
   return {members = members, all = all, hm = hm, pos = pos, fields = fields,
           fields_s = table.concat(fields, ','), md = max_duration(members, cls),
           dir = dir or '', plain = PLAIN_KEY[situation(cls, dir or '')], chk = chk,
-          missing = missing, gws = gws, nogw_s = nogw and table.concat(nogw, ',') or ''}
+          missing = missing, gws = gws, nogw_s = nogw and table.concat(nogw, ',') or '',
+          fraud = fraud}
 end
 
 -- A profile's value for a call (false: none): its attribute's, or for a level of a
@@ -363,7 +396,26 @@ local function build_plan(values, cls, dir, mow, gw)
       end
     end
   end
-  return plan_entry(members, n == #ps, cls, dir, looked, missing)
+  -- the fraud rules with a value of their key in the call
+  local fraud = nil
+  local frs = FRAUD.of[situation(cls, dir)] or FRAUD.of[situation('', '')] or EMPTY
+  for i = 1, #frs do
+    local r = frs[i][1]
+    local v = values[r.attr]
+    if v and v ~= '' and not gw then
+      local enc = key_part(v)
+      local mi = nil
+      if r.prof then
+        for j = 1, n do
+          if members[j][1].name == r.prof then mi = j end
+        end
+      end
+      if fraud == nil then fraud = {} end
+      local f = r.name .. ':' .. enc
+      fraud[#fraud + 1] = {r, enc, 'F|' .. f, 'B|' .. f, mi, frs[i][2]}
+    end
+  end
+  return plan_entry(members, n == #ps, cls, dir, looked, missing, fraud)
 end
 
 -- Plans by situation, then by the values of its KEY_ATTRS (nested tables; false: no value),

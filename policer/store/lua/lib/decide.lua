@@ -5,20 +5,24 @@
 -- decided before); an admission writes the counts back with one HSET.
 
 local FLAG_EMERGENCY, FLAG_BYPASS, FLAG_RECORD, FLAG_REGISTER, FLAG_HOLD = 1, 2, 4, 8, 16
-local KIND_NAMES = {'concurrent', 'rate', 'calls', 'parent'}
-local KIND_CODES = {concurrent = 1, rate = 2, calls = 3, parent = 4}
+-- what tripped, by its code in a decision record and back (one table: the library's top
+-- level is at Lua's 200 locals)
+local KIND = {names = {'concurrent', 'rate', 'calls', 'parent', 'fraud'},
+              codes = {concurrent = 1, rate = 2, calls = 3, parent = 4, fraud = 5}}
 
 -- The call being decided, set per call (the library's top level is at Lua's 200 locals:
 -- one table): native, the reply is what a proxy's cfg reads (NATIVE_REPLY, mode A, set
 -- by fn_admit), else ADMIT_REPLY; dir, the call's direction ('' none: the reply carries
 -- it); gw, the call carries where it is sent (its gateway: the admit decides that first
--- attempt, the reply's egress 1 taken, 0 full). The reply's egress fields (egress, its
+-- attempt, the reply's egress 1 taken, 0 full); number, the dialled number (the fraud
+-- rules count it). The reply's egress fields (egress, its
 -- code, reason, Retry-After, limit, kind, count, max): EG.none, the admit did not decide
 -- the call's gateway (none, a duplicate, a rejection); EG.taken, it took it.
-local CALL = {native = false, dir = '', gw = false}
+local CALL = {native = false, dir = '', gw = false, number = ''}
 local EG = {none = {-1, 0, '', -1, '', '', 0, -1}, taken = {1, 200, 'OK', -1, '', '', 0, -1}}
-local HOLD = {}  -- decide's answer while admits are held (P c '!hold')
-local STALE = {}  -- decide's answer when a live parent its plan was built on changed
+-- decide's answers besides a reply: admits are held (P c '!hold'); a live parent its
+-- plan was built on changed (stale)
+local ANSWER = {hold = {}, stale = {}}
 
 local function reply(admitted, code, reason, retry, limit, count, max, bypass, dup, shadow,
                      tripped, cls, labels, did, emergency, kind, window, md, eg)
@@ -40,7 +44,7 @@ end
 local function repeated(did, rec, emergency_out)
   local d = dec_unpack(rec.decision)
   local admitted = tonumber(d.admitted)
-  local kind = KIND_NAMES[tonumber(d.kind) or 0] or ''
+  local kind = KIND.names[tonumber(d.kind) or 0] or ''
   local code, reason, retry, limit = 200, 'OK', -1, d.limit or ''
   if admitted == 0 then
     local p = PLAN_BY_NAME[limit]
@@ -240,11 +244,11 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
 
   local n = #members
   local h = redis.call('HMGET', COUNTS, unpack(plan.hm))
-  if hold and h[1] and tonumber(h[1]) > now then return HOLD end
+  if hold and h[1] and tonumber(h[1]) > now then return ANSWER.hold end
   local chk = plan.chk
   if chk then
     for i = 1, #chk do
-      if h[chk[i][1]] ~= chk[i][2] then return STALE end
+      if h[chk[i][1]] ~= chk[i][2] then return ANSWER.stale end
     end
   end
   local nochecks = record and not dry
@@ -256,6 +260,18 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
   if tripped ~= 0 and bypass == 0 then admitted = 0 end
   local limit, lentry = named_limit(plan, tripped, shadow)
   local code, reason, retry = 200, 'OK', -1
+  -- the fraud rules (never over an emergency call, nor a call the fallback admitted): a
+  -- block in force, or a call that makes a statistic critical, rejects with the rule's
+  -- answer, whatever the limits said
+  local frej, fw = nil, nil
+  if plan.fraud and not emergency and not record then
+    frej, fw = FR.check(plan, h, CALL.number, now, lnow, dry)
+    if frej then
+      admitted, bypass, tripped, shadow = 0, 0, 0, 0
+      limit, lentry, tkind, tcount, tmax, twin = frej.name, nil, 'fraud', 0, -1, ''
+      tretry = frej.rej[3]
+    end
+  end
   if admitted == 0 then code, reason, retry = answer_of(limit, lentry, tkind, tretry) end
   -- the call's first attempt: its gateway taken with the call, or full (the call is
   -- admitted without it: the proxy tries the next gateway, one egress call each)
@@ -290,7 +306,7 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
     local eidx = 1
     if lentry then eidx = lentry.idx end
     decision = dec_pack(admitted, tripped, tcount, tmax, bypass, shadow, emergency_out,
-                        KIND_CODES[tkind] or 0, tretry, md, eidx, twin, limit)
+                        KIND.codes[tkind] or 0, tretry, md, eidx, twin, limit)
   end
 
   local dkey = P_DIALOG .. did
@@ -317,7 +333,12 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
   end
 
   if admitted == 0 then
-    redis.call('HINCRBY', DECISIONS, 'rejected;rejected|' .. limit, '1')
+    if frej then
+      redis.call('HINCRBY', DECISIONS, 'rejected;fraud|' .. limit, '1')
+    else
+      redis.call('HINCRBY', DECISIONS, 'rejected;rejected|' .. limit, '1')
+    end
+    if fw then FR.write(fw, now, nil, 0) end
     if attrs then attempt(did, 'j', cls, node, ns(code), limit, tkind, tail) end
   else
     -- the counts and spent states, one HSET
@@ -336,6 +357,7 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
         end
       end
     end
+    if fw then wn = FR.write(fw, now, w, wn) end
     if wn > 0 then redis.call('HSET', COUNTS, unpack(w, 1, wn)) end
     -- the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
     redis.call('ZADD', P_NODE .. node, deadline, did)

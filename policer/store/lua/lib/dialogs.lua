@@ -221,6 +221,9 @@ local function end_dialog(did, reason, now, answered_at, quiet, tomb)
   local ahead = later(dl, NOW_S)
   local answered = nil
   if answered_at and state == 'early' and ahead then answered = answered_at end
+  -- an answered call that ended short: the fraud rules' short calls
+  local began = answered or start
+  if FR.UNDER > 0 and began and began ~= '0' and began ~= '' then FR.short(raw, began, now) end
   local v = ''
   if vars == '1' then
     v = vars_of(did)

@@ -154,6 +154,11 @@ end
 -- rate_reject for rates), with the computed Retry-After of rates and windows.
 local function answer_of(profile, e, kind, retry)
   local rej
+  if kind == 'fraud' then
+    -- a fraud rule's answer (profile: the rule)
+    rej = (FRAUD.by[profile] or EMPTY).rej or DEFAULT_REJECT
+    return rej[1], rej[2], rej[3]
+  end
   if e then
     if kind == 'rate' then rej = e.rrej else rej = e.rej end
   else

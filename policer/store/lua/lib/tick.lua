@@ -236,6 +236,7 @@ local function fn_tick(keys, args)
   if args[4] == '1' then swept = sweep_lost_nodes(now, batch) end
   local expired = sweep_expired(now, batch)
   local stale = sweep_state(now, batch)
+  if #FRAUD > 0 then stale = stale + FR.sweep(now, batch) end
   delta_flush()
   return {swept, left, expired, stale, epoch, owner, lapsed}
 end

@@ -1,0 +1,249 @@
+-- ------------------------------------------------------------------ fraud
+-- The fraud section's rules (FRAUD, compiled), evaluated in the admit: per rule and value
+-- of its key, over a calendar window, the calls seen (admitted or rejected: sweeping
+-- numbers is the fraud), the distinct numbers dialled (HyperLogLog: a number is counted
+-- when PFADD says the sketch changed), the run of calls in a row to the same number, the
+-- key profile's live calls, and the answered calls shorter than `under` (counted when
+-- they end). A statistic that reaches a level (warning, critical) for the first time in
+-- the window writes one event (P fraud, a capped stream; P fstats counts them); the call
+-- that reaches critical is rejected with the rule's answer and the value is blocked
+-- (P c 'B|rule:value' = until, listed in P fblocks), unless the rule is a shadow. A
+-- blocked value's calls are rejected with the rule's answer until the block ends.
+-- Emergency calls are never counted, refused or blocked. State per rule and value:
+-- P c 'F|rule:value' = 'window|calls|distinct|sequential|short|levels|last number'
+-- (levels: a bit per statistic and level already reported), listed in P fidx until the
+-- window ends (the tick forgets it then). policer.store.memory_store is the same rule.
+
+-- (one table: the library's top level is at Lua's 200 locals)
+local FR = {
+  STATS = {'calls', 'distinct_numbers', 'sequential', 'concurrent', 'short_calls'},
+  STATE = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$',
+  EVENTS = NS_PREFIX .. 'fraud',
+  FSTATS = NS_PREFIX .. 'fstats',
+  BLOCKS = NS_PREFIX .. 'fblocks',
+  IDX = NS_PREFIX .. 'fidx',
+  KEEP_S = '' .. FRAUD.keep,
+  -- the longest `under` of the rules with short calls (0: none)
+  UNDER = 0,
+}
+for i = 1, #FRAUD do
+  if FRAUD[i].st[5] and FRAUD[i].under > FR.UNDER then FR.UNDER = FRAUD[i].under end
+end
+
+-- Does a rule apply to a call to `number` at lnow (its prefixes, its schedule)?
+function FR.applies(r, number, lnow)
+  if r.pre then
+    local hit = false
+    for i = 1, #r.pre do
+      local p = r.pre[i]
+      if string.sub(number, 1, #p) == p then
+        hit = true
+        break
+      end
+    end
+    if not hit then return false end
+  end
+  if r.sched and not in_schedule(SCHED[r.sched], minute_of_week(lnow)) then return false end
+  return true
+end
+
+-- A state field's values in the window `wid` (a new window: all 0): {wid, calls,
+-- distinct, sequential, short, levels, last}, and whether it starts the window.
+function FR.state(s, wid)
+  if s then
+    local w, c, d, q, sh, lv, last = string.match(s, FR.STATE)
+    if w == wid then
+      return {w, tonumber(c) or 0, tonumber(d) or 0, tonumber(q) or 0, tonumber(sh) or 0,
+              tonumber(lv) or 0, last}, false
+    end
+  end
+  return {wid, 0, 0, 0, 0, 0, ''}, true
+end
+
+function FR.pack(st)
+  return st[1] .. '|' .. ns(st[2]) .. '|' .. ns(st[3]) .. '|' .. ns(st[4]) .. '|' ..
+         ns(st[5]) .. '|' .. ns(st[6]) .. '|' .. st[7]
+end
+
+-- Statistic i of a rule at `count`: the levels it reaches for the first time in the
+-- window are added to out ({rule, enc, stat, level, count, threshold}); st[6] keeps them.
+-- Returns true when it reaches critical.
+function FR.cross(r, enc, st, i, count, out)
+  local t = r.st[i]
+  if not t then return false end
+  local bw = 4 ^ (i - 1)
+  local crit = false
+  for lvl = 1, 2 do
+    local bit = bw * lvl
+    local thr = t[lvl]
+    if thr > 0 and count >= thr and math.floor(st[6] / bit) % 2 == 0 then
+      st[6] = st[6] + bit
+      out[#out + 1] = {r, enc, i, lvl, count, thr}
+      if lvl == 2 then crit = true end
+    end
+  end
+  return crit
+end
+
+-- The fraud rules over one call (its plan's fraud entries, what the admit's HMGET read),
+-- writing nothing but the distinct numbers' sketches: returns the rule that rejects the
+-- call (a block in force, or critical reached; nil none), and the writes (nil none):
+-- {fields (name, value, ...), events, blocks {field, until}, new windows {field, end}}.
+-- dry: only the blocks in force are read.
+function FR.check(plan, h, number, now, lnow, dry)
+  local fraud = plan.fraud
+  local rej = nil
+  local w = nil
+  for i = 1, #fraud do
+    local fe = fraud[i]
+    local r = fe[1]
+    -- a block stops every call of its value
+    local b = h[fe.pb]
+    if b and (tonumber(b) or 0) > now and not r.shadow and rej == nil then rej = r end
+    if fe[6] and FR.applies(r, number, lnow) then
+      if not dry then
+        if w == nil then w = {fields = {}, events = {}, blocks = {}, fresh = {}} end
+        local win = window_at(r.per, lnow)
+        local st, fresh = FR.state(h[fe.pf], win[1])
+        st[2] = st[2] + 1
+        local crit = FR.cross(r, fe[2], st, 1, st[2], w.events)
+        if r.st[2] and number ~= '' then
+          local hk = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. win[1]
+          if redis.call('PFADD', hk, number) == 1 then
+            st[3] = st[3] + 1
+            if st[3] == 1 then redis.call('PEXPIREAT', hk, ns(win[2] + 60000)) end
+          end
+          crit = FR.cross(r, fe[2], st, 2, st[3], w.events) or crit
+        end
+        local dialled = key_part(number)
+        if dialled == st[7] then st[4] = st[4] + 1 else st[4] = 1 end
+        st[7] = dialled
+        crit = FR.cross(r, fe[2], st, 3, st[4], w.events) or crit
+        if r.st[4] and fe[5] then
+          -- the key profile's live calls with this one
+          local live = num(h[plan.pos[fe[5]]]) or 0
+          crit = FR.cross(r, fe[2], st, 4, live + 1, w.events) or crit
+        end
+        local f = w.fields
+        f[#f + 1] = fe[3]
+        f[#f + 1] = FR.pack(st)
+        if fresh then w.fresh[#w.fresh + 1] = {fe[3], win[2]} end
+        if crit and not r.shadow then
+          if rej == nil then rej = r end
+          local till = now + r.block
+          if not (b and (tonumber(b) or 0) >= till) then
+            f[#f + 1] = fe[4]
+            f[#f + 1] = ns(till)
+            w.blocks[#w.blocks + 1] = {fe[4], till}
+          end
+        end
+      end
+    end
+  end
+  return rej, w
+end
+
+-- The writes of FR.check for a call decided: the states and blocks (into extra, the
+-- admission's HSET of its counts, n entries so far: returns the new n; nil: an HSET of
+-- their own), their indexes, the events.
+function FR.write(w, now, extra, n)
+  local f = w.fields
+  if extra then
+    for i = 1, #f do extra[n + i] = f[i] end
+    n = n + #f
+  elseif #f > 0 then
+    redis.call('HSET', COUNTS, unpack(f))
+  end
+  for i = 1, #w.fresh do
+    redis.call('ZADD', FR.IDX, ns(w.fresh[i][2] + 60000), w.fresh[i][1])
+  end
+  for i = 1, #w.blocks do
+    redis.call('ZADD', FR.BLOCKS, ns(w.blocks[i][2]), w.blocks[i][1])
+  end
+  FR.emit(w.events, now)
+  return n
+end
+
+-- One event per level reached: the stream (capped) and the counters per rule, level
+-- and statistic (the exporter's policer_fraud_events_total).
+function FR.emit(events, now)
+  for i = 1, #events do
+    local e = events[i]
+    local r, stat, level = e[1], FR.STATS[e[3]], 'warning'
+    local action = 'report'
+    if e[4] == 2 then
+      level = 'critical'
+      if r.shadow then action = 'shadow' else action = 'block' end
+    end
+    redis.call('XADD', FR.EVENTS, 'MAXLEN', '~', FR.KEEP_S, '*', 'rule', r.name, 'level',
+               level, 'key', r.key, 'value', e[2], 'stat', stat, 'count', ns(e[5]),
+               'threshold', ns(e[6]), 'window', r.per, 'action', action, 'at', ns(now),
+               'block_ms', ns(r.block))
+    redis.call('HINCRBY', FR.FSTATS, r.name .. '|' .. level .. '|' .. stat, '1')
+  end
+end
+
+-- An answered call that ended after less than the longest `under`: counted in the
+-- short calls of the rules it met (from its record: class, attributes), at the end.
+function FR.short(raw, start_s, now)
+  local dur = now - (tonumber(start_s) or now)
+  if dur < 0 or dur >= FR.UNDER then return end
+  local rec = rec_unpack(raw)
+  if rec == nil or rec.sig ~= ATTRS_SIG or dec_unpack(rec.decision).emergency == '1' then
+    return
+  end
+  local _, pos = field_at(rec.tail, 1)
+  if not pos then return end
+  local values = read_attrs(string.sub(rec.tail, pos))
+  local number = values[NUMBER_ATTR] or ''
+  local dir = ''
+  if DIRECTIONS then dir = IP.direction(values[SOURCE_IP_ATTR] or '') end
+  local frs = FRAUD.of[situation(rec.class, dir)] or FRAUD.of[situation('', '')] or EMPTY
+  local events = {}
+  for i = 1, #frs do
+    local r = frs[i][1]
+    local v = values[r.attr]
+    if frs[i][2] and r.st[5] and dur < r.under and v and v ~= ''
+        and FR.applies(r, number, now) then
+      local enc = key_part(v)
+      local f = r.name .. ':' .. enc
+      local win = window_at(r.per, now)
+      local st, fresh = FR.state(redis.call('HGET', COUNTS, 'F|' .. f), win[1])
+      st[5] = st[5] + 1
+      local crit = FR.cross(r, enc, st, 5, st[5], events)
+      local w = {'F|' .. f, FR.pack(st)}
+      if crit and not r.shadow then
+        w[3], w[4] = 'B|' .. f, ns(now + r.block)
+        redis.call('ZADD', FR.BLOCKS, w[4], w[3])
+      end
+      redis.call('HSET', COUNTS, unpack(w))
+      if fresh then redis.call('ZADD', FR.IDX, ns(win[2] + 60000), 'F|' .. f) end
+    end
+  end
+  FR.emit(events, now)
+end
+
+-- The tick's share: forget the states of windows that ended and the blocks that ended,
+-- at most `batch` of each. Returns how many were forgotten.
+function FR.sweep(now, batch)
+  local done = 0
+  for _, key in ipairs({FR.IDX, FR.BLOCKS}) do
+    local old = redis.call('ZRANGEBYSCORE', key, '-inf', ns(now), 'LIMIT', '0', ns(batch))
+    if #old > 0 then
+      if key == FR.BLOCKS then
+        -- a block set again since (a later crossing) is kept
+        local till = redis.call('HMGET', COUNTS, unpack(old))
+        local gone = {}
+        for i = 1, #old do
+          if not till[i] or (tonumber(till[i]) or 0) <= now then gone[#gone + 1] = old[i] end
+        end
+        if #gone > 0 then redis.call('HDEL', COUNTS, unpack(gone)) end
+      else
+        redis.call('HDEL', COUNTS, unpack(old))
+      end
+      redis.call('ZREM', key, unpack(old))
+      done = done + #old
+    end
+  end
+  return done
+end

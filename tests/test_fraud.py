@@ -1,0 +1,352 @@
+"""The fraud guard (issue 19) on both stores: rules with warning and critical levels
+over a calendar window, decided in the admit; one event per crossing and window; the
+call that crosses critical is rejected with the rule's answer and its value blocked
+until the block ends or is lifted; shadow rules only report; emergency calls are never
+refused. After every step every profile equals the calls up.
+
+Time moves only through the stores' ``clock_offset_ms``; the windows start at a fixed
+instant (the top of an hour, plus a minute) so that no test straddles a boundary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from policer.call import Call
+from policer.engine import Decision, Engine
+from policer.store import Store
+from tests.support import EngineFactory, call
+from tests.support.cli import run_cli
+from tests.support.policies import policy_errors, policy_yaml
+
+HOUR = 3_600_000
+
+BASE = """
+version: 2
+namespace: fraud
+call: {attributes: {account: "header:X-Account"}}
+classes:
+  emergency: {numbers: ["112"]}
+  international: {prefixes: ["00"]}
+  local: {default: true}
+profiles:
+  total: {}
+  user: {value: from_user}
+limits:
+  total: {max: 100}
+  user: {max: 20}
+emergency: {class: emergency, bypass: true}
+"""
+
+
+def policy(rules: str) -> str:
+    return BASE + "fraud:\n" + rules
+
+
+SWEEP = policy("""
+  - name: intl-sweep
+    key: user
+    when: {class: international}
+    per: 1h
+    distinct_numbers: {warning: 3, critical: 5}
+    action: {block: 10m, reject: {code: 403, reason: "Fraud Suspected"}}
+""")
+
+
+def start_of_hour(store: Store) -> None:
+    """The store's clock one minute into the next hour (a window starts there)."""
+    now = store.now_ms()
+    store.clock_offset_ms += HOUR - now % HOUR + 60_000  # type: ignore[attr-defined]
+
+
+def jump(store: Store, ms: int) -> None:
+    store.clock_offset_ms += ms  # type: ignore[attr-defined]
+
+
+def intl(user: str, i: int) -> Call:
+    return call(f"0044207{i:04d}", user)
+
+
+def live_counts_match(store: Store, up: list[Decision]) -> None:
+    """Every profile equals the calls up."""
+    admitted = [d for d in up if d.admitted]
+    assert store.profile_size("total") == len(admitted)
+    users: dict[str, int] = {}
+    for d in admitted:
+        for m in d.memberships:
+            if m.startswith("user="):
+                users[m[5:]] = users.get(m[5:], 0) + 1
+    assert store.profile_values("user") == users
+
+
+def test_a_sweep_crosses_warning_then_critical_and_the_value_is_blocked(
+        engine_for: EngineFactory, store: Store) -> None:
+    e = engine_for(SWEEP)
+    start_of_hour(store)
+    up = [e.admit(intl("mallory", i)) for i in range(4)]
+    assert all(d.admitted for d in up)
+    # the fifth distinct number reaches critical: that call is refused, the user blocked
+    crossing = e.admit(intl("mallory", 4))
+    assert (crossing.admitted, crossing.code, crossing.reason, crossing.kind,
+            crossing.limit) == (False, 403, "Fraud Suspected", "fraud", "intl-sweep")
+    # every call of the value is refused now, whatever it dials; other users are not
+    assert e.admit(call("5551234", "mallory")).code == 403
+    assert e.admit(intl("mallory", 0)).code == 403
+    other = e.admit(intl("alice", 1))
+    assert other.admitted
+    up.append(other)
+    live_counts_match(store, up)
+    events = store.fraud_events()
+    assert [(x.level, x.stat, x.count, x.threshold, x.action) for x in events] == [
+        ("warning", "distinct_numbers", 3, 3, "report"),
+        ("critical", "distinct_numbers", 5, 5, "block")]
+    assert all((x.rule, x.key, x.value, x.window) == ("intl-sweep", "user", "mallory", "1h")
+               for x in events)
+    blocks = store.fraud_blocks()
+    assert [(b.rule, b.value) for b in blocks] == [("intl-sweep", "mallory")]
+    assert blocks[0].until_ms - store.now_ms() == pytest.approx(600_000, abs=5_000)
+    assert store.fraud_counts() == {("intl-sweep", "warning", "distinct_numbers"): 1,
+                                    ("intl-sweep", "critical", "distinct_numbers"): 1}
+    # a fraud rejection is a rejection, named by its rule
+    assert store.decisions()[("fraud", "intl-sweep")] == 3
+    assert store.stats()["rejected"] == 3
+    for d in up:
+        e.release(d.dialog_id)
+    live_counts_match(store, [])
+
+
+def test_rejected_calls_count_and_events_come_once_per_window(
+        engine_for: EngineFactory, store: Store) -> None:
+    """Sweeping numbers is the fraud: a blocked user's calls still count (no new event
+    for a level already reported in the window); a new window starts afresh."""
+    e = engine_for(policy("""
+  - name: calls
+    key: user
+    per: 1h
+    calls: {warning: 2, critical: 4}
+    action: {block: 5m}
+"""))
+    start_of_hour(store)
+    got = [e.admit(call("5551234", "bob")) for _ in range(6)]
+    assert [d.admitted for d in got] == [True, True, True, False, False, False]
+    assert got[3].code == 403 and got[3].reason == "Fraud Suspected"
+    assert store.fraud_states("calls")["bob"].calls == 6
+    assert [x.level for x in store.fraud_events()] == ["warning", "critical"]
+    # the block ends after 5 minutes; the window's levels stay reported
+    jump(store, 5 * 60_000 + 1000)
+    e.tick()
+    assert store.fraud_blocks() == []
+    after = e.admit(call("5551234", "bob"))
+    assert after.admitted
+    assert len(store.fraud_events()) == 2
+    # the next hour: counted afresh, reported again
+    jump(store, HOUR)
+    e.tick()
+    late = [e.admit(call("5551234", "bob")) for _ in range(4)]
+    assert [d.admitted for d in late] == [True, True, True, False]
+    assert [x.level for x in store.fraud_events()] == ["warning", "critical"] * 2
+    live_counts_match(store, [*got, after, *late])
+    for d in [*got, after, *late]:
+        if d.admitted:
+            e.release(d.dialog_id)
+    live_counts_match(store, [])
+
+
+def test_sequential_calls_and_a_shadow_rule(engine_for: EngineFactory,
+                                            store: Store) -> None:
+    """Calls in a row to the same number; a shadow rule reports its critical level
+    (action shadow) and blocks nothing."""
+    e = engine_for(policy("""
+  - name: redial
+    key: user
+    per: 1h
+    sequential: {warning: 2, critical: 3}
+    shadow: true
+  - name: redial-hard
+    key: user
+    per: 1h
+    sequential: {critical: 4}
+"""))
+    start_of_hour(store)
+    got = [e.admit(call("5550001", "carol")) for _ in range(3)]
+    got.append(e.admit(call("5550002", "carol")))  # another number: the run starts over
+    assert all(d.admitted for d in got)
+    assert [(x.rule, x.level, x.action) for x in store.fraud_events()] == [
+        ("redial", "warning", "report"), ("redial", "critical", "shadow")]
+    assert store.fraud_blocks() == []
+    run = [e.admit(call("5550002", "carol")) for _ in range(3)]
+    assert [d.admitted for d in run] == [True, True, False]
+    assert run[2].limit == "redial-hard"
+    assert store.fraud_states("redial")["carol"].sequential == 4
+    for d in [*got, *run]:
+        if d.admitted:
+            e.release(d.dialog_id)
+    live_counts_match(store, [])
+
+
+def test_concurrent_counts_the_key_profiles_live_calls(engine_for: EngineFactory,
+                                                       store: Store) -> None:
+    e = engine_for(policy("""
+  - name: parallel
+    key: user
+    per: 1d
+    concurrent: {warning: 2, critical: 3}
+"""))
+    start_of_hour(store)
+    got = [e.admit(call("5551234", "dave")) for _ in range(2)]
+    assert all(d.admitted for d in got)
+    third = e.admit(call("5551234", "dave"))  # would be the third live call
+    assert (third.admitted, third.limit) == (False, "parallel")
+    live_counts_match(store, got)
+    assert [(x.stat, x.level, x.count) for x in store.fraud_events()] == [
+        ("concurrent", "warning", 2), ("concurrent", "critical", 3)]
+    # lifted: the next call goes (its level was reported this window already)
+    assert store.fraud_lift(["parallel"], "dave") == ["parallel"]
+    assert store.fraud_lift(["parallel"], "dave") == []
+    fourth = e.admit(call("5551234", "dave"))
+    assert fourth.admitted
+    for d in [*got, fourth]:
+        e.release(d.dialog_id)
+    live_counts_match(store, [])
+
+
+def test_short_calls_count_when_they_end(engine_for: EngineFactory, store: Store) -> None:
+    e = engine_for(policy("""
+  - name: wangiri
+    key: user
+    per: 1h
+    short_calls: {under: 6s, warning: 1, critical: 2}
+    action: {block: 1h, reject: {code: 486, reason: "Busy Here"}}
+"""))
+    start_of_hour(store)
+    long_call = e.admit(call("5551234", "erin"))
+    assert e.confirm(long_call.dialog_id)
+    jump(store, 10_000)
+    e.release(long_call.dialog_id)  # 10 s: not short
+    unanswered = e.admit(call("5551234", "erin"))
+    e.release(unanswered.dialog_id, "cancel")  # never answered: not counted
+    assert store.fraud_events() == []
+    for _ in range(2):
+        d = e.admit(call("5551234", "erin"))
+        assert d.admitted
+        assert e.confirm(d.dialog_id)
+        jump(store, 2_000)
+        e.release(d.dialog_id)
+    assert [(x.stat, x.level) for x in store.fraud_events()] == [
+        ("short_calls", "warning"), ("short_calls", "critical")]
+    blocked = e.admit(call("5551234", "erin"))
+    assert (blocked.admitted, blocked.code, blocked.reason) == (False, 486, "Busy Here")
+    live_counts_match(store, [])
+
+
+def test_emergency_calls_are_never_refused_nor_counted(engine_for: EngineFactory,
+                                                       store: Store) -> None:
+    e = engine_for(policy("""
+  - name: calls
+    key: user
+    per: 1h
+    calls: {critical: 1}
+"""))
+    start_of_hour(store)
+    assert not e.admit(call("5551234", "frank")).admitted  # the first call is critical
+    sos = e.admit(call("112", "frank"))
+    assert sos.admitted
+    assert store.fraud_states("calls")["frank"].calls == 1
+    e.release(sos.dialog_id)
+    live_counts_match(store, [])
+
+
+def test_a_retransmission_counts_once(engine_for: EngineFactory, store: Store) -> None:
+    e = engine_for(policy("""
+  - name: calls
+    key: user
+    per: 1h
+    calls: {warning: 2}
+"""))
+    start_of_hour(store)
+    first = e.admit(call("5551234", "gina", call_id="same-id"))
+    again = e.admit(call("5551234", "gina", call_id="same-id"))
+    assert again.duplicate
+    assert store.fraud_states("calls")["gina"].calls == 1
+    assert store.fraud_events() == []
+    e.release(first.dialog_id)
+
+
+def test_fraud_policy_errors_name_their_place(tmp_path: Path) -> None:
+    errors = policy_errors(tmp_path / "p.yaml", BASE + """fraud:
+  - name: a
+    key: usr
+    per: 2h
+    calls: {warning: 5, critical: 5}
+  - name: b
+    key: from_domain
+    per: 1h
+    concurrent: {critical: 3}
+  - name: b
+    key: user
+    per: 1h
+  - {name: c, key: user, per: 1h, short_calls: {warning: 1}, when: {class: intl}}
+""")
+    assert errors == [
+        "18:10: fraud[0].key: unknown key 'usr' (did you mean 'user'?); a key is a valued "
+        "profile or a call attribute (from_user, header:<Name>, or a name under "
+        "call.attributes)",
+        "19:10: fraud[0].per: must be one of 1m, 1h, 1d, 7d, 1mo, got '2h'",
+        "20:22: fraud[0].calls.warning: must be below critical (5): the warning comes first",
+        "24:17: fraud[1].concurrent: counts the live calls of a profile: key 'from_domain' is "
+        "an attribute; make the key a profile whose value is it",
+        "25:5: fraud[2]: a rule needs at least one statistic (calls, distinct_numbers, "
+        "sequential, concurrent, short_calls)",
+        "28:48: fraud[3].short_calls.under: required key is missing (answered calls shorter "
+        "than this count, e.g. under: 6s)",
+        "28:76: fraud[3].when.class: unknown class 'intl'",
+    ]
+
+
+def test_blocks_alerts_and_status_from_the_command_line(tmp_path: Path,
+                                                       env: dict[str, str],
+                                                       redis_url: str) -> None:
+    from policer.policy import load_policy
+    from policer.store import RedisStore
+
+    ns = load_policy(env["POLICER_POLICY"]).namespace
+    path = tmp_path / "fraud.yaml"
+    path.write_text(SWEEP.replace("namespace: fraud", f"namespace: {ns}"))
+    env = {**env, "POLICER_POLICY": str(path)}
+    p = load_policy(path)
+    store = RedisStore(redis_url, ns, timeout_ms=2000)
+    store.load(p)
+    e = Engine(p, store, node="cli-node")
+    for i in range(6):
+        e.admit(intl("mallory", i))
+    tail = run_cli("alerts", "tail", "--json", env=env, check=True)
+    lines = [json.loads(x) for x in tail.stdout.splitlines()]
+    assert [x["level"] for x in lines] == ["warning", "critical"]
+    assert set(lines[0]) >= {"rule", "level", "key", "value", "stat", "count", "threshold",
+                             "window", "action", "at"}
+    listed = json.loads(run_cli("blocks", "list", "--json", env=env, check=True).stdout)
+    assert [(b["rule"], b["value"]) for b in listed["blocks"]] == [("intl-sweep", "mallory")]
+    status = json.loads(run_cli("fraud", "status", "--json", env=env, check=True).stdout)
+    top = status["rules"][0]["values"][0]
+    assert (top["value"], top["stats"]["distinct_numbers"]["count"]) == ("mallory", 6)
+    assert top["blocked_until"] is not None
+    bad = run_cli("blocks", "lift", "account", "mallory", env=env)
+    assert bad.returncode == 2 and "no fraud rule has the key 'account'" in bad.stderr
+    lifted = run_cli("blocks", "lift", "user", "mallory", env=env, check=True)
+    assert "lifted (intl-sweep)" in lifted.stdout
+    assert '"block_lifted"' in lifted.stderr  # audited
+    assert e.admit(intl("mallory", 9)).admitted
+    store.close()
+
+
+def test_a_policy_without_fraud_rules_writes_nothing_of_them(
+        engine_for: EngineFactory, store: Store) -> None:
+    e = engine_for(policy_yaml("nofraud", profiles={"total": {}}, limits={"total": 5}))
+    d = e.admit(call("0044207000"))
+    assert d.admitted
+    assert store.fraud_events() == [] and store.fraud_blocks() == []
+    assert store.fraud_counts() == {}
+    e.release(d.dialog_id)
