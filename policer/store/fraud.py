@@ -185,6 +185,8 @@ class FraudBook:
         self.events: list[FraudEvent] = []
         self.counts: dict[tuple[str, str, str], int] = {}
         self.keep = keep
+        #: some rule of the policy watches sequential runs: every state keeps them then
+        self.seq = False
         self._seq = 0
 
     def _state(self, rule: FraudRule, enc: str, wid: str) -> tuple[FraudState, bool]:
@@ -217,6 +219,7 @@ class FraudBook:
         rej: FraudRule | None = None
         w = _Pending()
         mow = clock.minute_of_week(lnow)
+        seq = self.seq
         for fe in entries:
             r = fe.rule
             b = self.blocks.get((r.name, fe.enc))
@@ -236,10 +239,11 @@ class FraudBook:
                     st.distinct += 1
                 w.numbers.append((hk, number))
                 crit = self._cross(r, fe.enc, st, 1, st.distinct, w.events) or crit
-            dialled = key_part(number)
-            st.sequential = st.sequential + 1 if dialled == st.last else 1
-            st.last = dialled
-            crit = self._cross(r, fe.enc, st, 2, st.sequential, w.events) or crit
+            if seq:  # (runs are kept only when some rule watches them)
+                dialled = key_part(number)
+                st.sequential = st.sequential + 1 if dialled == st.last else 1
+                st.last = dialled
+                crit = self._cross(r, fe.enc, st, 2, st.sequential, w.events) or crit
             if "concurrent" in r.stats and fe.member is not None:
                 crit = self._cross(r, fe.enc, st, 3, live(fe.member) + 1, w.events) or crit
             w.states[(r.name, fe.enc)] = st

@@ -258,6 +258,7 @@ class MemoryStore:
                           if policy is not None else None)
             if policy is not None:
                 self._fraud.keep = policy.fraud_events_keep
+                self._fraud.seq = any("sequential" in r.stats for r in policy.fraud)
                 self._cdr = deque(self._cdr, maxlen=max(1, policy.call_records_keep))
                 self._attempts_keep = policy.attempts_keep
                 self._attempts = deque(self._attempts, maxlen=max(1, policy.attempts_keep))

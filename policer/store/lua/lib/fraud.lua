@@ -47,14 +47,23 @@ function FR.applies(r, number, lnow)
   return true
 end
 
+-- per rule: the bits of each statistic's levels in a state's `levels`, whether one
+-- counts sequential runs (the number's encoding is needed then)
+for i = 1, #FRAUD do
+  local r = FRAUD[i]
+  r.bits = {}
+  for j = 1, 5 do r.bits[j] = 4 ^ (j - 1) end
+  if r.st[3] then FR.SEQ = true end
+end
+
 -- A state field's values in the window `wid` (a new window: all 0): {wid, calls,
 -- distinct, sequential, short, levels, last}, and whether it starts the window.
 function FR.state(s, wid)
   if s then
     local w, c, d, q, sh, lv, last = string.match(s, FR.STATE)
     if w == wid then
-      return {w, tonumber(c) or 0, tonumber(d) or 0, tonumber(q) or 0, tonumber(sh) or 0,
-              tonumber(lv) or 0, last}, false
+      return {w, num(c) or 0, num(d) or 0, num(q) or 0, num(sh) or 0, num(lv) or 0, last},
+             false
     end
   end
   return {wid, 0, 0, 0, 0, 0, ''}, true
@@ -66,19 +75,20 @@ function FR.pack(st)
 end
 
 -- Statistic i of a rule at `count`: the levels it reaches for the first time in the
--- window are added to out ({rule, enc, stat, level, count, threshold}); st[6] keeps them.
--- Returns true when it reaches critical.
-function FR.cross(r, enc, st, i, count, out)
+-- window are added to w.events ({rule, enc, stat, level, count, threshold}); st[6] keeps
+-- them. Returns true when it reaches critical.
+function FR.cross(r, enc, st, i, count, w)
   local t = r.st[i]
-  if not t then return false end
-  local bw = 4 ^ (i - 1)
+  if not t or count < t[1] and (count < t[2] or t[2] < 0) then return false end
   local crit = false
+  local bw = r.bits[i]
   for lvl = 1, 2 do
     local bit = bw * lvl
     local thr = t[lvl]
     if thr > 0 and count >= thr and math.floor(st[6] / bit) % 2 == 0 then
       st[6] = st[6] + bit
-      out[#out + 1] = {r, enc, i, lvl, count, thr}
+      if w.events == nil then w.events = {} end
+      w.events[#w.events + 1] = {r, enc, i, lvl, count, thr}
       if lvl == 2 then crit = true end
     end
   end
@@ -88,54 +98,60 @@ end
 -- The fraud rules over one call (its plan's fraud entries, what the admit's HMGET read),
 -- writing nothing but the distinct numbers' sketches: returns the rule that rejects the
 -- call (a block in force, or critical reached; nil none), and the writes (nil none):
--- {fields (name, value, ...), events, blocks {field, until}, new windows {field, end}}.
--- dry: only the blocks in force are read.
+-- {fields (name, value, ...), events, blocks {field, until}, new windows {field, end}}
+-- (each list nil when empty). dry: only the blocks in force are read.
 function FR.check(plan, h, number, now, lnow, dry)
   local fraud = plan.fraud
   local rej = nil
   local w = nil
+  local dialled = nil
   for i = 1, #fraud do
     local fe = fraud[i]
     local r = fe[1]
     -- a block stops every call of its value
     local b = h[fe.pb]
-    if b and (tonumber(b) or 0) > now and not r.shadow and rej == nil then rej = r end
-    if fe[6] and FR.applies(r, number, lnow) then
-      if not dry then
-        if w == nil then w = {fields = {}, events = {}, blocks = {}, fresh = {}} end
-        local win = window_at(r.per, lnow)
-        local st, fresh = FR.state(h[fe.pf], win[1])
-        st[2] = st[2] + 1
-        local crit = FR.cross(r, fe[2], st, 1, st[2], w.events)
-        if r.st[2] and number ~= '' then
-          local hk = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. win[1]
-          if redis.call('PFADD', hk, number) == 1 then
-            st[3] = st[3] + 1
-            if st[3] == 1 then redis.call('PEXPIREAT', hk, ns(win[2] + 60000)) end
-          end
-          crit = FR.cross(r, fe[2], st, 2, st[3], w.events) or crit
+    if b and not r.shadow and rej == nil and (tonumber(b) or 0) > now then rej = r end
+    if fe[6] and not dry and ((r.pre == nil and r.sched == nil)
+                              or FR.applies(r, number, lnow)) then
+      if w == nil then w = {fields = {}} end
+      local win = window_at(r.per, lnow)
+      local st, fresh = FR.state(h[fe.pf], win[1])
+      st[2] = st[2] + 1
+      local crit = FR.cross(r, fe[2], st, 1, st[2], w)
+      if r.st[2] and number ~= '' then
+        local hk = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. win[1]
+        if redis.call('PFADD', hk, number) == 1 then
+          st[3] = st[3] + 1
+          if st[3] == 1 then redis.call('PEXPIREAT', hk, ns(win[2] + 60000)) end
         end
-        local dialled = key_part(number)
+        crit = FR.cross(r, fe[2], st, 2, st[3], w) or crit
+      end
+      if FR.SEQ then
+        if dialled == nil then dialled = key_part(number) end
         if dialled == st[7] then st[4] = st[4] + 1 else st[4] = 1 end
         st[7] = dialled
-        crit = FR.cross(r, fe[2], st, 3, st[4], w.events) or crit
-        if r.st[4] and fe[5] then
-          -- the key profile's live calls with this one
-          local live = num(h[plan.pos[fe[5]]]) or 0
-          crit = FR.cross(r, fe[2], st, 4, live + 1, w.events) or crit
-        end
-        local f = w.fields
-        f[#f + 1] = fe[3]
-        f[#f + 1] = FR.pack(st)
-        if fresh then w.fresh[#w.fresh + 1] = {fe[3], win[2]} end
-        if crit and not r.shadow then
-          if rej == nil then rej = r end
-          local till = now + r.block
-          if not (b and (tonumber(b) or 0) >= till) then
-            f[#f + 1] = fe[4]
-            f[#f + 1] = ns(till)
-            w.blocks[#w.blocks + 1] = {fe[4], till}
-          end
+        crit = FR.cross(r, fe[2], st, 3, st[4], w) or crit
+      end
+      if r.st[4] and fe[5] then
+        -- the key profile's live calls with this one
+        local live = num(h[plan.pos[fe[5]]]) or 0
+        crit = FR.cross(r, fe[2], st, 4, live + 1, w) or crit
+      end
+      local f = w.fields
+      f[#f + 1] = fe[3]
+      f[#f + 1] = FR.pack(st)
+      if fresh then
+        if w.fresh == nil then w.fresh = {} end
+        w.fresh[#w.fresh + 1] = {fe[3], win[2]}
+      end
+      if crit and not r.shadow then
+        if rej == nil then rej = r end
+        local till = now + r.block
+        if not (b and (tonumber(b) or 0) >= till) then
+          f[#f + 1] = fe[4]
+          f[#f + 1] = ns(till)
+          if w.blocks == nil then w.blocks = {} end
+          w.blocks[#w.blocks + 1] = {fe[4], till}
         end
       end
     end
@@ -154,13 +170,13 @@ function FR.write(w, now, extra, n)
   elseif #f > 0 then
     redis.call('HSET', COUNTS, unpack(f))
   end
-  for i = 1, #w.fresh do
+  for i = 1, #(w.fresh or EMPTY) do
     redis.call('ZADD', FR.IDX, ns(w.fresh[i][2] + 60000), w.fresh[i][1])
   end
-  for i = 1, #w.blocks do
+  for i = 1, #(w.blocks or EMPTY) do
     redis.call('ZADD', FR.BLOCKS, ns(w.blocks[i][2]), w.blocks[i][1])
   end
-  FR.emit(w.events, now)
+  if w.events then FR.emit(w.events, now) end
   return n
 end
 
@@ -199,7 +215,7 @@ function FR.short(raw, start_s, now)
   local dir = ''
   if DIRECTIONS then dir = IP.direction(values[SOURCE_IP_ATTR] or '') end
   local frs = FRAUD.of[situation(rec.class, dir)] or FRAUD.of[situation('', '')] or EMPTY
-  local events = {}
+  local w = {}
   for i = 1, #frs do
     local r = frs[i][1]
     local v = values[r.attr]
@@ -210,7 +226,7 @@ function FR.short(raw, start_s, now)
       local win = window_at(r.per, now)
       local st, fresh = FR.state(redis.call('HGET', COUNTS, 'F|' .. f), win[1])
       st[5] = st[5] + 1
-      local crit = FR.cross(r, enc, st, 5, st[5], events)
+      local crit = FR.cross(r, enc, st, 5, st[5], w)
       local w = {'F|' .. f, FR.pack(st)}
       if crit and not r.shadow then
         w[3], w[4] = 'B|' .. f, ns(now + r.block)
@@ -220,7 +236,7 @@ function FR.short(raw, start_s, now)
       if fresh then redis.call('ZADD', FR.IDX, ns(win[2] + 60000), 'F|' .. f) end
     end
   end
-  FR.emit(events, now)
+  if w.events then FR.emit(w.events, now) end
 end
 
 -- The tick's share: forget the states of windows that ended and the blocks that ended,
