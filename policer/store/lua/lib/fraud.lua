@@ -2,7 +2,7 @@
 -- The fraud section's rules (FRAUD, compiled), evaluated in the admit: per rule and value
 -- of its key, over a calendar window, the calls seen (admitted or rejected: sweeping
 -- numbers is the fraud), the distinct numbers dialled (HyperLogLog: a number is counted
--- when PFADD says the sketch changed), the run of calls in a row to the same number, the
+-- when PFADD says the sketch changed, up to 64; beyond, PFCOUNT's estimate), the run of calls in a row to the same number, the
 -- key profile's live calls, and the answered calls shorter than `under` (counted when
 -- they end). A statistic that reaches a level (warning, critical) for the first time in
 -- the window writes one event (P fraud, a capped stream; P fstats counts them); the call
@@ -121,7 +121,8 @@ function FR.check(plan, h, number, now, lnow, dry)
       if r.st[2] and number ~= '' then
         local hk = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. win[1]
         if redis.call('PFADD', hk, number) == 1 then
-          st[3] = st[3] + 1
+          -- a new number: counted one by one up to 64, then as the sketch estimates
+          if st[3] < 64 then st[3] = st[3] + 1 else st[3] = redis.call('PFCOUNT', hk) end
           if st[3] == 1 then redis.call('PEXPIREAT', hk, ns(win[2] + 60000)) end
         end
         crit = FR.cross(r, fe[2], st, 2, st[3], w) or crit
