@@ -830,6 +830,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print("calls a gateway's caps would have refused (the proxy tries the next one):")
         for name, n in a.gateway_full.most_common(args.top):
             print(f"  {printable(name):<30} {n:>8}")
+    if a.blocked:
+        print("values the candidate's fraud rules would have blocked:")
+        for b in a.blocked[:args.top]:
+            ends = f"until {_ts(b['until'])}" if b["until"] is not None else "(shadow)"
+            print(f"  {b['rule']} {b['key']}={printable(b['value'])} at {_ts(b['at'])} "
+                  f"{ends}: {b['stat']} {b['count']}>={b['threshold']}")
     if a.peak:
         print("peak concurrency:")
         for name, n in sorted(a.peak.items(), key=lambda kv: (-kv[1], kv[0]))[:args.top]:

@@ -23,6 +23,9 @@ call-end record shows it was sent to a gateway (a membership of a gateway profil
 candidate's name, ``trunk=10.0.0.1:5060``) is sent there again after its admission; a
 candidate under whose caps that gateway would have been full counts it in
 ``gateway_full`` (the proxy would have tried its next gateway, which replay cannot know).
+Fraud rules: the candidate's are evaluated on every attempt (a short call by its
+recorded answer and end); the report says which values they would have blocked, and
+when (``blocked``), and how many events each rule, level and statistic raised.
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ class ReplayReport:
     #: they were sent to (the proxy would have tried its next one)
     gateway_full: Counter[str] = field(default_factory=Counter)
     missing_attributes: Counter[str] = field(default_factory=Counter)
+    #: the candidate's fraud events per rule|level|stat, and the values its rules would
+    #: have blocked: {rule, key, value, stat, count, threshold, at, until} (critical
+    #: events of rules that block; shadow rules' are listed with until None)
+    fraud_events: Counter[str] = field(default_factory=Counter)
+    blocked: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form (``policer replay --json``)."""
@@ -79,6 +87,8 @@ class ReplayReport:
             "peak": dict(sorted(self.peak.items())),
             "changed": self.changed,
             "gateway_full": dict(self.gateway_full.most_common()),
+            "fraud": {"events": dict(sorted(self.fraud_events.items())),
+                      "blocked": self.blocked},
         }
 
 
@@ -182,7 +192,21 @@ def replay(candidate: Policy, attempts: Sequence[Attempt], records: Iterable[Cal
                 del admitted_here[seq]
                 for label in labels:
                     live[label] -= 1
+    if candidate.fraud:
+        _fraud(report, store)
     return report
+
+
+def _fraud(report: ReplayReport, store: MemoryStore) -> None:
+    """What the candidate's fraud rules raised: events per rule, level and statistic;
+    the values they would have blocked, and when."""
+    for e in store.fraud_events(count=1_000_000):
+        report.fraud_events[f"{e.rule}|{e.level}|{e.stat}"] += 1
+        if e.level == "critical":
+            report.blocked.append({
+                "rule": e.rule, "key": e.key, "value": e.value, "stat": e.stat,
+                "count": e.count, "threshold": e.threshold, "at": e.at_ms,
+                "until": e.at_ms + e.block_ms if e.action == "block" else None})
 
 
 def _egress(report: ReplayReport, store: MemoryStore, live: Counter[str],

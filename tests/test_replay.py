@@ -216,7 +216,7 @@ def test_policer_replay_json(redis_url: str, namespace: str, tmp_path: Path) -> 
     env = {"POLICER_REDIS_URL": redis_url, "POLICER_POLICY": str(live)}
     r = cli_json("replay", "--policy", str(cand), "--since", "1h", env=env)
     assert list(r) == ["attempts", "admitted", "rejected", "by_limit", "actual", "peak",
-                       "changed", "gateway_full"]
+                       "changed", "gateway_full", "fraud"]
     assert (r["attempts"], r["admitted"], r["rejected"]) == (2, 2, 0)
     assert r["actual"] == {"admitted": 1, "rejected": 1}
     assert [c["call_id"] for c in r["changed"]] == ["x2"]
@@ -259,3 +259,35 @@ def test_replay_understands_directions_parents_and_gateways(redis_store: RedisSt
     assert r["peak"]["reseller=r1"] == 2  # acme and bolt, by the store's live parents
     assert r["peak"]["trunk=gw1:5060"] == 1
     assert r["gateway_full"] == {"trunk=gw1:5060": 1}  # bolt's call found it full
+
+
+def test_a_candidate_fraud_rule_says_which_values_it_would_have_blocked_and_when(
+        redis_store: RedisStore) -> None:
+    """Yesterday's traffic had no fraud rules; the candidate's rule, run over the
+    recorded attempts, names the user a sweep would have blocked, when, and until when;
+    the calls it would then have refused are changed decisions."""
+    live = policy(redis_store.namespace, total=100, intl=100, user=100)
+    redis_store.load(live)
+    base = redis_store.clock_offset_ms
+    start = redis_store.now_ms()
+    redis_store.clock_offset_ms = base + (3_600_000 - start % 3_600_000) + 60_000
+    t0 = redis_store.now_ms()
+    for i in range(6):
+        redis_store.clock_offset_ms += 1000
+        assert redis_store.admit_call(acme("mallory", f"0044163296{i:04d}"), "n1").admitted
+    assert redis_store.admit_call(acme("alice", "00441632960000"), "n1").admitted
+    candidate = policy(redis_store.namespace, total=100, intl=100, user=100, fraud=[{
+        "name": "sweep", "key": "user", "when": {"class": "international"}, "per": "1h",
+        "distinct_numbers": {"warning": 3, "critical": 5},
+        "action": {"block": "30m"}}])
+    r = replay_store(candidate, redis_store).as_dict()
+    assert r["fraud"]["events"] == {"sweep|critical|distinct_numbers": 1,
+                                    "sweep|warning|distinct_numbers": 1}
+    [blocked] = r["fraud"]["blocked"]
+    assert (blocked["rule"], blocked["key"], blocked["value"]) == ("sweep", "user", "mallory")
+    assert abs(blocked["at"] - (t0 + 5000)) < 1000  # the fifth number
+    assert blocked["until"] == blocked["at"] + 1_800_000
+    # the crossing call and the one after it would have been refused
+    assert len(r["changed"]) == 2
+    assert (r["admitted"], r["rejected"]) == (5, 2)
+    assert r["by_limit"] == {"sweep": 2}
