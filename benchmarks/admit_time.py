@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -66,7 +67,7 @@ def measure(path: Path, calls: int, users: int, rounds: int, number: str,
             r.config_resetstat()
             dids: list[str] = []
             for j in range(0, calls, 100):
-                pipe = r.pipeline(transaction=False)
+                pipe: Any = r.pipeline(transaction=False)
                 for c in batch[j:j + 100]:
                     pipe.execute_command("FCALL", fn, 1, lib.prefix,
                                          *store.call_arguments(c, "n1", "A"))
