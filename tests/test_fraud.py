@@ -380,3 +380,35 @@ def test_distinct_numbers_beyond_the_first_64_follow_the_sketch(
     assert store.fraud_states("sweep")["henry"].distinct == 150 or \
         not isinstance(store, MemoryStore)
     live_counts_match(store, [])
+
+
+def test_the_shipped_fraud_policy_does_what_its_comments_say(
+        engine_for: EngineFactory, store: Store) -> None:
+    """policies/fraud.yaml: a user sweeping distinct international numbers is blocked
+    at the 25th for two hours (its other calls too); the account's other users go on;
+    an emergency call always goes."""
+    from tests.support import POLICIES
+
+    e = engine_for((POLICIES / "fraud.yaml").read_text())
+    start_of_hour(store)
+    up: list[Decision] = []
+    for i in range(30):
+        d = e.admit(call(f"0044207{i:04d}", "pbx-7", headers={"X-Account": "acme"}))
+        if not d.admitted:
+            break
+        up.append(d)
+        e.release(d.dialog_id)
+    assert len(up) == 24
+    assert (d.code, d.reason, d.limit) == (403, "Fraud Suspected", "intl-sweep")
+    [block] = store.fraud_blocks()
+    assert (block.rule, block.value) == ("intl-sweep", "pbx-7")
+    assert block.until_ms - store.now_ms() == pytest.approx(2 * HOUR, abs=5_000)
+    assert e.admit(call("5551234", "pbx-7", headers={"X-Account": "acme"})).code == 403
+    other = e.admit(call("5551234", "pbx-8", headers={"X-Account": "acme"}))
+    sos = e.admit(call("112", "pbx-7", headers={"X-Account": "acme"}))
+    assert other.admitted and sos.admitted
+    for x in (other, sos):
+        e.release(x.dialog_id)
+    live_counts_match(store, [])
+    jump(store, 2 * HOUR + 1000)
+    assert e.admit(call("5551234", "pbx-7", headers={"X-Account": "acme"})).admitted
