@@ -519,7 +519,8 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
             if entries:
                 rejects[prof.name] = _reject(entries[0].reject)
     lengths = sorted(set().union(*(map(len, keys) for _, keys in prefix)), reverse=True)
-    timed = policy is not None and policy.timed
+    # (fraud rules count in calendar windows of the policy's time zone too)
+    timed = policy is not None and (policy.timed or bool(policy.fraud))
     tz_at, tz_off = transitions(policy.timezone) if timed and policy else ((), (0,))
     consts: Sequence[tuple[str, object]] = (
         ("SUFFIX", function_suffix(ns)),

@@ -412,3 +412,30 @@ def test_the_shipped_fraud_policy_does_what_its_comments_say(
     live_counts_match(store, [])
     jump(store, 2 * HOUR + 1000)
     assert e.admit(call("5551234", "pbx-7", headers={"X-Account": "acme"})).admitted
+
+
+def test_windows_follow_the_policys_time_zone(engine_for: EngineFactory,
+                                              store: Store) -> None:
+    """A 1d window is the local day of the policy's timezone (as calls limits' are):
+    the count starts again at local midnight, not at UTC's."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    e = engine_for(policy("""
+  - name: daily
+    key: user
+    per: 1d
+    calls: {critical: 3}
+""").replace("version: 2\n", "version: 2\ntimezone: Asia/Tokyo\n"))
+    tokyo = ZoneInfo("Asia/Tokyo")
+    late = int(dt.datetime(2031, 3, 4, 23, 59, 0, tzinfo=tokyo).timestamp() * 1000)
+    jump(store, late - store.now_ms())
+    got = [e.admit(call("5551234", "ivan")) for _ in range(2)]
+    assert all(d.admitted for d in got)
+    jump(store, 120_000)  # 00:01 in Tokyo (15:01 UTC: the same UTC day)
+    again = [e.admit(call("5551234", "ivan")) for _ in range(2)]
+    assert all(d.admitted for d in again)  # a new local day: counted from 0
+    assert store.fraud_states("daily")["ivan"].calls == 2
+    for d in [*got, *again]:
+        e.release(d.dialog_id)
+    live_counts_match(store, [])
