@@ -339,6 +339,8 @@ def _kind_text(d: Decision) -> str:
         return f"rate, {d.count} owed of burst {d.max}"
     if d.kind == "parent":
         return "no parent registered for the call's value"
+    if d.kind == "fraud":
+        return "fraud rule: the value is blocked (policer blocks list)"
     return f"{d.count}/{d.max}"
 
 

@@ -121,7 +121,11 @@ def test_a_sweep_crosses_warning_then_critical_and_the_value_is_blocked(
 def test_rejected_calls_count_and_events_come_once_per_window(
         engine_for: EngineFactory, store: Store) -> None:
     """Sweeping numbers is the fraud: a blocked user's calls still count (no new event
-    for a level already reported in the window); a new window starts afresh."""
+    for a level already reported in the window). Once the block ends, a call that keeps
+    the statistic at critical in the same window crosses again (a new critical event and
+    block, no new warning): a short block does not leave the rest of the window open to
+    the fraud. A value whose statistic stays under critical goes on; a new window starts
+    afresh."""
     e = engine_for(policy("""
   - name: calls
     key: user
@@ -135,19 +139,24 @@ def test_rejected_calls_count_and_events_come_once_per_window(
     assert got[3].code == 403 and got[3].reason == "Fraud Suspected"
     assert store.fraud_states("calls")["bob"].calls == 6
     assert [x.level for x in store.fraud_events()] == ["warning", "critical"]
-    # the block ends after 5 minutes; the window's levels stay reported
+    # the block ends after 5 minutes: the calls of another rule's class go (none here),
+    # but the next call of this window crosses critical again and is blocked again
     jump(store, 5 * 60_000 + 1000)
     e.tick()
     assert store.fraud_blocks() == []
-    after = e.admit(call("5551234", "bob"))
-    assert after.admitted
-    assert len(store.fraud_events()) == 2
-    # the next hour: counted afresh, reported again
+    again = e.admit(call("5551234", "bob"))
+    assert (again.admitted, again.limit) == (False, "calls")
+    assert [(x.level, x.count) for x in store.fraud_events()] == [
+        ("warning", 2), ("critical", 4), ("critical", 7)]
+    assert len(store.fraud_blocks()) == 1
+    # the next hour: counted afresh, reported again (the block of the last hour ends)
     jump(store, HOUR)
     e.tick()
+    after = e.admit(call("5551234", "carl"))  # another user: never blocked
     late = [e.admit(call("5551234", "bob")) for _ in range(4)]
     assert [d.admitted for d in late] == [True, True, True, False]
-    assert [x.level for x in store.fraud_events()] == ["warning", "critical"] * 2
+    assert [x.level for x in store.fraud_events()] == [
+        "warning", "critical", "critical", "warning", "critical"]
     live_counts_match(store, [*got, after, *late])
     for d in [*got, after, *late]:
         if d.admitted:

@@ -37,6 +37,8 @@ __all__ = [
 LEVELS = ("warning", "critical")
 #: A window's state is forgotten this long after the window ends (the library's P fidx).
 STATE_GRACE_MS = 60_000
+#: The critical bits of a state's levels (fraud.lua's FR.CRIT).
+_CRIT = sum(2 * 4 ** i for i in range(len(FRAUD_STATS)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,21 +103,24 @@ class FraudState:
     short: int = 0
     levels: int = 0  # a bit per statistic and level already reported
     last: str = ""  # the last number dialled (encoded)
+    #: the end of the block this rule set in the window (ms, 0 none): once it has
+    #: passed, the critical levels are armed again
+    until: int = 0
 
     def pack(self) -> str:
         return (f"{self.window}|{self.calls}|{self.distinct}|{self.sequential}|"
-                f"{self.short}|{self.levels}|{self.last}")
+                f"{self.short}|{self.levels}|{self.until}|{self.last}")
 
     @classmethod
     def unpack(cls, s: str) -> FraudState | None:
-        parts = s.split("|", 6)
-        if len(parts) != 7:
+        parts = s.split("|", 7)
+        if len(parts) != 8:
             return None
         try:
-            c, d, q, sh, lv = (int(x) for x in parts[1:6])
+            c, d, q, sh, lv, till = (int(x) for x in parts[1:7])
         except ValueError:
             return None
-        return cls(parts[0], c, d, q, sh, lv, parts[6])
+        return cls(parts[0], c, d, q, sh, lv, parts[7], till)
 
     def stats(self, live: int | None = None) -> dict[str, int]:
         """The statistics by name (``concurrent``: ``live`` when known)."""
@@ -189,11 +194,18 @@ class FraudBook:
         self.seq = False
         self._seq = 0
 
-    def _state(self, rule: FraudRule, enc: str, wid: str) -> tuple[FraudState, bool]:
+    def _state(self, rule: FraudRule, enc: str, wid: str, now: int
+               ) -> tuple[FraudState, bool]:
+        """fraud.lua's FR.state: the window's state (a copy), re-armed when its block
+        has ended."""
         st = self.states.get((rule.name, enc))
         if st is not None and st.window == wid:
-            return FraudState(st.window, st.calls, st.distinct, st.sequential, st.short,
-                              st.levels, st.last), False
+            out = FraudState(st.window, st.calls, st.distinct, st.sequential, st.short,
+                             st.levels, st.last, st.until)
+            if 0 < out.until <= now:
+                out.levels &= ~_CRIT
+                out.until = 0
+            return out, False
         return FraudState(wid), True
 
     @staticmethod
@@ -229,7 +241,7 @@ class FraudBook:
                 continue
             start, end = clock.window(r.per, lnow)
             wid = str(start)
-            st, _ = self._state(r, fe.enc, wid)
+            st, _ = self._state(r, fe.enc, wid, now)
             st.calls += 1
             crit = self._cross(r, fe.enc, st, 0, st.calls, w.events)
             if "distinct_numbers" in r.stats and number:
@@ -253,6 +265,7 @@ class FraudBook:
                 if rej is None:
                     rej = r
                 till = now + r.block_ms
+                st.until = till
                 if not (b is not None and b >= till):
                     w.blocks[(r.name, fe.enc)] = till
         return rej, w
@@ -292,13 +305,13 @@ class FraudBook:
                     r.short_under_ms or not rule_applies(r, number, mow, schedules):
                 continue
             start, end = clock.window(r.per, now)
-            st, _ = self._state(r, fe.enc, str(start))
+            st, _ = self._state(r, fe.enc, str(start), now)
             st.short += 1
             crit = self._cross(r, fe.enc, st, 4, st.short, events)
+            if crit and not r.shadow:
+                st.until = self.blocks[(r.name, fe.enc)] = now + r.block_ms
             self.states[(r.name, fe.enc)] = st
             self.state_ends[(r.name, fe.enc)] = end + STATE_GRACE_MS
-            if crit and not r.shadow:
-                self.blocks[(r.name, fe.enc)] = now + r.block_ms
         self.emit(events, now)
 
     def sweep(self, now: int) -> None:

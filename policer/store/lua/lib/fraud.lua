@@ -17,7 +17,9 @@
 -- (one table: the library's top level is at Lua's 200 locals)
 local FR = {
   STATS = {'calls', 'distinct_numbers', 'sequential', 'concurrent', 'short_calls'},
-  STATE = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$',
+  STATE = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$',
+  -- the critical bits of a state's levels, all statistics
+  CRIT = 2 + 8 + 32 + 128 + 512,
   EVENTS = NS_PREFIX .. 'fraud',
   FSTATS = NS_PREFIX .. 'fstats',
   BLOCKS = NS_PREFIX .. 'fblocks',
@@ -57,21 +59,33 @@ for i = 1, #FRAUD do
 end
 
 -- A state field's values in the window `wid` (a new window: all 0): {wid, calls,
--- distinct, sequential, short, levels, last}, and whether it starts the window.
-function FR.state(s, wid)
+-- distinct, sequential, short, levels, last, blocked until (ms, 0 none)}, and whether
+-- it starts the window. A block this rule set in the window that has ended re-arms its
+-- critical levels: the next call that keeps a statistic at critical crosses again.
+function FR.state(s, wid, now)
   if s then
-    local w, c, d, q, sh, lv, last = string.match(s, FR.STATE)
+    local w, c, d, q, sh, lv, till, last = string.match(s, FR.STATE)
     if w == wid then
-      return {w, num(c) or 0, num(d) or 0, num(q) or 0, num(sh) or 0, num(lv) or 0, last},
-             false
+      local st = {w, num(c) or 0, num(d) or 0, num(q) or 0, num(sh) or 0, num(lv) or 0,
+                  last, tonumber(till) or 0}
+      if st[8] > 0 and st[8] <= now then
+        local lvb, keep, bit = st[6], 0, 1
+        for _ = 1, 10 do
+          if lvb % 2 == 1 and (FR.CRIT / bit) % 2 < 1 then keep = keep + bit end
+          lvb = math.floor(lvb / 2)
+          bit = bit * 2
+        end
+        st[6], st[8] = keep, 0
+      end
+      return st, false
     end
   end
-  return {wid, 0, 0, 0, 0, 0, ''}, true
+  return {wid, 0, 0, 0, 0, 0, '', 0}, true
 end
 
 function FR.pack(st)
   return st[1] .. '|' .. ns(st[2]) .. '|' .. ns(st[3]) .. '|' .. ns(st[4]) .. '|' ..
-         ns(st[5]) .. '|' .. ns(st[6]) .. '|' .. st[7]
+         ns(st[5]) .. '|' .. ns(st[6]) .. '|' .. ns(st[8]) .. '|' .. st[7]
 end
 
 -- Statistic i of a rule at `count`: the levels it reaches for the first time in the
@@ -115,7 +129,7 @@ function FR.check(plan, h, number, now, lnow, dry)
                               or FR.applies(r, number, lnow)) then
       if w == nil then w = {fields = {}} end
       local win = window_at(r.per, lnow)
-      local st, fresh = FR.state(h[fe.pf], win[1])
+      local st, fresh = FR.state(h[fe.pf], win[1], now)
       st[2] = st[2] + 1
       local crit = FR.cross(r, fe[2], st, 1, st[2], w)
       if r.st[2] and number ~= '' then
@@ -139,21 +153,22 @@ function FR.check(plan, h, number, now, lnow, dry)
         crit = FR.cross(r, fe[2], st, 4, live + 1, w) or crit
       end
       local f = w.fields
-      f[#f + 1] = fe[3]
-      f[#f + 1] = FR.pack(st)
-      if fresh then
-        if w.fresh == nil then w.fresh = {} end
-        w.fresh[#w.fresh + 1] = {fe[3], win[2]}
-      end
       if crit and not r.shadow then
         if rej == nil then rej = r end
         local till = now + r.block
+        st[8] = till
         if not (b and (tonumber(b) or 0) >= till) then
           f[#f + 1] = fe[4]
           f[#f + 1] = ns(till)
           if w.blocks == nil then w.blocks = {} end
           w.blocks[#w.blocks + 1] = {fe[4], till}
         end
+      end
+      f[#f + 1] = fe[3]
+      f[#f + 1] = FR.pack(st)
+      if fresh then
+        if w.fresh == nil then w.fresh = {} end
+        w.fresh[#w.fresh + 1] = {fe[3], win[2]}
       end
     end
   end
@@ -225,15 +240,17 @@ function FR.short(raw, start_s, now)
       local enc = key_part(v)
       local f = r.name .. ':' .. enc
       local win = window_at(r.per, now)
-      local st, fresh = FR.state(redis.call('HGET', COUNTS, 'F|' .. f), win[1])
+      local st, fresh = FR.state(redis.call('HGET', COUNTS, 'F|' .. f), win[1], now)
       st[5] = st[5] + 1
       local crit = FR.cross(r, enc, st, 5, st[5], w)
-      local w = {'F|' .. f, FR.pack(st)}
+      local out = {}
       if crit and not r.shadow then
-        w[3], w[4] = 'B|' .. f, ns(now + r.block)
-        redis.call('ZADD', FR.BLOCKS, w[4], w[3])
+        st[8] = now + r.block
+        out[3], out[4] = 'B|' .. f, ns(st[8])
+        redis.call('ZADD', FR.BLOCKS, out[4], out[3])
       end
-      redis.call('HSET', COUNTS, unpack(w))
+      out[1], out[2] = 'F|' .. f, FR.pack(st)
+      redis.call('HSET', COUNTS, unpack(out))
       if fresh then redis.call('ZADD', FR.IDX, ns(win[2] + 60000), 'F|' .. f) end
     end
   end
