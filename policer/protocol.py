@@ -66,7 +66,8 @@ ADMIT_REPLY = _fields(
     ("dialog_id", "the dialog id"),
     ("emergency", "1: an emergency call"),
     ("kind", "what tripped: concurrent, rate, calls; parent (a hierarchy level with no "
-             "parent for the call's value); ended (an ended dialog); '' none"),
+             "parent for the call's value); fraud (a fraud rule: limit is its name); "
+             "ended (an ended dialog); '' none"),
     ("window", "the calendar window of a calls trip, '' none"),
     ("max_duration", "an answered call's max duration, ms, -1 none"),
     ("direction", "where the call comes from (directions, by source IP), '' none"),

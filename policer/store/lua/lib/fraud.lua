@@ -2,17 +2,19 @@
 -- The fraud section's rules (FRAUD, compiled), evaluated in the admit: per rule and value
 -- of its key, over a calendar window, the calls seen (admitted or rejected: sweeping
 -- numbers is the fraud), the distinct numbers dialled (HyperLogLog: a number is counted
--- when PFADD says the sketch changed, up to 64; beyond, PFCOUNT's estimate), the run of calls in a row to the same number, the
--- key profile's live calls, and the answered calls shorter than `under` (counted when
--- they end). A statistic that reaches a level (warning, critical) for the first time in
--- the window writes one event (P fraud, a capped stream; P fstats counts them); the call
--- that reaches critical is rejected with the rule's answer and the value is blocked
--- (P c 'B|rule:value' = until, listed in P fblocks), unless the rule is a shadow. A
--- blocked value's calls are rejected with the rule's answer until the block ends.
--- Emergency calls are never counted, refused or blocked. State per rule and value:
--- P c 'F|rule:value' = 'window|calls|distinct|sequential|short|levels|last number'
--- (levels: a bit per statistic and level already reported), listed in P fidx until the
--- window ends (the tick forgets it then). policer.store.memory_store is the same rule.
+-- when PFADD says the sketch changed, up to 64; beyond, PFCOUNT's estimate), the run of
+-- calls in a row to the same number, the key profile's live calls, and the answered
+-- calls shorter than `under` (counted when they end). A statistic that reaches a level
+-- (warning, critical) for the first time in the window writes one event (P fraud, a
+-- capped stream; P fstats counts them); the call that reaches critical is rejected with
+-- the rule's answer and the value is blocked (P c 'B|rule:value' = until, listed in
+-- P fblocks), unless the rule is a shadow. A blocked value's calls are rejected with the
+-- rule's answer until the block ends; then the rule's critical levels are armed again
+-- for the rest of the window. Emergency calls are never counted, refused or blocked.
+-- State per rule and value: P c 'F|rule:value' = 'window|calls|distinct|sequential|
+-- short|levels|blocked until|last number' (levels: a bit per statistic and level already
+-- reported), listed in P fidx until the window ends (the tick forgets it then).
+-- policer.store.fraud is the same rule in Python (the in-process store, replay).
 
 -- (one table: the library's top level is at Lua's 200 locals)
 local FR = {
