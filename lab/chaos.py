@@ -61,7 +61,13 @@ from lab import netfault
 from lab.processes import stop_group
 from lab.proxy import KAMAILIO, KAMCMD, RUN, proxy_env
 from lab.proxy import ready as proxy_ready
-from lab.redis_server import RedisServer, find_redis_server, free_port, free_udp_port
+from lab.redis_server import (
+    RedisServer,
+    find_redis_server,
+    free_media_ports,
+    free_port,
+    free_udp_port,
+)
 from policer.protocol import unpack_record
 from policer.reconcile import fetch_dialogs
 from policer.store import RedisStore, StoreError
@@ -519,7 +525,7 @@ class Uac:
         count = int(self.rate * self.max_s) + 10
         args = [SIPP, self.proxy.address, "-sf", str(SCENARIOS / "chaos_uac.xml"),
                 "-inf", str(self.csv), "-i", self.local_ip, "-p", str(free_udp_port()),
-                "-mp", str(free_udp_port()), "-m", str(count), "-l", "100000",
+                "-mp", str(free_media_ports()), "-m", str(count), "-l", "100000",
                 "-r", str(per_10s), "-rp", "10000", "-d", str(int(self.hold_s * 1000)),
                 "-trace_logs", "-log_file", str(self.logfile), "-nostdin",
                 "-recv_timeout", "15000", "-timeout", f"{int(self.max_s + 120)}s"]
@@ -604,7 +610,7 @@ class Uas:
         with self.screen.open("wb") as fh:
             self.process = subprocess.Popen(
                 [SIPP, "-sf", str(SCENARIOS / "uas.xml"), "-i", self.ip, "-p", str(self.port),
-                 "-mp", str(free_udp_port()), "-nostdin", "-timeout", f"{int(self.max_s)}s"],
+                 "-mp", str(free_media_ports()), "-nostdin", "-timeout", f"{int(self.max_s)}s"],
                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
         time.sleep(0.3)

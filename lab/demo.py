@@ -32,7 +32,7 @@ from typing import TextIO
 
 from lab import proxy
 from lab.proxy import DEPLOY, KAMCMD
-from lab.redis_server import RedisServer, RedisServerError, free_udp_port
+from lab.redis_server import RedisServer, RedisServerError, free_media_ports, free_udp_port
 from policer.policy import Policy, load_policy
 from policer.snapshot import Snapshot, take_snapshot
 from policer.store import open_store
@@ -164,7 +164,7 @@ def run(seconds: float = 30.0, rate: int = 40, hold_ms: int = 4000, users: int =
         uas_port = free_udp_port()
         lab.spawn("sipp-upstream", [SIPP, "-sf", str(DEPLOY / "sipp" / "uas.xml"), "-i",
                                     "127.0.0.1", "-p", str(uas_port), "-mp",
-                                    str(free_udp_port()), "-nostdin"])
+                                    str(free_media_ports()), "-nostdin"])
         ports = [lab.start_proxy(node, policy, url, uas_port) for node in ("demo-a", "demo-b")]
         loaded = load_policy(policy)
         store = open_store(url, loaded.namespace, timeout_ms=2000, policy=loaded)
@@ -179,7 +179,7 @@ def run(seconds: float = 30.0, rate: int = 40, hold_ms: int = 4000, users: int =
             lab.spawn(f"sipp-callers-{i}", [
                 SIPP, f"127.0.0.1:{port}", "-sf", str(DEPLOY / "sipp" / "uac.xml"),
                 "-inf", str(csv), "-i", "127.0.0.1", "-p", str(free_udp_port()),
-                "-mp", str(free_udp_port()), "-r", str(rate), "-m", str(calls),
+                "-mp", str(free_media_ports()), "-r", str(rate), "-m", str(calls),
                 "-d", str(hold_ms), "-nostdin", "-timeout", f"{int(seconds + 60)}s",
                 "-recv_timeout", "10000",
             ])

@@ -45,19 +45,55 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+#: Ports this process handed out (free_udp_port, free_media_ports): handed out once
+#: only, so that a port picked for one SIPp and not bound yet is never another's (a
+#: SIPp's media ports are four in a row: one of them was another UAS's SIP port).
+_HANDED: set[int] = set()
+
+
+def _udp_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        try:
+            u.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    """A port on ``host`` free for UDP and for TCP right now (SIP listens on both)."""
-    for _ in range(50):
+    """A port on ``host`` free for UDP and for TCP right now (SIP listens on both), never
+    handed out before by this process."""
+    for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             u.bind((host, 0))
             port = int(u.getsockname()[1])
+        if port in _HANDED:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
             try:
                 t.bind((host, port))
             except OSError:
                 continue
+        _HANDED.add(port)
         return port
     raise RuntimeError("no free UDP port")
+
+
+def free_media_ports(host: str = "127.0.0.1") -> int:
+    """The first of four UDP ports in a row on ``host``, all free right now and never
+    handed out before by this process: a SIPp's ``-mp`` (it binds audio RTP and RTCP,
+    video RTP and RTCP there)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind((host, 0))
+            port = int(u.getsockname()[1]) & ~1
+        span = range(port, port + 4)
+        if port + 3 > 65535 or any(p in _HANDED for p in span) or \
+                not all(_udp_free(host, p) for p in span):
+            continue
+        _HANDED.update(span)
+        return port
+    raise RuntimeError("no four free UDP ports in a row")
 
 
 class RedisServer:

@@ -29,7 +29,7 @@ from typing import Any
 from lab import proxy as proxy_tool
 from lab.processes import stop_group
 from lab.proxy import DEPLOY, KAMAILIO, KAMCMD
-from lab.redis_server import find_redis_server, free_udp_port
+from lab.redis_server import find_redis_server, free_media_ports, free_udp_port
 from tests.support import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -349,7 +349,7 @@ class Lab:
                 "-p",
                 str(port),
                 "-mp",
-                str(free_udp_port()),
+                str(free_media_ports()),
                 "-trace_logs",
                 "-log_file",
                 str(log),
@@ -409,7 +409,7 @@ class Lab:
             "-p",
             str(free_udp_port()),
             "-mp",
-            str(free_udp_port()),
+            str(free_media_ports()),
             "-m",
             str(count),
             "-l",
