@@ -867,9 +867,11 @@ def cmd_exporter(args: argparse.Namespace) -> int:
         listed = parse_values(args.values)
     except ValueError as e:
         raise CliError(str(e)) from None
-    policy = _policy(args)
+    path = args.policy or os.environ.get("POLICER_POLICY") or DEFAULT_POLICY
+    policy = load_policy(path)
     try:
-        serve(policy, _store(args, policy), args.listen, top=args.top, listed=listed)
+        serve(policy, _store(args, policy), args.listen, top=args.top, listed=listed,
+              policy_path=str(path))
     except ValueError as e:
         raise CliError(str(e)) from None
     except OSError as e:

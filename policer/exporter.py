@@ -43,11 +43,16 @@ def parse_values(specs: Iterable[str]) -> dict[str, list[str]]:
 
 def serve(policy: Policy, store: AdminStore, listen: str, top: int = 10,
           listed: Mapping[str, Iterable[str]] | None = None,
-          stop: threading.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set)."""
+          stop: threading.Event | None = None, policy_path: str | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set). ``policy_path``: the policy file
+    watched: a changed (valid) file is read again at the next scrape, so a new profile
+    or fraud rule gets its series without a restart."""
     host, port = parse_listen(listen)
     registry = worker_registry()
-    registry.register(ClusterCollector(policy, store, top=top, listed=listed))
+    collector = ClusterCollector(policy, store, top=top, listed=listed)
+    if policy_path is not None:
+        collector.watch(policy_path)
+    registry.register(collector)
     server, thread = start_http_server(port, addr=host, registry=registry)
     log = get_logger("policer.exporter")
     log.info("exporter_listening", listen=f"{host}:{port}", namespace=policy.namespace)

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from policer.decision import Decision
 from policer.log import get_logger
 from policer.printable import printable
+from policer.reload import PolicyWatcher
 from policer.snapshot import take_snapshot
 from policer.store import StoreError
 from policer.store.base import END_REASONS
@@ -201,6 +202,21 @@ class ClusterCollector(Collector):
         self.log = get_logger("policer.exporter")
         self._near: set[tuple[str, str]] = set()
         self._last_event: str | None = None  # the last fraud event logged
+        self._watcher: PolicyWatcher | None = None
+
+    def watch(self, path: str, interval: float = 1.0) -> None:
+        """Read the policy file again when it changes (checked at each scrape, at most
+        once per ``interval`` seconds): a new profile or fraud rule gets its series
+        without a restart. Another namespace is refused (the exporter reads one
+        namespace's keys); a broken file is logged and the last good policy kept."""
+        self._watcher = PolicyWatcher(path, self._use, interval=interval,
+                                      files=self.policy.files, wait=5.0)
+
+    def _use(self, policy: Policy) -> None:
+        if policy.namespace != self.policy.namespace:
+            raise ValueError(f"the policy's namespace changed ({self.policy.namespace} -> "
+                             f"{policy.namespace}): restart the exporter")
+        self.policy = policy
 
     def _fraud(self) -> Iterator[Metric]:
         """The fraud guard: events per rule, level and statistic (every one the policy
@@ -232,6 +248,8 @@ class ClusterCollector(Collector):
             log("fraud_event", **{k: v for k, v in e.as_dict().items() if k != "id"})
 
     def collect(self) -> Iterator[Metric]:
+        if self._watcher is not None:
+            self._watcher.poll()
         policy = self.policy
         up = GaugeMetricFamily("policer_store_up", "1 when the store answered this scrape.")
         t0 = time.perf_counter()

@@ -448,3 +448,35 @@ def test_windows_follow_the_policys_time_zone(engine_for: EngineFactory,
     for d in [*got, *again]:
         e.release(d.dialog_id)
     live_counts_match(store, [])
+
+
+def test_the_exporter_picks_up_a_rule_added_to_the_policy_file(
+        tmp_path: Path, redis_url: str, namespace: str) -> None:
+    """A fraud rule added to the policy file gets its series (from 0, so that its first
+    event is an increase) at the exporter's next scrape, without a restart; a broken
+    file or another namespace keeps the last good policy."""
+    from policer.metrics import ClusterCollector
+    from policer.policy import load_policy
+    from policer.store import RedisStore
+
+    path = tmp_path / "p.yaml"
+    base = BASE.replace("namespace: fraud", f"namespace: {namespace}")
+    path.write_text(base)
+    store = RedisStore(redis_url, namespace, timeout_ms=2000)
+    store.load(load_policy(path))
+    collector = ClusterCollector(load_policy(path), store)
+    collector.watch(str(path), interval=0)
+
+    def fraud_series() -> set[tuple[str, ...]]:
+        return {tuple(s.labels.values()) for m in collector.collect()
+                if m.name == "policer_fraud_events" for s in m.samples}
+
+    assert fraud_series() == set()
+    path.write_text(base + "fraud:\n  - {name: calls, key: user, per: 1h, "
+                           "calls: {warning: 2, critical: 4}}\n")
+    assert fraud_series() == {("calls", "warning", "calls"), ("calls", "critical", "calls")}
+    path.write_text(base + "fraud: [{name: calls, key: nobody}]\n")  # broken: kept
+    assert len(fraud_series()) == 2
+    path.write_text(base.replace(f"namespace: {namespace}", "namespace: other"))
+    assert len(fraud_series()) == 2  # another namespace needs a restart
+    store.close()
