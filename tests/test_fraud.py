@@ -480,3 +480,27 @@ def test_the_exporter_picks_up_a_rule_added_to_the_policy_file(
     path.write_text(base.replace(f"namespace: {namespace}", "namespace: other"))
     assert len(fraud_series()) == 2  # another namespace needs a restart
     store.close()
+
+
+def test_a_retransmitted_fraud_rejection_is_rejected_again_and_counts_once(
+        engine_for: EngineFactory, store: Store) -> None:
+    """The INVITE a rule refused, sent again (same dialog): its decision again, the
+    rule's answer, nothing counted twice."""
+    e = engine_for(policy("""
+  - name: calls
+    key: user
+    per: 1h
+    calls: {critical: 2}
+    action: {reject: {code: 403, reason: "Fraud Suspected"}}
+"""))
+    start_of_hour(store)
+    first = e.admit(call("5551234", "jack"))
+    refused = e.admit(call("5551234", "jack", call_id="resent"))
+    again = e.admit(call("5551234", "jack", call_id="resent"))
+    assert (refused.admitted, refused.code, refused.kind) == (False, 403, "fraud")
+    assert (again.admitted, again.code, again.reason, again.limit, again.duplicate) == (
+        False, 403, "Fraud Suspected", "calls", True)
+    assert store.fraud_states("calls")["jack"].calls == 2
+    assert store.decisions()[("fraud", "calls")] == 1
+    e.release(first.dialog_id)
+    live_counts_match(store, [])

@@ -302,7 +302,8 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
   local nogw = glimit and plan.gws
   if nogw then fields_s = plan.nogw_s end
   local decision = PLAIN_DECISION
-  if tripped ~= 0 or shadow > 0 or emergency_out > 0 or tmax ~= -1 or md ~= -1 then
+  if admitted == 0 or tripped ~= 0 or shadow > 0 or emergency_out > 0 or tmax ~= -1
+      or md ~= -1 then
     local eidx = 1
     if lentry then eidx = lentry.idx end
     decision = dec_pack(admitted, tripped, tcount, tmax, bypass, shadow, emergency_out,
