@@ -28,6 +28,7 @@ from policer.policy.model import (
     Threshold,
 )
 from policer.policy.reader import NUMBER, Reader, did_you_mean, kind_of
+from policer.policy.sections import names_of, schedule_ref
 
 __all__ = ["MAX_FRAUD_PREFIXES", "MAX_FRAUD_RULES", "read_fraud", "read_fraud_events"]
 
@@ -154,15 +155,11 @@ def _read_rule(r: Reader, node: Node, path: str, attributes: Mapping[str, str],
         wpath = f"{path}.when"
         w = r.mapping(m["when"], wpath, ("class", "prefixes", "schedule")) or {}
         if "class" in w:
-            classes = _class_names(r, w["class"], f"{wpath}.class", class_names)
+            classes = names_of(r, w["class"], f"{wpath}.class", "class", class_names)
         if "prefixes" in w:
             prefixes = _prefixes(r, w["prefixes"], f"{wpath}.prefixes")
         if "schedule" in w:
-            schedule = r.string(w["schedule"], f"{wpath}.schedule")
-            if schedule is not None and schedule not in schedule_names:
-                r.unknown_ref(w["schedule"], f"{wpath}.schedule", "schedule", schedule,
-                              schedule_names)
-                schedule = None
+            schedule = schedule_ref(r, w["schedule"], f"{wpath}.schedule", schedule_names)
     block_ms = WINDOWS[per] if per is not None else 3_600_000
     reject = DEFAULT_REJECT
     if "action" in m:
@@ -210,21 +207,6 @@ def _key_source(r: Reader, node: Node, path: str, key: str | None,
             "valued profile or a call attribute (from_user, header:<Name>, or a name "
             "under call.attributes)")
     return None, None
-
-
-def _class_names(r: Reader, node: Node, path: str, known: set[str]) -> frozenset[str] | None:
-    items = node.value if isinstance(node, SequenceNode) else [node]
-    out: set[str] = set()
-    for i, item in enumerate(items):
-        sub = f"{path}[{i}]" if isinstance(node, SequenceNode) else path
-        name = r.string(item, sub)
-        if name is None:
-            continue
-        if name not in known:
-            r.unknown_ref(item, sub, "class", name, known)
-            continue
-        out.add(name)
-    return frozenset(out)
 
 
 def _prefixes(r: Reader, node: Node, path: str) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from types import MappingProxyType
 from typing import Literal
@@ -376,9 +376,9 @@ def read_profiles(r: Reader, node: Node | None, attributes: Mapping[str, str],
         if "when" in p:
             w = r.mapping(p["when"], f"{path}.when", ("class", "direction")) or {}
             if "class" in w:
-                when = _names(r, w["class"], f"{path}.when.class", "class", class_names)
+                when = names_of(r, w["class"], f"{path}.when.class", "class", class_names)
             if "direction" in w:
-                when_dirs = _names(r, w["direction"], f"{path}.when.direction",
+                when_dirs = names_of(r, w["direction"], f"{path}.when.direction",
                                    "direction", direction_names)
         missing: Literal["skip", "reject"] = "skip"
         if "on_missing_parent" in p:
@@ -458,9 +458,9 @@ def _check_hierarchy(r: Reader, profiles: list[Profile], names_seen: set[str]) -
             child = by_name.get(child.parent_of)
 
 
-def _names(r: Reader, node: Node, path: str, what: str, known: set[str]) -> frozenset[str]:
+def names_of(r: Reader, node: Node, path: str, what: str, known: set[str]) -> frozenset[str]:
     """One name or a list of names, each one of ``known`` (``when.class``,
-    ``when.direction``)."""
+    ``when.direction``, a fraud rule's ``when.class``)."""
     names: list[str] = []
     if isinstance(node, SequenceNode):
         for i, item in enumerate(node.value):
@@ -475,6 +475,15 @@ def _names(r: Reader, node: Node, path: str, what: str, known: set[str]) -> froz
         if n not in known:
             r.unknown_ref(node, path, what, n, known)
     return frozenset(names)
+
+
+def schedule_ref(r: Reader, node: Node, path: str, known: Collection[str]) -> str | None:
+    """The name of one of the policy's schedules (None: not one, reported)."""
+    name = r.string(node, path)
+    if name is not None and name not in known:
+        r.unknown_ref(node, path, "schedule", name, known)
+        return None
+    return name
 
 
 def read_directions(r: Reader, node: Node | None) -> list[Direction]:
@@ -832,13 +841,8 @@ def read_limit(r: Reader, lnode: Node, path: str, name: str, default_reject: Rej
     if "rate_reject" in lm and "rate" not in lm:
         r.error(lm["rate_reject"], f"{path}.rate_reject", "answers rate rejections, "
                    "but this limit has no rate")
-    schedule: str | None = None
-    if "schedule" in lm:
-        schedule = r.string(lm["schedule"], f"{path}.schedule")
-        if schedule is not None and schedule not in schedules:
-            r.unknown_ref(lm["schedule"], f"{path}.schedule", "schedule", schedule,
-                             schedules)
-            schedule = None
+    schedule = schedule_ref(r, lm["schedule"], f"{path}.schedule", schedules) \
+        if "schedule" in lm else None
     if mx is None or calls is None or ("rate" in lm and rate is None):
         return None
     return Limit(profile=name, max=mx, reserve_for_emergency=reserve, reject=rej,
