@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from policer import fraud_admin, live_limits, parents
 from policer.call import Call
@@ -35,7 +35,8 @@ from policer.log import configure, redact
 from policer.policy import Policy, PolicyError, Rate, load_policy, parse_duration_ms
 from policer.printable import printable, printable_data
 from policer.store import Store, StoreError, open_store
-from policer.store.base import DialogInfo, ExplainRow
+from policer.store.base import CallRecord, DialogInfo, ExplainRow
+from policer.store.fraud import FraudEvent
 from policer.store.keys import dialog_id, is_dialog_id
 
 if TYPE_CHECKING:  # the engine (and prometheus-client) is imported when a command needs
@@ -680,53 +681,61 @@ def cmd_dialog(args: argparse.Namespace) -> int:
     return EXIT_OK if rec else EXIT_REJECTED
 
 
-def cmd_cdr(args: argparse.Namespace) -> int:
+T = TypeVar("T")
+
+
+def _tail(first: Sequence[T], after: Callable[[str], Sequence[T]], id_of: Callable[[T], str],
+          show: Callable[[T], None], args: argparse.Namespace) -> int:
+    """Print ``first`` (a stream's last entries), then with ``--follow`` what comes
+    after, every ``--interval`` (``cdr tail``, ``alerts tail``)."""
     import time
 
-    policy = _policy(args)
-    store = _store(args, policy)
-    records = store.call_records(count=1_000_000)
-    records = records[-args.count:] if args.count else records
-    last = records[-1].record_id if records else ""
+    rows, last = first, ""
     while True:
-        for r in records:
-            if args.json:
-                _print_json(r.as_dict())
-            else:
-                d = printable_data(r.as_dict())
-                print(f"{_ts(r.end_ms)} {d['Reason']:<9} billsec={d['BillSec']:<5} "
-                      f"{d['From']} -> {d['To']} call-id={d['CallID']} node={d['Node']}")
+        for row in rows:
+            show(row)
+        if rows:
+            last = id_of(rows[-1])
         sys.stdout.flush()
         if not args.follow:
             return EXIT_OK
         time.sleep(args.interval)
-        records = store.call_records(count=10_000, after=last)
-        if records:
-            last = records[-1].record_id
+        rows = after(last)
+
+
+def cmd_cdr(args: argparse.Namespace) -> int:
+    policy = _policy(args)
+    store = _store(args, policy)
+    records = store.call_records(count=1_000_000)
+
+    def show(r: CallRecord) -> None:
+        if args.json:
+            _print_json(r.as_dict())
+        else:
+            d = printable_data(r.as_dict())
+            print(f"{_ts(r.end_ms)} {d['Reason']:<9} billsec={d['BillSec']:<5} "
+                  f"{d['From']} -> {d['To']} call-id={d['CallID']} node={d['Node']}")
+
+    return _tail(records[-args.count:] if args.count else records,
+                 lambda last: store.call_records(count=10_000, after=last),
+                 lambda r: r.record_id, show, args)
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
     """``alerts tail [--follow] [--json]``: the fraud events, oldest first."""
-    import time
-
     policy = _policy(args)
     store = _store(args, policy)
-    events = store.fraud_events(count=args.count or 1_000_000)
-    last = events[-1].id if events else ""
-    while True:
-        for e in events:
-            if args.json:
-                _print_json({k: v for k, v in e.as_dict().items() if k != "id"})
-            else:
-                print(f"{_ts(e.at_ms)} {e.level:<8} {e.rule} {e.key}={printable(e.value)} "
-                      f"{e.stat} {e.count}>={e.threshold} per {e.window} {e.action}")
-        sys.stdout.flush()
-        if not args.follow:
-            return EXIT_OK
-        time.sleep(args.interval)
-        events = store.fraud_events(count=10_000, after=last)
-        if events:
-            last = events[-1].id
+
+    def show(e: FraudEvent) -> None:
+        if args.json:
+            _print_json({k: v for k, v in e.as_dict().items() if k != "id"})
+        else:
+            print(f"{_ts(e.at_ms)} {e.level:<8} {e.rule} {e.key}={printable(e.value)} "
+                  f"{e.stat} {e.count}>={e.threshold} per {e.window} {e.action}")
+
+    return _tail(store.fraud_events(count=args.count or 1_000_000),
+                 lambda last: store.fraud_events(count=10_000, after=last),
+                 lambda e: e.id, show, args)
 
 
 def cmd_blocks(args: argparse.Namespace) -> int:
