@@ -40,7 +40,7 @@ from typing import Any, Self
 
 import yaml
 
-from lab.processes import stop_group
+from lab.processes import stop_group, wait_for
 from lab.redis_server import free_port
 
 __all__ = [
@@ -117,17 +117,6 @@ def _get_json(url: str, timeout: float = 5.0) -> Any:
     if status != 200:
         raise AlertingError(f"GET {url}: HTTP {status} {body[:200]!r}")
     return json.loads(body)
-
-
-def _poll(condition: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    """Poll ``condition`` until it holds or ``timeout`` seconds have passed."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def _safely(describe: Callable[[], str]) -> str:
@@ -383,7 +372,7 @@ class _Process:
                     self.command(), stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, cwd=self.workdir, env=self.env(),
                     start_new_session=True)
-            ready = _poll(lambda: self._exited() or
+            ready = wait_for(lambda: self._exited() or
                           _get(self.url + self.ready_path)[0] == 200, timeout)
             if ready and not self._exited():
                 return self
@@ -603,9 +592,9 @@ class AlertStack:
                                          rule_files=self.rule_files, interval=self.interval,
                                          host=self.host).start(timeout)
             prom = self.prometheus
-            if not _poll(prom.alertmanagers_found, timeout):
+            if not wait_for(prom.alertmanagers_found, timeout):
                 raise AlertingError(f"prometheus found no alertmanager\n{self.diagnostics()}")
-            if wait_targets and not _poll(prom.targets_up, timeout):
+            if wait_targets and not wait_for(prom.targets_up, timeout):
                 raise AlertingError(f"prometheus could not scrape {self.targets}: "
                                     f"{prom.api('targets')}\n{self.diagnostics()}")
         except BaseException:
@@ -635,7 +624,7 @@ class AlertStack:
             result = self.query(expr)
             return bool(condition(result))
 
-        if not _poll(check, timeout, interval=0.2):
+        if not wait_for(check, timeout, interval=0.2):
             raise AssertionError(f"{expr}: {result} after {timeout}s\n{self.diagnostics()}")
         return result
 
@@ -658,7 +647,7 @@ class AlertStack:
             found[:] = [a for a in self.alerts() if a.matches(alertname, status, **labels)]
             return bool(found)
 
-        if not _poll(check, timeout, interval=0.1):
+        if not wait_for(check, timeout, interval=0.1):
             got = [(a.name, a.status, dict(a.labels)) for a in self.alerts()]
             raise AssertionError(
                 f"no {status} {alertname} {labels} within {timeout}s; received: {got}\n"

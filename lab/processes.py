@@ -1,5 +1,5 @@
 """Processes a tool or a test starts in a process group of its own
-(``start_new_session=True``) and stops whole."""
+(``start_new_session=True``) and stops whole, and waiting for what they do."""
 
 from __future__ import annotations
 
@@ -7,9 +7,23 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["stop_group"]
+__all__ = ["stop_group", "wait_for"]
+
+
+def wait_for(condition: Callable[[], object], timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``condition`` until it is true or ``timeout`` seconds have passed; whether
+    it became true. Readiness is waited for this way, never by a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
 
 
 def stop_group(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
 from policer.call import pack_fields, raw_bytes, utf8_text
 from policer.classify import Member
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from policer.call import Call
     from policer.compile import Library
     from policer.policy import Limit, Policy, Rate
-    from policer.store.fraud import FraudBlock, FraudEvent, FraudState
+    from policer.store.fraud import FraudBlock, FraudEntry, FraudEvent, FraudState
 
 __all__ = [
     "END_REASONS",
@@ -151,9 +151,9 @@ class AdmitRequest:
     #: the profiles whose value is where the call is sent (an admit's first attempt):
     #: their trip refuses the gateway, not the call (``AdmitResult.gateway``)
     gateway_profiles: frozenset[str] = frozenset()
-    #: the fraud rules the call has a value of the key for (policer.store.fraud.FraudEntry),
+    #: the fraud rules the call has a value of the key for,
     #: and its dialled number: evaluated with the decision (the in-process store)
-    fraud: tuple[Any, ...] = ()
+    fraud: tuple[FraudEntry, ...] = ()
     number: str = ""
 
 

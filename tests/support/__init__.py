@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import itertools
 import textwrap
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from lab.processes import wait_for as wait_for  # (re-exported: tests import it from here)
 from policer.call import Call
 from policer.engine import Engine
 from policer.policy import Policy, load_policy, parse_policy
@@ -27,18 +27,6 @@ BAD_POLICIES = ROOT / "tests" / "policies"
 
 #: Generous: the suite's Redis runs on a busy 2-core machine.
 STORE_TIMEOUT_MS = 5000
-
-
-def wait_for(condition: Callable[[], object], timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``condition`` until it is true or ``timeout`` seconds have passed; whether
-    it became true. Readiness is waited for this way, never by a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def ticked(engine: Engine, condition: Callable[[], object]) -> Callable[[], object]:
