@@ -270,8 +270,11 @@ def test_sentinel_failover_under_load(sentinel_set: SentinelSet, namespace: str,
 
         _wait("decisions to resume on the promoted replica", resumed, 30)
         t_resumed = time.monotonic()
-        new_primary = sentinel_set.master_port()
-        assert new_primary == sentinel_set.replica.port != old_primary
+        # the sentinels learn of the promotion one by one (the leader first, the
+        # others from its hello messages): the first to answer may still name the old
+        assert sentinel_set.replica.port != old_primary
+        _wait("the sentinels to name the promoted replica",
+              lambda: sentinel_set.master_port() == sentinel_set.replica.port, 10)
 
         # writes lost by asynchronous replication: admitted calls the new primary
         # does not know (an ended dialog is kept 32 s), released calls it counts again
