@@ -94,7 +94,7 @@ class FraudBlock:
 @dataclass(slots=True)
 class FraudState:
     """One rule's statistics of one value in the current window (the library's
-    ``F|rule:value`` field)."""
+    ``F|``, ``Fs|`` and ``Fl|`` fields of ``rule:value``)."""
 
     window: str  # the window's id (its local start, ms)
     calls: int = 0
@@ -102,25 +102,41 @@ class FraudState:
     sequential: int = 0
     short: int = 0
     levels: int = 0  # a bit per statistic and level already reported
-    last: str = ""  # the last number dialled (encoded)
+    last: str = ""  # the last number dialled (encoded; only when the rule watches runs)
     #: the end of the block this rule set in the window (ms, 0 none): once it has
     #: passed, the critical levels are armed again
     until: int = 0
 
-    def pack(self) -> str:
-        return (f"{self.window}|{self.calls}|{self.distinct}|{self.sequential}|"
-                f"{self.short}|{self.levels}|{self.until}|{self.last}")
+    def rearmed(self, now: int) -> FraudState:
+        """The state as the next call reads it: a block it set that has ended re-arms
+        the critical levels."""
+        if 0 < self.until <= now:
+            self.levels &= ~_CRIT
+            self.until = 0
+        return self
 
     @classmethod
-    def unpack(cls, s: str) -> FraudState | None:
-        parts = s.split("|", 7)
-        if len(parts) != 8:
-            return None
+    def from_fields(cls, state: str | None, short: str | None, levels: str | None,
+                    now: int) -> FraudState | None:
+        """The state in the latest window of the library's fields: ``F|`` (``wid|calls|
+        distinct|run|last``), ``Fs|`` (``wid|short``), ``Fl|`` (``wid|levels|until``);
+        a field of an older window counts as none. None: no field, or a malformed one."""
+        parts = [None if f is None else f.split("|", n) for f, n in
+                 ((state, 4), (short, 1), (levels, 2))]
         try:
-            c, d, q, sh, lv, till = (int(x) for x in parts[1:7])
-        except ValueError:
+            wid = max(int(p[0]) for p in parts if p is not None)
+            out = cls(str(wid))
+            f, sh, lv = (p if p is not None and int(p[0]) == wid else None for p in parts)
+            if f is not None:
+                out.calls, out.distinct, out.sequential = (int(x or 0) for x in f[1:4])
+                out.last = f[4]
+            if sh is not None:
+                out.short = int(sh[1])
+            if lv is not None:
+                out.levels, out.until = int(lv[1]), int(lv[2])
+        except (ValueError, IndexError):
             return None
-        return cls(parts[0], c, d, q, sh, lv, parts[7], till)
+        return out.rearmed(now)
 
     def stats(self, live: int | None = None) -> dict[str, int]:
         """The statistics by name (``concurrent``: ``live`` when known)."""
@@ -190,8 +206,6 @@ class FraudBook:
         self.events: list[FraudEvent] = []
         self.counts: dict[tuple[str, str, str], int] = {}
         self.keep = keep
-        #: some rule of the policy watches sequential runs: every state keeps them then
-        self.seq = False
         self._seq = 0
 
     def _state(self, rule: FraudRule, enc: str, wid: str, now: int
@@ -231,7 +245,6 @@ class FraudBook:
         rej: FraudRule | None = None
         w = _Pending()
         mow = clock.minute_of_week(lnow)
-        seq = self.seq
         for fe in entries:
             r = fe.rule
             b = self.blocks.get((r.name, fe.enc))
@@ -251,7 +264,7 @@ class FraudBook:
                     st.distinct += 1
                 w.numbers.append((hk, number))
                 crit = self._cross(r, fe.enc, st, 1, st.distinct, w.events) or crit
-            if seq:  # (runs are kept only when some rule watches them)
+            if "sequential" in r.stats:  # (runs are kept only when the rule watches them)
                 dialled = key_part(number)
                 st.sequential = st.sequential + 1 if dialled == st.last else 1
                 st.last = dialled

@@ -258,7 +258,6 @@ class MemoryStore:
                           if policy is not None else None)
             if policy is not None:
                 self._fraud.keep = policy.fraud_events_keep
-                self._fraud.seq = any("sequential" in r.stats for r in policy.fraud)
                 self._cdr = deque(self._cdr, maxlen=max(1, policy.call_records_keep))
                 self._attempts_keep = policy.attempts_keep
                 self._attempts = deque(self._attempts, maxlen=max(1, policy.attempts_keep))
@@ -984,8 +983,9 @@ class MemoryStore:
 
     def fraud_states(self, rule: str) -> dict[str, FraudState]:
         with self._lock:
-            return {value_from_key(enc): st for (r, enc), st in self._fraud.states.items()
-                    if r == rule}
+            now = self.now_ms()
+            return {value_from_key(enc): replace(st).rearmed(now)
+                    for (r, enc), st in self._fraud.states.items() if r == rule}
 
     def fraud_counts(self) -> dict[tuple[str, str, str], int]:
         with self._lock:

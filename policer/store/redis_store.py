@@ -874,11 +874,23 @@ class RedisStore:
 
     def fraud_states(self, rule: str) -> dict[str, FraudState]:
         """A rule's statistics per value in their current windows."""
+        client = self.client
+        now = self.now_ms()
+        # one pass over the counts: the rule's F|, Fs| and Fl| fields
+        rows = self._run(lambda: list(client.hscan_iter(
+            self.keys.counts, match="F*|" + self.keys.value_pattern(rule), count=1000)))
+        by_value: dict[str, dict[str, str]] = {}
+        for f, v in rows:
+            kind, _, rest = _str(f).partition("|")
+            name, _, enc = rest.partition(":")
+            if name == rule and kind in ("F", "Fs", "Fl"):
+                by_value.setdefault(enc, {})[kind] = _str(v)
         out: dict[str, FraudState] = {}
-        for v, packed in self._value_fields("F|", rule).items():
-            st = FraudState.unpack(packed)
+        for enc, fields in by_value.items():
+            st = FraudState.from_fields(fields.get("F"), fields.get("Fs"), fields.get("Fl"),
+                                        now)
             if st is not None:
-                out[v] = st
+                out[value_from_key(enc)] = st
         return out
 
     def fraud_counts(self) -> dict[tuple[str, str, str], int]:

@@ -291,7 +291,8 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
   end
   -- the fraud rules with a value of their key in the call ({rule, encoded value, state
   -- field, block field, the member of the rule's key profile (nil none), whether its class
-  -- counts}): their state and block fields read with the counts (positions pf, pb)
+  -- counts, levels field}): their state and block fields read with the counts
+  -- (positions pf, pb)
   if fraud then
     for i = 1, #fraud do
       local fe = fraud[i]
@@ -412,7 +413,7 @@ local function build_plan(values, cls, dir, mow, gw)
       end
       if fraud == nil then fraud = {} end
       local f = r.name .. ':' .. enc
-      fraud[#fraud + 1] = {r, enc, 'F|' .. f, 'B|' .. f, mi, frs[i][2]}
+      fraud[#fraud + 1] = {r, enc, 'F|' .. f, 'B|' .. f, mi, frs[i][2], 'Fl|' .. f}
     end
   end
   return plan_entry(members, n == #ps, cls, dir, looked, missing, fraud)

@@ -11,15 +11,22 @@
 -- P fblocks), unless the rule is a shadow. A blocked value's calls are rejected with the
 -- rule's answer until the block ends; then the rule's critical levels are armed again
 -- for the rest of the window. Emergency calls are never counted, refused or blocked.
--- State per rule and value: P c 'F|rule:value' = 'window|calls|distinct|sequential|
--- short|levels|blocked until|last number' (levels: a bit per statistic and level already
--- reported), listed in P fidx until the window ends (the tick forgets it then).
+-- State per rule and value (each field 'wid|...': its window's id; a field of an older
+-- window reads as none), in P c:
+--   'F|rule:value'  = 'wid|calls|distinct|run|last number' (distinct, run and last only
+--                     when the rule watches them), read with the admit's counts;
+--   'Fs|rule:value' = 'wid|short calls', read when an answered call ends;
+--   'Fl|rule:value' = 'wid|levels|blocked until' (levels: a bit per statistic and level
+--                     already reported), read only when a count is at a level of the rule;
+-- listed in P fidx (by their 'F|' name) until the window ends (the tick forgets them).
 -- policer.store.fraud is the same rule in Python (the in-process store, replay).
 
 -- (one table: the library's top level is at Lua's 200 locals)
 local FR = {
   STATS = {'calls', 'distinct_numbers', 'sequential', 'concurrent', 'short_calls'},
-  STATE = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$',
+  STATE = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$',
+  PAIR = '^([^|]*)|([^|]*)$',
+  LEVELS = '^([^|]*)|([^|]*)|([^|]*)$',
   -- the critical bits of a state's levels, all statistics
   CRIT = 2 + 8 + 32 + 128 + 512,
   EVENTS = NS_PREFIX .. 'fraud',
@@ -51,49 +58,60 @@ function FR.applies(r, number, lnow)
   return true
 end
 
--- per rule: the bits of each statistic's levels in a state's `levels`, whether one
--- counts sequential runs (the number's encoding is needed then)
+-- per rule: the bits of each statistic's levels in a state's `levels`, and the lowest
+-- level of each statistic (huge: not watched): below them all, a call reads no levels
 for i = 1, #FRAUD do
   local r = FRAUD[i]
-  r.bits = {}
-  for j = 1, 5 do r.bits[j] = 4 ^ (j - 1) end
-  if r.st[3] then FR.SEQ = true end
+  r.bits, r.low = {}, {}
+  for j = 1, 5 do
+    r.bits[j] = 4 ^ (j - 1)
+    local t, lo = r.st[j], 2 ^ 53
+    if t then
+      for k = 1, 2 do
+        if t[k] > 0 and t[k] < lo then lo = t[k] end
+      end
+    end
+    r.low[j] = lo
+  end
 end
 
--- A state field's values in the window `wid` (a new window: all 0): {wid, calls,
--- distinct, sequential, short, levels, last, blocked until (ms, 0 none)}, and whether
--- it starts the window. A block this rule set in the window that has ended re-arms its
--- critical levels: the next call that keeps a statistic at critical crosses again.
-function FR.state(s, wid, now)
+-- A levels field ('Fl|') in the window `wid`: {levels, blocked until (ms, 0 none), as
+-- read (false: to be written)}. A block this rule set in the window that has ended
+-- re-arms its critical levels: the next call that keeps a statistic at critical crosses
+-- again.
+function FR.levels(s, wid, now)
   if s then
-    local w, c, d, q, sh, lv, till, last = string.match(s, FR.STATE)
+    local w, lv, till = string.match(s, FR.LEVELS)
     if w == wid then
-      local st = {w, num(c) or 0, num(d) or 0, num(q) or 0, num(sh) or 0, num(lv) or 0,
-                  last, tonumber(till) or 0}
-      if st[8] > 0 and st[8] <= now then
-        local lvb, keep, bit = st[6], 0, 1
+      lv, till = num(lv) or 0, tonumber(till) or 0
+      if till > 0 and till <= now then
+        local keep, bit = 0, 1
         for _ = 1, 10 do
-          if lvb % 2 == 1 and (FR.CRIT / bit) % 2 < 1 then keep = keep + bit end
-          lvb = math.floor(lvb / 2)
+          if lv % 2 == 1 and (FR.CRIT / bit) % 2 < 1 then keep = keep + bit end
+          lv = math.floor(lv / 2)
           bit = bit * 2
         end
-        st[6], st[8] = keep, 0
+        return {keep, 0, false}
       end
-      return st, false
+      return {lv, till, true}
     end
   end
-  return {wid, 0, 0, 0, 0, 0, '', 0}, true
+  return {0, 0, true}
 end
 
-function FR.pack(st)
-  return st[1] .. '|' .. ns(st[2]) .. '|' .. ns(st[3]) .. '|' .. ns(st[4]) .. '|' ..
-         ns(st[5]) .. '|' .. ns(st[6]) .. '|' .. ns(st[8]) .. '|' .. st[7]
+-- The writes of a levels field read (lv): its field and value appended to f when it
+-- changed since.
+function FR.put_levels(f, name, wid, lv, lv0, till0)
+  if lv[1] ~= lv0 or lv[2] ~= till0 or not lv[3] then
+    f[#f + 1] = name
+    f[#f + 1] = wid .. '|' .. ns(lv[1]) .. '|' .. ns(lv[2])
+  end
 end
 
 -- Statistic i of a rule at `count`: the levels it reaches for the first time in the
--- window are added to w.events ({rule, enc, stat, level, count, threshold}); st[6] keeps
--- them. Returns true when it reaches critical.
-function FR.cross(r, enc, st, i, count, w)
+-- window are added to w.events ({rule, enc, stat, level, count, threshold}); lv[1] (the
+-- levels, FR.levels) keeps them. Returns true when it reaches critical.
+function FR.cross(r, enc, lv, i, count, w)
   local t = r.st[i]
   if not t or count < t[1] and (count < t[2] or t[2] < 0) then return false end
   local crit = false
@@ -101,8 +119,8 @@ function FR.cross(r, enc, st, i, count, w)
   for lvl = 1, 2 do
     local bit = bw * lvl
     local thr = t[lvl]
-    if thr > 0 and count >= thr and math.floor(st[6] / bit) % 2 == 0 then
-      st[6] = st[6] + bit
+    if thr > 0 and count >= thr and math.floor(lv[1] / bit) % 2 == 0 then
+      lv[1] = lv[1] + bit
       if w.events == nil then w.events = {} end
       w.events[#w.events + 1] = {r, enc, i, lvl, count, thr}
       if lvl == 2 then crit = true end
@@ -111,7 +129,9 @@ function FR.cross(r, enc, st, i, count, w)
   return crit
 end
 
--- The fraud rules over one call (its plan's fraud entries, what the admit's HMGET read),
+-- The fraud rules over one call (its plan's fraud entries: {rule, encoded value, state
+-- field, block field, the member of the rule's key profile (nil none), whether its class
+-- counts, levels field}; what the admit's HMGET read of them: h[fe.pf], h[fe.pb]),
 -- writing nothing but the distinct numbers' sketches: returns the rule that rejects the
 -- call (a block in force, or critical reached; nil none), and the writes (nil none):
 -- {fields (name, value, ...), events, blocks {field, until}, new windows {field, end}}
@@ -130,44 +150,66 @@ function FR.check(plan, h, number, now, lnow, dry)
     if fe[6] and not dry and ((r.pre == nil and r.sched == nil)
                               or FR.applies(r, number, lnow)) then
       if w == nil then w = {fields = {}} end
-      local win = window_at(r.per, lnow)
-      local st, fresh = FR.state(h[fe.pf], win[1], now)
-      st[2] = st[2] + 1
-      local crit = FR.cross(r, fe[2], st, 1, st[2], w)
-      if r.st[2] and number ~= '' then
-        local hk = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. win[1]
-        if redis.call('PFADD', hk, number) == 1 then
-          -- a new number: counted one by one up to 64, then as the sketch estimates
-          if st[3] < 64 then st[3] = st[3] + 1 else st[3] = redis.call('PFCOUNT', hk) end
-          if st[3] == 1 then redis.call('PEXPIREAT', hk, ns(win[2] + 60000)) end
-        end
-        crit = FR.cross(r, fe[2], st, 2, st[3], w) or crit
-      end
-      if FR.SEQ then
-        if dialled == nil then dialled = key_part(number) end
-        if dialled == st[7] then st[4] = st[4] + 1 else st[4] = 1 end
-        st[7] = dialled
-        crit = FR.cross(r, fe[2], st, 3, st[4], w) or crit
-      end
-      if r.st[4] and fe[5] then
-        -- the key profile's live calls with this one
-        local live = num(h[plan.pos[fe[5]]]) or 0
-        crit = FR.cross(r, fe[2], st, 4, live + 1, w) or crit
-      end
       local f = w.fields
-      if crit and not r.shadow then
-        if rej == nil then rej = r end
-        local till = now + r.block
-        st[8] = till
-        if not (b and (tonumber(b) or 0) >= till) then
-          f[#f + 1] = fe[4]
-          f[#f + 1] = ns(till)
-          if w.blocks == nil then w.blocks = {} end
-          w.blocks[#w.blocks + 1] = {fe[4], till}
+      local win = window_at(r.per, lnow)
+      local wid = win[1]
+      local st, low = r.st, r.low
+      local c, d, q, last = 0, 0, 0, ''
+      local s = h[fe.pf]
+      local fresh = true
+      if s then
+        local sw, sc, sd, sq, sl = string.match(s, FR.STATE)
+        if sw == wid then
+          fresh = false
+          c = num(sc) or 0
+          if st[2] then d = num(sd) or 0 end
+          if st[3] then q, last = num(sq) or 0, sl end
         end
+      end
+      c = c + 1
+      local ds, qs = '', ''
+      if st[2] then
+        if number ~= '' then
+          local hk = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. wid
+          if redis.call('PFADD', hk, number) == 1 then
+            -- a new number: counted one by one up to 64, then as the sketch estimates
+            if d < 64 then d = d + 1 else d = redis.call('PFCOUNT', hk) end
+            if d == 1 then redis.call('PEXPIREAT', hk, ns(win[2] + 60000)) end
+          end
+        end
+        ds = ns(d)
+      end
+      if st[3] then
+        if dialled == nil then dialled = key_part(number) end
+        if dialled == last then q = q + 1 else q = 1 end
+        last = dialled
+        qs = ns(q)
+      end
+      local live = 0
+      if st[4] and fe[5] then live = (num(h[plan.pos[fe[5]]]) or 0) + 1 end
+      if c >= low[1] or d >= low[2] or q >= low[3] or live >= low[4] then
+        -- a count at a level: the levels the window reported
+        local lv = FR.levels(redis.call('HGET', COUNTS, fe[7]), wid, now)
+        local lv0, till0 = lv[1], lv[2]
+        local crit = FR.cross(r, fe[2], lv, 1, c, w)
+        if st[2] then crit = FR.cross(r, fe[2], lv, 2, d, w) or crit end
+        if st[3] then crit = FR.cross(r, fe[2], lv, 3, q, w) or crit end
+        if st[4] and fe[5] then crit = FR.cross(r, fe[2], lv, 4, live, w) or crit end
+        if crit and not r.shadow then
+          if rej == nil then rej = r end
+          local till = now + r.block
+          lv[2] = till
+          if not (b and (tonumber(b) or 0) >= till) then
+            f[#f + 1] = fe[4]
+            f[#f + 1] = ns(till)
+            if w.blocks == nil then w.blocks = {} end
+            w.blocks[#w.blocks + 1] = {fe[4], till}
+          end
+        end
+        FR.put_levels(f, fe[7], wid, lv, lv0, till0)
       end
       f[#f + 1] = fe[3]
-      f[#f + 1] = FR.pack(st)
+      f[#f + 1] = wid .. '|' .. ns(c) .. '|' .. ds .. '|' .. qs .. '|' .. last
       if fresh then
         if w.fresh == nil then w.fresh = {} end
         w.fresh[#w.fresh + 1] = {fe[3], win[2]}
@@ -242,16 +284,25 @@ function FR.short(raw, start_s, now)
       local enc = key_part(v)
       local f = r.name .. ':' .. enc
       local win = window_at(r.per, now)
-      local st, fresh = FR.state(redis.call('HGET', COUNTS, 'F|' .. f), win[1], now)
-      st[5] = st[5] + 1
-      local crit = FR.cross(r, enc, st, 5, st[5], w)
-      local out = {}
-      if crit and not r.shadow then
-        st[8] = now + r.block
-        out[3], out[4] = 'B|' .. f, ns(st[8])
-        redis.call('ZADD', FR.BLOCKS, out[4], out[3])
+      local wid = win[1]
+      local n, fresh = 0, true
+      local s = redis.call('HGET', COUNTS, 'Fs|' .. f)
+      if s then
+        local sw, sn = string.match(s, FR.PAIR)
+        if sw == wid then n, fresh = num(sn) or 0, false end
       end
-      out[1], out[2] = 'F|' .. f, FR.pack(st)
+      n = n + 1
+      local out = {'Fs|' .. f, wid .. '|' .. ns(n)}
+      if n >= r.low[5] then
+        local lv = FR.levels(redis.call('HGET', COUNTS, 'Fl|' .. f), wid, now)
+        local lv0, till0 = lv[1], lv[2]
+        if FR.cross(r, enc, lv, 5, n, w) and not r.shadow then
+          lv[2] = now + r.block
+          out[3], out[4] = 'B|' .. f, ns(lv[2])
+          redis.call('ZADD', FR.BLOCKS, out[4], out[3])
+        end
+        FR.put_levels(out, 'Fl|' .. f, wid, lv, lv0, till0)
+      end
       redis.call('HSET', COUNTS, unpack(out))
       if fresh then redis.call('ZADD', FR.IDX, ns(win[2] + 60000), 'F|' .. f) end
     end
@@ -275,7 +326,15 @@ function FR.sweep(now, batch)
         end
         if #gone > 0 then redis.call('HDEL', COUNTS, unpack(gone)) end
       else
-        redis.call('HDEL', COUNTS, unpack(old))
+        -- a rule's fields of a value, listed by their 'F|' name
+        local fields = {}
+        for i = 1, #old do
+          local rest = string.sub(old[i], 3)
+          fields[#fields + 1] = old[i]
+          fields[#fields + 1] = 'Fs|' .. rest
+          fields[#fields + 1] = 'Fl|' .. rest
+        end
+        redis.call('HDEL', COUNTS, unpack(fields))
       end
       redis.call('ZREM', key, unpack(old))
       done = done + #old
