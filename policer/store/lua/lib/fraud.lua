@@ -157,7 +157,12 @@ function FR.check(plan, h, number, now, lnow, dry)
       local c, d, q, last = 0, 0, 0, ''
       local s = h[fe.pf]
       local fresh = true
-      if s then
+      if s == fe.s then
+        -- what this entry wrote last (nearly always: the same library writes it), read
+        -- without parsing it again
+        local v = fe.v
+        if v[1] == wid then fresh, c, d, q, last = false, v[2], v[3], v[4], v[5] end
+      elseif s then
         local sw, sc, sd, sq, sl = string.match(s, FR.STATE)
         if sw == wid then
           fresh = false
@@ -170,7 +175,8 @@ function FR.check(plan, h, number, now, lnow, dry)
       local ds, qs = '', ''
       if st[2] then
         if number ~= '' then
-          local hk = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. wid
+          if fe.hw ~= wid then fe.hk, fe.hw = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. wid, wid end
+          local hk = fe.hk
           if redis.call('PFADD', hk, number) == 1 then
             -- a new number: counted one by one up to 64, then as the sketch estimates
             if d < 64 then d = d + 1 else d = redis.call('PFCOUNT', hk) end
@@ -208,8 +214,18 @@ function FR.check(plan, h, number, now, lnow, dry)
         end
         FR.put_levels(f, fe[7], wid, lv, lv0, till0)
       end
+      s = wid .. '|' .. ns(c) .. '|' .. ds .. '|' .. qs .. '|' .. last
       f[#f + 1] = fe[3]
-      f[#f + 1] = wid .. '|' .. ns(c) .. '|' .. ds .. '|' .. qs .. '|' .. last
+      f[#f + 1] = s
+      -- (kept as read next: a call that is not written in the end, a retransmission,
+      -- leaves the field as it was, which then differs from fe.s and is parsed)
+      fe.s = s
+      local v = fe.v
+      if v == nil then
+        v = {}
+        fe.v = v
+      end
+      v[1], v[2], v[3], v[4], v[5] = wid, c, d, q, last
       if fresh then
         if w.fresh == nil then w.fresh = {} end
         w.fresh[#w.fresh + 1] = {fe[3], win[2]}
