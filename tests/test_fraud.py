@@ -164,6 +164,40 @@ def test_rejected_calls_count_and_events_come_once_per_window(
     live_counts_match(store, [])
 
 
+def test_a_block_longer_than_its_window_outlives_the_window(
+        engine_for: EngineFactory, store: Store) -> None:
+    """A block of 10 minutes set in a window of one minute stops the value's calls
+    after the window has ended and the tick has forgotten the window's counts, until
+    the block ends; then the value's calls go again, counted afresh."""
+    e = engine_for(policy("""
+  - name: burst
+    key: user
+    per: 1m
+    calls: {critical: 2}
+    action: {block: 10m}
+"""))
+    start_of_hour(store)
+    first, crossing = e.admit(call("5551234", "olga")), e.admit(call("5551234", "olga"))
+    assert first.admitted and (crossing.admitted, crossing.limit) == (False, "burst")
+    for minutes in (3, 6):  # windows and their grace over, the tick has swept them
+        jump(store, minutes * 60_000 - (3 * 60_000 if minutes == 6 else 0))
+        e.tick()
+        blocked = e.admit(call("5551234", "olga"))
+        assert (blocked.admitted, blocked.kind, blocked.limit) == (False, "fraud", "burst")
+        assert [(b.rule, b.value) for b in store.fraud_blocks()] == [("burst", "olga")]
+    jump(store, 5 * 60_000)  # the block's end
+    e.tick()
+    assert store.fraud_blocks() == []
+    again = e.admit(call("5551234", "olga"))
+    assert again.admitted
+    assert store.fraud_states("burst")["olga"].calls == 1
+    assert [x.level for x in store.fraud_events()] == ["critical"]
+    live_counts_match(store, [first, again])
+    for d in (first, again):
+        e.release(d.dialog_id)
+    live_counts_match(store, [])
+
+
 def test_sequential_calls_and_a_shadow_rule(engine_for: EngineFactory,
                                             store: Store) -> None:
     """Calls in a row to the same number; a shadow rule reports its critical level

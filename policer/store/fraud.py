@@ -119,17 +119,18 @@ class FraudState:
     def from_fields(cls, state: str | None, short: str | None, levels: str | None,
                     now: int) -> FraudState | None:
         """The state in the latest window of the library's fields: ``F|`` (``wid|calls|
-        distinct|run|last``), ``Fs|`` (``wid|short``), ``Fl|`` (``wid|levels|until``);
-        a field of an older window counts as none. None: no field, or a malformed one."""
+        distinct|run|block until|last``), ``Fs|`` (``wid|short``), ``Fl|`` (``wid|levels|
+        until``); a field of an older window counts as none. None: no field, or a
+        malformed one."""
         parts = [None if f is None else f.split("|", n) for f, n in
-                 ((state, 4), (short, 1), (levels, 2))]
+                 ((state, 5), (short, 1), (levels, 2))]
         try:
             wid = max(int(p[0]) for p in parts if p is not None)
             out = cls(str(wid))
             f, sh, lv = (p if p is not None and int(p[0]) == wid else None for p in parts)
             if f is not None:
                 out.calls, out.distinct, out.sequential = (int(x or 0) for x in f[1:4])
-                out.last = f[4]
+                out.last = f[5]
             if sh is not None:
                 out.short = int(sh[1])
             if lv is not None:

@@ -291,15 +291,14 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
   end
   -- the fraud rules with a value of their key in the call ({rule, encoded value, state
   -- field, block field, the member of the rule's key profile (nil none), whether its class
-  -- counts, levels field}): their state and block fields read with the counts
-  -- (positions pf, pb)
+  -- counts, levels field}): their state fields read with the counts (position pf; a
+  -- state names the end of its value's block, whose field is read only then)
   if fraud then
     for i = 1, #fraud do
       local fe = fraud[i]
       hm[n + 1] = fe[3]
-      hm[n + 2] = fe[4]
-      fe.pf, fe.pb = n + 1, n + 2
-      n = n + 2
+      fe.pf = n + 1
+      n = n + 1
     end
   end
   -- the live parents the plan was built on, read again with the counts: {position in

@@ -13,18 +13,22 @@
 -- for the rest of the window. Emergency calls are never counted, refused or blocked.
 -- State per rule and value (each field 'wid|...': its window's id; a field of an older
 -- window reads as none), in P c:
---   'F|rule:value'  = 'wid|calls|distinct|run|last number' (distinct, run and last only
---                     when the rule watches them), read with the admit's counts;
+--   'F|rule:value'  = 'wid|calls|distinct|run|block until|last number' (distinct, run
+--                     and last only when the rule watches them; the end of the value's
+--                     block by the rule, carried into later windows while it stands),
+--                     read with the admit's counts: the block field is read only when
+--                     the state names a block in force (a lift removes the field);
 --   'Fs|rule:value' = 'wid|short calls', read when an answered call ends;
 --   'Fl|rule:value' = 'wid|levels|blocked until' (levels: a bit per statistic and level
 --                     already reported), read only when a count is at a level of the rule;
--- listed in P fidx (by their 'F|' name) until the window ends (the tick forgets them).
+-- listed in P fidx (by their 'F|' name) until the window ends (the tick forgets them;
+-- a state that names a block in force stays until the block ends).
 -- policer.store.fraud is the same rule in Python (the in-process store, replay).
 
 -- (one table: the library's top level is at Lua's 200 locals)
 local FR = {
   STATS = {'calls', 'distinct_numbers', 'sequential', 'concurrent', 'short_calls'},
-  STATE = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$',
+  STATE = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$',
   PAIR = '^([^|]*)|([^|]*)$',
   LEVELS = '^([^|]*)|([^|]*)|([^|]*)$',
   -- the critical bits of a state's levels, all statistics
@@ -131,7 +135,7 @@ end
 
 -- The fraud rules over one call (its plan's fraud entries: {rule, encoded value, state
 -- field, block field, the member of the rule's key profile (nil none), whether its class
--- counts, levels field}; what the admit's HMGET read of them: h[fe.pf], h[fe.pb]),
+-- counts, levels field}; what the admit's HMGET read of them: h[fe.pf]),
 -- writing nothing but the distinct numbers' sketches: returns the rule that rejects the
 -- call (a block in force, or critical reached; nil none), and the writes (nil none):
 -- {fields (name, value, ...), events, blocks {field, until}, new windows {field, end}}
@@ -144,9 +148,24 @@ function FR.check(plan, h, number, now, lnow, dry)
   for i = 1, #fraud do
     local fe = fraud[i]
     local r = fe[1]
-    -- a block stops every call of its value
-    local b = h[fe.pb]
-    if b and not r.shadow and rej == nil and (tonumber(b) or 0) > now then rej = r end
+    -- the state as read, {window, calls, distinct, run, last, block until}: what this
+    -- entry wrote last is not parsed again (nearly always: the same library writes it;
+    -- any other writer's value differs and is parsed)
+    local s = h[fe.pf]
+    local v = nil
+    if s then
+      if s == fe.s then v = fe.v else v = FR.parse(s) end
+    end
+    -- a block stops every call of its value: the state names its end, and the block
+    -- field, read only then, says it stands (lifted: gone)
+    local till, b = 0, nil
+    if v and v[6] > now then
+      b = tonumber(redis.call('HGET', COUNTS, fe[4]))
+      if b and b > now then
+        till = v[6]
+        if not r.shadow and rej == nil then rej = r end
+      end
+    end
     if fe[6] and not dry and ((r.pre == nil and r.sched == nil)
                               or FR.applies(r, number, lnow)) then
       if w == nil then w = {fields = {}} end
@@ -155,22 +174,8 @@ function FR.check(plan, h, number, now, lnow, dry)
       local wid = win[1]
       local st, low = r.st, r.low
       local c, d, q, last = 0, 0, 0, ''
-      local s = h[fe.pf]
       local fresh = true
-      if s == fe.s then
-        -- what this entry wrote last (nearly always: the same library writes it), read
-        -- without parsing it again
-        local v = fe.v
-        if v[1] == wid then fresh, c, d, q, last = false, v[2], v[3], v[4], v[5] end
-      elseif s then
-        local sw, sc, sd, sq, sl = string.match(s, FR.STATE)
-        if sw == wid then
-          fresh = false
-          c = num(sc) or 0
-          if st[2] then d = num(sd) or 0 end
-          if st[3] then q, last = num(sq) or 0, sl end
-        end
-      end
+      if v and v[1] == wid then fresh, c, d, q, last = false, v[2], v[3], v[4], v[5] end
       c = c + 1
       local ds, qs = '', ''
       if st[2] then
@@ -203,29 +208,32 @@ function FR.check(plan, h, number, now, lnow, dry)
         if st[4] and fe[5] then crit = FR.cross(r, fe[2], lv, 4, live, w) or crit end
         if crit and not r.shadow then
           if rej == nil then rej = r end
-          local till = now + r.block
-          lv[2] = till
-          if not (b and (tonumber(b) or 0) >= till) then
+          local t = now + r.block
+          lv[2] = t
+          if not (b and b >= t) then
+            till = t
             f[#f + 1] = fe[4]
-            f[#f + 1] = ns(till)
+            f[#f + 1] = ns(t)
             if w.blocks == nil then w.blocks = {} end
-            w.blocks[#w.blocks + 1] = {fe[4], till}
+            w.blocks[#w.blocks + 1] = {fe[4], t}
           end
         end
         FR.put_levels(f, fe[7], wid, lv, lv0, till0)
       end
-      s = wid .. '|' .. ns(c) .. '|' .. ds .. '|' .. qs .. '|' .. last
+      local ts = ''
+      if till > 0 then ts = ns(till) end
+      s = wid .. '|' .. ns(c) .. '|' .. ds .. '|' .. qs .. '|' .. ts .. '|' .. last
       f[#f + 1] = fe[3]
       f[#f + 1] = s
       -- (kept as read next: a call that is not written in the end, a retransmission,
       -- leaves the field as it was, which then differs from fe.s and is parsed)
       fe.s = s
-      local v = fe.v
+      v = fe.v
       if v == nil then
         v = {}
         fe.v = v
       end
-      v[1], v[2], v[3], v[4], v[5] = wid, c, d, q, last
+      v[1], v[2], v[3], v[4], v[5], v[6] = wid, c, d, q, last, till
       if fresh then
         if w.fresh == nil then w.fresh = {} end
         w.fresh[#w.fresh + 1] = {fe[3], win[2]}
@@ -233,6 +241,13 @@ function FR.check(plan, h, number, now, lnow, dry)
     end
   end
   return rej, w
+end
+
+-- A state field's values: {window, calls, distinct, run, last number, block until}.
+function FR.parse(s)
+  local sw, sc, sd, sq, st, sl = string.match(s, FR.STATE)
+  if sw == nil then return nil end
+  return {sw, num(sc) or 0, num(sd) or 0, num(sq) or 0, sl, tonumber(st) or 0}
 end
 
 -- The writes of FR.check for a call decided: the states and blocks (into extra, the
@@ -316,6 +331,15 @@ function FR.short(raw, start_s, now)
           lv[2] = now + r.block
           out[3], out[4] = 'B|' .. f, ns(lv[2])
           redis.call('ZADD', FR.BLOCKS, out[4], out[3])
+          -- the state names the block (what the admit reads)
+          local v = FR.parse(redis.call('HGET', COUNTS, 'F|' .. f) or '') or
+                    {wid, 0, 0, 0, '', 0}
+          local st = r.st
+          local ds, qs = '', ''
+          if st[2] then ds = ns(v[3]) end
+          if st[3] then qs = ns(v[4]) end
+          out[5], out[6] = 'F|' .. f, v[1] .. '|' .. ns(v[2]) .. '|' .. ds .. '|' .. qs ..
+                                     '|' .. out[4] .. '|' .. v[5]
         end
         FR.put_levels(out, 'Fl|' .. f, wid, lv, lv0, till0)
       end
@@ -342,17 +366,27 @@ function FR.sweep(now, batch)
         end
         if #gone > 0 then redis.call('HDEL', COUNTS, unpack(gone)) end
       else
-        -- a rule's fields of a value, listed by their 'F|' name
-        local fields = {}
+        -- a rule's fields of a value, listed by their 'F|' name; a state that names a
+        -- block in force stays (listed again at the block's end)
+        local states = redis.call('HMGET', COUNTS, unpack(old))
+        local fields, kept = {}, {}
         for i = 1, #old do
           local rest = string.sub(old[i], 3)
-          fields[#fields + 1] = old[i]
+          local v = states[i] and FR.parse(states[i])
+          if v and v[6] > now then
+            kept[#kept + 1] = ns(v[6])
+            kept[#kept + 1] = old[i]
+          else
+            fields[#fields + 1] = old[i]
+          end
           fields[#fields + 1] = 'Fs|' .. rest
           fields[#fields + 1] = 'Fl|' .. rest
         end
         redis.call('HDEL', COUNTS, unpack(fields))
+        redis.call('ZREM', key, unpack(old))
+        if #kept > 0 then redis.call('ZADD', key, unpack(kept)) end
       end
-      redis.call('ZREM', key, unpack(old))
+      if key == FR.BLOCKS then redis.call('ZREM', key, unpack(old)) end
       done = done + #old
     end
   end
