@@ -37,7 +37,7 @@ from policer import protocol
 from policer.calendar import transitions
 from policer.call import MAX_VALUE
 from policer.policy import Limit, Policy, Reject
-from policer.policy.model import FRAUD_STATS, FraudRule
+from policer.policy.model import FRAUD_STATS, FraudRule, shared_counts
 
 __all__ = [
     "ATTEMPTS_KEEP_DEFAULT",
@@ -204,12 +204,19 @@ def _reject(r: Reject) -> list[object]:
     return [r.code, r.reason, -1 if r.retry_after is None else r.retry_after]
 
 
-def _fraud_rule(rule: FraudRule, index: Mapping[str, int], sched_index: Mapping[str, int]
-                ) -> dict[str, object]:
+def _fraud_rule(rule: FraudRule, rules: Sequence[FraudRule], index: Mapping[str, int],
+                sched_index: Mapping[str, int]) -> dict[str, object]:
     """One fraud rule as fraud.lua reads it: its key's attribute (and profile), when
     (classes, prefixes, schedule index), window, per statistic {warning, critical} (-1
-    none), short calls' bound, block (ms), answer, shadow."""
+    none), short calls' bound, block (ms), answer, shadow; the rule whose state field
+    keeps its counts (``model.shared_counts``) and whether that state counts distinct
+    numbers and runs (some rule sharing it watches them)."""
+    owners = shared_counts(rules)
+    group = [r for r in rules if owners[r.name] is owners[rule.name]]
     return {
+        "state": owners[rule.name].name,
+        "gd": any("distinct_numbers" in r.stats for r in group),
+        "gq": any("sequential" in r.stats for r in group),
         "name": rule.name, "key": rule.key, "attr": index[rule.source], "prof": rule.profile,
         "when": ({c: True for c in sorted(rule.when_classes)}
                  if rule.when_classes is not None else None),
@@ -574,7 +581,8 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
                   "default": next((d.name for d in policy.directions if d.default), None)}
          if policy else {"names": [], "nets": []}),
         # the fraud rules (policer.store.lua.lib fraud.lua), in order
-        ("FRAUD", [_fraud_rule(rule, index, sched_index) for rule in policy.fraud]
+        ("FRAUD", [_fraud_rule(rule, policy.fraud, index, sched_index)
+                   for rule in policy.fraud]
          if policy else []),
         ("POLICY_VERSION", policy.version if policy else 0),
         ("LIBRARY_FORMAT", LIBRARY_FORMAT),

@@ -198,6 +198,44 @@ def test_a_block_longer_than_its_window_outlives_the_window(
     live_counts_match(store, [])
 
 
+def test_rules_counting_the_same_calls_block_and_answer_each_their_own(
+        engine_for: EngineFactory, store: Store) -> None:
+    """Two rules over the same calls of the same key (their counts kept once): each
+    reports, blocks and answers by its own levels, block and reject; lifting one leaves
+    the other's block standing."""
+    e = engine_for(policy("""
+  - name: short-cap
+    key: user
+    per: 1h
+    calls: {critical: 3}
+    action: {block: 10m, reject: {code: 403, reason: "Fraud Suspected"}}
+  - name: long-cap
+    key: user
+    per: 1h
+    calls: {warning: 2, critical: 5}
+    action: {block: 1h, reject: {code: 486, reason: "Busy Here"}}
+"""))
+    start_of_hour(store)
+    got = [e.admit(call("5551234", "pat")) for _ in range(5)]
+    assert [(d.admitted, d.code, d.limit) for d in got] == [
+        (True, 200, None), (True, 200, None), (False, 403, "short-cap"),
+        (False, 403, "short-cap"), (False, 403, "short-cap")]
+    assert [(x.rule, x.level, x.count) for x in store.fraud_events()] == [
+        ("long-cap", "warning", 2), ("short-cap", "critical", 3),
+        ("long-cap", "critical", 5)]
+    assert [(b.rule, b.value) for b in store.fraud_blocks()] == [
+        ("long-cap", "pat"), ("short-cap", "pat")]
+    assert store.fraud_lift(["short-cap"], "pat") == ["short-cap"]
+    after = e.admit(call("5551234", "pat"))
+    assert (after.admitted, after.code, after.limit) == (False, 486, "long-cap")
+    assert {r: store.fraud_states(r)["pat"].calls for r in ("short-cap", "long-cap")} == \
+        {"short-cap": 6, "long-cap": 6}
+    live_counts_match(store, got)
+    for d in got[:2]:
+        e.release(d.dialog_id)
+    live_counts_match(store, [])
+
+
 def test_sequential_calls_and_a_shadow_rule(engine_for: EngineFactory,
                                             store: Store) -> None:
     """Calls in a row to the same number; a shadow rule reports its critical level

@@ -6,7 +6,7 @@ the policy language's defaults.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from types import MappingProxyType
@@ -33,6 +33,7 @@ __all__ = [
     "Threshold",
     "Timeouts",
     "Window",
+    "shared_counts",
 ]
 
 #: Call attributes a policy can read directly (plus ``header:<Name>``).
@@ -241,6 +242,19 @@ class FraudRule:
     block_ms: int = 3_600_000
     reject: Reject = field(default_factory=lambda: Reject(403, "Fraud Suspected", None))
     shadow: bool = False
+
+
+def shared_counts(rules: Sequence[FraudRule]) -> dict[str, FraudRule]:
+    """Each fraud rule by name -> the first rule that counts the same calls of the same
+    values (the same key's attribute, window, classes, prefixes and schedule): their
+    calls, distinct numbers and runs are the same counts, kept once (the library's
+    state field of that rule)."""
+    first: dict[tuple[object, ...], FraudRule] = {}
+    out: dict[str, FraudRule] = {}
+    for r in rules:
+        sig = (r.source, r.per, r.when_classes, r.when_prefixes, r.when_schedule)
+        out[r.name] = first.setdefault(sig, r)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from policer.compile import (
 )
 from policer.log import get_logger, redact
 from policer.policy import Policy, Rate
+from policer.policy.model import shared_counts
 from policer.protocol import ATTEMPT, unpack_record
 from policer.store.base import (
     STATS_FIELDS,
@@ -876,20 +877,36 @@ class RedisStore:
         """A rule's statistics per value in their current windows."""
         client = self.client
         now = self.now_ms()
-        # one pass over the counts: the rule's F|, Fs| and Fl| fields
-        rows = self._run(lambda: list(client.hscan_iter(
-            self.keys.counts, match="F*|" + self.keys.value_pattern(rule), count=1000)))
+        policy = self._policy
+        rules = {r.name: r for r in policy.fraud} if policy is not None else {}
+        fr = rules.get(rule)
+        # the rule's counts are kept in the state of the first rule counting the same
+        # calls (model.shared_counts); its short calls and levels in fields of its own
+        owner = shared_counts(tuple(rules.values()))[rule].name if fr is not None else rule
+
+        def scan(pattern: str) -> list[tuple[Any, Any]]:
+            return list(self._run(lambda: list(client.hscan_iter(
+                self.keys.counts, match=pattern, count=1000))))
+
+        rows = scan("F*|" + self.keys.value_pattern(rule))
+        if owner != rule:
+            rows += scan("F|" + self.keys.value_pattern(owner))
         by_value: dict[str, dict[str, str]] = {}
         for f, v in rows:
             kind, _, rest = _str(f).partition("|")
             name, _, enc = rest.partition(":")
-            if name == rule and kind in ("F", "Fs", "Fl"):
+            if (kind, name) in (("F", owner), ("Fs", rule), ("Fl", rule)):
                 by_value.setdefault(enc, {})[kind] = _str(v)
         out: dict[str, FraudState] = {}
         for enc, fields in by_value.items():
             st = FraudState.from_fields(fields.get("F"), fields.get("Fs"), fields.get("Fl"),
                                         now)
             if st is not None:
+                if fr is not None:  # what the rule watches (a shared state may count more)
+                    if "distinct_numbers" not in fr.stats:
+                        st.distinct = 0
+                    if "sequential" not in fr.stats:
+                        st.sequential, st.last = 0, ""
                 out[value_from_key(enc)] = st
         return out
 

@@ -289,16 +289,13 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
       hm[n] = c[5]
     end
   end
-  -- the fraud rules with a value of their key in the call ({rule, encoded value, state
-  -- field, block field, the member of the rule's key profile (nil none), whether its class
-  -- counts, levels field}): their state fields read with the counts (position pf; a
-  -- state names the end of its value's block, whose field is read only then)
+  -- the fraud states (classify): their fields read with the counts (position pf; a
+  -- state names the end of its rules' blocks, whose fields are read only then)
   if fraud then
     for i = 1, #fraud do
-      local fe = fraud[i]
-      hm[n + 1] = fe[3]
-      fe.pf = n + 1
       n = n + 1
+      hm[n] = fraud[i][3]
+      fraud[i].pf = n
     end
   end
   -- the live parents the plan was built on, read again with the counts: {position in
@@ -396,9 +393,13 @@ local function build_plan(values, cls, dir, mow, gw)
       end
     end
   end
-  -- the fraud rules with a value of their key in the call
+  -- the fraud states of the rules with a value of their key in the call: {the rule
+  -- keeping the state, encoded value, state field, rules = {{rule, block field, levels
+  -- field, the member of the rule's key profile (nil none)}, ...}, whether the call's
+  -- class counts}; the rules that count the same calls share one (model.shared_counts)
   local fraud = nil
   local frs = FRAUD.of[situation(cls, dir)] or FRAUD.of[situation('', '')] or EMPTY
+  local at = nil
   for i = 1, #frs do
     local r = frs[i][1]
     local v = values[r.attr]
@@ -410,9 +411,16 @@ local function build_plan(values, cls, dir, mow, gw)
           if members[j][1].name == r.prof then mi = j end
         end
       end
-      if fraud == nil then fraud = {} end
+      if fraud == nil then fraud, at = {}, {} end
+      local sf = 'F|' .. r.state .. ':' .. enc
+      local fe = at[sf]
+      if fe == nil then
+        fe = {r, enc, sf, rules = {}, counts = frs[i][2]}
+        at[sf] = fe
+        fraud[#fraud + 1] = fe
+      end
       local f = r.name .. ':' .. enc
-      fraud[#fraud + 1] = {r, enc, 'F|' .. f, 'B|' .. f, mi, frs[i][2], 'Fl|' .. f}
+      fe.rules[#fe.rules + 1] = {r, 'B|' .. f, 'Fl|' .. f, mi}
     end
   end
   return plan_entry(members, n == #ps, cls, dir, looked, missing, fraud)

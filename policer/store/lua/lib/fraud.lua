@@ -80,7 +80,7 @@ for i = 1, #FRAUD do
 end
 
 -- A levels field ('Fl|') in the window `wid`: {levels, blocked until (ms, 0 none), as
--- read (false: to be written)}. A block this rule set in the window that has ended
+-- read (false: to be written), none of this window}. A block this rule set in the window that has ended
 -- re-arms its critical levels: the next call that keeps a statistic at critical crosses
 -- again.
 function FR.levels(s, wid, now)
@@ -95,21 +95,23 @@ function FR.levels(s, wid, now)
           lv = math.floor(lv / 2)
           bit = bit * 2
         end
-        return {keep, 0, false}
+        return {keep, 0, false, false}
       end
-      return {lv, till, true}
+      return {lv, till, true, false}
     end
   end
-  return {0, 0, true}
+  return {0, 0, true, true}
 end
 
 -- The writes of a levels field read (lv): its field and value appended to f when it
--- changed since.
+-- changed since (returns true then).
 function FR.put_levels(f, name, wid, lv, lv0, till0)
   if lv[1] ~= lv0 or lv[2] ~= till0 or not lv[3] then
     f[#f + 1] = name
     f[#f + 1] = wid .. '|' .. ns(lv[1]) .. '|' .. ns(lv[2])
+    return true
   end
+  return false
 end
 
 -- Statistic i of a rule at `count`: the levels it reaches for the first time in the
@@ -133,13 +135,12 @@ function FR.cross(r, enc, lv, i, count, w)
   return crit
 end
 
--- The fraud rules over one call (its plan's fraud entries: {rule, encoded value, state
--- field, block field, the member of the rule's key profile (nil none), whether its class
--- counts, levels field}; what the admit's HMGET read of them: h[fe.pf]),
--- writing nothing but the distinct numbers' sketches: returns the rule that rejects the
--- call (a block in force, or critical reached; nil none), and the writes (nil none):
--- {fields (name, value, ...), events, blocks {field, until}, new windows {field, end}}
--- (each list nil when empty). dry: only the blocks in force are read.
+-- The fraud rules over one call (its plan's fraud states, classify; what the admit's
+-- HMGET read of them: h[fe.pf]), writing nothing but the distinct numbers' sketches:
+-- returns the rule that rejects the call (a block in force, or critical reached; nil
+-- none), and the writes (nil none): {fields (name, value, ...), events, blocks {field,
+-- until}, new windows {field, end}} (each list nil when empty). dry: only the blocks in
+-- force are read.
 function FR.check(plan, h, number, now, lnow, dry)
   local fraud = plan.fraud
   local rej = nil
@@ -147,8 +148,8 @@ function FR.check(plan, h, number, now, lnow, dry)
   local dialled = nil
   for i = 1, #fraud do
     local fe = fraud[i]
-    local r = fe[1]
-    -- the state as read, {window, calls, distinct, run, last, block until}: what this
+    local r0, rules = fe[1], fe.rules
+    -- the state as read, {window, calls, distinct, run, last, blocks' end}: what this
     -- entry wrote last is not parsed again (nearly always: the same library writes it;
     -- any other writer's value differs and is parsed)
     local s = h[fe.pf]
@@ -156,29 +157,33 @@ function FR.check(plan, h, number, now, lnow, dry)
     if s then
       if s == fe.s then v = fe.v else v = FR.parse(s) end
     end
-    -- a block stops every call of its value: the state names its end, and the block
-    -- field, read only then, says it stands (lifted: gone)
-    local till, b = 0, nil
+    -- a block stops every call of its value: the state names the end of its rules'
+    -- blocks, and a rule's block field, read only then, says whether it stands (lifted:
+    -- gone)
+    local ct, bs = 0, nil
     if v and v[6] > now then
-      b = tonumber(redis.call('HGET', COUNTS, fe[4]))
-      if b and b > now then
-        till = v[6]
-        if not r.shadow and rej == nil then rej = r end
+      for j = 1, #rules do
+        local ru = rules[j]
+        local b = tonumber(redis.call('HGET', COUNTS, ru[2]))
+        if b and b > now then
+          if b > ct then ct = b end
+          if not ru[1].shadow and rej == nil then rej = ru[1] end
+          if bs == nil then bs = {} end
+          bs[j] = b
+        end
       end
     end
-    if fe[6] and not dry and ((r.pre == nil and r.sched == nil)
-                              or FR.applies(r, number, lnow)) then
+    if fe.counts and not dry and ((r0.pre == nil and r0.sched == nil)
+                                  or FR.applies(r0, number, lnow)) then
       if w == nil then w = {fields = {}} end
       local f = w.fields
-      local win = window_at(r.per, lnow)
+      local win = window_at(r0.per, lnow)
       local wid = win[1]
-      local st, low = r.st, r.low
-      local c, d, q, last = 0, 0, 0, ''
-      local fresh = true
+      local c, d, q, last, fresh = 0, 0, 0, '', true
       if v and v[1] == wid then fresh, c, d, q, last = false, v[2], v[3], v[4], v[5] end
       c = c + 1
       local ds, qs = '', ''
-      if st[2] then
+      if r0.gd then
         if number ~= '' then
           if fe.hw ~= wid then fe.hk, fe.hw = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. wid, wid end
           local hk = fe.hk
@@ -190,38 +195,48 @@ function FR.check(plan, h, number, now, lnow, dry)
         end
         ds = ns(d)
       end
-      if st[3] then
+      if r0.gq then
         if dialled == nil then dialled = key_part(number) end
         if dialled == last then q = q + 1 else q = 1 end
         last = dialled
         qs = ns(q)
       end
-      local live = 0
-      if st[4] and fe[5] then live = (num(h[plan.pos[fe[5]]]) or 0) + 1 end
-      if c >= low[1] or d >= low[2] or q >= low[3] or live >= low[4] then
-        -- a count at a level: the levels the window reported
-        local lv = FR.levels(redis.call('HGET', COUNTS, fe[7]), wid, now)
-        local lv0, till0 = lv[1], lv[2]
-        local crit = FR.cross(r, fe[2], lv, 1, c, w)
-        if st[2] then crit = FR.cross(r, fe[2], lv, 2, d, w) or crit end
-        if st[3] then crit = FR.cross(r, fe[2], lv, 3, q, w) or crit end
-        if st[4] and fe[5] then crit = FR.cross(r, fe[2], lv, 4, live, w) or crit end
-        if crit and not r.shadow then
-          if rej == nil then rej = r end
-          local t = now + r.block
-          lv[2] = t
-          if not (b and b >= t) then
-            till = t
-            f[#f + 1] = fe[4]
-            f[#f + 1] = ns(t)
-            if w.blocks == nil then w.blocks = {} end
-            w.blocks[#w.blocks + 1] = {fe[4], t}
+      for j = 1, #rules do
+        local ru = rules[j]
+        local r = ru[1]
+        local st, low = r.st, r.low
+        local live = 0
+        if st[4] and ru[4] then live = (num(h[plan.pos[ru[4]]]) or 0) + 1 end
+        if c >= low[1] or d >= low[2] or q >= low[3] or live >= low[4] then
+          -- a count at a level: the levels the rule reported in the window
+          local lv = FR.levels(redis.call('HGET', COUNTS, ru[3]), wid, now)
+          local lv0, till0, none = lv[1], lv[2], lv[4]
+          local crit = FR.cross(r, fe[2], lv, 1, c, w)
+          if st[2] then crit = FR.cross(r, fe[2], lv, 2, d, w) or crit end
+          if st[3] then crit = FR.cross(r, fe[2], lv, 3, q, w) or crit end
+          if st[4] and ru[4] then crit = FR.cross(r, fe[2], lv, 4, live, w) or crit end
+          if crit and not r.shadow then
+            if rej == nil then rej = r end
+            local t = now + r.block
+            lv[2] = t
+            local b = bs and bs[j]
+            if not (b and b >= t) then
+              if t > ct then ct = t end
+              f[#f + 1] = ru[2]
+              f[#f + 1] = ns(t)
+              if w.blocks == nil then w.blocks = {} end
+              w.blocks[#w.blocks + 1] = {ru[2], t}
+            end
+          end
+          if FR.put_levels(f, ru[3], wid, lv, lv0, till0) and none and j > 1 then
+            -- (a rule sharing another's state: its own fields listed for the tick)
+            if w.fresh == nil then w.fresh = {} end
+            w.fresh[#w.fresh + 1] = {'F|' .. r.name .. ':' .. fe[2], win[2]}
           end
         end
-        FR.put_levels(f, fe[7], wid, lv, lv0, till0)
       end
       local ts = ''
-      if till > 0 then ts = ns(till) end
+      if ct > 0 then ts = ns(ct) end
       s = wid .. '|' .. ns(c) .. '|' .. ds .. '|' .. qs .. '|' .. ts .. '|' .. last
       f[#f + 1] = fe[3]
       f[#f + 1] = s
@@ -233,7 +248,7 @@ function FR.check(plan, h, number, now, lnow, dry)
         v = {}
         fe.v = v
       end
-      v[1], v[2], v[3], v[4], v[5], v[6] = wid, c, d, q, last, till
+      v[1], v[2], v[3], v[4], v[5], v[6] = wid, c, d, q, last, ct
       if fresh then
         if w.fresh == nil then w.fresh = {} end
         w.fresh[#w.fresh + 1] = {fe[3], win[2]}
@@ -331,15 +346,14 @@ function FR.short(raw, start_s, now)
           lv[2] = now + r.block
           out[3], out[4] = 'B|' .. f, ns(lv[2])
           redis.call('ZADD', FR.BLOCKS, out[4], out[3])
-          -- the state names the block (what the admit reads)
-          local v = FR.parse(redis.call('HGET', COUNTS, 'F|' .. f) or '') or
-                    {wid, 0, 0, 0, '', 0}
-          local st = r.st
+          -- the state (the one it shares) names the block: what the admit reads
+          local sf = 'F|' .. r.state .. ':' .. enc
+          local v = FR.parse(redis.call('HGET', COUNTS, sf) or '') or {wid, 0, 0, 0, '', 0}
           local ds, qs = '', ''
-          if st[2] then ds = ns(v[3]) end
-          if st[3] then qs = ns(v[4]) end
-          out[5], out[6] = 'F|' .. f, v[1] .. '|' .. ns(v[2]) .. '|' .. ds .. '|' .. qs ..
-                                     '|' .. out[4] .. '|' .. v[5]
+          if r.gd then ds = ns(v[3]) end
+          if r.gq then qs = ns(v[4]) end
+          out[5], out[6] = sf, v[1] .. '|' .. ns(v[2]) .. '|' .. ds .. '|' .. qs .. '|' ..
+                               ns(math.max(v[6], lv[2])) .. '|' .. v[5]
         end
         FR.put_levels(out, 'Fl|' .. f, wid, lv, lv0, till0)
       end
