@@ -394,33 +394,18 @@ local function build_plan(values, cls, dir, mow, gw)
     end
   end
   -- the fraud states of the rules with a value of their key in the call: {the rule
-  -- keeping the state, encoded value, state field, rules = {{rule, block field, levels
-  -- field, the member of the rule's key profile (nil none)}, ...}, whether the call's
-  -- class counts}; the rules that count the same calls share one (model.shared_counts)
+  -- keeping the state (its group, FR.GROUP, shares it: model.shared_counts), encoded
+  -- value, state field, counts = whether the call's class counts}; fraud.lua keeps what
+  -- it last wrote in it
   local fraud = nil
   local frs = FRAUD.of[situation(cls, dir)] or FRAUD.of[situation('', '')] or EMPTY
-  local at = nil
   for i = 1, #frs do
     local r = frs[i][1]
     local v = values[r.attr]
-    if v and v ~= '' and not gw then
+    if r.state == r.name and v and v ~= '' and not gw then
+      if fraud == nil then fraud = {} end
       local enc = key_part(v)
-      local mi = nil
-      if r.prof then
-        for j = 1, n do
-          if members[j][1].name == r.prof then mi = j end
-        end
-      end
-      if fraud == nil then fraud, at = {}, {} end
-      local sf = 'F|' .. r.state .. ':' .. enc
-      local fe = at[sf]
-      if fe == nil then
-        fe = {r, enc, sf, rules = {}, counts = frs[i][2]}
-        at[sf] = fe
-        fraud[#fraud + 1] = fe
-      end
-      local f = r.name .. ':' .. enc
-      fe.rules[#fe.rules + 1] = {r, 'B|' .. f, 'Fl|' .. f, mi}
+      fraud[#fraud + 1] = {r, enc, 'F|' .. r.name .. ':' .. enc, counts = frs[i][2]}
     end
   end
   return plan_entry(members, n == #ps, cls, dir, looked, missing, fraud)

@@ -45,6 +45,20 @@ for i = 1, #FRAUD do
   if FRAUD[i].st[5] and FRAUD[i].under > FR.UNDER then FR.UNDER = FRAUD[i].under end
 end
 
+-- the rules sharing each state (by the name of the rule keeping it), in order
+FR.GROUP = {}
+for i = 1, #FRAUD do
+  local r = FRAUD[i]
+  local g = FR.GROUP[r.state]
+  if g == nil then
+    g = {}
+    FR.GROUP[r.state] = g
+  end
+  g[#g + 1] = r
+end
+-- what one call writes (FR.check, FR.write; reused: fields n, then lists made when needed)
+FR.W = {fields = {}, n = 0}
+
 -- Does a rule apply to a call to `number` at lnow (its prefixes, its schedule)?
 function FR.applies(r, number, lnow)
   if r.pre then
@@ -138,9 +152,11 @@ end
 -- The fraud rules over one call (its plan's fraud states, classify; what the admit's
 -- HMGET read of them: h[fe.pf]), writing nothing but the distinct numbers' sketches:
 -- returns the rule that rejects the call (a block in force, or critical reached; nil
--- none), and the writes (nil none): {fields (name, value, ...), events, blocks {field,
--- until}, new windows {field, end}} (each list nil when empty). dry: only the blocks in
--- force are read.
+-- none), and the writes (nil none; FR.W): {fields (name, value, ...; n of them), events,
+-- blocks {field, until}, new windows {field, end}} (each list nil when empty). dry: only
+-- the blocks in force are read. A state entry keeps what it last wrote (s) and its
+-- values (fe[4] window, [5] calls, [6] distinct, [7] run, [8] last number, [9] the end
+-- of the blocks it names).
 function FR.check(plan, h, number, now, lnow, dry)
   local fraud = plan.fraud
   local rej = nil
@@ -148,26 +164,33 @@ function FR.check(plan, h, number, now, lnow, dry)
   local dialled = nil
   for i = 1, #fraud do
     local fe = fraud[i]
-    local r0, rules = fe[1], fe.rules
-    -- the state as read, {window, calls, distinct, run, last, blocks' end}: what this
-    -- entry wrote last is not parsed again (nearly always: the same library writes it;
-    -- any other writer's value differs and is parsed)
+    local r0, enc = fe[1], fe[2]
+    local rules = FR.GROUP[r0.name]
+    -- the state as read: what this entry wrote last is not parsed again (nearly always:
+    -- the same library writes it; any other writer's value differs and is parsed)
     local s = h[fe.pf]
-    local v = nil
+    local vw, vc, vd, vq, vl, vt = nil, 0, 0, 0, '', 0
     if s then
-      if s == fe.s then v = fe.v else v = FR.parse(s) end
+      if s == fe.s then
+        vw, vc, vd, vq, vl, vt = fe[4], fe[5], fe[6], fe[7], fe[8], fe[9]
+      else
+        local sc, sd, sq, st_
+        vw, sc, sd, sq, st_, vl = string.match(s, FR.STATE)
+        vc, vd, vq, vt = num(sc) or 0, num(sd) or 0, num(sq) or 0, tonumber(st_) or 0
+        vl = vl or ''
+      end
     end
     -- a block stops every call of its value: the state names the end of its rules'
     -- blocks, and a rule's block field, read only then, says whether it stands (lifted:
     -- gone)
     local ct, bs = 0, nil
-    if v and v[6] > now then
+    if vt > now then
       for j = 1, #rules do
-        local ru = rules[j]
-        local b = tonumber(redis.call('HGET', COUNTS, ru[2]))
+        local r = rules[j]
+        local b = tonumber(redis.call('HGET', COUNTS, 'B|' .. r.name .. ':' .. enc))
         if b and b > now then
           if b > ct then ct = b end
-          if not ru[1].shadow and rej == nil then rej = ru[1] end
+          if not r.shadow and rej == nil then rej = r end
           if bs == nil then bs = {} end
           bs[j] = b
         end
@@ -175,12 +198,15 @@ function FR.check(plan, h, number, now, lnow, dry)
     end
     if fe.counts and not dry and ((r0.pre == nil and r0.sched == nil)
                                   or FR.applies(r0, number, lnow)) then
-      if w == nil then w = {fields = {}} end
+      if w == nil then
+        w = FR.W
+        w.n, w.events, w.blocks, w.fresh = 0, nil, nil, nil
+      end
       local f = w.fields
       local win = window_at(r0.per, lnow)
       local wid = win[1]
       local c, d, q, last, fresh = 0, 0, 0, '', true
-      if v and v[1] == wid then fresh, c, d, q, last = false, v[2], v[3], v[4], v[5] end
+      if vw == wid then fresh, c, d, q, last = false, vc, vd, vq, vl end
       c = c + 1
       local ds, qs = '', ''
       if r0.gd then
@@ -202,19 +228,23 @@ function FR.check(plan, h, number, now, lnow, dry)
         qs = ns(q)
       end
       for j = 1, #rules do
-        local ru = rules[j]
-        local r = ru[1]
+        local r = rules[j]
         local st, low = r.st, r.low
-        local live = 0
-        if st[4] and ru[4] then live = (num(h[plan.pos[ru[4]]]) or 0) + 1 end
+        local live, mi = 0, nil
+        if st[4] and r.prof then
+          -- the key profile's live calls with this one
+          mi = FR.member(plan, r.prof)
+          if mi then live = (num(h[plan.pos[mi]]) or 0) + 1 end
+        end
         if c >= low[1] or d >= low[2] or q >= low[3] or live >= low[4] then
           -- a count at a level: the levels the rule reported in the window
-          local lv = FR.levels(redis.call('HGET', COUNTS, ru[3]), wid, now)
+          local fl = 'Fl|' .. r.name .. ':' .. enc
+          local lv = FR.levels(redis.call('HGET', COUNTS, fl), wid, now)
           local lv0, till0, none = lv[1], lv[2], lv[4]
-          local crit = FR.cross(r, fe[2], lv, 1, c, w)
-          if st[2] then crit = FR.cross(r, fe[2], lv, 2, d, w) or crit end
-          if st[3] then crit = FR.cross(r, fe[2], lv, 3, q, w) or crit end
-          if st[4] and ru[4] then crit = FR.cross(r, fe[2], lv, 4, live, w) or crit end
+          local crit = FR.cross(r, enc, lv, 1, c, w)
+          if st[2] then crit = FR.cross(r, enc, lv, 2, d, w) or crit end
+          if st[3] then crit = FR.cross(r, enc, lv, 3, q, w) or crit end
+          if mi then crit = FR.cross(r, enc, lv, 4, live, w) or crit end
           if crit and not r.shadow then
             if rej == nil then rej = r end
             local t = now + r.block
@@ -222,33 +252,32 @@ function FR.check(plan, h, number, now, lnow, dry)
             local b = bs and bs[j]
             if not (b and b >= t) then
               if t > ct then ct = t end
-              f[#f + 1] = ru[2]
-              f[#f + 1] = ns(t)
+              local bf = 'B|' .. r.name .. ':' .. enc
+              f[w.n + 1], f[w.n + 2] = bf, ns(t)
+              w.n = w.n + 2
               if w.blocks == nil then w.blocks = {} end
-              w.blocks[#w.blocks + 1] = {ru[2], t}
+              w.blocks[#w.blocks + 1] = {bf, t}
             end
           end
-          if FR.put_levels(f, ru[3], wid, lv, lv0, till0) and none and j > 1 then
-            -- (a rule sharing another's state: its own fields listed for the tick)
-            if w.fresh == nil then w.fresh = {} end
-            w.fresh[#w.fresh + 1] = {'F|' .. r.name .. ':' .. fe[2], win[2]}
+          if lv[1] ~= lv0 or lv[2] ~= till0 or not lv[3] then
+            f[w.n + 1], f[w.n + 2] = fl, wid .. '|' .. ns(lv[1]) .. '|' .. ns(lv[2])
+            w.n = w.n + 2
+            if none and j > 1 then
+              -- (a rule sharing another's state: its own fields listed for the tick)
+              if w.fresh == nil then w.fresh = {} end
+              w.fresh[#w.fresh + 1] = {'F|' .. r.name .. ':' .. enc, win[2]}
+            end
           end
         end
       end
       local ts = ''
       if ct > 0 then ts = ns(ct) end
       s = wid .. '|' .. ns(c) .. '|' .. ds .. '|' .. qs .. '|' .. ts .. '|' .. last
-      f[#f + 1] = fe[3]
-      f[#f + 1] = s
+      f[w.n + 1], f[w.n + 2] = fe[3], s
+      w.n = w.n + 2
       -- (kept as read next: a call that is not written in the end, a retransmission,
       -- leaves the field as it was, which then differs from fe.s and is parsed)
-      fe.s = s
-      v = fe.v
-      if v == nil then
-        v = {}
-        fe.v = v
-      end
-      v[1], v[2], v[3], v[4], v[5], v[6] = wid, c, d, q, last, ct
+      fe.s, fe[4], fe[5], fe[6], fe[7], fe[8], fe[9] = s, wid, c, d, q, last, ct
       if fresh then
         if w.fresh == nil then w.fresh = {} end
         w.fresh[#w.fresh + 1] = {fe[3], win[2]}
@@ -256,6 +285,15 @@ function FR.check(plan, h, number, now, lnow, dry)
     end
   end
   return rej, w
+end
+
+-- The position of a plan's member of profile `name` (nil none).
+function FR.member(plan, name)
+  local members = plan.members
+  for j = 1, #members do
+    if members[j][1].name == name then return j end
+  end
+  return nil
 end
 
 -- A state field's values: {window, calls, distinct, run, last number, block until}.
@@ -269,12 +307,12 @@ end
 -- admission's HSET of its counts, n entries so far: returns the new n; nil: an HSET of
 -- their own), their indexes, the events.
 function FR.write(w, now, extra, n)
-  local f = w.fields
+  local f, fn = w.fields, w.n
   if extra then
-    for i = 1, #f do extra[n + i] = f[i] end
-    n = n + #f
-  elseif #f > 0 then
-    redis.call('HSET', COUNTS, unpack(f))
+    for i = 1, fn do extra[n + i] = f[i] end
+    n = n + fn
+  elseif fn > 0 then
+    redis.call('HSET', COUNTS, unpack(f, 1, fn))
   end
   for i = 1, #(w.fresh or EMPTY) do
     redis.call('ZADD', FR.IDX, ns(w.fresh[i][2] + 60000), w.fresh[i][1])
