@@ -80,6 +80,29 @@ def test_a_live_parent_wins_and_moves_at_once(engine_for: EngineFactory,
     assert store.profile_size("reseller", "live-r") == 1
 
 
+def test_a_change_at_any_level_applies_from_the_next_call(engine_for: EngineFactory,
+                                                          store: Store) -> None:
+    """A customer's call after its reseller moved to another group joins that group;
+    an unrelated change (another customer's parent) changes nothing of its call; the
+    calls up keep the levels they joined."""
+    e = engine_for(hierarchy_policy(limits={"customer": 10, "reseller": 10, "group": 10}))
+    store.parent_set("reseller", "acme", "r1")
+    store.parent_set("group", "r1", "g1")
+    first = e.admit(by("alice", "acme"))
+    assert first.memberships[2:] == ("reseller=r1", "group=g1")
+    store.parent_set("group", "r1", "g2")  # two levels above the customer
+    moved = e.admit(by("bob", "acme"))
+    assert moved.memberships[2:] == ("reseller=r1", "group=g2")
+    store.parent_set("reseller", "bolt", "r9")  # someone else's
+    again = e.admit(by("carol", "acme"))
+    assert again.memberships[2:] == ("reseller=r1", "group=g2")
+    store.parent_unset("group", "r1")  # the group level is skipped now
+    last = e.admit(by("dave", "acme"))
+    assert last.admitted and last.memberships[2:] == ("reseller=r1",)
+    assert (store.profile_size("group", "g1"), store.profile_size("group", "g2")) == (1, 2)
+    assert store.profile_size("reseller", "r1") == 4
+
+
 def test_an_unknown_parent_is_skipped_or_rejected(engine_for: EngineFactory,
                                                   store: Store) -> None:
     e = engine_for(hierarchy_policy())

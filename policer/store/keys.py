@@ -163,6 +163,10 @@ class Keys:
         """A value's live max in :attr:`counts`."""
         return f"L|{profile}:{key_part(value)}"
 
+    #: The field of :attr:`counts` whose value changes (a new token) with every change
+    #: of a live parent: the decision library's plans built on parents re-read it.
+    PARENTS_VERSION = "^"
+
     @staticmethod
     def parent_field(profile: str, value: str) -> str:
         """The live parent (a value of the hierarchy level ``profile``) of ``value`` in

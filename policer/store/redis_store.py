@@ -23,6 +23,7 @@ import itertools
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -708,19 +709,23 @@ class RedisStore:
         return {v: int(n) for v, n in self._value_fields("L|", profile).items()}
 
     def parent_set(self, profile: str, value: str, parent: str) -> str | None:
-        old = self._swap_field(self.keys.parent_field(profile, value), raw_bytes(parent))
+        old = self._swap_field(self.keys.parent_field(profile, value), raw_bytes(parent),
+                               version=True)
         return None if old is None else _str(old)
 
     def parent_unset(self, profile: str, value: str) -> str | None:
-        old = self._swap_field(self.keys.parent_field(profile, value), None)
+        old = self._swap_field(self.keys.parent_field(profile, value), None, version=True)
         return None if old is None else _str(old)
 
     def parents(self, profile: str) -> dict[str, str]:
         return self._value_fields("^", profile)
 
-    def _swap_field(self, field: str, new: bytes | int | None) -> Any:
+    def _swap_field(self, field: str, new: bytes | int | None, version: bool = False
+                    ) -> Any:
         """Set (None: remove) one field of the counts hash, in a transaction; returns
-        its previous value."""
+        its previous value. version: a live parent's field, so the parents' version
+        (``Keys.PARENTS_VERSION``) gets a new token in the same transaction: the
+        library's plans built on the parents before are stale then."""
         client = self.client
         key = self.keys.counts
 
@@ -731,6 +736,8 @@ class RedisStore:
                 pipe.hdel(key, field)
             else:
                 pipe.hset(key, field, new)
+            if version:
+                pipe.hset(key, self.keys.PARENTS_VERSION, uuid.uuid4().hex)
             return pipe.execute()[0]
 
         return self._run(swap)

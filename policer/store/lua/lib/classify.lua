@@ -265,12 +265,14 @@ end
 -- A call's plan: its memberships ({profile plan, limit entry (nil: none applies),
 -- encoded value ('' none), count field, its fields (value_fields)}) and what deciding
 -- over them reads and writes, built once: hm the fields of P c one HMGET reads ('!hold'
--- first, then per member its count field; a valued member also its live max, live caps
--- and state; a no-value member with a rate or windows its state), pos[i] member i's
--- count in that reply, fields the count fields (fields_s ','-joined), all: every
--- profile of its class joined, md its max duration.
+-- first, then per member its count field; a valued member also its live max and live
+-- caps, and its state when its limit has a rate or windows (spos[i] its position; else
+-- decide reads the state only for a value with live caps); a no-value member with a
+-- rate or windows its state), pos[i] member i's count in that reply, fields the count
+-- fields (fields_s ','-joined), all: every profile of its class joined, md its max
+-- duration.
 local function plan_entry(members, all, cls, dir, looked, missing, fraud)
-  local hm, pos, fields = {'!hold'}, {}, {}
+  local hm, pos, fields, spos = {'!hold'}, {}, {}, {}
   local n = 1
   for i = 1, #members do
     local m = members[i]
@@ -279,11 +281,17 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
     hm[n] = c[2]
     pos[i] = n
     fields[i] = c[2]
+    spos[i] = false
     if m[3] ~= '' then
       hm[n + 1] = c[3]
       hm[n + 2] = c[4]
-      hm[n + 3] = c[5]
-      n = n + 3
+      n = n + 2
+      local e = m[2]
+      if e and (e.T or e.win) then
+        n = n + 1
+        hm[n] = c[5]
+        spos[i] = n
+      end
     elseif m[1].timed then
       n = n + 1
       hm[n] = c[5]
@@ -298,16 +306,14 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
       fraud[i].pf = n
     end
   end
-  -- the live parents the plan was built on, read again with the counts: {position in
-  -- the reply, the value then (false: none)}; a change makes the plan stale
+  -- the live parents the plan was built on: the parents' version then (P c '^', a new
+  -- token on every change of any live parent), read again with the counts; another
+  -- makes the plan stale (one field for the whole hierarchy, not one per level)
   local chk = nil
   if looked and #looked > 0 then
-    chk = {}
-    for i = 1, #looked do
-      n = n + 1
-      hm[n] = looked[i][1]
-      chk[i] = {n, looked[i][2]}
-    end
+    n = n + 1
+    hm[n] = '^'
+    chk = {{n, looked.ver}}
   end
   -- the members whose value is where the call is sent (member -> true, nil none), and
   -- the count fields without them (a call admitted while its gateway is full)
@@ -325,7 +331,7 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
       if not gws[i] then nogw[#nogw + 1] = fields[i] end
     end
   end
-  return {members = members, all = all, hm = hm, pos = pos, fields = fields,
+  return {members = members, all = all, hm = hm, pos = pos, spos = spos, fields = fields,
           fields_s = table.concat(fields, ','), md = max_duration(members, cls),
           dir = dir or '', plain = PLAIN_KEY[situation(cls, dir or '')], chk = chk,
           missing = missing, gws = gws, nogw_s = nogw and table.concat(nogw, ',') or '',
@@ -335,7 +341,7 @@ end
 -- A profile's value for a call (false: none): its attribute's, or for a level of a
 -- hierarchy the parent registered for the value of the profile it is the parent of (the
 -- live one in P c, else the file's). pv: the values found so far, by profile; looked:
--- the live parents read ({field, value or false}).
+-- the live parents read ({field, value or false}; ver: the parents' version then).
 local function value_of(p, values, pv, looked)
   local v = pv[p.name]
   if v ~= nil then return v end
@@ -348,6 +354,9 @@ local function value_of(p, values, pv, looked)
     if child then
       local f = '^' .. p.name .. ':' .. key_part(child)
       local live = redis.call('HGET', COUNTS, f)
+      -- (the parents' version, with the first parent read: P c '^', a new token on
+      -- every change of a live parent)
+      if looked.ver == nil then looked.ver = redis.call('HGET', COUNTS, '^') end
       looked[#looked + 1] = {f, live}
       if live and live ~= '' then v = live
       elseif p.fpar then v = p.fpar[child] or false end

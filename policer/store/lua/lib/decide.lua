@@ -142,7 +142,13 @@ local function check_members(plan, h, emergency, bypass_allowed, nochecks, dry, 
       local lv = h[k + 1]
       if lv then max = num(lv); live = 1 end
       L = h[k + 2] or nil
-      state = h[k + 3] or ''
+      local sp = plan.spos[i]
+      if sp then
+        state = h[sp] or ''
+      elseif L then
+        -- live caps on a value whose limit has none: its state, read only then
+        state = redis.call('HGET', COUNTS, m[5][5]) or ''
+      end
     elseif p.timed then
       state = h[k + 1] or ''
     end
