@@ -204,17 +204,26 @@ def _reject(r: Reject) -> list[object]:
     return [r.code, r.reason, -1 if r.retry_after is None else r.retry_after]
 
 
-def _fraud_rule(rule: FraudRule, rules: Sequence[FraudRule], index: Mapping[str, int],
-                sched_index: Mapping[str, int]) -> dict[str, object]:
-    """One fraud rule as fraud.lua reads it: its key's attribute (and profile), when
-    (classes, prefixes, schedule index), window, per statistic {warning, critical} (-1
-    none), short calls' bound, block (ms), answer, shadow; the rule whose state field
-    keeps its counts (``model.shared_counts``) and whether that state counts distinct
-    numbers and runs (some rule sharing it watches them)."""
+def _fraud_rules(rules: Sequence[FraudRule], index: Mapping[str, int],
+                 sched_index: Mapping[str, int]) -> list[dict[str, object]]:
+    """The fraud rules as fraud.lua reads them, in order: each rule's key's attribute
+    (and profile), when (classes, prefixes, schedule index), window, per statistic
+    {warning, critical} (-1 none), short calls' bound, block (ms), answer, shadow; the
+    rule whose state field keeps its counts (``model.shared_counts``) and whether that
+    state counts distinct numbers and runs (some rule sharing it watches them)."""
     owners = shared_counts(rules)
-    group = [r for r in rules if owners[r.name] is owners[rule.name]]
+    out = []
+    for rule in rules:
+        group = [r for r in rules if owners[r.name] is owners[rule.name]]
+        out.append(_fraud_rule(rule, owners[rule.name].name, group, index, sched_index))
+    return out
+
+
+def _fraud_rule(rule: FraudRule, state: str, group: Sequence[FraudRule],
+                index: Mapping[str, int], sched_index: Mapping[str, int]
+                ) -> dict[str, object]:
     return {
-        "state": owners[rule.name].name,
+        "state": state,
         "gd": any("distinct_numbers" in r.stats for r in group),
         "gq": any("sequential" in r.stats for r in group),
         "name": rule.name, "key": rule.key, "attr": index[rule.source], "prof": rule.profile,
@@ -581,9 +590,7 @@ def _compile(policy: Policy | None, ns: str, extra: tuple[str, ...] = ()) -> Lib
                   "default": next((d.name for d in policy.directions if d.default), None)}
          if policy else {"names": [], "nets": []}),
         # the fraud rules (policer.store.lua.lib fraud.lua), in order
-        ("FRAUD", [_fraud_rule(rule, policy.fraud, index, sched_index)
-                   for rule in policy.fraud]
-         if policy else []),
+        ("FRAUD", _fraud_rules(policy.fraud, index, sched_index) if policy else []),
         ("POLICY_VERSION", policy.version if policy else 0),
         ("LIBRARY_FORMAT", LIBRARY_FORMAT),
     )

@@ -115,6 +115,16 @@ class FraudState:
             self.until = 0
         return self
 
+    def watched(self, stats: Mapping[str, object]) -> FraudState:
+        """The state as a rule watching ``stats`` sees it: a state shared with other
+        rules (``model.shared_counts``) may count distinct numbers and runs it does
+        not watch."""
+        if "distinct_numbers" not in stats:
+            self.distinct = 0
+        if "sequential" not in stats:
+            self.sequential, self.last = 0, ""
+        return self
+
     @classmethod
     def from_fields(cls, state: str | None, short: str | None, levels: str | None,
                     now: int) -> FraudState | None:

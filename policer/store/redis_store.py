@@ -909,12 +909,7 @@ class RedisStore:
             st = FraudState.from_fields(fields.get("F"), fields.get("Fs"), fields.get("Fl"),
                                         now)
             if st is not None:
-                if fr is not None:  # what the rule watches (a shared state may count more)
-                    if "distinct_numbers" not in fr.stats:
-                        st.distinct = 0
-                    if "sequential" not in fr.stats:
-                        st.sequential, st.last = 0, ""
-                out[value_from_key(enc)] = st
+                out[value_from_key(enc)] = st.watched(fr.stats) if fr is not None else st
         return out
 
     def fraud_counts(self) -> dict[tuple[str, str, str], int]:

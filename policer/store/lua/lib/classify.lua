@@ -15,11 +15,6 @@ for i = 1, #PLAN do
     p.pre = p.name .. ':'
     p.vcache = {}
   end
-  p.timed = false
-  for j = 1, #p.entries do
-    local e = p.entries[j]
-    if e.T or e.win then p.timed = true end
-  end
 end
 
 -- A profile's limit entry by its number: the profile's entries, then its values' own
@@ -266,11 +261,10 @@ end
 -- encoded value ('' none), count field, its fields (value_fields)}) and what deciding
 -- over them reads and writes, built once: hm the fields of P c one HMGET reads ('!hold'
 -- first, then per member its count field; a valued member also its live max and live
--- caps, and its state when its limit has a rate or windows (spos[i] its position; else
--- decide reads the state only for a value with live caps); a no-value member with a
--- rate or windows its state), pos[i] member i's count in that reply, fields the count
--- fields (fields_s ','-joined), all: every profile of its class joined, md its max
--- duration.
+-- caps; a member whose limit has a rate or windows its state: spos[i] its position,
+-- false none, and decide reads a value's state with live caps only then), pos[i]
+-- member i's count in that reply, fields the count fields (fields_s ','-joined), all:
+-- every profile of its class joined, md its max duration.
 local function plan_entry(members, all, cls, dir, looked, missing, fraud)
   local hm, pos, fields, spos = {'!hold'}, {}, {}, {}
   local n = 1
@@ -286,15 +280,12 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
       hm[n + 1] = c[3]
       hm[n + 2] = c[4]
       n = n + 2
-      local e = m[2]
-      if e and (e.T or e.win) then
-        n = n + 1
-        hm[n] = c[5]
-        spos[i] = n
-      end
-    elseif m[1].timed then
+    end
+    local e = m[2]
+    if e and (e.T or e.win) then
       n = n + 1
       hm[n] = c[5]
+      spos[i] = n
     end
   end
   -- the fraud states (classify): their fields read with the counts (position pf; a
@@ -306,14 +297,14 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
       fraud[i].pf = n
     end
   end
-  -- the live parents the plan was built on: the parents' version then (P c '^', a new
-  -- token on every change of any live parent), read again with the counts; another
-  -- makes the plan stale (one field for the whole hierarchy, not one per level)
-  local chk = nil
-  if looked and #looked > 0 then
+  -- a plan built on live parents: the parents' version then (P c '^', a new token on
+  -- every change of any live parent; false none), read again with the counts at vpos;
+  -- another makes the plan stale (one field for the whole hierarchy)
+  local vpos = nil
+  if looked and looked.ver ~= nil then
     n = n + 1
     hm[n] = '^'
-    chk = {{n, looked.ver}}
+    vpos = n
   end
   -- the members whose value is where the call is sent (member -> true, nil none), and
   -- the count fields without them (a call admitted while its gateway is full)
@@ -333,7 +324,8 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
   end
   return {members = members, all = all, hm = hm, pos = pos, spos = spos, fields = fields,
           fields_s = table.concat(fields, ','), md = max_duration(members, cls),
-          dir = dir or '', plain = PLAIN_KEY[situation(cls, dir or '')], chk = chk,
+          dir = dir or '', plain = PLAIN_KEY[situation(cls, dir or '')], vpos = vpos,
+          ver = looked and looked.ver,
           missing = missing, gws = gws, nogw_s = nogw and table.concat(nogw, ',') or '',
           fraud = fraud}
 end
@@ -341,7 +333,7 @@ end
 -- A profile's value for a call (false: none): its attribute's, or for a level of a
 -- hierarchy the parent registered for the value of the profile it is the parent of (the
 -- live one in P c, else the file's). pv: the values found so far, by profile; looked:
--- the live parents read ({field, value or false}; ver: the parents' version then).
+-- ver, the parents' version when the first live parent was read.
 local function value_of(p, values, pv, looked)
   local v = pv[p.name]
   if v ~= nil then return v end
@@ -354,10 +346,7 @@ local function value_of(p, values, pv, looked)
     if child then
       local f = '^' .. p.name .. ':' .. key_part(child)
       local live = redis.call('HGET', COUNTS, f)
-      -- (the parents' version, with the first parent read: P c '^', a new token on
-      -- every change of a live parent)
       if looked.ver == nil then looked.ver = redis.call('HGET', COUNTS, '^') end
-      looked[#looked + 1] = {f, live}
       if live and live ~= '' then v = live
       elseif p.fpar then v = p.fpar[child] or false end
     end

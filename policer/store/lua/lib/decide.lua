@@ -142,15 +142,13 @@ local function check_members(plan, h, emergency, bypass_allowed, nochecks, dry, 
       local lv = h[k + 1]
       if lv then max = num(lv); live = 1 end
       L = h[k + 2] or nil
-      local sp = plan.spos[i]
-      if sp then
-        state = h[sp] or ''
-      elseif L then
-        -- live caps on a value whose limit has none: its state, read only then
-        state = redis.call('HGET', COUNTS, m[5][5]) or ''
-      end
-    elseif p.timed then
-      state = h[k + 1] or ''
+    end
+    local sp = plan.spos[i]
+    if sp then
+      state = h[sp] or ''
+    elseif L then
+      -- live caps on a value whose limit has none: its state, read only then
+      state = redis.call('HGET', COUNTS, m[5][5]) or ''
     end
     local effective, kind = max, nil
     if not emergency then effective = max - reserve end
@@ -251,12 +249,7 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
   local n = #members
   local h = redis.call('HMGET', COUNTS, unpack(plan.hm))
   if hold and h[1] and tonumber(h[1]) > now then return ANSWER.hold end
-  local chk = plan.chk
-  if chk then
-    for i = 1, #chk do
-      if h[chk[i][1]] ~= chk[i][2] then return ANSWER.stale end
-    end
-  end
+  if plan.vpos and h[plan.vpos] ~= plan.ver then return ANSWER.stale end
   local nochecks = record and not dry
   local tripped, tcount, tmax, tkind, tretry, twin, bypass, shadow, counts, spend, rows,
         gtrip = check_members(plan, h, emergency, bypass_allowed, nochecks, dry, now, lnow,

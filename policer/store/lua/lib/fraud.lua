@@ -41,20 +41,26 @@ local FR = {
   -- the longest `under` of the rules with short calls (0: none)
   UNDER = 0,
 }
-for i = 1, #FRAUD do
-  if FRAUD[i].st[5] and FRAUD[i].under > FR.UNDER then FR.UNDER = FRAUD[i].under end
-end
-
--- the rules sharing each state (by the name of the rule keeping it), in order
-FR.GROUP = {}
+-- per rule: the rules sharing its state (group, on the rule keeping it, in order), the
+-- bits of each statistic's levels in a state's `levels`, and the lowest level of each
+-- statistic (huge: not watched): below them all, a call reads no levels
 for i = 1, #FRAUD do
   local r = FRAUD[i]
-  local g = FR.GROUP[r.state]
-  if g == nil then
-    g = {}
-    FR.GROUP[r.state] = g
+  if r.st[5] and r.under > FR.UNDER then FR.UNDER = r.under end
+  local owner = FRAUD.by[r.state]
+  if owner.group == nil then owner.group = {} end
+  owner.group[#owner.group + 1] = r
+  r.bits, r.low = {}, {}
+  for j = 1, 5 do
+    r.bits[j] = 4 ^ (j - 1)
+    local t, lo = r.st[j], 2 ^ 53
+    if t then
+      for k = 1, 2 do
+        if t[k] > 0 and t[k] < lo then lo = t[k] end
+      end
+    end
+    r.low[j] = lo
   end
-  g[#g + 1] = r
 end
 -- what one call writes (FR.check, FR.write; reused: fields n, then lists made when needed)
 FR.W = {fields = {}, n = 0}
@@ -76,56 +82,54 @@ function FR.applies(r, number, lnow)
   return true
 end
 
--- per rule: the bits of each statistic's levels in a state's `levels`, and the lowest
--- level of each statistic (huge: not watched): below them all, a call reads no levels
-for i = 1, #FRAUD do
-  local r = FRAUD[i]
-  r.bits, r.low = {}, {}
-  for j = 1, 5 do
-    r.bits[j] = 4 ^ (j - 1)
-    local t, lo = r.st[j], 2 ^ 53
-    if t then
-      for k = 1, 2 do
-        if t[k] > 0 and t[k] < lo then lo = t[k] end
-      end
-    end
-    r.low[j] = lo
-  end
-end
-
--- A levels field ('Fl|') in the window `wid`: {levels, blocked until (ms, 0 none), as
--- read (false: to be written), none of this window}. A block this rule set in the window that has ended
--- re-arms its critical levels: the next call that keeps a statistic at critical crosses
--- again.
+-- A levels field ('Fl|') in the window `wid`: {levels, blocked until (ms, 0 none), the
+-- two as the field held them (0 none), none of this window}. A block this rule set in
+-- the window that has ended re-arms its critical levels: the next call that keeps a
+-- statistic at critical crosses again.
 function FR.levels(s, wid, now)
   if s then
     local w, lv, till = string.match(s, FR.LEVELS)
     if w == wid then
       lv, till = num(lv) or 0, tonumber(till) or 0
       if till > 0 and till <= now then
-        local keep, bit = 0, 1
+        local keep, rest, bit = 0, lv, 1
         for _ = 1, 10 do
-          if lv % 2 == 1 and (FR.CRIT / bit) % 2 < 1 then keep = keep + bit end
-          lv = math.floor(lv / 2)
+          if rest % 2 == 1 and (FR.CRIT / bit) % 2 < 1 then keep = keep + bit end
+          rest = math.floor(rest / 2)
           bit = bit * 2
         end
-        return {keep, 0, false, false}
+        return {keep, 0, lv, till, false}
       end
-      return {lv, till, true, false}
+      return {lv, till, lv, till, false}
     end
   end
-  return {0, 0, true, true}
+  return {0, 0, 0, 0, true}
 end
 
--- The writes of a levels field read (lv): its field and value appended to f when it
--- changed since (returns true then).
-function FR.put_levels(f, name, wid, lv, lv0, till0)
-  if lv[1] ~= lv0 or lv[2] ~= till0 or not lv[3] then
-    f[#f + 1] = name
-    f[#f + 1] = wid .. '|' .. ns(lv[1]) .. '|' .. ns(lv[2])
-    return true
-  end
-  return false
+-- A levels field (lv, FR.levels) that changed since it was read: its name and value put
+-- into f after its n entries. Returns the new n, and whether it was put.
+function FR.put_levels(f, n, name, wid, lv)
+  if lv[1] == lv[3] and lv[2] == lv[4] then return n, false end
+  f[n + 1], f[n + 2] = name, wid .. '|' .. ns(lv[1]) .. '|' .. ns(lv[2])
+  return n + 2, true
+end
+
+-- A state field's value: its window, calls, distinct numbers and run (the last two
+-- only when the state's rules watch them: r, any of them), block until (0 none), the
+-- last number.
+function FR.pack(r, wid, c, d, q, till, last)
+  local ds, qs, ts = '', '', ''
+  if r.gd then ds = ns(d) end
+  if r.gq then qs = ns(q) end
+  if till > 0 then ts = ns(till) end
+  return wid .. '|' .. ns(c) .. '|' .. ds .. '|' .. qs .. '|' .. ts .. '|' .. last
+end
+
+-- A state field's values: window, calls, distinct, run, last number, block until (nil
+-- window: malformed).
+function FR.parse(s)
+  local sw, sc, sd, sq, st, sl = string.match(s, FR.STATE)
+  return sw, num(sc) or 0, num(sd) or 0, num(sq) or 0, sl or '', tonumber(st) or 0
 end
 
 -- Statistic i of a rule at `count`: the levels it reaches for the first time in the
@@ -165,7 +169,7 @@ function FR.check(plan, h, number, now, lnow, dry)
   for i = 1, #fraud do
     local fe = fraud[i]
     local r0, enc = fe[1], fe[2]
-    local rules = FR.GROUP[r0.name]
+    local rules = r0.group
     -- the state as read: what this entry wrote last is not parsed again (nearly always:
     -- the same library writes it; any other writer's value differs and is parsed)
     local s = h[fe.pf]
@@ -174,10 +178,7 @@ function FR.check(plan, h, number, now, lnow, dry)
       if s == fe.s then
         vw, vc, vd, vq, vl, vt = fe[4], fe[5], fe[6], fe[7], fe[8], fe[9]
       else
-        local sc, sd, sq, st_
-        vw, sc, sd, sq, st_, vl = string.match(s, FR.STATE)
-        vc, vd, vq, vt = num(sc) or 0, num(sd) or 0, num(sq) or 0, tonumber(st_) or 0
-        vl = vl or ''
+        vw, vc, vd, vq, vl, vt = FR.parse(s)
       end
     end
     -- a block stops every call of its value: the state names the end of its rules'
@@ -208,7 +209,6 @@ function FR.check(plan, h, number, now, lnow, dry)
       local c, d, q, last, fresh = 0, 0, 0, '', true
       if vw == wid then fresh, c, d, q, last = false, vc, vd, vq, vl end
       c = c + 1
-      local ds, qs = '', ''
       if r0.gd then
         if number ~= '' then
           if fe.hw ~= wid then fe.hk, fe.hw = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. wid, wid end
@@ -219,13 +219,11 @@ function FR.check(plan, h, number, now, lnow, dry)
             if d == 1 then redis.call('PEXPIREAT', hk, ns(win[2] + 60000)) end
           end
         end
-        ds = ns(d)
       end
       if r0.gq then
         if dialled == nil then dialled = key_part(number) end
         if dialled == last then q = q + 1 else q = 1 end
         last = dialled
-        qs = ns(q)
       end
       for j = 1, #rules do
         local r = rules[j]
@@ -240,7 +238,6 @@ function FR.check(plan, h, number, now, lnow, dry)
           -- a count at a level: the levels the rule reported in the window
           local fl = 'Fl|' .. r.name .. ':' .. enc
           local lv = FR.levels(redis.call('HGET', COUNTS, fl), wid, now)
-          local lv0, till0, none = lv[1], lv[2], lv[4]
           local crit = FR.cross(r, enc, lv, 1, c, w)
           if st[2] then crit = FR.cross(r, enc, lv, 2, d, w) or crit end
           if st[3] then crit = FR.cross(r, enc, lv, 3, q, w) or crit end
@@ -259,20 +256,16 @@ function FR.check(plan, h, number, now, lnow, dry)
               w.blocks[#w.blocks + 1] = {bf, t}
             end
           end
-          if lv[1] ~= lv0 or lv[2] ~= till0 or not lv[3] then
-            f[w.n + 1], f[w.n + 2] = fl, wid .. '|' .. ns(lv[1]) .. '|' .. ns(lv[2])
-            w.n = w.n + 2
-            if none and j > 1 then
-              -- (a rule sharing another's state: its own fields listed for the tick)
-              if w.fresh == nil then w.fresh = {} end
-              w.fresh[#w.fresh + 1] = {'F|' .. r.name .. ':' .. enc, win[2]}
-            end
+          local put
+          w.n, put = FR.put_levels(f, w.n, fl, wid, lv)
+          if put and lv[5] and j > 1 then
+            -- (a rule sharing another's state: its own fields listed for the tick)
+            if w.fresh == nil then w.fresh = {} end
+            w.fresh[#w.fresh + 1] = {'F|' .. r.name .. ':' .. enc, win[2]}
           end
         end
       end
-      local ts = ''
-      if ct > 0 then ts = ns(ct) end
-      s = wid .. '|' .. ns(c) .. '|' .. ds .. '|' .. qs .. '|' .. ts .. '|' .. last
+      s = FR.pack(r0, wid, c, d, q, ct, last)
       f[w.n + 1], f[w.n + 2] = fe[3], s
       w.n = w.n + 2
       -- (kept as read next: a call that is not written in the end, a retransmission,
@@ -294,13 +287,6 @@ function FR.member(plan, name)
     if members[j][1].name == name then return j end
   end
   return nil
-end
-
--- A state field's values: {window, calls, distinct, run, last number, block until}.
-function FR.parse(s)
-  local sw, sc, sd, sq, st, sl = string.match(s, FR.STATE)
-  if sw == nil then return nil end
-  return {sw, num(sc) or 0, num(sd) or 0, num(sq) or 0, sl, tonumber(st) or 0}
 end
 
 -- The writes of FR.check for a call decided: the states and blocks (into extra, the
@@ -379,21 +365,16 @@ function FR.short(raw, start_s, now)
       local out = {'Fs|' .. f, wid .. '|' .. ns(n)}
       if n >= r.low[5] then
         local lv = FR.levels(redis.call('HGET', COUNTS, 'Fl|' .. f), wid, now)
-        local lv0, till0 = lv[1], lv[2]
         if FR.cross(r, enc, lv, 5, n, w) and not r.shadow then
           lv[2] = now + r.block
           out[3], out[4] = 'B|' .. f, ns(lv[2])
           redis.call('ZADD', FR.BLOCKS, out[4], out[3])
           -- the state (the one it shares) names the block: what the admit reads
           local sf = 'F|' .. r.state .. ':' .. enc
-          local v = FR.parse(redis.call('HGET', COUNTS, sf) or '') or {wid, 0, 0, 0, '', 0}
-          local ds, qs = '', ''
-          if r.gd then ds = ns(v[3]) end
-          if r.gq then qs = ns(v[4]) end
-          out[5], out[6] = sf, v[1] .. '|' .. ns(v[2]) .. '|' .. ds .. '|' .. qs .. '|' ..
-                               ns(math.max(v[6], lv[2])) .. '|' .. v[5]
+          local sw, sc, sd, sq, sl, st = FR.parse(redis.call('HGET', COUNTS, sf) or '')
+          out[5], out[6] = sf, FR.pack(r, sw or wid, sc, sd, sq, math.max(st, lv[2]), sl)
         end
-        FR.put_levels(out, 'Fl|' .. f, wid, lv, lv0, till0)
+        FR.put_levels(out, #out, 'Fl|' .. f, wid, lv)
       end
       redis.call('HSET', COUNTS, unpack(out))
       if fresh then redis.call('ZADD', FR.IDX, ns(win[2] + 60000), 'F|' .. f) end
@@ -405,42 +386,40 @@ end
 -- The tick's share: forget the states of windows that ended and the blocks that ended,
 -- at most `batch` of each. Returns how many were forgotten.
 function FR.sweep(now, batch)
-  local done = 0
-  for _, key in ipairs({FR.IDX, FR.BLOCKS}) do
-    local old = redis.call('ZRANGEBYSCORE', key, '-inf', ns(now), 'LIMIT', '0', ns(batch))
-    if #old > 0 then
-      if key == FR.BLOCKS then
-        -- a block set again since (a later crossing) is kept
-        local till = redis.call('HMGET', COUNTS, unpack(old))
-        local gone = {}
-        for i = 1, #old do
-          if not till[i] or (tonumber(till[i]) or 0) <= now then gone[#gone + 1] = old[i] end
-        end
-        if #gone > 0 then redis.call('HDEL', COUNTS, unpack(gone)) end
+  local limit = {'-inf', ns(now), 'LIMIT', '0', ns(batch)}
+  -- a rule's fields of a value, listed by their 'F|' name; a state that names a block in
+  -- force stays (listed again at the block's end)
+  local old = redis.call('ZRANGEBYSCORE', FR.IDX, unpack(limit))
+  if #old > 0 then
+    local states = redis.call('HMGET', COUNTS, unpack(old))
+    local fields, kept = {}, {}
+    for i = 1, #old do
+      local rest = string.sub(old[i], 3)
+      local till = 0
+      if states[i] then till = select(6, FR.parse(states[i])) end
+      if till > now then
+        kept[#kept + 1] = ns(till)
+        kept[#kept + 1] = old[i]
       else
-        -- a rule's fields of a value, listed by their 'F|' name; a state that names a
-        -- block in force stays (listed again at the block's end)
-        local states = redis.call('HMGET', COUNTS, unpack(old))
-        local fields, kept = {}, {}
-        for i = 1, #old do
-          local rest = string.sub(old[i], 3)
-          local v = states[i] and FR.parse(states[i])
-          if v and v[6] > now then
-            kept[#kept + 1] = ns(v[6])
-            kept[#kept + 1] = old[i]
-          else
-            fields[#fields + 1] = old[i]
-          end
-          fields[#fields + 1] = 'Fs|' .. rest
-          fields[#fields + 1] = 'Fl|' .. rest
-        end
-        redis.call('HDEL', COUNTS, unpack(fields))
-        redis.call('ZREM', key, unpack(old))
-        if #kept > 0 then redis.call('ZADD', key, unpack(kept)) end
+        fields[#fields + 1] = old[i]
       end
-      if key == FR.BLOCKS then redis.call('ZREM', key, unpack(old)) end
-      done = done + #old
+      fields[#fields + 1] = 'Fs|' .. rest
+      fields[#fields + 1] = 'Fl|' .. rest
     end
+    redis.call('HDEL', COUNTS, unpack(fields))
+    redis.call('ZREM', FR.IDX, unpack(old))
+    if #kept > 0 then redis.call('ZADD', FR.IDX, unpack(kept)) end
   end
-  return done
+  -- the blocks that ended; one set again since (a later crossing) is kept
+  local ended = redis.call('ZRANGEBYSCORE', FR.BLOCKS, unpack(limit))
+  if #ended > 0 then
+    local till = redis.call('HMGET', COUNTS, unpack(ended))
+    local gone = {}
+    for i = 1, #ended do
+      if not till[i] or (tonumber(till[i]) or 0) <= now then gone[#gone + 1] = ended[i] end
+    end
+    if #gone > 0 then redis.call('HDEL', COUNTS, unpack(gone)) end
+    redis.call('ZREM', FR.BLOCKS, unpack(ended))
+  end
+  return #old + #ended
 end
