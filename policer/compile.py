@@ -434,6 +434,7 @@ def _table(name: str, groups: Sequence[tuple[str, Sequence[str]]]) -> str:
 #: its keys, and numbers made strings once (in Redis 7.0's Lua every number handed to
 #: redis.call is formatted with printf, which costs more than most commands).
 _DERIVED = f"""local COUNTS = NS_PREFIX .. 'c'
+local PARENTS = NS_PREFIX .. 'parents'
 local P_DIALOG = NS_PREFIX .. 'd:'
 local P_VARS = NS_PREFIX .. 'v:'
 local P_NODE = NS_PREFIX .. 'n:'

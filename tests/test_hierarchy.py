@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 
 from policer.call import Call
+from policer.engine import Engine
 from policer.policy import Policy
 from policer.snapshot import take_snapshot
-from policer.store import Store
+from policer.store import RedisStore, Store
 from policer.top import render
 from tests.support import EngineFactory, call
 from tests.support.cli import cli_json, log_events, run_cli
@@ -101,6 +102,29 @@ def test_a_change_at_any_level_applies_from_the_next_call(engine_for: EngineFact
     assert last.admitted and last.memberships[2:] == ("reseller=r1",)
     assert (store.profile_size("group", "g1"), store.profile_size("group", "g2")) == (1, 2)
     assert store.profile_size("reseller", "r1") == 4
+
+
+def test_live_parents_an_older_policer_kept_still_count_after_an_upgrade(
+        redis_store: RedisStore) -> None:
+    """An older policer kept live parents in the counts hash (``^level:value`` fields
+    and a version token without the ``p`` of this layout): the first load moves them
+    where they are read now, so every customer keeps its reseller, and a parent set
+    since by this layout stands."""
+    client, keys = redis_store.client, redis_store.keys
+    client.hset(keys.counts, mapping={"^reseller:acme": "r-old", "^reseller:bolt": "r-b",
+                                      "^group:r-old": "g1", "^": "0123abcd"})
+    client.hset(keys.parents, "reseller:bolt", "r-new")
+    redis_store.load(hierarchy_policy())
+    assert redis_store.parents("reseller") == {"acme": "r-old", "bolt": "r-new"}
+    assert redis_store.parents("group") == {"r-old": "g1"}
+    assert [f for f in client.hkeys(keys.counts) if f.startswith("^")] == ["^"]
+    d = Engine(hierarchy_policy(), redis_store).admit(by("alice", "acme"))
+    assert d.memberships[2:] == ("reseller=r-old", "group=g1")
+    assert redis_store.profile_size("group", "g1") == 1
+    # a second load finds this layout and moves nothing
+    client.hset(keys.counts, "^reseller:core", "stray")
+    redis_store.load(hierarchy_policy())
+    assert redis_store.parents("reseller") == {"acme": "r-old", "bolt": "r-new"}
 
 
 def test_an_unknown_parent_is_skipped_or_rejected(engine_for: EngineFactory,

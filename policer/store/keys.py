@@ -129,6 +129,13 @@ class Keys:
         return f"{self.prefix}c"
 
     @property
+    def parents(self) -> str:
+        """The hash of the live parents (:meth:`parent_field` -> parent): apart from
+        :attr:`counts`, which every call reads, since only a plan's first build reads
+        them."""
+        return f"{self.prefix}parents"
+
+    @property
     def fraud_events(self) -> str:
         """The fraud events (a capped stream)."""
         return f"{self.prefix}fraud"
@@ -170,8 +177,8 @@ class Keys:
     @staticmethod
     def parent_field(profile: str, value: str) -> str:
         """The live parent (a value of the hierarchy level ``profile``) of ``value`` in
-        :attr:`counts`."""
-        return f"^{profile}:{key_part(value)}"
+        :attr:`parents`."""
+        return f"{profile}:{key_part(value)}"
 
     @staticmethod
     def caps_field(profile: str, value: str) -> str:

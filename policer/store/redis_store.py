@@ -209,7 +209,35 @@ class RedisStore:
         self.load_library(library, policy, epoch)
         self._set_library(library, policy)
         self._autoload = True  # loaded on purpose: loading it again when Redis lost it is too
+        self._move_old_parents()
         return library.policy_hash
+
+    def _move_old_parents(self) -> None:
+        """Live parents an older policer kept in the counts hash (``^level:value``
+        fields) moved to :attr:`Keys.parents`, once: the parents' version of this
+        layout starts with ``p``; any other version (one read when nothing is older)
+        has the old fields scanned and moved, then a version of this layout, which
+        makes the plans built before stale. A parent set meanwhile by this layout
+        stands (``HSETNX``)."""
+        client = self.client
+        counts, parents = self.keys.counts, self.keys.parents
+        version = self._run(lambda: client.hget(counts, self.keys.PARENTS_VERSION))
+        if version is None or _str(version).startswith("p"):
+            return
+        rows = self._run(lambda: list(client.hscan_iter(counts, match="^?*", count=1000)))
+
+        def move() -> None:
+            pipe = client.pipeline(transaction=True)
+            for f, v in rows:
+                pipe.hsetnx(parents, _str(f)[1:], v)
+                pipe.hdel(counts, f)
+            pipe.hset(counts, self.keys.PARENTS_VERSION, _parents_version())
+            pipe.execute()
+
+        self._run(move)
+        if rows:
+            get_logger("policer.store").info("parents_moved", parents=len(rows),
+                                             to=parents)
 
     @property
     def load_timeout_ms(self) -> int:
@@ -710,46 +738,50 @@ class RedisStore:
 
     def parent_set(self, profile: str, value: str, parent: str) -> str | None:
         old = self._swap_field(self.keys.parent_field(profile, value), raw_bytes(parent),
-                               version=True)
+                               key=self.keys.parents)
         return None if old is None else _str(old)
 
     def parent_unset(self, profile: str, value: str) -> str | None:
-        old = self._swap_field(self.keys.parent_field(profile, value), None, version=True)
+        old = self._swap_field(self.keys.parent_field(profile, value), None,
+                               key=self.keys.parents)
         return None if old is None else _str(old)
 
     def parents(self, profile: str) -> dict[str, str]:
-        return self._value_fields("^", profile)
+        return self._value_fields("", profile, self.keys.parents)
 
-    def _swap_field(self, field: str, new: bytes | int | None, version: bool = False
+    def _swap_field(self, field: str, new: bytes | int | None, key: str | None = None
                     ) -> Any:
-        """Set (None: remove) one field of the counts hash, in a transaction; returns
-        its previous value. version: a live parent's field, so the parents' version
-        (``Keys.PARENTS_VERSION``) gets a new token in the same transaction: the
-        library's plans built on the parents before are stale then."""
+        """Set (None: remove) one field of the counts hash (or of ``key``: the live
+        parents), in a transaction; returns its previous value. A live parent's change
+        gives the parents' version (``Keys.PARENTS_VERSION`` in the counts hash) a new
+        token in the same transaction: the library's plans built on the parents before
+        are stale then."""
         client = self.client
-        key = self.keys.counts
+        counts = self.keys.counts
+        where = key or counts
 
         def swap() -> Any:
             pipe = client.pipeline(transaction=True)
-            pipe.hget(key, field)
+            pipe.hget(where, field)
             if new is None:
-                pipe.hdel(key, field)
+                pipe.hdel(where, field)
             else:
-                pipe.hset(key, field, new)
-            if version:
-                pipe.hset(key, self.keys.PARENTS_VERSION, uuid.uuid4().hex)
+                pipe.hset(where, field, new)
+            if key is not None:
+                pipe.hset(counts, self.keys.PARENTS_VERSION, _parents_version())
             return pipe.execute()[0]
 
         return self._run(swap)
 
-    def _value_fields(self, marker: str, profile: str) -> dict[str, str]:
-        """Every value's field of one kind (``L|`` live max, ``^`` parent) of a profile,
-        by value."""
+    def _value_fields(self, marker: str, profile: str, key: str | None = None
+                      ) -> dict[str, str]:
+        """Every value's field of one kind (``L|`` live max; ``""`` in :attr:`Keys.parents`,
+        a parent) of a profile, by value."""
         client = self.client
         pattern = marker + self.keys.value_pattern(profile)
         plen = len(marker) + len(profile) + 1
-        rows = self._run(lambda: list(client.hscan_iter(self.keys.counts, match=pattern,
-                                                        count=1000)))
+        where = key or self.keys.counts
+        rows = self._run(lambda: list(client.hscan_iter(where, match=pattern, count=1000)))
         return {value_from_key(_str(f)[plen:]): _str(v) for f, v in rows}
 
     def _swap_live(self, profile: str, value: str, item: str, new: str | None) -> str | None:
@@ -1184,6 +1216,12 @@ def stats_from(stats: dict[str, str], decisions: dict[str, str]) -> dict[str, in
             if reason in ("failed", "cancel"):
                 out["failed"] += n
     return out
+
+
+def _parents_version() -> str:
+    """A new token for the live parents' version (``Keys.PARENTS_VERSION``); ``p``
+    marks this layout (parents in :attr:`Keys.parents`)."""
+    return "p" + uuid.uuid4().hex
 
 
 def _str(v: object) -> str:

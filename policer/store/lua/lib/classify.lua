@@ -226,23 +226,22 @@ local function read_attrs(attrs)
 end
 
 -- A valued profile's fields for one raw value: {encoded value, count field, live max
--- field, live caps field, state field}, remembered per profile (VCACHE_MAX values in
+-- field, live caps field, state field}, remembered per profile (VCACHE.MAX values in
 -- all, then forgotten at once): a value that calls again costs a table lookup.
-local VCACHE_N = 0
-local VCACHE_MAX = 20000
+local VCACHE = {n = 0, MAX = 20000}
 
 local function value_fields(p, v)
   local c = p.vcache[v]
   if c then return c end
-  if VCACHE_N >= VCACHE_MAX then
+  if VCACHE.n >= VCACHE.MAX then
     for i = 1, #PLAN do if PLAN[i].vcache then PLAN[i].vcache = {} end end
-    VCACHE_N = 0
+    VCACHE.n = 0
   end
   local enc = key_part(v)
   local fld = p.pre .. enc
   c = {enc, fld, 'L|' .. fld, 'R|' .. fld, 'T|' .. fld}
   p.vcache[v] = c
-  VCACHE_N = VCACHE_N + 1
+  VCACHE.n = VCACHE.n + 1
   return c
 end
 
@@ -330,10 +329,16 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
           fraud = fraud}
 end
 
+-- The live parents read (t: by field, false none) at the parents' version ver: a plan
+-- built later at the same version reads each parent once (an upper level's few values,
+-- a reseller's group, are shared by many customers); another version, or MAX entries,
+-- and they are forgotten at once.
+local PCACHE = {ver = nil, n = 0, t = {}, MAX = 20000}
+
 -- A profile's value for a call (false: none): its attribute's, or for a level of a
 -- hierarchy the parent registered for the value of the profile it is the parent of (the
--- live one in P c, else the file's). pv: the values found so far, by profile; looked:
--- ver, the parents' version when the first live parent was read.
+-- live one in P parents, else the file's). pv: the values found so far, by profile; looked:
+-- ver, the parents' version read before the first live parent.
 local function value_of(p, values, pv, looked)
   local v = pv[p.name]
   if v ~= nil then return v end
@@ -344,9 +349,19 @@ local function value_of(p, values, pv, looked)
     v = false
     local child = value_of(PLAN_BY_NAME[p.of], values, pv, looked)
     if child then
-      local f = '^' .. p.name .. ':' .. key_part(child)
-      local live = redis.call('HGET', COUNTS, f)
-      if looked.ver == nil then looked.ver = redis.call('HGET', COUNTS, '^') end
+      if looked.ver == nil then
+        looked.ver = redis.call('HGET', COUNTS, '^')
+        if PCACHE.ver ~= looked.ver or PCACHE.n >= PCACHE.MAX then
+          PCACHE.ver, PCACHE.n, PCACHE.t = looked.ver, 0, {}
+        end
+      end
+      local f = p.name .. ':' .. key_part(child)
+      local live = PCACHE.t[f]
+      if live == nil then
+        live = redis.call('HGET', PARENTS, f)
+        PCACHE.t[f] = live
+        PCACHE.n = PCACHE.n + 1
+      end
       if live and live ~= '' then v = live
       elseif p.fpar then v = p.fpar[child] or false end
     end
