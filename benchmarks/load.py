@@ -376,7 +376,7 @@ def _audit(bench: Any, store: Any, mix: list[Template],
         store.apply([Op("release", did, "bye") for did in left[i:i + 200]])
     counts = bench.client.hgetall(store.keys.counts)
     leaked = sum(int(v) for f, v in counts.items()
-                 if not f.startswith(("L|", "R|", "T|", "#", "!")))
+                 if not f.startswith(("L|", "T|", "F|", "Fs|", "Fl|", "B|", "#", "!", "^")))
     leaked += store.stats()["active"]
     return {
         "over_admissions": over_seen + over_interval + over_final,

@@ -104,23 +104,34 @@ def test_a_change_at_any_level_applies_from_the_next_call(engine_for: EngineFact
     assert store.profile_size("reseller", "r1") == 4
 
 
-def test_live_parents_an_older_policer_kept_still_count_after_an_upgrade(
+def test_live_state_an_older_policer_kept_still_counts_after_an_upgrade(
         redis_store: RedisStore) -> None:
-    """An older policer kept live parents in the counts hash (``^level:value`` fields
-    and a version token without the ``p`` of this layout): the first load moves them
-    where they are read now, so every customer keeps its reseller, and a parent set
-    since by this layout stands."""
+    """An older policer kept live parents in the counts hash (``^level:value``) and a
+    value's live caps in a field of their own (``R|``): the first load moves them where
+    they are read now, so every customer keeps its reseller and its live max and rate,
+    and a parent set since by this layout stands."""
     client, keys = redis_store.client, redis_store.keys
+    client.hdel(keys.counts, "#layout")  # a namespace an older policer wrote
     client.hset(keys.counts, mapping={"^reseller:acme": "r-old", "^reseller:bolt": "r-b",
-                                      "^group:r-old": "g1", "^": "0123abcd"})
+                                      "^group:r-old": "g1", "^": "0123abcd",
+                                      "L|customer:acme": "5",
+                                      "R|customer:acme": ",R=1:60000:1",
+                                      "R|customer:bolt": ",R=1:60000:1"})
     client.hset(keys.parents, "reseller:bolt", "r-new")
     redis_store.load(hierarchy_policy())
     assert redis_store.parents("reseller") == {"acme": "r-old", "bolt": "r-new"}
     assert redis_store.parents("group") == {"r-old": "g1"}
-    assert [f for f in client.hkeys(keys.counts) if f.startswith("^")] == ["^"]
-    d = Engine(hierarchy_policy(), redis_store).admit(by("alice", "acme"))
+    assert redis_store.limits("customer") == {"acme": 5}
+    assert [f for f in client.hkeys(keys.counts) if f[:1] in "^R"] == ["^"]
+    e = Engine(hierarchy_policy(), redis_store)
+    d = e.admit(by("alice", "acme"))
     assert d.memberships[2:] == ("reseller=r-old", "group=g1")
     assert redis_store.profile_size("group", "g1") == 1
+    # the live rates still hold: one call a minute for acme and for bolt
+    late = e.admit(by("bob", "acme"))
+    assert (late.admitted, late.limit, late.kind) == (False, "customer", "rate")
+    assert e.admit(by("carol", "bolt")).admitted
+    assert not e.admit(by("dave", "bolt")).admitted
     # a second load finds this layout and moves nothing
     client.hset(keys.counts, "^reseller:core", "stray")
     redis_store.load(hierarchy_policy())

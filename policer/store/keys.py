@@ -9,10 +9,12 @@ key                                    type       holds
 ``policer:{ns}:c``                     hash       every count and every value's limits and
                                                   state, one HMGET per call: ``<profile>``
                                                   / ``<profile>:<value>`` live dialogs,
-                                                  ``L|<field>`` a live max, ``R|<field>``
-                                                  live rate and window caps, ``T|<field>``
+                                                  ``L|<field>`` a live max and live rate
+                                                  and window caps, ``T|<field>``
                                                   rate and window state, ``#confirmed``,
                                                   ``!hold``
+``policer:{ns}:parents``              hash       live parents: ``<level>:<value>`` ->
+                                                  parent (read when a plan is built)
 ``policer:{ns}:d:<dialog id>``         string     one dialog's record (policer.protocol
                                                   ``DIALOG``)
 ``policer:{ns}:v:<dialog id>``         hash       its variables
@@ -167,7 +169,8 @@ class Keys:
 
     @staticmethod
     def limit_field(profile: str, value: str) -> str:
-        """A value's live max in :attr:`counts`."""
+        """A value's live limits in :attr:`counts`: its live max (none: empty), then its
+        rate and window caps (``<max>,R=<max>:<per ms>:<burst>,<per>=<max>``)."""
         return f"L|{profile}:{key_part(value)}"
 
     #: The field of :attr:`counts` whose value changes (a new token) with every change
@@ -180,10 +183,6 @@ class Keys:
         :attr:`parents`."""
         return f"{profile}:{key_part(value)}"
 
-    @staticmethod
-    def caps_field(profile: str, value: str) -> str:
-        """A value's live rate and window caps in :attr:`counts`."""
-        return f"R|{profile}:{key_part(value)}"
 
     @staticmethod
     def state_field(profile: str, value: str | None = None) -> str:

@@ -73,6 +73,9 @@ __all__ = ["INLINE_LOAD_BYTES", "LOAD_ATTEMPTS", "RedisStore"]
 INLINE_LOAD_BYTES = 256 * 1024
 #: Tries of one FUNCTION LOAD, 0.5 s then 1 s apart (each bounded by load_timeout).
 LOAD_ATTEMPTS = 3
+#: The layout of the namespace's state this policer writes (the counts hash's
+#: ``#layout``); an older one is moved to it by the first load (``_upgrade_layout``).
+LAYOUT = "2"
 #: The bound on one FUNCTION LOAD when no policy says (Policy.load_timeout_ms).
 LOAD_TIMEOUT_MS = 10_000
 #: The bound on a node's periodic calls (its reading of the store, its lease renewal and
@@ -209,35 +212,49 @@ class RedisStore:
         self.load_library(library, policy, epoch)
         self._set_library(library, policy)
         self._autoload = True  # loaded on purpose: loading it again when Redis lost it is too
-        self._move_old_parents()
+        self._upgrade_layout()
         return library.policy_hash
 
-    def _move_old_parents(self) -> None:
-        """Live parents an older policer kept in the counts hash (``^level:value``
-        fields) moved to :attr:`Keys.parents`, once: the parents' version of this
-        layout starts with ``p``; any other version (one read when nothing is older)
-        has the old fields scanned and moved, then a version of this layout, which
-        makes the plans built before stale. A parent set meanwhile by this layout
-        stands (``HSETNX``)."""
+    def _upgrade_layout(self) -> None:
+        """The state an older policer kept otherwise, moved once (the counts hash's
+        ``#layout`` field names the layout, :data:`LAYOUT`): live parents from the
+        counts hash (``^level:value``) to :attr:`Keys.parents` (a parent set meanwhile
+        stands: ``HSETNX``), and a value's live caps (``R|`` fields) into its live
+        limits field after its live max. The fields are scanned without blocking Redis;
+        parents moved give the parents' version a new token, which makes the plans built
+        before stale."""
         client = self.client
         counts, parents = self.keys.counts, self.keys.parents
-        version = self._run(lambda: client.hget(counts, self.keys.PARENTS_VERSION))
-        if version is None or _str(version).startswith("p"):
+        if _str(self._run(lambda: client.hget(counts, "#layout")) or "") == LAYOUT:
             return
-        rows = self._run(lambda: list(client.hscan_iter(counts, match="^?*", count=1000)))
+        old = self._run(lambda: [(_str(f), v) for f, v in client.hscan_iter(
+            counts, match="[R^]?*", count=1000)])
+        caps = [(f, v) for f, v in old if f.startswith("R|")]
+        up = [(f, v) for f, v in old if f.startswith("^")]
+        maxes = self._run(lambda: client.hmget(counts, ["L" + f[1:] for f, _ in caps])
+                          ) if caps else []
 
         def move() -> None:
             pipe = client.pipeline(transaction=True)
-            for f, v in rows:
-                pipe.hsetnx(parents, _str(f)[1:], v)
+            for f, v in up:
+                pipe.hsetnx(parents, f[1:], v)
                 pipe.hdel(counts, f)
-            pipe.hset(counts, self.keys.PARENTS_VERSION, _parents_version())
+            for (f, v), mx in zip(caps, maxes, strict=True):
+                items = _live_items(_str(v))
+                items.pop("", None)
+                if mx is not None:
+                    items = {**items, **_live_items(_str(mx))}
+                pipe.hset(counts, "L" + f[1:], _live_text(items))
+                pipe.hdel(counts, f)
+            pipe.hset(counts, "#layout", LAYOUT)
+            if up:
+                pipe.hset(counts, self.keys.PARENTS_VERSION, uuid.uuid4().hex)
             pipe.execute()
 
         self._run(move)
-        if rows:
-            get_logger("policer.store").info("parents_moved", parents=len(rows),
-                                             to=parents)
+        if old:
+            get_logger("policer.store").info("layout_upgraded", parents=len(up),
+                                             live_caps=len(caps), layout=LAYOUT)
 
     @property
     def load_timeout_ms(self) -> int:
@@ -718,23 +735,28 @@ class RedisStore:
         raw: dict[str, str] = self._run(lambda: client.hgetall(self.keys.decisions))
         return decisions_from(raw)
 
-    # -- live limits (fields of the counts hash: L| live max, R| live caps, T| state)
+    # -- live limits (fields of the counts hash: L| a value's live max and caps, T| state)
     def limit_get(self, profile: str, value: str) -> int | None:
         client = self.client
         v = self._run(lambda: client.hget(self.keys.counts, self.keys.limit_field(profile,
                                                                                    value)))
-        return None if v is None else int(v)
+        return _live_max(None if v is None else _str(v))
 
     def limit_set(self, profile: str, value: str, maximum: int) -> int | None:
-        old = self._swap_field(self.keys.limit_field(profile, value), maximum)
+        old = self._swap_live(profile, value, "", str(maximum))
         return None if old is None else int(old)
 
     def limit_unset(self, profile: str, value: str) -> int | None:
-        old = self._swap_field(self.keys.limit_field(profile, value), None)
+        old = self._swap_live(profile, value, "", None)
         return None if old is None else int(old)
 
     def limits(self, profile: str) -> dict[str, int]:
-        return {v: int(n) for v, n in self._value_fields("L|", profile).items()}
+        out = {}
+        for v, raw in self._value_fields("L|", profile).items():
+            mx = _live_max(raw)
+            if mx is not None:
+                out[v] = mx
+        return out
 
     def parent_set(self, profile: str, value: str, parent: str) -> str | None:
         old = self._swap_field(self.keys.parent_field(profile, value), raw_bytes(parent),
@@ -768,7 +790,7 @@ class RedisStore:
             else:
                 pipe.hset(where, field, new)
             if key is not None:
-                pipe.hset(counts, self.keys.PARENTS_VERSION, _parents_version())
+                pipe.hset(counts, self.keys.PARENTS_VERSION, uuid.uuid4().hex)
             return pipe.execute()[0]
 
         return self._run(swap)
@@ -785,26 +807,28 @@ class RedisStore:
         return {value_from_key(_str(f)[plen:]): _str(v) for f, v in rows}
 
     def _swap_live(self, profile: str, value: str, item: str, new: str | None) -> str | None:
-        """Set (None: remove) one item of a value's live rate and window caps (its ``R|``
-        field: ``,R=<max>:<per ms>:<burst>`` and ``,<per>=<max>`` items); returns the
-        item's previous value. A changed rate starts afresh: the value's rate state (its
+        """Set (None: remove) one item of a value's live limits (its ``L|`` field: the
+        live max, item ``""``, then the rate and window caps, ``,R=<max>:<per
+        ms>:<burst>`` and ``,<per>=<max>`` items: one field, so that the admit reads a
+        value's live limits with one field of its ``HMGET``); returns the item's
+        previous value. A changed rate starts afresh: the value's rate state (its
         theoretical arrival time) is dropped in the same transaction, so no debt run up
         under another rate carries over; its windows stay."""
         client = self.client
         key = self.keys.counts
-        field = self.keys.caps_field(profile, value)
+        field = self.keys.limit_field(profile, value)
         tfield = self.keys.state_field(profile, value)
 
         def swap(pipe: Any) -> str | None:
             raw = pipe.hget(key, field)
             state = pipe.hget(key, tfield) if item == "R" else None
-            items = _live_items(None if raw is None else str(raw))
+            items = _live_items(None if raw is None else _str(raw))
             old = items.pop(item, None)
             if new is not None:
                 items[item] = new
             pipe.multi()
             if items:
-                pipe.hset(key, field, "".join(f",{k}={v}" for k, v in items.items()))
+                pipe.hset(key, field, _live_text(items))
             else:
                 pipe.hdel(key, field)
             if state is not None:
@@ -843,12 +867,12 @@ class RedisStore:
         def read() -> list[Any]:
             fields = [self.keys.state_field(profile, value)]
             if value is not None:
-                fields.append(self.keys.caps_field(profile, value))
+                fields.append(self.keys.limit_field(profile, value))
             return list(client.hmget(self.keys.counts, fields))
 
         raw = self._run(read)
         tat, *parts = str(raw[0] or "").split("|")  # the library's state field
-        live = _live_items(None if len(raw) < 2 or raw[1] is None else str(raw[1]))
+        live = _live_items(None if len(raw) < 2 or raw[1] is None else _str(raw[1]))
         live_rate = Rate(*(int(x) for x in live["R"].split(":"))) if "R" in live else None
         windows = {}
         for part in parts:
@@ -1056,13 +1080,28 @@ class RedisStore:
 
 
 def _live_items(text: str | None) -> dict[str, str]:
-    """The items of a ``<enc>|L`` field: ``R`` -> ``max:per:burst``, ``<per>`` -> max."""
-    out: dict[str, str] = {}
-    for item in (text or "").split(","):
+    """The items of a value's live limits (its ``L|`` field, ``<max>,R=...,<per>=...``):
+    ``""`` -> its live max (absent: none), ``R`` -> ``max:per:burst``, ``<per>`` -> max."""
+    if not text:
+        return {}
+    head, *rest = text.split(",")
+    out: dict[str, str] = {"": head} if head else {}
+    for item in rest:
         k, eq, v = item.partition("=")
         if eq:
             out[k] = v
     return out
+
+
+def _live_text(items: Mapping[str, str]) -> str:
+    """A value's live limits field from its items (:func:`_live_items`)."""
+    return items.get("", "") + "".join(f",{k}={v}" for k, v in items.items() if k)
+
+
+def _live_max(text: str | None) -> int | None:
+    """The live max of a value's live limits field (None: none)."""
+    mx = _live_items(text).get("")
+    return None if mx is None else int(mx)
 
 
 def store_error(e: BaseException) -> StoreError:
@@ -1216,12 +1255,6 @@ def stats_from(stats: dict[str, str], decisions: dict[str, str]) -> dict[str, in
             if reason in ("failed", "cancel"):
                 out["failed"] += n
     return out
-
-
-def _parents_version() -> str:
-    """A new token for the live parents' version (``Keys.PARENTS_VERSION``); ``p``
-    marks this layout (parents in :attr:`Keys.parents`)."""
-    return "p" + uuid.uuid4().hex
 
 
 def _str(v: object) -> str:

@@ -20,7 +20,7 @@ local function fn_admitm(keys, args)
                shadow = args[at + 5] == '1', idx = 1, dur = -1, rej = rej, rrej = rej}
     local fld = name
     if args[at + 1] == '1' then fld = name .. ':' .. enc else enc = '' end
-    members[i] = {p, e, enc, fld, {enc, fld, 'L|' .. fld, 'R|' .. fld, 'T|' .. fld}}
+    members[i] = {p, e, enc, fld, {enc, fld, 'L|' .. fld, 'T|' .. fld}}
     at = at + 6
   end
   local flags = tonumber(args[3])

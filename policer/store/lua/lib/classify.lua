@@ -3,14 +3,14 @@
 -- policer.classify is the same rule in Python (the model).
 
 -- Per profile, built once when the library loads: its count field (a no-value profile)
--- or its fields' prefix (a valued one: the encoded value follows), and the live limit,
--- live cap and rate/window state fields' prefixes.
+-- or its fields' prefix (a valued one: the encoded value follows), and the live limits
+-- and rate/window state fields' prefixes.
 for i = 1, #PLAN do
   local p = PLAN[i]
   p.idx = i
   if p.attr == 0 then
     p.fld = p.name
-    p.fields = {'', p.fld, 'L|' .. p.fld, 'R|' .. p.fld, 'T|' .. p.fld}
+    p.fields = {'', p.fld, 'L|' .. p.fld, 'T|' .. p.fld}
   else
     p.pre = p.name .. ':'
     p.vcache = {}
@@ -225,8 +225,8 @@ local function read_attrs(attrs)
   return values
 end
 
--- A valued profile's fields for one raw value: {encoded value, count field, live max
--- field, live caps field, state field}, remembered per profile (VCACHE.MAX values in
+-- A valued profile's fields for one raw value: {encoded value, count field, live limits
+-- field (its live max and live caps), state field}, remembered per profile (VCACHE.MAX values in
 -- all, then forgotten at once): a value that calls again costs a table lookup.
 local VCACHE = {n = 0, MAX = 20000}
 
@@ -239,7 +239,7 @@ local function value_fields(p, v)
   end
   local enc = key_part(v)
   local fld = p.pre .. enc
-  c = {enc, fld, 'L|' .. fld, 'R|' .. fld, 'T|' .. fld}
+  c = {enc, fld, 'L|' .. fld, 'T|' .. fld}
   p.vcache[v] = c
   VCACHE.n = VCACHE.n + 1
   return c
@@ -259,8 +259,8 @@ end
 -- A call's plan: its memberships ({profile plan, limit entry (nil: none applies),
 -- encoded value ('' none), count field, its fields (value_fields)}) and what deciding
 -- over them reads and writes, built once: hm the fields of P c one HMGET reads ('!hold'
--- first, then per member its count field; a valued member also its live max and live
--- caps; a member whose limit has a rate or windows its state: spos[i] its position,
+-- first, then per member its count field; a valued member also its live limits (its
+-- live max and live caps, one field); a member whose limit has a rate or windows its state: spos[i] its position,
 -- false none, and decide reads a value's state with live caps only then), pos[i]
 -- member i's count in that reply, fields the count fields (fields_s ','-joined), all:
 -- every profile of its class joined, md its max duration.
@@ -276,14 +276,13 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
     fields[i] = c[2]
     spos[i] = false
     if m[3] ~= '' then
-      hm[n + 1] = c[3]
-      hm[n + 2] = c[4]
-      n = n + 2
+      n = n + 1
+      hm[n] = c[3]
     end
     local e = m[2]
     if e and (e.T or e.win) then
       n = n + 1
-      hm[n] = c[5]
+      hm[n] = c[4]
       spos[i] = n
     end
   end

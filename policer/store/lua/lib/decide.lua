@@ -139,16 +139,20 @@ local function check_members(plan, h, emergency, bypass_allowed, nochecks, dry, 
     if e then max, reserve, sh = e.max, e.reserve, e.shadow end
     local live, L, state = 0, nil, nil
     if enc ~= '' then
+      -- a value's live limits (L|): its live max, then its live caps' items
       local lv = h[k + 1]
-      if lv then max = num(lv); live = 1 end
-      L = h[k + 2] or nil
+      if lv then
+        local mx, caps = string.match(lv, '^(%-?%d*)(.*)$')
+        if mx ~= '' then max = tonumber(mx); live = 1 end
+        if caps ~= '' then L = caps end
+      end
     end
     local sp = plan.spos[i]
     if sp then
       state = h[sp] or ''
     elseif L then
       -- live caps on a value whose limit has none: its state, read only then
-      state = redis.call('HGET', COUNTS, m[5][5]) or ''
+      state = redis.call('HGET', COUNTS, m[5][4]) or ''
     end
     local effective, kind = max, nil
     if not emergency then effective = max - reserve end
@@ -351,7 +355,7 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
         w[wn + 2] = ns(counts[i] + 1)
         wn = wn + 2
         if spend and spend[i] then
-          w[wn + 1] = members[i][5][5]
+          w[wn + 1] = members[i][5][4]
           w[wn + 2] = spend[i]
           wn = wn + 2
         end

@@ -89,7 +89,7 @@ local function egress(did, gw, now)
           delta_one(f, 1)
         end
         if spend and spend[i] then
-          w[wn + 1] = members[i][5][5]
+          w[wn + 1] = members[i][5][4]
           w[wn + 2] = spend[i]
           wn = wn + 2
         end

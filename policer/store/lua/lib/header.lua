@@ -77,14 +77,15 @@
 --                      <profile> | <profile>:<encoded value>   live dialogs (a dialog
 --                        counts until it is ended: released, or swept by a tick at most
 --                        a second after its deadline); a field at 0 is removed
---                      L|<field>   a value's live max (policer limits set)
---                      ^<level>:<encoded value>  the live parent of a value (the raw
---                        value of the hierarchy level <level>: policer parent set)
---                      R|<field>   its live rate and window caps (',R=<max>:<per
---                        ms>:<burst>', ',<per>=<max>' items)
+--                      L|<field>   a value's live limits: its live max (policer
+--                        limits set; '' none), then its live rate and window caps
+--                        (',R=<max>:<per ms>:<burst>', ',<per>=<max>' items)
+--                      ^           the live parents' version ('p' and a token)
 --                      T|<field>   its rate and window state ('<TAT us>' then
 --                        '|<per>=<window id>:<count>' per window)
 --                      #confirmed  answered dialogs;  !hold  admits held until (ms)
+--   P parents        hash: the live parents, '<level>:<encoded value>' -> the parent
+--                    (policer parent set), read when a call's plan is built
 --   P d:<dialog id>  string: the dialog's record (DIALOG of policer.protocol: a
 --                    newline-free header of '|'-joined fields, then the tail); written
 --                    by the admit with SET NX GET, so a dialog decided before is found

@@ -1,7 +1,8 @@
 -- ------------------------------------------------------------------ limits
 -- Rates (GCRA) and calendar windows of one member, from its state string in P c
 -- ('T|<field>': '<TAT us>' then '|<per>=<window id>:<count>' per window) and its live
--- caps ('R|<field>': ',R=<max>:<per ms>:<burst>', ',<per>=<max>' items).
+-- caps (the items after its live max in 'L|<field>': ',R=<max>:<per ms>:<burst>',
+-- ',<per>=<max>').
 
 local function ceil_s(ms)
   local s = math.ceil(ms / 1000)
