@@ -759,38 +759,32 @@ class RedisStore:
         return out
 
     def parent_set(self, profile: str, value: str, parent: str) -> str | None:
-        old = self._swap_field(self.keys.parent_field(profile, value), raw_bytes(parent),
-                               key=self.keys.parents)
+        old = self._swap_parent(self.keys.parent_field(profile, value), raw_bytes(parent))
         return None if old is None else _str(old)
 
     def parent_unset(self, profile: str, value: str) -> str | None:
-        old = self._swap_field(self.keys.parent_field(profile, value), None,
-                               key=self.keys.parents)
+        old = self._swap_parent(self.keys.parent_field(profile, value), None)
         return None if old is None else _str(old)
 
     def parents(self, profile: str) -> dict[str, str]:
         return self._value_fields("", profile, self.keys.parents)
 
-    def _swap_field(self, field: str, new: bytes | int | None, key: str | None = None
-                    ) -> Any:
-        """Set (None: remove) one field of the counts hash (or of ``key``: the live
-        parents), in a transaction; returns its previous value. A live parent's change
-        gives the parents' version (``Keys.PARENTS_VERSION`` in the counts hash) a new
-        token in the same transaction: the library's plans built on the parents before
-        are stale then."""
+    def _swap_parent(self, field: str, new: bytes | None) -> Any:
+        """Set (None: remove) one live parent, in a transaction with a new token for the
+        parents' version (``Keys.PARENTS_VERSION`` in the counts hash): the library's
+        plans built on the parents before are stale then. Returns the previous
+        parent."""
         client = self.client
-        counts = self.keys.counts
-        where = key or counts
+        parents = self.keys.parents
 
         def swap() -> Any:
             pipe = client.pipeline(transaction=True)
-            pipe.hget(where, field)
+            pipe.hget(parents, field)
             if new is None:
-                pipe.hdel(where, field)
+                pipe.hdel(parents, field)
             else:
-                pipe.hset(where, field, new)
-            if key is not None:
-                pipe.hset(counts, self.keys.PARENTS_VERSION, uuid.uuid4().hex)
+                pipe.hset(parents, field, new)
+            pipe.hset(self.keys.counts, self.keys.PARENTS_VERSION, uuid.uuid4().hex)
             return pipe.execute()[0]
 
         return self._run(swap)
