@@ -392,9 +392,12 @@ class Engine:
                            admitted=True, number_class=d.number_class,
                            memberships=list(d.memberships), latency_us=round(elapsed * 1e6))
         else:
+            # (a fraud rule's refusal counts nothing of a limit: its statistic and level
+            # are in the rule's event; the limit names the rule)
+            counted = {} if d.kind == "fraud" else {"count": d.count, "max": d.max}
             self.log.info("decision", call_id=call.call_id, dialog_id=d.dialog_id,
-                          admitted=d.admitted, code=d.code, limit=d.limit, count=d.count,
-                          max=d.max, kind=d.kind, bypass=d.bypass, shadow=d.shadow,
+                          admitted=d.admitted, code=d.code, limit=d.limit, **counted,
+                          kind=d.kind, bypass=d.bypass, shadow=d.shadow,
                           fallback=d.fallback,
                           number_class=d.number_class, memberships=list(d.memberships),
                           latency_us=round(elapsed * 1e6))

@@ -11,10 +11,13 @@ instant (the top of an hour, plus a minute) so that no test straddles a boundary
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
+from policer import log
 from policer.call import Call
 from policer.engine import Decision, Engine
 from policer.store import Store
@@ -89,7 +92,17 @@ def test_a_sweep_crosses_warning_then_critical_and_the_value_is_blocked(
     up = [e.admit(intl("mallory", i)) for i in range(4)]
     assert all(d.admitted for d in up)
     # the fifth distinct number reaches critical: that call is refused, the user blocked
-    crossing = e.admit(intl("mallory", 4))
+    log.configure(level="info")
+    try:
+        with capture_logs() as logs:
+            e = engine_for(SWEEP)  # (an engine's logger is bound when it is made)
+            crossing = e.admit(intl("mallory", 4))
+    finally:
+        log.configure(level=os.environ["POLICER_LOG_LEVEL"])
+    # its log line names the rule, and no limit's count it never had
+    line = next(x for x in logs if x["event"] == "decision")
+    assert (line["limit"], line["kind"], line["code"]) == ("intl-sweep", "fraud", 403)
+    assert "count" not in line and "max" not in line
     assert (crossing.admitted, crossing.code, crossing.reason, crossing.kind,
             crossing.limit) == (False, 403, "Fraud Suspected", "fraud", "intl-sweep")
     # every call of the value is refused now, whatever it dials; other users are not
