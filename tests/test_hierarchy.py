@@ -122,7 +122,7 @@ def test_live_state_an_older_policer_kept_still_counts_after_an_upgrade(
     assert redis_store.parents("reseller") == {"acme": "r-old", "bolt": "r-new"}
     assert redis_store.parents("group") == {"r-old": "g1"}
     assert redis_store.limits("customer") == {"acme": 5}
-    assert [f for f in client.hkeys(keys.counts) if f[:1] in "^R"] == ["^"]
+    assert [f for f in map(str, client.hkeys(keys.counts)) if f[:1] in "^R"] == ["^"]
     e = Engine(hierarchy_policy(), redis_store)
     d = e.admit(by("alice", "acme"))
     assert d.memberships[2:] == ("reseller=r-old", "group=g1")

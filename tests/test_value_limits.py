@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from policer.call import Call
-from policer.policy import Policy
+from policer.policy import Policy, Rate
 from policer.store import Store
 from tests.support import EngineFactory, call
 from tests.support.policies import build_policy, policy_errors
@@ -58,6 +58,27 @@ def test_a_live_limit_wins_over_the_files_value(engine_for: EngineFactory,
     assert [e.admit(via("gw1")).admitted for _ in range(3)] == [True, True, False]
     store.limit_unset("trunk", "gw1")
     assert not e.admit(via("gw1")).admitted  # back to the file's 1 (2 are up)
+
+
+def test_a_live_limit_changed_after_a_values_calls_applies_from_its_next_call(
+        engine_for: EngineFactory, store: Store) -> None:
+    """A value that has called (its plan kept, with its live limits as they were) gets a
+    live max, a live rate, then neither, each from its very next call; another value's
+    change leaves it as it is."""
+    e = engine_for(trunk_policy({"max": 10}))
+    assert all(e.admit(via("gw1")).admitted for _ in range(2))
+    store.limit_set("trunk", "gw1", 3)
+    assert [e.admit(via("gw1")).admitted for _ in range(2)] == [True, False]
+    store.limit_set("trunk", "gw2", 1)  # someone else's
+    assert not e.admit(via("gw1")).admitted
+    store.rate_limit_set("trunk", "gw1", Rate(1, 60_000, 1))
+    store.limit_unset("trunk", "gw1")
+    got = [e.admit(via("gw1")) for _ in range(2)]
+    assert [d.admitted for d in got] == [True, False]
+    assert (got[1].kind, got[1].limit) == ("rate", "trunk")
+    store.rate_limit_set("trunk", "gw1", None)
+    assert e.admit(via("gw1")).admitted
+    assert store.profile_size("trunk", "gw1") == 5
 
 
 def test_a_value_may_have_a_rate_of_its_own(engine_for: EngineFactory) -> None:

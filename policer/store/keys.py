@@ -174,8 +174,9 @@ class Keys:
         return f"L|{profile}:{key_part(value)}"
 
     #: The field of :attr:`counts` whose value changes (a new token) with every change
-    #: of a live parent: the decision library's plans built on parents re-read it.
-    PARENTS_VERSION = "^"
+    #: of a live parent or a live limit: the decision library's plans, which keep the
+    #: parents and live limits they were built on, re-read it with every call's counts.
+    LIVE_VERSION = "^"
 
     @staticmethod
     def parent_field(profile: str, value: str) -> str:

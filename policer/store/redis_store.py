@@ -221,8 +221,8 @@ class RedisStore:
         counts hash (``^level:value``) to :attr:`Keys.parents` (a parent set meanwhile
         stands: ``HSETNX``), and a value's live caps (``R|`` fields) into its live
         limits field after its live max. The fields are scanned without blocking Redis;
-        parents moved give the parents' version a new token, which makes the plans built
-        before stale."""
+        moved parents or caps give the live version a new token, which makes the plans
+        built before stale."""
         client = self.client
         counts, parents = self.keys.counts, self.keys.parents
         if _str(self._run(lambda: client.hget(counts, "#layout")) or "") == LAYOUT:
@@ -247,8 +247,8 @@ class RedisStore:
                 pipe.hset(counts, "L" + f[1:], _live_text(items))
                 pipe.hdel(counts, f)
             pipe.hset(counts, "#layout", LAYOUT)
-            if up:
-                pipe.hset(counts, self.keys.PARENTS_VERSION, uuid.uuid4().hex)
+            if up or caps:
+                pipe.hset(counts, self.keys.LIVE_VERSION, uuid.uuid4().hex)
             pipe.execute()
 
         self._run(move)
@@ -771,9 +771,8 @@ class RedisStore:
 
     def _swap_parent(self, field: str, new: bytes | None) -> Any:
         """Set (None: remove) one live parent, in a transaction with a new token for the
-        parents' version (``Keys.PARENTS_VERSION`` in the counts hash): the library's
-        plans built on the parents before are stale then. Returns the previous
-        parent."""
+        live version (``Keys.LIVE_VERSION`` in the counts hash): the library's plans
+        built before are stale then. Returns the previous parent."""
         client = self.client
         parents = self.keys.parents
 
@@ -784,7 +783,7 @@ class RedisStore:
                 pipe.hdel(parents, field)
             else:
                 pipe.hset(parents, field, new)
-            pipe.hset(self.keys.counts, self.keys.PARENTS_VERSION, uuid.uuid4().hex)
+            pipe.hset(self.keys.counts, self.keys.LIVE_VERSION, uuid.uuid4().hex)
             return pipe.execute()[0]
 
         return self._run(swap)
@@ -805,9 +804,12 @@ class RedisStore:
         live max, item ``""``, then the rate and window caps, ``,R=<max>:<per
         ms>:<burst>`` and ``,<per>=<max>`` items: one field, so that the admit reads a
         value's live limits with one field of its ``HMGET``); returns the item's
-        previous value. A changed rate starts afresh: the value's rate state (its
-        theoretical arrival time) is dropped in the same transaction, so no debt run up
-        under another rate carries over; its windows stay."""
+        previous value. The live version (``Keys.LIVE_VERSION``) gets a new token in the
+        same transaction: the library's plans keep their members' live limits, and are
+        built again on the next call after any change. A changed rate starts afresh: the
+        value's rate state (its theoretical arrival time) is dropped in the same
+        transaction, so no debt run up under another rate carries over; its windows
+        stay."""
         client = self.client
         key = self.keys.counts
         field = self.keys.limit_field(profile, value)
@@ -825,6 +827,7 @@ class RedisStore:
                 pipe.hset(key, field, _live_text(items))
             else:
                 pipe.hdel(key, field)
+            pipe.hset(key, self.keys.LIVE_VERSION, uuid.uuid4().hex)
             if state is not None:
                 windows = str(state).partition("|")[2]
                 if windows:

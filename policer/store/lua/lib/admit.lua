@@ -27,7 +27,8 @@ local function admit_call(node, call_id, from_tag, attrs, mode, now, at, early_m
   local r = decide(did, plan, flags, early_ms or EARLY_MS, node, now, at, cls, mode == 'e',
                    rq, tail, attrs)
   if r == ANSWER.stale then
-    -- a live parent changed since the plan was built: built again on what is there now
+    -- a live parent or live limit changed since the plan was built: built again on what
+    -- is there now
     cls, number, plan = classify(values, at, true)
     CALL.dir = plan.dir
     r = decide(did, plan, flags, early_ms or EARLY_MS, node, now, at, cls, mode == 'e', rq,

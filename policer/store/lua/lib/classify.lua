@@ -260,12 +260,14 @@ end
 -- encoded value ('' none), count field, its fields (value_fields)}) and what deciding
 -- over them reads and writes, built once: hm the fields of P c one HMGET reads ('!hold'
 -- first, then per member its count field; a valued member also its live limits (its
--- live max and live caps, one field); a member whose limit has a rate or windows its state: spos[i] its position,
+-- live max and live caps, one field) at lpos[i], unless the plan keeps them (lvals:
+-- member -> its live limits as read when it was built, false none, at the live version
+-- ver, which the HMGET reads again at vpos); a member whose limit has a rate or windows its state: spos[i] its position,
 -- false none, and decide reads a value's state with live caps only then), pos[i]
 -- member i's count in that reply, fields the count fields (fields_s ','-joined), all:
 -- every profile of its class joined, md its max duration.
-local function plan_entry(members, all, cls, dir, looked, missing, fraud)
-  local hm, pos, fields, spos = {'!hold'}, {}, {}, {}
+local function plan_entry(members, all, cls, dir, looked, missing, fraud, lvals)
+  local hm, pos, fields, spos, lpos = {'!hold'}, {}, {}, {}, nil
   local n = 1
   for i = 1, #members do
     local m = members[i]
@@ -275,9 +277,11 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
     pos[i] = n
     fields[i] = c[2]
     spos[i] = false
-    if m[3] ~= '' then
+    if m[3] ~= '' and not lvals then
       n = n + 1
       hm[n] = c[3]
+      if lpos == nil then lpos = {} end
+      lpos[i] = n
     end
     local e = m[2]
     if e and (e.T or e.win) then
@@ -295,9 +299,10 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
       fraud[i].pf = n
     end
   end
-  -- a plan built on live parents: the parents' version then (P c '^', a new token on
-  -- every change of any live parent; false none), read again with the counts at vpos;
-  -- another makes the plan stale (one field for the whole hierarchy)
+  -- a plan built on live parents or keeping live limits: the live version then (P c
+  -- '^', a new token on every change of a live parent or live limit; false none), read
+  -- again with the counts at vpos; another makes the plan stale (one field for the whole
+  -- hierarchy and all the members' live limits)
   local vpos = nil
   if looked and looked.ver ~= nil then
     n = n + 1
@@ -323,7 +328,7 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud)
   return {members = members, all = all, hm = hm, pos = pos, spos = spos, fields = fields,
           fields_s = table.concat(fields, ','), md = max_duration(members, cls),
           dir = dir or '', plain = PLAIN_KEY[situation(cls, dir or '')], vpos = vpos,
-          ver = looked and looked.ver,
+          ver = looked and looked.ver, lpos = lpos, lvals = lvals,
           missing = missing, gws = gws, nogw_s = nogw and table.concat(nogw, ',') or '',
           fraud = fraud}
 end
@@ -371,8 +376,10 @@ end
 
 -- The call's memberships in policy order; a call without a value for a valued profile
 -- joins no count of it. mow: the minute of the week schedules pick entries at; gw: only
--- the profiles whose value is where the call is sent (an egress attempt's).
-local function build_plan(values, cls, dir, mow, gw)
+-- the profiles whose value is where the call is sent (an egress attempt's); kept: the
+-- plan is kept for later calls (classify), so it keeps its members' live limits, read
+-- now with the live version (a plan built for one call reads them with its counts).
+local function build_plan(values, cls, dir, mow, gw, kept)
   local ps = PLAN_OF[situation(cls, dir)] or PLAN_OF[situation('', '')]
   local members = {}
   local n = 0
@@ -405,6 +412,29 @@ local function build_plan(values, cls, dir, mow, gw)
       end
     end
   end
+  local lvals = nil
+  if kept then
+    local lf, li = nil, nil
+    for i = 1, n do
+      if members[i][3] ~= '' then
+        if lf == nil then lf, li = {}, {} end
+        lf[#lf + 1] = members[i][5][3]
+        li[#li + 1] = i
+      end
+    end
+    if lf then
+      if looked == nil then looked = {} end
+      local first = 1
+      if looked.ver == nil then
+        table.insert(lf, 1, '^')
+        first = 2
+      end
+      local got = redis.call('HMGET', COUNTS, unpack(lf))
+      if first == 2 then looked.ver = got[1] end
+      lvals = {}
+      for j = 1, #li do lvals[li[j]] = got[j + first - 1] end
+    end
+  end
   -- the fraud states of the rules with a value of their key in the call: {the rule
   -- keeping the state (its group, FR.GROUP, shares it: model.shared_counts), encoded
   -- value, state field, counts = whether the call's class counts}; fraud.lua keeps what
@@ -420,7 +450,7 @@ local function build_plan(values, cls, dir, mow, gw)
       fraud[#fraud + 1] = {r, enc, 'F|' .. r.name .. ':' .. enc, counts = frs[i][2]}
     end
   end
-  return plan_entry(members, n == #ps, cls, dir, looked, missing, fraud)
+  return plan_entry(members, n == #ps, cls, dir, looked, missing, fraud, lvals)
 end
 
 -- Plans by situation, then by the values of its KEY_ATTRS (nested tables; false: no value),
@@ -464,7 +494,7 @@ local function classify(values, at, fresh)
       PLANS = {}
       PLANS_N = 0
     end
-    plan = build_plan(values, cls, dir, 0)
+    plan = build_plan(values, cls, dir, 0, nil, true)
     t[leaf] = plan
     PLANS_N = PLANS_N + 1
   end

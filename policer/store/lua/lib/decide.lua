@@ -139,8 +139,10 @@ local function check_members(plan, h, emergency, bypass_allowed, nochecks, dry, 
     if e then max, reserve, sh = e.max, e.reserve, e.shadow end
     local live, L, state = 0, nil, nil
     if enc ~= '' then
-      -- a value's live limits (L|): its live max, then its live caps' items
-      local lv = h[k + 1]
+      -- a value's live limits (L|): its live max, then its live caps' items (kept by the
+      -- plan at the live version, or read with the counts)
+      local lv
+      if plan.lvals then lv = plan.lvals[i] else lv = h[plan.lpos[i]] end
       if lv then
         local mx, caps = string.match(lv, '^(%-?%d*)(.*)$')
         if mx ~= '' then max = tonumber(mx); live = 1 end
