@@ -226,8 +226,8 @@ local function read_attrs(attrs)
 end
 
 -- A valued profile's fields for one raw value: {encoded value, count field, live limits
--- field (its live max and live caps), state field}, remembered per profile (VCACHE.MAX values in
--- all, then forgotten at once): a value that calls again costs a table lookup.
+-- field (its live max and live caps), state field}, remembered per profile (VCACHE.MAX
+-- values in all, then forgotten at once): a value that calls again costs a table lookup.
 local VCACHE = {n = 0, MAX = 20000}
 
 local function value_fields(p, v)
@@ -262,8 +262,9 @@ end
 -- first, then per member its count field; a valued member also its live limits (its
 -- live max and live caps, one field) at lpos[i], unless the plan keeps them (lvals:
 -- member -> its live limits as read when it was built, false none, at the live version
--- ver, which the HMGET reads again at vpos); a member whose limit has a rate or windows its state: spos[i] its position,
--- false none, and decide reads a value's state with live caps only then), pos[i]
+-- ver, which the HMGET reads again at vpos); a member whose limit has a rate or windows
+-- its state: spos[i] its position, false none, and decide reads a value's state with
+-- live caps only then), pos[i]
 -- member i's count in that reply, fields the count fields (fields_s ','-joined), all:
 -- every profile of its class joined, md its max duration.
 local function plan_entry(members, all, cls, dir, looked, missing, fraud, lvals)
@@ -333,7 +334,7 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud, lvals)
           fraud = fraud}
 end
 
--- The live parents read (t: by field, false none) at the parents' version ver: a plan
+-- The live parents read (t: by field, false none) at the live version ver: a plan
 -- built later at the same version reads each parent once (an upper level's few values,
 -- a reseller's group, are shared by many customers); another version, or MAX entries,
 -- and they are forgotten at once.
@@ -341,8 +342,8 @@ local PCACHE = {ver = nil, n = 0, t = {}, MAX = 20000}
 
 -- A profile's value for a call (false: none): its attribute's, or for a level of a
 -- hierarchy the parent registered for the value of the profile it is the parent of (the
--- live one in P parents, else the file's). pv: the values found so far, by profile; looked:
--- ver, the parents' version read before the first live parent.
+-- live one in P parents, else the file's). pv: the values found so far, by profile;
+-- looked: ver, the live version read before the first live parent.
 local function value_of(p, values, pv, looked)
   local v = pv[p.name]
   if v ~= nil then return v end

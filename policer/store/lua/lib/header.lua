@@ -80,7 +80,10 @@
 --                      L|<field>   a value's live limits: its live max (policer
 --                        limits set; '' none), then its live rate and window caps
 --                        (',R=<max>:<per ms>:<burst>', ',<per>=<max>' items)
---                      ^           the live parents' version ('p' and a token)
+--                      ^           the live version: a token renewed with every change
+--                        of a live parent or a live limit (kept plans read it)
+--                      #layout     the layout of this state (an older one is moved
+--                        by the first load)
 --                      T|<field>   its rate and window state ('<TAT us>' then
 --                        '|<per>=<window id>:<count>' per window)
 --                      #confirmed  answered dialogs;  !hold  admits held until (ms)
