@@ -452,7 +452,6 @@ local ATTEMPTS_KEEP_S = '' .. ATTEMPTS_KEEP
 local KEEP_MS = {KEEP_MS}
 local LIVE_TTL_S = '' .. (EARLY_MS + DIALOG_MS + KEEP_MS)
 local EARLY_S = '' .. EARLY_MS
-local PLAIN_MD = -1
 -- integers as strings (every number handed to redis.call would be printf'ed as a double)
 local INT_S = {{}}
 local function ns(n)

@@ -248,7 +248,7 @@ class RedisStore:
                 pipe.hdel(counts, f)
             pipe.hset(counts, "#layout", LAYOUT)
             if up or caps:
-                pipe.hset(counts, self.keys.LIVE_VERSION, uuid.uuid4().hex)
+                self._renew_live_version(pipe)
             pipe.execute()
 
         self._run(move)
@@ -769,6 +769,13 @@ class RedisStore:
     def parents(self, profile: str) -> dict[str, str]:
         return self._value_fields("", profile, self.keys.parents)
 
+    def _renew_live_version(self, pipe: Any) -> None:
+        """Queue a new token for the live version (``Keys.LIVE_VERSION`` in the counts
+        hash) on ``pipe``, in the transaction that changes a parent or a live limit: the
+        library's plans built before it are stale then, and built again on their next
+        call."""
+        pipe.hset(self.keys.counts, self.keys.LIVE_VERSION, uuid.uuid4().hex)
+
     def _swap_parent(self, field: str, new: bytes | None) -> Any:
         """Set (None: remove) one live parent, in a transaction with a new token for the
         live version (``Keys.LIVE_VERSION`` in the counts hash): the library's plans
@@ -783,7 +790,7 @@ class RedisStore:
                 pipe.hdel(parents, field)
             else:
                 pipe.hset(parents, field, new)
-            pipe.hset(self.keys.counts, self.keys.LIVE_VERSION, uuid.uuid4().hex)
+            self._renew_live_version(pipe)
             return pipe.execute()[0]
 
         return self._run(swap)
@@ -827,7 +834,7 @@ class RedisStore:
                 pipe.hset(key, field, _live_text(items))
             else:
                 pipe.hdel(key, field)
-            pipe.hset(key, self.keys.LIVE_VERSION, uuid.uuid4().hex)
+            self._renew_live_version(pipe)
             if state is not None:
                 windows = str(state).partition("|")[2]
                 if windows:

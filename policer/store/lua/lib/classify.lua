@@ -261,12 +261,12 @@ end
 -- over them reads and writes, built once: hm the fields of P c one HMGET reads ('!hold'
 -- first, then per member its count field; a valued member also its live limits (its
 -- live max and live caps, one field) at lpos[i], unless the plan keeps them (lvals:
--- member -> its live limits as read when it was built, false none, at the live version
--- ver, which the HMGET reads again at vpos); a member whose limit has a rate or windows
--- its state: spos[i] its position, false none, and decide reads a value's state with
--- live caps only then), pos[i]
--- member i's count in that reply, fields the count fields (fields_s ','-joined), all:
--- every profile of its class joined, md its max duration.
+-- member -> its live limits as read when it was built, decoded (live_of), false none,
+-- at the live version ver, which the HMGET reads again at vpos); a member whose limit
+-- has a rate or windows its state: spos[i] its position, false none, and decide reads
+-- a value's state with live caps only then), pos[i] member i's count in that reply,
+-- fields the count fields (fields_s ','-joined), all: every profile of its class
+-- joined, md its max duration.
 local function plan_entry(members, all, cls, dir, looked, missing, fraud, lvals)
   local hm, pos, fields, spos, lpos = {'!hold'}, {}, {}, {}, nil
   local n = 1
@@ -433,7 +433,7 @@ local function build_plan(values, cls, dir, mow, gw, kept)
       local got = redis.call('HMGET', COUNTS, unpack(lf))
       if first == 2 then looked.ver = got[1] end
       lvals = {}
-      for j = 1, #li do lvals[li[j]] = got[j + first - 1] end
+      for j = 1, #li do lvals[li[j]] = live_of(got[j + first - 1]) or false end
     end
   end
   -- the fraud states of the rules with a value of their key in the call: {the rule

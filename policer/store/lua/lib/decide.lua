@@ -142,11 +142,10 @@ local function check_members(plan, h, emergency, bypass_allowed, nochecks, dry, 
       -- a value's live limits (L|): its live max, then its live caps' items (kept by the
       -- plan at the live version, or read with the counts)
       local lv
-      if plan.lvals then lv = plan.lvals[i] else lv = h[plan.lpos[i]] end
+      if plan.lvals then lv = plan.lvals[i] else lv = live_of(h[plan.lpos[i]]) end
       if lv then
-        local mx, caps = string.match(lv, '^(%-?%d*)(.*)$')
-        if mx ~= '' then max = tonumber(mx); live = 1 end
-        if caps ~= '' then L = caps end
+        if lv[1] then max = lv[1]; live = 1 end
+        if lv[2] then L = lv[2] end
       end
     end
     local sp = plan.spos[i]

@@ -56,6 +56,15 @@ local function num(s)
   return n
 end
 
+-- A value's live limits field ('L|<field>': '<max>' then its live caps' items, ',...'),
+-- decoded once: {live max (false: none), the caps' items (false: none)}; nil when s is
+-- nil (no live limits).
+local function live_of(s)
+  if not s then return nil end
+  local mx, caps = string.match(s, '^(%-?%d*)(.*)$')
+  return {mx ~= '' and tonumber(mx) or false, caps ~= '' and caps or false}
+end
+
 -- '<len>:<bytes>' fields from position pos of s (a length of 1 to 9 digits, as
 -- policer.call.unpack_fields reads them): returns the field and the next position
 -- (nil when s ends or is malformed).
