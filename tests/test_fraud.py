@@ -281,6 +281,34 @@ def test_sequential_calls_and_a_shadow_rule(engine_for: EngineFactory,
     live_counts_match(store, [])
 
 
+def test_a_run_and_distinct_numbers_follow_calls_of_every_class(engine_for: EngineFactory,
+                                                                store: Store) -> None:
+    """A rule over every class counts a user's calls whichever class they dial: a call
+    of another class between two to the same number ends the run, and numbers dialled
+    again are not counted twice."""
+    e = engine_for(policy("""
+  - name: redial
+    key: user
+    per: 1h
+    sequential: {warning: 3}
+    distinct_numbers: {warning: 3}
+"""))
+    start_of_hour(store)
+    local, abroad = "5550001", "00442070001"
+    up = [e.admit(call(n, "dora")) for n in (local, abroad, local, local, abroad, local)]
+    assert all(d.admitted for d in up)
+    state = store.fraud_states("redial")["dora"]
+    assert (state.calls, state.distinct, state.sequential) == (6, 2, 1)
+    assert store.fraud_events() == []
+    up += [e.admit(call(local, "dora")) for _ in range(2)]
+    assert store.fraud_states("redial")["dora"].sequential == 3
+    assert [(x.stat, x.level, x.count) for x in store.fraud_events()] == [
+        ("sequential", "warning", 3)]
+    for d in up:
+        e.release(d.dialog_id)
+    live_counts_match(store, [])
+
+
 def test_concurrent_counts_the_key_profiles_live_calls(engine_for: EngineFactory,
                                                        store: Store) -> None:
     e = engine_for(policy("""

@@ -62,6 +62,22 @@ for i = 1, #FRAUD do
     r.low[j] = lo
   end
 end
+-- per state kept (its group): the lowest level of its rules per counted statistic
+-- (calls, distinct, run: below them all, a call reads no levels) and whether any of its
+-- rules watches concurrent calls (then every call looks at the rules' levels)
+for i = 1, #FRAUD do
+  local r = FRAUD[i]
+  local g = r.group
+  if g then
+    r.glow, r.gconc = {2 ^ 53, 2 ^ 53, 2 ^ 53}, false
+    for j = 1, #g do
+      for k = 1, 3 do
+        if g[j].low[k] < r.glow[k] then r.glow[k] = g[j].low[k] end
+      end
+      if g[j].st[4] and g[j].prof then r.gconc = true end
+    end
+  end
+end
 -- what one call writes (FR.check, FR.write; reused: fields n, then lists made when needed)
 FR.W = {fields = {}, n = 0}
 
@@ -114,15 +130,15 @@ function FR.put_levels(f, n, name, wid, lv)
   return n + 2, true
 end
 
--- A state field's value: its window, calls, distinct numbers and run (the last two
--- only when the state's rules watch them: r, any of them), block until (0 none), the
--- last number.
-function FR.pack(r, wid, c, d, q, till, last)
+-- A state field's value: its window (wp: the window's id and '|'), calls, distinct
+-- numbers and run (the last two only when the state's rules watch them: r, any of
+-- them), block until (0 none), the last number.
+function FR.pack(r, wp, c, d, q, till, last)
   local ds, qs, ts = '', '', ''
   if r.gd then ds = ns(d) end
   if r.gq then qs = ns(q) end
   if till > 0 then ts = ns(till) end
-  return wid .. '|' .. ns(c) .. '|' .. ds .. '|' .. qs .. '|' .. ts .. '|' .. last
+  return wp .. ns(c) .. '|' .. ds .. '|' .. qs .. '|' .. ts .. '|' .. last
 end
 
 -- A state field's values: window, calls, distinct, run, last number, block until (nil
@@ -160,7 +176,12 @@ end
 -- blocks {field, until}, new windows {field, end}} (each list nil when empty). dry: only
 -- the blocks in force are read. A state entry keeps what it last wrote (s) and its
 -- values (fe[4] window, [5] calls, [6] distinct, [7] run, [8] last number, [9] the end
--- of the blocks it names).
+-- of the blocks it names), with its window's start and end (fe.ws, fe.we, UTC ms), id
+-- and part of the field (fe.wid, fe.wp), sketch (fe.hk), and the dialled number it last
+-- counted as it came (fe.num: the one fe[8] encodes, already in the window's sketch).
+-- A call in the window of the state the entry last wrote, the state unchanged since,
+-- takes the short way: no window arithmetic, no sketch or encoding for the number
+-- dialled last, no levels while its counts are below every rule's lowest.
 function FR.check(plan, h, number, now, lnow, dry)
   local fraud = plan.fraud
   local rej = nil
@@ -204,28 +225,45 @@ function FR.check(plan, h, number, now, lnow, dry)
         w.n, w.events, w.blocks, w.fresh = 0, nil, nil, nil
       end
       local f = w.fields
-      local win = window_at(r0.per, lnow)
-      local wid = win[1]
       local c, d, q, last, fresh = 0, 0, 0, '', true
-      if vw == wid then fresh, c, d, q, last = false, vc, vd, vq, vl end
+      if s ~= nil and s == fe.s and lnow >= fe.ws and lnow < fe.we then
+        -- (the state this entry wrote, in its window)
+        fresh, c, d, q, last = false, vc, vd, vq, vl
+      else
+        local win = window_at(r0.per, lnow)
+        if vw == win[1] then fresh, c, d, q, last = false, vc, vd, vq, vl end
+        -- (a state another plan's entry wrote names another last number)
+        fe.num = nil
+        if fe.we ~= win[2] then
+          fe.ws, fe.we, fe.wid, fe.wp = win[4], win[2], win[1], win[1] .. '|'
+          fe.hk = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. win[1]
+        end
+      end
+      local wid = fe.wid
       c = c + 1
-      if r0.gd then
-        if number ~= '' then
-          if fe.hw ~= wid then fe.hk, fe.hw = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. wid, wid end
-          local hk = fe.hk
-          if redis.call('PFADD', hk, number) == 1 then
-            -- a new number: counted one by one up to 64, then as the sketch estimates
-            if d < 64 then d = d + 1 else d = redis.call('PFCOUNT', hk) end
-            if d == 1 then redis.call('PEXPIREAT', hk, ns(win[2] + 60000)) end
-          end
+      -- (the number dialled last: already in the sketch, and the same encoded number)
+      local again = number == fe.num
+      if r0.gd and number ~= '' and not again then
+        local hk = fe.hk
+        if redis.call('PFADD', hk, number) == 1 then
+          -- a new number: counted one by one up to 64, then as the sketch estimates
+          if d < 64 then d = d + 1 else d = redis.call('PFCOUNT', hk) end
+          if d == 1 then redis.call('PEXPIREAT', hk, ns(fe.we + 60000)) end
         end
       end
       if r0.gq then
-        if dialled == nil then dialled = key_part(number) end
-        if dialled == last then q = q + 1 else q = 1 end
-        last = dialled
+        if again then
+          q = q + 1
+        else
+          if dialled == nil then dialled = key_part(number) end
+          if dialled == last then q = q + 1 else q = 1 end
+          last = dialled
+        end
       end
-      for j = 1, #rules do
+      fe.num = number
+      local gl = r0.glow
+      local levels = c >= gl[1] or d >= gl[2] or q >= gl[3] or r0.gconc
+      for j = 1, levels and #rules or 0 do
         local r = rules[j]
         local st, low = r.st, r.low
         local live, mi = 0, nil
@@ -261,11 +299,11 @@ function FR.check(plan, h, number, now, lnow, dry)
           if put and lv[5] and j > 1 then
             -- (a rule sharing another's state: its own fields listed for the tick)
             if w.fresh == nil then w.fresh = {} end
-            w.fresh[#w.fresh + 1] = {'F|' .. r.name .. ':' .. enc, win[2]}
+            w.fresh[#w.fresh + 1] = {'F|' .. r.name .. ':' .. enc, fe.we}
           end
         end
       end
-      s = FR.pack(r0, wid, c, d, q, ct, last)
+      s = FR.pack(r0, fe.wp, c, d, q, ct, last)
       f[w.n + 1], f[w.n + 2] = fe[3], s
       w.n = w.n + 2
       -- (kept as read next: a call that is not written in the end, a retransmission,
@@ -273,7 +311,7 @@ function FR.check(plan, h, number, now, lnow, dry)
       fe.s, fe[4], fe[5], fe[6], fe[7], fe[8], fe[9] = s, wid, c, d, q, last, ct
       if fresh then
         if w.fresh == nil then w.fresh = {} end
-        w.fresh[#w.fresh + 1] = {fe[3], win[2]}
+        w.fresh[#w.fresh + 1] = {fe[3], fe.we}
       end
     end
   end
@@ -372,7 +410,8 @@ function FR.short(raw, start_s, now)
           -- the state (the one it shares) names the block: what the admit reads
           local sf = 'F|' .. r.state .. ':' .. enc
           local sw, sc, sd, sq, sl, st = FR.parse(redis.call('HGET', COUNTS, sf) or '')
-          out[5], out[6] = sf, FR.pack(r, sw or wid, sc, sd, sq, math.max(st, lv[2]), sl)
+          out[5], out[6] = sf, FR.pack(r, (sw or wid) .. '|', sc, sd, sq, math.max(st, lv[2]),
+                                       sl)
         end
         FR.put_levels(out, #out, 'Fl|' .. f, wid, lv)
       end
