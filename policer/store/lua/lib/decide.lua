@@ -343,13 +343,14 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
     else
       redis.call('HINCRBY', DECISIONS, 'rejected;rejected|' .. limit, '1')
     end
-    if fw then FR.write(fw, now, nil, 0) end
+    if fw then FR.write(fw, now, true) end
     if attrs then attempt(did, 'j', cls, node, ns(code), limit, tkind, tail) end
   else
-    -- the counts and spent states, one HSET
+    -- the counts and spent states, one HSET (after the fraud states' fields, in their
+    -- list: a table reused call after call, FR.W)
     local fields = plan.fields
-    local w = {}
-    local wn = 0
+    local w, wn = FR.W.fields, 0
+    if fw then wn = fw.n end
     for i = 1, n do
       if not (nogw and nogw[i]) then
         w[wn + 1] = fields[i]
@@ -362,7 +363,7 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
         end
       end
     end
-    if fw then wn = FR.write(fw, now, w, wn) end
+    if fw then FR.write(fw, now, false) end
     if wn > 0 then redis.call('HSET', COUNTS, unpack(w, 1, wn)) end
     -- the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
     redis.call('ZADD', P_NODE .. node, deadline, did)

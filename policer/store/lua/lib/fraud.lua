@@ -63,12 +63,14 @@ for i = 1, #FRAUD do
   end
 end
 -- per state kept (its group): the lowest level of its rules per counted statistic
--- (calls, distinct, run: below them all, a call reads no levels) and whether any of its
--- rules watches concurrent calls (then every call looks at the rules' levels)
+-- (calls, distinct, run: below them all, a call reads no levels), whether any of its
+-- rules watches concurrent calls (then every call looks at the rules' levels), and
+-- whether it counts every call of its classes (no prefixes, no schedule)
 for i = 1, #FRAUD do
   local r = FRAUD[i]
   local g = r.group
   if g then
+    r.always = r.pre == nil and r.sched == nil
     r.glow, r.gconc = {2 ^ 53, 2 ^ 53, 2 ^ 53}, false
     for j = 1, #g do
       for k = 1, 3 do
@@ -78,7 +80,8 @@ for i = 1, #FRAUD do
     end
   end
 end
--- what one call writes (FR.check, FR.write; reused: fields n, then lists made when needed)
+-- what one call writes (FR.check, FR.write; reused: fields n, then lists made when needed;
+-- decide adds an admission's counts to the fields, or writes them there alone)
 FR.W = {fields = {}, n = 0}
 
 -- Does a rule apply to a call to `number` at lnow (its prefixes, its schedule)?
@@ -135,10 +138,10 @@ end
 -- them), block until (0 none), the last number.
 function FR.pack(r, wp, c, d, q, till, last)
   local ds, qs, ts = '', '', ''
-  if r.gd then ds = ns(d) end
-  if r.gq then qs = ns(q) end
+  if r.gd then ds = INT_S[d] or ns(d) end
+  if r.gq then qs = INT_S[q] or ns(q) end
   if till > 0 then ts = ns(till) end
-  return wp .. ns(c) .. '|' .. ds .. '|' .. qs .. '|' .. ts .. '|' .. last
+  return wp .. (INT_S[c] or ns(c)) .. '|' .. ds .. '|' .. qs .. '|' .. ts .. '|' .. last
 end
 
 -- A state field's values: window, calls, distinct, run, last number, block until (nil
@@ -184,32 +187,30 @@ end
 -- dialled last, no levels while its counts are below every rule's lowest.
 function FR.check(plan, h, number, now, lnow, dry)
   local fraud = plan.fraud
-  local rej = nil
-  local w = nil
+  local rej, w, f, wn = nil, nil, nil, 0
   local dialled = nil
   for i = 1, #fraud do
     local fe = fraud[i]
-    local r0, enc = fe[1], fe[2]
-    local rules = r0.group
+    local r0 = fe[1]
     -- the state as read: what this entry wrote last is not parsed again (nearly always:
     -- the same library writes it; any other writer's value differs and is parsed)
     local s = h[fe.pf]
+    local same = s ~= nil and s == fe.s
     local vw, vc, vd, vq, vl, vt = nil, 0, 0, 0, '', 0
-    if s then
-      if s == fe.s then
-        vw, vc, vd, vq, vl, vt = fe[4], fe[5], fe[6], fe[7], fe[8], fe[9]
-      else
-        vw, vc, vd, vq, vl, vt = FR.parse(s)
-      end
+    if same then
+      vt = fe[9]
+    elseif s then
+      vw, vc, vd, vq, vl, vt = FR.parse(s)
     end
     -- a block stops every call of its value: the state names the end of its rules'
     -- blocks, and a rule's block field, read only then, says whether it stands (lifted:
     -- gone)
     local ct, bs = 0, nil
     if vt > now then
+      local rules = r0.group
       for j = 1, #rules do
         local r = rules[j]
-        local b = tonumber(redis.call('HGET', COUNTS, 'B|' .. r.name .. ':' .. enc))
+        local b = tonumber(redis.call('HGET', COUNTS, 'B|' .. r.name .. ':' .. fe[2]))
         if b and b > now then
           if b > ct then ct = b end
           if not r.shadow and rej == nil then rej = r end
@@ -218,20 +219,24 @@ function FR.check(plan, h, number, now, lnow, dry)
         end
       end
     end
-    if fe.counts and not dry and ((r0.pre == nil and r0.sched == nil)
-                                  or FR.applies(r0, number, lnow)) then
+    if fe.counts and not dry and (r0.always or FR.applies(r0, number, lnow)) then
       if w == nil then
         w = FR.W
-        w.n, w.events, w.blocks, w.fresh = 0, nil, nil, nil
+        f, w.events, w.blocks, w.fresh = w.fields, nil, nil, nil
       end
-      local f = w.fields
-      local c, d, q, last, fresh = 0, 0, 0, '', true
-      if s ~= nil and s == fe.s and lnow >= fe.ws and lnow < fe.we then
+      local c, d, q, last, fresh
+      local short = same and lnow < fe.we and lnow >= fe.ws
+      if short then
         -- (the state this entry wrote, in its window)
-        fresh, c, d, q, last = false, vc, vd, vq, vl
+        c, d, q, last, fresh = fe[5] + 1, fe[6], fe[7], fe[8], false
       else
+        if same then vw, vc, vd, vq, vl = fe[4], fe[5], fe[6], fe[7], fe[8] end
         local win = window_at(r0.per, lnow)
-        if vw == win[1] then fresh, c, d, q, last = false, vc, vd, vq, vl end
+        if vw == win[1] then
+          c, d, q, last, fresh = vc + 1, vd, vq, vl, false
+        else
+          c, d, q, last, fresh = 1, 0, 0, '', true
+        end
         -- (a state another plan's entry wrote names another last number)
         fe.num = nil
         if fe.we ~= win[2] then
@@ -239,83 +244,109 @@ function FR.check(plan, h, number, now, lnow, dry)
           fe.hk = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. win[1]
         end
       end
-      local wid = fe.wid
-      c = c + 1
-      -- (the number dialled last: already in the sketch, and the same encoded number)
-      local again = number == fe.num
-      if r0.gd and number ~= '' and not again then
-        local hk = fe.hk
-        if redis.call('PFADD', hk, number) == 1 then
-          -- a new number: counted one by one up to 64, then as the sketch estimates
-          if d < 64 then d = d + 1 else d = redis.call('PFCOUNT', hk) end
-          if d == 1 then redis.call('PEXPIREAT', hk, ns(fe.we + 60000)) end
+      local gd, gq = r0.gd, r0.gq
+      if number ~= fe.num then
+        -- (the number dialled last: already in the sketch, and the same encoded number)
+        if gd and number ~= '' then
+          local hk = fe.hk
+          if redis.call('PFADD', hk, number) == 1 then
+            -- a new number: counted one by one up to 64, then as the sketch estimates
+            if d < 64 then d = d + 1 else d = redis.call('PFCOUNT', hk) end
+            if d == 1 then redis.call('PEXPIREAT', hk, ns(fe.we + 60000)) end
+          end
         end
-      end
-      if r0.gq then
-        if again then
-          q = q + 1
-        else
+        if gq then
           if dialled == nil then dialled = key_part(number) end
           if dialled == last then q = q + 1 else q = 1 end
           last = dialled
         end
+        fe.num = number
+      elseif gq then
+        q = q + 1
       end
-      fe.num = number
       local gl = r0.glow
-      local levels = c >= gl[1] or d >= gl[2] or q >= gl[3] or r0.gconc
-      for j = 1, levels and #rules or 0 do
-        local r = rules[j]
-        local st, low = r.st, r.low
-        local live, mi = 0, nil
-        if st[4] and r.prof then
-          -- the key profile's live calls with this one
-          mi = FR.member(plan, r.prof)
-          if mi then live = (num(h[plan.pos[mi]]) or 0) + 1 end
-        end
-        if c >= low[1] or d >= low[2] or q >= low[3] or live >= low[4] then
-          -- a count at a level: the levels the rule reported in the window
-          local fl = 'Fl|' .. r.name .. ':' .. enc
-          local lv = FR.levels(redis.call('HGET', COUNTS, fl), wid, now)
-          local crit = FR.cross(r, enc, lv, 1, c, w)
-          if st[2] then crit = FR.cross(r, enc, lv, 2, d, w) or crit end
-          if st[3] then crit = FR.cross(r, enc, lv, 3, q, w) or crit end
-          if mi then crit = FR.cross(r, enc, lv, 4, live, w) or crit end
-          if crit and not r.shadow then
-            if rej == nil then rej = r end
-            local t = now + r.block
-            lv[2] = t
-            local b = bs and bs[j]
-            if not (b and b >= t) then
-              if t > ct then ct = t end
-              local bf = 'B|' .. r.name .. ':' .. enc
-              f[w.n + 1], f[w.n + 2] = bf, ns(t)
-              w.n = w.n + 2
-              if w.blocks == nil then w.blocks = {} end
-              w.blocks[#w.blocks + 1] = {bf, t}
-            end
-          end
-          local put
-          w.n, put = FR.put_levels(f, w.n, fl, wid, lv)
-          if put and lv[5] and j > 1 then
-            -- (a rule sharing another's state: its own fields listed for the tick)
-            if w.fresh == nil then w.fresh = {} end
-            w.fresh[#w.fresh + 1] = {'F|' .. r.name .. ':' .. enc, fe.we}
-          end
-        end
+      if c >= gl[1] or d >= gl[2] or q >= gl[3] or r0.gconc then
+        wn, ct = FR.levels_of(plan, h, fe, c, d, q, ct, bs, now, w, wn)
+        rej = rej or w.rej
       end
-      s = FR.pack(r0, fe.wp, c, d, q, ct, last)
-      f[w.n + 1], f[w.n + 2] = fe[3], s
-      w.n = w.n + 2
+      -- (FR.pack, inline: the hot path's one call fewer)
+      local ds, qs, ts = '', '', ''
+      if gd then ds = INT_S[d] or ns(d) end
+      if gq then qs = INT_S[q] or ns(q) end
+      if ct > 0 then ts = ns(ct) end
+      s = fe.wp .. (INT_S[c] or ns(c)) .. '|' .. ds .. '|' .. qs .. '|' .. ts .. '|' .. last
+      f[wn + 1], f[wn + 2] = fe[3], s
+      wn = wn + 2
       -- (kept as read next: a call that is not written in the end, a retransmission,
       -- leaves the field as it was, which then differs from fe.s and is parsed)
-      fe.s, fe[4], fe[5], fe[6], fe[7], fe[8], fe[9] = s, wid, c, d, q, last, ct
+      if short then
+        fe.s, fe[5] = s, c
+        if gd then fe[6] = d end
+        if gq then fe[7], fe[8] = q, last end
+        if ct ~= vt then fe[9] = ct end
+      else
+        fe.s, fe[4], fe[5], fe[6], fe[7], fe[8], fe[9] = s, fe.wid, c, d, q, last, ct
+      end
       if fresh then
         if w.fresh == nil then w.fresh = {} end
         w.fresh[#w.fresh + 1] = {fe[3], fe.we}
       end
     end
   end
+  if w then w.n = wn end
   return rej, w
+end
+
+-- The levels of the rules sharing one state entry fe (FR.check) for a call whose counts
+-- are c, d, q, at least one at the lowest level of some rule: each rule's levels field
+-- read, crossings reported (w.events), a critical crossing of a rule that is no shadow
+-- blocks its value (w.blocks; its field and the levels' written into w.fields after wn
+-- entries) and sets w.rej (the first such rule, nil none). ct: the latest block end the
+-- state names, bs: the blocks in force per rule of the group. Returns the new wn and ct.
+function FR.levels_of(plan, h, fe, c, d, q, ct, bs, now, w, wn)
+  local rules, enc, wid, f = fe[1].group, fe[2], fe.wid, w.fields
+  w.rej = nil
+  for j = 1, #rules do
+    local r = rules[j]
+    local st, low = r.st, r.low
+    local live, mi = 0, nil
+    if st[4] and r.prof then
+      -- the key profile's live calls with this one
+      mi = FR.member(plan, r.prof)
+      if mi then live = (num(h[plan.pos[mi]]) or 0) + 1 end
+    end
+    if c >= low[1] or d >= low[2] or q >= low[3] or live >= low[4] then
+      -- a count at a level: the levels the rule reported in the window
+      local fl = 'Fl|' .. r.name .. ':' .. enc
+      local lv = FR.levels(redis.call('HGET', COUNTS, fl), wid, now)
+      local crit = FR.cross(r, enc, lv, 1, c, w)
+      if st[2] then crit = FR.cross(r, enc, lv, 2, d, w) or crit end
+      if st[3] then crit = FR.cross(r, enc, lv, 3, q, w) or crit end
+      if mi then crit = FR.cross(r, enc, lv, 4, live, w) or crit end
+      if crit and not r.shadow then
+        if w.rej == nil then w.rej = r end
+        local t = now + r.block
+        lv[2] = t
+        local b = bs and bs[j]
+        if not (b and b >= t) then
+          if t > ct then ct = t end
+          local bf = 'B|' .. r.name .. ':' .. enc
+          f[wn + 1], f[wn + 2] = bf, ns(t)
+          wn = wn + 2
+          if w.blocks == nil then w.blocks = {} end
+          w.blocks[#w.blocks + 1] = {bf, t}
+        end
+      end
+      local put
+      wn, put = FR.put_levels(f, wn, fl, wid, lv)
+      if put and lv[5] and j > 1 then
+        -- (a rule sharing another's state: its own fields listed for the tick)
+        if w.fresh == nil then w.fresh = {} end
+        w.fresh[#w.fresh + 1] = {'F|' .. r.name .. ':' .. enc, fe.we}
+      end
+    end
+  end
+  return wn, ct
 end
 
 -- The position of a plan's member of profile `name` (nil none).
@@ -327,17 +358,11 @@ function FR.member(plan, name)
   return nil
 end
 
--- The writes of FR.check for a call decided: the states and blocks (into extra, the
--- admission's HSET of its counts, n entries so far: returns the new n; nil: an HSET of
--- their own), their indexes, the events.
-function FR.write(w, now, extra, n)
-  local f, fn = w.fields, w.n
-  if extra then
-    for i = 1, fn do extra[n + i] = f[i] end
-    n = n + fn
-  elseif fn > 0 then
-    redis.call('HSET', COUNTS, unpack(f, 1, fn))
-  end
+-- The writes of FR.check for a call decided: the states and blocks (w.fields, w.n of
+-- them: an HSET of their own when hset, else the admission's HSET of its counts takes
+-- the list and adds its own after them), their indexes, the events.
+function FR.write(w, now, hset)
+  if hset and w.n > 0 then redis.call('HSET', COUNTS, unpack(w.fields, 1, w.n)) end
   for i = 1, #(w.fresh or EMPTY) do
     redis.call('ZADD', FR.IDX, ns(w.fresh[i][2] + 60000), w.fresh[i][1])
   end
@@ -345,7 +370,6 @@ function FR.write(w, now, extra, n)
     redis.call('ZADD', FR.BLOCKS, ns(w.blocks[i][2]), w.blocks[i][1])
   end
   if w.events then FR.emit(w.events, now) end
-  return n
 end
 
 -- One event per level reached: the stream (capped) and the counters per rule, level
