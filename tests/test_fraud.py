@@ -309,6 +309,36 @@ def test_a_run_and_distinct_numbers_follow_calls_of_every_class(engine_for: Engi
     live_counts_match(store, [])
 
 
+def test_the_first_rule_in_the_policy_answers_a_call_several_refuse(
+        engine_for: EngineFactory, store: Store) -> None:
+    """A block in force and a critical level reached on the same call, by rules sharing
+    one state: the rule listed first answers, whichever refused first in time."""
+    e = engine_for(policy("""
+  - name: redial
+    key: user
+    per: 1h
+    sequential: {critical: 3}
+  - name: wangiri
+    key: user
+    per: 1h
+    short_calls: {under: 6s, critical: 1}
+    action: {block: 1h, reject: {code: 486, reason: "Busy Here"}}
+"""))
+    start_of_hour(store)
+    first = e.admit(call("5550001", "erin"))
+    assert first.admitted and e.confirm(first.dialog_id)
+    jump(store, 2_000)
+    e.release(first.dialog_id)  # a short call: wangiri blocks erin
+    second = e.admit(call("5550001", "erin"))
+    assert (second.admitted, second.code, second.limit) == (False, 486, "wangiri")
+    third = e.admit(call("5550001", "erin"))  # the run reaches redial's critical
+    assert (third.admitted, third.code, third.limit) == (False, 403, "redial")
+    assert sorted(b.rule for b in store.fraud_blocks()) == ["redial", "wangiri"]
+    fourth = e.admit(call("5550001", "erin"))  # both blocks in force
+    assert (fourth.code, fourth.limit) == (403, "redial")
+    live_counts_match(store, [])
+
+
 def test_concurrent_counts_the_key_profiles_live_calls(engine_for: EngineFactory,
                                                        store: Store) -> None:
     e = engine_for(policy("""

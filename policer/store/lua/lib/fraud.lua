@@ -46,6 +46,7 @@ local FR = {
 -- statistic (huge: not watched): below them all, a call reads no levels
 for i = 1, #FRAUD do
   local r = FRAUD[i]
+  r.idx = i
   if r.st[5] and r.under > FR.UNDER then FR.UNDER = r.under end
   local owner = FRAUD.by[r.state]
   if owner.group == nil then owner.group = {} end
@@ -174,8 +175,8 @@ end
 
 -- The fraud rules over one call (its plan's fraud states, classify; what the admit's
 -- HMGET read of them: h[fe.pf]), writing nothing but the distinct numbers' sketches:
--- returns the rule that rejects the call (a block in force, or critical reached; nil
--- none), and the writes (nil none; FR.W): {fields (name, value, ...; n of them), events,
+-- returns the rule that rejects the call (a block in force, or critical reached: the
+-- first such rule in the policy, whichever state it shares; nil none), and the writes (nil none; FR.W): {fields (name, value, ...; n of them), events,
 -- blocks {field, until}, new windows {field, end}} (each list nil when empty). dry: only
 -- the blocks in force are read. A state entry keeps what it last wrote (s) and its
 -- values (fe[4] window, [5] calls, [6] distinct, [7] run, [8] last number, [9] the end
@@ -213,7 +214,7 @@ function FR.check(plan, h, number, now, lnow, dry)
         local b = tonumber(redis.call('HGET', COUNTS, 'B|' .. r.name .. ':' .. fe[2]))
         if b and b > now then
           if b > ct then ct = b end
-          if not r.shadow and rej == nil then rej = r end
+          if not r.shadow and (rej == nil or r.idx < rej.idx) then rej = r end
           if bs == nil then bs = {} end
           bs[j] = b
         end
@@ -267,7 +268,7 @@ function FR.check(plan, h, number, now, lnow, dry)
       local gl = r0.glow
       if c >= gl[1] or d >= gl[2] or q >= gl[3] or r0.gconc then
         wn, ct = FR.levels_of(plan, h, fe, c, d, q, ct, bs, now, w, wn)
-        rej = rej or w.rej
+        if w.rej and (rej == nil or w.rej.idx < rej.idx) then rej = w.rej end
       end
       -- (FR.pack, inline: the hot path's one call fewer)
       local ds, qs, ts = '', '', ''
