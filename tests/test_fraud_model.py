@@ -1,0 +1,197 @@
+"""The fraud guard on Redis against the in-process model (``policer.store.fraud``):
+random calls of two users to local and international numbers, retransmissions, short
+answered calls, lifted blocks and time jumps, decided by both stores side by side. After
+every step both decide the same, hold the same statistics for every rule and value,
+have reported the same events and stand the same blocks; every profile equals the
+calls up.
+
+The library remembers, per plan, the fraud state it last wrote and the number it last
+counted (its short way); this test is where a plan's memory meeting a state written by
+another plan (the other class of the same user), by a call's end (short calls), by a
+lift or by a new window would show as a difference from the model.
+
+Time moves only through the stores' ``clock_offset_ms``: the run starts half a minute
+into an hour and jumps whole minutes, so that no call lands on a window's or a block's
+end, where the two stores' clocks (a few ms apart) could see different sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from policer.call import Call
+from policer.engine import Decision, Engine
+from policer.store import MemoryStore, RedisStore, Store
+from tests.support import STORE_TIMEOUT_MS, call, new_namespace, policy_text
+
+HOUR = 3_600_000
+MINUTE = 60_000
+
+POLICY = """
+version: 2
+namespace: model
+classes:
+  international: {prefixes: ["00"]}
+  local: {default: true}
+profiles:
+  total: {}
+  user: {value: from_user}
+limits:
+  total: {max: 100}
+  user: {max: 50}
+fraud:
+  - name: busy
+    key: user
+    per: 1h
+    calls: {warning: 4, critical: 9}
+    sequential: {warning: 2, critical: 4}
+    action: {block: 10m, reject: {code: 403, reason: "Fraud Suspected"}}
+  - name: redial-watch
+    key: user
+    per: 1h
+    sequential: {critical: 3}
+    shadow: true
+  - name: intl-sweep
+    key: user
+    when: {class: international}
+    per: 1h
+    distinct_numbers: {warning: 2, critical: 3}
+    action: {block: 20m}
+  - name: wangiri
+    key: user
+    per: 1h
+    short_calls: {under: 6s, warning: 1, critical: 2}
+    action: {block: 5m, reject: {code: 486, reason: "Busy Here"}}
+"""
+RULES = ("busy", "redial-watch", "intl-sweep", "wangiri")
+USERS = ("ann", "ben")
+NUMBERS = ("5550001", "5550002", "00442070001", "00442070002", "00442070003")
+
+#: one step: ("call", user, number, retransmitted), ("short", user, number) an answered
+#: call that ends after 2 s, ("end",) the oldest call up ends, ("lift", user),
+#: ("jump", minutes)
+STEP = st.one_of(
+    st.tuples(st.just("call"), st.sampled_from(USERS), st.sampled_from(NUMBERS),
+              st.booleans()),
+    st.tuples(st.just("short"), st.sampled_from(USERS), st.sampled_from(NUMBERS)),
+    st.tuples(st.just("end")),
+    st.tuples(st.just("lift"), st.sampled_from(USERS)),
+    st.tuples(st.just("jump"), st.sampled_from([1, 7, 41])),
+)
+
+
+@pytest.fixture(scope="module")
+def url(redis_url: str) -> str:
+    return redis_url
+
+
+class Pair:
+    """The same policy on both stores, their clocks moved together."""
+
+    def __init__(self, redis_url: str) -> None:
+        ns = new_namespace()
+        policy = policy_text(POLICY, ns)
+        self.redis = RedisStore(redis_url, ns, timeout_ms=STORE_TIMEOUT_MS, policy=policy)
+        self.model = MemoryStore(ns)
+        self.stores: tuple[Store, Store] = (self.redis, self.model)
+        self.engines = [Engine(policy, s, node="model-node") for s in self.stores]
+        for s in self.stores:
+            s.load(policy)
+        now = self.model.now_ms()
+        self.jump(HOUR - now % HOUR + 30_000)
+        self.up: list[tuple[str, ...]] = []  # dialog ids up, on both stores alike
+
+    def jump(self, ms: int) -> None:
+        for s in self.stores:
+            s.clock_offset_ms += ms  # type: ignore[attr-defined]
+
+    def admit(self, c: Call) -> tuple[Decision, Decision]:
+        got = tuple(e.admit(c) for e in self.engines)
+        assert len(got) == 2
+        return got[0], got[1]
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+@pytest.fixture
+def pairs(url: str) -> Iterator[list[Pair]]:
+    made: list[Pair] = []
+    yield made
+    for p in made:
+        p.close()
+
+
+def outcome(d: Decision) -> tuple[object, ...]:
+    return (d.admitted, d.code, d.reason, d.limit, d.kind, d.duplicate)
+
+
+def same_fraud_state(p: Pair) -> None:
+    for rule in RULES:
+        states = [{v: (s.window, s.calls, s.distinct, s.sequential, s.short, s.levels, s.last)
+                   for v, s in store.fraud_states(rule).items()} for store in p.stores]
+        assert states[0] == states[1], rule
+    events = [[(e.rule, e.level, e.value, e.stat, e.count, e.threshold, e.action)
+               for e in store.fraud_events(1000)] for store in p.stores]
+    assert events[0] == events[1]
+    blocks = [sorted((b.rule, b.value) for b in store.fraud_blocks()) for store in p.stores]
+    assert blocks[0] == blocks[1]
+
+
+def counts_match(p: Pair) -> None:
+    for store in p.stores:
+        assert store.profile_size("total") == len(p.up)
+        for user in USERS:
+            assert store.profile_size("user", user) == sum(1 for u in p.up if u[1] == user)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(steps=st.lists(STEP, min_size=1, max_size=30))
+def test_the_fraud_guard_on_redis_follows_the_model(pairs: list[Pair], url: str,
+                                                     steps: list[tuple[object, ...]]) -> None:
+    p = Pair(url)
+    pairs.append(p)
+    for step in steps:
+        kind = step[0]
+        if kind == "call":
+            _, user, number, again = step
+            c = call(str(number), str(user))
+            a, b = p.admit(c)
+            assert outcome(a) == outcome(b), step
+            if a.admitted:
+                p.up.append((a.dialog_id, str(user)))
+            if again:
+                a2, b2 = p.admit(c)
+                assert outcome(a2) == outcome(b2) and a2.duplicate, step
+        elif kind == "short":
+            _, user, number = step
+            a, b = p.admit(call(str(number), str(user)))
+            assert outcome(a) == outcome(b), step
+            if a.admitted:
+                for e in p.engines:
+                    assert e.confirm(a.dialog_id)
+                p.jump(2_000)
+                for e in p.engines:
+                    e.release(a.dialog_id)
+                p.jump(-2_000)
+        elif kind == "end" and p.up:
+            did, _ = p.up.pop(0)
+            for e in p.engines:
+                e.release(did)
+        elif kind == "lift":
+            lifted = [sorted(s.fraud_lift(list(RULES), str(step[1]))) for s in p.stores]
+            assert lifted[0] == lifted[1], step
+        elif kind == "jump":
+            p.jump(int(str(step[1])) * MINUTE)
+        same_fraud_state(p)
+        counts_match(p)
+    for did, _ in p.up:
+        for e in p.engines:
+            e.release(did)
+    p.up.clear()
+    counts_match(p)
