@@ -16,17 +16,27 @@ only: the system calls of a request, most of a PING's cost, are not counted). Ro
   ``--memberships`` profiles (warm: its user's plan cached, as in steady traffic), the
   answers and ends sent as a proxy does, 100 line ops per batch (per op).
 
+With ``--policy`` (one or more files) the rows are instead one warm admit per policy
+(its own ``redis-server``; 800 calls a round, the median of three rounds) from
+``--users`` users (X-Account ``a<i>``) dialling ``--numbers`` numbers (1:
+``5551234``; more: each call a number drawn at random from that many): what a policy's
+rules cost a call against another's, e.g. the fraud rules (issue 19).
+
     .venv/bin/python -m benchmarks.instructions --memberships 4
     .venv/bin/python -m benchmarks.instructions --memberships 1 --calls 500
+    .venv/bin/python -m benchmarks.instructions --numbers 1000 \
+        --policy deploy/kamailio/bench_four.yaml deploy/kamailio/bench_four_fraud.yaml
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +47,7 @@ from benchmarks.function_cost import membership_policy
 from benchmarks.resp import Conn, pack
 from lab.redis_server import free_port
 from policer.call import Call
-from policer.policy import parse_policy
+from policer.policy import Policy, load_policy, parse_policy
 from policer.store import RedisStore
 from policer.store.keys import dialog_id
 
@@ -102,8 +112,12 @@ class Traffic:
     Redis at ``port``, and the requests of whole calls as a proxy sends them: one admit
     per call, its answer and its end as line ops, 100 to a batch."""
 
-    def __init__(self, port: int, memberships: int, users: int) -> None:
-        policy = parse_policy(membership_policy(memberships, users), "<bench>")
+    def __init__(self, port: int, memberships: int, users: int, policy: Policy | None = None,
+                 numbers: int = 1) -> None:
+        if policy is None:
+            policy = parse_policy(membership_policy(memberships, users), "<bench>")
+        self.numbers = numbers
+        self.draw = random.Random(1)
         self.store = RedisStore(f"redis://127.0.0.1:{port}/0", policy.namespace,
                                 timeout_ms=120_000, policy=policy)
         self.store.load(policy)
@@ -116,10 +130,15 @@ class Traffic:
         self.gen += 1
         u = self.users
         return [Call.from_raw(f"c{i}-{self.gen}@b", "t", from_user=f"u{i % u}",
-                              from_domain="b.example", ruri_user="5551234",
+                              from_domain="b.example", ruri_user=self.number(),
                               source_ip="10.0.0.1",
                               headers={"X-Account": f"a{i % u}", "X-Tenant": "t"})
                 for i in range(n)]
+
+    def number(self) -> str:
+        if self.numbers <= 1:
+            return "5551234"
+        return f"555{self.draw.randrange(self.numbers):04d}"
 
     def admits(self, cs: list[Call]) -> list[bytes]:
         lib, store = self.lib, self.store
@@ -148,7 +167,12 @@ def main() -> int:
     p.add_argument("--memberships", type=int, default=4, choices=(1, 2, 3, 4, 5, 6))
     p.add_argument("--calls", type=int, default=300, help="requests per figure")
     p.add_argument("--users", type=int, default=400)
+    p.add_argument("--policy", nargs="+", type=Path, default=[],
+                   help="rows: one warm admit per policy file instead")
+    p.add_argument("--numbers", type=int, default=1, help="numbers dialled (--policy)")
     a = p.parse_args()
+    if a.policy:
+        return policy_rows(a.policy, a.users, a.numbers)
     cg = Callgrind()
     try:
         n = a.calls
@@ -180,6 +204,30 @@ def main() -> int:
         print(f"  {label:<28}{v:>10,.0f}")
     whole = sum(v for _, v in rows[3:])
     print(f"  {'whole call':<28}{whole:>10,.0f}")
+    return 0
+
+
+def policy_rows(paths: list[Path], users: int, numbers: int, calls: int = 800) -> int:
+    """A warm admit's instructions per policy, each on a redis-server of its own."""
+    rows: list[tuple[str, list[float]]] = []
+    for path in paths:
+        cg = Callgrind()
+        try:
+            traffic = Traffic(cg.port, 0, users, load_policy(path), numbers)
+            for c in traffic.admits(traffic.calls(calls)):  # warm: the users' plans cached
+                cg.send(c)
+            rows.append((path.name, [cg.count(traffic.admits(traffic.calls(calls)))
+                                     for _ in range(3)]))
+            traffic.close()
+        finally:
+            cg.close()
+    print(f"instructions per warm admit, {users} users dialling {numbers} number(s), "
+          f"{calls} calls a round (callgrind, user space), median of the rounds")
+    first = statistics.median(rows[0][1])
+    for label, each in rows:
+        m = statistics.median(each)
+        print(f"  {label:<32}{m:>10,.0f}  {m - first:>+9,.0f}   rounds: "
+              + ", ".join(f"{v:,.0f}" for v in each))
     return 0
 
 
