@@ -176,9 +176,10 @@ end
 -- The fraud rules over one call (its plan's fraud states, classify; what the admit's
 -- HMGET read of them: h[fe.pf]), writing nothing but the distinct numbers' sketches:
 -- returns the rule that rejects the call (a block in force, or critical reached: the
--- first such rule in the policy, whichever state it shares; nil none), and the writes (nil none; FR.W): {fields (name, value, ...; n of them), events,
--- blocks {field, until}, new windows {field, end}} (each list nil when empty). dry: only
--- the blocks in force are read. A state entry keeps what it last wrote (s) and its
+-- first such rule in the policy, whichever state it shares; nil none), and the writes
+-- (nil none; FR.W): {fields (name, value, ...; n of them), events, blocks {field,
+-- until}, new windows {field, end}} (each list nil when empty). dry: only the blocks in
+-- force are read. A state entry keeps what it last wrote (s) and its
 -- values (fe[4] window, [5] calls, [6] distinct, [7] run, [8] last number, [9] the end
 -- of the blocks it names), with its window's start and end (fe.ws, fe.we, UTC ms), id
 -- and part of the field (fe.wid, fe.wp), sketch (fe.hk), and the dialled number it last
