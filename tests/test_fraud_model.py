@@ -27,22 +27,16 @@ from policer.call import Call
 from policer.engine import Decision, Engine
 from policer.store import MemoryStore, RedisStore, Store
 from tests.support import STORE_TIMEOUT_MS, call, new_namespace, policy_text
+from tests.support.policies import policy_yaml
 
 HOUR = 3_600_000
 MINUTE = 60_000
 
-POLICY = """
-version: 2
-namespace: model
-classes:
-  international: {prefixes: ["00"]}
-  local: {default: true}
-profiles:
-  total: {}
-  user: {value: from_user}
-limits:
-  total: {max: 100}
-  user: {max: 50}
+#: two users' calls, local or international, and four rules over them (three sharing one
+#: state: the same key and window, every class)
+POLICY = policy_yaml("model", version=2, classes={
+    "international": {"prefixes": ["00"]}, "local": {"default": True}},
+    profiles={"total": {}, "user": "from_user"}, limits={"total": 100, "user": 50}) + """
 fraud:
   - name: busy
     key: user
