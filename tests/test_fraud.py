@@ -21,7 +21,7 @@ from policer import log
 from policer.call import Call
 from policer.engine import Decision, Engine
 from policer.store import Store
-from tests.support import EngineFactory, call
+from tests.support import EngineFactory, call, policy_text
 from tests.support.cli import run_cli
 from tests.support.policies import policy_errors, policy_yaml
 
@@ -427,6 +427,29 @@ def test_a_retransmission_counts_once(engine_for: EngineFactory, store: Store) -
     e.release(first.dialog_id)
 
 
+def test_a_call_id_sent_again_with_another_number_counts_no_number(
+        engine_for: EngineFactory, store: Store) -> None:
+    """A Call-ID sent again with another number (a hostile client) gets the first
+    answer and counts nothing: that number dialled later is a new one."""
+    e = engine_for(policy("""
+  - name: spread
+    key: user
+    per: 1h
+    distinct_numbers: {warning: 3}
+"""))
+    start_of_hour(store)
+    first = e.admit(call("5551234", "gina", call_id="same-id"))
+    again = e.admit(call("5559999", "gina", call_id="same-id"))
+    assert again.duplicate and again.admitted
+    assert store.fraud_states("spread")["gina"].distinct == 1
+    later = e.admit(call("5559999", "gina"))
+    assert store.fraud_states("spread")["gina"].distinct == 2
+    live_counts_match(store, [first, later])
+    e.release(first.dialog_id)
+    e.release(later.dialog_id)
+    live_counts_match(store, [])
+
+
 def test_fraud_policy_errors_name_their_place(tmp_path: Path) -> None:
     errors = policy_errors(tmp_path / "p.yaml", BASE + """fraud:
   - name: a
@@ -532,6 +555,60 @@ def test_distinct_numbers_beyond_the_first_64_follow_the_sketch(
     assert store.fraud_states("sweep")["henry"].distinct == 150 or \
         not isinstance(store, MemoryStore)
     live_counts_match(store, [])
+
+
+def test_distinct_numbers_past_the_list_count_each_number_once(
+        engine_for: EngineFactory, store: Store) -> None:
+    """A value's first 32 numbers are listed in its state, the later ones go to the
+    sketch with them: a number dialled again, listed or not, is never counted twice."""
+    e = engine_for(policy("""
+  - name: spread
+    key: user
+    per: 1h
+    distinct_numbers: {warning: 1000}
+"""))
+    start_of_hour(store)
+    for i in [*range(40), 3, 35, 39, 0, 40]:
+        e.release(e.admit(intl("ivan", i)).dialog_id)
+    assert store.fraud_states("spread")["ivan"].distinct == 41
+    live_counts_match(store, [])
+
+
+def test_distinct_numbers_an_older_policer_counted_still_count_once(
+        redis_url: str, namespace: str) -> None:
+    """An older policer kept a value's distinct numbers in the window's sketch alone,
+    its state without their list: after an upgrade the sketch goes on counting, so a
+    number dialled before is not counted again, a new one is."""
+    from policer.store import RedisStore
+
+    p = policy_text(policy("""
+  - name: spread
+    key: user
+    per: 1h
+    distinct_numbers: {warning: 1000}
+"""), namespace)
+    store = RedisStore(redis_url, namespace, timeout_ms=2000)
+    e = Engine(p, store)
+    store.load(e.policy)
+    start_of_hour(store)
+    for i in range(3):
+        e.release(e.admit(intl("olga", i)).dialog_id)
+    # as the older layout kept them: the numbers in the sketch, not listed
+    client, field = store.client, "F|spread:olga"
+    wid = str(client.hget(store.keys.counts, field)).split("|")[0]
+    assert client.hget(store.keys.counts, "Fn|spread:olga") == \
+        ",00442070000,00442070001,00442070002,"
+    client.hdel(store.keys.counts, "Fn|spread:olga")
+    client.pfadd(f"{store.keys.prefix}fh:{field}:{wid}",
+                 *(intl("olga", i).ruri_user for i in range(3)))
+    client.function_flush()  # the library of the new policer, its plans none yet
+    store.load(p)
+    for i in (1, 2, 3, 0):
+        e.release(e.admit(intl("olga", i)).dialog_id)
+    st = store.fraud_states("spread")["olga"]
+    assert (st.calls, st.distinct) == (7, 4)
+    live_counts_match(store, [])
+    store.close()
 
 
 def test_the_shipped_fraud_policy_does_what_its_comments_say(

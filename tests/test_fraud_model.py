@@ -5,10 +5,13 @@ every step both decide the same, hold the same statistics for every rule and val
 have reported the same events and stand the same blocks; every profile equals the
 calls up.
 
-The library remembers, per plan, the fraud state it last wrote and the number it last
-counted (its short way); this test is where a plan's memory meeting a state written by
-another plan (the other class of the same user), by a call's end (short calls), by a
-lift or by a new window would show as a difference from the model.
+The library remembers, per plan, the fraud state it last wrote, the number it last
+counted and the numbers its state lists (its short and fast ways); this test is where a
+plan's memory meeting a state written by another plan (the other class of the same
+user), by a call's end (short calls), by a lift, by a retransmission (of the same or
+of another number) or by a new window would show as a difference from the model. The
+second policy's levels are high enough for the fast way to run most calls, and its
+sweeps take a user past the 32 numbers a state lists into the sketch.
 
 Time moves only through the stores' ``clock_offset_ms``: the run starts half a minute
 into an hour and jumps whole minutes, so that no call lands on a window's or a block's
@@ -20,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -65,16 +69,37 @@ RULES = ("busy", "redial-watch", "intl-sweep", "wangiri")
 USERS = ("ann", "ben")
 NUMBERS = ("5550001", "5550002", "00442070001", "00442070002", "00442070003")
 
-#: one step: ("call", user, number, retransmitted), ("short", user, number) an answered
-#: call that ends after 2 s, ("end",) the oldest call up ends, ("lift", user),
-#: ("jump", minutes)
+#: the same rules, levels that the fast way runs under for most calls; distinct numbers
+#: past the 32 a state lists
+FAST_POLICY = POLICY.replace("calls: {warning: 4, critical: 9}",
+                             "calls: {warning: 30, critical: 60}").replace(
+    "sequential: {warning: 2, critical: 4}", "sequential: {warning: 6, critical: 9}").replace(
+    "sequential: {critical: 3}", "sequential: {critical: 7}").replace(
+    "distinct_numbers: {warning: 2, critical: 3}",
+    "distinct_numbers: {warning: 34, critical: 38}")
+#: international numbers of which none leaves the sketch unchanged once all the others
+#: are in it (so a HyperLogLog counts every new one, as the model does): found once
+SWEEP_POOL = 40
+
+#: one step: ("call", user, number, sent again: "again" the same, "other" the same
+#: Call-ID to another number), ("short", user, number) an answered call that ends after
+#: 2 s, ("end",) the oldest call up ends, ("lift", user), ("jump", minutes); and with the
+#: second policy ("sweep", user, first, n): calls to n numbers of the pool from the first
+#: on, and ("reload",): Redis loads the library again, its plans (and all they remember)
+#: gone, as after an upgrade
 STEP = st.one_of(
     st.tuples(st.just("call"), st.sampled_from(USERS), st.sampled_from(NUMBERS),
-              st.booleans()),
+              st.sampled_from(["", "again", "other"])),
     st.tuples(st.just("short"), st.sampled_from(USERS), st.sampled_from(NUMBERS)),
     st.tuples(st.just("end")),
     st.tuples(st.just("lift"), st.sampled_from(USERS)),
     st.tuples(st.just("jump"), st.sampled_from([1, 7, 41])),
+)
+FAST_STEP = st.one_of(
+    STEP,
+    st.tuples(st.just("sweep"), st.sampled_from(USERS), st.integers(0, SWEEP_POOL - 1),
+              st.integers(1, 12)),
+    st.tuples(st.just("reload")),
 )
 
 
@@ -83,12 +108,37 @@ def url(redis_url: str) -> str:
     return redis_url
 
 
+@pytest.fixture(scope="module")
+def pool(redis_url: str) -> list[str]:
+    """SWEEP_POOL international numbers, each of which changes a HyperLogLog holding all
+    the others (then it changes one holding any of them: a sketch of fewer numbers has
+    no register higher)."""
+    r = redis.Redis.from_url(redis_url)
+    candidates = [f"004930{j:06d}" for j in range(SWEEP_POOL * 2)]
+    out: list[str] = []
+    for n in candidates:
+        key = f"model-pool:{new_namespace()}"
+        r.pfadd(key, *out)
+        if r.pfadd(key, n):
+            out.append(n)
+        r.delete(key)
+        if len(out) == SWEEP_POOL:
+            break
+    for n in out:  # and none is masked by one found after it
+        key = f"model-pool:{new_namespace()}"
+        r.pfadd(key, *(m for m in out if m != n))
+        assert r.pfadd(key, n) == 1, n
+        r.delete(key)
+    r.close()
+    return out
+
+
 class Pair:
     """The same policy on both stores, their clocks moved together."""
 
-    def __init__(self, redis_url: str) -> None:
+    def __init__(self, redis_url: str, text: str = POLICY) -> None:
         ns = new_namespace()
-        policy = policy_text(POLICY, ns)
+        self.policy = policy = policy_text(text, ns)
         self.redis = RedisStore(redis_url, ns, timeout_ms=STORE_TIMEOUT_MS, policy=policy)
         self.model = MemoryStore(ns)
         self.stores: tuple[Store, Store] = (self.redis, self.model)
@@ -150,6 +200,22 @@ def test_the_fraud_guard_on_redis_follows_the_model(pairs: list[Pair], url: str,
                                                      steps: list[tuple[object, ...]]) -> None:
     p = Pair(url)
     pairs.append(p)
+    run(p, steps, [])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(steps=st.lists(FAST_STEP, min_size=1, max_size=60))
+def test_the_fast_way_and_the_sketch_follow_the_model(pairs: list[Pair], url: str,
+                                                      pool: list[str],
+                                                      steps: list[tuple[object, ...]]) -> None:
+    p = Pair(url, FAST_POLICY)
+    pairs.append(p)
+    run(p, steps, pool)
+
+
+def run(p: Pair, steps: list[tuple[object, ...]], pool: list[str]) -> None:
+    """The steps on both stores, compared after each."""
     for step in steps:
         kind = step[0]
         if kind == "call":
@@ -160,8 +226,18 @@ def test_the_fraud_guard_on_redis_follows_the_model(pairs: list[Pair], url: str,
             if a.admitted:
                 p.up.append((a.dialog_id, str(user)))
             if again:
-                a2, b2 = p.admit(c)
+                other = NUMBERS[(NUMBERS.index(str(number)) + 1) % len(NUMBERS)]
+                c2 = c if again == "again" else call(other, str(user), call_id=c.call_id)
+                a2, b2 = p.admit(c2)
                 assert outcome(a2) == outcome(b2) and a2.duplicate, step
+        elif kind == "sweep":
+            _, user, first, n = step
+            for number in (pool * 2)[int(str(first)):int(str(first)) + int(str(n))]:
+                a, b = p.admit(call(number, str(user)))
+                assert outcome(a) == outcome(b), step
+                if a.admitted:
+                    for e in p.engines:
+                        e.release(a.dialog_id)
         elif kind == "short":
             _, user, number = step
             a, b = p.admit(call(str(number), str(user)))
@@ -182,6 +258,9 @@ def test_the_fraud_guard_on_redis_follows_the_model(pairs: list[Pair], url: str,
             assert lifted[0] == lifted[1], step
         elif kind == "jump":
             p.jump(int(str(step[1])) * MINUTE)
+        elif kind == "reload":
+            p.redis.client.function_flush()
+            p.redis.load(p.policy)
         same_fraud_state(p)
         counts_match(p)
     for did, _ in p.up:

@@ -3,11 +3,12 @@ a call, step by step (the model the in-process store and replay run), and what t
 stores report of it: :class:`FraudEvent`, :class:`FraudBlock`, :class:`FraudState`.
 
 Per rule and value of its key, over the rule's calendar window: the calls seen
-(admitted or rejected), the distinct numbers (the library's HyperLogLog; exact here),
-the run of calls in a row to the same number, the key profile's live calls, the
-answered calls shorter than ``short_calls.under``. A statistic that reaches a level for
-the first time in the window is one event; reaching ``critical`` rejects the call and
-blocks the value (not a shadow rule); a block stops every call of its value.
+(admitted or rejected), the distinct numbers (the library lists the first 32, then
+keeps a HyperLogLog; exact here), the run of calls in a row to the same number, the key
+profile's live calls, the answered calls shorter than ``short_calls.under``. A
+statistic that reaches a level for the first time in the window is one event; reaching
+``critical`` rejects the call and blocks the value (not a shadow rule); a block stops
+every call of its value.
 """
 
 from __future__ import annotations

@@ -448,7 +448,10 @@ local function build_plan(values, cls, dir, mow, gw, kept)
     if r.state == r.name and v and v ~= '' and not gw then
       if fraud == nil then fraud = {} end
       local enc = key_part(v)
-      fraud[#fraud + 1] = {r, enc, 'F|' .. r.name .. ':' .. enc, counts = frs[i][2]}
+      local nf = nil
+      if r.gd then nf = 'Fn|' .. r.name .. ':' .. enc end
+      fraud[#fraud + 1] = {r, enc, 'F|' .. r.name .. ':' .. enc, counts = frs[i][2],
+                           fast = 0, nf = nf}
     end
   end
   return plan_entry(members, n == #ps, cls, dir, looked, missing, fraud, lvals)

@@ -363,7 +363,7 @@ local function decide(did, plan, flags, early_ms, node, now, lnow, cls, dry, rq,
         end
       end
     end
-    if fw then FR.write(fw, now, false) end
+    if fw and (fw.fresh or fw.events or fw.blocks) then FR.write(fw, now, false) end
     if wn > 0 then redis.call('HSET', COUNTS, unpack(w, 1, wn)) end
     -- the node's index of its dialogs (lease, expiry sweeps, the count of live dialogs)
     redis.call('ZADD', P_NODE .. node, deadline, did)

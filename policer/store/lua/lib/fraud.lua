@@ -1,14 +1,15 @@
 -- ------------------------------------------------------------------ fraud
 -- The fraud section's rules (FRAUD, compiled), evaluated in the admit: per rule and value
 -- of its key, over a calendar window, the calls seen (admitted or rejected: sweeping
--- numbers is the fraud), the distinct numbers dialled (HyperLogLog: a number is counted
--- when PFADD says the sketch changed, up to 64; beyond, PFCOUNT's estimate), the run of
--- calls in a row to the same number, the key profile's live calls, and the answered
--- calls shorter than `under` (counted when they end). A statistic that reaches a level
--- (warning, critical) for the first time in the window writes one event (P fraud, a
--- capped stream; P fstats counts them); the call that reaches critical is rejected with
--- the rule's answer and the value is blocked (P c 'B|rule:value' = until, listed in
--- P fblocks), unless the rule is a shadow. A blocked value's calls are rejected with the
+-- numbers is the fraud), the distinct numbers dialled (exact while the state lists them,
+-- FR.SET_N or FR.SET_BYTES of them encoded; then a HyperLogLog seeded with the list: a
+-- number is counted when PFADD says the sketch changed, up to 64; beyond, PFCOUNT's
+-- estimate), the run of calls in a row to the same number, the key profile's live
+-- calls, and the answered calls shorter than `under` (counted when they end). A
+-- statistic that reaches a level (warning, critical) for the first time in the window
+-- writes one event (P fraud, a capped stream; P fstats counts them); the call that
+-- reaches critical is rejected with the rule's answer and the value is blocked (P c
+-- 'B|rule:value' = until, listed in P fblocks), unless the rule is a shadow. A blocked value's calls are rejected with the
 -- rule's answer until the block ends; then the rule's critical levels are armed again
 -- for the rest of the window. Emergency calls are never counted, refused or blocked.
 -- State per rule and value (each field 'wid|...': its window's id; a field of an older
@@ -18,6 +19,12 @@
 --                     block by the rule, carried into later windows while it stands),
 --                     read with the admit's counts: the block field is read only when
 --                     the state names a block in force (a lift removes the field);
+--   'Fn|rule:value' = the numbers dialled in the state's window, encoded: ',n1,n2,', or
+--                     '*' once the window's sketch (P fh:F|rule:value:wid) holds them
+--                     (no field: ',', or '*' when the state counts distinct numbers: an
+--                     older layout's); read only when a call's number is not one its
+--                     plan knows to be listed and the state is not the one the plan
+--                     wrote last;
 --   'Fs|rule:value' = 'wid|short calls', read when an answered call ends;
 --   'Fl|rule:value' = 'wid|levels|blocked until' (levels: a bit per statistic and level
 --                     already reported), read only when a count is at a level of the rule;
@@ -37,6 +44,19 @@ local FR = {
   FSTATS = NS_PREFIX .. 'fstats',
   BLOCKS = NS_PREFIX .. 'fblocks',
   IDX = NS_PREFIX .. 'fidx',
+  -- the distinct numbers a state lists before its sketch takes them: at most SET_N, of
+  -- SET_BYTES encoded; past them, a plan remembers up to SEEN_N of the numbers it added
+  -- to the sketch
+  SET_N = 32,
+  SET_BYTES = 512,
+  SEEN_N = 64,
+  -- dialled numbers encoded (key_part), up to ENC_MAX of them (then forgotten at once):
+  -- a number's encoding costs the admit as much as the rest of a rule's state
+  ENC = {},
+  ENC_N = 0,
+  ENC_MAX = 10000,
+  -- a state's distinct count as the fast way writes it ('|d|', FR.dp), made on first use
+  DP = {},
   KEEP_S = '' .. FRAUD.keep,
   -- the longest `under` of the rules with short calls (0: none)
   UNDER = 0,
@@ -146,6 +166,69 @@ function FR.pack(r, wp, c, d, q, till, last)
   return wp .. (INT_S[c] or ns(c)) .. '|' .. ds .. '|' .. qs .. '|' .. ts .. '|' .. last
 end
 
+-- A dialled number encoded (key_part), remembered when it is no longer than a phone
+-- number could be: FR.ENC[number] or FR.enc(number).
+function FR.enc(number)
+  if #number > 32 then return key_part(number) end
+  -- (letters and digits alone, which key_part leaves as they are: a cheaper test than
+  -- its own)
+  local e = number
+  if string.find(number, '%W') then e = key_part(number) end
+  if FR.ENC_N >= FR.ENC_MAX then FR.ENC, FR.ENC_N = {}, 0 end
+  FR.ENC[number], FR.ENC_N = e, FR.ENC_N + 1
+  return e
+end
+
+-- The distinct count d as FR.check's fast way writes it in a state: FR.DP[d] or FR.dp(d).
+function FR.dp(d)
+  local s = '|' .. (INT_S[d] or ns(d)) .. '|'
+  if d < 64 then FR.DP[d] = s end
+  return s
+end
+
+-- The distinct numbers of the state of entry fe (FR.check) counting d, for a call to the
+-- number enc (encoded) that its list may not hold: set, the list as fe last knew it
+-- (',n1,n2,', ',' none, '*' the window's sketch fe.hk holds them; nil unknown: read).
+-- fe.seen: while the list is known, the numbers it holds; once the sketch holds them, up
+-- to SEEN_N of the numbers added to it (fe.nseen of them, counted from then on). A
+-- number is listed while the list has room; then it is added to the sketch (the list's
+-- numbers with it, the first time) and counted when the sketch changed. Returns the new
+-- d and list, and whether the list changed (to be written).
+function FR.distinct(fe, enc, d, set)
+  if set == nil then
+    set = redis.call('HGET', COUNTS, fe.nf)
+    if not set then
+      -- (none: an older layout's state counts its numbers in the sketch alone)
+      if d > 0 then set = '*' else set = ',' end
+    end
+    if set ~= '*' then
+      local seen, n = {}, 0
+      for e in string.gmatch(set, '[^,]+') do seen[e], n = true, n + 1 end
+      fe.seen, fe.nseen = seen, n
+    elseif fe[10] ~= '*' then
+      -- (what it knew of a list is not known to be in the sketch: a call not written)
+      fe.seen, fe.nseen = {}, 0
+    end
+    if fe.seen[enc] then return d, set, false end
+  end
+  if set == '*' then
+    if redis.call('PFADD', fe.hk, enc) == 1 then
+      if d < 64 then d = d + 1 else d = redis.call('PFCOUNT', fe.hk) end
+    end
+    if fe.nseen < FR.SEEN_N then fe.seen[enc], fe.nseen = true, fe.nseen + 1 end
+    return d, set, false
+  end
+  fe.seen[enc] = true
+  if d < FR.SET_N and #set + #enc < FR.SET_BYTES then return d + 1, set .. enc .. ',', true end
+  fe.nseen = d + 1
+  local all = {}
+  for e in string.gmatch(set, '[^,]+') do all[#all + 1] = e end
+  all[#all + 1] = enc
+  redis.call('PFADD', fe.hk, unpack(all))
+  redis.call('PEXPIREAT', fe.hk, ns(fe.we + 60000))
+  return d + 1, '*', true
+end
+
 -- A state field's values: window, calls, distinct, run, last number, block until (nil
 -- window: malformed).
 function FR.parse(s)
@@ -182,22 +265,74 @@ end
 -- until}, new windows {field, end}} (each list nil when empty). dry: only the blocks in
 -- force are read. A state entry keeps what it last wrote (s) and its
 -- values (fe[4] window, [5] calls, [6] distinct, [7] run, [8] last number, [9] the end
--- of the blocks it names), with its window's start and end (fe.ws, fe.we, UTC ms), id
--- and part of the field (fe.wid, fe.wp), sketch (fe.hk), and the dialled number it last
--- counted as it came (fe.num: the one fe[8] encodes, already in the window's sketch).
--- A call in the window of the state the entry last wrote, the state unchanged since,
--- takes the short way: no window arithmetic, no sketch or encoding for the number
--- dialled last, no levels while its counts are below every rule's lowest.
+-- of the blocks it names, [10] its numbers listed as in 'Fn|' (field fe.nf), nil
+-- unknown), with its window's start and end (fe.ws, fe.we, UTC ms), id and part of the
+-- field (fe.wid, fe.wp), sketch (fe.hk), the dialled number it last counted as it came
+-- (fe.num: the one fe[8] encodes), and the numbers its list holds (fe.seen,
+-- FR.distinct). A call in the window of the state the entry last wrote, the state
+-- unchanged since, takes the short way: no window arithmetic, no list, sketch or
+-- encoding for the number dialled last, no levels while its counts are below every
+-- rule's lowest; and the fast way when it names no block either and its counts are
+-- further below (fe.fast calls).
 function FR.check(plan, h, number, now, lnow, dry)
   local fraud = plan.fraud
   local rej, w, f, wn = nil, nil, nil, 0
   local dialled = nil
   for i = 1, #fraud do
     local fe = fraud[i]
-    local r0 = fe[1]
     -- the state as read: what this entry wrote last is not parsed again (nearly always:
     -- the same library writes it; any other writer's value differs and is parsed)
     local s = h[fe.pf]
+    if s == fe.s and fe.fast > 1 and lnow < fe.we and lnow >= fe.ws and not dry then
+      -- the fast way: the state this entry wrote, in its window, naming no block, its
+      -- counts at least fe.fast calls below the lowest level of its rules (none
+      -- reached: a statistic grows by one a call at most); only what changes is built
+      -- again (fe.dpart: '|distinct|', fe.tail: '||last number')
+      if w == nil then
+        w = FR.W
+        f, w.events, w.blocks, w.fresh = w.fields, nil, nil, nil
+      end
+      local c = fe[5] + 1
+      if fe.nums and number ~= fe.num then
+        if dialled == nil then dialled = FR.ENC[number] or FR.enc(number) end
+        local set = fe[10]
+        if fe.gd and number ~= '' and (set == nil or not fe.seen[dialled]) then
+          local d, changed = fe[6], true
+          if set ~= nil and set ~= '*' and d < 32 and #set + #dialled < 512 then
+            -- (FR.distinct's common case written out, FR.SET_N and FR.SET_BYTES as
+            -- literals: a number the list lacks, listed)
+            set, d = set .. dialled .. ',', d + 1
+            fe.seen[dialled] = true
+          else
+            d, set, changed = FR.distinct(fe, dialled, d, set)
+            -- (from 64 on, the sketch's estimate: it may grow by more than one)
+            if d >= 64 then fe.fast = 1 end
+          end
+          if changed then
+            f[wn + 1], f[wn + 2] = fe.nf, set
+            wn = wn + 2
+          end
+          fe[6], fe[10], fe.dpart = d, set, FR.DP[d] or FR.dp(d)
+        end
+        if fe.gq then
+          if dialled == fe[8] then fe[7] = fe[7] + 1 else fe[7] = 1 end
+          fe[8], fe.tail = dialled, '||' .. dialled
+        end
+        fe.num = number
+      elseif fe.gq then
+        fe[7] = fe[7] + 1
+      end
+      if fe.gq then
+        local q = fe[7]
+        s = fe.wp .. (INT_S[c] or ns(c)) .. fe.dpart .. (INT_S[q] or ns(q)) .. fe.tail
+      else
+        s = fe.wp .. (INT_S[c] or ns(c)) .. fe.dpart .. fe.tail
+      end
+      f[wn + 1], f[wn + 2] = fe[3], s
+      wn = wn + 2
+      fe.s, fe[5], fe.fast = s, c, fe.fast - 1
+    else
+    local r0 = fe[1]
     local same = s ~= nil and s == fe.s
     local vw, vc, vd, vq, vl, vt = nil, 0, 0, 0, '', 0
     if same then
@@ -227,39 +362,43 @@ function FR.check(plan, h, number, now, lnow, dry)
         w = FR.W
         f, w.events, w.blocks, w.fresh = w.fields, nil, nil, nil
       end
-      local c, d, q, last, fresh
+      local c, d, q, last, set, fresh
       local short = same and lnow < fe.we and lnow >= fe.ws
       if short then
-        -- (the state this entry wrote, in its window)
-        c, d, q, last, fresh = fe[5] + 1, fe[6], fe[7], fe[8], false
+        -- (the state this entry wrote, in its window; the number its last call counted
+        -- is counted)
+        c, d, q, last, set, fresh = fe[5] + 1, fe[6], fe[7], fe[8], fe[10], false
       else
         if same then vw, vc, vd, vq, vl = fe[4], fe[5], fe[6], fe[7], fe[8] end
         local win = window_at(r0.per, lnow)
         if vw == win[1] then
           c, d, q, last, fresh = vc + 1, vd, vq, vl, false
+          if same then set = fe[10] end
         else
-          c, d, q, last, fresh = 1, 0, 0, '', true
+          c, d, q, last, set, fresh = 1, 0, 0, '', ',', true
         end
-        -- (a state another plan's entry wrote names another last number)
+        -- (a state another plan's entry wrote names another last number, and may list
+        -- other numbers: set unknown)
         fe.num = nil
         if fe.we ~= win[2] then
           fe.ws, fe.we, fe.wid, fe.wp = win[4], win[2], win[1], win[1] .. '|'
           fe.hk = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. win[1]
         end
+        if fresh or fe.seen == nil then fe.seen, fe.nseen = {}, 0 end
       end
       local gd, gq = r0.gd, r0.gq
       if number ~= fe.num then
-        -- (the number dialled last: already in the sketch, and the same encoded number)
-        if gd and number ~= '' then
-          local hk = fe.hk
-          if redis.call('PFADD', hk, number) == 1 then
-            -- a new number: counted one by one up to 64, then as the sketch estimates
-            if d < 64 then d = d + 1 else d = redis.call('PFCOUNT', hk) end
-            if d == 1 then redis.call('PEXPIREAT', hk, ns(fe.we + 60000)) end
+        -- (the number dialled last: counted, and the same encoded number)
+        if dialled == nil and (gd or gq) then dialled = FR.ENC[number] or FR.enc(number) end
+        if gd and number ~= '' and (set == nil or not fe.seen[dialled]) then
+          local changed
+          d, set, changed = FR.distinct(fe, dialled, d, set)
+          if changed then
+            f[wn + 1], f[wn + 2] = fe.nf, set
+            wn = wn + 2
           end
         end
         if gq then
-          if dialled == nil then dialled = key_part(number) end
           if dialled == last then q = q + 1 else q = 1 end
           last = dialled
         end
@@ -286,16 +425,31 @@ function FR.check(plan, h, number, now, lnow, dry)
       -- leaves the field as it was, which then differs from fe.s and is parsed)
       if short then
         fe.s, fe[5] = s, c
-        if gd then fe[6] = d end
+        if gd then fe[6], fe[10] = d, set end
         if gq then fe[7], fe[8] = q, last end
         if ct ~= vt then fe[9] = ct end
       else
-        fe.s, fe[4], fe[5], fe[6], fe[7], fe[8], fe[9] = s, fe.wid, c, d, q, last, ct
+        fe.s, fe[4], fe[5], fe[6], fe[7], fe[8], fe[9], fe[10] = s, fe.wid, c, d, q, last,
+          ct, set
       end
       if fresh then
         if w.fresh == nil then w.fresh = {} end
         w.fresh[#w.fresh + 1] = {fe[3], fe.we}
       end
+      -- the fast way for the next call: how many calls its counts are below the lowest
+      -- level at least (its rules watch no live calls, count every call of their
+      -- classes; the state names no block)
+      fe.fast = 0
+      if ct == 0 and r0.always and not r0.gconc then
+        local gl = r0.glow
+        local room = gl[1] - c
+        if gl[2] - d < room then room = gl[2] - d end
+        if gl[3] - q < room then room = gl[3] - q end
+        if d >= 64 then room = 0 end
+        fe.fast, fe.gd, fe.gq, fe.nums = room, gd, gq, gd or gq
+        fe.dpart, fe.tail = '|' .. ds .. '|', '||' .. last
+      end
+    end
     end
   end
   if w then w.n = wn end
@@ -365,7 +519,8 @@ end
 
 -- The writes of FR.check for a call decided: the states and blocks (w.fields, w.n of
 -- them: an HSET of their own when hset, else the admission's HSET of its counts takes
--- the list and adds its own after them), their indexes, the events.
+-- the list and adds its own after them; it calls this only when one of the lists
+-- below is there), their indexes, the events.
 function FR.write(w, now, hset)
   if hset and w.n > 0 then redis.call('HSET', COUNTS, unpack(w.fields, 1, w.n)) end
   for i = 1, #(w.fresh or EMPTY) do
@@ -473,6 +628,7 @@ function FR.sweep(now, batch)
       end
       fields[#fields + 1] = 'Fs|' .. rest
       fields[#fields + 1] = 'Fl|' .. rest
+      fields[#fields + 1] = 'Fn|' .. rest
     end
     redis.call('HDEL', COUNTS, unpack(fields))
     redis.call('ZREM', FR.IDX, unpack(old))
