@@ -5,8 +5,10 @@ confirms as Redis CPU per whole call.
 
 Calls are sent as a proxy's native cfg sends them (mode ``A``), pipelined 100 at a
 time, from ``--users`` users (From user ``u<i>``, X-Account ``acct<i>``) dialling
-``--number``; then released. The first round is every plan's first call (cold: the
-library is loaded fresh), the next ones call again (warm). With ``--parents`` every
+``--number``, or with ``--numbers N`` each user 16 numbers drawn from N in turn (as
+``deploy/kamailio/bench --numbers`` dials them); then released. The first round is
+every plan's first call (cold: the library is loaded fresh), the next ones call again
+(warm). With ``--parents`` every
 hierarchy level of the policy gets live parents for the users' accounts (``acct<i>``
 under ``<level initial><i mod 100>``, each level above ten times fewer), as
 ``policer parent set`` keeps them.
@@ -18,6 +20,7 @@ under ``<level initial><i mod 100>``, each level above ten times fewer), as
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 from pathlib import Path
 from typing import Any
@@ -44,8 +47,17 @@ def _set_parents(store: RedisStore, levels: list[str], users: int) -> None:
         width //= 10
 
 
+def dialled(users: int, number: str, numbers: int) -> list[str]:
+    """The number each call dials in turn: ``number``, or 16 a user drawn from
+    ``numbers`` (the bench's injection file: its rows taken in turn)."""
+    if numbers <= 1:
+        return [number]
+    draw = random.Random(1)
+    return [f"555{draw.randrange(numbers):04d}" for _ in range(users * 16)]
+
+
 def measure(path: Path, calls: int, users: int, rounds: int, number: str,
-            parents: bool) -> list[float]:
+            parents: bool, numbers: int = 1) -> list[float]:
     """FCALL µs per call of each round (the first: cold)."""
     server = RedisServer(extra_args=["--appendonly", "no", "--save", ""]).start()
     try:
@@ -58,10 +70,11 @@ def measure(path: Path, calls: int, users: int, rounds: int, number: str,
         fn = lib.function("admit")
         r = redis.Redis.from_url(server.url)
         out: list[float] = []
+        rows = dialled(users, number, numbers)
         for k in range(rounds):
             batch = [Call.from_raw(f"c{k}-{i}", "t", from_user=f"u{i % users}",
-                                   from_domain="127.0.0.1", ruri_user=number, to_user=number,
-                                   source_ip="127.0.0.1",
+                                   from_domain="127.0.0.1", ruri_user=rows[i % len(rows)],
+                                   to_user=rows[i % len(rows)], source_ip="127.0.0.1",
                                    headers={"X-Account": f"acct{i % users}"})
                      for i in range(calls)]
             r.config_resetstat()
@@ -90,6 +103,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="the first is cold")
     p.add_argument("--repeats", type=int, default=3, help="policies interleaved")
     p.add_argument("--number", default="5551000")
+    p.add_argument("--numbers", type=int, default=1,
+                   help="each user dials 16 numbers drawn from this many, in turn")
     p.add_argument("--parents", action="store_true",
                    help="live parents for every hierarchy level")
     a = p.parse_args()
@@ -97,7 +112,7 @@ def main() -> int:
     warm: dict[Path, list[float]] = {x: [] for x in a.policies}
     for rep in range(a.repeats):
         for path in a.policies:
-            got = measure(path, a.calls, a.users, a.rounds, a.number, a.parents)
+            got = measure(path, a.calls, a.users, a.rounds, a.number, a.parents, a.numbers)
             cold[path].append(got[0])
             warm[path] += got[1:]
             print(f"repeat {rep + 1} {path.name}: " + ", ".join(f"{x:.1f}" for x in got),

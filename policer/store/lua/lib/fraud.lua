@@ -9,9 +9,10 @@
 -- statistic that reaches a level (warning, critical) for the first time in the window
 -- writes one event (P fraud, a capped stream; P fstats counts them); the call that
 -- reaches critical is rejected with the rule's answer and the value is blocked (P c
--- 'B|rule:value' = until, listed in P fblocks), unless the rule is a shadow. A blocked value's calls are rejected with the
--- rule's answer until the block ends; then the rule's critical levels are armed again
--- for the rest of the window. Emergency calls are never counted, refused or blocked.
+-- 'B|rule:value' = until, listed in P fblocks), unless the rule is a shadow. A blocked
+-- value's calls are rejected with the rule's answer until the block ends; then the
+-- rule's critical levels are armed again for the rest of the window. Emergency calls
+-- are never counted, refused or blocked.
 -- State per rule and value (each field 'wid|...': its window's id; a field of an older
 -- window reads as none), in P c:
 --   'F|rule:value'  = 'wid|calls|distinct|run|block until|last number' (distinct, run
@@ -187,40 +188,56 @@ function FR.dp(d)
 end
 
 -- The distinct numbers of the state of entry fe (FR.check) counting d, for a call to the
--- number enc (encoded) that its list may not hold: set, the list as fe last knew it
--- (',n1,n2,', ',' none, '*' the window's sketch fe.hk holds them; nil unknown: read).
--- fe.seen: while the list is known, the numbers it holds; once the sketch holds them, up
--- to SEEN_N of the numbers added to it (fe.nseen of them, counted from then on). A
--- number is listed while the list has room; then it is added to the sketch (the list's
--- numbers with it, the first time) and counted when the sketch changed. Returns the new
--- d and list, and whether the list changed (to be written).
-function FR.distinct(fe, enc, d, set)
+-- number enc (encoded) that fe does not know to be counted: set, the list as fe last knew
+-- it (',n1,n2,', ',' none, '*' the window's sketch fe.hk holds them; nil unknown: read).
+-- fe.seen, when fe.mirror: while the list is known, the numbers it holds; once the sketch
+-- holds them, up to SEEN_N of the numbers added to it (fe.nseen of them). A list read
+-- (another plan wrote the state) is searched, or made into fe.seen when `keep` (this
+-- plan writes the state call after call). A number is listed while the list has room;
+-- then it is added to the sketch (the list's numbers with it, the first time) and
+-- counted when the sketch changed. Returns the new d and list, and whether the list
+-- changed (to be written).
+function FR.distinct(fe, enc, d, set, keep)
   if set == nil then
     set = redis.call('HGET', COUNTS, fe.nf)
     if not set then
       -- (none: an older layout's state counts its numbers in the sketch alone)
       if d > 0 then set = '*' else set = ',' end
     end
-    if set ~= '*' then
-      local seen, n = {}, 0
-      for e in string.gmatch(set, '[^,]+') do seen[e], n = true, n + 1 end
-      fe.seen, fe.nseen = seen, n
-    elseif fe[10] ~= '*' then
+    if set == '*' then
       -- (what it knew of a list is not known to be in the sketch: a call not written)
-      fe.seen, fe.nseen = {}, 0
+      if fe[10] ~= '*' then fe.seen, fe.nseen = {}, 0 end
+      fe.mirror = true
     end
-    if fe.seen[enc] then return d, set, false end
   end
   if set == '*' then
+    if fe.seen[enc] then return d, set, false end
     if redis.call('PFADD', fe.hk, enc) == 1 then
       if d < 64 then d = d + 1 else d = redis.call('PFCOUNT', fe.hk) end
     end
     if fe.nseen < FR.SEEN_N then fe.seen[enc], fe.nseen = true, fe.nseen + 1 end
     return d, set, false
   end
-  fe.seen[enc] = true
+  if not fe.mirror then
+    if keep then
+      local seen = {}
+      for e in string.gmatch(set, '[^,]+') do seen[e] = true end
+      fe.seen, fe.mirror = seen, true
+    elseif string.find(set, ',' .. enc .. ',', 1, true) then
+      return d, set, false
+    end
+  end
+  if fe.mirror then
+    if fe.seen[enc] then return d, set, false end
+    fe.seen[enc] = true
+  end
   if d < FR.SET_N and #set + #enc < FR.SET_BYTES then return d + 1, set .. enc .. ',', true end
-  fe.nseen = d + 1
+  -- (the list's numbers are in the sketch from here on)
+  if fe.mirror then
+    fe.nseen = d + 1
+  else
+    fe.seen, fe.nseen, fe.mirror = {[enc] = true}, 1, true
+  end
   local all = {}
   for e in string.gmatch(set, '[^,]+') do all[#all + 1] = e end
   all[#all + 1] = enc
@@ -296,15 +313,15 @@ function FR.check(plan, h, number, now, lnow, dry)
       if fe.nums and number ~= fe.num then
         if dialled == nil then dialled = FR.ENC[number] or FR.enc(number) end
         local set = fe[10]
-        if fe.gd and number ~= '' and (set == nil or not fe.seen[dialled]) then
+        if fe.gd and number ~= '' and not (fe.mirror and fe.seen[dialled]) then
           local d, changed = fe[6], true
-          if set ~= nil and set ~= '*' and d < 32 and #set + #dialled < 512 then
+          if fe.mirror and set ~= '*' and d < 32 and #set + #dialled < 512 then
             -- (FR.distinct's common case written out, FR.SET_N and FR.SET_BYTES as
             -- literals: a number the list lacks, listed)
             set, d = set .. dialled .. ',', d + 1
             fe.seen[dialled] = true
           else
-            d, set, changed = FR.distinct(fe, dialled, d, set)
+            d, set, changed = FR.distinct(fe, dialled, d, set, true)
             -- (from 64 on, the sketch's estimate: it may grow by more than one)
             if d >= 64 then fe.fast = 1 end
           end
@@ -332,124 +349,130 @@ function FR.check(plan, h, number, now, lnow, dry)
       wn = wn + 2
       fe.s, fe[5], fe.fast = s, c, fe.fast - 1
     else
-    local r0 = fe[1]
-    local same = s ~= nil and s == fe.s
-    local vw, vc, vd, vq, vl, vt = nil, 0, 0, 0, '', 0
-    if same then
-      vt = fe[9]
-    elseif s then
-      vw, vc, vd, vq, vl, vt = FR.parse(s)
-    end
-    -- a block stops every call of its value: the state names the end of its rules'
-    -- blocks, and a rule's block field, read only then, says whether it stands (lifted:
-    -- gone)
-    local ct, bs = 0, nil
-    if vt > now then
-      local rules = r0.group
-      for j = 1, #rules do
-        local r = rules[j]
-        local b = tonumber(redis.call('HGET', COUNTS, 'B|' .. r.name .. ':' .. fe[2]))
-        if b and b > now then
-          if b > ct then ct = b end
-          if not r.shadow and (rej == nil or r.idx < rej.idx) then rej = r end
-          if bs == nil then bs = {} end
-          bs[j] = b
-        end
+      local r0 = fe[1]
+      local same = s ~= nil and s == fe.s
+      local vw, vc, vd, vq, vl, vt = nil, 0, 0, 0, '', 0
+      if same then
+        vt = fe[9]
+      elseif s then
+        vw, vc, vd, vq, vl, vt = FR.parse(s)
       end
-    end
-    if fe.counts and not dry and (r0.always or FR.applies(r0, number, lnow)) then
-      if w == nil then
-        w = FR.W
-        f, w.events, w.blocks, w.fresh = w.fields, nil, nil, nil
-      end
-      local c, d, q, last, set, fresh
-      local short = same and lnow < fe.we and lnow >= fe.ws
-      if short then
-        -- (the state this entry wrote, in its window; the number its last call counted
-        -- is counted)
-        c, d, q, last, set, fresh = fe[5] + 1, fe[6], fe[7], fe[8], fe[10], false
-      else
-        if same then vw, vc, vd, vq, vl = fe[4], fe[5], fe[6], fe[7], fe[8] end
-        local win = window_at(r0.per, lnow)
-        if vw == win[1] then
-          c, d, q, last, fresh = vc + 1, vd, vq, vl, false
-          if same then set = fe[10] end
-        else
-          c, d, q, last, set, fresh = 1, 0, 0, '', ',', true
-        end
-        -- (a state another plan's entry wrote names another last number, and may list
-        -- other numbers: set unknown)
-        fe.num = nil
-        if fe.we ~= win[2] then
-          fe.ws, fe.we, fe.wid, fe.wp = win[4], win[2], win[1], win[1] .. '|'
-          fe.hk = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. win[1]
-        end
-        if fresh or fe.seen == nil then fe.seen, fe.nseen = {}, 0 end
-      end
-      local gd, gq = r0.gd, r0.gq
-      if number ~= fe.num then
-        -- (the number dialled last: counted, and the same encoded number)
-        if dialled == nil and (gd or gq) then dialled = FR.ENC[number] or FR.enc(number) end
-        if gd and number ~= '' and (set == nil or not fe.seen[dialled]) then
-          local changed
-          d, set, changed = FR.distinct(fe, dialled, d, set)
-          if changed then
-            f[wn + 1], f[wn + 2] = fe.nf, set
-            wn = wn + 2
+      -- a block stops every call of its value: the state names the end of its rules'
+      -- blocks, and a rule's block field, read only then, says whether it stands (lifted:
+      -- gone)
+      local ct, bs = 0, nil
+      if vt > now then
+        local rules = r0.group
+        for j = 1, #rules do
+          local r = rules[j]
+          local b = tonumber(redis.call('HGET', COUNTS, 'B|' .. r.name .. ':' .. fe[2]))
+          if b and b > now then
+            if b > ct then ct = b end
+            if not r.shadow and (rej == nil or r.idx < rej.idx) then rej = r end
+            if bs == nil then bs = {} end
+            bs[j] = b
           end
         end
-        if gq then
-          if dialled == last then q = q + 1 else q = 1 end
-          last = dialled
+      end
+      if fe.counts and not dry and (r0.always or FR.applies(r0, number, lnow)) then
+        if w == nil then
+          w = FR.W
+          f, w.events, w.blocks, w.fresh = w.fields, nil, nil, nil
         end
-        fe.num = number
-      elseif gq then
-        q = q + 1
-      end
-      local gl = r0.glow
-      if c >= gl[1] or d >= gl[2] or q >= gl[3] or r0.gconc then
-        local lrej
-        wn, ct, lrej = FR.levels_of(plan, h, fe, c, d, q, ct, bs, now, w, wn)
-        if lrej and (rej == nil or lrej.idx < rej.idx) then rej = lrej end
-      end
-      -- (FR.pack's format, written out: the call saves a tenth of the rules' cost on
-      -- the admit, benchmarks.instructions --policy)
-      local ds, qs, ts = '', '', ''
-      if gd then ds = INT_S[d] or ns(d) end
-      if gq then qs = INT_S[q] or ns(q) end
-      if ct > 0 then ts = ns(ct) end
-      s = fe.wp .. (INT_S[c] or ns(c)) .. '|' .. ds .. '|' .. qs .. '|' .. ts .. '|' .. last
-      f[wn + 1], f[wn + 2] = fe[3], s
-      wn = wn + 2
-      -- (kept as read next: a call that is not written in the end, a retransmission,
-      -- leaves the field as it was, which then differs from fe.s and is parsed)
-      if short then
-        fe.s, fe[5] = s, c
-        if gd then fe[6], fe[10] = d, set end
-        if gq then fe[7], fe[8] = q, last end
-        if ct ~= vt then fe[9] = ct end
-      else
-        fe.s, fe[4], fe[5], fe[6], fe[7], fe[8], fe[9], fe[10] = s, fe.wid, c, d, q, last,
-          ct, set
-      end
-      if fresh then
-        if w.fresh == nil then w.fresh = {} end
-        w.fresh[#w.fresh + 1] = {fe[3], fe.we}
-      end
-      -- the fast way for the next call: how many calls its counts are below the lowest
-      -- level at least (its rules watch no live calls, count every call of their
-      -- classes; the state names no block)
-      fe.fast = 0
-      if ct == 0 and r0.always and not r0.gconc then
+        local c, d, q, last, set, fresh
+        local short = same and lnow < fe.we and lnow >= fe.ws
+        if short then
+          -- (the state this entry wrote, in its window; the number its last call counted
+          -- is counted)
+          c, d, q, last, set, fresh = fe[5] + 1, fe[6], fe[7], fe[8], fe[10], false
+        else
+          if same then vw, vc, vd, vq, vl = fe[4], fe[5], fe[6], fe[7], fe[8] end
+          local win = window_at(r0.per, lnow)
+          if vw == win[1] then
+            c, d, q, last, fresh = vc + 1, vd, vq, vl, false
+            if same then set = fe[10] end
+          else
+            c, d, q, last, set, fresh = 1, 0, 0, '', ',', true
+          end
+          -- (a state another plan's entry wrote names another last number, and may list
+          -- other numbers: set unknown)
+          fe.num = nil
+          if fe.we ~= win[2] then
+            fe.ws, fe.we, fe.wid, fe.wp = win[4], win[2], win[1], win[1] .. '|'
+            fe.hk = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. win[1]
+          end
+          if fresh then
+            fe.seen, fe.nseen, fe.mirror = {}, 0, true
+          elseif not same then
+            -- (the list as another plan left it: not known)
+            fe.mirror = false
+            if fe.seen == nil then fe.seen, fe.nseen = {}, 0 end
+          end
+        end
+        local gd, gq = r0.gd, r0.gq
+        if number ~= fe.num then
+          -- (the number dialled last: counted, and the same encoded number)
+          if dialled == nil and (gd or gq) then dialled = FR.ENC[number] or FR.enc(number) end
+          if gd and number ~= '' and not (fe.mirror and fe.seen[dialled]) then
+            local changed
+            d, set, changed = FR.distinct(fe, dialled, d, set, short)
+            if changed then
+              f[wn + 1], f[wn + 2] = fe.nf, set
+              wn = wn + 2
+            end
+          end
+          if gq then
+            if dialled == last then q = q + 1 else q = 1 end
+            last = dialled
+          end
+          fe.num = number
+        elseif gq then
+          q = q + 1
+        end
         local gl = r0.glow
-        local room = gl[1] - c
-        if gl[2] - d < room then room = gl[2] - d end
-        if gl[3] - q < room then room = gl[3] - q end
-        if d >= 64 then room = 0 end
-        fe.fast, fe.gd, fe.gq, fe.nums = room, gd, gq, gd or gq
-        fe.dpart, fe.tail = '|' .. ds .. '|', '||' .. last
+        if c >= gl[1] or d >= gl[2] or q >= gl[3] or r0.gconc then
+          local lrej
+          wn, ct, lrej = FR.levels_of(plan, h, fe, c, d, q, ct, bs, now, w, wn)
+          if lrej and (rej == nil or lrej.idx < rej.idx) then rej = lrej end
+        end
+        -- (FR.pack's format, written out: the call saves a tenth of the rules' cost on
+        -- the admit, benchmarks.instructions --policy)
+        local ds, qs, ts = '', '', ''
+        if gd then ds = INT_S[d] or ns(d) end
+        if gq then qs = INT_S[q] or ns(q) end
+        if ct > 0 then ts = ns(ct) end
+        s = fe.wp .. (INT_S[c] or ns(c)) .. '|' .. ds .. '|' .. qs .. '|' .. ts .. '|' .. last
+        f[wn + 1], f[wn + 2] = fe[3], s
+        wn = wn + 2
+        -- (kept as read next: a call that is not written in the end, a retransmission,
+        -- leaves the field as it was, which then differs from fe.s and is parsed)
+        if short then
+          fe.s, fe[5] = s, c
+          if gd then fe[6], fe[10] = d, set end
+          if gq then fe[7], fe[8] = q, last end
+          if ct ~= vt then fe[9] = ct end
+        else
+          fe.s, fe[4], fe[5], fe[6], fe[7], fe[8], fe[9], fe[10] = s, fe.wid, c, d, q, last,
+            ct, set
+        end
+        if fresh then
+          if w.fresh == nil then w.fresh = {} end
+          w.fresh[#w.fresh + 1] = {fe[3], fe.we}
+        end
+        -- the fast way for the next call: how many calls its counts are below the lowest
+        -- level at least (its rules watch no live calls, count every call of their
+        -- classes; the state names no block)
+        fe.fast = 0
+        if ct == 0 and r0.always and not r0.gconc then
+          local gl = r0.glow
+          local room = gl[1] - c
+          if gl[2] - d < room then room = gl[2] - d end
+          if gl[3] - q < room then room = gl[3] - q end
+          if d >= 64 then room = 0 end
+          fe.fast, fe.gd, fe.gq, fe.nums = room, gd, gq, gd or gq
+          fe.dpart, fe.tail = '|' .. ds .. '|', '||' .. last
+        end
       end
-    end
     end
   end
   if w then w.n = wn end
