@@ -49,7 +49,7 @@ local FR = {
   -- SET_BYTES encoded; past them, a plan remembers up to SEEN_N of the numbers it added
   -- to the sketch
   SET_N = 32,
-  SET_BYTES = 512,
+  SET_BYTES = 640,
   SEEN_N = 64,
   -- dialled numbers encoded (key_part), up to ENC_MAX of them (then forgotten at once):
   -- a number's encoding costs the admit as much as the rest of a rule's state
@@ -315,7 +315,7 @@ function FR.check(plan, h, number, now, lnow, dry)
         local set = fe[10]
         if fe.gd and number ~= '' and not (fe.mirror and fe.seen[dialled]) then
           local d, changed = fe[6], true
-          if fe.mirror and set ~= '*' and d < 32 and #set + #dialled < 512 then
+          if fe.mirror and set ~= '*' and d < 32 and #set + #dialled < 640 then
             -- (FR.distinct's common case written out, FR.SET_N and FR.SET_BYTES as
             -- literals: a number the list lacks, listed)
             set, d = set .. dialled .. ',', d + 1
