@@ -47,13 +47,20 @@ def _set_parents(store: RedisStore, levels: list[str], users: int) -> None:
         width //= 10
 
 
-def dialled(users: int, number: str, numbers: int) -> list[str]:
-    """The number each call dials in turn: ``number``, or 16 a user drawn from
-    ``numbers`` (the bench's injection file: its rows taken in turn)."""
+#: with --numbers, how many numbers each user dials in turn
+ROUNDS_PER_USER = 16
+
+
+def dialled_numbers(users: int, numbers: int, number: str = "5551000") -> list[str]:
+    """The number each call dials, taken in turn: ``number`` for each user (one
+    number); else ``ROUNDS_PER_USER`` calls a user, each a number of ``numbers`` (555
+    and four digits, the bench policies' domestic class) drawn at random (a fixed seed:
+    every run dials the same). ``deploy/kamailio/bench`` writes them into SIPp's
+    injection file."""
     if numbers <= 1:
-        return [number]
+        return [number] * users
     draw = random.Random(1)
-    return [f"555{draw.randrange(numbers):04d}" for _ in range(users * 16)]
+    return [f"555{draw.randrange(numbers):04d}" for _ in range(users * ROUNDS_PER_USER)]
 
 
 def measure(path: Path, calls: int, users: int, rounds: int, number: str,
@@ -70,7 +77,7 @@ def measure(path: Path, calls: int, users: int, rounds: int, number: str,
         fn = lib.function("admit")
         r = redis.Redis.from_url(server.url)
         out: list[float] = []
-        rows = dialled(users, number, numbers)
+        rows = dialled_numbers(users, numbers, number)
         for k in range(rounds):
             batch = [Call.from_raw(f"c{k}-{i}", "t", from_user=f"u{i % users}",
                                    from_domain="127.0.0.1", ruri_user=rows[i % len(rows)],
@@ -104,7 +111,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="policies interleaved")
     p.add_argument("--number", default="5551000")
     p.add_argument("--numbers", type=int, default=1,
-                   help="each user dials 16 numbers drawn from this many, in turn")
+                   help=f"each user dials {ROUNDS_PER_USER} numbers drawn from this many, "
+                        "in turn")
     p.add_argument("--parents", action="store_true",
                    help="live parents for every hierarchy level")
     a = p.parse_args()
