@@ -170,11 +170,8 @@ end
 -- A dialled number encoded (key_part), remembered when it is no longer than a phone
 -- number could be: FR.ENC[number] or FR.enc(number).
 function FR.enc(number)
-  if #number > 32 then return key_part(number) end
-  -- (letters and digits alone, which key_part leaves as they are: a cheaper test than
-  -- its own)
-  local e = number
-  if string.find(number, '%W') then e = key_part(number) end
+  local e = key_part(number)
+  if #number > 32 then return e end
   if FR.ENC_N >= FR.ENC_MAX then FR.ENC, FR.ENC_N = {}, 0 end
   FR.ENC[number], FR.ENC_N = e, FR.ENC_N + 1
   return e
@@ -315,9 +312,8 @@ function FR.check(plan, h, number, now, lnow, dry)
         local set = fe[10]
         if fe.gd and number ~= '' and not (fe.mirror and fe.seen[dialled]) then
           local d, changed = fe[6], true
-          if fe.mirror and set ~= '*' and d < 32 and #set + #dialled < 640 then
-            -- (FR.distinct's common case written out, FR.SET_N and FR.SET_BYTES as
-            -- literals: a number the list lacks, listed)
+          if fe.mirror and set ~= '*' and d < FR.SET_N and #set + #dialled < FR.SET_BYTES then
+            -- (FR.distinct's common case written out: a number the list lacks, listed)
             set, d = set .. dialled .. ',', d + 1
             fe.seen[dialled] = true
           else
@@ -469,8 +465,9 @@ function FR.check(plan, h, number, now, lnow, dry)
           if gl[2] - d < room then room = gl[2] - d end
           if gl[3] - q < room then room = gl[3] - q end
           if d >= 64 then room = 0 end
-          fe.fast, fe.gd, fe.gq, fe.nums = room, gd, gq, gd or gq
-          fe.dpart, fe.tail = '|' .. ds .. '|', '||' .. last
+          if room > 1 then
+            fe.fast, fe.dpart, fe.tail = room, '|' .. ds .. '|', '||' .. last
+          end
         end
       end
     end
