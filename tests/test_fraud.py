@@ -562,6 +562,27 @@ def test_distinct_numbers_past_the_list_count_each_number_once(
     live_counts_match(store, [])
 
 
+def test_long_hostile_numbers_fill_the_list_by_its_bytes_and_count_once(
+        engine_for: EngineFactory, store: Store) -> None:
+    """Numbers of 150 characters, with the list's separator and the state's in them:
+    the list takes only a few (640 bytes), the rest go to the sketch, each counts once
+    and a number dialled again never twice."""
+    e = engine_for(policy("""
+  - name: spread
+    key: user
+    per: 1h
+    distinct_numbers: {warning: 1000}
+"""))
+    start_of_hour(store)
+    numbers = [f"00{i:02d}," + "|x" * 74 for i in range(20)]
+    for n in [*numbers, numbers[0], numbers[7], numbers[19]]:
+        d = e.admit(call(n, "hugo"))
+        assert d.admitted
+        e.release(d.dialog_id)
+    assert store.fraud_states("spread")["hugo"].distinct == 20
+    live_counts_match(store, [])
+
+
 def test_distinct_numbers_an_older_policer_counted_still_count_once(
         redis_url: str, namespace: str) -> None:
     """An older policer kept a value's distinct numbers in the window's sketch alone,
