@@ -452,8 +452,8 @@ local function build_plan(values, cls, dir, mow, gw, kept)
       if r.gd then nf = 'Fn|' .. r.name .. ':' .. enc end
       -- (the state's statistics of numbers, copied for fraud.lua's fast way: gd distinct
       -- numbers, gq runs, nums either)
-      fraud[#fraud + 1] = {r, enc, 'F|' .. r.name .. ':' .. enc, counts = frs[i][2],
-                           fast = 0, nf = nf, gd = r.gd, gq = r.gq, nums = r.gd or r.gq}
+      fraud[#fraud + 1] = {r, enc, 'F|' .. r.name .. ':' .. enc, [5] = 0, counts = frs[i][2],
+                           lim = 0, nf = nf, gd = r.gd, gq = r.gq, nums = r.gd or r.gq}
     end
   end
   return plan_entry(members, n == #ps, cls, dir, looked, missing, fraud, lvals)

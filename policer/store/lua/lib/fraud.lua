@@ -184,6 +184,14 @@ function FR.dp(d)
   return s
 end
 
+-- fe.lroom of entry fe (FR.check) whose list is `set`, counting d: the list takes a
+-- number shorter than it, when fe mirrors the list (fe.seen) and it has room for one more
+-- number (FR.distinct's bounds); else -1.
+function FR.lroom(fe, set, d)
+  if fe.mirror and set and set ~= '*' and d < FR.SET_N then return FR.SET_BYTES - #set end
+  return -1
+end
+
 -- The distinct numbers of the state of entry fe (FR.check) counting d, for a call to the
 -- number enc (encoded) that fe does not know to be counted: set, the list as fe last knew
 -- it (',n1,n2,', ',' none, '*' the window's sketch fe.hk holds them; nil unknown: read).
@@ -287,7 +295,7 @@ end
 -- unchanged since, takes the short way: no window arithmetic, no list, sketch or
 -- encoding for the number dialled last, no levels while its counts are below every
 -- rule's lowest; and the fast way when it names no block either and its counts are
--- further below (fe.fast calls).
+-- further below (while its calls are at most fe.lim).
 function FR.check(plan, h, number, now, lnow, dry)
   local fraud = plan.fraud
   local rej, w, f, wn = nil, nil, nil, 0
@@ -296,54 +304,60 @@ function FR.check(plan, h, number, now, lnow, dry)
     local fe = fraud[i]
     -- the state as read: what this entry wrote last is not parsed again (nearly always:
     -- the same library writes it; any other writer's value differs and is parsed)
-    local s = h[fe.pf]
-    if s == fe.s and fe.fast > 1 and lnow < fe.we and lnow >= fe.ws and not dry then
+    local s, c = h[fe.pf], fe[5] + 1
+    if s == fe.s and c <= fe.lim and lnow < fe.we and lnow >= fe.ws and not dry then
       -- the fast way: the state this entry wrote, in its window, naming no block, its
-      -- counts at least fe.fast calls below the lowest level of its rules (none
-      -- reached: a statistic grows by one a call at most); only what changes is built
-      -- again (fe.dpart: '|distinct|', fe.tail: '||last number')
+      -- counts below the lowest level of its rules by more than the calls up to fe.lim
+      -- (none reached: a statistic grows by one a call at most); only what changes is
+      -- built again (fe.dpart: '|distinct|', fe.tail: '||last number' of a state that
+      -- counts no runs)
       if w == nil then
         w = FR.W
         f, w.events, w.blocks, w.fresh = w.fields, nil, nil, nil
       end
-      local c = fe[5] + 1
-      if fe.nums and number ~= fe.num then
+      if number ~= fe.num and fe.nums then
         if dialled == nil then dialled = FR.ENC[number] or FR.enc(number) end
-        local set = fe[10]
-        if fe.gd and number ~= '' and not (fe.mirror and fe.seen[dialled]) then
-          local d, changed = fe[6], true
-          if fe.mirror and set ~= '*' and d < FR.SET_N and #set + #dialled < FR.SET_BYTES then
-            -- (FR.distinct's common case written out: a number the list lacks, listed)
-            set, d = set .. dialled .. ',', d + 1
-            fe.seen[dialled] = true
-          else
-            d, set, changed = FR.distinct(fe, dialled, d, set, true)
+        if fe.gd and number ~= '' then
+          if #dialled < fe.lroom then
+            -- (FR.distinct's common case written out: a list this entry mirrors, with
+            -- room for the number; fe.lroom: its bytes left, -1 when it has none)
+            local seen = fe.seen
+            if not seen[dialled] then
+              seen[dialled] = true
+              local d, set = fe[6] + 1, fe[10] .. dialled .. ','
+              f[wn + 1], f[wn + 2] = fe.nf, set
+              wn = wn + 2
+              fe[6], fe[10], fe.dpart = d, set, FR.DP[d] or FR.dp(d)
+              if d < FR.SET_N then fe.lroom = fe.lroom - #dialled - 1 else fe.lroom = -1 end
+            end
+          elseif not (fe.mirror and fe.seen[dialled]) then
+            local d, set, changed = FR.distinct(fe, dialled, fe[6], fe[10], true)
+            if changed then
+              f[wn + 1], f[wn + 2] = fe.nf, set
+              wn = wn + 2
+            end
+            fe[6], fe[10], fe.dpart = d, set, FR.DP[d] or FR.dp(d)
+            fe.lroom = FR.lroom(fe, set, d)
             -- (from 64 on, the sketch's estimate: it may grow by more than one)
-            if d >= 64 then fe.fast = 1 end
+            if d >= 64 then fe.lim = 0 end
           end
-          if changed then
-            f[wn + 1], f[wn + 2] = fe.nf, set
-            wn = wn + 2
-          end
-          fe[6], fe[10], fe.dpart = d, set, FR.DP[d] or FR.dp(d)
         end
         if fe.gq then
-          if dialled == fe[8] then fe[7] = fe[7] + 1 else fe[7] = 1 end
-          fe[8], fe.tail = dialled, '||' .. dialled
+          if dialled == fe[8] then fe[7] = fe[7] + 1 else fe[7], fe[8] = 1, dialled end
         end
         fe.num = number
       elseif fe.gq then
         fe[7] = fe[7] + 1
       end
       if fe.gq then
-        local q = fe[7]
-        s = fe.wp .. (INT_S[c] or ns(c)) .. fe.dpart .. (INT_S[q] or ns(q)) .. fe.tail
+        s = fe.wp .. (INT_S[c] or ns(c)) .. fe.dpart .. (INT_S[fe[7]] or ns(fe[7])) .. '||'
+            .. fe[8]
       else
         s = fe.wp .. (INT_S[c] or ns(c)) .. fe.dpart .. fe.tail
       end
       f[wn + 1], f[wn + 2] = fe[3], s
       wn = wn + 2
-      fe.s, fe[5], fe.fast = s, c, fe.fast - 1
+      fe.s, fe[5] = s, c
     else
       local r0 = fe[1]
       local same = s ~= nil and s == fe.s
@@ -455,10 +469,10 @@ function FR.check(plan, h, number, now, lnow, dry)
           if w.fresh == nil then w.fresh = {} end
           w.fresh[#w.fresh + 1] = {fe[3], fe.we}
         end
-        -- the fast way for the next call: how many calls its counts are below the lowest
-        -- level at least (its rules watch no live calls, count every call of their
-        -- classes; the state names no block)
-        fe.fast = 0
+        -- the fast way for the next calls, up to the count of calls fe.lim: its counts stay
+        -- below the lowest level of its rules until then (its rules watch no live calls,
+        -- count every call of their classes; the state names no block)
+        fe.lim = 0
         if ct == 0 and r0.always and not r0.gconc then
           local gl = r0.glow
           local room = gl[1] - c
@@ -466,7 +480,8 @@ function FR.check(plan, h, number, now, lnow, dry)
           if gl[3] - q < room then room = gl[3] - q end
           if d >= 64 then room = 0 end
           if room > 1 then
-            fe.fast, fe.dpart, fe.tail = room, '|' .. ds .. '|', '||' .. last
+            fe.lim, fe.dpart, fe.tail = c + room - 1, '|' .. ds .. '|', '||' .. last
+            if gd then fe.lroom = FR.lroom(fe, set, d) end
           end
         end
       end
