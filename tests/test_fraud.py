@@ -562,6 +562,30 @@ def test_distinct_numbers_past_the_list_count_each_number_once(
     live_counts_match(store, [])
 
 
+def test_a_number_of_the_last_windows_sketch_counts_again_in_the_next(
+        engine_for: EngineFactory, store: Store) -> None:
+    """An account's users count its distinct numbers together. A number one user
+    dialled in the last window, past the list, counts again in the next, though the
+    account's other user took the new window past its list first."""
+    e = engine_for(policy("""
+  - name: spread
+    key: account
+    per: 1h
+    distinct_numbers: {warning: 1000}
+"""))
+    start_of_hour(store)
+    acme = {"X-Account": "acme"}
+    for i in range(40):
+        e.release(e.admit(call(f"0044207{i:04d}", "anna", headers=acme)).dialog_id)
+    assert store.fraud_states("spread")["acme"].distinct == 40
+    jump(store, HOUR)
+    for i in range(100, 140):
+        e.release(e.admit(call(f"0044207{i:04d}", "bert", headers=acme)).dialog_id)
+    e.release(e.admit(call("00442070035", "anna", headers=acme)).dialog_id)
+    assert store.fraud_states("spread")["acme"].distinct == 41
+    live_counts_match(store, [])
+
+
 def test_long_hostile_numbers_fill_the_list_by_its_bytes_and_count_once(
         engine_for: EngineFactory, store: Store) -> None:
     """Numbers of 150 characters, with the list's separator and the state's in them:

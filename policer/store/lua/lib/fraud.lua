@@ -410,6 +410,8 @@ function FR.check(plan, h, number, now, lnow, dry)
           if fe.we ~= win[2] then
             fe.ws, fe.we, fe.wid, fe.wp = win[4], win[2], win[1], win[1] .. '|'
             fe.hk = NS_PREFIX .. 'fh:' .. fe[3] .. ':' .. win[1]
+            -- (what it knew of the list, and of the sketch, was of another window)
+            fe[10] = nil
           end
           if fresh then
             fe.seen, fe.nseen, fe.mirror = {}, 0, true
