@@ -26,6 +26,19 @@ rules cost a call against another's, e.g. the fraud rules (issue 19).
     .venv/bin/python -m benchmarks.instructions --memberships 1 --calls 500
     .venv/bin/python -m benchmarks.instructions --numbers 1000 \
         --policy deploy/kamailio/bench_four.yaml deploy/kamailio/bench_four_fraud.yaml
+
+With ``--cache LL`` (callgrind's cache simulation, the last-level cache given as
+``size,ways,line``, e.g. ``262144,8,64``: small, standing in for the caches Kamailio and
+SIPp share with Redis on a small machine) the ``--policy`` rows follow the Kamailio
+bench instead: ``--calls`` calls (8000 unless given) of ``--users`` users in the bench's
+order, each user dialling the bench's numbers in turn (``benchmarks.admit_time``'s
+``dialled_numbers``), every admit counted from a fresh library (first calls included),
+then every end; per call, the instructions and the data misses of the last-level cache.
+A cold object costs a call about as much as a hundred instructions; this counts them
+free of the machine's noise:
+
+    .venv/bin/python -m benchmarks.instructions --cache 262144,8,64 --numbers 1000 \
+        --policy deploy/kamailio/bench_four.yaml deploy/kamailio/bench_four_fraud.yaml
 """
 
 from __future__ import annotations
@@ -58,14 +71,17 @@ FLOOR_LUA = Path(__file__).parent / "floor" / "floor.lua"
 class Callgrind:
     """A redis-server under callgrind, and one connection to it."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache: str | None = None) -> None:
         if shutil.which("valgrind") is None:
             sys.exit("valgrind is not installed (apt install valgrind)")
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="policer-cg-")
         self.out = os.path.join(self.dir, "cg.out")
+        sim = []
+        if cache:
+            sim = ["--cache-sim=yes", f"--LL={cache}", "--D1=32768,8,64", "--I1=32768,8,64"]
         self.proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}",
+            ["valgrind", "--tool=callgrind", *sim, f"--callgrind-out-file={self.out}",
              "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -82,6 +98,11 @@ class Callgrind:
 
     def count(self, packed: list[bytes]) -> float:
         """Instructions per request of sending these one at a time."""
+        return self.events(packed)["Ir"] / len(packed)
+
+    def events(self, packed: list[bytes]) -> dict[str, int]:
+        """callgrind's events (Ir, and the cache simulation's) of sending these one at a
+        time, in all."""
         subprocess.run(["callgrind_control", "-z", str(self.proc.pid)], capture_output=True,
                        check=False)
         for p in packed:
@@ -91,14 +112,16 @@ class Callgrind:
                        capture_output=True, check=False)
         path = f"{self.out}.{self.dumps}"
         text = ""
-        for _ in range(100):
+        for _ in range(300):
             text = Path(path).read_text() if os.path.exists(path) else ""
             if "totals:" in text:
                 break
             time.sleep(0.1)
-        m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
-        assert m, path
-        return int(m.group(1)) / len(packed)
+        names = re.search(r"^events: (.*)$", text, re.M)
+        m = re.search(r"^(?:summary|totals): (.*)$", text, re.M)
+        assert names and m, path
+        # (a trailing zero may be left out)
+        return dict(zip(names.group(1).split(), map(int, m.group(1).split()), strict=False))
 
     def close(self) -> None:
         self.conn.close()
@@ -110,7 +133,8 @@ class Callgrind:
 class Traffic:
     """policer's library for a call joining ``memberships`` profiles, loaded into the
     Redis at ``port``, and the requests of whole calls as a proxy sends them: one admit
-    per call, its answer and its end as line ops, 100 to a batch."""
+    per call, its answer and its end as line ops, 100 to a batch. The numbers dialled:
+    ``dialled`` in turn when set, else one (``numbers`` 1) or drawn at random."""
 
     def __init__(self, port: int, memberships: int, users: int, policy: Policy | None = None,
                  numbers: int = 1) -> None:
@@ -118,6 +142,8 @@ class Traffic:
             policy = parse_policy(membership_policy(memberships, users), "<bench>")
         self.numbers = numbers
         self.draw = random.Random(1)
+        self.dialled: list[str] = []
+        self.turn = 0
         self.store = RedisStore(f"redis://127.0.0.1:{port}/0", policy.namespace,
                                 timeout_ms=120_000, policy=policy)
         self.store.load(policy)
@@ -136,6 +162,9 @@ class Traffic:
                 for i in range(n)]
 
     def number(self) -> str:
+        if self.dialled:
+            self.turn += 1
+            return self.dialled[(self.turn - 1) % len(self.dialled)]
         if self.numbers <= 1:
             return "5551234"
         return f"555{self.draw.randrange(self.numbers):04d}"
@@ -170,7 +199,13 @@ def main() -> int:
     p.add_argument("--policy", nargs="+", type=Path, default=[],
                    help="rows: one warm admit per policy file instead")
     p.add_argument("--numbers", type=int, default=1, help="numbers dialled (--policy)")
+    p.add_argument("--cache", metavar="LL",
+                   help="--policy rows in the Kamailio bench's order, with the last-level "
+                        "cache's misses (size,ways,line)")
     a = p.parse_args()
+    if a.policy and a.cache:
+        calls = a.calls if "--calls" in sys.argv else 8000
+        return bench_rows(a.policy, a.users, a.numbers, calls, a.cache)
     if a.policy:
         return policy_rows(a.policy, a.users, a.numbers)
     cg = Callgrind()
@@ -228,6 +263,38 @@ def policy_rows(paths: list[Path], users: int, numbers: int, calls: int = 800) -
         m = statistics.median(each)
         print(f"  {label:<32}{m:>10,.0f}  {m - first:>+9,.0f}   rounds: "
               + ", ".join(f"{v:,.0f}" for v in each))
+    return 0
+
+
+def bench_rows(paths: list[Path], users: int, numbers: int, calls: int, cache: str) -> int:
+    """Per policy, on a redis-server of its own: the admits of ``calls`` calls in the
+    Kamailio bench's order, then their ends; instructions and last-level data misses per
+    call."""
+    from benchmarks.admit_time import dialled_numbers
+
+    rows: list[tuple[str, dict[str, float], dict[str, float]]] = []
+    for path in paths:
+        cg = Callgrind(cache)
+        try:
+            traffic = Traffic(cg.port, 0, users, load_policy(path), numbers)
+            traffic.dialled = dialled_numbers(users, numbers)
+            cs = traffic.calls(calls)
+            admit = cg.events(traffic.admits(cs))
+            end = cg.events(traffic.batches(cs, b"-", b" bye"))
+            traffic.close()
+        finally:
+            cg.close()
+        a_ll = admit.get("DLmr", 0) + admit.get("DLmw", 0)
+        e_ll = end.get("DLmr", 0) + end.get("DLmw", 0)
+        rows.append((path.name, {"Ir": admit["Ir"] / calls, "LL": a_ll / calls},
+                     {"Ir": (admit["Ir"] + end["Ir"]) / calls, "LL": (a_ll + e_ll) / calls}))
+    print(f"per call, {calls} calls of {users} users in the Kamailio bench's order dialling "
+          f"{numbers} number(s), first calls included (callgrind, user space; last-level "
+          f"cache {cache}): instructions and last-level data misses")
+    print(f"  {'':<32}{'admit Ir':>10}{'LL misses':>11}{'call Ir':>10}{'LL misses':>11}")
+    for label, a, c in rows:
+        print(f"  {label:<32}{a['Ir']:>10,.0f}{a['LL']:>11,.0f}{c['Ir']:>10,.0f}"
+              f"{c['LL']:>11,.0f}")
     return 0
 
 
