@@ -482,7 +482,9 @@ function FR.check(plan, h, number, now, lnow, dry)
           if gl[3] - q < room then room = gl[3] - q end
           if d >= 64 then room = 0 end
           if room > 1 then
-            fe.lim, fe.dpart, fe.tail = c + room - 1, '|' .. ds .. '|', '||' .. last
+            fe.lim, fe.dpart = c + room - 1, '|' .. ds .. '|'
+            -- (a state counting runs writes its last number in place, fe[8])
+            if not gq then fe.tail = '||' .. last end
             if gd then fe.lroom = FR.lroom(fe, set, d) end
           end
         end
