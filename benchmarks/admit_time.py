@@ -8,10 +8,9 @@ time, from ``--users`` users (From user ``u<i>``, X-Account ``acct<i>``) diallin
 ``--number``, or with ``--numbers N`` each user 16 numbers drawn from N in turn (as
 ``deploy/kamailio/bench --numbers`` dials them); then released. The first round is
 every plan's first call (cold: the library is loaded fresh), the next ones call again
-(warm). With ``--parents`` every
-hierarchy level of the policy gets live parents for the users' accounts (``acct<i>``
-under ``<level initial><i mod 100>``, each level above ten times fewer), as
-``policer parent set`` keeps them.
+(warm). With ``--parents`` every hierarchy level of the policy gets live parents for
+the users' accounts (``acct<i>`` under ``<level initial><i mod 100>``, each level above
+ten times fewer), as ``policer parent set`` keeps them.
 
     .venv/bin/python -m benchmarks.admit_time deploy/kamailio/bench_four.yaml \\
         deploy/kamailio/bench_four_fraud.yaml

@@ -56,6 +56,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.admit_time import dialled_numbers
 from benchmarks.function_cost import membership_policy
 from benchmarks.resp import Conn, pack
 from lab.redis_server import free_port
@@ -270,8 +271,6 @@ def bench_rows(paths: list[Path], users: int, numbers: int, calls: int, cache: s
     """Per policy, on a redis-server of its own: the admits of ``calls`` calls in the
     Kamailio bench's order, then their ends; instructions and last-level data misses per
     call."""
-    from benchmarks.admit_time import dialled_numbers
-
     rows: list[tuple[str, dict[str, float], dict[str, float]]] = []
     for path in paths:
         cg = Callgrind(cache)

@@ -59,6 +59,15 @@ SWEEP = policy("""
 """)
 
 
+#: a distinct-numbers rule that only counts (no level reached), per user or account
+SPREAD_BY = {key: policy(f"""
+  - name: spread
+    key: {key}
+    per: 1h
+    distinct_numbers: {{warning: 1000}}
+""") for key in ("user", "account")}
+
+
 def start_of_hour(store: Store) -> None:
     """The store's clock one minute into the next hour (a window starts there)."""
     now = store.now_ms()
@@ -549,12 +558,7 @@ def test_distinct_numbers_past_the_list_count_each_number_once(
         engine_for: EngineFactory, store: Store) -> None:
     """A value's first 32 numbers are listed in its state, the later ones go to the
     sketch with them: a number dialled again, listed or not, is never counted twice."""
-    e = engine_for(policy("""
-  - name: spread
-    key: user
-    per: 1h
-    distinct_numbers: {warning: 1000}
-"""))
+    e = engine_for(SPREAD_BY["user"])
     start_of_hour(store)
     for i in [*range(40), 3, 35, 39, 0, 40]:
         e.release(e.admit(intl("ivan", i)).dialog_id)
@@ -567,12 +571,7 @@ def test_a_number_of_the_last_windows_sketch_counts_again_in_the_next(
     """An account's users count its distinct numbers together. A number one user
     dialled in the last window, past the list, counts again in the next, though the
     account's other user took the new window past its list first."""
-    e = engine_for(policy("""
-  - name: spread
-    key: account
-    per: 1h
-    distinct_numbers: {warning: 1000}
-"""))
+    e = engine_for(SPREAD_BY["account"])
     start_of_hour(store)
     acme = {"X-Account": "acme"}
     for i in range(40):
@@ -591,12 +590,7 @@ def test_long_hostile_numbers_fill_the_list_by_its_bytes_and_count_once(
     """Numbers of 150 characters, with the list's separator and the state's in them:
     the list takes only a few (640 bytes), the rest go to the sketch, each counts once
     and a number dialled again never twice."""
-    e = engine_for(policy("""
-  - name: spread
-    key: user
-    per: 1h
-    distinct_numbers: {warning: 1000}
-"""))
+    e = engine_for(SPREAD_BY["user"])
     start_of_hour(store)
     numbers = [f"00{i:02d}," + "|x" * 74 for i in range(20)]
     for n in [*numbers, numbers[0], numbers[7], numbers[19]]:
@@ -619,12 +613,7 @@ def test_distinct_numbers_an_older_policer_counted_still_count_once(
     number dialled before is not counted again, a new one is."""
     from policer.store import RedisStore
 
-    p = policy_text(policy("""
-  - name: spread
-    key: user
-    per: 1h
-    distinct_numbers: {warning: 1000}
-"""), namespace)
+    p = policy_text(SPREAD_BY["user"], namespace)
     store = RedisStore(redis_url, namespace, timeout_ms=2000)
     e = Engine(p, store)
     store.load(e.policy)
