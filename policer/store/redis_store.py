@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
 from typing import Any
 
 import redis
@@ -78,6 +79,8 @@ LOAD_ATTEMPTS = 3
 LAYOUT = "2"
 #: The bound on one FUNCTION LOAD when no policy says (Policy.load_timeout_ms).
 LOAD_TIMEOUT_MS = 10_000
+#: One change of a value's live limits, made inside Redis (:meth:`RedisStore._swap_live`)
+_LIVE_LIMITS_LUA = (resources.files("policer.store") / "lua" / "live_limits.lua").read_text()
 #: The bound on a node's periodic calls (its reading of the store, its lease renewal and
 #: sweeps: :meth:`RedisStore.info`, :meth:`RedisStore.tick`) when the store's timeout is
 #: shorter: a link slower than ``store_timeout`` sends INVITEs to the fallback, but must
@@ -220,7 +223,8 @@ class RedisStore:
         ``#layout`` field names the layout, :data:`LAYOUT`): live parents from the
         counts hash (``^level:value``) to :attr:`Keys.parents` (a parent set meanwhile
         stands: ``HSETNX``), and a value's live caps (``R|`` fields) into its live
-        limits field after its live max. The fields are scanned without blocking Redis;
+        limits field after its live max (merged inside Redis: a live limit set
+        meanwhile stands). The fields are scanned without blocking Redis;
         moved parents or caps give the live version a new token, which makes the plans
         built before stale."""
         client = self.client
@@ -231,21 +235,17 @@ class RedisStore:
             counts, match="[R^]?*", count=1000)])
         caps = [(f, v) for f, v in old if f.startswith("R|")]
         up = [(f, v) for f, v in old if f.startswith("^")]
-        maxes = self._run(lambda: client.hmget(counts, ["L" + f[1:] for f, _ in caps])
-                          ) if caps else []
+        script = self._live_script()
 
         def move() -> None:
             pipe = client.pipeline(transaction=True)
             for f, v in up:
                 pipe.hsetnx(parents, f[1:], v)
                 pipe.hdel(counts, f)
-            for (f, v), mx in zip(caps, maxes, strict=True):
-                items = _live_items(_str(v))
-                items.pop("", None)
-                if mx is not None:
-                    items = {**items, **_live_items(_str(mx))}
-                pipe.hset(counts, "L" + f[1:], _live_text(items))
-                pipe.hdel(counts, f)
+            for f, v in caps:
+                # (merged inside Redis: a live limit set meanwhile stands)
+                script(keys=[counts], args=["merge", "L" + f[1:], self.keys.LIVE_VERSION,
+                                            uuid.uuid4().hex, f, v], client=pipe)
             pipe.hset(counts, "#layout", LAYOUT)
             if up or caps:
                 self._renew_live_version(pipe)
@@ -812,41 +812,24 @@ class RedisStore:
         ms>:<burst>`` and ``,<per>=<max>`` items: one field, so that the admit reads a
         value's live limits with one field of its ``HMGET``); returns the item's
         previous value. The live version (``Keys.LIVE_VERSION``) gets a new token in the
-        same transaction: the library's plans keep their members' live limits, and are
-        built again on the next call after any change. A changed rate starts afresh: the
-        value's rate state (its theoretical arrival time) is dropped in the same
-        transaction, so no debt run up under another rate carries over; its windows
-        stay."""
-        client = self.client
-        key = self.keys.counts
-        field = self.keys.limit_field(profile, value)
-        tfield = self.keys.state_field(profile, value)
+        same step: the library's plans keep their members' live limits, and are built
+        again on the next call after any change. A changed rate starts afresh: the
+        value's rate state (its theoretical arrival time) is dropped in the same step, so
+        no debt run up under another rate carries over; its windows stay.
 
-        def swap(pipe: Any) -> str | None:
-            raw = pipe.hget(key, field)
-            state = pipe.hget(key, tfield) if item == "R" else None
-            items = _live_items(None if raw is None else _str(raw))
-            old = items.pop(item, None)
-            if new is not None:
-                items[item] = new
-            pipe.multi()
-            if items:
-                pipe.hset(key, field, _live_text(items))
-            else:
-                pipe.hdel(key, field)
-            self._renew_live_version(pipe)
-            if state is not None:
-                windows = str(state).partition("|")[2]
-                if windows:
-                    pipe.hset(key, tfield, "|" + windows)
-                else:
-                    pipe.hdel(key, tfield)
-            return old
+        One script does it inside Redis (``lua/live_limits.lua``): every admit writes the
+        counts hash, so a WATCHed read and write of it would be retried for as long as
+        calls keep coming."""
+        keys = self.keys
+        args = ["swap", keys.limit_field(profile, value), keys.LIVE_VERSION,
+                uuid.uuid4().hex, item, "0" if new is None else "1", new or "",
+                keys.state_field(profile, value)]
+        old = self._run(lambda: self._live_script()(keys=[keys.counts], args=args))
+        return None if old is None else _str(old)
 
-        tx: Any = client  # redis-py types transaction()'s callable as returning None
-        result: str | None = self._run(lambda: tx.transaction(
-            swap, key, value_from_callable=True))
-        return result
+    def _live_script(self) -> Any:
+        """``lua/live_limits.lua`` on this process's client (EVALSHA, loaded on a miss)."""
+        return self.client.register_script(_LIVE_LIMITS_LUA)
 
     def rate_limit_set(self, profile: str, value: str, rate: Rate | None) -> Rate | None:
         old = self._swap_live(profile, value, "R", None if rate is None else
@@ -1095,11 +1078,6 @@ def _live_items(text: str | None) -> dict[str, str]:
         if eq:
             out[k] = v
     return out
-
-
-def _live_text(items: Mapping[str, str]) -> str:
-    """A value's live limits field from its items (:func:`_live_items`)."""
-    return items.get("", "") + "".join(f",{k}={v}" for k, v in items.items() if k)
 
 
 def _live_max(text: str | None) -> int | None:
