@@ -138,7 +138,7 @@ class Traffic:
     ``dialled`` in turn when set, else one (``numbers`` 1) or drawn at random."""
 
     def __init__(self, port: int, memberships: int, users: int, policy: Policy | None = None,
-                 numbers: int = 1) -> None:
+                 numbers: int = 1, accounts: int | None = None) -> None:
         if policy is None:
             policy = parse_policy(membership_policy(memberships, users), "<bench>")
         self.numbers = numbers
@@ -150,16 +150,18 @@ class Traffic:
         self.store.load(policy)
         self.lib = self.store.library
         self.users = users
+        #: accounts (X-Account ``a<i>``) the users share: user i is in account i % accounts
+        self.accounts = accounts or users
         self.gen = 0
 
     def calls(self, n: int) -> list[Call]:
-        """``n`` new calls of ``users`` users and accounts."""
+        """``n`` new calls of ``users`` users in ``accounts`` accounts."""
         self.gen += 1
-        u = self.users
+        u, acc = self.users, self.accounts
         return [Call.from_raw(f"c{i}-{self.gen}@b", "t", from_user=f"u{i % u}",
                               from_domain="b.example", ruri_user=self.number(),
                               source_ip="10.0.0.1",
-                              headers={"X-Account": f"a{i % u}", "X-Tenant": "t"})
+                              headers={"X-Account": f"a{i % u % acc}", "X-Tenant": "t"})
                 for i in range(n)]
 
     def number(self) -> str:
@@ -200,15 +202,17 @@ def main() -> int:
     p.add_argument("--policy", nargs="+", type=Path, default=[],
                    help="rows: one warm admit per policy file instead")
     p.add_argument("--numbers", type=int, default=1, help="numbers dialled (--policy)")
+    p.add_argument("--accounts", type=int, default=0,
+                   help="accounts the users share (--policy; default: one per user)")
     p.add_argument("--cache", metavar="LL",
                    help="--policy rows in the Kamailio bench's order, with the last-level "
                         "cache's misses (size,ways,line)")
     a = p.parse_args()
     if a.policy and a.cache:
         calls = a.calls if "--calls" in sys.argv else 8000
-        return bench_rows(a.policy, a.users, a.numbers, calls, a.cache)
+        return bench_rows(a.policy, a.users, a.numbers, calls, a.cache, a.accounts)
     if a.policy:
-        return policy_rows(a.policy, a.users, a.numbers)
+        return policy_rows(a.policy, a.users, a.numbers, a.accounts)
     cg = Callgrind()
     try:
         n = a.calls
@@ -243,13 +247,14 @@ def main() -> int:
     return 0
 
 
-def policy_rows(paths: list[Path], users: int, numbers: int, calls: int = 800) -> int:
+def policy_rows(paths: list[Path], users: int, numbers: int, accounts: int = 0,
+                calls: int = 800) -> int:
     """A warm admit's instructions per policy, each on a redis-server of its own."""
     rows: list[tuple[str, list[float]]] = []
     for path in paths:
         cg = Callgrind()
         try:
-            traffic = Traffic(cg.port, 0, users, load_policy(path), numbers)
+            traffic = Traffic(cg.port, 0, users, load_policy(path), numbers, accounts)
             for c in traffic.admits(traffic.calls(calls)):  # warm: the users' plans cached
                 cg.send(c)
             rows.append((path.name, [cg.count(traffic.admits(traffic.calls(calls)))
@@ -257,7 +262,8 @@ def policy_rows(paths: list[Path], users: int, numbers: int, calls: int = 800) -
             traffic.close()
         finally:
             cg.close()
-    print(f"instructions per warm admit, {users} users dialling {numbers} number(s), "
+    print(f"instructions per warm admit, {users} users ({accounts or users} accounts) "
+          f"dialling {numbers} number(s), "
           f"{calls} calls a round (callgrind, user space), median of the rounds")
     first = statistics.median(rows[0][1])
     for label, each in rows:
@@ -267,7 +273,8 @@ def policy_rows(paths: list[Path], users: int, numbers: int, calls: int = 800) -
     return 0
 
 
-def bench_rows(paths: list[Path], users: int, numbers: int, calls: int, cache: str) -> int:
+def bench_rows(paths: list[Path], users: int, numbers: int, calls: int, cache: str,
+               accounts: int = 0) -> int:
     """Per policy, on a redis-server of its own: the admits of ``calls`` calls in the
     Kamailio bench's order, then their ends; instructions and last-level data misses per
     call."""
@@ -275,7 +282,7 @@ def bench_rows(paths: list[Path], users: int, numbers: int, calls: int, cache: s
     for path in paths:
         cg = Callgrind(cache)
         try:
-            traffic = Traffic(cg.port, 0, users, load_policy(path), numbers)
+            traffic = Traffic(cg.port, 0, users, load_policy(path), numbers, accounts)
             traffic.dialled = dialled_numbers(users, numbers)
             cs = traffic.calls(calls)
             admit = cg.events(traffic.admits(cs))
@@ -287,7 +294,8 @@ def bench_rows(paths: list[Path], users: int, numbers: int, calls: int, cache: s
         e_ll = end.get("DLmr", 0) + end.get("DLmw", 0)
         rows.append((path.name, {"Ir": admit["Ir"] / calls, "LL": a_ll / calls},
                      {"Ir": (admit["Ir"] + end["Ir"]) / calls, "LL": (a_ll + e_ll) / calls}))
-    print(f"per call, {calls} calls of {users} users in the Kamailio bench's order dialling "
+    print(f"per call, {calls} calls of {users} users ({accounts or users} accounts) in the "
+          f"Kamailio bench's order dialling "
           f"{numbers} number(s), first calls included (callgrind, user space; last-level "
           f"cache {cache}): instructions and last-level data misses")
     print(f"  {'':<32}{'admit Ir':>10}{'LL misses':>11}{'call Ir':>10}{'LL misses':>11}")

@@ -87,6 +87,8 @@
 --                      T|<field>   its rate and window state ('<TAT us>' then
 --                        '|<per>=<window id>:<count>' per window)
 --                      #confirmed  answered dialogs;  !hold  admits held until (ms)
+--                      #hashtable  a value longer than a listpack holds: the hash
+--                        stays a hashtable (tick.lua's epoch_op)
 --   P parents        hash: the live parents, '<level>:<encoded value>' -> the parent
 --                    (policer parent set), read when a call's plan is built
 --   P d:<dialog id>  string: the dialog's record (DIALOG of policer.protocol: a

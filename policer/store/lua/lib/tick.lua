@@ -112,6 +112,15 @@ end
 -- (the epoch follows the new mark). Returns the id.
 local function epoch_op(op)
   local ekey = NS_PREFIX .. 'epoch'
+  -- Every tick and load: the counts hash's field '#hashtable', a value longer than
+  -- Redis's hash-max-listpack-value (64), so that Redis keeps the hash a hashtable, where
+  -- a field is found in constant time. A small hash (up to hash-max-listpack-entries
+  -- fields: 512 as Redis is built, 128 in its redis.conf) would otherwise be a listpack,
+  -- searched field by field by every HMGET and HSET of the admit: a namespace of a few
+  -- hundred values paid half as much again per admit. Kept, so that a hash loaded from
+  -- an RDB file (where small hashes become listpacks again) or lost stays one too.
+  redis.call('HSETNX', COUNTS, '#hashtable',
+             'this field keeps the hash a hashtable: policer reads and writes it per call')
   local e = redis.call('HMGET', ekey, 'id', 'run')
   local cur = e[1]
   if op == '' then return cur or '' end
