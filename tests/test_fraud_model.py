@@ -5,11 +5,13 @@ every step both decide the same, hold the same statistics for every rule and val
 have reported the same events and stand the same blocks; every profile equals the
 calls up.
 
-The library remembers, per plan, the fraud state it last wrote, the number it last
-counted and the numbers its state lists (its short and fast ways); this test is where a
-plan's memory meeting a state written by another plan (the other class of the same
-user), by a call's end (short calls), by a lift, by a retransmission (of the same or
-of another number) or by a new window would show as a difference from the model. The
+The library remembers, per state (an entry the plans counting in it share), the fraud
+state it last wrote, the number it last counted and the numbers the state lists (its
+short and fast ways); this test is where that memory meeting a state written by
+another entry (a plan of a class the rule does not count), shared by plans (the two
+classes of one user, the two users of one account), written by a call's end (short
+calls), by a lift, by a retransmission (of the same or of another number) or by a new
+window would show as a difference from the model. The
 second policy's levels are high enough for the fast way to run most calls, and its
 sweeps take a user past the 32 numbers a state lists into the sketch.
 
@@ -31,14 +33,15 @@ from policer.call import Call
 from policer.engine import Decision, Engine
 from policer.store import MemoryStore, RedisStore, Store
 from tests.support import STORE_TIMEOUT_MS, call, new_namespace, policy_text
-from tests.support.policies import policy_yaml
+from tests.support.policies import ACCOUNT, policy_yaml
 
 HOUR = 3_600_000
 MINUTE = 60_000
 
 #: two users' calls, local or international, and four rules over them (three sharing one
-#: state: the same key and window, every class)
-POLICY = policy_yaml("model", version=2, classes={
+#: state: the same key and window, every class), and one over the account both users
+#: call from (its state written by both users' plans; a shadow, so that it blocks none)
+POLICY = policy_yaml("model", version=2, attributes=ACCOUNT, classes={
     "international": {"prefixes": ["00"]}, "local": {"default": True}},
     profiles={"total": {}, "user": "from_user"}, limits={"total": 100, "user": 50}) + """
 fraud:
@@ -64,8 +67,17 @@ fraud:
     per: 1h
     short_calls: {under: 6s, warning: 1, critical: 2}
     action: {block: 5m, reject: {code: 486, reason: "Busy Here"}}
+  - name: team
+    key: account
+    when: {class: international}
+    per: 1h
+    calls: {warning: 5, critical: 8}
+    distinct_numbers: {warning: 3, critical: 4}
+    sequential: {warning: 3}
+    shadow: true
 """
-RULES = ("busy", "redial-watch", "intl-sweep", "wangiri")
+RULES = ("busy", "redial-watch", "intl-sweep", "wangiri", "team")
+TEAM = {"X-Account": "acme"}
 USERS = ("ann", "ben")
 NUMBERS = ("5550001", "5550002", "00442070001", "00442070002", "00442070003")
 
@@ -76,7 +88,11 @@ FAST_POLICY = POLICY.replace("calls: {warning: 4, critical: 9}",
     "sequential: {warning: 2, critical: 4}", "sequential: {warning: 6, critical: 9}").replace(
     "sequential: {critical: 3}", "sequential: {critical: 7}").replace(
     "distinct_numbers: {warning: 2, critical: 3}",
-    "distinct_numbers: {warning: 34, critical: 38}")
+    "distinct_numbers: {warning: 34, critical: 38}").replace(
+    "calls: {warning: 5, critical: 8}", "calls: {warning: 70, critical: 90}").replace(
+    "distinct_numbers: {warning: 3, critical: 4}",
+    "distinct_numbers: {warning: 36, critical: 39}").replace(
+    "sequential: {warning: 3}", "sequential: {warning: 8}")
 #: international numbers of which none leaves the sketch unchanged once all the others
 #: are in it (so a HyperLogLog counts every new one, as the model does): found once
 SWEEP_POOL = 40
@@ -220,27 +236,28 @@ def run(p: Pair, steps: list[tuple[object, ...]], pool: list[str]) -> None:
         kind = step[0]
         if kind == "call":
             _, user, number, again = step
-            c = call(str(number), str(user))
+            c = call(str(number), str(user), headers=TEAM)
             a, b = p.admit(c)
             assert outcome(a) == outcome(b), step
             if a.admitted:
                 p.up.append((a.dialog_id, str(user)))
             if again:
                 other = NUMBERS[(NUMBERS.index(str(number)) + 1) % len(NUMBERS)]
-                c2 = c if again == "again" else call(other, str(user), call_id=c.call_id)
+                c2 = c if again == "again" else call(other, str(user), call_id=c.call_id,
+                                                     headers=TEAM)
                 a2, b2 = p.admit(c2)
                 assert outcome(a2) == outcome(b2) and a2.duplicate, step
         elif kind == "sweep":
             _, user, first, n = step
             for number in (pool * 2)[int(str(first)):int(str(first)) + int(str(n))]:
-                a, b = p.admit(call(number, str(user)))
+                a, b = p.admit(call(number, str(user), headers=TEAM))
                 assert outcome(a) == outcome(b), step
                 if a.admitted:
                     for e in p.engines:
                         e.release(a.dialog_id)
         elif kind == "short":
             _, user, number = step
-            a, b = p.admit(call(str(number), str(user)))
+            a, b = p.admit(call(str(number), str(user), headers=TEAM))
             assert outcome(a) == outcome(b), step
             if a.admitted:
                 for e in p.engines:

@@ -52,6 +52,12 @@ local KEY_ATTRS = {}
 -- key too
 FRAUD.by, FRAUD.of = {}, {}
 for i = 1, #FRAUD do FRAUD.by[FRAUD[i].name] = FRAUD[i] end
+-- the fraud state entries the plans share, by state field (fraud.lua's FR.check keeps
+-- what it last wrote in an entry): every plan whose calls count in a state (an
+-- account's users, a user's calls of every class a rule counts) holds the same entry, so
+-- that what one plan wrote is what the next one reads; SHARED_MAX of them, then
+-- forgotten at once (a plan keeps its own until it is built again)
+FRAUD.shared, FRAUD.nshared, FRAUD.SHARED_MAX = {}, 0, 10000
 local function plan_for(cls, dir)
   local ps, key, ka = {}, 'admitted;', {}
   local seen = {}
@@ -293,11 +299,13 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud, lvals)
   end
   -- the fraud states (classify): their fields read with the counts (position pf; a
   -- state names the end of its rules' blocks, whose fields are read only then)
+  local fpos = nil
   if fraud then
+    fpos = {}
     for i = 1, #fraud do
       n = n + 1
       hm[n] = fraud[i][3]
-      fraud[i].pf = n
+      fpos[i] = n
     end
   end
   -- a plan built on live parents or keeping live limits: the live version then (P c
@@ -331,7 +339,7 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud, lvals)
           dir = dir or '', plain = PLAIN_KEY[situation(cls, dir or '')], vpos = vpos,
           ver = looked and looked.ver, lpos = lpos, lvals = lvals,
           missing = missing, gws = gws, nogw_s = nogw and table.concat(nogw, ',') or '',
-          fraud = fraud}
+          fraud = fraud, fpos = fpos}
 end
 
 -- The live parents read (t: by field, false none) at the live version ver: a plan
@@ -439,7 +447,8 @@ local function build_plan(values, cls, dir, mow, gw, kept)
   -- the fraud states of the rules with a value of their key in the call: {the rule
   -- keeping the state (its group, FR.GROUP, shares it: model.shared_counts), encoded
   -- value, state field, counts = whether the call's class counts}; fraud.lua keeps what
-  -- it last wrote in it
+  -- it last wrote in it. An entry whose calls count is shared (FRAUD.shared); one whose
+  -- calls do not (another class of the same user) only reads the state: its own.
   local fraud = nil
   local frs = FRAUD.of[situation(cls, dir)] or FRAUD.of[situation('', '')] or EMPTY
   for i = 1, #frs do
@@ -448,12 +457,21 @@ local function build_plan(values, cls, dir, mow, gw, kept)
     if r.state == r.name and v and v ~= '' and not gw then
       if fraud == nil then fraud = {} end
       local enc = key_part(v)
-      local nf = nil
-      if r.gd then nf = 'Fn|' .. r.name .. ':' .. enc end
-      -- (the state's statistics of numbers, copied for fraud.lua's fast way: gd distinct
-      -- numbers, gq runs, nums either)
-      fraud[#fraud + 1] = {r, enc, 'F|' .. r.name .. ':' .. enc, [5] = 0, counts = frs[i][2],
-                           lim = 0, nf = nf, gd = r.gd, gq = r.gq, nums = r.gd or r.gq}
+      local field, counts = 'F|' .. r.name .. ':' .. enc, frs[i][2]
+      local fe = counts and FRAUD.shared[field]
+      if not fe then
+        local nf = nil
+        if r.gd then nf = 'Fn|' .. r.name .. ':' .. enc end
+        -- (the state's statistics of numbers, copied for fraud.lua's fast way: gd
+        -- distinct numbers, gq runs, nums either)
+        fe = {r, enc, field, [5] = 0, counts = counts, lim = 0, nf = nf, gd = r.gd,
+              gq = r.gq, nums = r.gd or r.gq}
+        if counts then
+          if FRAUD.nshared >= FRAUD.SHARED_MAX then FRAUD.shared, FRAUD.nshared = {}, 0 end
+          FRAUD.shared[field], FRAUD.nshared = fe, FRAUD.nshared + 1
+        end
+      end
+      fraud[#fraud + 1] = fe
     end
   end
   return plan_entry(members, n == #ps, cls, dir, looked, missing, fraud, lvals)

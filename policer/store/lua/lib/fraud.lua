@@ -24,8 +24,8 @@
 --                     '*' once the window's sketch (P fh:F|rule:value:wid) holds them
 --                     (no field: ',', or '*' when the state counts distinct numbers: an
 --                     older layout's); read only when a call's number is not one its
---                     plan knows to be listed and the state is not the one the plan
---                     wrote last;
+--                     state entry knows to be listed and the state is not the one the
+--                     entry wrote last;
 --   'Fs|rule:value' = 'wid|short calls', read when an answered call ends;
 --   'Fl|rule:value' = 'wid|levels|blocked until' (levels: a bit per statistic and level
 --                     already reported), read only when a count is at a level of the rule;
@@ -46,8 +46,8 @@ local FR = {
   BLOCKS = NS_PREFIX .. 'fblocks',
   IDX = NS_PREFIX .. 'fidx',
   -- the distinct numbers a state lists before its sketch takes them: at most SET_N, of
-  -- SET_BYTES encoded; past them, a plan remembers up to SEEN_N of the numbers it added
-  -- to the sketch
+  -- SET_BYTES encoded; past them, a state entry remembers up to SEEN_N of the numbers it
+  -- added to the sketch
   SET_N = 32,
   SET_BYTES = 640,
   SEEN_N = 64,
@@ -197,8 +197,8 @@ end
 -- it (',n1,n2,', ',' none, '*' the window's sketch fe.hk holds them; nil unknown: read).
 -- fe.seen, when fe.mirror: while the list is known, the numbers it holds; once the sketch
 -- holds them, up to SEEN_N of the numbers added to it (fe.nseen of them). A list read
--- (another plan wrote the state) is searched, or made into fe.seen when `keep` (this
--- plan writes the state call after call). A number is listed while the list has room;
+-- (another entry wrote the state) is searched, or made into fe.seen when `keep` (this
+-- entry writes the state call after call). A number is listed while the list has room;
 -- then it is added to the sketch (the list's numbers with it, the first time) and
 -- counted when the sketch changed. Returns the new d and list, and whether the list
 -- changed (to be written).
@@ -280,12 +280,13 @@ function FR.cross(r, enc, lv, i, count, w)
 end
 
 -- The fraud rules over one call (its plan's fraud states, classify; what the admit's
--- HMGET read of them: h[fe.pf]), writing nothing but the distinct numbers' sketches:
+-- HMGET read of them: h[plan.fpos[i]]), writing nothing but the distinct numbers' sketches:
 -- returns the rule that rejects the call (a block in force, or critical reached: the
 -- first such rule in the policy, whichever state it shares; nil none), and the writes
 -- (nil none; FR.W): {fields (name, value, ...; n of them), events, blocks {field,
 -- until}, new windows {field, end}} (each list nil when empty). dry: only the blocks in
--- force are read. A state entry keeps what it last wrote (s) and its
+-- force are read. A state entry (one shared by every plan whose calls count in the
+-- state: FRAUD.shared, classify) keeps what it last wrote (s) and its
 -- values (fe[4] window, [5] calls, [6] distinct, [7] run, [8] last number, [9] the end
 -- of the blocks it names, [10] its numbers listed as in 'Fn|' (field fe.nf), nil
 -- unknown), with its window's start and end (fe.ws, fe.we, UTC ms), id and part of the
@@ -297,14 +298,14 @@ end
 -- rule's lowest; and the fast way when it names no block either and its counts are
 -- further below (while its calls are at most fe.lim).
 function FR.check(plan, h, number, now, lnow, dry)
-  local fraud = plan.fraud
+  local fraud, fpos = plan.fraud, plan.fpos
   local rej, w, f, wn = nil, nil, nil, 0
   local dialled = nil
   for i = 1, #fraud do
     local fe = fraud[i]
     -- the state as read: what this entry wrote last is not parsed again (nearly always:
     -- the same library writes it; any other writer's value differs and is parsed)
-    local s, c = h[fe.pf], fe[5] + 1
+    local s, c = h[fpos[i]], fe[5] + 1
     if s == fe.s and c <= fe.lim and lnow < fe.we and lnow >= fe.ws and not dry then
       -- the fast way: the state this entry wrote, in its window, naming no block, its
       -- counts below the lowest level of its rules by more than the calls up to fe.lim
@@ -404,7 +405,7 @@ function FR.check(plan, h, number, now, lnow, dry)
           else
             c, d, q, last, set, fresh = 1, 0, 0, '', ',', true
           end
-          -- (a state another plan's entry wrote names another last number, and may list
+          -- (a state another entry wrote names another last number, and may list
           -- other numbers: set unknown)
           fe.num = nil
           if fe.we ~= win[2] then
@@ -416,7 +417,7 @@ function FR.check(plan, h, number, now, lnow, dry)
           if fresh then
             fe.seen, fe.nseen, fe.mirror = {}, 0, true
           elseif not same then
-            -- (the list as another plan left it: not known)
+            -- (the list as another entry left it: not known)
             fe.mirror = false
             if fe.seen == nil then fe.seen, fe.nseen = {}, 0 end
           end
