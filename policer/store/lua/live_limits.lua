@@ -7,8 +7,8 @@
 -- A value's live limits field ('L|<field>' in the counts hash): '<max>' (may be empty)
 -- then its live caps' items ',<item>=<value>' (item 'R': the rate 'max:per ms:burst';
 -- item '<per>': a window cap's max). The items keep their order; a changed or new item
--- goes last (policer.store.redis_store's _live_items and _live_text read and write the
--- same).
+-- goes last (policer.store.redis_store's _live_items reads the same; the library's
+-- live_of and limits.lua the live max and the caps).
 --
 -- KEYS[1]  the namespace's counts hash (P c)
 -- ARGV[1]  'swap': one item set or removed; 'merge': an older layout's caps field moved in

@@ -297,7 +297,7 @@ local function plan_entry(members, all, cls, dir, looked, missing, fraud, lvals)
       spos[i] = n
     end
   end
-  -- the fraud states (classify): their fields read with the counts (position pf; a
+  -- the fraud states (classify): their fields read with the counts (positions fpos; a
   -- state names the end of its rules' blocks, whose fields are read only then)
   local fpos = nil
   if fraud then

@@ -280,15 +280,15 @@ function FR.cross(r, enc, lv, i, count, w)
 end
 
 -- The fraud rules over one call (its plan's fraud states, classify; what the admit's
--- HMGET read of them: h[plan.fpos[i]]), writing nothing but the distinct numbers' sketches:
--- returns the rule that rejects the call (a block in force, or critical reached: the
--- first such rule in the policy, whichever state it shares; nil none), and the writes
--- (nil none; FR.W): {fields (name, value, ...; n of them), events, blocks {field,
--- until}, new windows {field, end}} (each list nil when empty). dry: only the blocks in
--- force are read. A state entry (one shared by every plan whose calls count in the
--- state: FRAUD.shared, classify) keeps what it last wrote (s) and its
--- values (fe[4] window, [5] calls, [6] distinct, [7] run, [8] last number, [9] the end
--- of the blocks it names, [10] its numbers listed as in 'Fn|' (field fe.nf), nil
+-- HMGET read of them: h[plan.fpos[i]]), writing nothing but the distinct numbers'
+-- sketches: returns the rule that rejects the call (a block in force, or critical
+-- reached: the first such rule in the policy, whichever state it shares; nil none),
+-- and the writes (nil none; FR.W): {fields (name, value, ...; n of them), events,
+-- blocks {field, until}, new windows {field, end}} (each list nil when empty). dry:
+-- only the blocks in force are read. A state entry (one shared by every plan whose
+-- calls count in the state: FRAUD.shared, classify) keeps what it last wrote (s) and
+-- its values (fe[4] window, [5] calls, [6] distinct, [7] run, [8] last number, [9] the
+-- end of the blocks it names, [10] its numbers listed as in 'Fn|' (field fe.nf), nil
 -- unknown), with its window's start and end (fe.ws, fe.we, UTC ms), id and part of the
 -- field (fe.wid, fe.wp), sketch (fe.hk), the dialled number it last counted as it came
 -- (fe.num: the one fe[8] encodes), and the numbers its list holds (fe.seen,
