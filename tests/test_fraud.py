@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from policer import log
 from policer.call import Call
 from policer.engine import Decision, Engine
-from policer.store import Store
+from policer.store import RedisStore, Store
 from tests.support import EngineFactory, call, policy_text
 from tests.support.cli import run_cli
 from tests.support.policies import policy_errors, policy_yaml
@@ -482,8 +482,6 @@ def test_blocks_alerts_and_status_from_the_command_line(tmp_path: Path,
                                                        env: dict[str, str],
                                                        redis_url: str) -> None:
     from policer.policy import load_policy
-    from policer.store import RedisStore
-
     ns = load_policy(env["POLICER_POLICY"]).namespace
     path = tmp_path / "fraud.yaml"
     path.write_text(SWEEP.replace("namespace: fraud", f"namespace: {ns}"))
@@ -599,8 +597,6 @@ def test_long_hostile_numbers_fill_the_list_by_its_bytes_and_count_once(
         e.release(d.dialog_id)
     assert store.fraud_states("spread")["hugo"].distinct == 20
     live_counts_match(store, [])
-    from policer.store import RedisStore
-
     if isinstance(store, RedisStore):
         # (the list stayed within its bytes: the sketch holds the numbers)
         assert store.client.hget(store.keys.counts, "Fn|spread:hugo") == "*"
@@ -611,8 +607,6 @@ def test_distinct_numbers_an_older_policer_counted_still_count_once(
     """An older policer kept a value's distinct numbers in the window's sketch alone,
     its state without their list: after an upgrade the sketch goes on counting, so a
     number dialled before is not counted again, a new one is."""
-    from policer.store import RedisStore
-
     p = policy_text(SPREAD_BY["user"], namespace)
     store = RedisStore(redis_url, namespace, timeout_ms=2000)
     e = Engine(p, store)
@@ -704,8 +698,6 @@ def test_the_exporter_picks_up_a_rule_added_to_the_policy_file(
     file or another namespace keeps the last good policy."""
     from policer.metrics import ClusterCollector
     from policer.policy import load_policy
-    from policer.store import RedisStore
-
     path = tmp_path / "p.yaml"
     base = BASE.replace("namespace: fraud", f"namespace: {namespace}")
     path.write_text(base)

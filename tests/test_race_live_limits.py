@@ -1,11 +1,10 @@
 """A live limit changed while the namespace is at its busiest (`policer limits set`
 during the peak hour): every admit and end writes the counts hash the live limits are
 kept in, so a change that read it and wrote it back under WATCH was retried for as
-long as calls kept coming (hundreds of tries with three busy workers, and no end when
-Redis never paused: with eight workers, one change waited for 1.2 million admits).
-Workers here keep Redis busy with pipelined admits and their
-releases; each change must be made while they run, and afterwards every count equals
-the live calls and the last change is the limit in force.
+long as calls kept coming (hundreds of tries with three busy workers; with eight, one
+change waited for 1.2 million admits). Workers here keep Redis busy with pipelined
+admits and their releases; each change must be made while they run, and afterwards
+every count equals the live calls and the last change is the limit in force.
 """
 
 from __future__ import annotations

@@ -245,9 +245,9 @@ class RedisStore:
             for f, v in caps:
                 # (merged inside Redis: a live limit set meanwhile stands)
                 script(keys=[counts], args=["merge", "L" + f[1:], self.keys.LIVE_VERSION,
-                                            uuid.uuid4().hex, f, v], client=pipe)
+                                            _live_token(), f, v], client=pipe)
             pipe.hset(counts, "#layout", LAYOUT)
-            if up or caps:
+            if up and not caps:  # (a cap's merge gives the live version a new token)
                 self._renew_live_version(pipe)
             pipe.execute()
 
@@ -774,7 +774,7 @@ class RedisStore:
         hash) on ``pipe``, in the transaction that changes a parent or a live limit: the
         library's plans built before it are stale then, and built again on their next
         call."""
-        pipe.hset(self.keys.counts, self.keys.LIVE_VERSION, uuid.uuid4().hex)
+        pipe.hset(self.keys.counts, self.keys.LIVE_VERSION, _live_token())
 
     def _swap_parent(self, field: str, new: bytes | None) -> Any:
         """Set (None: remove) one live parent, in a transaction with a new token for the
@@ -822,7 +822,7 @@ class RedisStore:
         calls keep coming."""
         keys = self.keys
         args = ["swap", keys.limit_field(profile, value), keys.LIVE_VERSION,
-                uuid.uuid4().hex, item, "0" if new is None else "1", new or "",
+                _live_token(), item, "0" if new is None else "1", new or "",
                 keys.state_field(profile, value)]
         old = self._run(lambda: self._live_script()(keys=[keys.counts], args=args))
         return None if old is None else _str(old)
@@ -1078,6 +1078,11 @@ def _live_items(text: str | None) -> dict[str, str]:
         if eq:
             out[k] = v
     return out
+
+
+def _live_token() -> str:
+    """A new token for the live version (``Keys.LIVE_VERSION``)."""
+    return uuid.uuid4().hex
 
 
 def _live_max(text: str | None) -> int | None:
